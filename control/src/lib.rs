@@ -1,0 +1,1 @@
+//! The mesh control plane (filled in by the control-plane issue).

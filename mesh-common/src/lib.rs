@@ -1,0 +1,189 @@
+//! Types shared by the kernel side (`mesh-ebpf`) and the agent (`mesh-agent`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so the eBPF programs and
+//! userspace agree on every byte of every map key and value. Addresses are kept
+//! exactly as the kernel hands them to programs: four 32-bit words in network
+//! byte order, with IPv4 stored IPv4-mapped (`::ffff:a.b.c.d`) so one key layout
+//! serves both families. Ports are in host byte order.
+#![no_std]
+#![forbid(unsafe_op_in_unsafe_fn)]
+
+/// Entries in [`MAP_ORIG_DST_BY_COOKIE`]: connections between `connect()` and the
+/// handshake completing. LRU so an entry whose socket never reports back cannot
+/// leak; 64Ki in-flight connects per agent is far above any realistic SYN backlog.
+pub const ORIG_DST_BY_COOKIE_ENTRIES: u32 = 65_536;
+/// Entries in [`MAP_ORIG_DST_BY_TUPLE`]: established redirected connections.
+/// Entries are removed when the client socket closes; LRU is the backstop.
+pub const ORIG_DST_BY_TUPLE_ENTRIES: u32 = 262_144;
+/// Maximum include/exclude CIDR rules.
+pub const CIDR_RULES_ENTRIES: u32 = 1_024;
+/// Maximum include/exclude port rules.
+pub const PORT_RULES_ENTRIES: u32 = 1_024;
+
+/// Map names, as the agent looks them up in the loaded object.
+pub const MAP_CONFIG: &str = "MESH_CONFIG";
+pub const MAP_CIDR_RULES: &str = "MESH_CIDR_RULES";
+pub const MAP_PORT_RULES: &str = "MESH_PORT_RULES";
+pub const MAP_ORIG_DST_BY_COOKIE: &str = "MESH_ORIG_DST_BY_COOKIE";
+pub const MAP_ORIG_DST_BY_TUPLE: &str = "MESH_ORIG_DST_BY_TUPLE";
+pub const MAP_STATS: &str = "MESH_STATS";
+
+/// Program names, as the agent looks them up in the loaded object.
+pub const PROG_CONNECT4: &str = "mesh_connect4";
+pub const PROG_CONNECT6: &str = "mesh_connect6";
+pub const PROG_SOCKOPS: &str = "mesh_sockops";
+pub const PROG_GETSOCKOPT: &str = "mesh_getsockopt";
+
+/// `SO_ORIGINAL_DST` (level `SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (level `SOL_IPV6`)
+/// share the option number 80.
+pub const SO_ORIGINAL_DST: i32 = 80;
+pub const SOL_IP: i32 = 0;
+pub const SOL_IPV6: i32 = 41;
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// [`InterceptConfig::flags`]: emit aya-log debug records (off by default: each
+/// record costs a ring-buffer write on the connect path).
+pub const FLAG_DEBUG_LOG: u32 = 1 << 0;
+/// [`InterceptConfig::flags`]: intercept only ports listed with [`RULE_INTERCEPT`]
+/// in the port rules; otherwise every port not excluded is intercepted.
+pub const FLAG_PORTS_INCLUDE_ONLY: u32 = 1 << 1;
+
+/// Rule action: redirect matching destinations to the agent.
+pub const RULE_INTERCEPT: u32 = 1;
+/// Rule action: leave matching destinations alone.
+pub const RULE_SKIP: u32 = 2;
+
+/// Global settings for the programs, a single entry in [`MAP_CONFIG`].
+///
+/// `outbound_port == 0` means "not configured": the programs intercept nothing,
+/// so a half-initialised agent fails open rather than black-holing traffic.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct InterceptConfig {
+    /// The agent's outbound listener port on `127.0.0.1` and `[::1]`.
+    pub outbound_port: u16,
+    pub _pad0: u16,
+    /// `SO_MARK` the agent puts on its own sockets; such sockets are never redirected.
+    pub mark: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    pub _pad1: u32,
+}
+
+/// Where a redirected connection was originally going.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network byte order words; IPv4 is stored IPv4-mapped.
+    pub addr: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`: the family the workload used in `connect()`.
+    pub family: u16,
+}
+
+/// A connection as seen from the workload's side: workload socket -> agent listener,
+/// qualified by network namespace so agents in different namespaces on one kernel
+/// never see each other's entries.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockTuple {
+    pub netns_cookie: u64,
+    /// The workload's local address (network byte order words, IPv4-mapped).
+    pub src_addr: [u32; 4],
+    /// The agent listener's address (network byte order words, IPv4-mapped).
+    pub dst_addr: [u32; 4],
+    /// Host byte order.
+    pub src_port: u16,
+    /// Host byte order.
+    pub dst_port: u16,
+    pub _pad: u32,
+}
+
+/// Key of [`MAP_CIDR_RULES`] (an LPM trie): the address part after the trie's
+/// prefix-length header. IPv4 prefixes are stored IPv4-mapped (`/p` becomes `/(96+p)`).
+pub type CidrKey = [u32; 4];
+
+/// Indexes of the per-CPU counters in [`MAP_STATS`].
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// `connect()` rewritten to the agent.
+    Redirected = 0,
+    /// `connect()` left alone by a rule, loopback, or the agent's mark.
+    Skipped = 1,
+    /// Original destination could not be recorded (map full or error): not redirected.
+    RecordFailed = 2,
+    /// `SO_ORIGINAL_DST` answered from the tuple map.
+    SockoptAnswered = 3,
+    /// Established redirected connection moved into the tuple map.
+    Established = 4,
+    /// Redirected connection closed and its entries removed.
+    Closed = 5,
+}
+
+/// Number of [`Stat`] counters.
+pub const STATS_LEN: u32 = 6;
+
+/// The word stored in the third position of an IPv4-mapped IPv6 address
+/// (`::ffff:0:0/96`), in network byte order as it sits in memory.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// IPv4 address word (network byte order, as in `sockaddr_in`) to the
+/// IPv4-mapped four-word form used in every key.
+#[inline(always)]
+pub const fn v4_mapped(addr_be: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_WORD, addr_be]
+}
+
+/// Whether a four-word address is IPv4-mapped.
+#[inline(always)]
+pub const fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+}
+
+/// Whether a four-word address (IPv4-mapped or IPv6) is a loopback address:
+/// `127.0.0.0/8` or `::1`.
+#[inline(always)]
+pub const fn is_loopback(addr: &[u32; 4]) -> bool {
+    if is_v4_mapped(addr) {
+        addr[3].to_ne_bytes()[0] == 127
+    } else {
+        addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == u32::from_ne_bytes([0, 0, 0, 1])
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, contain only integers, and have
+    // explicit padding fields, so every bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::InterceptConfig {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::SockTuple {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<InterceptConfig>(), 16);
+        assert_eq!(core::mem::size_of::<OrigDst>(), 20);
+        assert_eq!(core::mem::size_of::<SockTuple>(), 48);
+    }
+
+    #[test]
+    fn loopback_detection() {
+        let v4 = |a: [u8; 4]| v4_mapped(u32::from_ne_bytes(a));
+        assert!(is_loopback(&v4([127, 0, 0, 1])));
+        assert!(is_loopback(&v4([127, 9, 8, 7])));
+        assert!(!is_loopback(&v4([10, 0, 0, 1])));
+        let v6_one = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+        assert!(is_loopback(&v6_one));
+        assert!(!is_loopback(&[u32::from_ne_bytes([0xfd, 0, 0, 0]), 0, 0, v6_one[3]]));
+        assert!(is_v4_mapped(&v4([10, 1, 2, 3])));
+        assert!(!is_v4_mapped(&v6_one));
+    }
+}

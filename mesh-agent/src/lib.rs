@@ -3,6 +3,17 @@
 //! Follow the data path by module: [`intercept`] takes workload connections away
 //! (eBPF or iptables), [`listener`] accepts them and recovers the original
 //! destination through [`orig_dst`], [`sniff`] classifies the protocol without
-//! losing a byte, and [`forward`] carries the bytes on.
+//! losing a byte, and [`forward`] carries the bytes on through sockets made by
+//! [`socket`]. [`agent`] wires it together; [`admin`] exposes it.
 
+pub mod admin;
+pub mod agent;
+pub mod cgroup;
+pub mod cidr;
+pub mod config;
+pub mod forward;
+pub mod intercept;
+pub mod listener;
+pub mod orig_dst;
 pub mod sniff;
+pub mod socket;

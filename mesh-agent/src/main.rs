@@ -1,1 +1,113 @@
-fn main() {}
+//! `mesh-agent`: the mesh's node agent. See the crate docs of `mesh_agent`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mesh_agent::{
+    agent,
+    config::{InterceptArgs, LogFormat},
+    intercept::iptables,
+};
+use tracing_subscriber::{EnvFilter, fmt};
+
+#[derive(Parser)]
+#[command(name = "mesh-agent", version, about = "Service mesh node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Intercept enrolled workloads and proxy their connections.
+    Run(Box<agent_args::Run>),
+    /// Install or remove the iptables rules alone (for a pod's init container:
+    /// needs CAP_NET_ADMIN only).
+    Iptables {
+        #[command(subcommand)]
+        action: IptablesAction,
+    },
+    /// Remove anything a killed agent left behind (iptables chains and jumps).
+    Cleanup {
+        /// Leave ip6tables alone.
+        #[arg(long)]
+        no_ipv6: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum IptablesAction {
+    /// Install the REDIRECT rules for this network namespace (idempotent).
+    Install {
+        #[command(flatten)]
+        intercept: InterceptArgs,
+    },
+    /// Remove exactly the rules `install` added (idempotent).
+    Uninstall {
+        /// Leave ip6tables alone.
+        #[arg(long)]
+        no_ipv6: bool,
+    },
+}
+
+mod agent_args {
+    /// `run` flags.
+    pub type Run = mesh_agent::config::RunArgs;
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(filter).with_context(|| format!("invalid --log (MESH_LOG) filter {filter:?}"))?;
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            init_logging(args.log_format, &args.log)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let result = rt.block_on(agent::run(*args));
+            // Do not wait for connection tasks past the drain deadline.
+            rt.shutdown_background();
+            if let Err(e) = &result {
+                tracing::error!("{e:#}");
+            }
+            result
+        }
+        Command::Iptables { action } => {
+            init_logging(LogFormat::Text, "info")?;
+            match action {
+                IptablesAction::Install { intercept } => {
+                    let settings = intercept.settings(None, false, false)?;
+                    iptables::install(&settings.iptables_config(&[]))?;
+                }
+                IptablesAction::Uninstall { no_ipv6 } => iptables::uninstall(!no_ipv6)?,
+            }
+            Ok(())
+        }
+        Command::Cleanup { no_ipv6 } => {
+            init_logging(LogFormat::Text, "info")?;
+            iptables::uninstall(!no_ipv6)?;
+            // eBPF attachments are bpf_links owned by the agent process: the kernel
+            // detached them when it died. Report any still loaded (a live agent).
+            let live: Vec<String> = aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .filter_map(|p| p.name_as_str().map(str::to_owned))
+                .filter(|n| n.starts_with("mesh_"))
+                .collect();
+            if live.is_empty() {
+                println!("cleanup: iptables rules removed; no mesh eBPF programs loaded");
+            } else {
+                println!(
+                    "cleanup: iptables rules removed; mesh eBPF programs still loaded by a running agent: {}",
+                    live.join(", ")
+                );
+            }
+            Ok(())
+        }
+    }
+}

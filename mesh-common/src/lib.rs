@@ -12,17 +12,19 @@
 /// handshake completing. LRU so an entry whose socket never reports back cannot
 /// leak; 64Ki in-flight connects per agent is far above any realistic SYN backlog.
 pub const ORIG_DST_BY_COOKIE_ENTRIES: u32 = 65_536;
-/// Entries in [`MAP_ORIG_DST_BY_TUPLE`]: established redirected connections.
-/// Entries are removed when the client socket closes; LRU is the backstop.
-pub const ORIG_DST_BY_TUPLE_ENTRIES: u32 = 262_144;
-/// Maximum include/exclude CIDR rules.
+/// Entries in [`MAP_ORIG_DST_BY_TUPLE`]: redirected connections established but not
+/// yet accepted by the agent (the agent's getsockopt consumes the entry). LRU ages out
+/// entries of connections the agent never accepts.
+pub const ORIG_DST_BY_TUPLE_ENTRIES: u32 = 65_536;
+/// Maximum CIDRs in each of the include and exclude tries.
 pub const CIDR_RULES_ENTRIES: u32 = 1_024;
 /// Maximum include/exclude port rules.
 pub const PORT_RULES_ENTRIES: u32 = 1_024;
 
 /// Map names, as the agent looks them up in the loaded object.
 pub const MAP_CONFIG: &str = "MESH_CONFIG";
-pub const MAP_CIDR_RULES: &str = "MESH_CIDR_RULES";
+pub const MAP_CIDR_INCLUDE: &str = "MESH_CIDR_INCLUDE";
+pub const MAP_CIDR_EXCLUDE: &str = "MESH_CIDR_EXCLUDE";
 pub const MAP_PORT_RULES: &str = "MESH_PORT_RULES";
 pub const MAP_ORIG_DST_BY_COOKIE: &str = "MESH_ORIG_DST_BY_COOKIE";
 pub const MAP_ORIG_DST_BY_TUPLE: &str = "MESH_ORIG_DST_BY_TUPLE";
@@ -49,9 +51,13 @@ pub const FLAG_DEBUG_LOG: u32 = 1 << 0;
 /// in the port rules; otherwise every port not excluded is intercepted.
 pub const FLAG_PORTS_INCLUDE_ONLY: u32 = 1 << 1;
 
-/// Rule action: redirect matching destinations to the agent.
+/// [`InterceptConfig::flags`]: intercept only destinations inside a CIDR of
+/// [`MAP_CIDR_INCLUDE`]; otherwise every destination not excluded is intercepted.
+pub const FLAG_CIDRS_INCLUDE_ONLY: u32 = 1 << 2;
+
+/// Port rule action: redirect connections to this port (with [`FLAG_PORTS_INCLUDE_ONLY`]).
 pub const RULE_INTERCEPT: u32 = 1;
-/// Rule action: leave matching destinations alone.
+/// Port rule action: never redirect connections to this port.
 pub const RULE_SKIP: u32 = 2;
 
 /// Global settings for the programs, a single entry in [`MAP_CONFIG`].
@@ -101,8 +107,10 @@ pub struct SockTuple {
     pub _pad: u32,
 }
 
-/// Key of [`MAP_CIDR_RULES`] (an LPM trie): the address part after the trie's
-/// prefix-length header. IPv4 prefixes are stored IPv4-mapped (`/p` becomes `/(96+p)`).
+/// Key of the CIDR tries ([`MAP_CIDR_INCLUDE`], [`MAP_CIDR_EXCLUDE`]): the address
+/// part after the trie's prefix-length header. IPv4 prefixes are stored IPv4-mapped
+/// (`/p` becomes `/(96+p)`). Exclusions win over inclusions whatever their lengths,
+/// exactly as the iptables chains check exclusions first.
 pub type CidrKey = [u32; 4];
 
 /// Indexes of the per-CPU counters in [`MAP_STATS`].
@@ -119,8 +127,8 @@ pub enum Stat {
     SockoptAnswered = 3,
     /// Established redirected connection moved into the tuple map.
     Established = 4,
-    /// Redirected connection closed and its entries removed.
-    Closed = 5,
+    /// Redirected connect that closed without establishing (refused, timed out).
+    ConnectFailed = 5,
 }
 
 /// Number of [`Stat`] counters.

@@ -6,10 +6,13 @@
 //!   destination to the agent's outbound listener on loopback.
 //! - `mesh_sockops` (`sockops`, on the same cgroups): once the redirected connection
 //!   is established, move the original destination to a map keyed by the
-//!   connection's 4-tuple (and network namespace); remove entries when it closes.
+//!   connection's 4-tuple (and network namespace); drop the entry of a connect that
+//!   closes without ever establishing.
 //! - `mesh_getsockopt` (`cgroup/getsockopt`, on the agent's cgroup): answer
 //!   `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` on the agent's accepted sockets from
-//!   that map, so the agent recovers the destination exactly as under iptables.
+//!   that map, consuming the entry, so the agent recovers the destination exactly as
+//!   under iptables. Entries for connections the agent never accepts age out of the
+//!   LRU map.
 //!
 //! Every program always lets the syscall proceed: a failure to record or look up
 //! means "not intercepted" (fail open), never a refused connection.
@@ -29,7 +32,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    AF_INET, AF_INET6, CIDR_RULES_ENTRIES, CidrKey, FLAG_DEBUG_LOG, FLAG_PORTS_INCLUDE_ONLY,
+    AF_INET, AF_INET6, CIDR_RULES_ENTRIES, CidrKey, FLAG_CIDRS_INCLUDE_ONLY, FLAG_DEBUG_LOG,
+    FLAG_PORTS_INCLUDE_ONLY,
     InterceptConfig, ORIG_DST_BY_COOKIE_ENTRIES, ORIG_DST_BY_TUPLE_ENTRIES, OrigDst,
     PORT_RULES_ENTRIES, RULE_INTERCEPT, RULE_SKIP, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6, STATS_LEN,
     SockTuple, Stat, is_loopback, is_v4_mapped, v4_mapped,
@@ -46,8 +50,11 @@ const SOCKADDR_IN6_LEN: usize = 28;
 #[map(name = "MESH_CONFIG")]
 static CONFIG: Array<InterceptConfig> = Array::with_max_entries(1, 0);
 
-#[map(name = "MESH_CIDR_RULES")]
-static CIDR_RULES: LpmTrie<CidrKey, u32> = LpmTrie::with_max_entries(CIDR_RULES_ENTRIES, 0);
+#[map(name = "MESH_CIDR_INCLUDE")]
+static CIDR_INCLUDE: LpmTrie<CidrKey, u32> = LpmTrie::with_max_entries(CIDR_RULES_ENTRIES, 0);
+
+#[map(name = "MESH_CIDR_EXCLUDE")]
+static CIDR_EXCLUDE: LpmTrie<CidrKey, u32> = LpmTrie::with_max_entries(CIDR_RULES_ENTRIES, 0);
 
 #[map(name = "MESH_PORT_RULES")]
 static PORT_RULES: HashMap<u16, u32> = HashMap::with_max_entries(PORT_RULES_ENTRIES, 0);
@@ -77,24 +84,31 @@ fn config() -> Option<&'static InterceptConfig> {
 }
 
 /// Whether a destination (IPv4-mapped or IPv6 words, host-order port) is to be
-/// intercepted: loopback never, then the port rules, then the longest matching
-/// CIDR rule; no matching CIDR rule means "leave alone".
+/// intercepted: loopback never, then the port rules, then the CIDRs: any exclusion
+/// wins; with an include list, the destination must be in it.
 #[inline(always)]
 fn wants_intercept(cfg: &InterceptConfig, addr: &[u32; 4], port: u16) -> bool {
     if is_loopback(addr) {
         return false;
     }
-    let port_rule = PORT_RULES.get_ptr(port).map(|p| {
+    // A plain integer (0 = no rule) rather than an Option: LLVM leaves the payload of
+    // a `None` undefined, and the verifier rejects reading an uninitialised register.
+    let port_rule = match PORT_RULES.get_ptr(port) {
         // SAFETY: pointer to a live map value returned by the lookup.
-        unsafe { *p }
-    });
-    if port_rule == Some(RULE_SKIP) {
+        Some(p) => unsafe { *p },
+        None => 0,
+    };
+    if port_rule == RULE_SKIP {
         return false;
     }
-    if cfg.flags & FLAG_PORTS_INCLUDE_ONLY != 0 && port_rule != Some(RULE_INTERCEPT) {
+    if cfg.flags & FLAG_PORTS_INCLUDE_ONLY != 0 && port_rule != RULE_INTERCEPT {
         return false;
     }
-    matches!(CIDR_RULES.get(Key::new(128, *addr)), Some(&RULE_INTERCEPT))
+    let key = Key::new(128, *addr);
+    if CIDR_EXCLUDE.get(&key).is_some() {
+        return false;
+    }
+    cfg.flags & FLAG_CIDRS_INCLUDE_ONLY == 0 || CIDR_INCLUDE.get(&key).is_some()
 }
 
 /// Whether the socket behind a sock_addr context carries the agent's mark.
@@ -149,7 +163,7 @@ fn try_connect6(ctx: &SockAddrContext) {
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
         return;
     }
-    let addr = sa.user_ip6;
+    let addr = words(&sa.user_ip6);
     let port = u16::from_be(sa.user_port as u16);
     if is_agent_socket(ctx, cfg) || !wants_intercept(cfg, &addr, port) {
         count(Stat::Skipped);
@@ -161,6 +175,22 @@ fn try_connect6(ctx: &SockAddrContext) {
     // A dual-stack socket dialling an IPv4-mapped address must stay on IPv4.
     sa.user_ip6 = if is_v4_mapped(&addr) { v4_mapped(LOOPBACK_V4) } else { LOOPBACK_V6 };
     sa.user_port = u32::from(cfg.outbound_port.to_be());
+}
+
+/// Copies a four-word address out of a context or socket structure one word at a
+/// time. The verifier only allows loads at constant offsets from an unmodified context
+/// or socket pointer; a whole-array copy would compile to pointer arithmetic first.
+#[inline(always)]
+fn words(src: &[u32; 4]) -> [u32; 4] {
+    // SAFETY: each read is of an aligned, initialised u32 inside `src`.
+    unsafe {
+        [
+            core::ptr::read_volatile(&src[0]),
+            core::ptr::read_volatile(&src[1]),
+            core::ptr::read_volatile(&src[2]),
+            core::ptr::read_volatile(&src[3]),
+        ]
+    }
 }
 
 /// Records the original destination under the socket cookie. Returns false (and the
@@ -222,12 +252,13 @@ fn try_sockops(ctx: &SockOpsContext) {
             let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
         }
         _ => {
-            // BPF_SOCK_OPS_STATE_CB: args[1] is the new state.
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
-                if ORIG_DST_BY_TUPLE.remove(&sockops_tuple(ctx)).is_ok() {
-                    count(Stat::Closed);
-                }
+            // BPF_SOCK_OPS_STATE_CB: args[1] is the new state. A cookie entry still
+            // present at close belongs to a connect that never established. The tuple
+            // entry is deliberately left alone: a client that resets before the agent
+            // accepts must still have its destination found, and the agent's
+            // getsockopt consumes the entry anyway.
+            if ctx.arg(1) == BPF_TCP_CLOSE && ORIG_DST_BY_COOKIE.remove(&cookie).is_ok() {
+                count(Stat::ConnectFailed);
             }
         }
     }
@@ -239,7 +270,8 @@ fn sockops_tuple(ctx: &SockOpsContext) -> SockTuple {
     let (src_addr, dst_addr) = if ctx.family() == u32::from(AF_INET) {
         (v4_mapped(ctx.local_ip4()), v4_mapped(ctx.remote_ip4()))
     } else {
-        (ctx.local_ip6(), ctx.remote_ip6())
+        // SAFETY: the context pointer is valid for the program's duration.
+        unsafe { (words(&(*ctx.ops).local_ip6), words(&(*ctx.ops).remote_ip6)) }
     };
     SockTuple {
         // SAFETY: helper valid for sockops programs; the context pointer is valid.
@@ -276,7 +308,7 @@ fn try_getsockopt(ctx: &SockoptContext) {
     let (src_addr, dst_addr) = if sk.family == u32::from(AF_INET) {
         (v4_mapped(sk.dst_ip4), v4_mapped(sk.src_ip4))
     } else {
-        (sk.dst_ip6, sk.src_ip6)
+        (words(&sk.dst_ip6), words(&sk.src_ip6))
     };
     let key = SockTuple {
         // SAFETY: helper valid for cgroup sockopt programs; the context pointer is valid.
@@ -290,6 +322,9 @@ fn try_getsockopt(ctx: &SockoptContext) {
     let Some(dst) = ORIG_DST_BY_TUPLE.get_ptr(&key) else { return };
     // SAFETY: pointer to a live map value returned by the lookup.
     let dst = unsafe { *dst };
+    // The handoff is one-shot: the agent asks once per accepted connection, so the
+    // entry lives only from establishment to accept.
+    let _ = ORIG_DST_BY_TUPLE.remove(&key);
 
     // SAFETY: optval/optval_end bound the kernel's copy of the caller's buffer; every
     // write below is checked against optval_end first, as the verifier requires.

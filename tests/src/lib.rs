@@ -1,1 +1,20 @@
-//! Test harness.
+//! Harness for the mesh's end-to-end tests: test hosts as network namespaces joined
+//! by a bridge, workload cgroups, the real agent binary, in-namespace servers, and
+//! workload clients run as separate processes inside enrolled cgroups.
+//!
+//! Everything created is owned by a guard that removes it on drop, panics included,
+//! and every name carries the test process id so parallel tests never collide.
+
+pub mod agent;
+pub mod bins;
+pub mod cgroup;
+pub mod netns;
+pub mod privilege;
+pub mod servers;
+pub mod wait;
+
+pub use agent::{Agent, AgentOptions};
+pub use cgroup::Cgroup;
+pub use netns::{Host, Lab};
+pub use privilege::require_root;
+pub use wait::eventually;

@@ -1,0 +1,139 @@
+//! The admin endpoint (loopback by default): liveness and readiness for probes,
+//! counters and the effective configuration for operators, enrolment for whatever
+//! starts workloads (a CNI-like hook, the demo, tests), and a drain trigger.
+//!
+//! | method | path | |
+//! |---|---|---|
+//! | GET | `/live` | 200 while the process serves |
+//! | GET | `/ready` | 200 once interception is attached and listeners accept, 503 otherwise |
+//! | GET | `/stats` | connection counters and eBPF program counters (JSON) |
+//! | GET | `/config_dump` | mode, settings, enrolled cgroups (JSON) |
+//! | POST | `/enroll?cgroup=PATH[&create=true]` | start intercepting a cgroup |
+//! | POST | `/unenroll?cgroup=PATH` | stop intercepting it |
+//! | POST | `/quitquitquit` | graceful shutdown, as SIGTERM |
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::agent::AgentState;
+
+type Body = Full<Bytes>;
+
+/// Binds the admin endpoint and serves it until the agent shuts down.
+pub async fn spawn(addr: SocketAddr, state: Arc<AgentState>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                () = state.shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(a) => a,
+                    Err(e) => { debug!(error = %e, "admin accept failed"); continue; }
+                },
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(route(&state, req).await) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    debug!(error = %e, "admin connection error");
+                }
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            *r.status_mut() = status;
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            r
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("serialising: {e}\n")),
+    }
+}
+
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+async fn route(state: &Arc<AgentState>, req: Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => {
+            if state.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        (&Method::GET, "/stats") => {
+            let state2 = state.clone();
+            let ebpf = tokio::task::spawn_blocking(move || state2.ebpf_stats()).await.ok().flatten();
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "mode": state.mode,
+                    "connections": state.proxy.stats.snapshot(),
+                    "ebpf": ebpf,
+                }),
+            )
+        }
+        (&Method::GET, "/config_dump") => json_response(StatusCode::OK, &state.config_dump()),
+        (&Method::POST, path @ ("/enroll" | "/unenroll")) => {
+            let Some(cgroup) = query_param(&req, "cgroup") else {
+                return text(StatusCode::BAD_REQUEST, "missing query parameter `cgroup`\n");
+            };
+            let create = query_param(&req, "create").is_some_and(|v| v == "true" || v == "1");
+            let enroll = path == "/enroll";
+            let state2 = state.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                if enroll { state2.enroll(&cgroup, create) } else { state2.unenroll(&cgroup) }
+            })
+            .await;
+            match result {
+                Ok(Ok(cg)) => json_response(
+                    StatusCode::OK,
+                    &json!({ "cgroup": cg.relative(), "path": cg.absolute(), "enrolled": enroll }),
+                ),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "{path} failed");
+                    text(StatusCode::BAD_REQUEST, format!("{e}\n"))
+                }
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
+        }
+        (&Method::POST, "/quitquitquit") => {
+            state.shutdown.cancel();
+            text(StatusCode::OK, "draining\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found; see /live /ready /stats /config_dump /enroll /unenroll /quitquitquit\n"),
+    }
+}

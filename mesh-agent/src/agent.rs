@@ -1,0 +1,291 @@
+//! The running agent: listeners first, then interception, then enrolment; and on
+//! SIGTERM/SIGINT the reverse: interception off, listeners closed, connections
+//! drained within a deadline, created cgroups removed.
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use serde::Serialize;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin,
+    cgroup::{CgroupPath, cgroup2_mount},
+    config::{ProxySettings, RunArgs},
+    intercept::{ActiveMode, InterceptError, Interceptor, Settings},
+    listener::{self, Direction, ProxyContext},
+    orig_dst::SocketOption,
+    socket::SocketFactory,
+};
+
+/// State shared between the data path's supervisor and the admin endpoint.
+pub struct AgentState {
+    pub mode: ActiveMode,
+    pub mode_reason: String,
+    pub settings: Settings,
+    pub proxy: Arc<ProxyContext>,
+    /// `None` once shut down. A std mutex: held only for map/attach syscalls or one
+    /// iptables-restore run, never across an `.await`.
+    interceptor: Mutex<Option<Interceptor>>,
+    cgroup_mount: Option<PathBuf>,
+    /// Cgroups the agent created (admin `create=true`) and removes on shutdown.
+    created: Mutex<BTreeSet<CgroupPath>>,
+    ready: AtomicBool,
+    pub shutdown: CancellationToken,
+}
+
+/// Errors of enrol/unenrol requests.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error(transparent)]
+    Intercept(#[from] InterceptError),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+/// What `/config_dump` shows.
+#[derive(Serialize)]
+pub struct ConfigDump {
+    pub mode: ActiveMode,
+    pub mode_reason: String,
+    pub ready: bool,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub inbound_ports: Vec<u16>,
+    pub mark: String,
+    pub include_ports: Vec<u16>,
+    pub exclude_ports: Vec<u16>,
+    pub include_cidrs: Vec<String>,
+    pub exclude_cidrs: Vec<String>,
+    pub ipv6: bool,
+    pub enrolled: Vec<String>,
+    pub opaque_ports: Vec<u16>,
+    pub detect_timeout_ms: u128,
+}
+
+impl AgentState {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn mount(&self) -> Result<&PathBuf, EnrollError> {
+        self.cgroup_mount.as_ref().ok_or(EnrollError::Cgroup(crate::cgroup::CgroupError::NotMounted))
+    }
+
+    /// Enrols a cgroup, creating it first if asked and missing.
+    pub fn enroll(&self, given: &str, create: bool) -> Result<CgroupPath, EnrollError> {
+        let mount = self.mount()?;
+        let (cgroup, created) =
+            if create { CgroupPath::create(mount, given)? } else { (CgroupPath::resolve(mount, given)?, false) };
+        let mut guard = self.interceptor.lock().unwrap_or_else(|p| p.into_inner());
+        let interceptor = guard.as_mut().ok_or(EnrollError::ShuttingDown)?;
+        let result = interceptor.enroll(&cgroup);
+        drop(guard);
+        if created {
+            match &result {
+                Ok(()) => {
+                    self.created.lock().unwrap_or_else(|p| p.into_inner()).insert(cgroup.clone());
+                }
+                Err(_) => {
+                    let _ = std::fs::remove_dir(cgroup.absolute());
+                }
+            }
+        }
+        result?;
+        Ok(cgroup)
+    }
+
+    /// Unenrols a cgroup (and removes it if the agent created it and it is empty).
+    pub fn unenroll(&self, given: &str) -> Result<CgroupPath, EnrollError> {
+        let cgroup = CgroupPath::resolve(self.mount()?, given)?;
+        let mut guard = self.interceptor.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_mut().ok_or(EnrollError::ShuttingDown)?.unenroll(&cgroup)?;
+        drop(guard);
+        if self.created.lock().unwrap_or_else(|p| p.into_inner()).remove(&cgroup) {
+            remove_cgroup(&cgroup);
+        }
+        Ok(cgroup)
+    }
+
+    pub fn config_dump(&self) -> ConfigDump {
+        let enrolled = self
+            .interceptor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|i| i.enrolled().iter().map(|c| c.relative().to_owned()).collect())
+            .unwrap_or_default();
+        let mut opaque_ports: Vec<u16> = self.proxy.opaque_ports.iter().copied().collect();
+        opaque_ports.sort_unstable();
+        let s = &self.settings;
+        ConfigDump {
+            mode: self.mode,
+            mode_reason: self.mode_reason.clone(),
+            ready: self.is_ready(),
+            outbound_port: s.outbound_port,
+            inbound_port: s.inbound_port,
+            inbound_ports: s.inbound_ports.clone(),
+            mark: format!("{:#x}", s.mark),
+            include_ports: s.include_ports.clone(),
+            exclude_ports: s.exclude_ports.clone(),
+            include_cidrs: s.include_cidrs.iter().map(ToString::to_string).collect(),
+            exclude_cidrs: s.exclude_cidrs.iter().map(ToString::to_string).collect(),
+            ipv6: s.ipv6,
+            enrolled,
+            opaque_ports,
+            detect_timeout_ms: self.proxy.detect_timeout.as_millis(),
+        }
+    }
+
+    /// Kernel-side counters, eBPF mode only.
+    pub fn ebpf_stats(&self) -> Option<crate::intercept::ebpf::EbpfStats> {
+        self.interceptor.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|i| i.ebpf_stats())
+    }
+
+    /// Turns interception off (first, so no new connection is sent to a closing
+    /// listener) and removes what the agent created.
+    fn stop_intercepting(&self) {
+        self.ready.store(false, Ordering::Release);
+        let interceptor = self.interceptor.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(i) = interceptor
+            && let Err(e) = i.shutdown()
+        {
+            error!(error = %e, "removing interception failed; run `mesh-agent cleanup`");
+        }
+        for cgroup in std::mem::take(&mut *self.created.lock().unwrap_or_else(|p| p.into_inner())) {
+            remove_cgroup(&cgroup);
+        }
+    }
+}
+
+fn remove_cgroup(cgroup: &CgroupPath) {
+    if let Err(e) = std::fs::remove_dir(cgroup.absolute()) {
+        warn!(%cgroup, error = %e, "could not remove cgroup the agent created (processes still in it?)");
+    } else {
+        info!(%cgroup, "removed cgroup the agent created");
+    }
+}
+
+/// Runs the agent until SIGTERM/SIGINT or an admin drain request.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (settings, proxy_settings) = args.validate()?;
+    let ProxySettings { opaque_ports, detect_timeout, connect_timeout, drain_timeout } = proxy_settings;
+
+    // Listeners first: once interception is on, redirected connections need somewhere
+    // to land.
+    let mut outbound = listener::bind_outbound(settings.outbound_port, settings.ipv6)?;
+    let inbound = if args.mode != crate::intercept::Mode::Ebpf && !settings.inbound_ports.is_empty() {
+        listener::bind_inbound(settings.inbound_port, settings.ipv6)?
+    } else {
+        Vec::new()
+    };
+
+    let per_cgroup = !args.cgroups.is_empty();
+    let (interceptor, mode_reason) = {
+        let (mode, settings) = (args.mode, settings.clone());
+        tokio::task::spawn_blocking(move || Interceptor::start(mode, &settings, per_cgroup)).await??
+    };
+    let mode = interceptor.mode();
+    info!(%mode, reason = %mode_reason, "interception mode selected");
+    // eBPF mode has no inbound redirect; iptables mode may have been chosen by `auto`.
+    let inbound = if mode == ActiveMode::Ebpf { Vec::new() } else { inbound };
+
+    let mut own_addrs = Vec::new();
+    for l in outbound.iter().chain(&inbound) {
+        own_addrs.push(l.local_addr()?);
+    }
+    let proxy = Arc::new(ProxyContext {
+        mode,
+        sockets: SocketFactory::new(settings.mark),
+        lookup: Box::new(SocketOption),
+        detect_timeout,
+        connect_timeout,
+        opaque_ports,
+        own_addrs,
+        stats: Default::default(),
+    });
+    let state = Arc::new(AgentState {
+        mode,
+        mode_reason,
+        settings,
+        proxy: proxy.clone(),
+        interceptor: Mutex::new(Some(interceptor)),
+        cgroup_mount: cgroup2_mount().ok(),
+        created: Mutex::new(BTreeSet::new()),
+        ready: AtomicBool::new(false),
+        shutdown: CancellationToken::new(),
+    });
+
+    for cg in &args.cgroups {
+        if let Err(e) = state.enroll(cg, false) {
+            state.stop_intercepting();
+            return Err(anyhow::anyhow!("enrolling --cgroup {cg}: {e}"));
+        }
+    }
+
+    let tracker = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    let mut listening = Vec::new();
+    for (l, dir) in outbound.drain(..).map(|l| (l, Direction::Outbound)).chain(inbound.into_iter().map(|l| (l, Direction::Inbound))) {
+        listening.push(l.local_addr()?.to_string());
+        tokio::spawn(listener::serve(l, dir, proxy.clone(), stop_accepting.clone(), tracker.clone()));
+    }
+
+    let admin_addr = match admin::spawn(args.admin_addr, state.clone()).await {
+        Ok(a) => a,
+        Err(e) => {
+            state.stop_intercepting();
+            return Err(anyhow::anyhow!("admin endpoint on {} (--admin-addr): {e}", args.admin_addr));
+        }
+    };
+
+    state.ready.store(true, Ordering::Release);
+    let enrolled: Vec<String> = state.config_dump().enrolled;
+    info!(%mode, listeners = ?listening, admin = %admin_addr, enrolled = ?enrolled, "agent ready");
+
+    wait_for_shutdown(&state.shutdown).await;
+
+    let began = Instant::now();
+    info!("shutting down: removing interception, closing listeners, draining connections");
+    {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || state.stop_intercepting()).await?;
+    }
+    stop_accepting.cancel();
+    tracker.close();
+    let active = proxy.stats.snapshot().active;
+    if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_ok() {
+        info!(drained = active, elapsed_ms = began.elapsed().as_millis() as u64, "shutdown complete");
+    } else {
+        warn!(
+            still_open = proxy.stats.snapshot().active,
+            drain_timeout = ?drain_timeout,
+            "drain deadline reached; closing remaining connections"
+        );
+    }
+    Ok(())
+}
+
+async fn wait_for_shutdown(admin_drain: &CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        error!("cannot install signal handlers; the agent will only stop on /quitquitquit");
+        admin_drain.cancelled().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+        () = admin_drain.cancelled() => info!("drain requested on the admin endpoint"),
+    }
+}

@@ -1,0 +1,332 @@
+//! The agent's configuration: flags with environment fallbacks, parsed by clap and
+//! validated once at start into typed settings. Every error names the flag and its
+//! environment variable.
+
+use std::{collections::HashSet, net::SocketAddr, time::Duration};
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use crate::{
+    cidr::Cidr,
+    intercept::{Mode, Settings},
+};
+
+/// Default outbound listener port (workload connections are redirected here).
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+/// Default inbound listener port (iptables mode PREROUTING redirect target).
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+/// Default admin port.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// Default mark on the agent's own sockets ("ME" in ASCII): the one exclusion both
+/// interception modes key on.
+pub const DEFAULT_MARK: u32 = 0x4d45;
+/// Server-first protocols (FTP, SSH, SMTP, POP3, IMAP, submission, MySQL): the client
+/// waits for the server to speak, so sniffing would only add the detection timeout.
+pub const DEFAULT_OPAQUE_PORTS: &str = "21,22,25,110,143,587,3306";
+
+/// Flags that shape interception, shared by `run` and `iptables install`.
+#[derive(Args, Clone, Debug)]
+pub struct InterceptArgs {
+    /// Port of the outbound listener on 127.0.0.1 and [::1].
+    #[arg(long, env = "MESH_OUTBOUND_PORT", default_value_t = DEFAULT_OUTBOUND_PORT)]
+    pub outbound_port: u16,
+
+    /// Port of the inbound listener (iptables mode).
+    #[arg(long, env = "MESH_INBOUND_PORT", default_value_t = DEFAULT_INBOUND_PORT)]
+    pub inbound_port: u16,
+
+    /// Destination ports whose incoming connections are redirected to the inbound
+    /// listener (iptables mode), comma-separated.
+    #[arg(long, env = "MESH_INBOUND_PORTS", value_delimiter = ',')]
+    pub inbound_ports: Vec<u16>,
+
+    /// SO_MARK carried by the agent's own sockets; marked sockets are never redirected.
+    #[arg(long, env = "MESH_MARK", default_value = "0x4d45", value_parser = parse_u32)]
+    pub mark: u32,
+
+    /// Also exclude connections of this uid from redirection (iptables mode).
+    #[arg(long, env = "MESH_EXCLUDE_UID")]
+    pub exclude_uid: Option<u32>,
+
+    /// Only redirect connections to these destination ports (default: all ports).
+    #[arg(long, env = "MESH_INCLUDE_PORTS", value_delimiter = ',')]
+    pub include_ports: Vec<u16>,
+
+    /// Never redirect connections to these destination ports.
+    #[arg(long, env = "MESH_EXCLUDE_PORTS", value_delimiter = ',')]
+    pub exclude_ports: Vec<u16>,
+
+    /// Only redirect connections to these destination CIDRs (default: all).
+    #[arg(long, env = "MESH_INCLUDE_CIDRS", value_delimiter = ',')]
+    pub include_cidrs: Vec<Cidr>,
+
+    /// Never redirect connections to these destination CIDRs (wins over includes).
+    #[arg(long, env = "MESH_EXCLUDE_CIDRS", value_delimiter = ',')]
+    pub exclude_cidrs: Vec<Cidr>,
+
+    /// Do not intercept IPv6 (no [::1] listener, no ip6tables rules).
+    #[arg(long, env = "MESH_NO_IPV6")]
+    pub no_ipv6: bool,
+}
+
+/// Output format of the agent's logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Flags of `mesh-agent run`.
+#[derive(Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Interception mode: auto picks eBPF when the kernel and capabilities allow it.
+    #[arg(long, env = "MESH_MODE", value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+
+    /// Workload cgroup to enroll (repeatable): a path under the cgroup2 mount or
+    /// relative to its root. In iptables mode without any, the whole network namespace
+    /// is intercepted (pod-level mode).
+    #[arg(long = "cgroup", env = "MESH_CGROUPS", value_delimiter = ',')]
+    pub cgroups: Vec<String>,
+
+    /// The agent's own cgroup, where the getsockopt program attaches (default: read
+    /// from /proc/self/cgroup).
+    #[arg(long, env = "MESH_AGENT_CGROUP")]
+    pub agent_cgroup: Option<String>,
+
+    #[command(flatten)]
+    pub intercept: InterceptArgs,
+
+    /// Destination ports that skip protocol detection (server-first protocols).
+    #[arg(long, env = "MESH_OPAQUE_PORTS", value_delimiter = ',', default_value = DEFAULT_OPAQUE_PORTS)]
+    pub opaque_ports: Vec<u16>,
+
+    /// How long to wait for the client's first bytes before treating the connection
+    /// as opaque TCP.
+    #[arg(long, env = "MESH_DETECT_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub detect_timeout: Duration,
+
+    /// Upstream connect timeout.
+    #[arg(long, env = "MESH_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long open connections may take to finish.
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Admin HTTP endpoint (/live, /ready, /stats, /config_dump, /enroll, /unenroll).
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+
+    /// iptables mode: the rules were installed by `mesh-agent iptables install` (init
+    /// container); neither install nor remove them.
+    #[arg(long, env = "MESH_IPTABLES_EXTERNAL")]
+    pub iptables_external: bool,
+
+    /// Forward the eBPF programs' debug records to the log (costs a ring-buffer write
+    /// per intercepted connect).
+    #[arg(long, env = "MESH_EBPF_LOG")]
+    pub ebpf_log: bool,
+
+    /// Log format.
+    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `mesh_agent=debug`.
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// An invalid setting, naming the flag and environment variable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid {flag} ({env}): {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub env: &'static str,
+    pub reason: String,
+}
+
+fn err(flag: &'static str, env: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError { flag, env, reason: reason.into() }
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("{s:?} is not a number (decimal or 0x-prefixed hex)"))
+}
+
+impl InterceptArgs {
+    /// Validated interception settings.
+    pub fn settings(&self, agent_cgroup: Option<String>, ebpf_log: bool, iptables_external: bool) -> Result<Settings, ConfigError> {
+        if self.outbound_port == 0 {
+            return Err(err("--outbound-port", "MESH_OUTBOUND_PORT", "must not be 0"));
+        }
+        if self.inbound_port == 0 {
+            return Err(err("--inbound-port", "MESH_INBOUND_PORT", "must not be 0"));
+        }
+        if self.inbound_port == self.outbound_port {
+            return Err(err(
+                "--inbound-port",
+                "MESH_INBOUND_PORT",
+                format!("must differ from --outbound-port ({})", self.outbound_port),
+            ));
+        }
+        if self.mark == 0 {
+            return Err(err("--mark", "MESH_MARK", "must not be 0 (0 is every unmarked socket)"));
+        }
+        for (flag, env, ports) in [
+            ("--inbound-ports", "MESH_INBOUND_PORTS", &self.inbound_ports),
+            ("--include-ports", "MESH_INCLUDE_PORTS", &self.include_ports),
+            ("--exclude-ports", "MESH_EXCLUDE_PORTS", &self.exclude_ports),
+        ] {
+            if ports.contains(&0) {
+                return Err(err(flag, env, "port 0 is not a destination port"));
+            }
+        }
+        if let Some(p) = self.include_ports.iter().find(|p| self.exclude_ports.contains(p)) {
+            return Err(err(
+                "--include-ports",
+                "MESH_INCLUDE_PORTS",
+                format!("port {p} is also in --exclude-ports"),
+            ));
+        }
+        if let Some(p) = self.inbound_ports.iter().find(|p| [self.outbound_port, self.inbound_port].contains(p)) {
+            return Err(err(
+                "--inbound-ports",
+                "MESH_INBOUND_PORTS",
+                format!("port {p} is one of the agent's own listener ports"),
+            ));
+        }
+        let ipv6 = !self.no_ipv6;
+        if !ipv6 {
+            if let Some(c) = self.include_cidrs.iter().chain(&self.exclude_cidrs).find(|c| !c.is_ipv4()) {
+                return Err(err(
+                    "--include-cidrs/--exclude-cidrs",
+                    "MESH_INCLUDE_CIDRS/MESH_EXCLUDE_CIDRS",
+                    format!("{c} is IPv6 but --no-ipv6 is set"),
+                ));
+            }
+        }
+        Ok(Settings {
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            inbound_ports: dedup(&self.inbound_ports),
+            mark: self.mark,
+            exclude_uid: self.exclude_uid,
+            include_ports: dedup(&self.include_ports),
+            exclude_ports: dedup(&self.exclude_ports),
+            include_cidrs: dedup(&self.include_cidrs),
+            exclude_cidrs: dedup(&self.exclude_cidrs),
+            ipv6,
+            ebpf_log,
+            agent_cgroup,
+            iptables_external,
+        })
+    }
+}
+
+fn dedup<T: Ord + Clone>(v: &[T]) -> Vec<T> {
+    let mut v = v.to_vec();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Settings of the running agent beyond interception.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    pub opaque_ports: HashSet<u16>,
+    pub detect_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl RunArgs {
+    pub fn validate(&self) -> Result<(Settings, ProxySettings), ConfigError> {
+        let settings =
+            self.intercept.settings(self.agent_cgroup.clone(), self.ebpf_log, self.iptables_external)?;
+        if self.detect_timeout.is_zero() {
+            return Err(err("--detect-timeout", "MESH_DETECT_TIMEOUT", "must be more than 0"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(err("--connect-timeout", "MESH_CONNECT_TIMEOUT", "must be more than 0"));
+        }
+        if self.iptables_external && self.mode != Mode::Iptables {
+            return Err(err(
+                "--iptables-external",
+                "MESH_IPTABLES_EXTERNAL",
+                "only makes sense with --mode iptables",
+            ));
+        }
+        Ok((
+            settings,
+            ProxySettings {
+                opaque_ports: self.opaque_ports.iter().copied().collect(),
+                detect_timeout: self.detect_timeout,
+                connect_timeout: self.connect_timeout,
+                drain_timeout: self.drain_timeout,
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<(Settings, ProxySettings), ConfigError> {
+        let mut argv = vec!["mesh-agent"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("flags parse").run.validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let (s, p) = parse(&[]).unwrap();
+        assert_eq!(s.outbound_port, 15001);
+        assert_eq!(s.mark, DEFAULT_MARK);
+        assert!(s.ipv6);
+        assert!(p.opaque_ports.contains(&3306));
+        assert_eq!(p.detect_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = parse(&["--outbound-port", "0"]).unwrap_err();
+        assert_eq!(e.flag, "--outbound-port");
+        assert!(e.to_string().contains("MESH_OUTBOUND_PORT"));
+        let e = parse(&["--inbound-port", "15001"]).unwrap_err();
+        assert_eq!(e.flag, "--inbound-port");
+        let e = parse(&["--include-ports", "80,443", "--exclude-ports", "443"]).unwrap_err();
+        assert!(e.to_string().contains("port 443"), "{e}");
+        let e = parse(&["--mark", "0"]).unwrap_err();
+        assert_eq!(e.flag, "--mark");
+        let e = parse(&["--no-ipv6", "--exclude-cidrs", "fd00::/8"]).unwrap_err();
+        assert!(e.to_string().contains("fd00::/8"), "{e}");
+        let e = parse(&["--detect-timeout", "0s"]).unwrap_err();
+        assert_eq!(e.flag, "--detect-timeout");
+    }
+
+    #[test]
+    fn parse_errors_name_the_flag() {
+        let e = Cli::try_parse_from(["x", "--exclude-cidrs", "10.0.0.1/8"]).err().unwrap().to_string();
+        assert!(e.contains("--exclude-cidrs") && e.contains("10.0.0.0/8"), "{e}");
+        let e = Cli::try_parse_from(["x", "--mark", "zz"]).err().unwrap().to_string();
+        assert!(e.contains("--mark"), "{e}");
+        assert_eq!(parse_u32("0x10"), Ok(16));
+    }
+}

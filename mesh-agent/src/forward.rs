@@ -1,0 +1,231 @@
+//! One intercepted connection, from accept to close: recover the original
+//! destination, sniff the protocol, connect upstream with the agent's mark, replay the
+//! sniffed bytes and relay both directions until both sides are done.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpStream, tcp::{ReadHalf, WriteHalf}},
+};
+use tracing::{info, warn};
+
+use crate::{
+    listener::{Direction, ProxyContext},
+    sniff::{self, OpaqueReason, Protocol},
+};
+
+/// Relay buffer per direction: starts at the minimum and grows for bulk transfers.
+const RELAY_BUF_MIN: usize = 4 * 1024;
+const RELAY_BUF_MAX: usize = 64 * 1024;
+/// First read buffer for sniffing; grows only for large ClientHellos.
+const SNIFF_BUF: usize = 2 * 1024;
+
+/// Which side ended the relay with an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+}
+
+/// Handles one accepted connection; never panics on anything the peers send.
+pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: TcpStream, peer: SocketAddr) {
+    let start = Instant::now();
+    ctx.stats.opened(direction);
+    let orig_dst = match ctx.lookup.orig_dst(&client) {
+        Ok(dst) => dst,
+        Err(e) => {
+            warn!(
+                direction = direction.as_str(),
+                src = %peer,
+                error = %e,
+                "no original destination for connection (connected to the agent port directly, \
+                 or interception state lost); closing"
+            );
+            reset(&client);
+            ctx.stats.closed(direction, true);
+            return;
+        }
+    };
+    if ctx.is_own_listener(orig_dst) {
+        warn!(direction = direction.as_str(), src = %peer, orig_dst = %orig_dst,
+            "original destination is the agent itself; refusing to loop");
+        reset(&client);
+        ctx.stats.closed(direction, true);
+        return;
+    }
+
+    let mut sniffed = BytesMut::with_capacity(SNIFF_BUF);
+    let protocol = if ctx.opaque_ports.contains(&orig_dst.port()) {
+        Protocol::Opaque(OpaqueReason::OpaquePort)
+    } else {
+        match sniff::sniff(&mut client, &mut sniffed, ctx.detect_timeout).await {
+            Ok(p) => p,
+            Err(e) => {
+                log_close(&ctx, direction, peer, orig_dst, None, &Outcome::failed(0, 0, start, Side::Client, &e));
+                ctx.stats.closed(direction, true);
+                return;
+            }
+        }
+    };
+    ctx.stats.detected(&protocol);
+
+    let mut upstream = match ctx.sockets.connect(orig_dst, ctx.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            // The client saw its connect succeed; a reset is the closest we can get to
+            // the refusal or timeout it would have seen without the mesh.
+            reset(&client);
+            log_close(&ctx, direction, peer, orig_dst, Some(&protocol), &Outcome::failed(0, 0, start, Side::Upstream, &e));
+            ctx.stats.closed(direction, true);
+            return;
+        }
+    };
+
+    let outcome = relay(&mut client, &mut upstream, &sniffed, start).await;
+    if let Some((side, _)) = &outcome.error {
+        // Propagate an abort as an abort: the peer that did not fail gets a RST rather
+        // than a clean FIN that would look like a complete response.
+        match side {
+            Side::Client => reset(&upstream),
+            Side::Upstream => reset(&client),
+        }
+    }
+    log_close(&ctx, direction, peer, orig_dst, Some(&protocol), &outcome);
+    ctx.stats.closed(direction, outcome.error.is_some());
+    ctx.stats.bytes(outcome.client_to_upstream, outcome.upstream_to_client);
+}
+
+/// How a connection ended.
+struct Outcome {
+    client_to_upstream: u64,
+    upstream_to_client: u64,
+    duration: Duration,
+    error: Option<(Side, String)>,
+}
+
+impl Outcome {
+    fn failed(up: u64, down: u64, start: Instant, side: Side, e: &dyn std::fmt::Display) -> Self {
+        Self {
+            client_to_upstream: up,
+            upstream_to_client: down,
+            duration: start.elapsed(),
+            error: Some((side, e.to_string())),
+        }
+    }
+}
+
+/// Relays bytes both ways. Each direction ends at EOF by shutting down the write side
+/// of the other socket (half-close is preserved); the relay ends when both directions
+/// have, or at the first error.
+async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, sniffed: &[u8], start: Instant) -> Outcome {
+    let mut up = 0u64;
+    let mut down = 0u64;
+    let (mut cr, mut cw) = client.split();
+    let (mut ur, mut uw) = upstream.split();
+
+    let c2u = async {
+        if !sniffed.is_empty() {
+            uw.write_all(sniffed).await.map_err(|e| (Side::Upstream, e))?;
+            up += sniffed.len() as u64;
+        }
+        copy_half(&mut cr, &mut uw, &mut up, (Side::Client, Side::Upstream)).await
+    };
+    let u2c = copy_half(&mut ur, &mut cw, &mut down, (Side::Upstream, Side::Client));
+    let error = match tokio::try_join!(c2u, u2c) {
+        Ok(((), ())) => None,
+        Err((side, e)) => Some((side, e.to_string())),
+    };
+    Outcome { client_to_upstream: up, upstream_to_client: down, duration: start.elapsed(), error }
+}
+
+/// Copies `from` to `to` until EOF, then shuts `to` down for writing. Errors are
+/// attributed to the side they came from.
+///
+/// The buffer starts small and doubles while reads fill it (a bulk transfer), up to
+/// [`RELAY_BUF_MAX`]; request/response traffic keeps a few KiB per direction, so
+/// thousands of idle keep-alive connections stay cheap.
+async fn copy_half(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    counter: &mut u64,
+    (from_side, to_side): (Side, Side),
+) -> Result<(), (Side, io::Error)> {
+    let mut buf = vec![0u8; RELAY_BUF_MIN];
+    loop {
+        let n = from.read(&mut buf).await.map_err(|e| (from_side, e))?;
+        if n == 0 {
+            break;
+        }
+        to.write_all(&buf[..n]).await.map_err(|e| (to_side, e))?;
+        *counter += n as u64;
+        if n == buf.len() && buf.len() < RELAY_BUF_MAX {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+    match to.shutdown().await {
+        Ok(()) => Ok(()),
+        // The other side already went away; nothing left to tell it.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err((to_side, e)),
+    }
+}
+
+/// Closes with RST instead of FIN.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+fn log_close(
+    ctx: &ProxyContext,
+    direction: Direction,
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+    protocol: Option<&Protocol>,
+    o: &Outcome,
+) {
+    let (sni, alpn) = match protocol {
+        Some(Protocol::Tls(t)) => (t.sni.as_deref(), (!t.alpn.is_empty()).then(|| t.alpn.join(","))),
+        _ => (None, None),
+    };
+    let opaque_reason = match protocol {
+        Some(Protocol::Opaque(r)) => Some(r.as_str()),
+        _ => None,
+    };
+    let (error_side, error) = match &o.error {
+        Some((side, e)) => (Some(side.as_str()), Some(e.as_str())),
+        None => (None, None),
+    };
+    info!(
+        target: "mesh_agent::conn",
+        mode = ctx.mode.as_str(),
+        direction = direction.as_str(),
+        src = %peer,
+        orig_dst = %orig_dst,
+        protocol = protocol.map(|p| p.name()).unwrap_or("unknown"),
+        opaque_reason,
+        sni,
+        alpn,
+        bytes_sent = o.client_to_upstream,
+        bytes_received = o.upstream_to_client,
+        duration_ms = o.duration.as_secs_f64() * 1000.0,
+        error_side,
+        error,
+        "connection closed"
+    );
+}

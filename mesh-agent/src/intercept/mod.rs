@@ -1,0 +1,282 @@
+//! Taking workload connections away from them: eBPF cgroup programs where the kernel
+//! and privileges allow, iptables REDIRECT rules otherwise. Both end at the same
+//! listeners, and both answer `SO_ORIGINAL_DST`, so nothing after this module knows
+//! which one is in use.
+
+pub mod ebpf;
+pub mod iptables;
+pub mod preflight;
+
+use std::{fmt, str::FromStr};
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use self::{
+    ebpf::{EbpfError, EbpfInterceptor, EbpfStats},
+    iptables::{IptablesConfig, IptablesError},
+    preflight::Missing,
+};
+use crate::{cgroup::CgroupPath, cidr::Cidr};
+
+/// The mode asked for on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// eBPF when the kernel and capabilities allow it, otherwise iptables.
+    Auto,
+    /// cgroup connect/sockops/getsockopt programs; fails if unavailable.
+    Ebpf,
+    /// iptables NAT REDIRECT rules.
+    Iptables,
+}
+
+/// The mode in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActiveMode {
+    Ebpf,
+    Iptables,
+}
+
+impl ActiveMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Ebpf => "ebpf",
+            Self::Iptables => "iptables",
+        }
+    }
+}
+
+impl fmt::Display for ActiveMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ActiveMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ebpf" => Ok(Self::Ebpf),
+            "iptables" => Ok(Self::Iptables),
+            other => Err(format!("unknown interception mode {other:?}")),
+        }
+    }
+}
+
+/// What to intercept and where to send it; one set of settings for both modes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    /// Destination ports redirected to the inbound listener (iptables mode only: in
+    /// eBPF mode peers reach the agent directly).
+    pub inbound_ports: Vec<u16>,
+    pub mark: u32,
+    pub exclude_uid: Option<u32>,
+    pub include_ports: Vec<u16>,
+    pub exclude_ports: Vec<u16>,
+    pub include_cidrs: Vec<Cidr>,
+    pub exclude_cidrs: Vec<Cidr>,
+    pub ipv6: bool,
+    pub ebpf_log: bool,
+    /// The agent's cgroup for the getsockopt program; `None` = read /proc/self/cgroup.
+    pub agent_cgroup: Option<String>,
+    /// iptables mode: rules were installed by an init container (`mesh-agent iptables
+    /// install`); the agent neither installs nor removes them.
+    pub iptables_external: bool,
+}
+
+impl Settings {
+    pub(crate) fn agent_cgroup_or_own(&self) -> Result<String, crate::cgroup::CgroupError> {
+        match &self.agent_cgroup {
+            Some(c) => Ok(c.clone()),
+            None => crate::cgroup::own_cgroup(),
+        }
+    }
+
+    /// The iptables rules for these settings and enrolled cgroups.
+    pub fn iptables_config(&self, cgroups: &[CgroupPath]) -> IptablesConfig {
+        IptablesConfig {
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            inbound_ports: self.inbound_ports.clone(),
+            mark: self.mark,
+            exclude_uid: self.exclude_uid,
+            include_ports: self.include_ports.clone(),
+            exclude_ports: self.exclude_ports.clone(),
+            include_cidrs: self.include_cidrs.clone(),
+            exclude_cidrs: self.exclude_cidrs.clone(),
+            cgroups: cgroups.iter().map(|c| c.relative().to_owned()).collect(),
+            ipv6: self.ipv6,
+        }
+    }
+}
+
+/// Errors choosing or running an interception mode.
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    #[error("{0}")]
+    Missing(Missing),
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
+    #[error(transparent)]
+    Iptables(#[from] IptablesError),
+    #[error(
+        "no interception mode is usable: eBPF: {ebpf}; iptables: {iptables}"
+    )]
+    NoMode { ebpf: String, iptables: String },
+}
+
+/// The interception in use.
+pub enum Interceptor {
+    Ebpf(Box<EbpfInterceptor>),
+    Iptables(IptablesInterceptor),
+}
+
+/// iptables mode: the rules for the enrolled cgroups (or the whole namespace).
+pub struct IptablesInterceptor {
+    settings: Settings,
+    cgroups: Vec<CgroupPath>,
+    /// Whether any enrolment was ever asked for: until then, with no `--cgroup`, the
+    /// whole network namespace is intercepted (the pod-level fallback).
+    per_cgroup: bool,
+}
+
+impl IptablesInterceptor {
+    fn new(settings: &Settings, per_cgroup: bool) -> Result<Self, IptablesError> {
+        let me = Self { settings: settings.clone(), cgroups: Vec::new(), per_cgroup };
+        if !per_cgroup {
+            me.apply()?;
+        }
+        Ok(me)
+    }
+
+    fn apply(&self) -> Result<(), IptablesError> {
+        if self.settings.iptables_external {
+            return Ok(());
+        }
+        if self.per_cgroup && self.cgroups.is_empty() {
+            // Nothing enrolled: no redirect at all (not "everything").
+            return iptables::uninstall(self.settings.ipv6);
+        }
+        iptables::install(&self.settings.iptables_config(&self.cgroups))
+    }
+}
+
+impl Interceptor {
+    /// Starts interception in `mode`. `per_cgroup` says whether workloads are enrolled
+    /// by cgroup (with `--cgroup` or the admin API); without it, iptables mode
+    /// intercepts the whole network namespace. Returns the interceptor and, for the
+    /// log, why this mode was chosen.
+    pub fn start(mode: Mode, settings: &Settings, per_cgroup: bool) -> Result<(Self, String), InterceptError> {
+        match mode {
+            Mode::Ebpf => {
+                preflight::ebpf().map_err(InterceptError::Missing)?;
+                let i = EbpfInterceptor::load(settings)?;
+                Ok((Self::Ebpf(Box::new(i)), "requested with --mode ebpf".into()))
+            }
+            Mode::Iptables => {
+                if !settings.iptables_external {
+                    preflight::iptables(settings.ipv6).map_err(InterceptError::Missing)?;
+                }
+                let i = IptablesInterceptor::new(settings, per_cgroup)?;
+                Ok((Self::Iptables(i), "requested with --mode iptables".into()))
+            }
+            Mode::Auto => {
+                let ebpf_failure = match preflight::ebpf() {
+                    Err(missing) => missing.to_string(),
+                    Ok(()) => match EbpfInterceptor::load(settings) {
+                        Ok(i) => {
+                            return Ok((
+                                Self::Ebpf(Box::new(i)),
+                                "auto: capabilities present, cgroup v2 mounted, programs verified and loaded"
+                                    .into(),
+                            ));
+                        }
+                        Err(e) => format!("program load failed: {e}"),
+                    },
+                };
+                warn!(reason = %ebpf_failure, "eBPF interception unavailable, falling back to iptables");
+                if let Err(missing) = preflight::iptables(settings.ipv6) {
+                    return Err(InterceptError::NoMode { ebpf: ebpf_failure, iptables: missing.to_string() });
+                }
+                let i = IptablesInterceptor::new(settings, per_cgroup)?;
+                Ok((Self::Iptables(i), format!("auto: eBPF unavailable ({ebpf_failure})")))
+            }
+        }
+    }
+
+    pub fn mode(&self) -> ActiveMode {
+        match self {
+            Self::Ebpf(_) => ActiveMode::Ebpf,
+            Self::Iptables(_) => ActiveMode::Iptables,
+        }
+    }
+
+    /// Starts intercepting a workload cgroup's connections.
+    pub fn enroll(&mut self, cgroup: &CgroupPath) -> Result<(), InterceptError> {
+        match self {
+            Self::Ebpf(e) => e.enroll(cgroup)?,
+            Self::Iptables(i) => {
+                if !i.cgroups.contains(cgroup) {
+                    i.cgroups.push(cgroup.clone());
+                    i.cgroups.sort();
+                }
+                i.per_cgroup = true;
+                if let Err(e) = i.apply() {
+                    i.cgroups.retain(|c| c != cgroup);
+                    return Err(e.into());
+                }
+                info!(%cgroup, "cgroup enrolled (iptables rules updated)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops intercepting a workload cgroup's connections.
+    pub fn unenroll(&mut self, cgroup: &CgroupPath) -> Result<(), InterceptError> {
+        match self {
+            Self::Ebpf(e) => e.unenroll(cgroup)?,
+            Self::Iptables(i) => {
+                if !i.cgroups.contains(cgroup) {
+                    return Err(EbpfError::NotEnrolled(cgroup.to_string()).into());
+                }
+                i.cgroups.retain(|c| c != cgroup);
+                i.apply()?;
+                info!(%cgroup, "cgroup unenrolled (iptables rules updated)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Enrolled cgroups.
+    pub fn enrolled(&self) -> Vec<CgroupPath> {
+        match self {
+            Self::Ebpf(e) => e.enrolled().cloned().collect(),
+            Self::Iptables(i) => i.cgroups.clone(),
+        }
+    }
+
+    /// Kernel-side counters (eBPF mode only).
+    pub fn ebpf_stats(&self) -> Option<EbpfStats> {
+        match self {
+            Self::Ebpf(e) => e.stats().ok(),
+            Self::Iptables(_) => None,
+        }
+    }
+
+    /// Removes everything this interceptor put in place.
+    pub fn shutdown(self) -> Result<(), InterceptError> {
+        match self {
+            Self::Ebpf(e) => e.shutdown()?,
+            Self::Iptables(i) => {
+                if !i.settings.iptables_external {
+                    iptables::uninstall(i.settings.ipv6)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,250 @@
+//! The agent's transparent listeners and what every connection handler shares.
+//!
+//! Outbound: `127.0.0.1:<outbound>` and `[::1]:<outbound>`, where both the eBPF
+//! connect programs and iptables' OUTPUT REDIRECT send workload connections.
+//! Inbound (iptables mode): `0.0.0.0:<inbound>` and `[::]:<inbound>`, where PREROUTING
+//! REDIRECT sends connections arriving for the configured ports.
+
+use std::{
+    collections::HashSet,
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use serde::Serialize;
+use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, warn};
+
+use crate::{
+    forward,
+    intercept::ActiveMode,
+    orig_dst::OrigDstLookup,
+    sniff::Protocol,
+    socket::SocketFactory,
+};
+
+/// Which listener a connection came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// Everything a connection handler needs, shared by all connections.
+pub struct ProxyContext {
+    pub mode: ActiveMode,
+    pub sockets: SocketFactory,
+    pub lookup: Box<dyn OrigDstLookup>,
+    pub detect_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub opaque_ports: HashSet<u16>,
+    /// The agent's own listener addresses: a connection whose original destination is
+    /// one of these would loop.
+    pub own_addrs: Vec<SocketAddr>,
+    pub stats: Stats,
+}
+
+impl ProxyContext {
+    pub fn is_own_listener(&self, dst: SocketAddr) -> bool {
+        self.own_addrs.iter().any(|own| {
+            own.port() == dst.port()
+                && (own.ip() == dst.ip() || own.ip().is_unspecified() || dst.ip().is_loopback())
+        })
+    }
+}
+
+/// Connection counters, read by the admin endpoint.
+#[derive(Debug, Default)]
+pub struct Stats {
+    outbound_total: AtomicU64,
+    inbound_total: AtomicU64,
+    active: AtomicU64,
+    failed: AtomicU64,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+    tls: AtomicU64,
+    http1: AtomicU64,
+    http2: AtomicU64,
+    opaque: AtomicU64,
+}
+
+/// A point-in-time copy of [`Stats`].
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub outbound_total: u64,
+    pub inbound_total: u64,
+    pub active: u64,
+    pub failed: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub tls: u64,
+    pub http1: u64,
+    pub http2: u64,
+    pub opaque: u64,
+}
+
+impl Stats {
+    pub(crate) fn opened(&self, d: Direction) {
+        match d {
+            Direction::Outbound => &self.outbound_total,
+            Direction::Inbound => &self.inbound_total,
+        }
+        .fetch_add(1, Relaxed);
+        self.active.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn closed(&self, _d: Direction, failed: bool) {
+        self.active.fetch_sub(1, Relaxed);
+        if failed {
+            self.failed.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub(crate) fn detected(&self, p: &Protocol) {
+        match p {
+            Protocol::Tls(_) => &self.tls,
+            Protocol::Http1(_) => &self.http1,
+            Protocol::Http2 => &self.http2,
+            Protocol::Opaque(_) => &self.opaque,
+        }
+        .fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn bytes(&self, sent: u64, received: u64) {
+        self.bytes_sent.fetch_add(sent, Relaxed);
+        self.bytes_received.fetch_add(received, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            outbound_total: self.outbound_total.load(Relaxed),
+            inbound_total: self.inbound_total.load(Relaxed),
+            active: self.active.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            bytes_sent: self.bytes_sent.load(Relaxed),
+            bytes_received: self.bytes_received.load(Relaxed),
+            tls: self.tls.load(Relaxed),
+            http1: self.http1.load(Relaxed),
+            http2: self.http2.load(Relaxed),
+            opaque: self.opaque.load(Relaxed),
+        }
+    }
+}
+
+/// Binds the outbound listeners (loopback, both families; IPv6 only if `ipv6`).
+pub fn bind_outbound(port: u16, ipv6: bool) -> io::Result<Vec<TcpListener>> {
+    let mut addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port))];
+    if ipv6 {
+        addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, port)));
+    }
+    addrs.into_iter().map(bind).collect()
+}
+
+/// Binds the inbound listeners (all addresses, both families; IPv6 only if `ipv6`).
+pub fn bind_inbound(port: u16, ipv6: bool) -> io::Result<Vec<TcpListener>> {
+    let mut addrs = vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))];
+    if ipv6 {
+        addrs.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)));
+    }
+    addrs.into_iter().map(bind).collect()
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into()).map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts until `shutdown`, spawning each connection on `tracker` so shutdown can
+/// wait for them to drain.
+pub async fn serve(
+    listener: TcpListener,
+    direction: Direction,
+    ctx: Arc<ProxyContext>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tracker.spawn(forward::handle(ctx.clone(), direction, stream, peer));
+            }
+            Err(e) if is_transient_accept_error(&e) => {
+                debug!(error = %e, "transient accept error");
+            }
+            Err(e) => {
+                // Out of file descriptors or memory: back off briefly instead of spinning.
+                warn!(listener = ?local, error = %e, "accept failed; retrying in 100ms");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+    debug!(listener = ?local, "listener closed");
+}
+
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::orig_dst::Fixed;
+
+    fn ctx(own: Vec<SocketAddr>) -> ProxyContext {
+        ProxyContext {
+            mode: ActiveMode::Ebpf,
+            sockets: SocketFactory::new(0),
+            lookup: Box::new(Fixed(SocketAddr::from(([127, 0, 0, 1], 1)))),
+            detect_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            opaque_ports: HashSet::new(),
+            own_addrs: own,
+            stats: Stats::default(),
+        }
+    }
+
+    #[test]
+    fn loop_guard_matches_own_listeners() {
+        let c = ctx(vec!["127.0.0.1:15001".parse().unwrap(), "0.0.0.0:15006".parse().unwrap()]);
+        assert!(c.is_own_listener("127.0.0.1:15001".parse().unwrap()));
+        assert!(c.is_own_listener("[::1]:15001".parse().unwrap()));
+        assert!(c.is_own_listener("10.0.0.5:15006".parse().unwrap()));
+        assert!(!c.is_own_listener("10.0.0.5:15001".parse().unwrap()));
+        assert!(!c.is_own_listener("10.0.0.5:80".parse().unwrap()));
+    }
+}

@@ -1,0 +1,28 @@
+//! Paths of the workspace binaries under test, built on first use so a test never
+//! runs a stale binary.
+
+use std::{path::PathBuf, sync::OnceLock};
+
+fn build(package: &str, bin: &str) -> PathBuf {
+    let run = escargot::CargoBuild::new()
+        .package(package)
+        .bin(bin)
+        .current_release()
+        .current_target()
+        .manifest_path(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
+        .run()
+        .unwrap_or_else(|e| panic!("building {bin}: {e}"));
+    run.path().to_path_buf()
+}
+
+/// The `mesh-agent` binary.
+pub fn agent() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build("mesh-agent", "mesh-agent"))
+}
+
+/// The `mesh-probe` workload client.
+pub fn probe() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build("mesh-tests", "mesh-probe"))
+}

@@ -1,0 +1,237 @@
+//! In-process servers living in a test host's namespace: each runs a single-threaded
+//! tokio runtime on its own thread (which entered the namespace), listens dual-stack
+//! on `[::]:port`, records what it saw, and stops on drop.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Result;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+};
+
+use crate::netns::Host;
+
+/// What a server observed about one connection.
+#[derive(Clone, Debug, Default)]
+pub struct Seen {
+    /// The peer address as the server saw it (IPv4-mapped addresses unmapped).
+    pub peer: Option<SocketAddr>,
+    /// Bytes received (recorder servers keep them all; others leave this empty).
+    pub bytes: Vec<u8>,
+    /// Whether the connection ended with an error (e.g. a reset).
+    pub error: Option<String>,
+    /// For HTTP servers: "HTTP/1.1 GET /path".
+    pub request: Option<String>,
+}
+
+/// A running server; stops when dropped.
+pub struct Server {
+    pub port: u16,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Everything observed so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+type Handler = Arc<dyn Fn(TcpStream, SocketAddr, Arc<Mutex<Vec<Seen>>>) -> futures_lite::BoxFuture + Send + Sync>;
+
+mod futures_lite {
+    pub type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
+
+fn spawn(host: &Host, port: u16, handler: Handler) -> Result<Server> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+    let seen2 = seen.clone();
+    let thread = host.spawn_in(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let listener = match TcpListener::bind(("::", port)).await {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            loop {
+                tokio::select! {
+                    _ = &mut stop_rx => break,
+                    r = listener.accept() => {
+                        let Ok((stream, peer)) = r else { continue };
+                        tokio::spawn(handler(stream, unmap(peer), seen2.clone()));
+                    }
+                }
+            }
+        });
+    })?;
+    ready_rx.recv()??;
+    Ok(Server { port, seen, stop: Some(stop_tx), thread: Some(thread) })
+}
+
+fn record(seen: &Mutex<Vec<Seen>>, s: Seen) {
+    seen.lock().unwrap().push(s);
+}
+
+/// Echoes every byte back; half-close is echoed too (EOF in, shutdown out).
+pub fn echo(host: &Host, port: u16) -> Result<Server> {
+    spawn(
+        host,
+        port,
+        Arc::new(|mut stream, peer, seen| {
+            Box::pin(async move {
+                let (mut r, mut w) = stream.split();
+                let res = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+                record(&seen, Seen { peer: Some(peer), error: res.err().map(|e| e.to_string()), ..Default::default() });
+            })
+        }),
+    )
+}
+
+/// Reads one line, answers `peer=<addr>` with the address it saw, closes.
+pub fn whoami(host: &Host, port: u16) -> Result<Server> {
+    spawn(
+        host,
+        port,
+        Arc::new(|stream, peer, seen| {
+            Box::pin(async move {
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line).await;
+                let _ = reader.get_mut().write_all(format!("peer={peer}\n").as_bytes()).await;
+                let _ = reader.get_mut().shutdown().await;
+                record(&seen, Seen { peer: Some(peer), ..Default::default() });
+            })
+        }),
+    )
+}
+
+/// A server-first protocol: greets on connect, then echoes lines.
+pub fn banner(host: &Host, port: u16) -> Result<Server> {
+    spawn(
+        host,
+        port,
+        Arc::new(|mut stream, peer, seen| {
+            Box::pin(async move {
+                record(&seen, Seen { peer: Some(peer), ..Default::default() });
+                if stream.write_all(b"220 mesh-test ready\r\n").await.is_err() {
+                    return;
+                }
+                let (r, mut w) = stream.split();
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if w.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        }),
+    )
+}
+
+/// Reads until EOF or error and records every byte; sends nothing.
+pub fn recorder(host: &Host, port: u16) -> Result<Server> {
+    spawn(
+        host,
+        port,
+        Arc::new(|mut stream, peer, seen| {
+            Box::pin(async move {
+                let mut bytes = Vec::new();
+                let res = stream.read_to_end(&mut bytes).await;
+                record(&seen, Seen { peer: Some(peer), bytes, error: res.err().map(|e| e.to_string()), ..Default::default() });
+            })
+        }),
+    )
+}
+
+async fn http_reply(name: Arc<str>, req: Request<Incoming>, peer: SocketAddr, seen: Arc<Mutex<Vec<Seen>>>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let line = format!("{:?} {} {}", req.version(), req.method(), req.uri().path());
+    record(&seen, Seen { peer: Some(peer), request: Some(line.clone()), ..Default::default() });
+    Ok(Response::new(Full::new(Bytes::from(format!("server={name} {line}\n")))))
+}
+
+/// HTTP/1.1 and HTTP/2 (prior knowledge) server answering `server=<name> <version> <method> <path>`.
+pub fn http(host: &Host, port: u16, name: &str) -> Result<Server> {
+    let name: Arc<str> = name.into();
+    spawn(
+        host,
+        port,
+        Arc::new(move |stream, peer, seen| {
+            let name = name.clone();
+            Box::pin(async move {
+                let svc = service_fn(move |req| http_reply(name.clone(), req, peer, seen.clone()));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            })
+        }),
+    )
+}
+
+/// HTTPS (HTTP/1.1 over TLS) with a self-signed certificate for `svc.test`.
+pub fn https(host: &Host, port: u16, name: &str) -> Result<Server> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cert = rcgen::generate_simple_self_signed(vec!["svc.test".to_owned()])?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into()),
+        )?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let name: Arc<str> = name.into();
+    spawn(
+        host,
+        port,
+        Arc::new(move |stream, peer, seen| {
+            let (name, acceptor) = (name.clone(), acceptor.clone());
+            Box::pin(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let svc = service_fn(move |req| http_reply(name.clone(), req, peer, seen.clone()));
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            })
+        }),
+    )
+}

@@ -1,0 +1,342 @@
+//! End to end: a workload process in an enrolled cgroup on host `client` connects to
+//! servers on host `server`; the real agent intercepts (eBPF or iptables), recovers
+//! the original destination, classifies the protocol and forwards. Every scenario runs
+//! in both modes.
+
+use std::{
+    net::SocketAddr,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use mesh_tests::{
+    Agent, AgentOptions, Cgroup, Lab, agent::message, bins, eventually, require_root, servers,
+};
+use serde_json::Value;
+
+const HTTP: u16 = 8080;
+const HTTPS: u16 = 8443;
+const ECHO: u16 = 7000;
+const WHOAMI: u16 = 7001;
+const BANNER: u16 = 7002;
+const RECORD: u16 = 7003;
+/// In the agent's default opaque (server-first) port list.
+const MYSQL: u16 = 3306;
+
+/// A client host with a workload cgroup, a server host, and an agent on the client.
+struct Setup {
+    lab: Lab,
+    workload: Cgroup,
+    agent: Agent,
+}
+
+impl Setup {
+    fn new(mode: &str, extra: &[&str]) -> Self {
+        let lab = Lab::new(&["client", "server"]).expect("lab");
+        let workload = Cgroup::new("wl").expect("cgroup");
+        let mut opts = AgentOptions::new(mode).cgroup(&workload);
+        for a in extra {
+            opts = opts.arg(*a);
+        }
+        let agent = Agent::start(lab.host("client"), opts).expect("agent starts");
+        assert_eq!(agent.mode(), mode, "agent runs in the requested mode");
+        Self { lab, workload, agent }
+    }
+
+    fn server(&self) -> &mesh_tests::Host {
+        self.lab.host("server")
+    }
+
+    /// Runs a command as a workload (client host, enrolled cgroup).
+    fn workload(&self, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Output {
+        run(self.lab.host("client").command(program, Some(self.workload.absolute())).unwrap().args(args))
+    }
+
+    fn probe(&self, dst: SocketAddr, args: &[&str]) -> Value {
+        let mut full = vec!["--connect".to_owned(), dst.to_string()];
+        full.extend(args.iter().map(|s| s.to_string()));
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        json_out(&self.workload(bins::probe(), &full))
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json_out(out: &Output) -> Value {
+    serde_json::from_str(stdout(out).trim()).expect("probe prints JSON")
+}
+
+fn curl(args: &[&str]) -> Vec<String> {
+    let mut v = vec!["-sS".to_owned(), "--max-time".to_owned(), "10".to_owned()];
+    v.extend(args.iter().map(|s| s.to_string()));
+    v
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod ebpf {
+            $( #[test] fn $name() { if super::require_root(stringify!($name)) { super::$name("ebpf") } } )*
+        }
+        mod iptables {
+            $( #[test] fn $name() { if super::require_root(stringify!($name)) { super::$name("iptables") } } )*
+        }
+    };
+}
+
+both_modes!(
+    http1_is_intercepted_classified_and_answered,
+    http2_prior_knowledge_passes_through,
+    tls_client_hello_is_classified_and_passed_through,
+    unknown_binary_protocol_is_byte_exact,
+    server_first_protocol_passes_through,
+    ipv6_destination_is_intercepted,
+    non_enrolled_process_is_not_intercepted,
+    agent_in_enrolled_cgroup_does_not_loop,
+    bad_input_is_passed_through_or_closed_without_harm,
+    graceful_shutdown_and_kill_leave_nothing_behind,
+);
+
+fn http1_is_intercepted_classified_and_answered(mode: &str) {
+    let s = Setup::new(mode, &[]);
+    let _http = servers::http(s.server(), HTTP, "s1").unwrap();
+    let dst = s.server().v4_addr(HTTP);
+    let body = stdout(&s.workload("curl", &as_strs(&curl(&[&format!("http://{dst}/hello")]))));
+    assert_eq!(body.trim(), "server=s1 HTTP/1.1 GET /hello");
+    let rec = s.agent.wait_conn(dst);
+    assert_eq!(rec["protocol"], "http1", "{rec}");
+    assert_eq!(rec["mode"], mode);
+    assert_eq!(rec["direction"], "outbound");
+    assert!(rec["bytes_sent"].as_u64().unwrap() > 0 && rec["bytes_received"].as_u64().unwrap() > 0, "{rec}");
+    assert!(rec["error"].is_null(), "{rec}");
+}
+
+fn http2_prior_knowledge_passes_through(mode: &str) {
+    let s = Setup::new(mode, &[]);
+    let _http = servers::http(s.server(), HTTP, "s1").unwrap();
+    let dst = s.server().v4_addr(HTTP);
+    let args = curl(&["--http2-prior-knowledge", &format!("http://{dst}/h2")]);
+    let body = stdout(&s.workload("curl", &as_strs(&args)));
+    assert_eq!(body.trim(), "server=s1 HTTP/2.0 GET /h2");
+    assert_eq!(s.agent.wait_conn(dst)["protocol"], "http2");
+}
+
+fn tls_client_hello_is_classified_and_passed_through(mode: &str) {
+    let s = Setup::new(mode, &[]);
+    let _https = servers::https(s.server(), HTTPS, "s1").unwrap();
+    let dst = s.server().v4_addr(HTTPS);
+    let resolve = format!("svc.test:{HTTPS}:{}", s.server().v4);
+    let args = curl(&["-k", "--http1.1", "--resolve", &resolve, &format!("https://svc.test:{HTTPS}/tls")]);
+    let body = stdout(&s.workload("curl", &as_strs(&args)));
+    // The server terminated TLS itself: the agent passed the handshake through untouched.
+    assert_eq!(body.trim(), "server=s1 HTTP/1.1 GET /tls");
+    let rec = s.agent.wait_conn(dst);
+    assert_eq!(rec["protocol"], "tls", "{rec}");
+    assert_eq!(rec["sni"], "svc.test", "{rec}");
+    assert!(rec["alpn"].as_str().unwrap_or_default().contains("http/1.1"), "{rec}");
+}
+
+fn unknown_binary_protocol_is_byte_exact(mode: &str) {
+    let s = Setup::new(mode, &[]);
+    let _echo = servers::echo(s.server(), ECHO).unwrap();
+    let dst = s.server().v4_addr(ECHO);
+    let size = 4 * 1024 * 1024;
+    let out = s.probe(dst, &["echo", "--bytes", &size.to_string(), "--seed", "7"]);
+    assert_eq!(out["ok"], true, "{out}");
+    let rec = s.agent.wait_conn(dst);
+    assert_eq!(rec["protocol"], "opaque", "{rec}");
+    assert_eq!(rec["bytes_sent"], size, "{rec}");
+    assert_eq!(rec["bytes_received"], size, "{rec}");
+}
+
+fn server_first_protocol_passes_through(mode: &str) {
+    let s = Setup::new(mode, &["--detect-timeout", "300ms"]);
+    let _banner = servers::banner(s.server(), BANNER).unwrap();
+    let _mysql = servers::banner(s.server(), MYSQL).unwrap();
+
+    // Not an opaque port: the agent waits for the client, times out, then forwards.
+    let dst = s.server().v4_addr(BANNER);
+    let out = s.probe(dst, &["banner"]);
+    assert_eq!(out["banner"], "220 mesh-test ready", "{out}");
+    assert_eq!(out["echo"], "ping", "{out}");
+    let rec = s.agent.wait_conn(dst);
+    assert_eq!(rec["protocol"], "opaque");
+    assert_eq!(rec["opaque_reason"], "no_client_data", "{rec}");
+
+    // A configured opaque port skips detection altogether.
+    let dst = s.server().v4_addr(MYSQL);
+    let out = s.probe(dst, &["banner"]);
+    assert_eq!(out["banner"], "220 mesh-test ready", "{out}");
+    assert_eq!(s.agent.wait_conn(dst)["opaque_reason"], "opaque_port");
+}
+
+fn ipv6_destination_is_intercepted(mode: &str) {
+    let s = Setup::new(mode, &[]);
+    let _echo = servers::echo(s.server(), ECHO).unwrap();
+    let _http = servers::http(s.server(), HTTP, "s1").unwrap();
+    let dst = s.server().v6_addr(ECHO);
+    let out = s.probe(dst, &["echo", "--bytes", "100000"]);
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(s.agent.wait_conn(dst)["orig_dst"], dst.to_string());
+
+    let dst = s.server().v6_addr(HTTP);
+    let body = stdout(&s.workload("curl", &as_strs(&curl(&[&format!("http://{dst}/v6")]))));
+    assert_eq!(body.trim(), "server=s1 HTTP/1.1 GET /v6");
+    assert_eq!(s.agent.wait_conn(dst)["protocol"], "http1");
+}
+
+fn non_enrolled_process_is_not_intercepted(mode: &str) {
+    let s = Setup::new(mode, &[]);
+    let whoami = servers::whoami(s.server(), WHOAMI).unwrap();
+    let dst = s.server().v4_addr(WHOAMI);
+    let outsider = Cgroup::new("outsider").unwrap();
+
+    let out = json_out(&run(s
+        .lab
+        .host("client")
+        .command(bins::probe(), Some(outsider.absolute()))
+        .unwrap()
+        .args(["--connect", &dst.to_string(), "whoami"])));
+    // The server saw the workload's own socket: nothing sat in between.
+    assert_eq!(out["server_saw"], out["local"], "non-enrolled connection was intercepted: {out}");
+
+    let out = s.probe(dst, &["whoami"]);
+    assert_ne!(out["server_saw"], out["local"], "enrolled connection was not intercepted: {out}");
+    s.agent.wait_conn(dst);
+    assert_eq!(whoami.seen().len(), 2);
+    let records = s.agent.find_all(|v| message(v) == "connection closed" && v["orig_dst"] == dst.to_string());
+    assert_eq!(records.len(), 1, "only the enrolled connection went through the agent: {records:?}");
+}
+
+fn agent_in_enrolled_cgroup_does_not_loop(mode: &str) {
+    let lab = Lab::new(&["client", "server"]).unwrap();
+    let workload = Cgroup::new("wl").unwrap();
+    let opts = AgentOptions { in_cgroup: Some(workload.relative().to_owned()), ..AgentOptions::new(mode).cgroup(&workload) };
+    let agent = Agent::start(lab.host("client"), opts).unwrap();
+    let _http = servers::http(lab.host("server"), HTTP, "s1").unwrap();
+    let dst = lab.host("server").v4_addr(HTTP);
+    let body = stdout(&run(lab
+        .host("client")
+        .command("curl", Some(workload.absolute()))
+        .unwrap()
+        .args(curl(&[&format!("http://{dst}/loop")]))));
+    assert_eq!(body.trim(), "server=s1 HTTP/1.1 GET /loop");
+    agent.wait_conn(dst);
+    let records = agent.connections();
+    assert_eq!(records.len(), 1, "the agent's upstream connection was intercepted again: {records:?}");
+    assert!(agent.find(|v| message(v).contains("refusing to loop")).is_none());
+}
+
+fn bad_input_is_passed_through_or_closed_without_harm(mode: &str) {
+    let s = Setup::new(mode, &["--detect-timeout", "300ms"]);
+    let rec_server = servers::recorder(s.server(), RECORD).unwrap();
+    let _http = servers::http(s.server(), HTTP, "s1").unwrap();
+    let dst = s.server().v4_addr(RECORD);
+
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("garbage", "00ff13370a0d0000deadbeef", &[]),
+        // A TLS record header and the start of a ClientHello, then EOF.
+        ("truncated ClientHello", "16030100c8010000c40303", &[]),
+        ("half an HTTP request line", "474554202f", &[]),
+        ("nothing at all", "", &[]),
+        // Silent past the detection timeout, then EOF.
+        ("silent client", "", &["--linger", "600ms"]),
+    ];
+    for (i, (what, hex, extra)) in cases.iter().enumerate() {
+        let mut args = vec!["send", "--hex", hex];
+        args.extend_from_slice(extra);
+        s.probe(dst, &args);
+        let seen = eventually(Duration::from_secs(10), "recorder saw the connection", || {
+            rec_server.seen().get(i).cloned()
+        });
+        let expected: Vec<u8> = (0..hex.len()).step_by(2).map(|j| u8::from_str_radix(&hex[j..j + 2], 16).unwrap()).collect();
+        assert_eq!(seen.bytes, expected, "{what}: upstream must receive exactly the client's bytes");
+    }
+    let records = eventually(Duration::from_secs(10), "records for every case", || {
+        let r = s.agent.find_all(|v| message(v) == "connection closed" && v["orig_dst"] == dst.to_string());
+        (r.len() >= cases.len()).then_some(r)
+    });
+    for r in &records {
+        assert_eq!(r["protocol"], "opaque", "{r}");
+    }
+    assert!(records.iter().any(|r| r["opaque_reason"] == "no_client_data"), "{records:?}");
+    assert!(records.iter().any(|r| r["opaque_reason"] == "client_closed"), "{records:?}");
+
+    // A client that resets mid-request.
+    s.probe(dst, &["send", "--hex", "474554202f", "--reset"]);
+    s.agent.wait_log("a record for the reset connection", |v| {
+        message(v) == "connection closed" && v["orig_dst"] == dst.to_string() && !v["error"].is_null()
+    });
+
+    // The agent is unharmed: a normal request still works.
+    let dst = s.server().v4_addr(HTTP);
+    let body = stdout(&s.workload("curl", &as_strs(&curl(&[&format!("http://{dst}/after")]))));
+    assert_eq!(body.trim(), "server=s1 HTTP/1.1 GET /after");
+    assert!(s.agent.find(|v| v["level"] == "ERROR").is_none(), "{}", s.agent.log_text());
+}
+
+/// Programs attached to a cgroup, from bpftool.
+fn attached_programs(cgroup: &Cgroup) -> Vec<String> {
+    let out = Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cgroup.absolute()).output().expect("bpftool (install the bpftool package)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(text.trim()).unwrap_or(Value::Array(vec![]));
+    v.as_array().into_iter().flatten().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect()
+}
+
+fn nat_rules(lab: &Lab) -> String {
+    let mut all = String::new();
+    for bin in ["iptables-save", "ip6tables-save"] {
+        let out = run(lab.host("client").command(bin, None).unwrap().args(["-t", "nat"]));
+        all.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    all
+}
+
+fn graceful_shutdown_and_kill_leave_nothing_behind(mode: &str) {
+    let s = Setup::new(mode, &[]);
+    let installed = match mode {
+        "ebpf" => !attached_programs(&s.workload).is_empty(),
+        _ => nat_rules(&s.lab).contains("MESH_OUTPUT"),
+    };
+    assert!(installed, "interception in place while running");
+
+    // Graceful: SIGTERM removes everything before exit.
+    let Setup { lab, workload, agent } = s;
+    let status = agent.terminate().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    assert!(attached_programs(&workload).is_empty());
+    assert!(!nat_rules(&lab).contains("MESH_"), "{}", nat_rules(&lab));
+
+    // Killed: programs go with the process; rules go with `mesh-agent cleanup`.
+    let agent = Agent::start(lab.host("client"), AgentOptions::new(mode).cgroup(&workload)).unwrap();
+    agent.kill().unwrap();
+    eventually(Duration::from_secs(10), "programs detached after SIGKILL", || {
+        attached_programs(&workload).is_empty().then_some(())
+    });
+    let out = run(lab.host("client").command(bins::agent(), None).unwrap().arg("cleanup"));
+    stdout(&out);
+    assert!(!nat_rules(&lab).contains("MESH_"), "rules left after cleanup: {}", nat_rules(&lab));
+
+    // And a restart after a kill starts cleanly over whatever was left.
+    let agent = Agent::start(lab.host("client"), AgentOptions::new(mode).cgroup(&workload)).unwrap();
+    agent.kill().unwrap();
+    let agent = Agent::start(lab.host("client"), AgentOptions::new(mode).cgroup(&workload)).unwrap();
+    assert!(agent.terminate().unwrap().success());
+    assert!(!nat_rules(&lab).contains("MESH_"), "{}", nat_rules(&lab));
+}

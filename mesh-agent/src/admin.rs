@@ -134,6 +134,9 @@ async fn route(state: &Arc<AgentState>, req: Request<Incoming>) -> Response<Body
             state.shutdown.cancel();
             text(StatusCode::OK, "draining\n")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; see /live /ready /stats /config_dump /enroll /unenroll /quitquitquit\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; see /live /ready /stats /config_dump /enroll /unenroll /quitquitquit\n",
+        ),
     }
 }

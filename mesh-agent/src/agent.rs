@@ -85,8 +85,11 @@ impl AgentState {
     /// Enrols a cgroup, creating it first if asked and missing.
     pub fn enroll(&self, given: &str, create: bool) -> Result<CgroupPath, EnrollError> {
         let mount = self.mount()?;
-        let (cgroup, created) =
-            if create { CgroupPath::create(mount, given)? } else { (CgroupPath::resolve(mount, given)?, false) };
+        let (cgroup, created) = if create {
+            CgroupPath::create(mount, given)?
+        } else {
+            (CgroupPath::resolve(mount, given)?, false)
+        };
         let mut guard = self.interceptor.lock().unwrap_or_else(|p| p.into_inner());
         let interceptor = guard.as_mut().ok_or(EnrollError::ShuttingDown)?;
         let result = interceptor.enroll(&cgroup);
@@ -236,7 +239,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let stop_accepting = CancellationToken::new();
     let mut listening = Vec::new();
-    for (l, dir) in outbound.drain(..).map(|l| (l, Direction::Outbound)).chain(inbound.into_iter().map(|l| (l, Direction::Inbound))) {
+    for (l, dir) in outbound
+        .drain(..)
+        .map(|l| (l, Direction::Outbound))
+        .chain(inbound.into_iter().map(|l| (l, Direction::Inbound)))
+    {
         listening.push(l.local_addr()?.to_string());
         tokio::spawn(listener::serve(l, dir, proxy.clone(), stop_accepting.clone(), tracker.clone()));
     }
@@ -278,7 +285,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 async fn wait_for_shutdown(admin_drain: &CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         error!("cannot install signal handlers; the agent will only stop on /quitquitquit");
         admin_drain.cancelled().await;
         return;

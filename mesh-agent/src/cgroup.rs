@@ -33,8 +33,8 @@ pub enum CgroupError {
 /// (`/sys/fs/cgroup` on unified systems, `/sys/fs/cgroup/unified` on hybrid ones).
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
     let path = Path::new("/proc/self/mountinfo");
-    let text = fs::read_to_string(path)
-        .map_err(|source| CgroupError::Io { path: path.to_owned(), source })?;
+    let text =
+        fs::read_to_string(path).map_err(|source| CgroupError::Io { path: path.to_owned(), source })?;
     parse_cgroup2_mount(&text).ok_or(CgroupError::NotMounted)
 }
 
@@ -53,8 +53,8 @@ fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
 /// The agent's own cgroup, relative to the cgroup2 root ("0::/path" in /proc/self/cgroup).
 pub fn own_cgroup() -> Result<String, CgroupError> {
     let path = Path::new("/proc/self/cgroup");
-    let text = fs::read_to_string(path)
-        .map_err(|source| CgroupError::Io { path: path.to_owned(), source })?;
+    let text =
+        fs::read_to_string(path).map_err(|source| CgroupError::Io { path: path.to_owned(), source })?;
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
         .map(|p| p.trim().to_owned())
@@ -157,10 +157,7 @@ mod tests {
             assert_eq!(cg.absolute(), wl);
         }
         assert!(matches!(CgroupPath::resolve(&dir, "/mesh/nope"), Err(CgroupError::Missing(_))));
-        assert!(matches!(
-            CgroupPath::resolve(&dir, "/mesh/../../etc"),
-            Err(CgroupError::OutsideMount(..))
-        ));
+        assert!(matches!(CgroupPath::resolve(&dir, "/mesh/../../etc"), Err(CgroupError::OutsideMount(..))));
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -163,7 +163,12 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 
 impl InterceptArgs {
     /// Validated interception settings.
-    pub fn settings(&self, agent_cgroup: Option<String>, ebpf_log: bool, iptables_external: bool) -> Result<Settings, ConfigError> {
+    pub fn settings(
+        &self,
+        agent_cgroup: Option<String>,
+        ebpf_log: bool,
+        iptables_external: bool,
+    ) -> Result<Settings, ConfigError> {
         if self.outbound_port == 0 {
             return Err(err("--outbound-port", "MESH_OUTBOUND_PORT", "must not be 0"));
         }
@@ -196,7 +201,9 @@ impl InterceptArgs {
                 format!("port {p} is also in --exclude-ports"),
             ));
         }
-        if let Some(p) = self.inbound_ports.iter().find(|p| [self.outbound_port, self.inbound_port].contains(p)) {
+        if let Some(p) =
+            self.inbound_ports.iter().find(|p| [self.outbound_port, self.inbound_port].contains(p))
+        {
             return Err(err(
                 "--inbound-ports",
                 "MESH_INBOUND_PORTS",
@@ -204,14 +211,13 @@ impl InterceptArgs {
             ));
         }
         let ipv6 = !self.no_ipv6;
-        if !ipv6 {
-            if let Some(c) = self.include_cidrs.iter().chain(&self.exclude_cidrs).find(|c| !c.is_ipv4()) {
-                return Err(err(
-                    "--include-cidrs/--exclude-cidrs",
-                    "MESH_INCLUDE_CIDRS/MESH_EXCLUDE_CIDRS",
-                    format!("{c} is IPv6 but --no-ipv6 is set"),
-                ));
-            }
+        if !ipv6 && let Some(c) = self.include_cidrs.iter().chain(&self.exclude_cidrs).find(|c| !c.is_ipv4())
+        {
+            return Err(err(
+                "--include-cidrs/--exclude-cidrs",
+                "MESH_INCLUDE_CIDRS/MESH_EXCLUDE_CIDRS",
+                format!("{c} is IPv6 but --no-ipv6 is set"),
+            ));
         }
         Ok(Settings {
             outbound_port: self.outbound_port,

@@ -1,6 +1,6 @@
 //! One intercepted connection, from accept to close: recover the original
-//! destination, sniff the protocol, connect upstream with the agent's mark, replay the
-//! sniffed bytes and relay both directions until both sides are done.
+//! destination, sniff the protocol while connecting upstream with the agent's mark,
+//! replay the sniffed bytes and relay both directions until both sides are done.
 
 use std::{
     io,
@@ -12,13 +12,16 @@ use std::{
 use bytes::BytesMut;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpStream, tcp::{ReadHalf, WriteHalf}},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
 };
 use tracing::{info, warn};
 
 use crate::{
     listener::{Direction, ProxyContext},
-    sniff::{self, OpaqueReason, Protocol},
+    sniff::{self, OpaqueReason, Protocol, SniffError},
 };
 
 /// Relay buffer per direction: starts at the minimum and grows for bulk transfers.
@@ -71,31 +74,39 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
     }
 
     let mut sniffed = BytesMut::with_capacity(SNIFF_BUF);
-    let protocol = if ctx.opaque_ports.contains(&orig_dst.port()) {
-        Protocol::Opaque(OpaqueReason::OpaquePort)
-    } else {
-        match sniff::sniff(&mut client, &mut sniffed, ctx.detect_timeout).await {
-            Ok(p) => p,
-            Err(e) => {
-                log_close(&ctx, direction, peer, orig_dst, None, &Outcome::failed(0, 0, start, Side::Client, &e));
-                ctx.stats.closed(direction, true);
-                return;
-            }
+    let connect = ctx.sockets.connect(orig_dst, ctx.connect_timeout);
+    let early = if ctx.opaque_ports.contains(&orig_dst.port()) {
+        match connect.await {
+            Ok(up) => Early::Ready(up, Protocol::Opaque(OpaqueReason::OpaquePort)),
+            Err(e) => Early::ConnectFailed(e, Some(Protocol::Opaque(OpaqueReason::OpaquePort))),
         }
+    } else {
+        sniff_while_connecting(&mut client, &mut sniffed, ctx.detect_timeout, connect).await
     };
-    ctx.stats.detected(&protocol);
-
-    let mut upstream = match ctx.sockets.connect(orig_dst, ctx.connect_timeout).await {
-        Ok(s) => s,
-        Err(e) => {
+    let (mut upstream, protocol) = match early {
+        Early::Ready(up, protocol) => (up, protocol),
+        Early::SniffFailed(e) => {
+            log_close(&ctx, direction, peer, orig_dst, None, &Outcome::failed(0, 0, start, Side::Client, &e));
+            ctx.stats.closed(direction, true);
+            return;
+        }
+        Early::ConnectFailed(e, protocol) => {
             // The client saw its connect succeed; a reset is the closest we can get to
             // the refusal or timeout it would have seen without the mesh.
             reset(&client);
-            log_close(&ctx, direction, peer, orig_dst, Some(&protocol), &Outcome::failed(0, 0, start, Side::Upstream, &e));
+            log_close(
+                &ctx,
+                direction,
+                peer,
+                orig_dst,
+                protocol.as_ref(),
+                &Outcome::failed(0, 0, start, Side::Upstream, &e),
+            );
             ctx.stats.closed(direction, true);
             return;
         }
     };
+    ctx.stats.detected(&protocol);
 
     let outcome = relay(&mut client, &mut upstream, &sniffed, start).await;
     if let Some((side, _)) = &outcome.error {
@@ -109,6 +120,55 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
     log_close(&ctx, direction, peer, orig_dst, Some(&protocol), &outcome);
     ctx.stats.closed(direction, outcome.error.is_some());
     ctx.stats.bytes(outcome.client_to_upstream, outcome.upstream_to_client);
+}
+
+/// Where a connection stands once the protocol is known and upstream is connected,
+/// or why it never got there.
+enum Early {
+    Ready(TcpStream, Protocol),
+    SniffFailed(SniffError),
+    ConnectFailed(io::Error, Option<Protocol>),
+}
+
+/// Sniffs the client's first bytes while connecting upstream, so the upstream
+/// handshake overlaps the wait for the client, and a server that speaks first (SMTP,
+/// MySQL, ...) ends the wait at once instead of after the detection timeout.
+async fn sniff_while_connecting(
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+    timeout: Duration,
+    connect: impl Future<Output = io::Result<TcpStream>>,
+) -> Early {
+    let sniff = sniff::sniff(client, buf, timeout);
+    tokio::pin!(sniff);
+    tokio::pin!(connect);
+    let upstream = tokio::select! {
+        // A decision already made needs no upstream event to be acted on.
+        biased;
+        sniffed = &mut sniff => {
+            return match sniffed {
+                Ok(protocol) => match connect.await {
+                    Ok(up) => Early::Ready(up, protocol),
+                    Err(e) => Early::ConnectFailed(e, Some(protocol)),
+                },
+                Err(e) => Early::SniffFailed(e),
+            };
+        }
+        connected = &mut connect => match connected {
+            Ok(up) => up,
+            Err(e) => return Early::ConnectFailed(e, None),
+        },
+    };
+    tokio::select! {
+        biased;
+        sniffed = &mut sniff => match sniffed {
+            Ok(protocol) => Early::Ready(upstream, protocol),
+            Err(e) => Early::SniffFailed(e),
+        },
+        // Readable means the server sent bytes (or closed): either way it went first.
+        // The sniff is cancel-safe: whatever the client sent so far stays in `buf`.
+        _ = upstream.readable() => Early::Ready(upstream, Protocol::Opaque(OpaqueReason::ServerFirst)),
+    }
 }
 
 /// How a connection ended.

@@ -23,11 +23,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
 use crate::{
-    forward,
-    intercept::ActiveMode,
-    orig_dst::OrigDstLookup,
-    sniff::Protocol,
-    socket::SocketFactory,
+    forward, intercept::ActiveMode, orig_dst::OrigDstLookup, sniff::Protocol, socket::SocketFactory,
 };
 
 /// Which listener a connection came through.

@@ -55,7 +55,8 @@ mod agent_args {
 }
 
 fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter).with_context(|| format!("invalid --log (MESH_LOG) filter {filter:?}"))?;
+    let filter =
+        EnvFilter::try_new(filter).with_context(|| format!("invalid --log (MESH_LOG) filter {filter:?}"))?;
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stdout);
     match format {
         LogFormat::Text => builder.init(),
@@ -73,10 +74,12 @@ fn main() -> anyhow::Result<()> {
             let result = rt.block_on(agent::run(*args));
             // Do not wait for connection tasks past the drain deadline.
             rt.shutdown_background();
-            if let Err(e) = &result {
+            if let Err(e) = result {
+                // One line, in the configured log format, naming what went wrong.
                 tracing::error!("{e:#}");
+                std::process::exit(1);
             }
-            result
+            Ok(())
         }
         Command::Iptables { action } => {
             init_logging(LogFormat::Text, "info")?;

@@ -33,10 +33,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use mesh_common::{
     AF_INET, AF_INET6, CIDR_RULES_ENTRIES, CidrKey, FLAG_CIDRS_INCLUDE_ONLY, FLAG_DEBUG_LOG,
-    FLAG_PORTS_INCLUDE_ONLY,
-    InterceptConfig, ORIG_DST_BY_COOKIE_ENTRIES, ORIG_DST_BY_TUPLE_ENTRIES, OrigDst,
-    PORT_RULES_ENTRIES, RULE_INTERCEPT, RULE_SKIP, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6, STATS_LEN,
-    SockTuple, Stat, is_loopback, is_v4_mapped, v4_mapped,
+    FLAG_PORTS_INCLUDE_ONLY, InterceptConfig, ORIG_DST_BY_COOKIE_ENTRIES, ORIG_DST_BY_TUPLE_ENTRIES, OrigDst,
+    PORT_RULES_ENTRIES, RULE_INTERCEPT, RULE_SKIP, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6, STATS_LEN, SockTuple,
+    Stat, is_loopback, is_v4_mapped, v4_mapped,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -234,10 +233,7 @@ fn try_sockops(ctx: &SockOpsContext) {
             if ORIG_DST_BY_COOKIE.get_ptr(cookie).is_some() {
                 // SAFETY: the context is a full TCP socket at this callback.
                 unsafe {
-                    bpf_sock_ops_cb_flags_set(
-                        ctx.ops,
-                        (ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
-                    )
+                    bpf_sock_ops_cb_flags_set(ctx.ops, (ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
                 };
             }
         }

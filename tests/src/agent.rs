@@ -26,6 +26,10 @@ pub struct AgentOptions {
     /// Run the agent inside this cgroup instead of a fresh one (to test that the
     /// agent's own connections are never intercepted even when it is enrolled).
     pub in_cgroup: Option<String>,
+    /// Log filter (`--log`); default `info,mesh_agent=debug`.
+    pub log: Option<String>,
+    /// Run the agent under this command (e.g. `setpriv` dropping capabilities).
+    pub wrapper: Option<Vec<String>>,
 }
 
 impl AgentOptions {
@@ -66,8 +70,16 @@ impl Agent {
                 (Some(cg), dir)
             }
         };
-        let mut cmd = host.command(bins::agent(), Some(&cgroup_dir))?;
-        cmd.arg("run").args(["--mode", &opts.mode, "--log-format", "json", "--log", "info,mesh_agent=debug"]);
+        let mut cmd = match &opts.wrapper {
+            Some(w) => {
+                let mut c = host.command(&w[0], Some(&cgroup_dir))?;
+                c.args(&w[1..]).arg(bins::agent());
+                c
+            }
+            None => host.command(bins::agent(), Some(&cgroup_dir))?,
+        };
+        cmd.arg("run").args(["--mode", &opts.mode, "--log-format", "json"]);
+        cmd.args(["--log", opts.log.as_deref().unwrap_or("info,mesh_agent=debug")]);
         for cg in &opts.cgroups {
             cmd.args(["--cgroup", cg]);
         }
@@ -147,10 +159,9 @@ impl Agent {
     /// Waits for the "connection closed" record of a connection to `orig_dst`.
     pub fn wait_conn(&self, orig_dst: SocketAddr) -> Value {
         let want = orig_dst.to_string();
-        let v = eventually(Duration::from_secs(15), &format!("connection record for {want}"), || {
+        eventually(Duration::from_secs(15), &format!("connection record for {want}"), || {
             self.find(|v| message(v) == "connection closed" && v["orig_dst"] == want.as_str())
-        });
-        v
+        })
     }
 
     /// "connection closed" records so far.

@@ -1,9 +1,15 @@
 //! Paths of the workspace binaries under test, built on first use so a test never
-//! runs a stale binary.
+//! runs a stale binary. `MESH_MESH_AGENT_BIN` / `MESH_MESH_PROBE_BIN` override them
+//! (the benchmark uses release builds).
 
 use std::{path::PathBuf, sync::OnceLock};
 
 fn build(package: &str, bin: &str) -> PathBuf {
+    // The benchmark builds release binaries itself and points here with these.
+    let var = format!("MESH_{}_BIN", bin.to_uppercase().replace('-', "_"));
+    if let Some(path) = std::env::var_os(&var) {
+        return PathBuf::from(path);
+    }
     let run = escargot::CargoBuild::new()
         .package(package)
         .bin(bin)

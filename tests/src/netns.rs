@@ -17,7 +17,6 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
-
 static NEXT_LAB: AtomicUsize = AtomicUsize::new(0);
 /// Prefix of every namespace the tests create: `mt<pid>-<lab>-<host>`.
 const PREFIX: &str = "mt";
@@ -206,7 +205,17 @@ impl Lab {
             let ns = Netns::create(format!("{base}-{name}"))?;
             let port = format!("p{n}");
             ip(&[
-                "link", "add", "eth0", "netns", ns.name(), "type", "veth", "peer", "name", &port, "netns",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
                 switch.name(),
             ])?;
             switch.exec_ip(&["link", "set", &port, "master", "br0", "up"])?;

@@ -7,9 +7,8 @@ pub fn require_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    let msg = format!(
-        "{test} needs root (network namespaces, cgroups, BPF, iptables); run the suite as root"
-    );
+    let msg =
+        format!("{test} needs root (network namespaces, cgroups, BPF, iptables); run the suite as root");
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
         panic!("{msg} (CI=true: privileged tests must run)");
     }

@@ -70,7 +70,8 @@ fn unmap(a: SocketAddr) -> SocketAddr {
     }
 }
 
-type Handler = Arc<dyn Fn(TcpStream, SocketAddr, Arc<Mutex<Vec<Seen>>>) -> futures_lite::BoxFuture + Send + Sync>;
+type Handler =
+    Arc<dyn Fn(TcpStream, SocketAddr, Arc<Mutex<Vec<Seen>>>) -> futures_lite::BoxFuture + Send + Sync>;
 
 mod futures_lite {
     pub type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -99,6 +100,9 @@ fn spawn(host: &Host, port: u16, handler: Handler) -> Result<Server> {
                     _ = &mut stop_rx => break,
                     r = listener.accept() => {
                         let Ok((stream, peer)) = r else { continue };
+                        // As real servers do; without it, Nagle and delayed ACKs add
+                        // 40 ms stalls that would be blamed on whatever sits in between.
+                        let _ = stream.set_nodelay(true);
                         tokio::spawn(handler(stream, unmap(peer), seen2.clone()));
                     }
                 }
@@ -123,7 +127,10 @@ pub fn echo(host: &Host, port: u16) -> Result<Server> {
                 let (mut r, mut w) = stream.split();
                 let res = tokio::io::copy(&mut r, &mut w).await;
                 let _ = w.shutdown().await;
-                record(&seen, Seen { peer: Some(peer), error: res.err().map(|e| e.to_string()), ..Default::default() });
+                record(
+                    &seen,
+                    Seen { peer: Some(peer), error: res.err().map(|e| e.to_string()), ..Default::default() },
+                );
             })
         }),
     )
@@ -179,13 +186,26 @@ pub fn recorder(host: &Host, port: u16) -> Result<Server> {
             Box::pin(async move {
                 let mut bytes = Vec::new();
                 let res = stream.read_to_end(&mut bytes).await;
-                record(&seen, Seen { peer: Some(peer), bytes, error: res.err().map(|e| e.to_string()), ..Default::default() });
+                record(
+                    &seen,
+                    Seen {
+                        peer: Some(peer),
+                        bytes,
+                        error: res.err().map(|e| e.to_string()),
+                        ..Default::default()
+                    },
+                );
             })
         }),
     )
 }
 
-async fn http_reply(name: Arc<str>, req: Request<Incoming>, peer: SocketAddr, seen: Arc<Mutex<Vec<Seen>>>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn http_reply(
+    name: Arc<str>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let line = format!("{:?} {} {}", req.version(), req.method(), req.uri().path());
     record(&seen, Seen { peer: Some(peer), request: Some(line.clone()), ..Default::default() });
     Ok(Response::new(Full::new(Bytes::from(format!("server={name} {line}\n")))))
@@ -213,12 +233,10 @@ pub fn http(host: &Host, port: u16, name: &str) -> Result<Server> {
 pub fn https(host: &Host, port: u16, name: &str) -> Result<Server> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cert = rcgen::generate_simple_self_signed(vec!["svc.test".to_owned()])?;
-    let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into()),
-        )?;
+    let mut config = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(
+        vec![cert.cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into()),
+    )?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let name: Arc<str> = name.into();
@@ -230,7 +248,8 @@ pub fn https(host: &Host, port: u16, name: &str) -> Result<Server> {
             Box::pin(async move {
                 let Ok(tls) = acceptor.accept(stream).await else { return };
                 let svc = service_fn(move |req| http_reply(name.clone(), req, peer, seen.clone()));
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
             })
         }),
     )

@@ -40,8 +40,8 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     let dest = root.join(OBJECT_PATH);
 
     if opts.check {
-        let committed = fs::read(&dest)
-            .with_context(|| format!("reading committed object {}", dest.display()))?;
+        let committed =
+            fs::read(&dest).with_context(|| format!("reading committed object {}", dest.display()))?;
         let fresh = fs::read(&built)?;
         if committed != fresh {
             bail!(
@@ -118,13 +118,8 @@ fn is_elf(p: &Path) -> bool {
 }
 
 fn ensure_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]))?;
+    let installed =
+        output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         println!("      rust-src present");
         return Ok(());
@@ -162,8 +157,7 @@ fn ensure_bpf_linker(nightly: &Nightly) -> Result<PathBuf> {
     for name in [std::ffi::OsString::from("libLLVM.so"), soname] {
         let link = lib_dir.join(name);
         let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(&libllvm, &link)
-            .with_context(|| format!("linking {}", link.display()))?;
+        std::os::unix::fs::symlink(&libllvm, &link).with_context(|| format!("linking {}", link.display()))?;
     }
 
     if let Ok(v) = output(Command::new(&bin).arg("--version"))
@@ -196,8 +190,8 @@ fn ensure_bpf_linker(nightly: &Nightly) -> Result<PathBuf> {
             .env_remove("RUSTFLAGS")
             .env_remove("CARGO_ENCODED_RUSTFLAGS"),
     )?;
-    let v = output(Command::new(&bin).arg("--version"))
-        .context("the freshly built bpf-linker does not run")?;
+    let v =
+        output(Command::new(&bin).arg("--version")).context("the freshly built bpf-linker does not run")?;
     ensure!(v.contains(BPF_LINKER_VERSION), "unexpected bpf-linker version: {v}");
     Ok(bin)
 }
@@ -205,8 +199,7 @@ fn ensure_bpf_linker(nightly: &Nightly) -> Result<PathBuf> {
 fn build(root: &Path, nightly: &Nightly, linker: &Path) -> Result<PathBuf> {
     let crate_dir = root.join("mesh-ebpf");
     let target_dir = crate_dir.join("target");
-    let cargo_home =
-        env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| home().join(".cargo"));
+    let cargo_home = env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| home().join(".cargo"));
     // Remap every absolute path that ends up in BTF/DWARF so the object is the same
     // wherever the repository, cargo home or toolchain live.
     let remaps = [

@@ -1,6 +1,9 @@
 //! Developer tasks for the mesh workspace: `cargo xtask <task>`.
 
+mod bench;
+mod demo;
 mod ebpf;
+mod setup;
 
 use std::path::PathBuf;
 
@@ -23,12 +26,60 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// Run the mesh for real: test hosts, agent, workloads and live traffic (root).
+    Demo {
+        /// Interception mode: auto, ebpf or iptables.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+        /// Stop after this long (default: run until Ctrl-C).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Keep running until Ctrl-C and print commands to try by hand.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Install the system packages the tests need (if missing), then run every test
+    /// of the workspace. Extra arguments go to `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks (needs root): `intercept` compares direct, eBPF and iptables paths.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Connection setup latency, HTTP/1.1 keep-alive throughput and latency, bulk TCP:
+    /// direct vs eBPF mode vs iptables mode, one run.
+    Intercept {
+        /// Interleaved rounds over the three modes (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Duration of each load test.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Sequential connections for the setup-latency measurement.
+        #[arg(long, default_value_t = 2000)]
+        connects: usize,
+        /// Concurrent keep-alive connections for wrk.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+    },
 }
 
 fn main() -> Result<()> {
     let root = workspace_root();
     match Cli::parse().task {
+        Task::Demo { mode, duration, keep } => demo::run(&root, &demo::Options { mode, duration, keep }),
+        Task::Test { args } => setup::test(&root, &args),
         Task::BuildEbpf { check } => ebpf::run(&root, &ebpf::Options { check }),
+        Task::Bench { which: Bench::Intercept { rounds, duration, connects, connections } } => {
+            bench::intercept(&root, &bench::Options { rounds, duration, connects, connections })
+        }
     }
 }
 

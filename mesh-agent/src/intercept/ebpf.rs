@@ -10,18 +10,19 @@ use std::{collections::BTreeMap, fs::File, net::IpAddr};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapError, PerCpuArray, lpm_trie::{Key, LpmTrie}},
+    maps::{
+        Array, HashMap, MapError, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps,
-        cgroup_sock_addr::CgroupSockAddrLinkId, cgroup_sockopt::CgroupSockoptLinkId,
-        sock_ops::SockOpsLinkId,
+        cgroup_sock_addr::CgroupSockAddrLinkId, cgroup_sockopt::CgroupSockoptLinkId, sock_ops::SockOpsLinkId,
     },
 };
 use mesh_common::{
-    FLAG_CIDRS_INCLUDE_ONLY, FLAG_DEBUG_LOG, FLAG_PORTS_INCLUDE_ONLY, InterceptConfig,
-    MAP_CIDR_EXCLUDE, MAP_CIDR_INCLUDE, MAP_CONFIG, MAP_PORT_RULES, MAP_STATS, PROG_CONNECT4,
-    PROG_CONNECT6, PROG_GETSOCKOPT, PROG_SOCKOPS, RULE_INTERCEPT, RULE_SKIP, STATS_LEN, Stat,
-    v4_mapped,
+    FLAG_CIDRS_INCLUDE_ONLY, FLAG_DEBUG_LOG, FLAG_PORTS_INCLUDE_ONLY, InterceptConfig, MAP_CIDR_EXCLUDE,
+    MAP_CIDR_INCLUDE, MAP_CONFIG, MAP_PORT_RULES, MAP_STATS, PROG_CONNECT4, PROG_CONNECT6, PROG_GETSOCKOPT,
+    PROG_SOCKOPS, RULE_INTERCEPT, RULE_SKIP, STATS_LEN, Stat, v4_mapped,
 };
 use serde::Serialize;
 use tracing::{debug, info};
@@ -46,8 +47,10 @@ const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 pub enum EbpfError {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("eBPF program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    // Not `source`: the summary already carries the cause, and a source would make
+    // `{:#}` chains print it twice.
+    #[error("eBPF program {name}: {}", summarize(.error))]
+    Program { name: &'static str, error: ProgramError },
     #[error("eBPF map {name}: {source}")]
     Map { name: &'static str, source: MapError },
     #[error("the eBPF object has no {0} (object out of date? run `cargo xtask build-ebpf`)")]
@@ -58,6 +61,41 @@ pub enum EbpfError {
     CgroupPath(#[from] crate::cgroup::CgroupError),
     #[error("cgroup {0} is not enrolled")]
     NotEnrolled(String),
+}
+
+/// A program error for one log line: the syscall error and, for a verifier rejection,
+/// only the verifier's verdict (its last lines), not the whole instruction dump. The
+/// full log is emitted at debug level.
+fn summarize(e: &ProgramError) -> String {
+    match e {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            tracing::debug!(verifier_log = %log, "eBPF verifier output");
+            let verdict: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    !l.trim().is_empty()
+                        && !l.starts_with(';')
+                        && !l.starts_with("verification time")
+                        && !l.starts_with("stack depth")
+                        && !l.starts_with("processed ")
+                })
+                .rev()
+                .take(2)
+                .collect();
+            let verdict: Vec<&str> = verdict.into_iter().rev().collect();
+            format!("rejected by the kernel ({io_error}): {}", verdict.join(" / "))
+        }
+        other => {
+            let mut s = other.to_string();
+            let mut src = std::error::Error::source(other);
+            while let Some(e) = src {
+                s.push_str(&format!(": {e}"));
+                src = e.source();
+            }
+            s
+        }
+    }
 }
 
 struct CgroupLinks {
@@ -92,7 +130,7 @@ where
     bpf.program_mut(name)
         .ok_or(EbpfError::Missing(name))?
         .try_into()
-        .map_err(|source| EbpfError::Program { name, source })
+        .map_err(|source| EbpfError::Program { name, error: source })
 }
 
 fn map_mut<'a>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, EbpfError> {
@@ -109,7 +147,7 @@ impl EbpfInterceptor {
         }
         configure(&mut bpf, settings)?;
 
-        let wrap = |name| move |source| EbpfError::Program { name, source };
+        let wrap = |name| move |source| EbpfError::Program { name, error: source };
         prog::<CgroupSockAddr>(&mut bpf, PROG_CONNECT4)?.load().map_err(wrap(PROG_CONNECT4))?;
         prog::<CgroupSockAddr>(&mut bpf, PROG_CONNECT6)?.load().map_err(wrap(PROG_CONNECT6))?;
         prog::<SockOps>(&mut bpf, PROG_SOCKOPS)?.load().map_err(wrap(PROG_SOCKOPS))?;
@@ -133,7 +171,7 @@ impl EbpfInterceptor {
             return Ok(());
         }
         let fd = open_cgroup(cgroup)?;
-        let wrap = |name| move |source| EbpfError::Program { name, source };
+        let wrap = |name| move |source| EbpfError::Program { name, error: source };
         let mode = ATTACH_MODE;
         let connect4 = prog::<CgroupSockAddr>(&mut self.bpf, PROG_CONNECT4)?
             .attach(&fd, mode)
@@ -142,7 +180,7 @@ impl EbpfInterceptor {
             Ok(id) => id,
             Err(source) => {
                 let _ = prog::<CgroupSockAddr>(&mut self.bpf, PROG_CONNECT4)?.detach(connect4);
-                return Err(EbpfError::Program { name: PROG_CONNECT6, source });
+                return Err(EbpfError::Program { name: PROG_CONNECT6, error: source });
             }
         };
         let sockops = match prog::<SockOps>(&mut self.bpf, PROG_SOCKOPS)?.attach(&fd, mode) {
@@ -150,7 +188,7 @@ impl EbpfInterceptor {
             Err(source) => {
                 let _ = prog::<CgroupSockAddr>(&mut self.bpf, PROG_CONNECT4)?.detach(connect4);
                 let _ = prog::<CgroupSockAddr>(&mut self.bpf, PROG_CONNECT6)?.detach(connect6);
-                return Err(EbpfError::Program { name: PROG_SOCKOPS, source });
+                return Err(EbpfError::Program { name: PROG_SOCKOPS, error: source });
             }
         };
         self.enrolled.insert(cgroup.clone(), CgroupLinks { connect4, connect6, sockops });
@@ -160,15 +198,14 @@ impl EbpfInterceptor {
 
     /// Detaches the programs from a workload cgroup.
     pub fn unenroll(&mut self, cgroup: &CgroupPath) -> Result<(), EbpfError> {
-        let links =
-            self.enrolled.remove(cgroup).ok_or_else(|| EbpfError::NotEnrolled(cgroup.to_string()))?;
+        let links = self.enrolled.remove(cgroup).ok_or_else(|| EbpfError::NotEnrolled(cgroup.to_string()))?;
         self.detach(links)?;
         info!(%cgroup, "cgroup unenrolled (programs detached)");
         Ok(())
     }
 
     fn detach(&mut self, links: CgroupLinks) -> Result<(), EbpfError> {
-        let wrap = |name| move |source| EbpfError::Program { name, source };
+        let wrap = |name| move |source| EbpfError::Program { name, error: source };
         prog::<CgroupSockAddr>(&mut self.bpf, PROG_CONNECT4)?
             .detach(links.connect4)
             .map_err(wrap(PROG_CONNECT4))?;
@@ -224,8 +261,7 @@ impl EbpfInterceptor {
 }
 
 fn open_cgroup(cgroup: &CgroupPath) -> Result<File, EbpfError> {
-    File::open(cgroup.absolute())
-        .map_err(|source| EbpfError::Cgroup { path: cgroup.to_string(), source })
+    File::open(cgroup.absolute()).map_err(|source| EbpfError::Cgroup { path: cgroup.to_string(), source })
 }
 
 /// Writes the settings into the programs' maps before anything is attached.
@@ -249,14 +285,12 @@ fn configure(bpf: &mut Ebpf, s: &Settings) -> Result<(), EbpfError> {
         .map(|p| (*p, RULE_SKIP))
         .chain(s.include_ports.iter().map(|p| (*p, RULE_INTERCEPT)));
     for (port, rule) in port_rules {
-        ports
-            .insert(port, rule, 0)
-            .map_err(|source| EbpfError::Map { name: MAP_PORT_RULES, source })?;
+        ports.insert(port, rule, 0).map_err(|source| EbpfError::Map { name: MAP_PORT_RULES, source })?;
     }
 
     for (name, cidrs) in [(MAP_CIDR_INCLUDE, &s.include_cidrs), (MAP_CIDR_EXCLUDE, &s.exclude_cidrs)] {
-        let mut trie: LpmTrie<_, [u32; 4], u32> = LpmTrie::try_from(map_mut(bpf, name)?)
-            .map_err(|source| EbpfError::Map { name, source })?;
+        let mut trie: LpmTrie<_, [u32; 4], u32> =
+            LpmTrie::try_from(map_mut(bpf, name)?).map_err(|source| EbpfError::Map { name, source })?;
         for cidr in cidrs {
             let (words, prefix) = cidr_key(cidr);
             trie.insert(&Key::new(prefix, words), 1, 0).map_err(|source| EbpfError::Map { name, source })?;
@@ -266,12 +300,7 @@ fn configure(bpf: &mut Ebpf, s: &Settings) -> Result<(), EbpfError> {
     // Written last: `outbound_port != 0` is what switches the programs on.
     let mut config: Array<_, InterceptConfig> = Array::try_from(map_mut(bpf, MAP_CONFIG)?)
         .map_err(|source| EbpfError::Map { name: MAP_CONFIG, source })?;
-    let value = InterceptConfig {
-        outbound_port: s.outbound_port,
-        mark: s.mark,
-        flags,
-        ..Default::default()
-    };
+    let value = InterceptConfig { outbound_port: s.outbound_port, mark: s.mark, flags, ..Default::default() };
     config.set(0, value, 0).map_err(|source| EbpfError::Map { name: MAP_CONFIG, source })?;
     debug!(?value, "eBPF configuration written");
     Ok(())

@@ -208,16 +208,8 @@ impl IptablesConfig {
     /// whitespace, control characters, quotes or backslashes, which could
     /// otherwise split one rule into several).
     pub fn validate(&self) -> Result<(), IptablesError> {
-        fn invalid(
-            field: &'static str,
-            value: impl fmt::Debug,
-            reason: &'static str,
-        ) -> IptablesError {
-            IptablesError::InvalidConfig {
-                field,
-                value: format!("{value:?}"),
-                reason,
-            }
+        fn invalid(field: &'static str, value: impl fmt::Debug, reason: &'static str) -> IptablesError {
+            IptablesError::InvalidConfig { field, value: format!("{value:?}"), reason }
         }
         if self.outbound_port == 0 {
             return Err(invalid("outbound_port", 0, "port 0 cannot be listened on"));
@@ -233,45 +225,22 @@ impl IptablesConfig {
             return Err(invalid("inbound_port", 0, "port 0 cannot be listened on"));
         }
         if self.inbound_ports.contains(&0) {
-            return Err(invalid(
-                "inbound_ports",
-                &self.inbound_ports,
-                "port 0 is not a destination port",
-            ));
+            return Err(invalid("inbound_ports", &self.inbound_ports, "port 0 is not a destination port"));
         }
         if self.include_ports.contains(&0) {
-            return Err(invalid(
-                "include_ports",
-                &self.include_ports,
-                "port 0 is not a destination port",
-            ));
+            return Err(invalid("include_ports", &self.include_ports, "port 0 is not a destination port"));
         }
         if self.exclude_ports.contains(&0) {
-            return Err(invalid(
-                "exclude_ports",
-                &self.exclude_ports,
-                "port 0 is not a destination port",
-            ));
+            return Err(invalid("exclude_ports", &self.exclude_ports, "port 0 is not a destination port"));
         }
         for cgroup in &self.cgroups {
             if !cgroup.starts_with('/') {
-                return Err(invalid(
-                    "cgroups",
-                    cgroup,
-                    "must be absolute (relative to the cgroup2 root)",
-                ));
+                return Err(invalid("cgroups", cgroup, "must be absolute (relative to the cgroup2 root)"));
             }
             if cgroup.len() > MAX_CGROUP_PATH {
-                return Err(invalid(
-                    "cgroups",
-                    cgroup,
-                    "longer than the kernel's 4095-byte limit",
-                ));
+                return Err(invalid("cgroups", cgroup, "longer than the kernel's 4095-byte limit"));
             }
-            if cgroup
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\\')
-            {
+            if cgroup.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\\') {
                 return Err(invalid(
                     "cgroups",
                     cgroup,
@@ -358,14 +327,7 @@ pub enum IptablesError {
 /// config should have passed [`IptablesConfig::validate`]; this function never
 /// fails, so the check lives in one place.
 pub fn render(cfg: &IptablesConfig, family: Family) -> String {
-    render_restore(
-        cfg,
-        family,
-        Jumps {
-            output: true,
-            prerouting: true,
-        },
-    )
+    render_restore(cfg, family, Jumps { output: true, prerouting: true })
 }
 
 /// Which jumps a restore should add.
@@ -376,32 +338,15 @@ struct Jumps {
 }
 
 fn render_restore(cfg: &IptablesConfig, family: Family, jumps: Jumps) -> String {
-    let mut lines = vec![
-        "*nat".to_owned(),
-        format!(":{OUTPUT_CHAIN} - [0:0]"),
-        format!(":{INBOUND_CHAIN} - [0:0]"),
-    ];
-    lines.extend(
-        output_rules(cfg, family)
-            .into_iter()
-            .map(|r| format!("-A {OUTPUT_CHAIN} {r}")),
-    );
-    lines.extend(
-        inbound_rules(cfg)
-            .into_iter()
-            .map(|r| format!("-A {INBOUND_CHAIN} {r}")),
-    );
+    let mut lines =
+        vec!["*nat".to_owned(), format!(":{OUTPUT_CHAIN} - [0:0]"), format!(":{INBOUND_CHAIN} - [0:0]")];
+    lines.extend(output_rules(cfg, family).into_iter().map(|r| format!("-A {OUTPUT_CHAIN} {r}")));
+    lines.extend(inbound_rules(cfg).into_iter().map(|r| format!("-A {INBOUND_CHAIN} {r}")));
     if jumps.output {
-        lines.push(format!(
-            "-I {}",
-            jump_spec("OUTPUT", OUTPUT_CHAIN).join(" ")
-        ));
+        lines.push(format!("-I {}", jump_spec("OUTPUT", OUTPUT_CHAIN).join(" ")));
     }
     if jumps.prerouting {
-        lines.push(format!(
-            "-I {}",
-            jump_spec("PREROUTING", INBOUND_CHAIN).join(" ")
-        ));
+        lines.push(format!("-I {}", jump_spec("PREROUTING", INBOUND_CHAIN).join(" ")));
     }
     lines.push("COMMIT".to_owned());
     let mut text = lines.join("\n");
@@ -423,11 +368,7 @@ fn output_rules(cfg: &IptablesConfig, family: Family) -> Vec<String> {
     }
     rules.push(format!("-d {} -j RETURN", family.loopback()));
     rules.push("-o lo -j RETURN".to_owned());
-    rules.extend(
-        cfg.exclude_ports
-            .iter()
-            .map(|p| format!("-p tcp -m tcp --dport {p} -j RETURN")),
-    );
+    rules.extend(cfg.exclude_ports.iter().map(|p| format!("-p tcp -m tcp --dport {p} -j RETURN")));
     rules.extend(
         cfg.exclude_cidrs
             .iter()
@@ -439,11 +380,7 @@ fn output_rules(cfg: &IptablesConfig, family: Family) -> Vec<String> {
     let destinations: Vec<Option<&Cidr>> = if cfg.include_cidrs.is_empty() {
         vec![None]
     } else {
-        cfg.include_cidrs
-            .iter()
-            .filter(|c| Family::of(&c.addr()) == family)
-            .map(Some)
-            .collect()
+        cfg.include_cidrs.iter().filter(|c| Family::of(&c.addr()) == family).map(Some).collect()
     };
     let cgroups: Vec<Option<&str>> = if cfg.cgroups.is_empty() {
         vec![None]
@@ -487,12 +424,7 @@ fn output_rules(cfg: &IptablesConfig, family: Family) -> Vec<String> {
 fn inbound_rules(cfg: &IptablesConfig) -> Vec<String> {
     cfg.inbound_ports
         .iter()
-        .map(|p| {
-            format!(
-                "-p tcp -m tcp --dport {p} -j REDIRECT --to-ports {}",
-                cfg.inbound_port
-            )
-        })
+        .map(|p| format!("-p tcp -m tcp --dport {p} -j REDIRECT --to-ports {}", cfg.inbound_port))
         .collect()
 }
 
@@ -539,11 +471,7 @@ pub fn install(cfg: &IptablesConfig) -> Result<(), IptablesError> {
 /// Both families are attempted even if the first fails; the first error wins.
 pub fn uninstall(ipv6: bool) -> Result<(), IptablesError> {
     let v4 = Tables::from_env(Family::V4).uninstall();
-    let v6 = if ipv6 {
-        Tables::from_env(Family::V6).uninstall()
-    } else {
-        Ok(())
-    };
+    let v6 = if ipv6 { Tables::from_env(Family::V6).uninstall() } else { Ok(()) };
     v4.and(v6)
 }
 
@@ -568,11 +496,7 @@ impl Tables {
 
     fn new(family: Family, iptables: String) -> Self {
         let restore = format!("{iptables}-restore");
-        Tables {
-            family,
-            iptables,
-            restore,
-        }
+        Tables { family, iptables, restore }
     }
 
     fn install(&self, cfg: &IptablesConfig) -> Result<(), IptablesError> {
@@ -705,36 +629,21 @@ impl Tables {
 
     /// Runs `program -w <secs> args...`, feeding `stdin` if given; a non-zero
     /// exit is returned, not judged.
-    fn run(
-        &self,
-        program: &str,
-        args: &[&str],
-        stdin: Option<&str>,
-    ) -> Result<Output, IptablesError> {
+    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output, IptablesError> {
         let mut command = Command::new(program);
         command
             .args(["-w", LOCK_WAIT_SECS])
             .args(args)
             // Messages are matched below; keep them untranslated.
             .env("LC_ALL", "C")
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let io_error = |source: io::Error| {
             if source.kind() == io::ErrorKind::NotFound {
-                IptablesError::NotInstalled {
-                    binary: program.to_owned(),
-                    env_var: self.family.env_var(),
-                }
+                IptablesError::NotInstalled { binary: program.to_owned(), env_var: self.family.env_var() }
             } else {
-                IptablesError::Io {
-                    command: self.command_line(program, args),
-                    source,
-                }
+                IptablesError::Io { command: self.command_line(program, args), source }
             }
         };
         let mut child = command.spawn().map_err(io_error)?;
@@ -758,13 +667,7 @@ impl Tables {
         Ok(out)
     }
 
-    fn failure(
-        &self,
-        program: &str,
-        args: &[&str],
-        out: &Output,
-        context: String,
-    ) -> IptablesError {
+    fn failure(&self, program: &str, args: &[&str], out: &Output, context: String) -> IptablesError {
         let command = self.command_line(program, args);
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         if is_permission_denied(&stderr) {
@@ -773,11 +676,7 @@ impl Tables {
         IptablesError::Command {
             command,
             status: out.status,
-            stderr: if stderr.is_empty() {
-                "(no output)".to_owned()
-            } else {
-                stderr
-            },
+            stderr: if stderr.is_empty() { "(no output)".to_owned() } else { stderr },
             context,
         }
     }
@@ -819,10 +718,7 @@ fn target_missing(stderr: &str) -> bool {
 /// failed", "line 4: RULE_APPEND failed"), with a hint for the usual cause.
 fn restore_context(stderr: &str, input: &str) -> String {
     let line_no = stderr.match_indices("line ").find_map(|(i, m)| {
-        let digits: String = stderr[i + m.len()..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
+        let digits: String = stderr[i + m.len()..].chars().take_while(char::is_ascii_digit).collect();
         digits.parse::<usize>().ok()
     });
     let Some(line) = line_no.and_then(|n| Some((n, input.lines().nth(n.checked_sub(1)?)?))) else {
@@ -910,10 +806,7 @@ COMMIT
                 "-A MESH_OUTPUT -d fd00::/64 -p tcp -j REDIRECT --to-ports 15001",
             ]
         );
-        assert!(
-            !text.contains("10."),
-            "IPv4 prefix in the IPv6 table:\n{text}"
-        );
+        assert!(!text.contains("10."), "IPv4 prefix in the IPv6 table:\n{text}");
         assert!(!text.contains("127.0.0.0/8"));
         let v4 = render(&sample(), Family::V4);
         assert!(!v4.contains("fd00"), "IPv6 prefix in the IPv4 table:\n{v4}");
@@ -928,16 +821,8 @@ COMMIT
             let text = render(&cfg, family);
             let rules = rules_of(&text, OUTPUT_CHAIN);
             let first_redirect = rules.iter().position(|r| r.contains("REDIRECT")).unwrap();
-            assert!(
-                rules[..first_redirect]
-                    .iter()
-                    .all(|r| r.ends_with("-j RETURN"))
-            );
-            assert!(
-                rules[first_redirect..]
-                    .iter()
-                    .all(|r| r.contains("-j REDIRECT --to-ports 15001"))
-            );
+            assert!(rules[..first_redirect].iter().all(|r| r.ends_with("-j RETURN")));
+            assert!(rules[first_redirect..].iter().all(|r| r.contains("-j REDIRECT --to-ports 15001")));
             // The agent's own traffic is matched before anything else.
             assert_eq!(rules[0], "-A MESH_OUTPUT -m mark --mark 0x539 -j RETURN");
         }
@@ -972,10 +857,8 @@ COMMIT
         cfg.cgroups = vec!["/mesh/wl1".into(), "/mesh/wl2".into()];
         cfg.include_cidrs = vec![cidr("10.0.0.0/8"), cidr("fd00::/8"), cidr("192.168.0.0/16")];
         let text = render(&cfg, Family::V4);
-        let redirects: Vec<_> = rules_of(&text, OUTPUT_CHAIN)
-            .into_iter()
-            .filter(|r| r.contains("REDIRECT"))
-            .collect();
+        let redirects: Vec<_> =
+            rules_of(&text, OUTPUT_CHAIN).into_iter().filter(|r| r.contains("REDIRECT")).collect();
         assert_eq!(
             redirects,
             [
@@ -989,10 +872,8 @@ COMMIT
         // Cgroups without includes: one redirect per cgroup, no -d.
         cfg.include_cidrs.clear();
         let text = render(&cfg, Family::V6);
-        let redirects: Vec<_> = rules_of(&text, OUTPUT_CHAIN)
-            .into_iter()
-            .filter(|r| r.contains("REDIRECT"))
-            .collect();
+        let redirects: Vec<_> =
+            rules_of(&text, OUTPUT_CHAIN).into_iter().filter(|r| r.contains("REDIRECT")).collect();
         assert_eq!(
             redirects,
             [
@@ -1007,10 +888,7 @@ COMMIT
         let mut cfg = IptablesConfig::new(1);
         cfg.include_cidrs = vec![cidr("10.0.0.0/8")];
         let v6 = render(&cfg, Family::V6);
-        assert!(
-            !v6.contains("REDIRECT"),
-            "an IPv4-only include list redirected IPv6:\n{v6}"
-        );
+        assert!(!v6.contains("REDIRECT"), "an IPv4-only include list redirected IPv6:\n{v6}");
         // The exclusions are still there, harmless.
         assert!(v6.contains("-A MESH_OUTPUT -d ::1/128 -j RETURN"));
         assert!(render(&cfg, Family::V4).contains("-d 10.0.0.0/8 -p tcp -j REDIRECT"));
@@ -1039,10 +917,8 @@ COMMIT
         cfg.include_cidrs = vec![cidr("10.0.0.0/8")];
         cfg.include_ports = (1..=16).collect();
         let text = render(&cfg, Family::V4);
-        let redirects: Vec<_> = rules_of(&text, OUTPUT_CHAIN)
-            .into_iter()
-            .filter(|r| r.contains("REDIRECT"))
-            .collect();
+        let redirects: Vec<_> =
+            rules_of(&text, OUTPUT_CHAIN).into_iter().filter(|r| r.contains("REDIRECT")).collect();
         assert_eq!(
             redirects,
             [
@@ -1055,24 +931,10 @@ COMMIT
 
     #[test]
     fn restore_without_missing_jumps_only_rewrites_our_chains() {
-        let text = render_restore(
-            &sample(),
-            Family::V4,
-            Jumps {
-                output: false,
-                prerouting: true,
-            },
-        );
+        let text = render_restore(&sample(), Family::V4, Jumps { output: false, prerouting: true });
         assert!(!text.contains("-I OUTPUT"));
         assert!(text.contains("-I PREROUTING -p tcp -j MESH_INBOUND"));
-        let text = render_restore(
-            &sample(),
-            Family::V4,
-            Jumps {
-                output: false,
-                prerouting: false,
-            },
-        );
+        let text = render_restore(&sample(), Family::V4, Jumps { output: false, prerouting: false });
         assert!(!text.contains("-I "));
         // Nothing outside our chains is ever appended to.
         for line in text.lines().filter(|l| l.starts_with('-')) {
@@ -1085,76 +947,19 @@ COMMIT
         let ok = sample();
         ok.validate().unwrap();
         let cases: Vec<(IptablesConfig, &str)> = vec![
+            (IptablesConfig { mark: 0, ..ok.clone() }, "mark = 0"),
+            (IptablesConfig { outbound_port: 0, ..ok.clone() }, "outbound_port = 0"),
+            (IptablesConfig { inbound_port: 0, ..ok.clone() }, "inbound_port = 0"),
+            (IptablesConfig { inbound_ports: vec![80, 0], ..ok.clone() }, "inbound_ports = [80, 0]"),
+            (IptablesConfig { exclude_ports: vec![0], ..ok.clone() }, "exclude_ports = [0]"),
+            (IptablesConfig { cgroups: vec!["mesh/wl".into()], ..ok.clone() }, r#"cgroups = "mesh/wl""#),
             (
-                IptablesConfig {
-                    mark: 0,
-                    ..ok.clone()
-                },
-                "mark = 0",
-            ),
-            (
-                IptablesConfig {
-                    outbound_port: 0,
-                    ..ok.clone()
-                },
-                "outbound_port = 0",
-            ),
-            (
-                IptablesConfig {
-                    inbound_port: 0,
-                    ..ok.clone()
-                },
-                "inbound_port = 0",
-            ),
-            (
-                IptablesConfig {
-                    inbound_ports: vec![80, 0],
-                    ..ok.clone()
-                },
-                "inbound_ports = [80, 0]",
-            ),
-            (
-                IptablesConfig {
-                    exclude_ports: vec![0],
-                    ..ok.clone()
-                },
-                "exclude_ports = [0]",
-            ),
-            (
-                IptablesConfig {
-                    cgroups: vec!["mesh/wl".into()],
-                    ..ok.clone()
-                },
-                r#"cgroups = "mesh/wl""#,
-            ),
-            (
-                IptablesConfig {
-                    cgroups: vec!["/a\n-A OUTPUT -j DROP".into()],
-                    ..ok.clone()
-                },
+                IptablesConfig { cgroups: vec!["/a\n-A OUTPUT -j DROP".into()], ..ok.clone() },
                 r#"cgroups = "/a\n-A OUTPUT -j DROP""#,
             ),
-            (
-                IptablesConfig {
-                    cgroups: vec!["/a b".into()],
-                    ..ok.clone()
-                },
-                r#"cgroups = "/a b""#,
-            ),
-            (
-                IptablesConfig {
-                    cgroups: vec!["/a\"b".into()],
-                    ..ok.clone()
-                },
-                r#"cgroups = "/a\"b""#,
-            ),
-            (
-                IptablesConfig {
-                    cgroups: vec![format!("/{}", "x".repeat(5000))],
-                    ..ok.clone()
-                },
-                "cgroups = ",
-            ),
+            (IptablesConfig { cgroups: vec!["/a b".into()], ..ok.clone() }, r#"cgroups = "/a b""#),
+            (IptablesConfig { cgroups: vec!["/a\"b".into()], ..ok.clone() }, r#"cgroups = "/a\"b""#),
+            (IptablesConfig { cgroups: vec![format!("/{}", "x".repeat(5000))], ..ok.clone() }, "cgroups = "),
         ];
         for (cfg, needle) in cases {
             let err = cfg.validate().unwrap_err();
@@ -1163,30 +968,19 @@ COMMIT
             assert!(msg.contains(needle), "{msg:?} does not name {needle:?}");
         }
         // An unused inbound port may be 0.
-        IptablesConfig {
-            inbound_port: 0,
-            inbound_ports: vec![],
-            ..ok
-        }
-        .validate()
-        .unwrap();
+        IptablesConfig { inbound_port: 0, inbound_ports: vec![], ..ok }.validate().unwrap();
     }
 
     #[test]
     fn install_rejects_a_bad_config_before_running_anything() {
         let err = install(&IptablesConfig::new(0)).unwrap_err();
-        assert!(
-            matches!(err, IptablesError::InvalidConfig { field: "mark", .. }),
-            "{err}"
-        );
+        assert!(matches!(err, IptablesError::InvalidConfig { field: "mark", .. }), "{err}");
     }
 
     fn any_cidr() -> impl Strategy<Value = Cidr> {
         prop_oneof![
-            (any::<u32>(), 0u8..=32)
-                .prop_map(|(a, p)| Cidr::new_truncating(IpAddr::V4(a.into()), p)),
-            (any::<u128>(), 0u8..=128)
-                .prop_map(|(a, p)| Cidr::new_truncating(IpAddr::V6(a.into()), p)),
+            (any::<u32>(), 0u8..=32).prop_map(|(a, p)| Cidr::new_truncating(IpAddr::V4(a.into()), p)),
+            (any::<u128>(), 0u8..=128).prop_map(|(a, p)| Cidr::new_truncating(IpAddr::V6(a.into()), p)),
         ]
     }
 
@@ -1194,18 +988,9 @@ COMMIT
         let ports = || proptest::collection::vec(1u16.., 0..20);
         let cidrs = || proptest::collection::vec(any_cidr(), 0..4);
         (
-            (
-                1u16..,
-                1u16..,
-                ports(),
-                1u32..,
-                proptest::option::of(any::<u32>()),
-            ),
+            (1u16.., 1u16.., ports(), 1u32.., proptest::option::of(any::<u32>())),
             (ports(), ports(), cidrs(), cidrs()),
-            (
-                proptest::collection::vec("/[a-z0-9._@-]{0,12}(/[a-z0-9._-]{1,8}){0,2}", 0..3),
-                any::<bool>(),
-            ),
+            (proptest::collection::vec("/[a-z0-9._@-]{0,12}(/[a-z0-9._-]{1,8}){0,2}", 0..3), any::<bool>()),
         )
             .prop_map(
                 |(
@@ -1265,13 +1050,11 @@ COMMIT
 
     #[test]
     fn restore_context_names_the_failing_line() {
-        let input = "*nat\n:MESH_OUTPUT - [0:0]\n-A MESH_OUTPUT -p tcp -m cgroup --path \"/x\" -j RETURN\nCOMMIT\n";
+        let input =
+            "*nat\n:MESH_OUTPUT - [0:0]\n-A MESH_OUTPUT -p tcp -m cgroup --path \"/x\" -j RETURN\nCOMMIT\n";
         let nft = "iptables-restore v1.8.9 (nf_tables): \nline 3: RULE_APPEND failed (Invalid argument): rule in chain MESH_OUTPUT";
         let ctx = restore_context(nft, input);
-        assert!(
-            ctx.contains("line 3: `-A MESH_OUTPUT -p tcp -m cgroup"),
-            "{ctx}"
-        );
+        assert!(ctx.contains("line 3: `-A MESH_OUTPUT -p tcp -m cgroup"), "{ctx}");
         assert!(ctx.contains("cgroup must exist"), "{ctx}");
         let legacy = "iptables-restore: line 3 failed";
         assert!(restore_context(legacy, input).contains("line 3:"));
@@ -1290,18 +1073,12 @@ COMMIT
         ] {
             assert!(is_permission_denied(denied), "{denied}");
         }
-        assert!(!is_permission_denied(
-            "iptables: Bad rule (does a matching rule exist in that chain?)."
-        ));
-        assert!(target_missing(
-            "iptables v1.8.9 (nf_tables): Chain 'MESH_OUTPUT' does not exist"
-        ));
+        assert!(!is_permission_denied("iptables: Bad rule (does a matching rule exist in that chain?)."));
+        assert!(target_missing("iptables v1.8.9 (nf_tables): Chain 'MESH_OUTPUT' does not exist"));
         assert!(target_missing(
             "iptables v1.8.9 (legacy): Couldn't load target `MESH_OUTPUT':No such file or directory"
         ));
-        assert!(!target_missing(
-            "iptables v1.8.9 (nf_tables): unknown option \"--bogus\""
-        ));
+        assert!(!target_missing("iptables v1.8.9 (nf_tables): unknown option \"--bogus\""));
     }
 
     /// Fake binaries: error paths without root or a real iptables.
@@ -1328,13 +1105,9 @@ COMMIT
             /// Writes `iptables` and `iptables-restore` scripts with these bodies.
             fn tables(&self, iptables: &str, restore: &str) -> Tables {
                 let bin = self.0.join("iptables");
-                for (path, body) in [
-                    (bin.clone(), iptables),
-                    (self.0.join("iptables-restore"), restore),
-                ] {
+                for (path, body) in [(bin.clone(), iptables), (self.0.join("iptables-restore"), restore)] {
                     std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-                        .unwrap();
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
                 }
                 Tables::new(Family::V4, bin.to_string_lossy().into_owned())
             }
@@ -1355,10 +1128,7 @@ COMMIT
             assert!(msg.contains("/nonexistent/mesh-test/ip6tables"), "{msg}");
             assert!(msg.contains("install the iptables package"), "{msg}");
             assert!(msg.contains(ENV_IP6TABLES), "{msg}");
-            assert!(matches!(
-                tables.uninstall(),
-                Err(IptablesError::NotInstalled { .. })
-            ));
+            assert!(matches!(tables.uninstall(), Err(IptablesError::NotInstalled { .. })));
         }
 
         #[test]
@@ -1368,14 +1138,8 @@ COMMIT
                 "echo 'iptables v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied (you must be root)' >&2; exit 4",
                 "exit 0",
             );
-            for err in [
-                tables.install(&sample()).unwrap_err(),
-                tables.uninstall().unwrap_err(),
-            ] {
-                assert!(
-                    matches!(err, IptablesError::PermissionDenied { .. }),
-                    "{err:?}"
-                );
+            for err in [tables.install(&sample()).unwrap_err(), tables.uninstall().unwrap_err()] {
+                assert!(matches!(err, IptablesError::PermissionDenied { .. }), "{err:?}");
                 let msg = err.to_string();
                 assert!(msg.contains("CAP_NET_ADMIN"), "{msg}");
                 assert!(msg.contains(r#"capabilities.add: ["NET_ADMIN"]"#), "{msg}");
@@ -1393,25 +1157,13 @@ COMMIT
                  echo 'line 4: RULE_APPEND failed (Invalid argument): rule in chain MESH_OUTPUT' >&2; exit 1",
             );
             let err = tables.install(&sample()).unwrap_err();
-            let IptablesError::Command {
-                command,
-                status,
-                stderr,
-                context,
-            } = &err
-            else {
+            let IptablesError::Command { command, status, stderr, context } = &err else {
                 panic!("{err:?}");
             };
-            assert!(
-                command.ends_with("iptables-restore -w 10 --noflush"),
-                "{command}"
-            );
+            assert!(command.ends_with("iptables-restore -w 10 --noflush"), "{command}");
             assert_eq!(status.code(), Some(1));
             assert!(stderr.contains("RULE_APPEND failed"), "{stderr}");
-            assert!(
-                context.contains("`-A MESH_OUTPUT -m mark --mark 0x539 -j RETURN`"),
-                "{context}"
-            );
+            assert!(context.contains("`-A MESH_OUTPUT -m mark --mark 0x539 -j RETURN`"), "{context}");
             let msg = err.to_string();
             assert!(msg.contains("exit status: 1"), "{msg}");
         }
@@ -1419,10 +1171,7 @@ COMMIT
         #[test]
         fn unexpected_check_failure_is_an_error_not_absence() {
             let dir = TempDir::new();
-            let tables = dir.tables(
-                "echo 'iptables: unknown option \"-w\"' >&2; exit 2",
-                "exit 0",
-            );
+            let tables = dir.tables("echo 'iptables: unknown option \"-w\"' >&2; exit 2", "exit 0");
             let err = tables.install(&sample()).unwrap_err();
             assert!(matches!(err, IptablesError::Command { .. }), "{err:?}");
         }
@@ -1431,10 +1180,7 @@ COMMIT
         fn restore_exiting_early_reports_its_error_not_epipe() {
             let dir = TempDir::new();
             let tables = dir.tables("exit 1", "echo 'restore broke' >&2; exit 3");
-            let big = IptablesConfig {
-                exclude_ports: (1..=u16::MAX).collect(),
-                ..sample()
-            };
+            let big = IptablesConfig { exclude_ports: (1..=u16::MAX).collect(), ..sample() };
             let err = tables.install(&big).unwrap_err();
             assert!(err.to_string().contains("restore broke"), "{err}");
         }
@@ -1472,10 +1218,7 @@ COMMIT
 
         /// `cmd args...` must succeed.
         fn sh(cmd: &str, args: &[&str]) -> String {
-            let out = Command::new(cmd)
-                .args(args)
-                .output()
-                .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+            let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
             assert!(
                 out.status.success(),
                 "{cmd} {}: {}\n{}",
@@ -1494,11 +1237,7 @@ COMMIT
         impl NetNs {
             fn new() -> Self {
                 static N: AtomicUsize = AtomicUsize::new(0);
-                let name = format!(
-                    "mesh-ipt-{}-{}",
-                    std::process::id(),
-                    N.fetch_add(1, Ordering::Relaxed)
-                );
+                let name = format!("mesh-ipt-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
                 sh("ip", &["netns", "add", &name]);
                 let ns = NetNs { name };
                 sh("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
@@ -1521,26 +1260,17 @@ COMMIT
                         // Child processes take the calling thread's namespace, not
                         // the process's: check rather than trust it.
                         let seen = sh("readlink", &["/proc/self/ns/net"]);
-                        assert_eq!(
-                            seen.trim(),
-                            format!("net:[{inode}]"),
-                            "child not in {}",
-                            self.name
-                        );
+                        assert_eq!(seen.trim(), format!("net:[{inode}]"), "child not in {}", self.name);
                         f()
                     });
-                    handle
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                    handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
                 })
             }
         }
 
         impl Drop for NetNs {
             fn drop(&mut self) {
-                let _ = Command::new("ip")
-                    .args(["netns", "del", &self.name])
-                    .status();
+                let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
             }
         }
 
@@ -1564,33 +1294,10 @@ COMMIT
         /// Rules somebody else owns, which must survive everything we do.
         fn add_foreign_rules(family: Family) {
             ipt(family, &["-t", "nat", "-N", "OTHER"]);
-            ipt(
-                family,
-                &["-t", "nat", "-A", "OTHER", "-p", "udp", "-j", "RETURN"],
-            );
-            ipt(
-                family,
-                &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "OTHER"],
-            );
-            ipt(
-                family,
-                &[
-                    "-t",
-                    "nat",
-                    "-A",
-                    "PREROUTING",
-                    "-p",
-                    "tcp",
-                    "--dport",
-                    "7",
-                    "-j",
-                    "OTHER",
-                ],
-            );
-            ipt(
-                family,
-                &["-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "RETURN"],
-            );
+            ipt(family, &["-t", "nat", "-A", "OTHER", "-p", "udp", "-j", "RETURN"]);
+            ipt(family, &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "OTHER"]);
+            ipt(family, &["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "7", "-j", "OTHER"]);
+            ipt(family, &["-t", "nat", "-A", "POSTROUTING", "-o", "lo", "-j", "RETURN"]);
         }
 
         /// The live table must be `before` plus exactly `cfg`'s rules, with one
@@ -1608,14 +1315,9 @@ COMMIT
                 assert!(now.iter().any(|l| l.starts_with(&format!(":{chain} "))));
             }
             for (hook, chain) in [("OUTPUT", OUTPUT_CHAIN), ("PREROUTING", INBOUND_CHAIN)] {
-                let hook_rules: Vec<&String> = now
-                    .iter()
-                    .filter(|l| l.starts_with(&format!("-A {hook} ")))
-                    .collect();
-                let jumps = hook_rules
-                    .iter()
-                    .filter(|l| l.ends_with(&format!("-j {chain}")))
-                    .count();
+                let hook_rules: Vec<&String> =
+                    now.iter().filter(|l| l.starts_with(&format!("-A {hook} "))).collect();
+                let jumps = hook_rules.iter().filter(|l| l.ends_with(&format!("-j {chain}"))).count();
                 assert_eq!(jumps, 1, "{family}: jumps from {hook}: {hook_rules:#?}");
                 assert_eq!(
                     hook_rules[0],
@@ -1624,12 +1326,8 @@ COMMIT
                 );
             }
             let others: Vec<&String> = now.iter().filter(|l| !l.contains("MESH_")).collect();
-            let others_before: Vec<&String> =
-                before.iter().filter(|l| !l.contains("MESH_")).collect();
-            assert_eq!(
-                others, others_before,
-                "{family}: a rule that is not ours changed"
-            );
+            let others_before: Vec<&String> = before.iter().filter(|l| !l.contains("MESH_")).collect();
+            assert_eq!(others, others_before, "{family}: a rule that is not ours changed");
             assert!(is_installed(family).unwrap());
         }
 
@@ -1677,11 +1375,7 @@ COMMIT
                 install(&b).unwrap();
                 for (family, before) in families.iter().zip(&before) {
                     assert_installed(*family, before, &b);
-                    assert!(
-                        !save(*family)
-                            .iter()
-                            .any(|l| l.contains("15001") || l.contains("0x539"))
-                    );
+                    assert!(!save(*family).iter().any(|l| l.contains("15001") || l.contains("0x539")));
                 }
 
                 uninstall(true).unwrap();
@@ -1691,11 +1385,7 @@ COMMIT
                 }
                 uninstall(true).unwrap();
                 for (family, before) in families.iter().zip(&before) {
-                    assert_eq!(
-                        &save(*family),
-                        before,
-                        "{family}: second uninstall changed the table"
-                    );
+                    assert_eq!(&save(*family), before, "{family}: second uninstall changed the table");
                 }
             });
         }
@@ -1711,10 +1401,7 @@ COMMIT
                 let before_v4 = save(Family::V4);
                 install(&sample()).unwrap();
                 assert!(is_installed(Family::V6).unwrap());
-                let v4_only = IptablesConfig {
-                    ipv6: false,
-                    ..sample()
-                };
+                let v4_only = IptablesConfig { ipv6: false, ..sample() };
                 install(&v4_only).unwrap();
                 assert_eq!(save(Family::V6), before_v6);
                 assert_installed(Family::V4, &before_v4, &v4_only);
@@ -1737,14 +1424,8 @@ COMMIT
                 install(&sample()).unwrap();
                 for family in [Family::V4, Family::V6] {
                     // What older or racing installers may have left.
-                    ipt(
-                        family,
-                        &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OUTPUT_CHAIN],
-                    );
-                    ipt(
-                        family,
-                        &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OUTPUT_CHAIN],
-                    );
+                    ipt(family, &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OUTPUT_CHAIN]);
+                    ipt(family, &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OUTPUT_CHAIN]);
                     ipt(family, &["-t", "nat", "-A", "OUTPUT", "-j", OUTPUT_CHAIN]);
                     ipt(
                         family,
@@ -1777,14 +1458,8 @@ COMMIT
                 // A partial install: only the outbound chain and its jump.
                 for family in [Family::V4, Family::V6] {
                     ipt(family, &["-t", "nat", "-N", OUTPUT_CHAIN]);
-                    ipt(
-                        family,
-                        &["-t", "nat", "-A", OUTPUT_CHAIN, "-o", "lo", "-j", "RETURN"],
-                    );
-                    ipt(
-                        family,
-                        &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OUTPUT_CHAIN],
-                    );
+                    ipt(family, &["-t", "nat", "-A", OUTPUT_CHAIN, "-o", "lo", "-j", "RETURN"]);
+                    ipt(family, &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OUTPUT_CHAIN]);
                     assert!(!is_installed(family).unwrap());
                 }
                 uninstall(true).unwrap();
@@ -1794,18 +1469,13 @@ COMMIT
         }
 
         /// Waits up to `patience` for a connection on `listener`.
-        fn accept_within(
-            listener: &TcpListener,
-            patience: Duration,
-        ) -> Option<(TcpStream, SocketAddr)> {
+        fn accept_within(listener: &TcpListener, patience: Duration) -> Option<(TcpStream, SocketAddr)> {
             listener.set_nonblocking(true).unwrap();
             let deadline = Instant::now() + patience;
             loop {
                 match listener.accept() {
                     Ok(conn) => return Some(conn),
-                    Err(e)
-                        if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline =>
-                    {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(10));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
@@ -1828,13 +1498,7 @@ COMMIT
                 // SAFETY: `fd` is an open socket borrowed from `stream`; `sa` and
                 // `len` are valid for writes and `len` is `sa`'s size.
                 let rc = unsafe {
-                    libc::getsockopt(
-                        fd,
-                        libc::SOL_IP,
-                        libc::SO_ORIGINAL_DST,
-                        (&raw mut sa).cast(),
-                        &mut len,
-                    )
+                    libc::getsockopt(fd, libc::SOL_IP, libc::SO_ORIGINAL_DST, (&raw mut sa).cast(), &mut len)
                 };
                 assert_eq!(rc, 0, "SO_ORIGINAL_DST: {}", io::Error::last_os_error());
                 assert_eq!(i32::from(sa.sin_family), libc::AF_INET);
@@ -1861,12 +1525,7 @@ COMMIT
                         &mut len,
                     )
                 };
-                assert_eq!(
-                    rc,
-                    0,
-                    "IP6T_SO_ORIGINAL_DST: {}",
-                    io::Error::last_os_error()
-                );
+                assert_eq!(rc, 0, "IP6T_SO_ORIGINAL_DST: {}", io::Error::last_os_error());
                 assert_eq!(i32::from(sa.sin6_family), libc::AF_INET6);
                 SocketAddr::V6(SocketAddrV6::new(
                     sa.sin6_addr.s6_addr.into(),
@@ -1879,13 +1538,8 @@ COMMIT
 
         /// Connects with `SO_MARK` set, as the agent's own sockets do.
         fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream> {
-            let family = if dst.is_ipv4() {
-                AddressFamily::Inet
-            } else {
-                AddressFamily::Inet6
-            };
-            let fd: OwnedFd =
-                socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+            let family = if dst.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+            let fd: OwnedFd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
             socket::setsockopt(&fd, sockopt::Mark, &mark)?;
             // Bounds a connect that is never answered.
             socket::setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(2, 0))?;
@@ -1898,13 +1552,8 @@ COMMIT
 
         /// An IPv6-only listener, so it can share a port with an IPv4 one.
         fn listen_v6only(addr: SocketAddrV6) -> TcpListener {
-            let fd = socket::socket(
-                AddressFamily::Inet6,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .unwrap();
+            let fd =
+                socket::socket(AddressFamily::Inet6, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
             socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true).unwrap();
             socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(addr)).unwrap();
             socket::listen(&fd, Backlog::new(16).unwrap()).unwrap();
@@ -1918,19 +1567,15 @@ COMMIT
             sh(
                 "ip",
                 &[
-                    "link", "add", "va", "netns", &a.name, "type", "veth", "peer", "name", "vb",
-                    "netns", &b.name,
+                    "link", "add", "va", "netns", &a.name, "type", "veth", "peer", "name", "vb", "netns",
+                    &b.name,
                 ],
             );
-            for (ns, dev, v4, v6) in [
-                (&a, "va", "10.99.0.1/24", "fd99::1/64"),
-                (&b, "vb", "10.99.0.2/24", "fd99::2/64"),
-            ] {
+            for (ns, dev, v4, v6) in
+                [(&a, "va", "10.99.0.1/24", "fd99::1/64"), (&b, "vb", "10.99.0.2/24", "fd99::2/64")]
+            {
                 sh("ip", &["-n", &ns.name, "addr", "add", v4, "dev", dev]);
-                sh(
-                    "ip",
-                    &["-n", &ns.name, "addr", "add", v6, "dev", dev, "nodad"],
-                );
+                sh("ip", &["-n", &ns.name, "addr", "add", v6, "dev", dev, "nodad"]);
                 sh("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
             }
             (a, b)
@@ -1952,10 +1597,7 @@ COMMIT
 
             // The real destinations, in b.
             let (real4, real6) = b.run(|| {
-                (
-                    TcpListener::bind("10.99.0.2:80").unwrap(),
-                    TcpListener::bind("[fd99::2]:80").unwrap(),
-                )
+                (TcpListener::bind("10.99.0.2:80").unwrap(), TcpListener::bind("[fd99::2]:80").unwrap())
             });
             let (out4, out6, in4, in6) = a.run(|| {
                 install(&cfg).unwrap();
@@ -1963,12 +1605,7 @@ COMMIT
                     TcpListener::bind(("127.0.0.1", cfg.outbound_port)).unwrap(),
                     TcpListener::bind(("::1", cfg.outbound_port)).unwrap(),
                     TcpListener::bind(("0.0.0.0", cfg.inbound_port)).unwrap(),
-                    listen_v6only(SocketAddrV6::new(
-                        Ipv6Addr::UNSPECIFIED,
-                        cfg.inbound_port,
-                        0,
-                        0,
-                    )),
+                    listen_v6only(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, cfg.inbound_port, 0, 0)),
                 )
             });
 
@@ -1977,11 +1614,9 @@ COMMIT
                 ("[fd99::2]:80".parse().unwrap(), &out6, &real6),
             ] {
                 // A workload socket lands on the agent, which learns where it was going.
-                let mut client = a
-                    .run(|| TcpStream::connect_timeout(&dst, patience))
-                    .unwrap();
-                let (mut accepted, peer) = accept_within(outbound, patience)
-                    .unwrap_or_else(|| panic!("{dst}: not redirected"));
+                let mut client = a.run(|| TcpStream::connect_timeout(&dst, patience)).unwrap();
+                let (mut accepted, peer) =
+                    accept_within(outbound, patience).unwrap_or_else(|| panic!("{dst}: not redirected"));
                 assert_eq!(peer, client.local_addr().unwrap());
                 assert_eq!(original_dst(&accepted), dst);
                 client.write_all(b"ping").unwrap();
@@ -1995,10 +1630,7 @@ COMMIT
 
                 // The agent's own (marked) socket goes where it asked to.
                 let _marked = a.run(|| connect_marked(dst, cfg.mark)).unwrap();
-                assert!(
-                    accept_within(real, patience).is_some(),
-                    "{dst}: marked connection did not arrive"
-                );
+                assert!(accept_within(real, patience).is_some(), "{dst}: marked connection did not arrive");
                 assert!(
                     accept_within(outbound, Duration::from_millis(100)).is_none(),
                     "{dst}: marked connection was redirected"
@@ -2010,26 +1642,19 @@ COMMIT
                 ("10.99.0.1:8080".parse::<SocketAddr>().unwrap(), &in4),
                 ("[fd99::1]:8080".parse().unwrap(), &in6),
             ] {
-                let _client = b
-                    .run(|| TcpStream::connect_timeout(&dst, patience))
-                    .unwrap();
+                let _client = b.run(|| TcpStream::connect_timeout(&dst, patience)).unwrap();
                 let (accepted, _) = accept_within(inbound, patience)
                     .unwrap_or_else(|| panic!("{dst}: not redirected inbound"));
                 assert_eq!(original_dst(&accepted), dst);
             }
             // Ports not listed inbound are untouched: nothing listens on 8081.
-            let refused =
-                b.run(|| TcpStream::connect_timeout(&"10.99.0.1:8081".parse().unwrap(), patience));
-            assert_eq!(
-                refused.unwrap_err().kind(),
-                io::ErrorKind::ConnectionRefused
-            );
+            let refused = b.run(|| TcpStream::connect_timeout(&"10.99.0.1:8081".parse().unwrap(), patience));
+            assert_eq!(refused.unwrap_err().kind(), io::ErrorKind::ConnectionRefused);
 
             a.run(|| uninstall(true)).unwrap();
             // With the rules gone, a workload connection reaches the destination.
-            let _direct = a
-                .run(|| TcpStream::connect_timeout(&"10.99.0.2:80".parse().unwrap(), patience))
-                .unwrap();
+            let _direct =
+                a.run(|| TcpStream::connect_timeout(&"10.99.0.2:80".parse().unwrap(), patience)).unwrap();
             assert!(accept_within(&real4, patience).is_some());
         }
 
@@ -2039,8 +1664,7 @@ COMMIT
             mountinfo.lines().find_map(|line| {
                 let (pre, post) = line.split_once(" - ")?;
                 let fields: Vec<&str> = pre.split(' ').collect();
-                let at_root =
-                    post.split(' ').next() == Some("cgroup2") && fields.get(3) == Some(&"/");
+                let at_root = post.split(' ').next() == Some("cgroup2") && fields.get(3) == Some(&"/");
                 at_root.then(|| fields.get(4).map(PathBuf::from)).flatten()
             })
         }
@@ -2090,9 +1714,8 @@ COMMIT
             });
 
             // This process is not in the cgroup: not redirected.
-            let _direct = a
-                .run(|| TcpStream::connect_timeout(&"10.99.0.2:80".parse().unwrap(), patience))
-                .unwrap();
+            let _direct =
+                a.run(|| TcpStream::connect_timeout(&"10.99.0.2:80".parse().unwrap(), patience)).unwrap();
             assert!(accept_within(&real, patience).is_some());
             assert!(accept_within(&outbound, Duration::from_millis(100)).is_none());
 
@@ -2102,13 +1725,8 @@ COMMIT
                 "echo $$ > {} && exec 3<>/dev/tcp/10.99.0.2/80 && read -r line <&3 && echo \"$line\"",
                 procs.display()
             );
-            let mut child = a.run(|| {
-                Command::new("bash")
-                    .args(["-c", &script])
-                    .stdout(Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            });
+            let mut child =
+                a.run(|| Command::new("bash").args(["-c", &script]).stdout(Stdio::piped()).spawn().unwrap());
             let accepted = accept_within(&outbound, patience);
             let Some((mut accepted, _)) = accepted else {
                 let _ = child.kill();

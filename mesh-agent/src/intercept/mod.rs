@@ -123,9 +123,7 @@ pub enum InterceptError {
     Ebpf(#[from] EbpfError),
     #[error(transparent)]
     Iptables(#[from] IptablesError),
-    #[error(
-        "no interception mode is usable: eBPF: {ebpf}; iptables: {iptables}"
-    )]
+    #[error("no interception mode is usable: eBPF: {ebpf}; iptables: {iptables}")]
     NoMode { ebpf: String, iptables: String },
 }
 
@@ -170,7 +168,11 @@ impl Interceptor {
     /// by cgroup (with `--cgroup` or the admin API); without it, iptables mode
     /// intercepts the whole network namespace. Returns the interceptor and, for the
     /// log, why this mode was chosen.
-    pub fn start(mode: Mode, settings: &Settings, per_cgroup: bool) -> Result<(Self, String), InterceptError> {
+    pub fn start(
+        mode: Mode,
+        settings: &Settings,
+        per_cgroup: bool,
+    ) -> Result<(Self, String), InterceptError> {
         match mode {
             Mode::Ebpf => {
                 preflight::ebpf().map_err(InterceptError::Missing)?;

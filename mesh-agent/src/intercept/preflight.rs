@@ -70,8 +70,12 @@ pub fn ebpf() -> Result<(), Missing> {
         // too old for netns cookies in sockops (5.15+).
         tracing::debug!("kernel has no BTF (/sys/kernel/btf/vmlinux)");
     }
-    Missing { mode: "ebpf", capabilities: missing_caps(&[Capability::CAP_BPF, Capability::CAP_NET_ADMIN]), other }
-        .into_result()
+    Missing {
+        mode: "ebpf",
+        capabilities: missing_caps(&[Capability::CAP_BPF, Capability::CAP_NET_ADMIN]),
+        other,
+    }
+    .into_result()
 }
 
 /// iptables mode: CAP_NET_ADMIN and the iptables binaries.

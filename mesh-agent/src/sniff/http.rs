@@ -33,11 +33,7 @@ fn detect_h2_preface(buf: &[u8]) -> Option<Detection> {
     if !buf.iter().zip(H2_PREFACE).all(|(got, want)| got == want) {
         return None;
     }
-    Some(if buf.len() >= H2_PREFACE.len() {
-        Detection::Done(Protocol::Http2)
-    } else {
-        Detection::NeedMore
-    })
+    Some(if buf.len() >= H2_PREFACE.len() { Detection::Done(Protocol::Http2) } else { Detection::NeedMore })
 }
 
 const UNRECOGNIZED: Detection = Detection::Done(Protocol::Opaque(OpaqueReason::Unrecognized));
@@ -45,10 +41,7 @@ const UNRECOGNIZED: Detection = Detection::Done(Protocol::Opaque(OpaqueReason::U
 /// `METHOD SP request-target SP HTTP/1.x CRLF` (RFC 9112 §3).
 fn detect_http1(buf: &[u8]) -> Detection {
     // RFC 9112 §2.2: servers ignore empty lines before the request line.
-    let line_start = buf
-        .iter()
-        .position(|&b| b != b'\r' && b != b'\n')
-        .unwrap_or(buf.len());
+    let line_start = buf.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(buf.len());
     let line = buf.get(line_start..).unwrap_or_default();
     if !plausible_method(line) {
         return UNRECOGNIZED;
@@ -78,10 +71,9 @@ fn detect_http1(buf: &[u8]) -> Detection {
             Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders),
             Some(method),
             Some(minor_version),
-        ) if line_end.is_some() => Detection::Done(Protocol::Http1(Http1Info {
-            method: method.to_owned(),
-            minor_version,
-        })),
+        ) if line_end.is_some() => {
+            Detection::Done(Protocol::Http1(Http1Info { method: method.to_owned(), minor_version }))
+        }
         // A valid prefix of a request line.
         (Ok(httparse::Status::Partial), _, _) if line_end.is_none() => {
             if buf.len() >= MAX_REQUEST_LINE {
@@ -118,20 +110,14 @@ mod tests {
     use super::*;
 
     fn http1(method: &str, minor_version: u8) -> Detection {
-        Detection::Done(Protocol::Http1(Http1Info {
-            method: method.to_owned(),
-            minor_version,
-        }))
+        Detection::Done(Protocol::Http1(Http1Info { method: method.to_owned(), minor_version }))
     }
 
     const TOO_LARGE: Detection = Detection::Done(Protocol::Opaque(OpaqueReason::TooLarge));
 
     #[test]
     fn get_request() {
-        assert_eq!(
-            detect(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
-            http1("GET", 1)
-        );
+        assert_eq!(detect(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), http1("GET", 1));
     }
 
     #[test]
@@ -154,18 +140,10 @@ mod tests {
         let request = b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n";
         let line_len = b"GET /index.html HTTP/1.1\r\n".len();
         for end in 1..line_len {
-            assert_eq!(
-                detect(&request[..end]),
-                Detection::NeedMore,
-                "prefix of {end} bytes"
-            );
+            assert_eq!(detect(&request[..end]), Detection::NeedMore, "prefix of {end} bytes");
         }
         for end in line_len..=request.len() {
-            assert_eq!(
-                detect(&request[..end]),
-                http1("GET", 1),
-                "prefix of {end} bytes"
-            );
+            assert_eq!(detect(&request[..end]), http1("GET", 1), "prefix of {end} bytes");
         }
     }
 
@@ -187,12 +165,7 @@ mod tests {
             b"*1\r\n$4\r\nPING\r\n",
             b"\r\x00",
         ] {
-            assert_eq!(
-                detect(bytes),
-                UNRECOGNIZED,
-                "{:?}",
-                String::from_utf8_lossy(bytes)
-            );
+            assert_eq!(detect(bytes), UNRECOGNIZED, "{:?}", String::from_utf8_lossy(bytes));
         }
     }
 
@@ -242,11 +215,7 @@ mod tests {
     #[test]
     fn h2_preface_and_its_prefixes() {
         for end in 1..H2_PREFACE.len() {
-            assert_eq!(
-                detect(&H2_PREFACE[..end]),
-                Detection::NeedMore,
-                "prefix of {end} bytes"
-            );
+            assert_eq!(detect(&H2_PREFACE[..end]), Detection::NeedMore, "prefix of {end} bytes");
         }
         assert_eq!(detect(H2_PREFACE), Detection::Done(Protocol::Http2));
         let mut with_settings = H2_PREFACE.to_vec();

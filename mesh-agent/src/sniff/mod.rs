@@ -51,6 +51,7 @@ pub enum Protocol {
 
 impl Protocol {
     /// A short, stable name for metrics labels and logs.
+    #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
             Self::Tls(_) => "tls",
@@ -100,10 +101,15 @@ pub enum OpaqueReason {
     TooLarge,
     /// The client closed its side before a decision could be made.
     ClientClosed,
+    /// The server spoke before the client sent enough to decide (a server-first
+    /// protocol): the caller, connected upstream while sniffing, stopped waiting.
+    /// [`sniff`] itself never returns this.
+    ServerFirst,
 }
 
 impl OpaqueReason {
     /// A short, stable `snake_case` name for metrics labels and logs.
+    #[must_use]
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::OpaquePort => "opaque_port",
@@ -112,6 +118,7 @@ impl OpaqueReason {
             Self::Unrecognized => "unrecognized",
             Self::TooLarge => "too_large",
             Self::ClientClosed => "client_closed",
+            Self::ServerFirst => "server_first",
         }
     }
 }
@@ -137,6 +144,7 @@ pub enum Detection {
 /// nothing beyond the first TLS handshake message or HTTP request line, and
 /// allocates only for the strings it returns. Once it returns [`Detection::Done`]
 /// for some bytes, it returns the same for any extension of them.
+#[must_use]
 pub fn detect(buf: &[u8]) -> Detection {
     match buf.first() {
         None => Detection::NeedMore,
@@ -165,11 +173,7 @@ pub enum SniffError {
 /// Every byte read stays in `buf` for the caller to replay upstream, including on
 /// error; bytes already in `buf` on entry are classified before reading. `buf` never
 /// grows past [`MAX_SNIFF_BYTES`] through this call.
-pub async fn sniff<R>(
-    io: &mut R,
-    buf: &mut BytesMut,
-    timeout: Duration,
-) -> Result<Protocol, SniffError>
+pub async fn sniff<R>(io: &mut R, buf: &mut BytesMut, timeout: Duration) -> Result<Protocol, SniffError>
 where
     R: AsyncRead + Unpin,
 {
@@ -178,11 +182,7 @@ where
 
 /// [`sniff`], with the timeout given as a future that completes when time is up.
 /// Separate so tests can control time without tokio's `test-util`.
-async fn sniff_until<R, D>(
-    io: &mut R,
-    buf: &mut BytesMut,
-    deadline: D,
-) -> Result<Protocol, SniffError>
+async fn sniff_until<R, D>(io: &mut R, buf: &mut BytesMut, deadline: D) -> Result<Protocol, SniffError>
 where
     R: AsyncRead + Unpin,
     D: Future<Output = ()>,
@@ -253,14 +253,7 @@ mod tests {
 
     impl Chunked {
         fn new(data: Vec<u8>, sizes: Vec<usize>, stall: bool) -> Self {
-            Self {
-                data,
-                pos: 0,
-                sizes,
-                next: 0,
-                stall,
-                stalled: false,
-            }
+            Self { data, pos: 0, sizes, next: 0, stall, stalled: false }
         }
     }
 
@@ -276,12 +269,8 @@ mod tests {
                 return Poll::Pending;
             }
             self.stalled = false;
-            let size = self
-                .sizes
-                .get(self.next % self.sizes.len().max(1))
-                .copied()
-                .unwrap_or(usize::MAX)
-                .max(1);
+            let size =
+                self.sizes.get(self.next % self.sizes.len().max(1)).copied().unwrap_or(usize::MAX).max(1);
             self.next += 1;
             let rest = &self.data[self.pos..];
             let n = size.min(rest.len()).min(out.remaining());
@@ -294,11 +283,7 @@ mod tests {
     struct Failing;
 
     impl AsyncRead for Failing {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
         }
     }
@@ -320,14 +305,7 @@ mod tests {
     #[test]
     fn names() {
         assert_eq!(Protocol::Tls(TlsInfo::default()).name(), "tls");
-        assert_eq!(
-            Protocol::Http1(Http1Info {
-                method: "GET".into(),
-                minor_version: 1
-            })
-            .name(),
-            "http1"
-        );
+        assert_eq!(Protocol::Http1(Http1Info { method: "GET".into(), minor_version: 1 }).name(), "http1");
         assert_eq!(Protocol::Http2.name(), "http2");
         assert_eq!(opaque(OpaqueReason::Timeout).name(), "opaque");
         assert_eq!(OpaqueReason::OpaquePort.as_str(), "opaque_port");
@@ -346,24 +324,16 @@ mod tests {
         assert_eq!(detect(http::H2_PREFACE), Detection::Done(Protocol::Http2));
         assert_eq!(
             detect(b"HEAD / HTTP/1.1\r\n"),
-            Detection::Done(Protocol::Http1(Http1Info {
-                method: "HEAD".into(),
-                minor_version: 1
-            }))
+            Detection::Done(Protocol::Http1(Http1Info { method: "HEAD".into(), minor_version: 1 }))
         );
-        assert_eq!(
-            detect(b"\x00\x00"),
-            Detection::Done(opaque(OpaqueReason::Unrecognized))
-        );
+        assert_eq!(detect(b"\x00\x00"), Detection::Done(opaque(OpaqueReason::Unrecognized)));
     }
 
     #[tokio::test]
     async fn silent_client_is_no_client_data() {
         let (_client, mut server) = tokio::io::duplex(64);
         let mut buf = BytesMut::new();
-        let got = sniff_until(&mut server, &mut buf, expired())
-            .await
-            .expect("sniff");
+        let got = sniff_until(&mut server, &mut buf, expired()).await.expect("sniff");
         assert_eq!(got, opaque(OpaqueReason::NoClientData));
         assert!(buf.is_empty());
     }
@@ -373,9 +343,7 @@ mod tests {
         // A zero timeout is already past; no real waiting.
         let (_client, mut server) = tokio::io::duplex(64);
         let mut buf = BytesMut::new();
-        let got = sniff(&mut server, &mut buf, Duration::ZERO)
-            .await
-            .expect("sniff");
+        let got = sniff(&mut server, &mut buf, Duration::ZERO).await.expect("sniff");
         assert_eq!(got, opaque(OpaqueReason::NoClientData));
     }
 
@@ -384,9 +352,7 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"GET /ind").await.expect("write");
         let mut buf = BytesMut::new();
-        let got = sniff_until(&mut server, &mut buf, expired())
-            .await
-            .expect("sniff");
+        let got = sniff_until(&mut server, &mut buf, expired()).await.expect("sniff");
         assert_eq!(got, opaque(OpaqueReason::Timeout));
         assert_eq!(&buf[..], b"GET /ind");
     }
@@ -396,9 +362,7 @@ mod tests {
         let (client, mut server) = tokio::io::duplex(64);
         drop(client);
         let mut buf = BytesMut::new();
-        let got = sniff(&mut server, &mut buf, Duration::from_secs(3600))
-            .await
-            .expect("sniff");
+        let got = sniff(&mut server, &mut buf, Duration::from_secs(3600)).await.expect("sniff");
         assert_eq!(got, opaque(OpaqueReason::ClientClosed));
         assert!(buf.is_empty());
     }
@@ -406,26 +370,20 @@ mod tests {
     #[tokio::test]
     async fn eof_mid_hello_keeps_the_bytes() {
         let hello = minimal_hello();
-        let mut input = vec![
-            0x16,
-            0x03,
-            0x01,
-            0x00,
-            u8::try_from(hello.len()).expect("small"),
-        ];
+        let mut input = vec![0x16, 0x03, 0x01, 0x00, u8::try_from(hello.len()).expect("small")];
         input.extend(&hello[..10]);
         let mut io = Chunked::new(input.clone(), vec![3], true);
         let mut buf = BytesMut::new();
-        let got = sniff_until(&mut io, &mut buf, never())
-            .await
-            .expect("sniff");
+        let got = sniff_until(&mut io, &mut buf, never()).await.expect("sniff");
         assert_eq!(got, opaque(OpaqueReason::ClientClosed));
         assert_eq!(&buf[..], &input[..]);
     }
 
     #[tokio::test]
     async fn small_chunks_from_a_live_client() {
-        let (mut client, mut server) = tokio::io::duplex(8);
+        // Room for the whole request, so the writer never waits on a sniffer
+        // that has already decided and stopped reading.
+        let (mut client, mut server) = tokio::io::duplex(64);
         let writer = tokio::spawn(async move {
             for chunk in b"PUT /things/1 HTTP/1.1\r\nHost: a\r\n\r\n".chunks(3) {
                 client.write_all(chunk).await.expect("write");
@@ -435,16 +393,8 @@ mod tests {
             client
         });
         let mut buf = BytesMut::new();
-        let got = sniff(&mut server, &mut buf, Duration::from_secs(3600))
-            .await
-            .expect("sniff");
-        assert_eq!(
-            got,
-            Protocol::Http1(Http1Info {
-                method: "PUT".into(),
-                minor_version: 1
-            })
-        );
+        let got = sniff(&mut server, &mut buf, Duration::from_secs(3600)).await.expect("sniff");
+        assert_eq!(got, Protocol::Http1(Http1Info { method: "PUT".into(), minor_version: 1 }));
         assert!(b"PUT /things/1 HTTP/1.1\r\nHost: a\r\n\r\n".starts_with(&buf));
         drop(writer.await.expect("writer"));
     }
@@ -453,9 +403,7 @@ mod tests {
     async fn bytes_already_buffered_are_classified_first() {
         let mut io = Failing;
         let mut buf = BytesMut::from(&http::H2_PREFACE[..]);
-        let got = sniff_until(&mut io, &mut buf, never())
-            .await
-            .expect("sniff");
+        let got = sniff_until(&mut io, &mut buf, never()).await.expect("sniff");
         assert_eq!(got, Protocol::Http2);
         assert_eq!(&buf[..], &http::H2_PREFACE[..]);
     }
@@ -464,9 +412,7 @@ mod tests {
     async fn read_errors_are_reported() {
         let mut buf = BytesMut::from(&b"GE"[..]);
         let got = sniff_until(&mut Failing, &mut buf, never()).await;
-        assert!(
-            matches!(got, Err(SniffError::Io(err)) if err.kind() == io::ErrorKind::ConnectionReset)
-        );
+        assert!(matches!(got, Err(SniffError::Io(err)) if err.kind() == io::ErrorKind::ConnectionReset));
         assert_eq!(&buf[..], b"GE");
     }
 
@@ -476,26 +422,19 @@ mod tests {
         // handshake byte, so a big one cannot arrive within the cap.
         let mut hello = minimal_hello();
         let padding = 10_000;
-        let len = u32::try_from(hello.len() - 4 + 6 + padding)
-            .expect("fits")
-            .to_be_bytes();
+        let len = u32::try_from(hello.len() - 4 + 6 + padding).expect("fits").to_be_bytes();
         hello[1..4].copy_from_slice(&len[1..]);
         // Extensions block holding one `padding` extension (type 0x0015).
         hello.extend(u16::try_from(padding + 4).expect("fits").to_be_bytes());
         hello.extend([0x00, 0x15]);
         hello.extend(u16::try_from(padding).expect("fits").to_be_bytes());
         hello.extend(vec![0u8; padding]);
-        let input: Vec<u8> = hello
-            .iter()
-            .flat_map(|&b| [0x16, 0x03, 0x03, 0x00, 0x01, b])
-            .collect();
+        let input: Vec<u8> = hello.iter().flat_map(|&b| [0x16, 0x03, 0x03, 0x00, 0x01, b]).collect();
         assert!(input.len() > MAX_SNIFF_BYTES);
 
         let mut io = Chunked::new(input.clone(), vec![7000], false);
         let mut buf = BytesMut::new();
-        let got = sniff_until(&mut io, &mut buf, never())
-            .await
-            .expect("sniff");
+        let got = sniff_until(&mut io, &mut buf, never()).await.expect("sniff");
         assert_eq!(got, opaque(OpaqueReason::TooLarge));
         assert_eq!(buf.len(), MAX_SNIFF_BYTES);
         assert_eq!(&buf[..], &input[..MAX_SNIFF_BYTES]);
@@ -503,10 +442,11 @@ mod tests {
 
     /// Runs `sniff_until` to completion on a fresh current-thread runtime.
     fn run(io: &mut Chunked, buf: &mut BytesMut) -> Result<Protocol, SniffError> {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime")
-            .block_on(sniff_until(io, buf, never()))
+        tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(sniff_until(
+            io,
+            buf,
+            never(),
+        ))
     }
 
     /// Inputs that exercise the TLS and HTTP paths, not only random bytes.
@@ -514,13 +454,10 @@ mod tests {
         let tail = proptest::collection::vec(any::<u8>(), 0..600);
         prop_oneof![
             tail.clone(),
-            tail.clone()
-                .prop_map(|t| [&[0x16, 0x03, 0x01][..], &t].concat()),
-            tail.clone()
-                .prop_map(|t| [&[0x16, 0x03, 0x03, 0x00, 0x40, 0x01, 0x00, 0x00][..], &t].concat()),
+            tail.clone().prop_map(|t| [&[0x16, 0x03, 0x01][..], &t].concat()),
+            tail.clone().prop_map(|t| [&[0x16, 0x03, 0x03, 0x00, 0x40, 0x01, 0x00, 0x00][..], &t].concat()),
             tail.clone().prop_map(|t| [&b"GET "[..], &t].concat()),
-            tail.clone()
-                .prop_map(|t| [&b"GET / HTTP/1."[..], &t].concat()),
+            tail.clone().prop_map(|t| [&b"GET / HTTP/1."[..], &t].concat()),
             tail.prop_map(|t| [&http::H2_PREFACE[..20], &t].concat()),
         ]
     }

@@ -59,10 +59,7 @@ pub(super) fn detect(buf: &[u8]) -> Detection {
 /// Parses the first handshake message in `buf`, which must be a complete ClientHello.
 fn parse_client_hello(buf: &[u8]) -> Result<TlsInfo, Stop> {
     let mut reader = HandshakeReader::new(buf);
-    let mut header = Bounded {
-        reader: &mut reader,
-        end: HANDSHAKE_HEADER_LEN,
-    };
+    let mut header = Bounded { reader: &mut reader, end: HANDSHAKE_HEADER_LEN };
     if header.u8()? != HANDSHAKE_CLIENT_HELLO {
         return Err(Stop::Malformed);
     }
@@ -70,10 +67,7 @@ fn parse_client_hello(buf: &[u8]) -> Result<TlsInfo, Stop> {
     if !fits_sniff_buffer(len) {
         return Err(Stop::TooLarge);
     }
-    let mut body = Bounded {
-        reader: &mut reader,
-        end: HANDSHAKE_HEADER_LEN.saturating_add(len),
-    };
+    let mut body = Bounded { reader: &mut reader, end: HANDSHAKE_HEADER_LEN.saturating_add(len) };
     let info = parse_client_hello_body(&mut body)?;
     body.finish()?;
     Ok(info)
@@ -173,7 +167,7 @@ fn parse_server_name(data: &mut Bounded<'_, '_>) -> Result<Option<String>, Stop>
         }
         seen_host_name = true;
         let name = list.bytes(len)?;
-        if name.iter().all(|b| b.is_ascii_graphic()) {
+        if name.iter().all(u8::is_ascii_graphic) {
             host_name = String::from_utf8(name).ok();
         }
     }
@@ -219,12 +213,7 @@ struct HandshakeReader<'a> {
 
 impl<'a> HandshakeReader<'a> {
     fn new(buf: &'a [u8]) -> Self {
-        Self {
-            buf,
-            pos: 0,
-            record_left: 0,
-            offset: 0,
-        }
+        Self { buf, pos: 0, record_left: 0, offset: 0 }
     }
 
     /// Returns the next 1..=`max` handshake bytes that are contiguous in `buf`,
@@ -243,7 +232,7 @@ impl<'a> HandshakeReader<'a> {
         let end = self.pos.saturating_add(n);
         let chunk = self.buf.get(self.pos..end).ok_or(Stop::Incomplete)?;
         self.pos = end;
-        self.record_left -= n;
+        self.record_left = self.record_left.saturating_sub(n);
         self.offset = self.offset.saturating_add(n);
         Ok(chunk)
     }
@@ -311,7 +300,7 @@ impl<'a> Bounded<'_, 'a> {
             for (dst, src) in out.iter_mut().skip(filled).zip(chunk) {
                 *dst = *src;
             }
-            filled += chunk.len();
+            filled = filled.saturating_add(chunk.len());
         })?;
         Ok(out)
     }
@@ -350,10 +339,7 @@ impl<'a> Bounded<'_, 'a> {
     fn nested_u16(&mut self) -> Result<Bounded<'_, 'a>, Stop> {
         let len = usize::from(self.u16()?);
         self.claim(len)?;
-        Ok(Bounded {
-            end: self.reader.offset.saturating_add(len),
-            reader: &mut *self.reader,
-        })
+        Ok(Bounded { end: self.reader.offset.saturating_add(len), reader: &mut *self.reader })
     }
 
     /// Checks that the window was consumed exactly: trailing bytes inside a
@@ -388,9 +374,8 @@ mod tests {
             .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         config.enable_sni = enable_sni;
-        let name = rustls::pki_types::ServerName::try_from(server_name)
-            .expect("valid server name")
-            .to_owned();
+        let name =
+            rustls::pki_types::ServerName::try_from(server_name).expect("valid server name").to_owned();
         let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
         let mut out = Vec::new();
         while conn.wants_write() {
@@ -508,11 +493,7 @@ mod tests {
     fn every_strict_prefix_needs_more() {
         let hello = rustls_client_hello(SNI, ALPN, true);
         for end in 1..hello.len() {
-            assert_eq!(
-                detect(&hello[..end]),
-                Detection::NeedMore,
-                "prefix of {end} bytes"
-            );
+            assert_eq!(detect(&hello[..end]), Detection::NeedMore, "prefix of {end} bytes");
         }
         assert_eq!(detect(&hello), tls(Some(SNI), ALPN));
     }
@@ -533,11 +514,7 @@ mod tests {
         let split = frame_at(handshake, &[handshake.len() / 2]);
         assert_eq!(split.len(), hello.len() + RECORD_HEADER_LEN);
         for end in 1..split.len() {
-            assert_eq!(
-                detect(&split[..end]),
-                Detection::NeedMore,
-                "prefix of {end} bytes"
-            );
+            assert_eq!(detect(&split[..end]), Detection::NeedMore, "prefix of {end} bytes");
         }
         assert_eq!(detect(&split), tls(Some(SNI), ALPN));
     }
@@ -557,10 +534,7 @@ mod tests {
         let handshake = hand_hello(Some(&extensions));
         let framed = frame(&handshake, MAX_RECORD_PAYLOAD);
         assert!(framed.len() <= MAX_SNIFF_BYTES);
-        assert_eq!(
-            detect(&framed[..MAX_RECORD_PAYLOAD + 100]),
-            Detection::NeedMore
-        );
+        assert_eq!(detect(&framed[..MAX_RECORD_PAYLOAD + 100]), Detection::NeedMore);
         assert_eq!(detect(&framed), tls(Some(SNI), &["h2"]));
     }
 
@@ -599,55 +573,85 @@ mod tests {
         bytes.extend(record(0x17, 0x03, second));
         assert_eq!(detect(&bytes), UNRECOGNIZED);
         // Rejected as soon as the offending header byte arrives.
-        assert_eq!(
-            detect(&bytes[..first.len() + RECORD_HEADER_LEN + 1]),
-            UNRECOGNIZED
-        );
+        assert_eq!(detect(&bytes[..first.len() + RECORD_HEADER_LEN + 1]), UNRECOGNIZED);
     }
 
     #[test]
     fn handshake_too_large_for_the_sniff_buffer() {
-        let bytes = record(
-            CONTENT_TYPE_HANDSHAKE,
-            0x01,
-            &[HANDSHAKE_CLIENT_HELLO, 0xff, 0xff, 0xff],
-        );
-        assert_eq!(
-            detect(&bytes),
-            Detection::Done(Protocol::Opaque(OpaqueReason::TooLarge))
-        );
+        let bytes = record(CONTENT_TYPE_HANDSHAKE, 0x01, &[HANDSHAKE_CLIENT_HELLO, 0xff, 0xff, 0xff]);
+        assert_eq!(detect(&bytes), Detection::Done(Protocol::Opaque(OpaqueReason::TooLarge)));
     }
 
-    #[test]
-    fn corrupted_length_fields_never_yield_tls() {
-        let hello = rustls_client_hello(SNI, ALPN, true);
-        // Offsets of length fields in a single-record rustls hello.
-        let session_id_len = RECORD_HEADER_LEN + HANDSHAKE_HEADER_LEN + 2 + RANDOM_LEN;
-        let cipher_suites_len = session_id_len + 1 + usize::from(hello[session_id_len]);
-        let fields = [
-            3,
-            4,
+    /// Offsets of the length fields inside a single-record rustls hello.
+    fn length_field_offsets(hello: &[u8]) -> Vec<usize> {
+        let session_id = RECORD_HEADER_LEN + HANDSHAKE_HEADER_LEN + 2 + RANDOM_LEN;
+        let cipher_suites = session_id + 1 + usize::from(hello[session_id]);
+        let suites_len = usize::from(u16::from_be_bytes([hello[cipher_suites], hello[cipher_suites + 1]]));
+        let compression = cipher_suites + 2 + suites_len;
+        let extensions = compression + 1 + usize::from(hello[compression]);
+        // server_name: type(2) len(2) list_len(2) name_type(1) name_len(2) name
+        let name = hello.windows(SNI.len()).position(|w| w == SNI.as_bytes()).expect("hello carries the SNI");
+        let mut offsets = vec![
             6,
             7,
             8,
-            session_id_len,
-            cipher_suites_len,
-            cipher_suites_len + 1,
+            session_id,
+            cipher_suites,
+            cipher_suites + 1,
+            compression,
+            extensions,
+            extensions + 1,
         ];
-        for field in fields {
-            for value in [0x00, 0x01, 0x7f, 0xfe, 0xff] {
+        offsets.extend([name - 7, name - 6, name - 5, name - 4, name - 2, name - 1]);
+        offsets
+    }
+
+    /// A corrupted length never yields a name or protocol list that was not in the
+    /// hello. It may still yield TLS: a shorter cipher-suite list whose next byte,
+    /// read as the compression-methods length, skips exactly to the extensions is a
+    /// different but well-formed ClientHello (seen with rustls's TLS 1.2 suites:
+    /// suites length 2, then 0x13 = 19 compression bytes).
+    #[test]
+    fn corrupted_length_fields_never_yield_a_wrong_name() {
+        let hello = rustls_client_hello(SNI, ALPN, true);
+        let Detection::Done(Protocol::Tls(original)) = detect(&hello) else {
+            panic!("the intact hello parses");
+        };
+        for field in length_field_offsets(&hello) {
+            for value in [0x00, 0x01, 0x02, 0x7f, 0xfe, 0xff] {
                 let mut bad = hello.clone();
                 if bad[field] == value {
                     continue;
                 }
                 bad[field] = value;
-                let got = detect(&bad);
+                match detect(&bad) {
+                    Detection::NeedMore | Detection::Done(Protocol::Opaque(_)) => {}
+                    Detection::Done(Protocol::Tls(info)) => {
+                        assert_eq!(info, original, "byte {field} = {value:#x}")
+                    }
+                    other => panic!("byte {field} = {value:#x}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn corrupted_record_length() {
+        let hello = rustls_client_hello(SNI, ALPN, true);
+        let len = hello.len() - RECORD_HEADER_LEN;
+        for new_len in [0, 1, 40, len - 1, len + 1, MAX_RECORD_PAYLOAD, MAX_RECORD_PAYLOAD + 1, 0xffff] {
+            let mut bad = hello.clone();
+            bad[3..5].copy_from_slice(&u16::try_from(new_len).expect("fits").to_be_bytes());
+            let got = detect(&bad);
+            if (len..=MAX_RECORD_PAYLOAD).contains(&new_len) {
+                // The whole hello is there; what else the record would carry is
+                // later handshake data, the TLS server's business.
+                assert_eq!(got, tls(Some(SNI), ALPN), "record length {new_len}");
+            } else {
+                // Too short: the next "record header" is hello bytes.
                 assert!(
-                    matches!(
-                        got,
-                        Detection::NeedMore | Detection::Done(Protocol::Opaque(_))
-                    ),
-                    "byte {field} = {value:#x}: {got:?}"
+                    matches!(got, Detection::NeedMore | Detection::Done(Protocol::Opaque(_))),
+                    "record length {new_len}: {got:?}"
                 );
             }
         }
@@ -658,54 +662,33 @@ mod tests {
         // An extension claiming more than the extensions block holds.
         let mut extensions = sni_extension(SNI.as_bytes());
         extensions[3] += 1;
-        assert_eq!(
-            detect(&frame(&hand_hello(Some(&extensions)), 512)),
-            UNRECOGNIZED
-        );
+        assert_eq!(detect(&frame(&hand_hello(Some(&extensions)), 512)), UNRECOGNIZED);
         // Trailing bytes after the last extension.
         let mut extensions = sni_extension(SNI.as_bytes());
         extensions.push(0);
-        assert_eq!(
-            detect(&frame(&hand_hello(Some(&extensions)), 512)),
-            UNRECOGNIZED
-        );
+        assert_eq!(detect(&frame(&hand_hello(Some(&extensions)), 512)), UNRECOGNIZED);
         // Empty ALPN name, empty host name.
         let extensions = alpn_extension(&[b""]);
-        assert_eq!(
-            detect(&frame(&hand_hello(Some(&extensions)), 512)),
-            UNRECOGNIZED
-        );
+        assert_eq!(detect(&frame(&hand_hello(Some(&extensions)), 512)), UNRECOGNIZED);
         let extensions = sni_extension(b"");
-        assert_eq!(
-            detect(&frame(&hand_hello(Some(&extensions)), 512)),
-            UNRECOGNIZED
-        );
+        assert_eq!(detect(&frame(&hand_hello(Some(&extensions)), 512)), UNRECOGNIZED);
     }
 
     #[test]
     fn duplicate_sni_or_alpn_is_unrecognized() {
         let mut extensions = sni_extension(b"a.test");
         extensions.extend(sni_extension(b"b.test"));
-        assert_eq!(
-            detect(&frame(&hand_hello(Some(&extensions)), 512)),
-            UNRECOGNIZED
-        );
+        assert_eq!(detect(&frame(&hand_hello(Some(&extensions)), 512)), UNRECOGNIZED);
         let mut extensions = alpn_extension(&[b"h2"]);
         extensions.extend(alpn_extension(&[b"http/1.1"]));
-        assert_eq!(
-            detect(&frame(&hand_hello(Some(&extensions)), 512)),
-            UNRECOGNIZED
-        );
+        assert_eq!(detect(&frame(&hand_hello(Some(&extensions)), 512)), UNRECOGNIZED);
     }
 
     #[test]
     fn odd_names_are_dropped_or_made_lossy() {
         let mut extensions = sni_extension(b"bad host\xff");
         extensions.extend(alpn_extension(&[b"h2", b"x\xffy"]));
-        assert_eq!(
-            detect(&frame(&hand_hello(Some(&extensions)), 512)),
-            tls(None, &["h2", "x\u{fffd}y"])
-        );
+        assert_eq!(detect(&frame(&hand_hello(Some(&extensions)), 512)), tls(None, &["h2", "x\u{fffd}y"]));
     }
 
     proptest! {

@@ -94,7 +94,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         bail!("odd-length hex");
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).context("bad hex")).collect()
@@ -171,7 +171,8 @@ fn main() -> Result<()> {
                 let start = Instant::now();
                 let mut s = connect(&cli)?;
                 connect_times.push(start.elapsed());
-                s.write_all(b"x")?;
+                // A byte no sniffer could take for HTTP or TLS, so the agent decides at once.
+                s.write_all(&[0])?;
                 s.read_exact(&mut buf)?;
                 rtt_times.push(start.elapsed());
             }

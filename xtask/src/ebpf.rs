@@ -196,14 +196,59 @@ fn ensure_bpf_linker(nightly: &Nightly) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// The crates the kernel object is built from, relative to the workspace root.
+const STAGED: &[&str] = &["mesh-ebpf", "mesh-common"];
+
+/// Where the object is built. A fixed absolute path: cargo's `-C metadata` for a path
+/// dependency outside the build's workspace (mesh-common, beside mesh-ebpf) hashes its
+/// absolute path, which ends up in symbol and codegen-unit names. Building a staged
+/// copy at the same path everywhere makes the object identical for any checkout.
+fn stage_dir() -> PathBuf {
+    env::var_os("MESH_EBPF_BUILD_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/mesh-ebpf-build"))
+}
+
+/// Copies the sources (not `target/`) of the staged crates into the stage.
+fn stage(root: &Path, stage: &Path) -> Result<()> {
+    for krate in STAGED {
+        let dest = stage.join(krate);
+        if dest.exists() {
+            fs::remove_dir_all(&dest).with_context(|| format!("clearing {}", dest.display()))?;
+        }
+        copy_tree(&root.join(krate), &dest)?;
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == "target" {
+            continue;
+        }
+        let (src, dst) = (entry.path(), to.join(&name));
+        if entry.file_type()?.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else {
+            fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
 fn build(root: &Path, nightly: &Nightly, linker: &Path) -> Result<PathBuf> {
-    let crate_dir = root.join("mesh-ebpf");
-    let target_dir = crate_dir.join("target");
+    let stage_root = stage_dir();
+    stage(root, &stage_root)?;
+    let crate_dir = stage_root.join("mesh-ebpf");
+    let target_dir = stage_root.join("target");
     let cargo_home = env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| home().join(".cargo"));
     // Remap every absolute path that ends up in BTF/DWARF so the object is the same
-    // wherever the repository, cargo home or toolchain live.
+    // wherever the stage, cargo home or toolchain live.
     let remaps = [
-        (root.to_path_buf(), "/mesh".to_owned()),
+        (stage_root.clone(), "/mesh".to_owned()),
         (cargo_home.join("registry/src"), "/registry".to_owned()),
         (nightly.sysroot.clone(), "/rust".to_owned()),
     ];

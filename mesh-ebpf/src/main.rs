@@ -300,6 +300,10 @@ fn try_getsockopt(ctx: &SockoptContext) {
     if sk.protocol != IPPROTO_TCP {
         return;
     }
+    let Some(cfg) = config() else { return };
+    // A socket reset before the agent accepted it has released its port binding, and
+    // the kernel zeroes its local port then; the listener's port is what it was.
+    let local_port = if sk.src_port != 0 { sk.src_port as u16 } else { cfg.outbound_port };
     // The accepted socket's remote end is the workload, its local end the listener.
     let (src_addr, dst_addr) = if sk.family == u32::from(AF_INET) {
         (v4_mapped(sk.dst_ip4), v4_mapped(sk.src_ip4))
@@ -312,7 +316,7 @@ fn try_getsockopt(ctx: &SockoptContext) {
         src_addr,
         dst_addr,
         src_port: u16::from_be(sk.dst_port),
-        dst_port: sk.src_port as u16,
+        dst_port: local_port,
         _pad: 0,
     };
     let Some(dst) = ORIG_DST_BY_TUPLE.get_ptr(&key) else { return };

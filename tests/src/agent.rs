@@ -151,16 +151,25 @@ impl Agent {
         self.lines.lock().unwrap().iter().filter(|v| pred(v)).cloned().collect()
     }
 
-    /// Waits for a log line matching `pred`.
+    /// Waits for a log line matching `pred`; on timeout the panic shows the agent's log.
     pub fn wait_log(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        eventually(Duration::from_secs(15), what, || self.find(&pred))
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(v) = self.find(&pred) {
+                return v;
+            }
+            if std::time::Instant::now() >= deadline {
+                panic!("timed out waiting for {what}; agent log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Waits for the "connection closed" record of a connection to `orig_dst`.
     pub fn wait_conn(&self, orig_dst: SocketAddr) -> Value {
         let want = orig_dst.to_string();
-        eventually(Duration::from_secs(15), &format!("connection record for {want}"), || {
-            self.find(|v| message(v) == "connection closed" && v["orig_dst"] == want.as_str())
+        self.wait_log(&format!("connection record for {want}"), |v| {
+            message(v) == "connection closed" && v["orig_dst"] == want.as_str()
         })
     }
 

@@ -70,7 +70,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             init_logging(args.log_format, &args.log)?;
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(usize::from(args.worker_threads))
+                .thread_name("mesh-agent")
+                .enable_all()
+                .build()?;
             let result = rt.block_on(agent::run(*args));
             // Do not wait for connection tasks past the drain deadline.
             rt.shutdown_background();

@@ -1,1 +1,4 @@
-//! The mesh control plane (filled in by the control-plane issue).
+//! The mesh control plane: registry sources merged into versioned snapshots,
+//! the discovery stream to agents, and the CA.
+
+pub mod registry;

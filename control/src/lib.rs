@@ -1,4 +1,14 @@
 //! The mesh control plane: registry sources merged into versioned snapshots,
 //! the discovery stream to agents, and the CA.
+//!
+//! Data flow: each [`registry::Source`] publishes its complete view ->
+//! [`snapshot::SnapshotBuilder`] merges them into one versioned snapshot ->
+//! [`discovery::DiscoveryService`] streams it to every agent and records their
+//! ACKs/NACKs -> [`admin`] shows it all.
 
+pub mod admin;
+pub mod discovery;
+pub mod json;
 pub mod registry;
+pub mod server;
+pub mod snapshot;

@@ -7,7 +7,7 @@
 //! | GET | `/live` | 200 while the process serves |
 //! | GET | `/ready` | 200 once interception is attached and listeners accept, 503 otherwise |
 //! | GET | `/stats` | connection counters and eBPF program counters (JSON) |
-//! | GET | `/config_dump` | mode, settings, enrolled cgroups (JSON) |
+//! | GET | `/config_dump` | mode, settings, enrolled cgroups, discovery state and routes (JSON) |
 //! | POST | `/enroll?cgroup=PATH[&create=true]` | start intercepting a cgroup |
 //! | POST | `/unenroll?cgroup=PATH` | stop intercepting it |
 //! | POST | `/quitquitquit` | graceful shutdown, as SIGTERM |
@@ -103,6 +103,7 @@ async fn route(state: &Arc<AgentState>, req: Request<Incoming>) -> Response<Body
                     "mode": state.mode,
                     "connections": state.proxy.stats.snapshot(),
                     "ebpf": ebpf,
+                    "discovery": state.discovery_status(),
                 }),
             )
         }

@@ -20,6 +20,10 @@ use crate::{
     admin,
     cgroup::{CgroupPath, cgroup2_mount},
     config::{ProxySettings, RunArgs},
+    discovery::{
+        self, RouteStore,
+        client::{Backoff, ClientSettings},
+    },
     intercept::{ActiveMode, InterceptError, Interceptor, Settings},
     listener::{self, Direction, ProxyContext},
     orig_dst::SocketOption,
@@ -40,6 +44,7 @@ pub struct AgentState {
     created: Mutex<BTreeSet<CgroupPath>>,
     ready: AtomicBool,
     pub shutdown: CancellationToken,
+    control_plane: Option<String>,
 }
 
 /// Errors of enrol/unenrol requests.
@@ -71,6 +76,22 @@ pub struct ConfigDump {
     pub enrolled: Vec<String>,
     pub opaque_ports: Vec<u16>,
     pub detect_timeout_ms: u128,
+    pub discovery: DiscoveryStatus,
+    /// Service ports of the applied snapshot with their endpoints and health.
+    pub routes: Vec<Arc<crate::discovery::table::Route>>,
+}
+
+/// The discovery client's state, in `/stats` and `/config_dump`.
+#[derive(Serialize)]
+pub struct DiscoveryStatus {
+    pub control_plane: Option<String>,
+    pub connected: bool,
+    pub applied_version: u64,
+    /// Seconds routed without a live control-plane stream (0 while connected).
+    pub staleness_seconds: f64,
+    pub seconds_since_update: Option<f64>,
+    pub services: usize,
+    pub endpoints: usize,
 }
 
 impl AgentState {
@@ -120,6 +141,20 @@ impl AgentState {
         Ok(cgroup)
     }
 
+    pub fn discovery_status(&self) -> DiscoveryStatus {
+        let routes = &self.proxy.routes;
+        let table = routes.table();
+        DiscoveryStatus {
+            control_plane: self.control_plane.clone(),
+            connected: routes.is_connected(),
+            applied_version: table.version,
+            staleness_seconds: routes.staleness().as_secs_f64(),
+            seconds_since_update: routes.since_last_update().map(|d| d.as_secs_f64()),
+            services: table.routes().len(),
+            endpoints: table.endpoint_count(),
+        }
+    }
+
     pub fn config_dump(&self) -> ConfigDump {
         let enrolled = self
             .interceptor
@@ -147,6 +182,8 @@ impl AgentState {
             enrolled,
             opaque_ports,
             detect_timeout_ms: self.proxy.detect_timeout.as_millis(),
+            discovery: self.discovery_status(),
+            routes: self.proxy.routes.table().routes().to_vec(),
         }
     }
 
@@ -207,6 +244,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     for l in outbound.iter().chain(&inbound) {
         own_addrs.push(l.local_addr()?);
     }
+    let routes = Arc::new(RouteStore::new(args.control_plane.is_some()));
     let proxy = Arc::new(ProxyContext {
         mode,
         sockets: SocketFactory::new(settings.mark),
@@ -216,6 +254,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         opaque_ports,
         own_addrs,
         stats: Default::default(),
+        routes: routes.clone(),
     });
     let state = Arc::new(AgentState {
         mode,
@@ -227,6 +266,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         created: Mutex::new(BTreeSet::new()),
         ready: AtomicBool::new(false),
         shutdown: CancellationToken::new(),
+        control_plane: args.control_plane.clone(),
     });
 
     for cg in &args.cgroups {
@@ -255,6 +295,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(anyhow::anyhow!("admin endpoint on {} (--admin-addr): {e}", args.admin_addr));
         }
     };
+
+    if let Some(control_plane) = &args.control_plane {
+        let node = args.node.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "unknown".into())
+        });
+        let settings = ClientSettings {
+            control_plane: control_plane.clone(),
+            node,
+            agent_address: String::new(),
+            mode: mode.as_str().to_string(),
+            max_endpoints: args.max_endpoints,
+            keepalive: args.discovery_keepalive,
+            connect_timeout: connect_timeout.min(std::time::Duration::from_secs(5)),
+            backoff: Backoff::new(std::time::Duration::from_millis(100), args.discovery_backoff_max),
+        };
+        tokio::spawn(discovery::client::run(settings, proxy.sockets, routes.clone(), state.shutdown.clone()));
+    }
 
     state.ready.store(true, Ordering::Release);
     let enrolled: Vec<String> = state.config_dump().enrolled;

@@ -125,6 +125,29 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_IPTABLES_EXTERNAL")]
     pub iptables_external: bool,
 
+    /// Control plane gRPC address (`http://host:port`). Without it the agent forwards
+    /// every connection to its original destination.
+    #[arg(long, env = "MESH_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+
+    /// This node's name as the control plane knows it (default: the host name).
+    #[arg(long, env = "MESH_NODE")]
+    pub node: Option<String>,
+
+    /// Refuse (NACK) snapshots with more endpoints than this, bounding the agent's memory.
+    #[arg(long, env = "MESH_MAX_ENDPOINTS", default_value_t = 100_000)]
+    pub max_endpoints: usize,
+
+    /// Longest wait between reconnects to the control plane (jittered exponential
+    /// backoff from 100 ms up to this).
+    #[arg(long, env = "MESH_DISCOVERY_BACKOFF_MAX", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub discovery_backoff_max: Duration,
+
+    /// HTTP/2 keepalive interval (and timeout) on the control-plane stream: how fast a
+    /// dead control plane is noticed.
+    #[arg(long, env = "MESH_DISCOVERY_KEEPALIVE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub discovery_keepalive: Duration,
+
     /// Forward the eBPF programs' debug records to the log (costs a ring-buffer write
     /// per intercepted connect).
     #[arg(long, env = "MESH_EBPF_LOG")]
@@ -268,6 +291,25 @@ impl RunArgs {
         }
         if self.connect_timeout.is_zero() {
             return Err(err("--connect-timeout", "MESH_CONNECT_TIMEOUT", "must be more than 0"));
+        }
+        if let Some(cp) = &self.control_plane
+            && !(cp.starts_with("http://") || cp.starts_with("https://"))
+        {
+            return Err(err(
+                "--control-plane",
+                "MESH_CONTROL_PLANE",
+                format!("{cp:?} must be a URL like http://10.0.0.1:15010"),
+            ));
+        }
+        if self.discovery_backoff_max < Duration::from_millis(100) {
+            return Err(err(
+                "--discovery-backoff-max",
+                "MESH_DISCOVERY_BACKOFF_MAX",
+                "must be at least 100ms",
+            ));
+        }
+        if self.discovery_keepalive < Duration::from_secs(1) {
+            return Err(err("--discovery-keepalive", "MESH_DISCOVERY_KEEPALIVE", "must be at least 1s"));
         }
         if self.iptables_external && self.mode != Mode::Iptables {
             return Err(err(

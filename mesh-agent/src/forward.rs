@@ -20,6 +20,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    discovery::{Resolved, table::Route},
     listener::{Direction, ProxyContext},
     sniff::{self, OpaqueReason, Protocol, SniffError},
 };
@@ -73,8 +74,23 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
         return;
     }
 
+    let route = match ctx.routes.resolve(orig_dst) {
+        Resolved::Passthrough(dst) => Target { service: None, first: dst, route: None },
+        Resolved::Service { route, endpoint } => {
+            Target { service: Some(route.service.clone()), first: endpoint.addr, route: Some(route) }
+        }
+        Resolved::NoHealthyEndpoint { route } => {
+            warn!(direction = direction.as_str(), src = %peer, orig_dst = %orig_dst, service = %route.service,
+                endpoints = route.endpoints.len(), "service has no healthy endpoint; refusing the connection");
+            reset(&client);
+            ctx.stats.closed(direction, true);
+            return;
+        }
+    };
+    let service = route.service.clone();
+
     let mut sniffed = BytesMut::with_capacity(SNIFF_BUF);
-    let connect = ctx.sockets.connect(orig_dst, ctx.connect_timeout);
+    let connect = connect_target(&ctx, route);
     let early = if ctx.opaque_ports.contains(&orig_dst.port()) {
         match connect.await {
             Ok(up) => Early::Ready(up, Protocol::Opaque(OpaqueReason::OpaquePort)),
@@ -83,10 +99,12 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
     } else {
         sniff_while_connecting(&mut client, &mut sniffed, ctx.detect_timeout, connect).await
     };
-    let (mut upstream, protocol) = match early {
+    let info =
+        |endpoint: Option<SocketAddr>| ConnInfo { peer, orig_dst, service: service.as_deref(), endpoint };
+    let ((mut upstream, endpoint), protocol) = match early {
         Early::Ready(up, protocol) => (up, protocol),
         Early::SniffFailed(e) => {
-            log_close(&ctx, direction, peer, orig_dst, None, &Outcome::failed(0, 0, start, Side::Client, &e));
+            log_close(&ctx, direction, &info(None), None, &Outcome::failed(0, 0, start, Side::Client, &e));
             ctx.stats.closed(direction, true);
             return;
         }
@@ -97,8 +115,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
             log_close(
                 &ctx,
                 direction,
-                peer,
-                orig_dst,
+                &info(None),
                 protocol.as_ref(),
                 &Outcome::failed(0, 0, start, Side::Upstream, &e),
             );
@@ -117,15 +134,61 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
             Side::Upstream => reset(&client),
         }
     }
-    log_close(&ctx, direction, peer, orig_dst, Some(&protocol), &outcome);
+    log_close(&ctx, direction, &info(Some(endpoint)), Some(&protocol), &outcome);
     ctx.stats.closed(direction, outcome.error.is_some());
     ctx.stats.bytes(outcome.client_to_upstream, outcome.upstream_to_client);
+}
+
+/// Where an intercepted connection is sent.
+struct Target {
+    /// `namespace/name` when the destination is a known service.
+    service: Option<Arc<str>>,
+    /// The first address to try.
+    first: SocketAddr,
+    /// The service route, for failing over to another endpoint.
+    route: Option<Arc<Route>>,
+}
+
+/// Connects to the target; when a service endpoint refuses or times out, tries up
+/// to [`FAILOVER_ATTEMPTS`] other healthy endpoints before giving up (a connection
+/// that never reached a server is always safe to retry).
+async fn connect_target(ctx: &ProxyContext, target: Target) -> io::Result<(TcpStream, SocketAddr)> {
+    let mut addr = target.first;
+    let extra =
+        target.route.as_ref().map_or(0, |r| r.healthy_count().saturating_sub(1).min(FAILOVER_ATTEMPTS));
+    let mut attempt = 0;
+    loop {
+        match ctx.sockets.connect(addr, ctx.connect_timeout).await {
+            Ok(s) => return Ok((s, addr)),
+            Err(e) if attempt < extra => {
+                attempt += 1;
+                let next = target.route.as_ref().and_then(|r| r.pick()).map(|ep| ep.addr);
+                warn!(endpoint = %addr, error = %e, next = ?next, "endpoint connect failed; trying another");
+                match next {
+                    Some(n) => addr = n,
+                    None => return Err(e),
+                }
+            }
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{addr}: {e}"))),
+        }
+    }
+}
+
+/// Other endpoints tried after a failed connect.
+const FAILOVER_ATTEMPTS: usize = 2;
+
+/// Identifies a connection in its log record.
+struct ConnInfo<'a> {
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+    service: Option<&'a str>,
+    endpoint: Option<SocketAddr>,
 }
 
 /// Where a connection stands once the protocol is known and upstream is connected,
 /// or why it never got there.
 enum Early {
-    Ready(TcpStream, Protocol),
+    Ready((TcpStream, SocketAddr), Protocol),
     SniffFailed(SniffError),
     ConnectFailed(io::Error, Option<Protocol>),
 }
@@ -137,7 +200,7 @@ async fn sniff_while_connecting(
     client: &mut TcpStream,
     buf: &mut BytesMut,
     timeout: Duration,
-    connect: impl Future<Output = io::Result<TcpStream>>,
+    connect: impl Future<Output = io::Result<(TcpStream, SocketAddr)>>,
 ) -> Early {
     let sniff = sniff::sniff(client, buf, timeout);
     tokio::pin!(sniff);
@@ -167,7 +230,7 @@ async fn sniff_while_connecting(
         },
         // Readable means the server sent bytes (or closed): either way it went first.
         // The sniff is cancel-safe: whatever the client sent so far stays in `buf`.
-        _ = upstream.readable() => Early::Ready(upstream, Protocol::Opaque(OpaqueReason::ServerFirst)),
+        _ = upstream.0.readable() => Early::Ready(upstream, Protocol::Opaque(OpaqueReason::ServerFirst)),
     }
 }
 
@@ -254,8 +317,7 @@ fn reset(stream: &TcpStream) {
 fn log_close(
     ctx: &ProxyContext,
     direction: Direction,
-    peer: SocketAddr,
-    orig_dst: SocketAddr,
+    conn: &ConnInfo<'_>,
     protocol: Option<&Protocol>,
     o: &Outcome,
 ) {
@@ -275,8 +337,10 @@ fn log_close(
         target: "mesh_agent::conn",
         mode = ctx.mode.as_str(),
         direction = direction.as_str(),
-        src = %peer,
-        orig_dst = %orig_dst,
+        src = %conn.peer,
+        orig_dst = %conn.orig_dst,
+        service = conn.service,
+        endpoint = conn.endpoint.map(tracing::field::display),
         protocol = protocol.map(|p| p.name()).unwrap_or("unknown"),
         opaque_reason,
         sni,

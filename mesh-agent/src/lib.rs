@@ -11,6 +11,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod cidr;
 pub mod config;
+pub mod discovery;
 pub mod forward;
 pub mod intercept;
 pub mod listener;

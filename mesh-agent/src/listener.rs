@@ -23,7 +23,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
 use crate::{
-    forward, intercept::ActiveMode, orig_dst::OrigDstLookup, sniff::Protocol, socket::SocketFactory,
+    discovery::RouteStore, forward, intercept::ActiveMode, orig_dst::OrigDstLookup, sniff::Protocol,
+    socket::SocketFactory,
 };
 
 /// Which listener a connection came through.
@@ -54,6 +55,8 @@ pub struct ProxyContext {
     /// one of these would loop.
     pub own_addrs: Vec<SocketAddr>,
     pub stats: Stats,
+    /// Service routing from the control plane's snapshots.
+    pub routes: Arc<RouteStore>,
 }
 
 impl ProxyContext {
@@ -231,6 +234,7 @@ mod tests {
             opaque_ports: HashSet::new(),
             own_addrs: own,
             stats: Stats::default(),
+            routes: Arc::new(RouteStore::new(false)),
         }
     }
 

@@ -32,3 +32,9 @@ pub fn probe() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| build("mesh-tests", "mesh-probe"))
 }
+
+/// The `mesh-control` control plane.
+pub fn control() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build("control", "mesh-control"))
+}

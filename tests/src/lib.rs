@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod bins;
 pub mod cgroup;
+pub mod control;
 pub mod netns;
 pub mod privilege;
 pub mod servers;
@@ -15,6 +16,7 @@ pub mod wait;
 
 pub use agent::{Agent, AgentOptions};
 pub use cgroup::Cgroup;
+pub use control::Control;
 pub use netns::{Host, Lab};
 pub use privilege::require_root;
 pub use wait::eventually;

@@ -224,6 +224,11 @@ impl Lab {
             ns.exec_ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
             ns.exec_ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
             ns.exec_ip(&["link", "set", "eth0", "up"])?;
+            // Service VIPs (10.96.0.0/16, fd96::/64) are routed onto the bridge, as a
+            // cluster routes its service range, so a workload's connect() to a VIP
+            // gets past the routing decision in iptables mode (eBPF rewrites earlier).
+            ns.exec_ip(&["route", "add", "10.96.0.0/16", "dev", "eth0"])?;
+            ns.exec_ip(&["-6", "route", "add", "fd96::/64", "dev", "eth0"])?;
             hosts.push(Host { name: (*name).to_owned(), ns, v4, v6 });
         }
         Ok(Self { hosts, _switch: switch })

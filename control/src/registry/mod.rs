@@ -23,6 +23,8 @@ pub struct SourceView {
     pub last_error: Option<String>,
 }
 
+pub mod file;
+
 /// A registry source. `run` publishes into `tx` until `shutdown` fires.
 pub trait Source: Send + 'static {
     /// Short name for logs, errors and metrics ("file", "kubernetes").

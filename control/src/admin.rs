@@ -1,0 +1,98 @@
+//! The control plane's admin endpoint (loopback by default).
+//!
+//! | path | |
+//! |---|---|
+//! | `/live` | 200 while the process serves |
+//! | `/ready` | 200 once every registry source finished its first load |
+//! | `/agents` | per-agent sent/applied/refused versions (JSON) |
+//! | `/config_dump` | the current snapshot and source errors (JSON) |
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::{discovery::AgentBook, snapshot::Versioned};
+
+/// What the admin endpoint reads.
+#[derive(Clone)]
+pub struct AdminState {
+    pub snapshots: watch::Receiver<Arc<Versioned>>,
+    pub agents: AgentBook,
+}
+
+/// Binds the admin endpoint and serves it until `shutdown`.
+pub async fn spawn(
+    addr: SocketAddr,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => { tracing::debug!(error = %e, "admin accept failed"); continue; }
+                },
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(route(&state, &req)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let current = state.snapshots.borrow().clone();
+    match req.uri().path() {
+        "/live" => respond(StatusCode::OK, "text/plain", "live\n"),
+        "/ready" if current.ready => respond(StatusCode::OK, "text/plain", "ready\n"),
+        "/ready" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "registry not loaded yet\n"),
+        "/agents" => {
+            let agents: Vec<_> = state.agents.list().iter().map(crate::json::agent).collect();
+            let body = json!({ "current_version": current.version, "agents": agents });
+            respond(StatusCode::OK, "application/json", body.to_string())
+        }
+        "/config_dump" => {
+            let errors: Vec<_> =
+                current.source_errors.iter().map(|(s, e)| json!({"source": s, "error": e})).collect();
+            let snapshot = current.response.snapshot.as_ref().map(crate::json::snapshot);
+            let body = json!({
+                "version": current.version,
+                "ready": current.ready,
+                "source_errors": errors,
+                "snapshot": snapshot,
+                "connected_agents": state.agents.connected(),
+            });
+            respond(StatusCode::OK, "application/json", body.to_string())
+        }
+        _ => {
+            respond(StatusCode::NOT_FOUND, "text/plain", "not found: try /live /ready /agents /config_dump\n")
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The discovery stream: one long-lived bidirectional gRPC stream per agent.
+//!
+//! The agent subscribes, receives the current snapshot and then every newer one,
+//! and answers each with an ACK or a NACK. The control plane records, per agent,
+//! what it sent, what was applied and what was refused (and why), and serves that
+//! through `Agents`.
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use futures_util::Stream;
+use mesh_api as api;
+use mesh_api::discovery_server::Discovery;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::snapshot::Versioned;
+
+/// What the control plane knows about each agent that has connected.
+#[derive(Debug, Default, Clone)]
+pub struct AgentBook {
+    inner: Arc<Mutex<HashMap<String, api::AgentStatus>>>,
+}
+
+impl AgentBook {
+    fn update(&self, node: &str, f: impl FnOnce(&mut api::AgentStatus)) {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map
+            .entry(node.to_string())
+            .or_insert_with(|| api::AgentStatus { node: node.into(), ..Default::default() });
+        f(entry);
+        entry.last_seen = now_secs();
+    }
+
+    /// Every agent, sorted by node name.
+    pub fn list(&self) -> Vec<api::AgentStatus> {
+        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = map.values().cloned().collect();
+        v.sort_by(|a, b| a.node.cmp(&b.node));
+        v
+    }
+
+    /// Number of agents with an open stream.
+    pub fn connected(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).values().filter(|a| a.connected).count()
+    }
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct DiscoveryService {
+    snapshots: watch::Receiver<Arc<Versioned>>,
+    agents: AgentBook,
+}
+
+impl DiscoveryService {
+    pub fn new(snapshots: watch::Receiver<Arc<Versioned>>, agents: AgentBook) -> Self {
+        Self { snapshots, agents }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<api::DiscoveryResponse, Status>> + Send>>;
+
+/// Marks an agent disconnected when its stream task ends, however it ends.
+struct Connected {
+    agents: AgentBook,
+    node: String,
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.agents.update(&self.node, |a| a.connected = false);
+        tracing::info!(node = %self.node, "agent disconnected");
+    }
+}
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type StreamStream = ResponseStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<api::DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let first = match inbound.message().await? {
+            Some(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Subscribe(s)) }) => s,
+            Some(_) => return Err(Status::invalid_argument("the first message must be a Subscribe")),
+            None => return Err(Status::cancelled("stream closed before Subscribe")),
+        };
+        if first.node.is_empty() {
+            return Err(Status::invalid_argument("Subscribe.node must not be empty"));
+        }
+        let node = first.node.clone();
+        tracing::info!(node = %node, peer = ?peer, have_version = first.have_version, mode = %first.mode, "agent subscribed");
+        self.agents.update(&node, |a| {
+            a.connected = true;
+            a.connected_at = now_secs();
+            a.agent_address = first.agent_address.clone();
+            a.mode = first.mode.clone();
+            a.workloads = first.workloads.clone();
+        });
+
+        // Responses go through a small bounded queue: a slow agent holds at most one
+        // pending snapshot here, and a newer one replaces what it has not read yet
+        // (the watch channel only ever yields the latest).
+        let (tx, rx) = mpsc::channel::<Result<api::DiscoveryResponse, Status>>(1);
+        let mut snapshots = self.snapshots.clone();
+        let agents = self.agents.clone();
+        tokio::spawn(async move {
+            let _connected = Connected { agents: agents.clone(), node: node.clone() };
+            let mut sent = 0u64;
+            snapshots.mark_changed();
+            loop {
+                tokio::select! {
+                    changed = snapshots.changed() => {
+                        if changed.is_err() { return }
+                        let current = snapshots.borrow_and_update().clone();
+                        if current.version == 0 || current.version == sent {
+                            continue;
+                        }
+                        sent = current.version;
+                        agents.update(&node, |a| a.sent_version = sent);
+                        // Cloning the message is the encode step's input; the state
+                        // itself is shared until tonic serializes it.
+                        if tx.send(Ok((*current.response).clone())).await.is_err() { return }
+                    }
+                    msg = inbound.next() => match msg {
+                        Some(Ok(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Ack(a)) })) => {
+                            tracing::debug!(node = %node, version = a.version, "ACK");
+                            agents.update(&node, |s| s.acked_version = a.version);
+                        }
+                        Some(Ok(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Nack(n)) })) => {
+                            tracing::warn!(node = %node, version = n.version, reason = %n.reason, "agent refused a snapshot (NACK)");
+                            agents.update(&node, |s| {
+                                s.nacked_version = n.version;
+                                s.nack_reason = n.reason.clone();
+                            });
+                        }
+                        Some(Ok(_)) => tracing::debug!(node = %node, "ignoring unexpected message on a subscribed stream"),
+                        Some(Err(e)) => {
+                            tracing::debug!(node = %node, error = %e, "stream error");
+                            return;
+                        }
+                        None => return,
+                    },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn agents(
+        &self,
+        _request: Request<api::AgentsRequest>,
+    ) -> Result<Response<api::AgentsResponse>, Status> {
+        let current_version = self.snapshots.borrow().version;
+        Ok(Response::new(api::AgentsResponse { agents: self.agents.list(), current_version }))
+    }
+}

@@ -1,0 +1,94 @@
+//! Wires the control plane together: sources -> snapshot builder -> gRPC server
+//! and admin endpoint, with one shutdown token.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use mesh_api::discovery_server::DiscoveryServer;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin::{self, AdminState},
+    discovery::{AgentBook, DiscoveryService},
+    registry::{Source, SourceView},
+    snapshot::{SnapshotBuilder, Versioned},
+};
+
+/// Control-plane settings the library needs (the binary maps flags onto this).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub trust_domain: String,
+    /// HTTP/2 keepalive pings on agent streams, so dead agents are noticed.
+    pub keepalive: Duration,
+    /// Changes closer together than this become one version.
+    pub settle: Duration,
+}
+
+/// A running control plane.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub snapshots: watch::Receiver<Arc<Versioned>>,
+    pub agents: AgentBook,
+    pub tasks: tokio::task::JoinSet<()>,
+}
+
+/// Errors starting the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen for gRPC on {addr}: {source}")]
+    Grpc { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen for admin on {addr}: {source}")]
+    Admin { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Starts sources, the snapshot builder and both listeners.
+pub async fn start(
+    settings: &Settings,
+    sources: Vec<Box<dyn Source>>,
+    shutdown: CancellationToken,
+) -> Result<Running, StartError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut receivers = Vec::new();
+    for source in sources {
+        let (tx, rx) = watch::channel(SourceView::default());
+        receivers.push((source.name().to_string(), rx));
+        tasks.spawn(source.run(tx, shutdown.clone()));
+    }
+    let (builder, snapshots) = SnapshotBuilder::new(receivers, settings.trust_domain.clone());
+    tasks.spawn(builder.run(settings.settle, shutdown.clone()));
+
+    let agents = AgentBook::default();
+    let listener = TcpListener::bind(settings.grpc_addr)
+        .await
+        .map_err(|source| StartError::Grpc { addr: settings.grpc_addr, source })?;
+    let grpc_addr =
+        listener.local_addr().map_err(|source| StartError::Grpc { addr: settings.grpc_addr, source })?;
+    let service = DiscoveryServer::new(DiscoveryService::new(snapshots.clone(), agents.clone()));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let keepalive = settings.keepalive;
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(keepalive))
+            .http2_keepalive_timeout(Some(keepalive))
+            .tcp_nodelay(true)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+    let admin_addr = admin::spawn(
+        settings.admin_addr,
+        AdminState { snapshots: snapshots.clone(), agents: agents.clone() },
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| StartError::Admin { addr: settings.admin_addr, source })?;
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane serving");
+    Ok(Running { grpc_addr, admin_addr, snapshots, agents, tasks })
+}

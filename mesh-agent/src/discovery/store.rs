@@ -1,0 +1,123 @@
+//! The routing table the data path reads, swapped whole on every applied snapshot.
+//!
+//! Readers load an `Arc` of the current table without locking (arc-swap), so a
+//! connection sees either the old or the new table, never a mix, and an update
+//! never waits for readers.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+
+use super::table::{EndpointTarget, Route, RouteTable};
+
+/// Where an intercepted connection goes.
+#[derive(Debug)]
+pub enum Resolved {
+    /// A known service with at least one healthy endpoint.
+    Service { route: Arc<Route>, endpoint: EndpointTarget },
+    /// A known service with no endpoint that can take traffic.
+    NoHealthyEndpoint { route: Arc<Route> },
+    /// Unknown to the control plane: the original destination, untouched.
+    Passthrough(SocketAddr),
+}
+
+/// Shared between the discovery client (writer) and the data path (readers).
+#[derive(Debug)]
+pub struct RouteStore {
+    table: ArcSwap<RouteTable>,
+    base: Instant,
+    /// Milliseconds since `base` of the last applied snapshot (0: none yet).
+    applied_at_ms: AtomicU64,
+    /// Milliseconds since `base` when the stream was last seen alive.
+    contact_ms: AtomicU64,
+    connected: AtomicBool,
+    /// Whether a control plane is configured at all.
+    enabled: bool,
+}
+
+impl RouteStore {
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(RouteTable::default()),
+            base: Instant::now(),
+            applied_at_ms: AtomicU64::new(0),
+            contact_ms: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            enabled,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    /// The current table.
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.table.load_full()
+    }
+
+    /// Installs a validated table.
+    pub fn apply(&self, table: RouteTable) {
+        self.table.store(Arc::new(table));
+        let now = self.now_ms().max(1);
+        self.applied_at_ms.store(now, Ordering::Release);
+        self.contact_ms.store(now, Ordering::Release);
+    }
+
+    /// Records the stream's state. Staleness counts from the moment a live stream
+    /// was lost, not from the latest failed reconnect attempt.
+    pub(crate) fn set_connected(&self, connected: bool) {
+        let was = self.connected.swap(connected, Ordering::AcqRel);
+        if connected || was {
+            self.contact_ms.store(self.now_ms().max(1), Ordering::Release);
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Whether any snapshot has been applied.
+    pub fn has_snapshot(&self) -> bool {
+        self.applied_at_ms.load(Ordering::Acquire) != 0
+    }
+
+    /// How long the agent has been routing without a live control-plane stream:
+    /// zero while connected, else the time since the stream was last alive (or since
+    /// start when it never connected).
+    pub fn staleness(&self) -> Duration {
+        if !self.enabled || self.is_connected() {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(self.now_ms().saturating_sub(self.contact_ms.load(Ordering::Acquire)))
+    }
+
+    /// Time since the last applied snapshot, if any.
+    pub fn since_last_update(&self) -> Option<Duration> {
+        let at = self.applied_at_ms.load(Ordering::Acquire);
+        (at != 0).then(|| Duration::from_millis(self.now_ms().saturating_sub(at)))
+    }
+
+    /// Original destination -> service -> endpoint (round robin over healthy ones).
+    pub fn resolve(&self, orig_dst: SocketAddr) -> Resolved {
+        let table = self.table.load();
+        match table.by_addr(orig_dst) {
+            None => Resolved::Passthrough(orig_dst),
+            Some(route) => match route.pick() {
+                Some(endpoint) => Resolved::Service { endpoint: endpoint.clone(), route: route.clone() },
+                None => Resolved::NoHealthyEndpoint { route: route.clone() },
+            },
+        }
+    }
+}

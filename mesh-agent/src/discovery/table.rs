@@ -1,0 +1,336 @@
+//! The agent's routing table, built from one discovery snapshot.
+//!
+//! Built once per snapshot (validation happens here, so a snapshot the agent cannot
+//! use is refused as a whole and NACKed) and then only read: lookups are hash-map
+//! hits on the intercepted original destination (VIP:port) or on a hostname, and
+//! round robin is one atomic increment over a precomputed list of healthy endpoints.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use mesh_api as api;
+use serde::Serialize;
+
+/// Why a snapshot cannot be used (sent back as the NACK reason).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TableError {
+    #[error("snapshot has no payload")]
+    Empty,
+    #[error("service {service}: {field}: {message}")]
+    Invalid { service: String, field: String, message: String },
+    #[error("service {service}: VIP {vip} is also claimed by service {other}")]
+    Conflict { service: String, vip: SocketAddr, other: String },
+    #[error("snapshot has {count} endpoints, over this agent's limit of {limit} (--max-endpoints)")]
+    TooManyEndpoints { count: usize, limit: usize },
+}
+
+/// One endpoint as the data path needs it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointTarget {
+    pub addr: SocketAddr,
+    pub healthy: bool,
+    pub health_reason: String,
+    pub weight: u32,
+    pub identity: String,
+    pub node: String,
+    /// The destination node's agent; `None` when the endpoint is outside the mesh.
+    pub agent_address: Option<SocketAddr>,
+    pub zone: String,
+    pub region: String,
+}
+
+/// A service port: what a VIP:port or hostname:port resolves to.
+#[derive(Debug, Serialize)]
+pub struct Route {
+    /// `namespace/name`.
+    pub service: Arc<str>,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub endpoints: Vec<EndpointTarget>,
+    /// Indexes into `endpoints` of the healthy ones with a non-zero weight.
+    #[serde(skip)]
+    healthy: Vec<usize>,
+    #[serde(skip)]
+    next: AtomicUsize,
+    #[serde(skip)]
+    pub policy: Option<api::Policy>,
+}
+
+impl Route {
+    /// Next healthy endpoint in round-robin order; `None` when none is healthy.
+    pub fn pick(&self) -> Option<&EndpointTarget> {
+        if self.healthy.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.healthy.len();
+        self.endpoints.get(self.healthy[i])
+    }
+
+    /// Number of endpoints that can be picked.
+    pub fn healthy_count(&self) -> usize {
+        self.healthy.len()
+    }
+}
+
+/// The routing table of one snapshot version.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub version: u64,
+    pub trust_domain: String,
+    by_addr: HashMap<SocketAddr, Arc<Route>>,
+    by_host: HashMap<(String, u16), Arc<Route>>,
+    routes: Vec<Arc<Route>>,
+    endpoint_count: usize,
+}
+
+fn protocol_name(p: api::Protocol) -> &'static str {
+    match p {
+        api::Protocol::Unspecified => "detect",
+        api::Protocol::Tcp => "tcp",
+        api::Protocol::Http1 => "http1",
+        api::Protocol::Http2 => "http2",
+        api::Protocol::Grpc => "grpc",
+        api::Protocol::Tls => "tls",
+    }
+}
+
+fn port(service: &str, field: String, v: u32) -> Result<u16, TableError> {
+    u16::try_from(v).ok().filter(|p| *p != 0).ok_or_else(|| TableError::Invalid {
+        service: service.into(),
+        field,
+        message: format!("{v} is not a port"),
+    })
+}
+
+impl RouteTable {
+    /// Builds and validates the table for `version`; `max_endpoints` bounds memory.
+    pub fn build(version: u64, snapshot: &api::Snapshot, max_endpoints: usize) -> Result<Self, TableError> {
+        let count: usize = snapshot.services.iter().map(|s| s.endpoints.len()).sum();
+        if count > max_endpoints {
+            return Err(TableError::TooManyEndpoints { count, limit: max_endpoints });
+        }
+        let mut table = RouteTable {
+            version,
+            trust_domain: snapshot.trust_domain.clone(),
+            endpoint_count: count,
+            ..Default::default()
+        };
+        for s in &snapshot.services {
+            let name: Arc<str> = format!("{}/{}", s.namespace, s.name).into();
+            let invalid = |field: String, message: String| TableError::Invalid {
+                service: name.to_string(),
+                field,
+                message,
+            };
+            let mut vips = Vec::with_capacity(s.vips.len());
+            for (i, v) in s.vips.iter().enumerate() {
+                let ip: IpAddr = v
+                    .parse()
+                    .map_err(|_| invalid(format!("vips[{i}]"), format!("{v:?} is not an IP address")))?;
+                if ip.is_loopback() || ip.is_unspecified() {
+                    return Err(invalid(format!("vips[{i}]"), format!("{ip} cannot be a service address")));
+                }
+                vips.push(ip);
+            }
+            for (pi, p) in s.ports.iter().enumerate() {
+                let svc_port = port(&name, format!("ports[{pi}].port"), p.port)?;
+                let target_default = if p.target_port == 0 {
+                    svc_port
+                } else {
+                    port(&name, format!("ports[{pi}].target_port"), p.target_port)?
+                };
+                let mut endpoints = Vec::with_capacity(s.endpoints.len());
+                for (ei, e) in s.endpoints.iter().enumerate() {
+                    let ip: IpAddr = e.address.parse().map_err(|_| {
+                        invalid(
+                            format!("endpoints[{ei}].address"),
+                            format!("{:?} is not an IP address", e.address),
+                        )
+                    })?;
+                    let target = match e.named_ports.get(&p.name) {
+                        Some(n) if !p.name.is_empty() => {
+                            port(&name, format!("endpoints[{ei}].named_ports"), *n)?
+                        }
+                        _ if e.port != 0 => port(&name, format!("endpoints[{ei}].port"), e.port)?,
+                        _ => target_default,
+                    };
+                    let agent_address = if e.agent_address.is_empty() {
+                        None
+                    } else {
+                        Some(e.agent_address.parse().map_err(|_| {
+                            invalid(
+                                format!("endpoints[{ei}].agent_address"),
+                                format!("{:?} is not an address:port", e.agent_address),
+                            )
+                        })?)
+                    };
+                    let locality = e.locality.clone().unwrap_or_default();
+                    endpoints.push(EndpointTarget {
+                        addr: SocketAddr::new(ip, target),
+                        healthy: e.health() != api::Health::Unhealthy,
+                        health_reason: e.health_reason.clone(),
+                        weight: e.weight,
+                        identity: e.identity.clone(),
+                        node: e.node.clone(),
+                        agent_address,
+                        zone: locality.zone,
+                        region: locality.region,
+                    });
+                }
+                let healthy = endpoints
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.healthy && e.weight > 0)
+                    .map(|(i, _)| i)
+                    .collect();
+                let route = Arc::new(Route {
+                    service: name.clone(),
+                    port: svc_port,
+                    protocol: protocol_name(p.protocol()),
+                    endpoints,
+                    healthy,
+                    next: AtomicUsize::new(0),
+                    policy: s.policy.clone(),
+                });
+                for ip in &vips {
+                    let addr = SocketAddr::new(*ip, svc_port);
+                    if let Some(other) = table.by_addr.insert(addr, route.clone()) {
+                        return Err(TableError::Conflict {
+                            service: name.to_string(),
+                            vip: addr,
+                            other: other.service.to_string(),
+                        });
+                    }
+                }
+                for h in &s.hostnames {
+                    table.by_host.insert((h.to_ascii_lowercase(), svc_port), route.clone());
+                }
+                table.routes.push(route);
+            }
+        }
+        Ok(table)
+    }
+
+    /// The service port an intercepted connection to `dst` was meant for.
+    pub fn by_addr(&self, dst: SocketAddr) -> Option<&Arc<Route>> {
+        // Normalise v4-mapped IPv6 destinations (dual-stack sockets) to IPv4.
+        let dst = match dst.ip() {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::new(IpAddr::V4(v4), dst.port()),
+                None => dst,
+            },
+            IpAddr::V4(_) => dst,
+        };
+        self.by_addr.get(&dst)
+    }
+
+    /// The service port a hostname (SNI, Host header) and port name.
+    pub fn by_host(&self, host: &str, port: u16) -> Option<&Arc<Route>> {
+        let host = host.trim_end_matches('.');
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.by_host.get(&(host.to_ascii_lowercase(), port))
+        } else {
+            self.by_host.get(&(host.to_string(), port))
+        }
+    }
+
+    /// Every service port, for the admin dump.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoint_count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(addr: &str, health: api::Health) -> api::Endpoint {
+        api::Endpoint { address: addr.into(), weight: 1, health: health as i32, ..Default::default() }
+    }
+
+    fn snapshot() -> api::Snapshot {
+        api::Snapshot {
+            trust_domain: "cluster.local".into(),
+            services: vec![api::Service {
+                name: "echo".into(),
+                namespace: "default".into(),
+                vips: vec!["10.96.0.10".into(), "fd96::10".into()],
+                hostnames: vec!["echo.default.svc.cluster.local".into()],
+                ports: vec![api::ServicePort { port: 80, target_port: 8080, ..Default::default() }],
+                policy: None,
+                endpoints: vec![
+                    ep("10.77.0.3", api::Health::Healthy),
+                    ep("10.77.0.4", api::Health::Unspecified),
+                    ep("10.77.0.5", api::Health::Unhealthy),
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn round_robin_visits_each_healthy_endpoint_once_per_cycle() {
+        let t = RouteTable::build(1, &snapshot(), 100).unwrap();
+        let r = t.by_addr("10.96.0.10:80".parse().unwrap()).unwrap();
+        assert_eq!(r.healthy_count(), 2);
+        let mut seen: Vec<SocketAddr> = (0..4).map(|_| r.pick().unwrap().addr).collect();
+        seen.sort();
+        let a: SocketAddr = "10.77.0.3:8080".parse().unwrap();
+        let b: SocketAddr = "10.77.0.4:8080".parse().unwrap();
+        assert_eq!(seen, [a, a, b, b], "unhealthy 10.77.0.5 never picked, the others alternate");
+    }
+
+    #[test]
+    fn lookups_by_vip_v4_mapped_v6_and_hostname() {
+        let t = RouteTable::build(1, &snapshot(), 100).unwrap();
+        assert!(t.by_addr("[::ffff:10.96.0.10]:80".parse().unwrap()).is_some());
+        assert!(t.by_addr("[fd96::10]:80".parse().unwrap()).is_some());
+        assert!(t.by_addr("10.96.0.10:81".parse().unwrap()).is_none());
+        assert!(t.by_host("Echo.default.svc.cluster.local.", 80).is_some());
+        assert!(t.by_host("other", 80).is_none());
+    }
+
+    #[test]
+    fn no_healthy_endpoint_yields_none() {
+        let mut s = snapshot();
+        for e in &mut s.services[0].endpoints {
+            e.health = api::Health::Unhealthy as i32;
+        }
+        let t = RouteTable::build(1, &s, 100).unwrap();
+        assert!(t.by_addr("10.96.0.10:80".parse().unwrap()).unwrap().pick().is_none());
+    }
+
+    #[test]
+    fn unusable_snapshots_are_refused_with_a_reason() {
+        let mut s = snapshot();
+        s.services[0].endpoints[1].address = "nope".into();
+        assert_eq!(
+            RouteTable::build(1, &s, 100).unwrap_err().to_string(),
+            "service default/echo: endpoints[1].address: \"nope\" is not an IP address"
+        );
+        let mut s = snapshot();
+        s.services[0].vips[0] = "127.0.0.1".into();
+        assert!(
+            RouteTable::build(1, &s, 100).unwrap_err().to_string().contains("cannot be a service address")
+        );
+        let mut s = snapshot();
+        s.services.push(api::Service { name: "other".into(), ..s.services[0].clone() });
+        assert!(matches!(RouteTable::build(1, &s, 100), Err(TableError::Conflict { .. })));
+        assert_eq!(
+            RouteTable::build(1, &snapshot(), 2).unwrap_err(),
+            TableError::TooManyEndpoints { count: 3, limit: 2 }
+        );
+        let mut s = snapshot();
+        s.services[0].ports[0].port = 70000;
+        assert!(RouteTable::build(1, &s, 100).unwrap_err().to_string().contains("ports[0].port: 70000"));
+    }
+}

@@ -5,7 +5,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{Context, bail};
 use clap::Parser;
 use control::{
-    registry::{Source, file::FileSource},
+    registry::{
+        Source,
+        file::FileSource,
+        kubernetes::{KubernetesConfig, KubernetesSource},
+    },
     server::{self, Settings},
 };
 use tokio_util::sync::CancellationToken;
@@ -18,6 +22,19 @@ struct Args {
     /// YAML registry file (the embedded default source); watched for changes.
     #[arg(long, env = "MESH_REGISTRY")]
     registry: Option<PathBuf>,
+
+    /// Also discover services from Kubernetes (in-cluster service account, or the
+    /// local kubeconfig): Services, EndpointSlices and Pods.
+    #[arg(long, env = "MESH_KUBERNETES")]
+    kubernetes: bool,
+
+    /// Cluster DNS suffix for Kubernetes services' hostnames.
+    #[arg(long, env = "MESH_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+
+    /// Port of every node agent's mTLS inbound listener (Kubernetes endpoints' agent address).
+    #[arg(long, env = "MESH_AGENT_INBOUND_PORT", default_value_t = 15008)]
+    agent_inbound_port: u16,
 
     /// gRPC listen address for agents (discovery, certificates).
     #[arg(long, env = "MESH_CONTROL_LISTEN", default_value = "0.0.0.0:15010")]
@@ -72,8 +89,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(file = %path.display(), services = services.len(), "registry file valid");
         sources.push(Box::new(FileSource::new(path, &args.trust_domain)));
     }
+    if args.kubernetes {
+        let config = KubernetesConfig {
+            cluster_domain: args.cluster_domain.clone(),
+            trust_domain: args.trust_domain.clone(),
+            agent_inbound_port: args.agent_inbound_port,
+            ..Default::default()
+        };
+        let source = KubernetesSource::from_environment(config).await.context("--kubernetes")?;
+        sources.push(Box::new(source));
+    }
     if sources.is_empty() {
-        bail!("no registry source: pass --registry FILE (or set MESH_REGISTRY)");
+        bail!(
+            "no registry source: pass --registry FILE (MESH_REGISTRY) and/or --kubernetes (MESH_KUBERNETES)"
+        );
     }
     let settings = Settings {
         grpc_addr: args.listen,

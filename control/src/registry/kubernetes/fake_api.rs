@@ -1,0 +1,369 @@
+//! A fake Kubernetes API server for the source's tests.
+//!
+//! It speaks the real list/watch protocol over plain HTTP/1.1: lists carry
+//! `metadata.resourceVersion`, `?watch=true&resourceVersion=N` streams
+//! newline-delimited events (ADDED, MODIFIED, DELETED, BOOKMARK) in a chunked
+//! body, replaying what happened after N. Tests can cut every open watch in the
+//! middle of its body, and expire history so that a watch from an old version
+//! is refused with 410 Gone (as an ERROR event, as the real apiserver does, or
+//! as an HTTP 410 response).
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// The three kinds the source watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Pod,
+}
+
+impl Kind {
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::Service | Kind::Pod => "v1",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+        }
+    }
+
+    fn from_path(path: &str) -> Option<Kind> {
+        match path {
+            "/api/v1/services" => Some(Kind::Service),
+            "/api/v1/pods" => Some(Kind::Pod),
+            "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
+            _ => None,
+        }
+    }
+}
+
+/// How an expired resource version is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    /// HTTP 200, then one `{"type":"ERROR","object":<Status 410>}` event.
+    Event,
+    /// An HTTP 410 response with a Status body.
+    Http,
+}
+
+#[derive(Debug, Clone)]
+struct Logged {
+    rv: u64,
+    kind: Kind,
+    kind_of_event: &'static str,
+    object: Value,
+}
+
+struct State {
+    rv: u64,
+    objects: BTreeMap<(Kind, String, String), Value>,
+    log: Vec<Logged>,
+    /// Watches from a version below this are refused with 410.
+    compacted: u64,
+    gone: Gone,
+    /// Cancelled to cut every open watch; replaced afterwards.
+    cut: CancellationToken,
+    lists: HashMap<Kind, usize>,
+    watches: HashMap<Kind, usize>,
+    refuse_lists: HashMap<Kind, u16>,
+    rv_tx: watch::Sender<u64>,
+}
+
+/// A running fake API server (clones share it); dropped with the test's runtime.
+#[derive(Clone)]
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+    addr: SocketAddr,
+}
+
+impl FakeApi {
+    /// Starts the server on 127.0.0.1 with an ephemeral port.
+    pub async fn start() -> FakeApi {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake api");
+        let addr = listener.local_addr().expect("fake api address");
+        let (rv_tx, _) = watch::channel(1);
+        let state = Arc::new(Mutex::new(State {
+            rv: 1,
+            objects: BTreeMap::new(),
+            log: Vec::new(),
+            compacted: 0,
+            gone: Gone::Event,
+            cut: CancellationToken::new(),
+            lists: HashMap::new(),
+            watches: HashMap::new(),
+            refuse_lists: HashMap::new(),
+            rv_tx,
+        }));
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(state.clone(), req));
+                    // Cut watches end in an error by design.
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FakeApi { state, addr }
+    }
+
+    /// A kube client talking to this server.
+    pub fn client(&self) -> kube::Client {
+        let url = format!("http://{}", self.addr).parse().expect("fake api url");
+        kube::Client::try_from(kube::Config::new(url)).expect("kube client for fake api")
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates or replaces an object (ADDED or MODIFIED to watchers).
+    pub fn apply(&self, kind: Kind, object: Value) {
+        self.lock().apply(kind, object);
+    }
+
+    /// Applies several objects `gap` apart, as a rollout spreads its changes.
+    pub async fn apply_paced(&self, objects: Vec<(Kind, Value)>, gap: std::time::Duration) {
+        for (n, (kind, object)) in objects.into_iter().enumerate() {
+            if n > 0 {
+                tokio::time::sleep(gap).await;
+            }
+            self.apply(kind, object);
+        }
+    }
+
+    /// Deletes an object (DELETED to watchers).
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) {
+        self.lock().delete(kind, namespace, name);
+    }
+
+    /// Cuts every open watch in the middle of its chunked body.
+    pub fn cut_watches(&self) {
+        self.lock().cut_watches();
+    }
+
+    /// Applies `changes`, then forgets all history up to and including them and
+    /// cuts the open watches: the client can learn of the changes only by
+    /// relisting after being told 410 Gone in the `gone` style.
+    pub fn expire_with(&self, gone: Gone, changes: Vec<(Kind, Value)>) {
+        let mut state = self.lock();
+        for (kind, object) in changes {
+            state.apply(kind, object);
+        }
+        state.compacted = state.rv;
+        state.gone = gone;
+        state.cut_watches();
+    }
+
+    /// Makes lists of `kind` fail with `code` (None: succeed again).
+    pub fn refuse_lists(&self, kind: Kind, code: Option<u16>) {
+        let mut state = self.lock();
+        match code {
+            Some(code) => state.refuse_lists.insert(kind, code),
+            None => state.refuse_lists.remove(&kind),
+        };
+    }
+
+    /// How many lists of `kind` were answered.
+    pub fn lists(&self, kind: Kind) -> usize {
+        self.lock().lists.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// How many watches of `kind` were opened.
+    pub fn watches(&self, kind: Kind) -> usize {
+        self.lock().watches.get(&kind).copied().unwrap_or(0)
+    }
+}
+
+impl State {
+    fn apply(&mut self, kind: Kind, mut object: Value) {
+        self.rv += 1;
+        let key = key(kind, &object);
+        object["apiVersion"] = json!(kind.api_version());
+        object["kind"] = json!(kind.name());
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let kind_of_event =
+            if self.objects.insert(key, object.clone()).is_some() { "MODIFIED" } else { "ADDED" };
+        self.log.push(Logged { rv: self.rv, kind, kind_of_event, object });
+        self.rv_tx.send_replace(self.rv);
+    }
+
+    fn delete(&mut self, kind: Kind, namespace: &str, name: &str) {
+        let Some(mut object) = self.objects.remove(&(kind, namespace.to_owned(), name.to_owned())) else {
+            return;
+        };
+        self.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.log.push(Logged { rv: self.rv, kind, kind_of_event: "DELETED", object });
+        self.rv_tx.send_replace(self.rv);
+    }
+
+    fn cut_watches(&mut self) {
+        self.cut.cancel();
+        self.cut = CancellationToken::new();
+    }
+}
+
+fn key(kind: Kind, object: &Value) -> (Kind, String, String) {
+    let text = |field: &str| object["metadata"][field].as_str().unwrap_or_default().to_owned();
+    (kind, text("namespace"), text("name"))
+}
+
+type Body = BoxBody<Bytes, io::Error>;
+
+fn full(status: StatusCode, body: Value) -> Response<Body> {
+    let bytes = Bytes::from(body.to_string());
+    let mut response = Response::new(Full::new(bytes).map_err(|never: Infallible| match never {}).boxed());
+    *response.status_mut() = status;
+    response.headers_mut().insert("content-type", "application/json".parse().expect("header value"));
+    response
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code,
+    })
+}
+
+async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let Some(kind) = Kind::from_path(req.uri().path()) else {
+        return Ok(full(StatusCode::NOT_FOUND, status(404, "NotFound", "no such path")));
+    };
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
+    if query.get("watch").map(String::as_str) == Some("true") {
+        let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let bookmarks = query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+        *guard.watches.entry(kind).or_default() += 1;
+        if from < guard.compacted {
+            let message = format!("too old resource version: {from} ({})", guard.compacted);
+            let gone = status(410, "Expired", &message);
+            return Ok(match guard.gone {
+                Gone::Http => full(StatusCode::GONE, gone),
+                Gone::Event => {
+                    let line = json!({"type": "ERROR", "object": gone});
+                    let (tx, rx) = mpsc::channel(4);
+                    let _ = tx.try_send(Ok(Frame::data(Bytes::from(format!("{line}\n")))));
+                    streaming(rx)
+                }
+            });
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let cut = guard.cut.clone();
+        let rv_rx = guard.rv_tx.subscribe();
+        drop(guard);
+        tokio::spawn(stream_events(state, kind, from, bookmarks, cut, rv_rx, tx));
+        return Ok(streaming(rx));
+    }
+    if let Some(&code) = guard.refuse_lists.get(&kind) {
+        let message = format!("{} is forbidden by the test", kind.name());
+        return Ok(full(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::FORBIDDEN),
+            status(code, "Forbidden", &message),
+        ));
+    }
+    *guard.lists.entry(kind).or_default() += 1;
+    let items: Vec<Value> =
+        guard.objects.iter().filter(|((k, _, _), _)| *k == kind).map(|(_, o)| o.clone()).collect();
+    let list = json!({
+        "apiVersion": kind.api_version(),
+        "kind": format!("{}List", kind.name()),
+        "metadata": {"resourceVersion": guard.rv.to_string()},
+        "items": items,
+    });
+    Ok(full(StatusCode::OK, list))
+}
+
+type Chunk = Result<Frame<Bytes>, io::Error>;
+
+fn streaming(rx: mpsc::Receiver<Chunk>) -> Response<Body> {
+    let chunks = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let mut response = Response::new(StreamBody::new(chunks).boxed());
+    response.headers_mut().insert("content-type", "application/json".parse().expect("header value"));
+    response
+}
+
+/// Feeds one watch: history after `from`, a bookmark, then live events, until
+/// the client goes away or the test cuts it (an error mid-body makes hyper drop
+/// the connection without the final chunk).
+async fn stream_events(
+    state: Arc<Mutex<State>>,
+    kind: Kind,
+    mut from: u64,
+    bookmarks: bool,
+    cut: CancellationToken,
+    mut rv_rx: watch::Receiver<u64>,
+    tx: mpsc::Sender<Chunk>,
+) {
+    let mut bookmark_sent = false;
+    loop {
+        let (lines, now) = {
+            let state = state.lock().unwrap_or_else(|e| e.into_inner());
+            rv_rx.borrow_and_update();
+            let lines: Vec<String> = state
+                .log
+                .iter()
+                .filter(|e| e.kind == kind && e.rv > from)
+                .map(|e| json!({"type": e.kind_of_event, "object": e.object}).to_string())
+                .collect();
+            (lines, state.rv)
+        };
+        from = now;
+        for line in lines {
+            if tx.send(Ok(Frame::data(Bytes::from(format!("{line}\n"))))).await.is_err() {
+                return;
+            }
+        }
+        if bookmarks && !bookmark_sent {
+            bookmark_sent = true;
+            let bookmark = json!({"type": "BOOKMARK", "object": {
+                "apiVersion": kind.api_version(), "kind": kind.name(),
+                "metadata": {"resourceVersion": now.to_string()},
+            }});
+            if tx.send(Ok(Frame::data(Bytes::from(format!("{bookmark}\n"))))).await.is_err() {
+                return;
+            }
+        }
+        tokio::select! {
+            () = cut.cancelled() => {
+                let _ = tx.send(Err(io::Error::other("watch cut by the test"))).await;
+                return;
+            }
+            () = tx.closed() => return,
+            changed = rv_rx.changed() => if changed.is_err() { return },
+        }
+    }
+}

@@ -59,12 +59,14 @@ impl EndpointSpec {
     /// found: the endpoint's named port for the service port's name, the endpoint's
     /// port, the service port's target port, the service port itself.
     pub fn from_api(endpoint: &mesh_api::Endpoint, port: &mesh_api::ServicePort) -> Result<Self, Error> {
-        let ip: IpAddr = endpoint.address.parse().map_err(|_| Error::InvalidAddress(endpoint.address.clone()))?;
-        let target = [endpoint.named_ports.get(&port.name).copied(), Some(endpoint.port), Some(port.target_port)]
-            .into_iter()
-            .flatten()
-            .find(|p| *p != 0)
-            .unwrap_or(port.port);
+        let ip: IpAddr =
+            endpoint.address.parse().map_err(|_| Error::InvalidAddress(endpoint.address.clone()))?;
+        let target =
+            [endpoint.named_ports.get(&port.name).copied(), Some(endpoint.port), Some(port.target_port)]
+                .into_iter()
+                .flatten()
+                .find(|p| *p != 0)
+                .unwrap_or(port.port);
         let target = u16::try_from(target).map_err(|_| Error::InvalidPort(target))?;
         if target == 0 {
             return Err(Error::InvalidPort(0));

@@ -27,6 +27,9 @@ struct RegionTier<S> {
     all: Option<S>,
 }
 
+/// A region's members, and its members by zone.
+type RegionMembers<'a> = (Vec<Member>, HashMap<&'a str, Vec<Member>>);
+
 /// An algorithm `S` arranged in locality tiers (see the module documentation).
 #[derive(Debug)]
 pub(crate) struct Tiered<S> {
@@ -63,7 +66,7 @@ impl<S: Strategy> Tiered<S> {
         let all = members(&pool.endpoints);
         let mut regions = HashMap::new();
         if config.locality_aware {
-            let mut grouped: HashMap<&str, (Vec<Member>, HashMap<&str, Vec<Member>>)> = HashMap::new();
+            let mut grouped: HashMap<&str, RegionMembers<'_>> = HashMap::new();
             for m in &all {
                 let locality = pool.endpoint(m.index).locality();
                 if !locality.is_known() {
@@ -78,7 +81,8 @@ impl<S: Strategy> Tiered<S> {
             for (region, (region_members, zones)) in grouped {
                 let single_zone = zones.len() == 1 && zones.values().all(|z| z.len() == region_members.len());
                 let all = (!single_zone).then(|| S::build(&pool, region_members, config));
-                let zones = zones.into_iter().map(|(z, m)| (z.to_owned(), S::build(&pool, m, config))).collect();
+                let zones =
+                    zones.into_iter().map(|(z, m)| (z.to_owned(), S::build(&pool, m, config))).collect();
                 regions.insert(region.to_owned(), RegionTier { zones, all });
             }
         }

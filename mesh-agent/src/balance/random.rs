@@ -40,3 +40,32 @@ impl Strategy for Random {
         pool.scan(&self.members, pool.random.below(len) as usize)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{addr, set_with, spec, tally};
+    use super::super::{Algorithm, LbConfig, build};
+
+    #[test]
+    fn picks_are_roughly_uniform() {
+        let (_clock, set) = set_with((0..4).map(|i| spec(i, 1)).collect());
+        let b = build(&LbConfig::with_algorithm(Algorithm::Random), &set);
+        let counts = tally(&*b, 8000);
+        for i in 0..4 {
+            let c = counts.get(&addr(i)).copied().unwrap_or(0);
+            assert!((1800..2200).contains(&c), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn falls_back_to_a_scan_when_draws_miss() {
+        // One available endpoint among many: three random draws usually miss it, the
+        // scan must still find it every time.
+        let (_clock, set) = set_with((0..50).map(|i| spec(i, 1)).collect());
+        for e in &set.endpoints()[1..] {
+            e.set_healthy(false);
+        }
+        let b = build(&LbConfig::with_algorithm(Algorithm::Random), &set);
+        assert_eq!(tally(&*b, 500).get(&addr(0)), Some(&500));
+    }
+}

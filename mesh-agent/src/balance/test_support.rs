@@ -36,3 +36,26 @@ pub(crate) fn set_with_config(
     set.update(specs);
     (clock, set)
 }
+
+/// How many of `picks` picks (hash keys 0..picks) each endpoint address got.
+pub(crate) fn tally(
+    balancer: &dyn super::Balancer,
+    picks: u64,
+) -> std::collections::HashMap<SocketAddr, u64> {
+    let mut counts = std::collections::HashMap::new();
+    for key in 0..picks {
+        let ctx = super::PickContext { hash_key: Some(key), locality: None };
+        if let Some(guard) = balancer.pick(&ctx) {
+            *counts.entry(guard.addr()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// The endpoint address each hash key in `keys` maps to.
+pub(crate) fn mapping(balancer: &dyn super::Balancer, keys: std::ops::Range<u64>) -> Vec<Option<SocketAddr>> {
+    keys.map(|key| {
+        balancer.pick(&super::PickContext { hash_key: Some(key), locality: None }).map(|g| g.addr())
+    })
+    .collect()
+}

@@ -131,7 +131,8 @@ fn breaker_reopens_traffic_with_probes_after_reset_timeout() {
 #[test]
 fn outlier_ejection_never_takes_more_than_half_the_set() {
     let breaker = BreakerConfig::disabled();
-    let (_clock, set) = set_with_config((0..4).map(|n| spec(n, 1)).collect(), breaker, OutlierConfig::default());
+    let (_clock, set) =
+        set_with_config((0..4).map(|n| spec(n, 1)).collect(), breaker, OutlierConfig::default());
     let b = build(&config(Algorithm::RoundRobin), &set);
     // Every endpoint fails everything.
     for _ in 0..200 {
@@ -253,7 +254,8 @@ fn set_update_keeps_state_and_ramps_newcomers() {
 
 #[test]
 fn endpoint_spec_from_api_resolves_ports() {
-    let service_port = mesh_api::ServicePort { name: "http".into(), port: 80, target_port: 8080, protocol: 0 };
+    let service_port =
+        mesh_api::ServicePort { name: "http".into(), port: 80, target_port: 8080, protocol: 0 };
     let mut ep = mesh_api::Endpoint {
         address: "10.1.2.3".into(),
         weight: 2,
@@ -279,7 +281,9 @@ fn endpoint_spec_from_api_resolves_ports() {
 fn lb_config_from_api() {
     let api = mesh_api::LoadBalancer {
         algorithm: mesh_api::Algorithm::Maglev as i32,
-        hash_key: Some(mesh_api::HashKey { source: Some(mesh_api::hash_key::Source::Header("x-user".into())) }),
+        hash_key: Some(mesh_api::HashKey {
+            source: Some(mesh_api::hash_key::Source::Header("x-user".into())),
+        }),
         virtual_nodes: 0,
         slow_start_ms: 30_000,
         locality_aware: true,

@@ -60,3 +60,71 @@ impl Strategy for SmoothWeighted {
         pool.admit(index).or_else(|| pool.scan(&self.members, 0))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::super::test_support::{addr, set_with, spec, tally};
+    use super::super::{Algorithm, LbConfig, PickContext, build};
+
+    fn wrr() -> LbConfig {
+        LbConfig::with_algorithm(Algorithm::WeightedRoundRobin)
+    }
+
+    #[test]
+    fn weight_three_gets_three_times_weight_one() {
+        let (_clock, set) = set_with(vec![spec(0, 3), spec(1, 1)]);
+        let counts = tally(&*build(&wrr(), &set), 1000);
+        let ratio = counts[&addr(0)] as f64 / counts[&addr(1)] as f64;
+        assert!((ratio - 3.0).abs() <= 0.15, "ratio {ratio}");
+    }
+
+    #[test]
+    fn heavy_endpoint_picks_are_interleaved() {
+        let (_clock, set) = set_with(vec![spec(0, 5), spec(1, 1), spec(2, 1)]);
+        let b = build(&wrr(), &set);
+        let seq: Vec<_> = (0..7).filter_map(|_| b.pick(&PickContext::default()).map(|g| g.addr())).collect();
+        let (a, bb, c) = (addr(0), addr(1), addr(2));
+        assert_eq!(seq, [a, a, bb, a, c, a, a]);
+    }
+
+    proptest! {
+        #[test]
+        fn shares_follow_weights(weights in prop::collection::vec(0u32..20, 1..12)) {
+            let (_clock, set) = set_with(weights.iter().enumerate().map(|(i, w)| spec(i as u32, *w)).collect());
+            let counts = tally(&*build(&wrr(), &set), 1000);
+            let total: u32 = weights.iter().sum();
+            for (i, w) in weights.iter().enumerate() {
+                let got = counts.get(&addr(i as u32)).copied().unwrap_or(0) as f64;
+                let want = if total == 0 { 1000.0 / weights.len() as f64 } else { 1000.0 * f64::from(*w) / f64::from(total) };
+                // Smooth WRR tracks the ideal share to within a pick or two.
+                prop_assert!((got - want).abs() <= 2.0, "endpoint {} weight {} got {} want {}", i, w, got, want);
+                if total > 0 && *w == 0 {
+                    prop_assert_eq!(got, 0.0);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn newcomer_ramps_up_linearly() {
+        let (clock, mut set) = set_with(vec![spec(0, 1)]);
+        set.update(vec![spec(0, 1), spec(1, 1)]);
+        let config = LbConfig { slow_start: Duration::from_secs(10), ..wrr() };
+        let share = |b: &dyn super::super::Balancer| {
+            tally(b, 1100).get(&addr(1)).copied().unwrap_or(0) as f64 / 1100.0
+        };
+        let b = build(&config, &set);
+        // Factor 0.1 at the start: 0.1 / 1.1 of the traffic.
+        assert!((share(&*b) - 0.1 / 1.1).abs() < 0.01);
+        clock.advance(Duration::from_secs(5));
+        // Factor 0.55 halfway.
+        assert!((share(&*b) - 0.55 / 1.55).abs() < 0.01);
+        clock.advance(Duration::from_secs(5));
+        assert!((share(&*b) - 0.5).abs() < 0.01);
+        assert!(set.endpoints()[1].ramping_since().is_none(), "ramp over and forgotten");
+    }
+}

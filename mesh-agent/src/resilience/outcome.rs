@@ -44,7 +44,11 @@ impl Outcome {
     /// Classifies a gRPC status code: UNAVAILABLE is the endpoint's failure; other codes
     /// are the application's answer.
     pub fn from_grpc_status(code: i32) -> Self {
-        if code == GRPC_UNAVAILABLE { Outcome::Failure(FailureKind::GrpcUnavailable) } else { Outcome::Success }
+        if code == GRPC_UNAVAILABLE {
+            Outcome::Failure(FailureKind::GrpcUnavailable)
+        } else {
+            Outcome::Success
+        }
     }
 
     /// Whether this outcome counts as a failure.

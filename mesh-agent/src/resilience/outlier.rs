@@ -173,7 +173,8 @@ impl OutlierDetector {
 
     /// Whether `state`'s endpoint is ejected now.
     pub fn is_ejected(&self, state: &OutlierState) -> bool {
-        state.ejected_until.is_set() && state.ejected_until.load().is_some_and(|until| self.clock.now() < until)
+        state.ejected_until.is_set()
+            && state.ejected_until.load().is_some_and(|until| self.clock.now() < until)
     }
 
     /// Feeds one outcome; returns when the endpoint's ejection ends if this outcome
@@ -329,7 +330,8 @@ mod tests {
         let api = mesh_api::OutlierDetection { enabled: true, ..Default::default() };
         assert_eq!(OutlierConfig::from_api(&api).expect("valid"), OutlierConfig::default());
         assert!(!OutlierConfig::from_api(&mesh_api::OutlierDetection::default()).expect("valid").enabled);
-        let bad = mesh_api::OutlierDetection { enabled: true, max_ejection_ratio: -0.1, ..Default::default() };
+        let bad =
+            mesh_api::OutlierDetection { enabled: true, max_ejection_ratio: -0.1, ..Default::default() };
         assert!(OutlierConfig::from_api(&bad).is_err());
     }
 }

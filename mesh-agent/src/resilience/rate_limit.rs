@@ -122,7 +122,11 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         let shard_capacity = (config.max_clients / SHARDS / 2).max(1);
         let shards = (0..SHARDS)
             .map(|_| {
-                Mutex::new(Shard { current: HashMap::new(), previous: HashMap::new(), generation_started: now })
+                Mutex::new(Shard {
+                    current: HashMap::new(),
+                    previous: HashMap::new(),
+                    generation_started: now,
+                })
             })
             .collect();
         RateLimiter { config, clock, hasher: RandomState::new(), shard_capacity, shards }
@@ -144,10 +148,7 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
 
         self.rotate_if_idle(shard, now);
         if !shard.current.contains_key(client) {
-            let bucket = shard
-                .previous
-                .remove(client)
-                .unwrap_or(Bucket { tokens: burst, refilled_at: now });
+            let bucket = shard.previous.remove(client).unwrap_or(Bucket { tokens: burst, refilled_at: now });
             if shard.current.len() >= self.shard_capacity {
                 shard.previous = std::mem::take(&mut shard.current);
                 shard.generation_started = now;

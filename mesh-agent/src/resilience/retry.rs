@@ -382,7 +382,10 @@ mod tests {
             state.on_failure(FailureKind::HttpStatus(500), true, &rng),
             RetryDecision::GiveUp(GiveUp::NotRetryable)
         );
-        assert!(matches!(state.on_failure(FailureKind::ConnectFailure, true, &rng), RetryDecision::Retry { .. }));
+        assert!(matches!(
+            state.on_failure(FailureKind::ConnectFailure, true, &rng),
+            RetryDecision::Retry { .. }
+        ));
         assert!(matches!(
             state.on_failure(FailureKind::HttpStatus(503), true, &rng),
             RetryDecision::Retry { .. }

@@ -112,7 +112,8 @@ impl OutlierState {
         self.times_ejected.load(Ordering::Relaxed)
     }
 
-    /// When the current (or last) ejection ends.
+    /// When the current ejection ends; `None` when not ejected (an expired ejection may
+    /// still read here until the next availability check clears it).
     pub fn ejected_until(&self) -> Option<Instant> {
         self.ejected_until.load()
     }
@@ -173,8 +174,15 @@ impl OutlierDetector {
 
     /// Whether `state`'s endpoint is ejected now.
     pub fn is_ejected(&self, state: &OutlierState) -> bool {
-        state.ejected_until.is_set()
-            && state.ejected_until.load().is_some_and(|until| self.clock.now() < until)
+        let Some(until) = state.ejected_until.load() else {
+            return false;
+        };
+        if self.clock.now() < until {
+            return true;
+        }
+        // Expired: forget it so later checks on the pick path skip the clock.
+        state.ejected_until.clear_if(until);
+        false
     }
 
     /// Feeds one outcome; returns when the endpoint's ejection ends if this outcome

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod balance;
 pub mod cgroup;
 pub mod cidr;
 pub mod config;
@@ -16,5 +17,6 @@ pub mod forward;
 pub mod intercept;
 pub mod listener;
 pub mod orig_dst;
+pub mod resilience;
 pub mod sniff;
 pub mod socket;

@@ -14,6 +14,7 @@ pub mod config;
 pub mod forward;
 pub mod intercept;
 pub mod listener;
+pub mod observe;
 pub mod orig_dst;
 pub mod sniff;
 pub mod socket;

@@ -6,3 +6,4 @@
 
 pub mod labels;
 pub mod metrics;
+pub mod trace;

@@ -4,6 +4,7 @@
 //! Each is usable on its own; the data path records through them, the admin server
 //! renders the metrics.
 
+pub mod access_log;
 pub mod labels;
 pub mod metrics;
 pub mod trace;

@@ -242,20 +242,101 @@ pub struct RequestOutcome {
 }
 
 /// Records one finished request: count, latency and body sizes.
+///
+/// Looks up four series in the recorder on every call; on a connection that
+/// carries many requests prefer [`RequestMetrics`], which remembers them.
 pub fn record_request(labels: &RequestLabels, outcome: &RequestOutcome) {
-    let set = vec![
-        label("direction", labels.direction.as_str()),
-        name_label("source_workload", &labels.source_workload),
-        name_label("source_identity", &labels.source_identity),
-        name_label("destination_service", &labels.destination_service),
-        label("method", outcome.method),
-        label("response_code", super::labels::response_code(outcome.status)),
-        label("grpc_status", super::labels::grpc_status(outcome.grpc_status)),
-    ];
-    counter(REQUEST_BYTES_TOTAL, set.clone()).increment(outcome.request_bytes);
-    counter(RESPONSE_BYTES_TOTAL, set.clone()).increment(outcome.response_bytes);
-    histogram(REQUEST_DURATION_SECONDS, set.clone()).record(outcome.duration.as_secs_f64());
-    counter(REQUESTS_TOTAL, set).increment(1);
+    RequestSeries::register(labels, outcome).record(outcome);
+}
+
+/// The series one request result is recorded in.
+#[derive(Debug)]
+struct RequestSeries {
+    method: &'static str,
+    status: &'static str,
+    grpc_status: &'static str,
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Counter,
+    response_bytes: Counter,
+}
+
+impl RequestSeries {
+    fn register(labels: &RequestLabels, outcome: &RequestOutcome) -> Self {
+        let status = super::labels::response_code(outcome.status);
+        let grpc_status = super::labels::grpc_status(outcome.grpc_status);
+        let set = vec![
+            label("direction", labels.direction.as_str()),
+            name_label("source_workload", &labels.source_workload),
+            name_label("source_identity", &labels.source_identity),
+            name_label("destination_service", &labels.destination_service),
+            label("method", outcome.method),
+            label("response_code", status),
+            label("grpc_status", grpc_status),
+        ];
+        Self {
+            method: outcome.method,
+            status,
+            grpc_status,
+            request_bytes: counter(REQUEST_BYTES_TOTAL, set.clone()),
+            response_bytes: counter(RESPONSE_BYTES_TOTAL, set.clone()),
+            duration: histogram(REQUEST_DURATION_SECONDS, set.clone()),
+            requests: counter(REQUESTS_TOTAL, set),
+        }
+    }
+
+    fn matches(&self, method: &str, status: &str, grpc_status: &str) -> bool {
+        self.method == method && self.status == status && self.grpc_status == grpc_status
+    }
+
+    fn record(&self, outcome: &RequestOutcome) {
+        self.request_bytes.increment(outcome.request_bytes);
+        self.response_bytes.increment(outcome.response_bytes);
+        self.duration.record(outcome.duration.as_secs_f64());
+        self.requests.increment(1);
+    }
+}
+
+/// Series remembered per [`RequestMetrics`]; a connection rarely sees more
+/// (method, status) pairs than this, and past it recording still works, uncached.
+const MAX_CACHED_SERIES: usize = 8;
+
+/// [`RequestLabels`] with the series they have been recorded in, so that a
+/// connection (or route) carrying many requests pays the recorder's lookup once
+/// per distinct (method, status, grpc status) instead of once per request.
+///
+/// Cached series stay bound to the recorder current when they were first used, and
+/// stay valid because the agent's recorder never expires idle series.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    labels: RequestLabels,
+    cache: Mutex<Vec<RequestSeries>>,
+}
+
+impl RequestMetrics {
+    pub fn new(labels: RequestLabels) -> Self {
+        Self { labels, cache: Mutex::new(Vec::new()) }
+    }
+
+    pub fn labels(&self) -> &RequestLabels {
+        &self.labels
+    }
+
+    /// Records one finished request, as [`record_request`] does.
+    pub fn record(&self, outcome: &RequestOutcome) {
+        let status = super::labels::response_code(outcome.status);
+        let grpc_status = super::labels::grpc_status(outcome.grpc_status);
+        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(series) = cache.iter().find(|s| s.matches(outcome.method, status, grpc_status)) {
+            series.record(outcome);
+            return;
+        }
+        let series = RequestSeries::register(&self.labels, outcome);
+        series.record(outcome);
+        if cache.len() < MAX_CACHED_SERIES {
+            cache.push(series);
+        }
+    }
 }
 
 /// The metrics of one TCP connection, registered once when it opens so that byte
@@ -464,6 +545,30 @@ mod tests {
         }
         assert!(text.contains(&format!("mesh_request_bytes_total{{{get}}} 20")), "{text}");
         assert!(text.contains(&format!("mesh_response_bytes_total{{{get}}} 400")), "{text}");
+    }
+
+    #[test]
+    fn cached_request_metrics_record_the_same_series() {
+        let (recorder, handle) = build().expect("recorder");
+        metrics::with_local_recorder(&recorder, || {
+            let cached = RequestMetrics::new(request_labels());
+            // More distinct results than the cache holds: all must still be counted.
+            for status in 200..(200 + MAX_CACHED_SERIES as u16 + 3) {
+                for _ in 0..2 {
+                    cached.record(&outcome("GET", status, 1));
+                }
+            }
+            record_request(cached.labels(), &outcome("GET", 200, 1));
+        });
+        let text = handle.render();
+        for status in 200..(200 + MAX_CACHED_SERIES as u16 + 3) {
+            let n = if status == 200 { 3 } else { 2 };
+            let tail = format!("method=\"GET\",response_code=\"{status}\",grpc_status=\"\"}} {n}\n");
+            let found = text
+                .lines()
+                .any(|l| l.starts_with("mesh_requests_total{") && format!("{l}\n").ends_with(&tail));
+            assert!(found, "missing status {status} x{n} in\n{text}");
+        }
     }
 
     #[test]

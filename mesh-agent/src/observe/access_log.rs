@@ -295,9 +295,7 @@ impl AccessLog {
 
 fn count_dropped(dropped: &AtomicU64, n: u64) {
     dropped.fetch_add(n, Ordering::Relaxed);
-    for _ in 0..n {
-        super::metrics::access_log_dropped();
-    }
+    super::metrics::access_log_dropped(n);
 }
 
 impl AccessLogWriter {
@@ -555,6 +553,48 @@ mod tests {
         // After shutdown, records are refused and counted rather than queued forever.
         assert!(!log.log(tcp_record()));
         assert_eq!(log.dropped(), 1);
+    }
+
+    /// A sink whose writes always fail, like stdout on a closed pipe or a full disk.
+    struct Broken;
+
+    impl AsyncWrite for Broken {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            std::task::Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_writes_are_counted_and_the_log_keeps_running() {
+        let (log, writer) = AccessLog::with_writer(Broken, 8);
+        assert!(log.log(http_record(0)));
+        for _ in 0..1000 {
+            if log.dropped() == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(log.dropped(), 1, "the failed write was not counted");
+        // The writer survived the error: the queue still accepts records.
+        assert!(log.log(http_record(1)));
+        writer.shutdown().await.expect("shutdown");
+        assert_eq!(log.dropped(), 2);
     }
 
     #[tokio::test]

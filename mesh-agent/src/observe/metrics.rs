@@ -475,9 +475,9 @@ pub fn record_sniff(protocol: &Protocol) {
     }
 }
 
-/// Counts one access log record dropped.
-pub fn access_log_dropped() {
-    counter(ACCESS_LOG_DROPPED_TOTAL, Vec::new()).increment(1);
+/// Counts access log records dropped.
+pub fn access_log_dropped(records: u64) {
+    counter(ACCESS_LOG_DROPPED_TOTAL, Vec::new()).increment(records);
 }
 
 #[cfg(test)]
@@ -626,7 +626,7 @@ mod tests {
             set_certificate_expiry(&MeshName::known("spiffe://td/ns/a/sa/b"), 3600.0);
             record_sniff(&Protocol::Http2);
             record_sniff(&Protocol::Opaque(OpaqueReason::Timeout));
-            access_log_dropped();
+            access_log_dropped(1);
         });
         let text = handle.render();
         for line in [

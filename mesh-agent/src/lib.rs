@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod forward;
 pub mod intercept;
 pub mod listener;
+pub mod observe;
 pub mod orig_dst;
 pub mod resilience;
 pub mod sniff;

@@ -7,6 +7,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // Shared, reference-counted buffer: cloning a response is not a copy.
+        .bytes(".mesh.v1.DiscoveryResponse.snapshot")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -81,7 +81,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/config_dump" => {
             let errors: Vec<_> =
                 current.source_errors.iter().map(|(s, e)| json!({"source": s, "error": e})).collect();
-            let snapshot = current.response.snapshot.as_ref().map(crate::json::snapshot);
+            let snapshot = crate::json::snapshot(&current.snapshot);
             let body = json!({
                 "version": current.version,
                 "ready": current.ready,

@@ -131,9 +131,8 @@ impl Discovery for DiscoveryService {
                         }
                         sent = current.version;
                         agents.update(&node, |a| a.sent_version = sent);
-                        // Cloning the message is the encode step's input; the state
-                        // itself is shared until tonic serializes it.
-                        if tx.send(Ok((*current.response).clone())).await.is_err() { return }
+                        // The snapshot is a shared buffer: this clone is a reference count.
+                        if tx.send(Ok(current.response.clone())).await.is_err() { return }
                     }
                     msg = inbound.next() => match msg {
                         Some(Ok(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Ack(a)) })) => {

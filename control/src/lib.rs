@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod discovery;
+pub mod health;
 pub mod json;
 pub mod metrics;
 pub mod registry;

@@ -57,7 +57,11 @@ pub async fn start(
         receivers.push((source.name().to_string(), rx));
         tasks.spawn(source.run(tx, shutdown.clone()));
     }
-    let (builder, snapshots) = SnapshotBuilder::new(receivers, settings.trust_domain.clone());
+    let (targets_tx, targets_rx) = watch::channel(Default::default());
+    let (failing_tx, failing_rx) = watch::channel(Default::default());
+    tasks.spawn(crate::health::run(targets_rx, failing_tx, shutdown.clone()));
+    let (builder, snapshots) =
+        SnapshotBuilder::new(receivers, settings.trust_domain.clone(), targets_tx, failing_rx);
     tasks.spawn(builder.run(settings.settle, shutdown.clone()));
 
     let agents = AgentBook::default();

@@ -20,6 +20,8 @@ const PORT: u16 = 8080;
 const PROPAGATION: Duration = Duration::from_secs(5);
 
 struct Mesh {
+    /// Service fields added to every registry the test writes.
+    service_extra: String,
     lab: Lab,
     workload: Cgroup,
     registry: PathBuf,
@@ -40,20 +42,28 @@ fn endpoint(host: &str, extra: &str) -> String {
 }
 
 fn registry(endpoints: &[String]) -> String {
+    registry_with(endpoints, "")
+}
+
+fn registry_with(endpoints: &[String], service_extra: &str) -> String {
     format!(
-        "services:\n  - name: web\n    namespace: shop\n    vips: [{VIP}]\n    hostnames: [web.shop.svc.cluster.local]\n    ports: [{{port: 80, target_port: {PORT}, protocol: http}}]\n    endpoints:\n{}",
+        "services:\n  - name: web\n    namespace: shop\n    vips: [{VIP}]\n    hostnames: [web.shop.svc.cluster.local]\n    ports: [{{port: 80, target_port: {PORT}, protocol: http}}]\n{service_extra}    endpoints:\n{}",
         endpoints.concat()
     )
 }
 
 impl Mesh {
     fn new(mode: &str, endpoints: &[String], agent_args: &[&str]) -> Self {
+        Self::with_service(mode, endpoints, agent_args, "")
+    }
+
+    fn with_service(mode: &str, endpoints: &[String], agent_args: &[&str], service_extra: &str) -> Self {
         let lab = Lab::new(&["control", "client", "b1", "b2", "b3"]).expect("lab");
         let servers =
             ["b1", "b2", "b3"].iter().map(|b| servers::http(lab.host(b), PORT, b).expect("server")).collect();
         let dir = tempfile::tempdir().expect("tempdir");
         let registry = dir.path().join("registry.yaml");
-        std::fs::write(&registry, registry_text(endpoints)).expect("write registry");
+        std::fs::write(&registry, registry_with(endpoints, service_extra)).expect("write registry");
         let control = Control::start(lab.host("control"), &registry, &[]).expect("control plane starts");
         let workload = Cgroup::new("wl").expect("cgroup");
         let mut opts = AgentOptions::new(mode)
@@ -67,13 +77,22 @@ impl Mesh {
         }
         let agent = Agent::start(lab.host("client"), opts).expect("agent starts");
         agent.wait_log("first snapshot", |v| message(v) == "snapshot applied");
-        Self { lab, workload, registry, _dir: dir, control: Some(control), agent, _servers: servers }
+        Self {
+            service_extra: service_extra.to_owned(),
+            lab,
+            workload,
+            registry,
+            _dir: dir,
+            control: Some(control),
+            agent,
+            _servers: servers,
+        }
     }
 
     fn write_registry(&self, endpoints: &[String]) {
         // Write then rename, as a config-management tool would: never a half file.
         let tmp = self.registry.with_extension("tmp");
-        std::fs::write(&tmp, registry_text(endpoints)).expect("write");
+        std::fs::write(&tmp, registry_with(endpoints, &self.service_extra)).expect("write");
         std::fs::rename(&tmp, &self.registry).expect("rename");
     }
 
@@ -133,10 +152,6 @@ impl Mesh {
     fn applied_version(&self) -> u64 {
         self.agent_stats()["discovery"]["applied_version"].as_u64().expect("applied_version")
     }
-}
-
-fn registry_text(endpoints: &[String]) -> String {
-    registry(endpoints)
 }
 
 fn vip_reaches_every_backend_and_follows_registry_edits(mode: &str) {
@@ -248,6 +263,27 @@ fn refused_update_leaves_agent_on_last_good_version(mode: &str) {
     assert_eq!(m.spread(2).len(), 2);
 }
 
+fn control_plane_health_checks_mark_a_dead_endpoint_unhealthy(mode: &str) {
+    let extra =
+        "    health_check: {interval: 200ms, timeout: 500ms, unhealthy_threshold: 2, healthy_threshold: 1}\n";
+    let mut m = Mesh::with_service(mode, &[endpoint("b1", ""), endpoint("b2", "")], &[], extra);
+    assert_eq!(m.spread(4).len(), 2, "both endpoints pass their checks and take traffic");
+    // b2's server goes away: the control plane's checks fail and it announces b2 as
+    // unhealthy, with the reason, instead of removing it.
+    m._servers.remove(1);
+    let dump = eventually(PROPAGATION, "agent learns that b2 failed its health checks", || {
+        let (_, body) = m.lab.host("client").http("GET", m.agent.admin, "/config_dump").ok()?;
+        let dump: Value = serde_json::from_str(&body).ok()?;
+        (dump["routes"][0]["endpoints"][1]["healthy"] == false).then_some(dump)
+    });
+    let reason = dump["routes"][0]["endpoints"][1]["health_reason"].as_str().unwrap_or_default().to_owned();
+    assert!(reason.starts_with("failed 2 health checks"), "{reason}");
+    assert_eq!(m.spread(4).keys().collect::<Vec<_>>(), ["b1"]);
+    // Back up: healthy again after one passing check.
+    m._servers.insert(1, servers::http(m.lab.host("b2"), PORT, "b2").expect("server"));
+    m.wait_for_backends(&["b1", "b2"], "b2 takes traffic again after passing its check");
+}
+
 macro_rules! both_modes {
     ($($name:ident),* $(,)?) => {
         mod ebpf {
@@ -263,6 +299,13 @@ both_modes!(
     vip_reaches_every_backend_and_follows_registry_edits,
     refused_update_leaves_agent_on_last_good_version
 );
+
+#[test]
+fn control_plane_health_checks_ebpf() {
+    if require_root("control_plane_health_checks_ebpf") {
+        control_plane_health_checks_mark_a_dead_endpoint_unhealthy("ebpf");
+    }
+}
 
 #[test]
 fn control_plane_outage_ebpf() {

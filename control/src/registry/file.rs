@@ -56,6 +56,22 @@ pub struct ServiceEntry {
     pub policy: Option<PolicyEntry>,
     #[serde(default)]
     pub endpoints: Vec<EndpointEntry>,
+    /// Active TCP checks by the control plane.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckEntry>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckEntry {
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub unhealthy_threshold: u32,
+    #[serde(default)]
+    pub healthy_threshold: u32,
 }
 
 fn default_namespace() -> String {
@@ -365,7 +381,25 @@ pub fn parse(file: &str, text: &str, trust_domain: &str) -> Result<Vec<api::Serv
             Some(p) => Some(policy(p).map_err(|(f, m)| invalid(&format!("policy.{f}"), m))?),
             None => None,
         };
+        let health_check = match &s.health_check {
+            None => None,
+            Some(h) => {
+                if h.interval.is_some_and(|d| d < Duration::from_millis(100)) {
+                    return Err(invalid("health_check.interval", "must be at least 100ms".into()));
+                }
+                if h.timeout.is_some_and(|d| d.is_zero()) {
+                    return Err(invalid("health_check.timeout", "must be more than 0".into()));
+                }
+                Some(api::HealthCheck {
+                    interval_ms: ms(h.interval),
+                    timeout_ms: ms(h.timeout),
+                    unhealthy_threshold: h.unhealthy_threshold,
+                    healthy_threshold: h.healthy_threshold,
+                })
+            }
+        };
         out.push(api::Service {
+            health_check,
             name: s.name,
             namespace: s.namespace,
             vips,

@@ -8,6 +8,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use hyper_util::rt::TokioIo;
 use mesh_api as api;
 use mesh_api::discovery_client::DiscoveryClient;
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -167,9 +168,11 @@ async fn session(
     while let Some(msg) = responses.message().await? {
         backoff.reset();
         let version = msg.version;
-        let reply = match msg.snapshot.as_ref().map_or(Err(super::table::TableError::Empty), |s| {
-            RouteTable::build(version, s, settings.max_endpoints)
-        }) {
+        let built = match api::Snapshot::decode(msg.snapshot) {
+            Ok(s) => RouteTable::build(version, &s, settings.max_endpoints),
+            Err(e) => Err(super::table::TableError::Decode(e.to_string())),
+        };
+        let reply = match built {
             Ok(table) => {
                 let (routes, endpoints) = (table.routes().len(), table.endpoint_count());
                 store.apply(table);

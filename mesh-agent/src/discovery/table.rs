@@ -20,8 +20,8 @@ use serde::Serialize;
 /// Why a snapshot cannot be used (sent back as the NACK reason).
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TableError {
-    #[error("snapshot has no payload")]
-    Empty,
+    #[error("snapshot does not decode: {0}")]
+    Decode(String),
     #[error("service {service}: {field}: {message}")]
     Invalid { service: String, field: String, message: String },
     #[error("service {service}: VIP {vip} is also claimed by service {other}")]
@@ -262,6 +262,7 @@ mod tests {
         api::Snapshot {
             trust_domain: "cluster.local".into(),
             services: vec![api::Service {
+                health_check: None,
                 name: "echo".into(),
                 namespace: "default".into(),
                 vips: vec!["10.96.0.10".into(), "fd96::10".into()],

@@ -131,6 +131,8 @@ fn map_service(
     }
 
     Some(api::Service {
+        // Kubelet probes already feed readiness into the EndpointSlices.
+        health_check: None,
         name,
         namespace,
         vips,

@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod cidr;
 pub mod config;
 pub mod forward;
+pub mod identity;
 pub mod intercept;
 pub mod listener;
 pub mod orig_dst;

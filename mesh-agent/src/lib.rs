@@ -14,6 +14,7 @@ pub mod cidr;
 pub mod config;
 pub mod discovery;
 pub mod forward;
+pub mod identity;
 pub mod intercept;
 pub mod listener;
 pub mod observe;

@@ -1,0 +1,84 @@
+//! rustls configurations for agent-to-agent mTLS: TLS 1.3 only, ALPN `h2`,
+//! SPIFFE identities on both sides.
+//!
+//! Configurations read the workload's certificate and the trust bundle at each
+//! handshake, so they can be built once per identity (server) or per
+//! destination (client) and still follow renewals and root rotations. Session
+//! resumption is off: every connection proves its identity with a full
+//! handshake against the current bundle.
+
+use std::sync::Arc;
+
+use mesh_api::spiffe::SpiffeId;
+use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
+use rustls::server::NoServerSessionStorage;
+use rustls::{ClientConfig, ServerConfig};
+
+use super::cert::WorkloadIdentity;
+use super::clock::{Clock, RustlsTime};
+use super::error::IdentityError;
+use super::trust::TrustBundle;
+use super::verify::{ClientIdentityVerifier, ServerIdentityVerifier};
+
+/// The ALPN protocol agents speak over mTLS (the HTTP/2 CONNECT tunnel).
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Builds mTLS configurations over one trust bundle and clock.
+#[derive(Debug, Clone)]
+pub struct TlsConfigs {
+    bundle: Arc<TrustBundle>,
+    clock: Arc<dyn Clock>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl TlsConfigs {
+    /// Configurations verifying against `bundle` at `clock`'s time.
+    pub fn new(bundle: Arc<TrustBundle>, clock: Arc<dyn Clock>) -> TlsConfigs {
+        TlsConfigs { bundle, clock, provider: Arc::new(rustls::crypto::ring::default_provider()) }
+    }
+
+    /// The trust bundle the verifiers read.
+    pub fn trust_bundle(&self) -> &Arc<TrustBundle> {
+        &self.bundle
+    }
+
+    /// A client configuration presenting `source`'s current certificate and accepting
+    /// only a server that proves `expected`. The server name passed to `connect` is
+    /// not checked (and SNI is not sent): pass the peer's IP address.
+    pub fn client_config(
+        &self,
+        source: Arc<WorkloadIdentity>,
+        expected: SpiffeId,
+    ) -> Result<Arc<ClientConfig>, IdentityError> {
+        let verifier = Arc::new(ServerIdentityVerifier { bundle: self.bundle.clone(), expected });
+        let mut config = ClientConfig::builder_with_details(self.provider.clone(), self.time())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(source);
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.enable_sni = false;
+        config.resumption = Resumption::disabled();
+        Ok(Arc::new(config))
+    }
+
+    /// A server configuration presenting `identity`'s current certificate and requiring
+    /// a client certificate of the local trust domain. Read the client's identity after
+    /// the handshake with [`super::peer_identity`].
+    pub fn server_config(&self, identity: Arc<WorkloadIdentity>) -> Result<Arc<ServerConfig>, IdentityError> {
+        let verifier = Arc::new(ClientIdentityVerifier { bundle: self.bundle.clone() });
+        let mut config = ServerConfig::builder_with_details(self.provider.clone(), self.time())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(identity);
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(Arc::new(config))
+    }
+
+    fn time(&self) -> Arc<RustlsTime> {
+        Arc::new(RustlsTime(self.clock.clone()))
+    }
+}

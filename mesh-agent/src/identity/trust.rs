@@ -1,0 +1,109 @@
+//! The trust bundle: the roots peers' certificates must chain to.
+//!
+//! Shared by every verifier the agent builds and swapped as a whole, so a root
+//! rotation reaches the next handshake without rebuilding TLS configurations
+//! or restarting.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use mesh_api::spiffe::validate_trust_domain;
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+
+use super::error::IdentityError;
+
+/// Roots of one snapshot of the bundle, with the chain verifier built over them.
+#[derive(Debug)]
+pub(crate) struct TrustSnapshot {
+    pub roots: Arc<RootCertStore>,
+    /// Chain + client-EKU checks for incoming connections.
+    pub client_chain: Arc<dyn ClientCertVerifier>,
+    pub ders: Vec<CertificateDer<'static>>,
+}
+
+/// The current roots of the local trust domain.
+#[derive(Debug)]
+pub struct TrustBundle {
+    trust_domain: String,
+    current: ArcSwap<TrustSnapshot>,
+}
+
+impl TrustBundle {
+    /// A bundle for `trust_domain` holding `roots` (DER).
+    pub fn new(
+        trust_domain: &str,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Arc<TrustBundle>, IdentityError> {
+        validate_trust_domain(trust_domain)?;
+        let snapshot = snapshot(roots)?;
+        Ok(Arc::new(TrustBundle {
+            trust_domain: trust_domain.to_owned(),
+            current: ArcSwap::from_pointee(snapshot),
+        }))
+    }
+
+    /// A bundle for `trust_domain` from PEM roots (each string may hold several).
+    pub fn from_pem(trust_domain: &str, roots_pem: &[String]) -> Result<Arc<TrustBundle>, IdentityError> {
+        TrustBundle::new(trust_domain, parse_pem_certs(roots_pem)?)
+    }
+
+    /// The trust domain every peer must belong to.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Replaces the roots; handshakes starting after this use the new ones. An empty or
+    /// unusable set is refused and the old roots stay.
+    pub fn replace(&self, roots: Vec<CertificateDer<'static>>) -> Result<(), IdentityError> {
+        self.current.store(Arc::new(snapshot(roots)?));
+        Ok(())
+    }
+
+    /// [`TrustBundle::replace`] from PEM.
+    pub fn replace_pem(&self, roots_pem: &[String]) -> Result<(), IdentityError> {
+        self.replace(parse_pem_certs(roots_pem)?)
+    }
+
+    /// The current roots (DER).
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.current.load().ders.clone()
+    }
+
+    pub(crate) fn snapshot(&self) -> Arc<TrustSnapshot> {
+        self.current.load_full()
+    }
+
+    pub(crate) fn install(&self, snapshot: Arc<TrustSnapshot>) {
+        self.current.store(snapshot);
+    }
+}
+
+/// Builds a snapshot from `roots`, refusing an empty or unparsable set.
+pub(crate) fn snapshot(roots: Vec<CertificateDer<'static>>) -> Result<TrustSnapshot, IdentityError> {
+    let mut store = RootCertStore::empty();
+    let (added, _ignored) = store.add_parsable_certificates(roots.iter().cloned());
+    if added == 0 || added != roots.len() {
+        return Err(IdentityError::EmptyTrustBundle);
+    }
+    let roots_store = Arc::new(store);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client_chain = WebPkiClientVerifier::builder_with_provider(roots_store.clone(), provider)
+        .build()
+        .map_err(|e| IdentityError::Tls(rustls::Error::General(e.to_string())))?;
+    Ok(TrustSnapshot { roots: roots_store, client_chain, ders: roots })
+}
+
+/// Every certificate in `pems`, in order.
+pub(crate) fn parse_pem_certs(pems: &[String]) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let mut certs = Vec::new();
+    for pem in pems {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            certs.push(cert.map_err(|e| IdentityError::Pem(e.to_string()))?);
+        }
+    }
+    Ok(certs)
+}

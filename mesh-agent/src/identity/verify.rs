@@ -1,0 +1,155 @@
+//! Certificate verifiers that check SPIFFE identities instead of DNS names.
+//!
+//! Both check the chain against the current [`TrustBundle`] (validity at the
+//! handshake's time, the usage, the path to a root). The client side then
+//! requires the server to be exactly the identity the connection was meant
+//! for; the server side requires the client to be in the local trust domain and
+//! leaves the who-may-call decision to authorization policy.
+
+use std::sync::{Arc, LazyLock};
+
+use mesh_api::spiffe::SpiffeId;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
+
+use super::error::IdentityError;
+use super::spiffe::spiffe_id_from_cert;
+use super::trust::TrustBundle;
+
+/// The ring provider's signature algorithms, looked up once.
+pub(crate) fn algorithms() -> WebPkiSupportedAlgorithms {
+    static ALGORITHMS: LazyLock<WebPkiSupportedAlgorithms> =
+        LazyLock::new(|| rustls::crypto::ring::default_provider().signature_verification_algorithms);
+    *ALGORITHMS
+}
+
+/// Turns an identity mismatch into the rustls error that aborts the handshake.
+fn reject(err: IdentityError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(err))))
+}
+
+fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+    // The configurations offer TLS 1.3 only; reaching this is a configuration bug.
+    Err(rustls::Error::General("TLS 1.2 is not used between agents".into()))
+}
+
+/// Verifies the server of an outgoing connection: chained to the bundle and exactly
+/// `expected`. The server name is ignored.
+#[derive(Debug)]
+pub(crate) struct ServerIdentityVerifier {
+    pub bundle: Arc<TrustBundle>,
+    pub expected: SpiffeId,
+}
+
+impl ServerCertVerifier for ServerIdentityVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        let snapshot = self.bundle.snapshot();
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &snapshot.roots,
+            intermediates,
+            now,
+            algorithms().all,
+        )?;
+        let found = spiffe_id_from_cert(end_entity).map_err(reject)?;
+        if found != self.expected {
+            return Err(reject(IdentityError::UnexpectedPeer {
+                expected: self.expected.to_string(),
+                found: found.to_string(),
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        tls12_refused()
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+/// Verifies the client of an incoming connection: a certificate is required, chained
+/// to the bundle, with a SPIFFE ID of the local trust domain.
+#[derive(Debug)]
+pub(crate) struct ClientIdentityVerifier {
+    pub bundle: Arc<TrustBundle>,
+}
+
+impl ClientCertVerifier for ClientIdentityVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    /// No hints: the bundle can change at any time, and every client of the mesh has
+    /// exactly one certificate to offer anyway.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.bundle.snapshot().client_chain.verify_client_cert(end_entity, intermediates, now)?;
+        let found = spiffe_id_from_cert(end_entity).map_err(reject)?;
+        if found.trust_domain() != self.bundle.trust_domain() {
+            return Err(reject(IdentityError::ForeignTrustDomain {
+                found: found.to_string(),
+                trust_domain: self.bundle.trust_domain().to_owned(),
+            }));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        tls12_refused()
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod ca;
 pub mod discovery;
 pub mod health;
+pub mod identity;
 pub mod json;
 pub mod metrics;
 pub mod registry;

@@ -1,16 +1,17 @@
 //! `mesh-control`: the mesh's control plane.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use control::{
+    ca::{Ca, CaConfig, CaMode, FileStore, TokenFileAuthenticator},
     registry::{
         Source,
         file::FileSource,
         kubernetes::{KubernetesConfig, KubernetesSource},
     },
-    server::{self, Settings},
+    server::{self, CaSettings, Settings},
 };
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, fmt};
@@ -47,6 +48,32 @@ struct Args {
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
+
+    /// Directory of the CA's root (or intermediate) certificate and key; created with
+    /// a new root on first start, reused afterwards (same trust root across restarts).
+    #[arg(long, env = "MESH_CA_DIR", default_value = "/var/lib/mesh/ca")]
+    ca_dir: PathBuf,
+
+    /// Run the CA as an intermediate under this root certificate (PEM)...
+    #[arg(long, env = "MESH_CA_ROOT_CERT", requires = "ca_root_key")]
+    ca_root_cert: Option<PathBuf>,
+
+    /// ...and this root key (PEM, PKCS#8).
+    #[arg(long, env = "MESH_CA_ROOT_KEY", requires = "ca_root_cert")]
+    ca_root_key: Option<PathBuf>,
+
+    /// File of agent bootstrap tokens, one `TOKEN NODE` per line (re-read on change).
+    /// Agents present theirs as `authorization: Bearer TOKEN` to get certificates.
+    #[arg(long, env = "MESH_BOOTSTRAP_TOKENS")]
+    bootstrap_tokens: Option<PathBuf>,
+
+    /// Lifetime of workload certificates unless an agent asks for less.
+    #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_ttl: Duration,
+
+    /// Longest workload certificate lifetime issued.
+    #[arg(long, env = "MESH_CERT_MAX_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
+    cert_max_ttl: Duration,
 
     /// Interval of HTTP/2 keepalive pings on agent streams (and their timeout).
     #[arg(long, env = "MESH_CONTROL_KEEPALIVE", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -111,8 +138,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
         keepalive: args.keepalive,
         settle: args.settle,
     };
+    let ca = match &args.bootstrap_tokens {
+        None => {
+            tracing::warn!("no --bootstrap-tokens: the CA is off and agents cannot get certificates");
+            None
+        }
+        Some(tokens) => {
+            let mode = match (&args.ca_root_cert, &args.ca_root_key) {
+                (Some(root_cert), Some(root_key)) => {
+                    CaMode::Intermediate { root_cert: root_cert.clone(), root_key: root_key.clone() }
+                }
+                _ => CaMode::SelfSignedRoot,
+            };
+            let config = CaConfig {
+                trust_domain: args.trust_domain.clone(),
+                default_ttl: args.cert_ttl,
+                max_ttl: args.cert_max_ttl,
+                mode,
+                ..Default::default()
+            };
+            let ca = Ca::open(config, &FileStore::new(&args.ca_dir))
+                .await
+                .with_context(|| format!("opening the CA in --ca-dir {}", args.ca_dir.display()))?;
+            tracing::info!(dir = %args.ca_dir.display(), trust_domain = %args.trust_domain, "CA ready");
+            Some(CaSettings {
+                ca: Arc::new(ca),
+                authenticator: Arc::new(TokenFileAuthenticator::new(tokens.clone())),
+            })
+        }
+    };
     let shutdown = CancellationToken::new();
-    let mut running = server::start(&settings, sources, shutdown.clone()).await?;
+    let mut running = server::start(&settings, sources, ca, shutdown.clone()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

@@ -26,6 +26,12 @@ pub struct Settings {
     pub settle: Duration,
 }
 
+/// The CA and how callers authenticate, when certificates are served.
+pub struct CaSettings {
+    pub ca: Arc<crate::ca::Ca>,
+    pub authenticator: Arc<dyn crate::ca::NodeAuthenticator>,
+}
+
 /// A running control plane.
 pub struct Running {
     pub grpc_addr: SocketAddr,
@@ -33,6 +39,8 @@ pub struct Running {
     pub snapshots: watch::Receiver<Arc<Versioned>>,
     pub agents: AgentBook,
     pub tasks: tokio::task::JoinSet<()>,
+    /// The certificate service (for its counters), when the CA is on.
+    pub certificates: Option<crate::ca::CertificatesService>,
 }
 
 /// Errors starting the control plane.
@@ -48,6 +56,7 @@ pub enum StartError {
 pub async fn start(
     settings: &Settings,
     sources: Vec<Box<dyn Source>>,
+    ca: Option<CaSettings>,
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
     let mut tasks = tokio::task::JoinSet::new();
@@ -71,6 +80,11 @@ pub async fn start(
     let grpc_addr =
         listener.local_addr().map_err(|source| StartError::Grpc { addr: settings.grpc_addr, source })?;
     let service = DiscoveryServer::new(DiscoveryService::new(snapshots.clone(), agents.clone()));
+    let certificates = ca.map(|c| {
+        let authorizer = Arc::new(crate::identity::RegistryAuthorizer::new(snapshots.clone()));
+        crate::ca::CertificatesService::new(c.ca, c.authenticator, authorizer)
+    });
+    let cert_counts = certificates.clone();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let keepalive = settings.keepalive;
     let stop = shutdown.clone();
@@ -80,6 +94,7 @@ pub async fn start(
             .http2_keepalive_timeout(Some(keepalive))
             .tcp_nodelay(true)
             .add_service(service)
+            .add_optional_service(certificates.map(|c| c.into_server()))
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await;
         if let Err(e) = result {
@@ -94,5 +109,5 @@ pub async fn start(
     .await
     .map_err(|source| StartError::Admin { addr: settings.admin_addr, source })?;
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane serving");
-    Ok(Running { grpc_addr, admin_addr, snapshots, agents, tasks })
+    Ok(Running { grpc_addr, admin_addr, snapshots, agents, tasks, certificates: cert_counts })
 }

@@ -24,10 +24,12 @@ use crate::{
         self, RouteStore,
         client::{Backoff, ClientSettings},
     },
+    identity::{RenewalConfig, signer::GrpcSigner},
     intercept::{ActiveMode, InterceptError, Interceptor, Settings},
     listener::{self, Direction, ProxyContext},
     orig_dst::SocketOption,
     socket::SocketFactory,
+    workload_identity,
 };
 
 /// State shared between the data path's supervisor and the admin endpoint.
@@ -77,6 +79,8 @@ pub struct ConfigDump {
     pub opaque_ports: Vec<u16>,
     pub detect_timeout_ms: u128,
     pub discovery: DiscoveryStatus,
+    /// Workload certificates in use, with expiry.
+    pub certificates: Vec<crate::workload_identity::CertificateDump>,
     /// Service ports of the applied snapshot with their endpoints and health.
     pub routes: Vec<Arc<crate::discovery::table::Route>>,
 }
@@ -183,6 +187,7 @@ impl AgentState {
             opaque_ports,
             detect_timeout_ms: self.proxy.detect_timeout.as_millis(),
             discovery: self.discovery_status(),
+            certificates: crate::workload_identity::dump(&self.proxy.identity),
             routes: self.proxy.routes.table().routes().to_vec(),
         }
     }
@@ -255,6 +260,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         own_addrs,
         stats: Default::default(),
         routes: routes.clone(),
+        identity: Default::default(),
     });
     let state = Arc::new(AgentState {
         mode,
@@ -312,7 +318,36 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             connect_timeout: connect_timeout.min(std::time::Duration::from_secs(5)),
             backoff: Backoff::new(std::time::Duration::from_millis(100), args.discovery_backoff_max),
         };
-        tokio::spawn(discovery::client::run(settings, proxy.sockets, routes.clone(), state.shutdown.clone()));
+        tokio::spawn(discovery::client::run(
+            settings.clone(),
+            proxy.sockets,
+            routes.clone(),
+            state.shutdown.clone(),
+        ));
+        if let (Some(id), Some(token_file)) = (&args.identity, &args.bootstrap_token_file) {
+            let channel = crate::control_channel::lazy_channel(
+                control_plane,
+                proxy.sockets,
+                args.discovery_keepalive,
+                settings.connect_timeout,
+            )
+            .map_err(|e| anyhow::anyhow!("--control-plane: {e}"))?;
+            let signer = GrpcSigner::new(channel, settings.node.clone(), token_file.clone());
+            let (ns, sa) = id.split_once('/').unwrap_or_default();
+            let renewal = RenewalConfig {
+                renew_fraction: args.cert_renew_fraction,
+                ttl: args.cert_ttl,
+                ..Default::default()
+            };
+            tokio::spawn(workload_identity::run(
+                signer,
+                ns.to_owned(),
+                sa.to_owned(),
+                renewal,
+                proxy.identity.clone(),
+                state.shutdown.clone(),
+            ));
+        }
     }
 
     state.ready.store(true, Ordering::Release);

@@ -134,6 +134,23 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_NODE")]
     pub node: Option<String>,
 
+    /// The workload identity of this node's enrolled workloads, `NAMESPACE/SERVICE_ACCOUNT`:
+    /// the agent obtains (and renews) its certificate from the control plane's CA.
+    #[arg(long, env = "MESH_IDENTITY", requires = "bootstrap_token_file")]
+    pub identity: Option<String>,
+
+    /// File holding this node's bootstrap token for the CA (re-read on every request).
+    #[arg(long, env = "MESH_BOOTSTRAP_TOKEN_FILE")]
+    pub bootstrap_token_file: Option<std::path::PathBuf>,
+
+    /// Lifetime to request for workload certificates (default: the CA's).
+    #[arg(long, env = "MESH_CERT_TTL", value_parser = humantime::parse_duration)]
+    pub cert_ttl: Option<Duration>,
+
+    /// Renew certificates when this fraction of their lifetime has passed.
+    #[arg(long, env = "MESH_CERT_RENEW_FRACTION", default_value_t = 0.8)]
+    pub cert_renew_fraction: f64,
+
     /// Refuse (NACK) snapshots with more endpoints than this, bounding the agent's memory.
     #[arg(long, env = "MESH_MAX_ENDPOINTS", default_value_t = 100_000)]
     pub max_endpoints: usize,
@@ -300,6 +317,24 @@ impl RunArgs {
                 "MESH_CONTROL_PLANE",
                 format!("{cp:?} must be a URL like http://10.0.0.1:15010"),
             ));
+        }
+        if let Some(id) = &self.identity {
+            if self.control_plane.is_none() {
+                return Err(err("--identity", "MESH_IDENTITY", "needs --control-plane (the CA signs it)"));
+            }
+            match id.split_once('/') {
+                Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {}
+                _ => {
+                    return Err(err(
+                        "--identity",
+                        "MESH_IDENTITY",
+                        format!("{id:?} is not NAMESPACE/SERVICE_ACCOUNT"),
+                    ));
+                }
+            }
+        }
+        if !(self.cert_renew_fraction > 0.0 && self.cert_renew_fraction <= 1.0) {
+            return Err(err("--cert-renew-fraction", "MESH_CERT_RENEW_FRACTION", "must be in (0, 1]"));
         }
         if self.discovery_backoff_max < Duration::from_millis(100) {
             return Err(err(

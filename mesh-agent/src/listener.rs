@@ -57,6 +57,8 @@ pub struct ProxyContext {
     pub stats: Stats,
     /// Service routing from the control plane's snapshots.
     pub routes: Arc<RouteStore>,
+    /// The node's workload identity, once its first certificate is issued.
+    pub identity: crate::workload_identity::IdentitySlot,
 }
 
 impl ProxyContext {
@@ -235,6 +237,7 @@ mod tests {
             own_addrs: own,
             stats: Stats::default(),
             routes: Arc::new(RouteStore::new(false)),
+            identity: Default::default(),
         }
     }
 

@@ -18,6 +18,7 @@ mod clock;
 mod error;
 mod key;
 mod manager;
+pub mod signer;
 mod spiffe;
 mod tls;
 mod trust;

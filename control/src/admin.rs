@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `/live` | 200 while the process serves |
 //! | `/ready` | 200 once every registry source finished its first load |
+//! | `/metrics` | Prometheus text: agents, versions, pushes, ACK/NACK, certificates |
 //! | `/agents` | per-agent sent/applied/refused versions (JSON) |
 //! | `/config_dump` | the current snapshot and source errors (JSON) |
 
@@ -24,6 +25,7 @@ use crate::{discovery::AgentBook, snapshot::Versioned};
 pub struct AdminState {
     pub snapshots: watch::Receiver<Arc<Versioned>>,
     pub agents: AgentBook,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// Binds the admin endpoint and serves it until `shutdown`.
@@ -73,6 +75,12 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/live" => respond(StatusCode::OK, "text/plain", "live\n"),
         "/ready" if current.ready => respond(StatusCode::OK, "text/plain", "ready\n"),
         "/ready" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "registry not loaded yet\n"),
+        "/metrics" => {
+            crate::metrics::set_agents_connected(state.agents.connected());
+            crate::metrics::set_snapshot_version(current.version);
+            let body = state.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+            respond(StatusCode::OK, crate::metrics::CONTENT_TYPE, body)
+        }
         "/agents" => {
             let agents: Vec<_> = state.agents.list().iter().map(crate::json::agent).collect();
             let body = json!({ "current_version": current.version, "agents": agents });

@@ -131,6 +131,7 @@ impl Discovery for DiscoveryService {
                         }
                         sent = current.version;
                         agents.update(&node, |a| a.sent_version = sent);
+                        crate::metrics::snapshot_sent();
                         // The snapshot is a shared buffer: this clone is a reference count.
                         if tx.send(Ok(current.response.clone())).await.is_err() { return }
                     }
@@ -138,9 +139,11 @@ impl Discovery for DiscoveryService {
                         Some(Ok(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Ack(a)) })) => {
                             tracing::debug!(node = %node, version = a.version, "ACK");
                             agents.update(&node, |s| s.acked_version = a.version);
+                            crate::metrics::snapshot_response(true);
                         }
                         Some(Ok(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Nack(n)) })) => {
                             tracing::warn!(node = %node, version = n.version, reason = %n.reason, "agent refused a snapshot (NACK)");
+                            crate::metrics::snapshot_response(false);
                             agents.update(&node, |s| {
                                 s.nacked_version = n.version;
                                 s.nack_reason = n.reason.clone();

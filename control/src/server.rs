@@ -103,7 +103,17 @@ pub async fn start(
     });
     let admin_addr = admin::spawn(
         settings.admin_addr,
-        AdminState { snapshots: snapshots.clone(), agents: agents.clone() },
+        AdminState {
+            snapshots: snapshots.clone(),
+            agents: agents.clone(),
+            metrics: match crate::metrics::install() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics unavailable");
+                    None
+                }
+            },
+        },
         shutdown.clone(),
     )
     .await

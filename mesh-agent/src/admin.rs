@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | GET | `/live` | 200 while the process serves |
 //! | GET | `/ready` | 200 once interception is attached and listeners accept, 503 otherwise |
+//! | GET | `/metrics` | Prometheus text: connections, bytes, sniff results, discovery, certificates |
 //! | GET | `/stats` | connection counters and eBPF program counters (JSON) |
 //! | GET | `/config_dump` | mode, settings, enrolled cgroups, discovery state and routes (JSON) |
 //! | POST | `/enroll?cgroup=PATH[&create=true]` | start intercepting a cgroup |
@@ -106,6 +107,16 @@ async fn route(state: &Arc<AgentState>, req: Request<Incoming>) -> Response<Body
                     "discovery": state.discovery_status(),
                 }),
             )
+        }
+        (&Method::GET, "/metrics") => {
+            state.refresh_gauges();
+            let body = state.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(crate::observe::metrics::CONTENT_TYPE),
+            );
+            resp
         }
         (&Method::GET, "/config_dump") => json_response(StatusCode::OK, &state.config_dump()),
         (&Method::POST, path @ ("/enroll" | "/unenroll")) => {

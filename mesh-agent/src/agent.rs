@@ -47,6 +47,8 @@ pub struct AgentState {
     ready: AtomicBool,
     pub shutdown: CancellationToken,
     control_plane: Option<String>,
+    /// Renders `/metrics`; `None` when another recorder was installed first.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// Errors of enrol/unenrol requests.
@@ -143,6 +145,17 @@ impl AgentState {
             remove_cgroup(&cgroup);
         }
         Ok(cgroup)
+    }
+
+    /// Gauges computed at scrape time (staleness grows without events).
+    pub fn refresh_gauges(&self) {
+        use crate::observe::{labels::MeshName, metrics};
+        let routes = &self.proxy.routes;
+        metrics::set_discovery_staleness(routes.staleness());
+        metrics::set_discovery_applied_version(routes.table().version);
+        for c in crate::workload_identity::dump(&self.proxy.identity) {
+            metrics::set_certificate_expiry(&MeshName::known(&c.identity), c.expires_in_seconds as f64);
+        }
     }
 
     pub fn discovery_status(&self) -> DiscoveryStatus {
@@ -273,6 +286,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
         shutdown: CancellationToken::new(),
         control_plane: args.control_plane.clone(),
+        metrics: match crate::observe::metrics::install() {
+            Ok(h) => {
+                crate::observe::metrics::set_interception_mode(mode);
+                Some(h)
+            }
+            Err(e) => {
+                warn!(error = %e, "metrics unavailable");
+                None
+            }
+        },
     });
 
     for cg in &args.cgroups {

@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use crate::{
     discovery::{Resolved, table::Route},
     listener::{Direction, ProxyContext},
+    observe::{self, labels::MeshName, metrics::ConnectionMetrics},
     sniff::{self, OpaqueReason, Protocol, SniffError},
 };
 
@@ -88,6 +89,8 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
         }
     };
     let service = route.service.clone();
+    let metrics =
+        ConnectionMetrics::open(direction, &MeshName::unknown(), &MeshName::from_option(service.as_deref()));
 
     let mut sniffed = BytesMut::with_capacity(SNIFF_BUF);
     let connect = connect_target(&ctx, route);
@@ -106,6 +109,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
         Early::SniffFailed(e) => {
             log_close(&ctx, direction, &info(None), None, &Outcome::failed(0, 0, start, Side::Client, &e));
             ctx.stats.closed(direction, true);
+            metrics.fail(start.elapsed());
             return;
         }
         Early::ConnectFailed(e, protocol) => {
@@ -120,10 +124,12 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
                 &Outcome::failed(0, 0, start, Side::Upstream, &e),
             );
             ctx.stats.closed(direction, true);
+            metrics.fail(start.elapsed());
             return;
         }
     };
     ctx.stats.detected(&protocol);
+    observe::metrics::record_sniff(&protocol);
 
     let outcome = relay(&mut client, &mut upstream, &sniffed, start).await;
     if let Some((side, _)) = &outcome.error {
@@ -137,6 +143,13 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
     log_close(&ctx, direction, &info(Some(endpoint)), Some(&protocol), &outcome);
     ctx.stats.closed(direction, outcome.error.is_some());
     ctx.stats.bytes(outcome.client_to_upstream, outcome.upstream_to_client);
+    metrics.add_sent(outcome.client_to_upstream);
+    metrics.add_received(outcome.upstream_to_client);
+    if outcome.error.is_some() {
+        metrics.fail(outcome.duration);
+    } else {
+        metrics.close(outcome.duration);
+    }
 }
 
 /// Where an intercepted connection is sent.

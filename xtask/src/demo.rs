@@ -1,11 +1,14 @@
 //! `cargo xtask demo`: the mesh running for real on this machine.
 //!
-//! Two test hosts (network namespaces on a bridge): `frontend` runs the agent and a
-//! workload in an enrolled cgroup that keeps calling `backend` over HTTP/1.1, HTTP/2,
-//! TLS and raw TCP; `backend` runs the servers. The terminal shows, live, each
-//! intercepted flow with its protocol, request count, errors, latency percentiles and
-//! bytes, and the interception mode. Ctrl-C or `--duration` tears everything down
-//! and checks nothing was left behind.
+//! Three test hosts (network namespaces on a bridge): `control` runs the control
+//! plane with the YAML registry (the embedded default) and its CA; `frontend` runs
+//! the agent (which gets its workload certificate from the CA) and a workload in an
+//! enrolled cgroup that keeps calling services by VIP over HTTP/1.1 and HTTP/2, plus
+//! TLS and raw TCP to addresses the registry does not know (passed through);
+//! `backend` runs the servers. The terminal shows, live, each intercepted flow with
+//! its service, endpoints, protocol, request count, errors, latency percentiles and
+//! bytes, the interception mode, the discovery version and the certificate.
+//! Ctrl-C or `--duration` tears everything down and checks nothing was left behind.
 
 use std::{
     collections::BTreeMap,
@@ -19,7 +22,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use mesh_tests::{Agent, AgentOptions, Cgroup, Lab, servers};
+use mesh_tests::{Agent, AgentOptions, Cgroup, Control, Lab, servers};
 use serde_json::Value;
 
 pub struct Options {
@@ -58,7 +61,7 @@ pub fn run(root: &std::path::Path, opts: &Options) -> Result<()> {
     install_signal_handlers()?;
     println!("[1/4] system packages");
     crate::setup::system_packages()?;
-    println!("[2/4] building release binaries (mesh-agent, mesh-probe)");
+    println!("[2/4] building release binaries (mesh-agent, mesh-control, mesh-probe)");
     let status = Command::new(env!("CARGO"))
         .current_dir(root)
         .args([
@@ -69,6 +72,10 @@ pub fn run(root: &std::path::Path, opts: &Options) -> Result<()> {
             "mesh-agent",
             "--bin",
             "mesh-agent",
+            "-p",
+            "control",
+            "--bin",
+            "mesh-control",
             "-p",
             "mesh-tests",
             "--bin",
@@ -81,20 +88,49 @@ pub fn run(root: &std::path::Path, opts: &Options) -> Result<()> {
     unsafe {
         std::env::set_var("MESH_MESH_AGENT_BIN", release.join("mesh-agent"));
         std::env::set_var("MESH_MESH_PROBE_BIN", release.join("mesh-probe"));
+        std::env::set_var("MESH_MESH_CONTROL_BIN", release.join("mesh-control"));
     }
 
-    println!("[3/4] creating hosts `frontend` and `backend`, servers, agent ({} mode)", opts.mode);
-    let lab = Lab::new(&["frontend", "backend"])?;
+    println!(
+        "[3/4] creating hosts `control`, `frontend` and `backend`; control plane, servers, agent ({} mode)",
+        opts.mode
+    );
+    let lab = Lab::new(&["control", "frontend", "backend"])?;
     let backend = lab.host("backend");
+    let dir = tempfile::tempdir()?;
+    let registry = dir.path().join("registry.yaml");
+    std::fs::write(&registry, REGISTRY.replace("BACKEND", &backend.v4.to_string()))?;
+    std::fs::write(dir.path().join("tokens"), "demo-frontend-token frontend\n")?;
+    let token_file = dir.path().join("frontend.token");
+    std::fs::write(&token_file, "demo-frontend-token\n")?;
+    let ca_dir = dir.path().join("ca");
+    let control = Control::start(
+        lab.host("control"),
+        &registry,
+        &[
+            "--bootstrap-tokens",
+            &dir.path().join("tokens").display().to_string(),
+            "--ca-dir",
+            &ca_dir.display().to_string(),
+        ],
+    )?;
     let _v1 = servers::http(backend, 8080, "backend-v1")?;
     let _v2 = servers::http(backend, 8081, "backend-v2")?;
     let _tls = servers::https(backend, 8443, "backend-tls")?;
     let _tcp = servers::echo(backend, 7000)?;
     let workload = Cgroup::new("frontend")?;
-    let agent = Agent::start(
-        lab.host("frontend"),
-        AgentOptions { log: Some("info".into()), ..AgentOptions::new(&opts.mode).cgroup(&workload) },
-    )?;
+    let agent_opts = AgentOptions::new(&opts.mode)
+        .cgroup(&workload)
+        .arg("--control-plane")
+        .arg(control.url.clone())
+        .arg("--node")
+        .arg("frontend")
+        .arg("--identity")
+        .arg("shop/frontend")
+        .arg("--bootstrap-token-file")
+        .arg(token_file.display().to_string());
+    let agent = Agent::start(lab.host("frontend"), AgentOptions { log: Some("info".into()), ..agent_opts })?;
+    agent.wait_log("first discovery snapshot", |v| v["message"] == "snapshot applied");
     let mode = agent.mode();
     let reason = agent
         .find(|v| v["message"] == "interception mode selected")
@@ -112,7 +148,7 @@ pub fn run(root: &std::path::Path, opts: &Options) -> Result<()> {
                 "5".into(),
                 "-o".into(),
                 "/dev/null".into(),
-                format!("http://{b}:8080/api"),
+                "http://10.96.0.20/api".into(),
             ],
         ),
         (
@@ -124,7 +160,7 @@ pub fn run(root: &std::path::Path, opts: &Options) -> Result<()> {
                 "-o".into(),
                 "/dev/null".into(),
                 "--http2-prior-knowledge".into(),
-                format!("http://{b}:8081/api"),
+                "http://10.96.0.21/api".into(),
             ],
         ),
         (
@@ -158,7 +194,10 @@ pub fn run(root: &std::path::Path, opts: &Options) -> Result<()> {
     if opts.keep {
         println!("\nTry it yourself (from another terminal):");
         println!("  echo $$ > {}/cgroup.procs   # enroll your shell, then:", workload.absolute().display());
-        println!("  nsenter --net={frontend_ns} curl -s http://{b}:8080/hello");
+        println!(
+            "  nsenter --net={frontend_ns} curl -s http://10.96.0.20/hello   # service VIP, round robin"
+        );
+        println!("  edit {}   # the control plane pushes changes within a second", registry.display());
         println!("  nsenter --net={frontend_ns} curl -s http://127.0.0.1:15000/stats");
         println!("  nsenter --net={frontend_ns} curl -s http://127.0.0.1:15000/config_dump\n");
     }
@@ -192,7 +231,7 @@ pub fn run(root: &std::path::Path, opts: &Options) -> Result<()> {
             break;
         }
         if last_draw.elapsed() >= Duration::from_secs(1) {
-            draw(&agent, &mode, &reason, started.elapsed());
+            draw(&lab, &agent, &mode, &reason, started.elapsed());
             last_draw = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -204,6 +243,8 @@ pub fn run(root: &std::path::Path, opts: &Options) -> Result<()> {
     let flows = agent.connections().len();
     let status = agent.terminate()?;
     ensure!(status.success(), "agent exited with {status}");
+    let status = control.terminate()?;
+    ensure!(status.success(), "control plane exited with {status}");
     let workload_path = workload.absolute().to_path_buf();
     let ns_names: Vec<String> = lab.hosts.iter().map(|h| h.ns.name().to_owned()).collect();
     drop(workload);
@@ -218,10 +259,45 @@ pub fn run(root: &std::path::Path, opts: &Options) -> Result<()> {
     Ok(())
 }
 
-fn draw(agent: &Agent, mode: &str, reason: &str, elapsed: Duration) {
+/// The demo's registry: two services by VIP (`BACKEND` is replaced by the backend
+/// host's address). TLS on 8443 and TCP on 7000 are not registered: passed through.
+const REGISTRY: &str = "services:
+  - name: catalog
+    namespace: shop
+    vips: [10.96.0.20]
+    hostnames: [catalog.shop.svc.cluster.local]
+    ports: [{port: 80, protocol: http}]
+    health_check: {interval: 2s, timeout: 1s}
+    endpoints:
+      - {address: BACKEND, port: 8080, workload: backend-v1, service_account: catalog}
+      - {address: BACKEND, port: 8081, workload: backend-v2, service_account: catalog}
+  - name: reviews
+    namespace: shop
+    vips: [10.96.0.21]
+    ports: [{port: 80, protocol: http2}]
+    endpoints:
+      - {address: BACKEND, port: 8081, workload: backend-v2, service_account: reviews}
+  - name: frontend
+    namespace: shop
+    vips: [10.96.0.30]
+    ports: [{port: 80}]
+    endpoints:
+      - {address: 10.77.0.2, port: 8080, node: frontend, service_account: frontend}
+";
+
+fn draw(lab: &Lab, agent: &Agent, mode: &str, reason: &str, elapsed: Duration) {
+    let dump: Value = lab
+        .host("frontend")
+        .http("GET", agent.admin, "/config_dump")
+        .ok()
+        .and_then(|(_, b)| serde_json::from_str(&b).ok())
+        .unwrap_or_default();
     let mut flows: BTreeMap<String, Flow> = BTreeMap::new();
     for v in agent.connections() {
-        let key = v["orig_dst"].as_str().unwrap_or("?").to_owned();
+        let key = match (v["service"].as_str(), v["endpoint"].as_str()) {
+            (Some(svc), Some(ep)) => format!("{svc} -> {ep}"),
+            _ => format!("{} (passthrough)", v["orig_dst"].as_str().unwrap_or("?")),
+        };
         let f = flows.entry(key).or_default();
         f.protocol = protocol(&v);
         f.count += 1;
@@ -235,19 +311,30 @@ fn draw(agent: &Agent, mode: &str, reason: &str, elapsed: Duration) {
     let secs = elapsed.as_secs_f64().max(1.0);
     let mut out = String::new();
     out.push_str("\x1b[2J\x1b[H");
+    let d = &dump["discovery"];
+    let cert = &dump["certificates"][0];
     out.push_str(&format!(
-        "mesh demo: {:.0}s  interception: {mode} ({reason})\n\nfrontend (enrolled cgroup) -> backend, through mesh-agent on frontend\n\n",
-        elapsed.as_secs_f64()
+        "mesh demo: {:.0}s  interception: {mode} ({reason})\n\
+         control plane: {} connected={} snapshot version={} staleness={}s\n\
+         workload certificate: {} (expires in {}s)\n\n\
+         frontend (enrolled cgroup) -> services by VIP, through mesh-agent on frontend\n\n",
+        elapsed.as_secs_f64(),
+        d["control_plane"].as_str().unwrap_or("-"),
+        d["connected"],
+        d["applied_version"],
+        d["staleness_seconds"],
+        cert["identity"].as_str().unwrap_or("(not issued yet)"),
+        cert["expires_in_seconds"],
     ));
     out.push_str(&format!(
-        "{:<22} {:<28} {:>7} {:>7} {:>7} {:>9} {:>9} {:>10}\n",
+        "{:<38} {:<24} {:>7} {:>7} {:>7} {:>9} {:>9} {:>10}\n",
         "destination", "protocol", "conns", "conn/s", "errors", "p50 ms", "p99 ms", "bytes"
     ));
     for (dst, f) in &mut flows {
         f.durations_ms.sort_by(f64::total_cmp);
         let pct = |p: f64| f.durations_ms[((f.durations_ms.len() - 1) as f64 * p).round() as usize];
         out.push_str(&format!(
-            "{:<22} {:<28} {:>7} {:>7.1} {:>7} {:>9.2} {:>9.2} {:>10}\n",
+            "{:<38} {:<24} {:>7} {:>7.1} {:>7} {:>9.2} {:>9.2} {:>10}\n",
             dst,
             f.protocol,
             f.count,

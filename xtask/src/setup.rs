@@ -1,5 +1,5 @@
 //! System packages the tests, demo and benchmarks run (iptables, iproute2, curl,
-//! bpftool, wrk, iperf3), installed with apt when missing, idempotently.
+//! bpftool, wrk, iperf3, openssl), installed with apt when missing, idempotently.
 
 use std::process::{Command, Stdio};
 
@@ -14,6 +14,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("wrk", "wrk"),
     ("iperf3", "iperf3"),
+    // The CA tests read issued certificates with the openssl CLI.
+    ("openssl", "openssl"),
 ];
 
 fn on_path(tool: &str) -> bool {

@@ -113,10 +113,12 @@ impl Certificates for CertificatesService {
         match self.sign_checked(request).await {
             Ok(response) => {
                 self.counters.issued.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::certificate_request(true);
                 Ok(Response::new(response))
             }
             Err(status) => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::certificate_request(false);
                 tracing::warn!(code = ?status.code(), reason = status.message(), "refused to sign");
                 Err(status)
             }

@@ -622,6 +622,7 @@ impl Source for FileSource {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "registry file rejected; keeping the last good state");
+                        crate::metrics::registry_error("file");
                         publish_error(&tx, e.to_string());
                     }
                 }

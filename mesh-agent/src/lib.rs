@@ -22,3 +22,4 @@ pub mod orig_dst;
 pub mod resilience;
 pub mod sniff;
 pub mod socket;
+pub mod tunnel;

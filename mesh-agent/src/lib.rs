@@ -23,4 +23,5 @@ pub mod orig_dst;
 pub mod resilience;
 pub mod sniff;
 pub mod socket;
+pub mod tunnel;
 pub mod workload_identity;

@@ -40,6 +40,6 @@ pub use tls::{ALPN_H2, TlsConfigs};
 pub use trust::TrustBundle;
 
 #[cfg(test)]
-mod test_ca;
+pub(crate) mod test_ca;
 #[cfg(test)]
 mod tests;

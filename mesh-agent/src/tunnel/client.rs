@@ -1,0 +1,314 @@
+//! The sending side of the tunnel: a pool of mTLS + HTTP/2 connections to peer
+//! agents, each carrying many CONNECT streams.
+//!
+//! A connection belongs to one (peer agent, source identity, expected destination
+//! identity): the client certificate it presented and the server identity it checked
+//! are properties of the whole connection, so streams of another workload pair must
+//! not ride on it. Within that key one connection carries every stream; h2 makes a
+//! new stream wait when the peer's `max_concurrent_streams` is reached.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{HeaderMap, Method, Request, StatusCode};
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use super::io::TunnelStream;
+use super::{REASON_HEADER, TunnelError, h2_settings};
+use crate::identity::{CertManager, IdentityError, SpiffeId, identity_error_of};
+use crate::socket::SocketFactory;
+
+/// Where the pool gets the client TLS configuration for a (source, expected
+/// destination) pair: normally the [`CertManager`] holding the source workload's
+/// certificate; tests and benches pass a closure.
+pub trait ClientTls: Send + Sync {
+    /// A configuration presenting `source`'s certificate and accepting only a server
+    /// proving `expected`.
+    fn client_config(
+        &self,
+        source: &SpiffeId,
+        expected: &SpiffeId,
+    ) -> Result<Arc<ClientConfig>, IdentityError>;
+}
+
+impl ClientTls for CertManager {
+    fn client_config(
+        &self,
+        source: &SpiffeId,
+        expected: &SpiffeId,
+    ) -> Result<Arc<ClientConfig>, IdentityError> {
+        self.tls().client_config(self.identity(source)?, expected.clone())
+    }
+}
+
+impl<F> ClientTls for F
+where
+    F: Fn(&SpiffeId, &SpiffeId) -> Result<Arc<ClientConfig>, IdentityError> + Send + Sync,
+{
+    fn client_config(
+        &self,
+        source: &SpiffeId,
+        expected: &SpiffeId,
+    ) -> Result<Arc<ClientConfig>, IdentityError> {
+        self(source, expected)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    peer: SocketAddr,
+    source: SpiffeId,
+    expected: SpiffeId,
+}
+
+/// One pooled connection: a handle for new streams and a flag its driver task sets
+/// when the connection ends.
+#[derive(Clone)]
+struct Connection {
+    id: u64,
+    send: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Connection {
+    fn is_open(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// The connection of one key, and a lock held while dialing it so that concurrent
+/// opens wait for one dial instead of each making a connection.
+#[derive(Default)]
+struct Slot {
+    dialing: tokio::sync::Mutex<()>,
+    current: Mutex<Option<Connection>>,
+}
+
+impl Slot {
+    fn open_connection(&self) -> Option<Connection> {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current.as_ref().filter(|c| c.is_open()).cloned()
+    }
+}
+
+struct Shared {
+    tls: Arc<dyn ClientTls>,
+    sockets: SocketFactory,
+    connect_timeout: Duration,
+    slots: Mutex<HashMap<PoolKey, Arc<Slot>>>,
+    next_id: AtomicU64,
+}
+
+/// Opens tunnel streams to peer agents, reusing one connection per (peer agent,
+/// source identity, destination identity). Cheap to clone; clones share the pool.
+/// Connections close when the pool and all their streams are dropped, or when the
+/// peer closes them (a later open dials again).
+#[derive(Clone)]
+pub struct TunnelPool {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for TunnelPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelPool").field("connections", &self.connection_count()).finish_non_exhaustive()
+    }
+}
+
+impl TunnelPool {
+    /// A pool making TLS configurations with `tls`, dialing marked sockets from
+    /// `sockets`, giving up on a dial (TCP, TLS and HTTP/2 handshakes each) after
+    /// `connect_timeout`.
+    pub fn new(tls: Arc<dyn ClientTls>, sockets: SocketFactory, connect_timeout: Duration) -> TunnelPool {
+        TunnelPool {
+            shared: Arc::new(Shared {
+                tls,
+                sockets,
+                connect_timeout,
+                slots: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// How many live connections the pool holds (for metrics and tests).
+    pub fn connection_count(&self) -> usize {
+        let slots = self.shared.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.values().filter(|slot| slot.open_connection().is_some()).count()
+    }
+
+    /// Opens a stream through the agent at `peer_agent` to `target` (the address the
+    /// peer agent connects to), as `source`, accepting only a peer agent that proves
+    /// `expected_dest`. `extra_headers` ride on the CONNECT request (e.g. trace
+    /// context). Reuses a pooled connection when one is open.
+    pub async fn open(
+        &self,
+        peer_agent: SocketAddr,
+        source: &SpiffeId,
+        expected_dest: &SpiffeId,
+        target: SocketAddr,
+        extra_headers: HeaderMap,
+    ) -> Result<TunnelStream, TunnelError> {
+        let key = PoolKey { peer: peer_agent, source: source.clone(), expected: expected_dest.clone() };
+        let slot = {
+            let mut slots = self.shared.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.entry(key.clone()).or_default().clone()
+        };
+        let (connection, reused) = self.connection(&key, &slot).await?;
+        match send_connect(connection.send.clone(), target, &extra_headers).await {
+            // A pooled connection may have been closed by the peer (GOAWAY, idle
+            // timeout) since it was last used; the CONNECT never reached a target,
+            // so one retry on a fresh connection is safe.
+            Err(TunnelError::H2(e)) if reused && retryable(&e) => {
+                debug!(peer = %peer_agent, error = %e, "pooled tunnel connection is gone; dialing again");
+                connection.closed.store(true, Ordering::Release);
+                let (connection, _) = self.connection(&key, &slot).await?;
+                send_connect(connection.send, target, &extra_headers).await
+            }
+            other => other,
+        }
+    }
+
+    /// The open connection of `key`, dialing one if needed; says whether it was reused.
+    async fn connection(&self, key: &PoolKey, slot: &Arc<Slot>) -> Result<(Connection, bool), TunnelError> {
+        if let Some(connection) = slot.open_connection() {
+            return Ok((connection, true));
+        }
+        let _dialing = slot.dialing.lock().await;
+        if let Some(connection) = slot.open_connection() {
+            return Ok((connection, true));
+        }
+        match self.dial(key, slot).await {
+            Ok(connection) => {
+                *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(connection.clone());
+                Ok((connection, false))
+            }
+            Err(e) => {
+                // Leave no empty slot behind for a peer that cannot be reached.
+                let mut slots = self.shared.slots.lock().unwrap_or_else(|e| e.into_inner());
+                let empty = slot.current.lock().unwrap_or_else(|e| e.into_inner()).is_none();
+                if empty && slots.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                    slots.remove(key);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn dial(&self, key: &PoolKey, slot: &Arc<Slot>) -> Result<Connection, TunnelError> {
+        let shared = &self.shared;
+        let peer = key.peer;
+        let config = shared
+            .tls
+            .client_config(&key.source, &key.expected)
+            .map_err(|source| TunnelError::Config { source })?;
+        let tcp = shared
+            .sockets
+            .connect(peer, shared.connect_timeout)
+            .await
+            .map_err(|source| TunnelError::Connect { peer, source })?;
+        let name = ServerName::IpAddress(peer.ip().into());
+        let tls =
+            match tokio::time::timeout(shared.connect_timeout, TlsConnector::from(config).connect(name, tcp))
+                .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(source)) if identity_error_of(&source).is_some() => {
+                    return Err(TunnelError::IdentityMismatch {
+                        peer,
+                        expected: key.expected.clone(),
+                        source,
+                    });
+                }
+                Ok(Err(source)) => return Err(TunnelError::Tls { peer, source }),
+                Err(_) => {
+                    let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out");
+                    return Err(TunnelError::Tls { peer, source });
+                }
+            };
+        let handshake = h2_settings::client().handshake::<_, Bytes>(tls);
+        let (send, driver) = match tokio::time::timeout(shared.connect_timeout, handshake).await {
+            Ok(result) => result.map_err(TunnelError::H2)?,
+            Err(_) => {
+                let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "HTTP/2 handshake timed out");
+                return Err(TunnelError::Connect { peer, source });
+            }
+        };
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let closed = Arc::new(AtomicBool::new(false));
+        // The task holds the pool and slot weakly: the slot holds the connection's
+        // handle, and the connection must end when the pool is dropped.
+        let (weak, task_key, slot, flag) =
+            (Arc::downgrade(shared), key.clone(), Arc::downgrade(slot), closed.clone());
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                debug!(peer = %task_key.peer, error = %e, "tunnel connection ended");
+            }
+            flag.store(true, Ordering::Release);
+            if let (Some(shared), Some(slot)) = (weak.upgrade(), slot.upgrade()) {
+                forget(&shared, &task_key, &slot, id);
+            }
+        });
+        debug!(peer = %peer, source = %key.source, dest = %key.expected, "tunnel connection established");
+        Ok(Connection { id, send, closed })
+    }
+}
+
+/// Drops connection `id` from `slot`, and the slot from the pool if it is now empty,
+/// so peers that went away leave nothing behind.
+fn forget(shared: &Shared, key: &PoolKey, slot: &Arc<Slot>, id: u64) {
+    let mut slots = shared.slots.lock().unwrap_or_else(|e| e.into_inner());
+    let mut current = slot.current.lock().unwrap_or_else(|e| e.into_inner());
+    if current.as_ref().is_some_and(|c| c.id == id) {
+        *current = None;
+        if slots.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            slots.remove(key);
+        }
+    }
+}
+
+/// Whether a CONNECT that failed with `err` on a reused connection failed because the
+/// connection was no longer usable (rather than the stream being refused by choice).
+fn retryable(err: &h2::Error) -> bool {
+    match err.reason() {
+        _ if err.is_io() || err.is_go_away() => true,
+        Some(reason) => reason == h2::Reason::REFUSED_STREAM,
+        None => true,
+    }
+}
+
+/// Sends CONNECT `target` on `send` (waiting for a free stream slot) and waits for
+/// the answer.
+async fn send_connect(
+    send: SendRequest<Bytes>,
+    target: SocketAddr,
+    extra_headers: &HeaderMap,
+) -> Result<TunnelStream, TunnelError> {
+    let mut send = send.ready().await.map_err(TunnelError::H2)?;
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .map_err(|e| TunnelError::Request(e.to_string()))?;
+    request.headers_mut().extend(extra_headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let (response, stream) = send.send_request(request, false).map_err(TunnelError::H2)?;
+    let response = response.await.map_err(TunnelError::H2)?;
+    let status = response.status();
+    if status != StatusCode::OK {
+        let reason = response
+            .headers()
+            .get(REASON_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| status.canonical_reason().unwrap_or(""))
+            .to_owned();
+        return Err(TunnelError::Refused { status: status.as_u16(), reason });
+    }
+    Ok(TunnelStream::new(stream, response.into_body()))
+}

@@ -1,0 +1,152 @@
+//! One CONNECT stream as a byte stream: [`TunnelStream`] turns an h2 stream pair into
+//! tokio's `AsyncRead + AsyncWrite`, so the rest of the agent copies bytes through a
+//! tunnel exactly as through a TCP socket.
+//!
+//! Flow control is where h2 differs from TCP: the peer may send only as much as we
+//! have released, and we may send only as much as it granted. Reads release window
+//! as the caller consumes bytes (a slow reader slows the sender, nothing piles up);
+//! writes wait for granted capacity before handing data to h2.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The largest write handed to h2 at once; bounds what one stream buffers ahead of
+/// the peer's window.
+const MAX_WRITE: usize = 256 * 1024;
+
+/// A bidirectional byte stream over one HTTP/2 CONNECT stream, on either side of the
+/// tunnel. Shutting down the write half sends END_STREAM (the peer reads EOF); a
+/// RST_STREAM from the peer surfaces as an `io::ErrorKind::ConnectionReset` error.
+/// Dropping it before both ends closed resets the stream.
+#[derive(Debug)]
+pub struct TunnelStream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received bytes not yet read by the caller.
+    pending: Bytes,
+    write_closed: bool,
+    received: u64,
+    sent: u64,
+}
+
+impl TunnelStream {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> TunnelStream {
+        TunnelStream { send, recv, pending: Bytes::new(), write_closed: false, received: 0, sent: 0 }
+    }
+
+    /// Bytes read from the peer so far.
+    pub fn bytes_received(&self) -> u64 {
+        self.received
+    }
+
+    /// Bytes accepted for sending to the peer so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Aborts the stream with RST_STREAM(CANCEL), telling the peer the bytes it has
+    /// seen are not the whole story (an EOF would claim they were).
+    pub fn reset(&mut self) {
+        self.send.send_reset(h2::Reason::CANCEL);
+    }
+
+    /// The error to report after h2 refused a send: the peer's reset reason if it
+    /// reset the stream, else `err`.
+    fn send_error(&mut self, cx: &mut Context<'_>, err: Option<h2::Error>) -> io::Error {
+        match self.send.poll_reset(cx) {
+            Poll::Ready(Ok(reason)) => reset_error(reason),
+            Poll::Ready(Err(e)) => h2_to_io(e),
+            Poll::Pending => err.map_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe), h2_to_io),
+        }
+    }
+}
+
+/// An h2 error as the I/O error a socket would have given: resets and GOAWAYs become
+/// `ConnectionReset`, transport errors stay what they were.
+pub(crate) fn h2_to_io(err: h2::Error) -> io::Error {
+    if err.is_io() {
+        return err.into_io().unwrap_or_else(|| io::Error::other("h2 transport error"));
+    }
+    if err.is_reset() || err.is_go_away() || err.is_remote() {
+        return io::Error::new(io::ErrorKind::ConnectionReset, err);
+    }
+    io::Error::other(err)
+}
+
+fn reset_error(reason: h2::Reason) -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionReset, format!("tunnel stream reset by peer: {reason}"))
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while this.pending.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => this.pending = data,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        this.received += n as u64;
+        // Only now may the peer send these bytes' worth again. A failure means the
+        // stream is gone, which the next poll_data reports.
+        let _ = this.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.write_closed {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel write half is shut")));
+        }
+        let want = buf.len().min(MAX_WRITE);
+        this.send.reserve_capacity(want);
+        // Capacity left over from an earlier grant is usable at once; poll_capacity
+        // wakes only when the grant grows.
+        let granted = match this.send.capacity() {
+            0 => match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(n)) => n.min(want),
+                Some(Err(e)) => return Poll::Ready(Err(this.send_error(cx, Some(e)))),
+                None => return Poll::Ready(Err(this.send_error(cx, None))),
+            },
+            n => n.min(want),
+        };
+        if let Err(e) = this.send.send_data(Bytes::copy_from_slice(&buf[..granted]), false) {
+            return Poll::Ready(Err(this.send_error(cx, Some(e))));
+        }
+        this.sent += granted as u64;
+        Poll::Ready(Ok(granted))
+    }
+
+    /// h2's connection task writes and flushes frames as soon as they are queued.
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        this.write_closed = true;
+        // Give back any capacity reserved by an unfinished write.
+        this.send.reserve_capacity(0);
+        match this.send.send_data(Bytes::new(), true) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(this.send_error(cx, Some(e)))),
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The tunnel end to end over loopback TCP: a [`TunnelPool`] and a [`TunnelServer`]
+//! with identities from an in-process CA, relaying to real TCP targets.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::HeaderMap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::identity::test_ca::TestCa;
+use crate::identity::{IdentityError, TlsConfigs, TokioClock, WorkloadIdentity};
+use crate::socket::SocketFactory;
+
+/// Guards waits on the network so a broken test fails instead of hanging.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, fut).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// A tunnel server for `payments` that allows `cart`, with hooks to observe it.
+struct Fixture {
+    ca: TestCa,
+    cart: SpiffeId,
+    payments: SpiffeId,
+    server_addr: SocketAddr,
+    /// TCP connections the server accepted (it resolves TLS once per connection).
+    accepted: Arc<AtomicUsize>,
+    /// (peer, target) pairs the authorize callback was asked about.
+    authorized: Arc<Mutex<Vec<(SpiffeId, SocketAddr)>>>,
+    records: mpsc::UnboundedReceiver<TunnelRecord>,
+    shutdown: CancellationToken,
+    served: tokio::task::JoinHandle<()>,
+    tls: TlsConfigs,
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        Fixture::start_with(Duration::from_secs(10)).await
+    }
+
+    async fn start_with(handshake_timeout: Duration) -> Fixture {
+        let ca = TestCa::new("cluster.local");
+        let (cart, payments) = (ca.id("cart"), ca.id("payments"));
+        let tls = TlsConfigs::new(ca.bundle(), Arc::new(TokioClock::new()));
+        let server_config = tls.server_config(ca.fresh(&payments)).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let server_tls: ServerTls = Arc::new(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Some(server_config.clone())
+        });
+        let allowed: HashSet<SpiffeId> = [cart.clone()].into();
+        let authorized = Arc::new(Mutex::new(Vec::new()));
+        let seen = authorized.clone();
+        let authorize: Authorize = Arc::new(move |peer, target| {
+            seen.lock().unwrap().push((peer.clone(), target));
+            if allowed.contains(peer) { Ok(()) } else { Err(format!("{peer} is not allowed")) }
+        });
+        let connect: ConnectTarget = Arc::new(|target| Box::pin(TcpStream::connect(target)));
+        let (record_tx, records) = mpsc::unbounded_channel();
+        let server = TunnelServer::new(server_tls, authorize, connect)
+            .with_handshake_timeout(handshake_timeout)
+            .with_on_close(Arc::new(move |record| {
+                let _ = record_tx.send(record);
+            }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let served = tokio::spawn(server.serve(listener, shutdown.clone()));
+        Fixture { ca, cart, payments, server_addr, accepted, authorized, records, shutdown, served, tls }
+    }
+
+    /// A pool whose workloads (cart, and an intruder the policy denies) have fresh
+    /// certificates from the fixture's CA.
+    fn pool(&self) -> TunnelPool {
+        let identities: HashMap<SpiffeId, Arc<WorkloadIdentity>> =
+            [self.cart.clone(), self.ca.id("intruder")]
+                .into_iter()
+                .map(|id| (id.clone(), self.ca.fresh(&id)))
+                .collect();
+        let tls = self.tls.clone();
+        let lookup = move |source: &SpiffeId, expected: &SpiffeId| {
+            let identity = identities.get(source).cloned();
+            let identity = identity.ok_or_else(|| IdentityError::Config(format!("no identity {source}")))?;
+            tls.client_config(identity, expected.clone())
+        };
+        TunnelPool::new(Arc::new(lookup), SocketFactory::new(0), PATIENCE)
+    }
+
+    async fn open(&self, pool: &TunnelPool, target: SocketAddr) -> Result<TunnelStream, TunnelError> {
+        within("open", pool.open(self.server_addr, &self.cart, &self.payments, target, HeaderMap::new()))
+            .await
+    }
+}
+
+/// A TCP server echoing every byte back, closing its write half at EOF.
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = tcp.into_split();
+                if tokio::io::copy(&mut read, &mut write).await.is_ok() {
+                    let _ = write.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An address where nothing listens (connections are refused).
+async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+async fn round_trip(stream: &mut TunnelStream, message: &[u8]) {
+    stream.write_all(message).await.unwrap();
+    let mut back = vec![0; message.len()];
+    within("echo", stream.read_exact(&mut back)).await.unwrap();
+    assert_eq!(back, message);
+}
+
+#[tokio::test]
+async fn bytes_round_trip_and_the_server_sees_the_client_identity() {
+    let mut f = Fixture::start().await;
+    let echo = echo_server().await;
+    let pool = f.pool();
+    let mut stream = f.open(&pool, echo).await.unwrap();
+    round_trip(&mut stream, b"hello through the tunnel").await;
+    assert_eq!(*f.authorized.lock().unwrap(), vec![(f.cart.clone(), echo)]);
+
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within("EOF", stream.read_to_end(&mut rest)).await.unwrap();
+    assert!(rest.is_empty());
+    let record = within("record", f.records.recv()).await.unwrap();
+    assert_eq!((record.peer_id, record.target, record.status), (f.cart.clone(), echo, 200));
+    assert_eq!((record.bytes_in, record.bytes_out, record.error), (24, 24, None));
+}
+
+#[tokio::test]
+async fn streams_to_the_same_peer_share_one_connection() {
+    let f = Fixture::start().await;
+    let echo = echo_server().await;
+    let pool = f.pool();
+    let (a, b) = tokio::join!(f.open(&pool, echo), f.open(&pool, echo));
+    let (mut a, mut b) = (a.unwrap(), b.unwrap());
+    let mut c = f.open(&pool, echo).await.unwrap();
+    round_trip(&mut a, b"first").await;
+    round_trip(&mut b, b"second").await;
+    round_trip(&mut c, b"third").await;
+    assert_eq!(f.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(pool.connection_count(), 1);
+}
+
+#[tokio::test]
+async fn a_principal_the_policy_denies_is_refused_with_403() {
+    let mut f = Fixture::start().await;
+    let echo = echo_server().await;
+    let pool = f.pool();
+    let intruder = f.ca.id("intruder");
+    let result = pool.open(f.server_addr, &intruder, &f.payments, echo, HeaderMap::new());
+    let err = within("open", result).await.unwrap_err();
+    assert!(err.is_denied(), "{err}");
+    assert!(matches!(&err, TunnelError::Refused { status: 403, reason } if reason == "denied by policy"));
+    let record = within("record", f.records.recv()).await.unwrap();
+    assert_eq!((record.peer_id, record.status), (intruder, 403));
+}
+
+#[tokio::test]
+async fn a_peer_with_another_identity_is_refused_before_any_stream() {
+    let f = Fixture::start().await;
+    let echo = echo_server().await;
+    let pool = f.pool();
+    let reviews = f.ca.id("reviews");
+    let result = pool.open(f.server_addr, &f.cart, &reviews, echo, HeaderMap::new());
+    let err = within("open", result).await.unwrap_err();
+    assert!(matches!(&err, TunnelError::IdentityMismatch { expected, .. } if *expected == reviews), "{err}");
+    assert!(
+        matches!(err.identity_error(), Some(IdentityError::UnexpectedPeer { found, .. }) if *found == f.payments.to_string()),
+        "{err}"
+    );
+    assert_eq!(pool.connection_count(), 0);
+    assert!(f.authorized.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_target_refusing_the_connection_gives_502() {
+    let mut f = Fixture::start().await;
+    let pool = f.pool();
+    let target = closed_port().await;
+    let err = f.open(&pool, target).await.unwrap_err();
+    assert!(matches!(err, TunnelError::Refused { status: 502, .. }), "{err}");
+    let record = within("record", f.records.recv()).await.unwrap();
+    assert_eq!(record.status, 502);
+    assert!(record.error.is_some());
+    // The connection survives a refused stream.
+    let echo = echo_server().await;
+    round_trip(&mut f.open(&pool, echo).await.unwrap(), b"still here").await;
+    assert_eq!(f.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_half_closed_stream_still_carries_the_answer() {
+    let f = Fixture::start().await;
+    // Reads the whole request (to EOF), then answers with its length.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        tcp.read_to_end(&mut request).await.unwrap();
+        tcp.write_all(format!("got {} bytes", request.len()).as_bytes()).await.unwrap();
+    });
+    let pool = f.pool();
+    let mut stream = f.open(&pool, target).await.unwrap();
+    stream.write_all(b"the whole request").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = String::new();
+    within("answer", stream.read_to_string(&mut answer)).await.unwrap();
+    assert_eq!(answer, "got 17 bytes");
+}
+
+#[tokio::test]
+async fn eight_mebibytes_cross_both_ways_intact() {
+    let f = Fixture::start().await;
+    let echo = echo_server().await;
+    let pool = f.pool();
+    let stream = f.open(&pool, echo).await.unwrap();
+    let mut rng = fastrand::Rng::with_seed(7);
+    let payload: Vec<u8> = std::iter::repeat_with(|| rng.u8(..)).take(8 << 20).collect();
+    let (mut read, mut write) = tokio::io::split(stream);
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        // Uneven chunks, so writes straddle frame and window boundaries.
+        for chunk in sent.chunks(100_003) {
+            write.write_all(chunk).await.unwrap();
+        }
+        write.shutdown().await.unwrap();
+    });
+    let mut received = Vec::with_capacity(payload.len());
+    within("echo", read.read_to_end(&mut received)).await.unwrap();
+    within("writer", writer).await.unwrap();
+    assert_eq!(received.len(), payload.len());
+    assert!(received == payload, "echoed bytes differ");
+}
+
+#[tokio::test]
+async fn garbage_and_silent_clients_are_dropped_and_the_server_keeps_serving() {
+    let f = Fixture::start_with(Duration::from_millis(300)).await;
+    // Not TLS at all.
+    let mut plain = TcpStream::connect(f.server_addr).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut sink = Vec::new();
+    let _ = within("garbage close", plain.read_to_end(&mut sink)).await;
+    // Connected but silent: the handshake timeout closes it.
+    let mut silent = TcpStream::connect(f.server_addr).await.unwrap();
+    let closed = within("silent close", silent.read_to_end(&mut sink)).await;
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+
+    let echo = echo_server().await;
+    let pool = f.pool();
+    round_trip(&mut f.open(&pool, echo).await.unwrap(), b"after the noise").await;
+}
+
+#[tokio::test]
+async fn shutdown_stops_new_streams_and_lets_open_ones_finish() {
+    let f = Fixture::start().await;
+    let echo = echo_server().await;
+    let pool = f.pool();
+    let mut stream = f.open(&pool, echo).await.unwrap();
+    f.shutdown.cancel();
+    round_trip(&mut stream, b"during the drain").await;
+    // The listener is closed: a new stream cannot be opened anywhere.
+    let err = f.open(&pool, echo).await.unwrap_err();
+    assert!(matches!(err, TunnelError::Connect { .. } | TunnelError::H2(_)), "{err}");
+    assert!(!f.served.is_finished());
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within("EOF", stream.read_to_end(&mut rest)).await.unwrap();
+    within("drain", f.served).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_peer_reset_reads_as_connection_reset() {
+    let f = Fixture::start().await;
+    // A target that resets its connection (SO_LINGER 0) once it has read something.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1];
+        tcp.read_exact(&mut buf).await.unwrap();
+        socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)).unwrap();
+    });
+    let pool = f.pool();
+    let mut stream = f.open(&pool, target).await.unwrap();
+    stream.write_all(b"x").await.unwrap();
+    let mut buf = [0u8; 16];
+    let err = within("reset", stream.read(&mut buf)).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}

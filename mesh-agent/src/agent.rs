@@ -263,9 +263,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         own_addrs.push(l.local_addr()?);
     }
     let routes = Arc::new(RouteStore::new(args.control_plane.is_some()));
+    let identity_slot: crate::workload_identity::IdentitySlot = Default::default();
+    let sockets = SocketFactory::new(settings.mark);
     let proxy = Arc::new(ProxyContext {
         mode,
-        sockets: SocketFactory::new(settings.mark),
+        sockets,
         lookup: Box::new(SocketOption),
         detect_timeout,
         connect_timeout,
@@ -273,7 +275,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         own_addrs,
         stats: Default::default(),
         routes: routes.clone(),
-        identity: Default::default(),
+        identity: identity_slot.clone(),
+        tunnels: crate::mtls::pool(identity_slot.clone(), sockets, connect_timeout),
     });
     let state = Arc::new(AgentState {
         mode,
@@ -370,6 +373,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 proxy.identity.clone(),
                 state.shutdown.clone(),
             ));
+            // Peers' tunnels land here; this node's workloads are reached from it.
+            let tunnel_addr = std::net::SocketAddr::from(([0, 0, 0, 0], args.tunnel_port));
+            let listener = tokio::net::TcpListener::bind(tunnel_addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("tunnel listener on {tunnel_addr} (--tunnel-port): {e}"))?;
+            info!(addr = %tunnel_addr, "mTLS tunnel listener bound");
+            let inbound = crate::mtls::Inbound {
+                slot: proxy.identity.clone(),
+                routes: routes.clone(),
+                node: settings.node.clone(),
+                sockets: proxy.sockets,
+                connect_timeout,
+                mode: mode.as_str(),
+            };
+            crate::mtls::serve_inbound(listener, inbound, state.shutdown.clone());
         }
     }
 

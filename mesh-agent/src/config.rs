@@ -143,6 +143,10 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_BOOTSTRAP_TOKEN_FILE")]
     pub bootstrap_token_file: Option<std::path::PathBuf>,
 
+    /// Port of the mTLS tunnel listener peers' agents connect to (with --identity).
+    #[arg(long, env = "MESH_TUNNEL_PORT", default_value_t = 15008)]
+    pub tunnel_port: u16,
+
     /// Lifetime to request for workload certificates (default: the CA's).
     #[arg(long, env = "MESH_CERT_TTL", value_parser = humantime::parse_duration)]
     pub cert_ttl: Option<Duration>,

@@ -78,6 +78,42 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
     let route = match ctx.routes.resolve(orig_dst) {
         Resolved::Passthrough(dst) => Target { service: None, first: dst, route: None },
         Resolved::Service { route, endpoint } => {
+            if let Some((agent, dest_id)) = crate::mtls::meshed(&endpoint) {
+                let metrics = ConnectionMetrics::open(
+                    direction,
+                    &MeshName::unknown(),
+                    &MeshName::known(&route.service),
+                );
+                let result = crate::mtls::forward(
+                    &ctx,
+                    client,
+                    peer,
+                    orig_dst,
+                    &route.service,
+                    endpoint.addr,
+                    agent,
+                    dest_id,
+                    start,
+                )
+                .await;
+                match result {
+                    Ok((up, down, _)) => {
+                        ctx.stats.closed(direction, false);
+                        ctx.stats.bytes(up, down);
+                        metrics.add_sent(up);
+                        metrics.add_received(down);
+                        metrics.close(start.elapsed());
+                    }
+                    Err(e) => {
+                        warn!(target: "mesh_agent::conn", mode = ctx.mode.as_str(), direction = direction.as_str(),
+                            src = %peer, orig_dst = %orig_dst, service = %route.service, endpoint = %endpoint.addr,
+                            tunnel = %agent, error = %e, "connection closed");
+                        ctx.stats.closed(direction, true);
+                        metrics.fail(start.elapsed());
+                    }
+                }
+                return;
+            }
             Target { service: Some(route.service.clone()), first: endpoint.addr, route: Some(route) }
         }
         Resolved::NoHealthyEndpoint { route } => {
@@ -323,7 +359,7 @@ async fn copy_half(
 }
 
 /// Closes with RST instead of FIN.
-fn reset(stream: &TcpStream) {
+pub(crate) fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 

@@ -18,6 +18,7 @@ pub mod forward;
 pub mod identity;
 pub mod intercept;
 pub mod listener;
+pub mod mtls;
 pub mod observe;
 pub mod orig_dst;
 pub mod resilience;

@@ -59,6 +59,8 @@ pub struct ProxyContext {
     pub routes: Arc<RouteStore>,
     /// The node's workload identity, once its first certificate is issued.
     pub identity: crate::workload_identity::IdentitySlot,
+    /// Tunnels to peer agents (mTLS + HTTP/2 CONNECT), shared by all connections.
+    pub tunnels: crate::tunnel::TunnelPool,
 }
 
 impl ProxyContext {
@@ -238,6 +240,7 @@ mod tests {
             stats: Stats::default(),
             routes: Arc::new(RouteStore::new(false)),
             identity: Default::default(),
+            tunnels: crate::mtls::pool(Default::default(), SocketFactory::new(0), Duration::from_secs(1)),
         }
     }
 

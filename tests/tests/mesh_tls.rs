@@ -31,6 +31,12 @@ fn registry(allowed: &str) -> String {
       authorization: [{{principals: [\"{allowed}\"]}}]
     endpoints:
       - {{address: 10.77.0.3, node: server, service_account: api, agent_address: \"10.77.0.3:15008\"}}
+  - name: echo
+    namespace: shop
+    vips: [10.96.0.41]
+    ports: [{{port: 7000, protocol: tcp}}]
+    endpoints:
+      - {{address: 10.77.0.3, node: server, service_account: api, agent_address: \"10.77.0.3:15008\"}}
   - name: frontend
     namespace: shop
     ports: [{{port: 80}}]
@@ -49,6 +55,7 @@ struct Mesh {
     workload: Cgroup,
     _server_cg: Cgroup,
     _api: servers::Server,
+    _echo: servers::Server,
 }
 
 fn agent(
@@ -70,6 +77,9 @@ fn agent(
         .arg(identity)
         .arg("--bootstrap-token-file")
         .arg(token.display().to_string());
+    for a in extra {
+        opts = opts.arg(*a);
+    }
     let a = Agent::start(lab.host(host), opts).expect("agent starts");
     a.wait_log("workload certificate", |v| message(v) == "workload certificate issued");
     a.wait_log("snapshot", |v| message(v) == "snapshot applied");
@@ -78,6 +88,10 @@ fn agent(
 
 impl Mesh {
     fn new(mode: &str) -> Self {
+        Self::with_agent_args(mode, &[])
+    }
+
+    fn with_agent_args(mode: &str, extra: &[&str]) -> Self {
         let lab = Lab::new(&["control", "client", "server"]).expect("lab");
         let dir = tempfile::tempdir().unwrap();
         let reg = dir.path().join("registry.yaml");
@@ -97,6 +111,7 @@ impl Mesh {
         )
         .expect("control plane");
         let api = servers::http(lab.host("server"), 8080, "api").unwrap();
+        let echo = servers::echo(lab.host("server"), 7000).unwrap();
         let workload = Cgroup::new("wl").unwrap();
         let server_cg = Cgroup::new("srv").unwrap();
         let client_agent = agent(
@@ -108,8 +123,16 @@ impl Mesh {
             "shop/frontend",
             &dir.path().join("client.token"),
         );
-        let server_agent =
-            agent(&lab, "server", mode, &server_cg, &control, "shop/api", &dir.path().join("server.token"));
+        let server_agent = agent(
+            &lab,
+            "server",
+            mode,
+            &server_cg,
+            &control,
+            "shop/api",
+            &dir.path().join("server.token"),
+            extra,
+        );
         Self {
             lab,
             dir,
@@ -248,6 +271,58 @@ fn meshed_call_carries_identity_over_mtls_and_policy_is_enforced(mode: &str) {
     });
 }
 
+fn traffic_crosses_certificate_rotations_without_failures(mode: &str) {
+    // 30 s certificates renewed at 80%: a new certificate every ~24 s on both agents.
+    let m = Mesh::with_agent_args(mode, &["--cert-ttl", "30s"]);
+    let cert = |a: &Agent, host: &str| -> u64 {
+        let (_, body) = m.lab.host(host).http("GET", a.admin, "/config_dump").unwrap();
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["certificates"][0]["not_after"]
+            .as_u64()
+            .unwrap()
+    };
+    let first = (cert(&m.client_agent, "client"), cert(&m.server_agent, "server"));
+
+    // A long-lived TCP connection through the tunnel: one echoed line a second for 65 s.
+    let long = m
+        .lab
+        .host("client")
+        .command("bash", Some(m.workload.absolute()))
+        .unwrap()
+        .args([
+            "-c",
+            "exec 3<>/dev/tcp/10.96.0.41/7000 || exit 2; for i in $(seq 65); do echo ping$i >&3; \
+             read -t 5 line <&3 || exit 3; [ \"$line\" = ping$i ] || exit 4; sleep 1; done",
+        ])
+        .spawn()
+        .expect("long-lived client");
+    let long = std::sync::Mutex::new(long);
+    // Meanwhile, a request every 500 ms on new connections.
+    let mut requests = 0;
+    let mut failures = Vec::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(66) {
+        requests += 1;
+        if let Err(e) = m.curl("/rotation") {
+            failures.push(e);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let status = eventually(Duration::from_secs(15), "long-lived client finishes", || {
+        long.lock().unwrap().try_wait().ok().flatten()
+    });
+    let last = (cert(&m.client_agent, "client"), cert(&m.server_agent, "server"));
+    assert!(
+        last.0 >= first.0 + 40 && last.1 >= first.1 + 40,
+        "both agents rotated at least twice: {first:?} -> {last:?}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} requests failed across rotations: {failures:?}",
+        failures.len()
+    );
+    assert!(status.success(), "the long-lived connection survived every rotation: {status}");
+}
+
 macro_rules! both_modes {
     ($($name:ident),* $(,)?) => {
         mod ebpf {
@@ -259,4 +334,7 @@ macro_rules! both_modes {
     };
 }
 
-both_modes!(meshed_call_carries_identity_over_mtls_and_policy_is_enforced);
+both_modes!(
+    meshed_call_carries_identity_over_mtls_and_policy_is_enforced,
+    traffic_crosses_certificate_rotations_without_failures
+);

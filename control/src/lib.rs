@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod discovery;
 pub mod json;
+pub mod meshctl;
 pub mod metrics;
 pub mod registry;
 pub mod server;

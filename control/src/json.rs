@@ -42,6 +42,12 @@ fn service(s: &api::Service) -> Value {
         "hostnames": s.hostnames,
         "ports": s.ports.iter().map(|p| json!({"name": p.name, "port": p.port, "target_port": p.target_port, "protocol": p.protocol().as_str_name()})).collect::<Vec<_>>(),
         "load_balancer": algorithm.as_str_name(),
+        // Allow rules (empty: allow all), for `meshctl explain`.
+        "authorization": s.policy.as_ref().map(|p| p.authorization.iter().map(|r| json!({
+            "principals": r.principals,
+            "methods": r.methods,
+            "path_prefixes": r.path_prefixes,
+        })).collect::<Vec<_>>()).unwrap_or_default(),
         "endpoints": s.endpoints.iter().map(|e| json!({
             "address": e.address,
             "port": e.port,

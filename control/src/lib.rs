@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod health;
 pub mod identity;
 pub mod json;
+pub mod meshctl;
 pub mod metrics;
 pub mod registry;
 pub mod server;

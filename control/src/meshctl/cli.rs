@@ -1,0 +1,297 @@
+//! meshctl's command line and the dispatch from commands to reports.
+
+use std::{net::IpAddr, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use super::{
+    certs,
+    client::Targets,
+    error::MeshctlError,
+    explain::{self, Destination},
+    services::{self, AgentRoutes},
+    status,
+};
+
+/// Inspect a running mesh: control plane, agents, services, endpoints, identities.
+#[derive(Parser, Debug)]
+#[command(name = "meshctl", version)]
+pub struct Cli {
+    /// Control plane gRPC address.
+    #[arg(long, env = "MESHCTL_CONTROL_PLANE", default_value = "http://127.0.0.1:15010", global = true)]
+    pub control_plane: String,
+
+    /// Control plane admin endpoint (mesh-control --admin-addr).
+    #[arg(long, env = "MESHCTL_CONTROL_ADMIN", default_value = "http://127.0.0.1:15011", global = true)]
+    pub control_admin: String,
+
+    /// Agent admin endpoint (mesh-agent --admin-addr); repeatable, or comma-separated in
+    /// the environment. Default: the local agent, http://127.0.0.1:15000.
+    #[arg(long = "agent", env = "MESHCTL_AGENTS", value_delimiter = ',', global = true)]
+    pub agents: Vec<String>,
+
+    /// Output format: aligned text for people, JSON for scripts.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Human, global = true)]
+    pub output: Output,
+
+    /// How long to wait for each component.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub timeout: Duration,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+/// meshctl's commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Control plane readiness and version, every agent it has seen (mode, applied
+    /// version, refusals) and each queried agent's own view (stream, staleness).
+    Status,
+    /// Services in the control plane's snapshot with ports, balancer and endpoint counts.
+    Services,
+    /// Endpoints with health and weight, as the agents' data path sees them.
+    Endpoints {
+        /// Only this service (namespace/name, or a name in any namespace).
+        service: Option<String>,
+        /// Read the agents' applied routes, or the control plane's snapshot.
+        #[arg(long, value_enum, default_value_t = EndpointSource::Agent)]
+        from: EndpointSource,
+    },
+    /// The raw configuration of the control plane, the agents, or both (JSON).
+    ConfigDump {
+        /// Which component; both when omitted.
+        #[arg(value_enum)]
+        component: Option<Component>,
+    },
+    /// Which service and endpoints a connection would reach, and which policy applies.
+    Explain {
+        /// Source workload IP.
+        source: IpAddr,
+        /// Destination: ip:port, [ipv6]:port or host:port.
+        destination: String,
+    },
+    /// Workload certificates the agents hold, and when they expire.
+    Certs,
+}
+
+/// Where `endpoints` reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EndpointSource {
+    Agent,
+    Control,
+}
+
+/// A component for `config-dump`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Component {
+    Control,
+    Agent,
+}
+
+/// A command's result: what to print, and whether everything asked for answered.
+#[derive(Debug)]
+pub struct Rendered {
+    pub text: String,
+    pub complete: bool,
+}
+
+fn emit<T: Serialize>(output: Output, value: &T, human: impl FnOnce(&T) -> String) -> String {
+    match output {
+        Output::Json => serde_json::to_string_pretty(value)
+            .map_or_else(|e| format!("{{\"error\":\"{e}\"}}"), |s| s + "\n"),
+        Output::Human => human(value),
+    }
+}
+
+/// Runs a command; `now` (Unix seconds) dates "ago" and "expires in" figures.
+pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
+    let targets = Targets::new(&cli.control_plane, &cli.control_admin, &cli.agents, cli.timeout)?;
+    let out = cli.output;
+    match &cli.command {
+        Command::Status => {
+            let report = status::gather(&targets).await;
+            Ok(Rendered {
+                complete: report.all_reachable(),
+                text: emit(out, &report, |r| status::render(r, now as i64)),
+            })
+        }
+        Command::Services => {
+            let dump = targets.control_dump().await?;
+            let text = match out {
+                Output::Json => emit(
+                    out,
+                    &serde_json::json!({"version": dump.version, "services": dump.services()}),
+                    |_| String::new(),
+                ),
+                Output::Human => services::render_services(&dump),
+            };
+            Ok(Rendered { text, complete: true })
+        }
+        Command::Endpoints { service, from: EndpointSource::Control } => {
+            let dump = targets.control_dump().await?;
+            let selected = services::select_services(&dump, service.as_deref())?;
+            let text = match out {
+                Output::Json => {
+                    emit(out, &serde_json::json!({"version": dump.version, "services": selected}), |_| {
+                        String::new()
+                    })
+                }
+                Output::Human => services::render_control_endpoints(&dump, &selected),
+            };
+            Ok(Rendered { text, complete: true })
+        }
+        Command::Endpoints { service, from: EndpointSource::Agent } => {
+            let views = futures::future::join_all(targets.agents.iter().map(|a| async {
+                match targets.agent_dump(a).await {
+                    Ok(d) => AgentRoutes {
+                        agent: a.url.clone(),
+                        applied_version: Some(d.discovery.applied_version),
+                        error: None,
+                        routes: d.routes,
+                    },
+                    Err(e) => AgentRoutes {
+                        agent: a.url.clone(),
+                        applied_version: None,
+                        error: Some(e.to_string()),
+                        routes: vec![],
+                    },
+                }
+            }))
+            .await;
+            all_failed(views.iter().map(|v| v.error.as_deref()))?;
+            let complete = views.iter().all(|v| v.error.is_none());
+            let views = services::filter_routes(views, service.as_deref())?;
+            Ok(Rendered { text: emit(out, &views, |v| services::render_agent_endpoints(v)), complete })
+        }
+        Command::ConfigDump { component } => {
+            let mut dump = serde_json::Map::new();
+            let mut complete = true;
+            if component.is_none_or(|c| c == Component::Control) {
+                match targets.control_dump_raw().await {
+                    Ok(v) => {
+                        dump.insert("control".into(), v);
+                    }
+                    Err(e) if component.is_some() => return Err(e),
+                    Err(e) => {
+                        complete = false;
+                        dump.insert("control".into(), serde_json::json!({"error": e.to_string()}));
+                    }
+                }
+            }
+            if component.is_none_or(|c| c == Component::Agent) {
+                let mut agents = serde_json::Map::new();
+                for a in &targets.agents {
+                    let v = match targets.agent_dump_raw(a).await {
+                        Ok(v) => v,
+                        Err(e) if component.is_some() && targets.agents.len() == 1 => return Err(e),
+                        Err(e) => {
+                            complete = false;
+                            serde_json::json!({"error": e.to_string()})
+                        }
+                    };
+                    agents.insert(a.url.clone(), v);
+                }
+                dump.insert("agents".into(), agents.into());
+            }
+            // A dump is JSON either way; -o json keeps it on one line for pipes.
+            let value = serde_json::Value::Object(dump);
+            let text = match out {
+                Output::Json => value.to_string() + "\n",
+                Output::Human => serde_json::to_string_pretty(&value).unwrap_or_default() + "\n",
+            };
+            Ok(Rendered { text, complete })
+        }
+        Command::Explain { source, destination } => {
+            let dst = Destination::parse(destination)?;
+            let agent_url = targets.agents.first().map(|a| a.url.clone()).unwrap_or_default();
+            let agent = match targets.agents.first() {
+                Some(a) => targets.agent_dump(a).await.map_err(|e| e.to_string()),
+                None => Err("no agent given".into()),
+            };
+            let control = targets.control_dump().await.map_err(|e| e.to_string());
+            if let (Err(a), Err(c)) = (&agent, &control) {
+                return Err(MeshctlError::Usage(format!(
+                    "explain needs the agent or the control plane:\n  {a}\n  {c}"
+                )));
+            }
+            let x = explain::explain(
+                *source,
+                &dst,
+                &agent_url,
+                agent.as_ref().map_err(Clone::clone),
+                control.as_ref().map_err(Clone::clone),
+            );
+            let complete = agent.is_ok() && control.is_ok();
+            Ok(Rendered { text: emit(out, &x, explain::render), complete })
+        }
+        Command::Certs => {
+            let rows = futures::future::join_all(targets.agents.iter().map(|a| async {
+                match targets.agent_dump(a).await {
+                    Ok(d) => certs::from_dump(&a.url, &d, now),
+                    Err(e) => certs::AgentCerts {
+                        agent: a.url.clone(),
+                        error: Some(e.to_string()),
+                        certificates: None,
+                    },
+                }
+            }))
+            .await;
+            all_failed(rows.iter().map(|r| r.error.as_deref()))?;
+            let complete = rows.iter().all(|r| r.error.is_none());
+            Ok(Rendered { text: emit(out, &rows, |r| certs::render(r)), complete })
+        }
+    }
+}
+
+/// When no agent answered, their errors (each with its hint) are the command's error.
+fn all_failed<'a>(errors: impl Iterator<Item = Option<&'a str>>) -> Result<(), MeshctlError> {
+    let mut all = Vec::new();
+    for e in errors {
+        match e {
+            Some(e) => all.push(e),
+            None => return Ok(()),
+        }
+    }
+    Err(MeshctlError::Usage(match all.as_slice() {
+        [one] => (*one).to_owned(),
+        many => format!("no agent answered:\n  {}", many.join("\n  ")),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_flags_work_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "meshctl",
+            "status",
+            "-o",
+            "json",
+            "--agent",
+            "http://a:1",
+            "--agent",
+            "http://b:2",
+        ])
+        .unwrap();
+        assert_eq!(cli.output, Output::Json);
+        assert_eq!(cli.agents, vec!["http://a:1", "http://b:2"]);
+        assert!(matches!(cli.command, Command::Status));
+    }
+
+    #[test]
+    fn explain_rejects_a_source_that_is_not_an_ip() {
+        let e = Cli::try_parse_from(["meshctl", "explain", "web", "10.0.0.1:80"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+}

@@ -1,0 +1,24 @@
+//! `meshctl`: the operator's view of a running mesh.
+//!
+//! Reads the control plane's gRPC `Discovery.Agents` call and the admin endpoints of
+//! the control plane (`/config_dump`) and of the agents (`/stats`, `/ready`,
+//! `/config_dump`); it never changes anything. Each command gathers a serialisable
+//! report ([`status::StatusReport`], [`explain::Explanation`], ...) and renders it
+//! as aligned text or JSON, so rendering is tested from fixture JSON without a mesh.
+
+pub mod certs;
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod explain;
+pub mod http;
+pub mod services;
+pub mod status;
+pub mod table;
+pub mod views;
+
+#[cfg(test)]
+mod fixtures;
+
+pub use cli::{Cli, Output, Rendered, run};
+pub use error::MeshctlError;

@@ -1,0 +1,335 @@
+//! `meshctl status`: the control plane, the agents it has seen, and what each agent
+//! reports about itself (mode, readiness, applied version, staleness).
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::{
+    client::Targets,
+    table::{Table, or_dash, short_duration, yes_no},
+    views::{AgentRecord, DiscoveryView, SourceError},
+};
+
+/// Everything `status` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub control_plane: ControlStatus,
+    pub agents: Vec<AgentHealth>,
+}
+
+/// The control plane, from its gRPC API and its admin endpoint.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ControlStatus {
+    pub grpc: String,
+    pub admin: String,
+    /// Why the gRPC `Agents` call failed.
+    pub grpc_error: Option<String>,
+    /// Why the admin `/config_dump` call failed.
+    pub admin_error: Option<String>,
+    pub ready: Option<bool>,
+    pub current_version: Option<u64>,
+    pub services: Option<usize>,
+    pub source_errors: Vec<SourceError>,
+    pub agents: Vec<AgentRow>,
+}
+
+/// An agent as the control plane sees it, with a one-word verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentRow {
+    #[serde(flatten)]
+    pub record: AgentRecord,
+    /// "in sync", "disconnected", "refused vN: reason", ...
+    pub state: String,
+}
+
+/// One agent's own view, from its admin endpoint.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AgentHealth {
+    pub admin: String,
+    /// False for the default local agent nobody asked for explicitly.
+    pub named: bool,
+    pub error: Option<String>,
+    pub mode: Option<String>,
+    pub ready: Option<bool>,
+    pub discovery: Option<DiscoveryView>,
+}
+
+impl StatusReport {
+    /// Whether everything asked about answered: the control plane (both APIs) and
+    /// every agent named with `--agent`.
+    pub fn all_reachable(&self) -> bool {
+        self.control_plane.grpc_error.is_none()
+            && self.control_plane.admin_error.is_none()
+            && self.agents.iter().all(|a| a.error.is_none() || !a.named)
+    }
+}
+
+/// The verdict for one agent against the control plane's newest version.
+pub fn agent_state(a: &AgentRecord, current_version: u64) -> String {
+    if a.nacked_version != 0 && a.nacked_version >= a.acked_version {
+        return format!("refused v{}: {}", a.nacked_version, a.nack_reason);
+    }
+    if !a.connected {
+        return "disconnected".into();
+    }
+    if a.acked_version == current_version {
+        "in sync".into()
+    } else if a.acked_version < a.sent_version {
+        format!("applying v{}", a.sent_version)
+    } else {
+        format!("behind (v{} of v{current_version})", a.acked_version)
+    }
+}
+
+/// Queries every component at once.
+pub async fn gather(targets: &Targets) -> StatusReport {
+    let agents = futures::future::join_all(targets.agents.iter().map(|agent| async move {
+        let mut health =
+            AgentHealth { admin: agent.url.clone(), named: targets.agents_named, ..Default::default() };
+        match targets.agent_stats(agent).await {
+            Ok((stats, ready)) => {
+                health.mode = Some(stats.mode);
+                health.ready = Some(ready);
+                health.discovery = Some(stats.discovery);
+            }
+            Err(e) => health.error = Some(e.to_string()),
+        }
+        health
+    }));
+    let (grpc, dump, agents) = tokio::join!(targets.control_agents(), targets.control_dump(), agents);
+    let mut control = ControlStatus {
+        grpc: targets.control_plane.clone(),
+        admin: targets.control_admin.url.clone(),
+        ..Default::default()
+    };
+    match dump {
+        Ok(d) => {
+            control.ready = Some(d.ready);
+            control.current_version = Some(d.version);
+            control.services = Some(d.services().len());
+            control.source_errors = d.source_errors;
+        }
+        Err(e) => control.admin_error = Some(e.to_string()),
+    }
+    match grpc {
+        Ok((current, records)) => {
+            control.current_version = Some(current);
+            control.agents = records
+                .into_iter()
+                .map(|record| AgentRow { state: agent_state(&record, current), record })
+                .collect();
+        }
+        Err(e) => control.grpc_error = Some(e.to_string()),
+    }
+    StatusReport { control_plane: control, agents }
+}
+
+/// The human form; `now` is Unix seconds (for "last message 3s ago").
+pub fn render(report: &StatusReport, now: i64) -> String {
+    let c = &report.control_plane;
+    let mut out = String::new();
+    let _ = writeln!(out, "CONTROL PLANE  {} (admin {})", c.grpc, c.admin);
+    if let Some(ready) = c.ready {
+        let _ = writeln!(out, "  ready        {}", if ready { "yes" } else { "no: registry not loaded yet" });
+    }
+    if let Some(v) = c.current_version {
+        let _ = writeln!(out, "  version      {v}");
+    }
+    if let Some(n) = c.services {
+        let _ = writeln!(out, "  services     {n}");
+    }
+    for e in &c.source_errors {
+        let _ = writeln!(out, "  source error {}: {} (serving its last good state)", e.source, e.error);
+    }
+    for e in c.grpc_error.iter().chain(&c.admin_error) {
+        let _ = writeln!(out, "  ! {e}");
+    }
+    if c.grpc_error.is_none() {
+        out.push('\n');
+        if c.agents.is_empty() {
+            out.push_str("No agent has connected to this control plane.\n");
+        } else {
+            let mut t = Table::new(["NODE", "MODE", "CONNECTED", "SENT", "ACKED", "LAST MESSAGE", "STATE"]);
+            for a in &c.agents {
+                let r = &a.record;
+                let seen = if r.last_seen > 0 {
+                    format!("{} ago", short_duration(now.saturating_sub(r.last_seen).max(0) as u64))
+                } else {
+                    "-".into()
+                };
+                t.row(vec![
+                    r.node.clone(),
+                    or_dash(&r.mode),
+                    yes_no(r.connected),
+                    version(r.sent_version),
+                    version(r.acked_version),
+                    seen,
+                    a.state.clone(),
+                ]);
+            }
+            out.push_str(&t.render());
+        }
+    }
+    out.push('\n');
+    let mut t =
+        Table::new(["AGENT ADMIN", "MODE", "READY", "CONTROL PLANE", "STREAM", "APPLIED", "STALE FOR"]);
+    let mut errors = Vec::new();
+    for a in &report.agents {
+        match (&a.error, &a.discovery) {
+            (None, Some(d)) => t.row(vec![
+                a.admin.clone(),
+                a.mode.clone().unwrap_or_default(),
+                a.ready.map(yes_no).unwrap_or_default(),
+                d.control_plane.clone().unwrap_or_else(|| "none (passthrough only)".into()),
+                if d.control_plane.is_none() {
+                    "-".into()
+                } else if d.connected {
+                    "connected".into()
+                } else {
+                    "disconnected".into()
+                },
+                version(d.applied_version),
+                if d.connected || d.control_plane.is_none() {
+                    "-".into()
+                } else {
+                    short_duration(d.staleness_seconds.max(0.0) as u64)
+                },
+            ]),
+            _ => {
+                t.row(vec![a.admin.clone(), "?".into()]);
+                if let Some(e) = &a.error {
+                    errors.push(if a.named {
+                        format!("  ! {e}")
+                    } else {
+                        format!("  no agent at the default {} (pass --agent to query agents)", a.admin)
+                    });
+                }
+            }
+        }
+    }
+    out.push_str(&t.render());
+    for e in errors {
+        out.push_str(&e);
+        out.push('\n');
+    }
+    out
+}
+
+fn version(v: u64) -> String {
+    if v == 0 { "-".into() } else { v.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(node: &str) -> AgentRecord {
+        AgentRecord {
+            node: node.into(),
+            mode: "ebpf".into(),
+            connected: true,
+            sent_version: 7,
+            acked_version: 7,
+            last_seen: 990,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn agent_state_names_the_problem() {
+        assert_eq!(agent_state(&record("a"), 7), "in sync");
+        assert_eq!(agent_state(&AgentRecord { connected: false, ..record("a") }, 7), "disconnected");
+        assert_eq!(agent_state(&AgentRecord { sent_version: 8, ..record("a") }, 8), "applying v8");
+        let refused = AgentRecord { nacked_version: 8, nack_reason: "bad VIP".into(), ..record("a") };
+        assert_eq!(agent_state(&refused, 8), "refused v8: bad VIP");
+        // A later ACK supersedes an older refusal.
+        let recovered = AgentRecord { nacked_version: 6, nack_reason: "x".into(), ..record("a") };
+        assert_eq!(agent_state(&recovered, 7), "in sync");
+    }
+
+    fn report() -> StatusReport {
+        let rows = vec![
+            AgentRow { state: "in sync".into(), record: record("node-a") },
+            AgentRow {
+                state: "disconnected".into(),
+                record: AgentRecord { connected: false, mode: "iptables".into(), ..record("node-bb") },
+            },
+        ];
+        StatusReport {
+            control_plane: ControlStatus {
+                grpc: "http://cp:15010".into(),
+                admin: "http://cp:15011".into(),
+                ready: Some(true),
+                current_version: Some(7),
+                services: Some(2),
+                agents: rows,
+                ..Default::default()
+            },
+            agents: vec![
+                AgentHealth {
+                    admin: "http://node-a:15000".into(),
+                    named: true,
+                    mode: Some("ebpf".into()),
+                    ready: Some(true),
+                    discovery: Some(DiscoveryView {
+                        control_plane: Some("http://cp:15010".into()),
+                        connected: false,
+                        applied_version: 7,
+                        staleness_seconds: 75.2,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                AgentHealth {
+                    admin: "http://node-b:15000".into(),
+                    named: true,
+                    error: Some("cannot reach the agent at http://node-b:15000: connection refused".into()),
+                    ..Default::default()
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn human_status_shows_versions_modes_and_staleness_aligned() {
+        let text = render(&report(), 1000);
+        let expected = "\
+CONTROL PLANE  http://cp:15010 (admin http://cp:15011)
+  ready        yes
+  version      7
+  services     2
+
+NODE     MODE      CONNECTED  SENT  ACKED  LAST MESSAGE  STATE
+node-a   ebpf      yes        7     7      10s ago       in sync
+node-bb  iptables  no         7     7      10s ago       disconnected
+
+AGENT ADMIN          MODE  READY  CONTROL PLANE    STREAM        APPLIED  STALE FOR
+http://node-a:15000  ebpf  yes    http://cp:15010  disconnected  7        1m15s
+http://node-b:15000  ?
+  ! cannot reach the agent at http://node-b:15000: connection refused
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn unreachable_named_agent_fails_the_command_but_the_default_one_does_not() {
+        let mut r = report();
+        assert!(!r.all_reachable());
+        for a in &mut r.agents {
+            a.named = false;
+        }
+        assert!(r.all_reachable());
+        let text = render(&r, 1000);
+        assert!(text.contains("no agent at the default http://node-b:15000 (pass --agent"), "{text}");
+    }
+
+    #[test]
+    fn json_status_flattens_agent_records() {
+        let v = serde_json::to_value(report()).unwrap();
+        assert_eq!(v["control_plane"]["agents"][0]["node"], "node-a");
+        assert_eq!(v["control_plane"]["agents"][0]["state"], "in sync");
+        assert_eq!(v["agents"][0]["discovery"]["staleness_seconds"], 75.2);
+        assert!(v["agents"][1]["error"].as_str().unwrap().contains("connection refused"));
+    }
+}

@@ -66,8 +66,9 @@ fn agent(
     control: &Control,
     identity: &str,
     token: &std::path::Path,
+    extra: &[&str],
 ) -> Agent {
-    let opts = AgentOptions::new(mode)
+    let mut opts = AgentOptions::new(mode)
         .cgroup(cg)
         .arg("--control-plane")
         .arg(control.url.clone())
@@ -122,6 +123,7 @@ impl Mesh {
             &control,
             "shop/frontend",
             &dir.path().join("client.token"),
+            extra,
         );
         let server_agent = agent(
             &lab,
@@ -142,6 +144,7 @@ impl Mesh {
             workload,
             _server_cg: server_cg,
             _api: api,
+            _echo: echo,
         }
     }
 

@@ -64,8 +64,7 @@ fn agent(
     mode: &str,
     cg: &Cgroup,
     control: &Control,
-    identity: &str,
-    token: &std::path::Path,
+    (identity, token): (&str, &std::path::Path),
     extra: &[&str],
 ) -> Agent {
     let mut opts = AgentOptions::new(mode)
@@ -121,8 +120,7 @@ impl Mesh {
             mode,
             &workload,
             &control,
-            "shop/frontend",
-            &dir.path().join("client.token"),
+            ("shop/frontend", &dir.path().join("client.token")),
             extra,
         );
         let server_agent = agent(
@@ -131,8 +129,7 @@ impl Mesh {
             mode,
             &server_cg,
             &control,
-            "shop/api",
-            &dir.path().join("server.token"),
+            ("shop/api", &dir.path().join("server.token")),
             extra,
         );
         Self {

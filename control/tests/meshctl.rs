@@ -128,7 +128,8 @@ async fn subscribe_agent(
             .expect("a snapshot within 10s")
             .expect("stream ok")
             .expect("stream open");
-        if r.snapshot.as_ref().is_some_and(|s| !s.services.is_empty()) {
+        if <api::Snapshot as prost::Message>::decode(r.snapshot.clone()).is_ok_and(|s| !s.services.is_empty())
+        {
             break r.version;
         }
     };

@@ -126,7 +126,10 @@ impl Discovery for DiscoveryService {
                     changed = snapshots.changed() => {
                         if changed.is_err() { return }
                         let current = snapshots.borrow_and_update().clone();
-                        if current.version == 0 || current.version == sent {
+                        // Never send a snapshot before every source finished its first
+                        // load: a restarted control plane would otherwise wipe agents'
+                        // routes with a partial view for a moment.
+                        if !current.ready || current.version == 0 || current.version == sent {
                             continue;
                         }
                         sent = current.version;

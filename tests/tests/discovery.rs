@@ -225,6 +225,9 @@ fn agent_keeps_routing_while_control_plane_is_down_and_catches_up_after(mode: &s
     let seen = m.spread(4);
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["b2", "b3"]);
     assert_eq!(m.agent_stats()["discovery"]["staleness_seconds"].as_f64(), Some(0.0));
+    // A starting control plane never pushed a partial (not yet loaded) view.
+    let empty = m.agent.find(|v| message(v) == "snapshot applied" && v["routes"] == 0);
+    assert!(empty.is_none(), "agent was sent an empty snapshot: {empty:?}");
 }
 
 fn refused_update_leaves_agent_on_last_good_version(mode: &str) {

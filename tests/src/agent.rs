@@ -1,18 +1,14 @@
 //! The real `mesh-agent` binary, running inside a test host in a cgroup of its own,
 //! with its JSON log captured line by line.
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    process::{Child, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, process::ExitStatus, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
-use crate::{bins, cgroup::Cgroup, netns::Host, wait::eventually};
+pub use crate::process::message;
+use crate::{bins, cgroup::Cgroup, netns::Host, process::LoggedChild};
 
 /// How to start an agent.
 #[derive(Clone, Debug, Default)]
@@ -48,14 +44,11 @@ impl AgentOptions {
     }
 }
 
-/// A running agent; terminated gracefully (SIGTERM, bounded wait, then SIGKILL) on drop.
+/// A running agent; terminated gracefully (SIGTERM, bounded wait) on drop.
 pub struct Agent {
-    child: Option<Child>,
-    lines: Arc<Mutex<Vec<Value>>>,
-    raw: Arc<Mutex<Vec<String>>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
+    process: LoggedChild,
     pub admin: SocketAddr,
-    // Dropped after the process is gone (fields drop after `Drop::drop`).
+    // Dropped after the process is gone (fields drop in declaration order).
     _cgroup: Option<Cgroup>,
 }
 
@@ -83,86 +76,30 @@ impl Agent {
         for cg in &opts.cgroups {
             cmd.args(["--cgroup", cg]);
         }
-        cmd.args(&opts.args).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("spawning mesh-agent")?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let raw = Arc::new(Mutex::new(Vec::new()));
-        let mut readers = Vec::new();
-        for stream in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let (lines, raw) = (lines.clone(), raw.clone());
-            readers.push(std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines() {
-                    let Ok(line) = line else { break };
-                    if std::env::var_os("MESH_TEST_VERBOSE").is_some() {
-                        eprintln!("agent| {line}");
-                    }
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        lines.lock().unwrap().push(v);
-                    }
-                    raw.lock().unwrap().push(line);
-                }
-            }));
-        }
-        let mut agent = Self {
-            child: Some(child),
-            lines,
-            raw,
-            readers,
-            admin: "127.0.0.1:15000".parse().expect("valid"),
-            _cgroup: own,
-        };
-        let ready = Duration::from_secs(30);
-        let start = std::time::Instant::now();
-        loop {
-            if agent.find(|v| message(v) == "agent ready").is_some() {
-                break;
-            }
-            if let Some(status) = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                // Let the reader threads drain what the process printed.
-                std::thread::sleep(Duration::from_millis(50));
-                bail!("mesh-agent exited with {status} before ready:\n{}", agent.log_text());
-            }
-            if start.elapsed() > ready {
-                bail!("mesh-agent not ready after {ready:?}:\n{}", agent.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(agent)
+        cmd.args(&opts.args);
+        let mut process = LoggedChild::spawn("mesh-agent", cmd)?;
+        process.wait_ready("agent ready", Duration::from_secs(30))?;
+        Ok(Self { process, admin: "127.0.0.1:15000".parse().expect("valid"), _cgroup: own })
     }
 
     /// Everything the agent printed so far.
     pub fn log_text(&self) -> String {
-        self.raw.lock().unwrap().join("\n")
+        self.process.log_text()
     }
 
     /// The first JSON log line matching `pred`.
     pub fn find(&self, pred: impl Fn(&Value) -> bool) -> Option<Value> {
-        self.lines.lock().unwrap().iter().find(|v| pred(v)).cloned()
+        self.process.find(pred)
     }
 
     /// All JSON log lines matching `pred`.
     pub fn find_all(&self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-        self.lines.lock().unwrap().iter().filter(|v| pred(v)).cloned().collect()
+        self.process.find_all(pred)
     }
 
     /// Waits for a log line matching `pred`; on timeout the panic shows the agent's log.
     pub fn wait_log(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(v) = self.find(&pred) {
-                return v;
-            }
-            if std::time::Instant::now() >= deadline {
-                panic!("timed out waiting for {what}; agent log:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.process.wait_log(what, pred)
     }
 
     /// Waits for the "connection closed" record of a connection to `orig_dst`.
@@ -187,41 +124,16 @@ impl Agent {
 
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.process.pid()
     }
 
     /// Sends SIGTERM and waits (bounded) for a clean exit.
     pub fn terminate(mut self) -> Result<ExitStatus> {
-        self.stop(nix::sys::signal::Signal::SIGTERM)
+        self.process.stop(Signal::SIGTERM)
     }
 
     /// SIGKILL: nothing runs after this, like an OOM kill.
     pub fn kill(mut self) -> Result<ExitStatus> {
-        self.stop(nix::sys::signal::Signal::SIGKILL)
+        self.process.stop(Signal::SIGKILL)
     }
-
-    fn stop(&mut self, sig: nix::sys::signal::Signal) -> Result<ExitStatus> {
-        let mut child = self.child.take().context("already stopped")?;
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, sig);
-        let status = eventually(Duration::from_secs(20), "agent exit", || child.try_wait().ok().flatten());
-        // The log readers end when the pipes close with the process.
-        eventually(Duration::from_secs(5), "agent log drained", || {
-            self.readers.iter().all(|r| r.is_finished()).then_some(())
-        });
-        Ok(status)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            let _ = self.stop(nix::sys::signal::Signal::SIGTERM);
-        }
-    }
-}
-
-/// The `message` field of a JSON log line.
-pub fn message(v: &Value) -> &str {
-    v["message"].as_str().unwrap_or_default()
 }

@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod control;
 pub mod netns;
 pub mod privilege;
+pub mod process;
 pub mod servers;
 pub mod wait;
 

@@ -265,6 +265,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let routes = Arc::new(RouteStore::new(args.control_plane.is_some()));
     let identity_slot: crate::workload_identity::IdentitySlot = Default::default();
     let sockets = SocketFactory::new(settings.mark);
+    let (access_log, access_log_writer) = match args.access_log.as_str() {
+        "off" => (None, None),
+        other => {
+            let output = match other {
+                "stdout" => crate::observe::access_log::Output::Stdout,
+                path => crate::observe::access_log::Output::File(path.into()),
+            };
+            let config = crate::observe::access_log::AccessLogConfig { output, ..Default::default() };
+            let (log, writer) = crate::observe::access_log::AccessLog::start(&config)
+                .await
+                .map_err(|e| anyhow::anyhow!("--access-log: {e}"))?;
+            (Some(log), Some(writer))
+        }
+    };
+    let tunnels = crate::mtls::pool(identity_slot.clone(), sockets, connect_timeout);
+    let upstreams = Arc::new(crate::l7::pool::UpstreamPool::new(
+        sockets,
+        tunnels.clone(),
+        identity_slot.clone(),
+        args.upstream_idle_timeout,
+    ));
     let proxy = Arc::new(ProxyContext {
         mode,
         sockets,
@@ -276,7 +297,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stats: Default::default(),
         routes: routes.clone(),
         identity: identity_slot.clone(),
-        tunnels: crate::mtls::pool(identity_slot.clone(), sockets, connect_timeout),
+        tunnels,
+        services: Default::default(),
+        upstreams: upstreams.clone(),
+        access_log: access_log.clone(),
     });
     let state = Arc::new(AgentState {
         mode,
@@ -385,12 +409,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 node: settings.node.clone(),
                 sockets: proxy.sockets,
                 connect_timeout,
-                mode: mode.as_str(),
+                mode,
+                upstreams: upstreams.clone(),
+                access_log: access_log.clone(),
             };
             crate::mtls::serve_inbound(listener, inbound, state.shutdown.clone());
         }
     }
 
+    let _sweeper = upstreams.spawn_sweeper(std::time::Duration::from_secs(5), state.shutdown.clone());
     state.ready.store(true, Ordering::Release);
     let enrolled: Vec<String> = state.config_dump().enrolled;
     info!(%mode, listeners = ?listening, admin = %admin_addr, enrolled = ?enrolled, "agent ready");
@@ -414,6 +441,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             drain_timeout = ?drain_timeout,
             "drain deadline reached; closing remaining connections"
         );
+    }
+    if let Some(writer) = access_log_writer {
+        drop(access_log);
+        if let Err(e) = writer.shutdown().await {
+            warn!(error = %e, "access log did not flush cleanly");
+        }
     }
     Ok(())
 }

@@ -112,6 +112,15 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
+    /// Where the access log goes (one JSON line per HTTP request or TCP connection
+    /// the L7 proxy handles): `stdout`, `off`, or a file path (appended to).
+    #[arg(long, env = "MESH_ACCESS_LOG", default_value = "stdout")]
+    pub access_log: String,
+
+    /// Idle time after which a pooled upstream HTTP connection is closed.
+    #[arg(long, env = "MESH_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
+    pub upstream_idle_timeout: Duration,
+
     /// On SIGTERM/SIGINT, how long open connections may take to finish.
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,

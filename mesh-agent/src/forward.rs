@@ -20,9 +20,13 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    discovery::{Resolved, table::Route},
+    balance::{
+        PickGuard,
+        service::{ServiceState, target_of},
+    },
     listener::{Direction, ProxyContext},
     observe::{self, labels::MeshName, metrics::ConnectionMetrics},
+    resilience::outcome::{FailureKind, Outcome as Verdict},
     sniff::{self, OpaqueReason, Protocol, SniffError},
 };
 
@@ -75,29 +79,93 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
         return;
     }
 
-    let route = match ctx.routes.resolve(orig_dst) {
-        Resolved::Passthrough(dst) => Target { service: None, first: dst, route: None },
-        Resolved::Service { route, endpoint } => {
-            if let Some((agent, dest_id)) = crate::mtls::meshed(&endpoint) {
+    let table = ctx.routes.table();
+    let state = match table.by_addr(orig_dst) {
+        None => None,
+        Some(route) => ctx.services.state(&table, route),
+    };
+    drop(table);
+    let mut sniffed = BytesMut::with_capacity(SNIFF_BUF);
+    let mut early_protocol = None;
+    if let Some(state) = &state {
+        let declared_opaque = matches!(state.route.protocol, "tcp" | "tls");
+        if !declared_opaque && !ctx.opaque_ports.contains(&orig_dst.port()) {
+            // Clients of HTTP send at once; give them a moment before connecting so an
+            // HTTP connection never opens an upstream it would not use. A server-first
+            // protocol costs this grace once, then sniffing overlaps the connect.
+            let sniff = sniff::sniff(&mut client, &mut sniffed, ctx.detect_timeout);
+            match tokio::time::timeout(SERVER_FIRST_GRACE, sniff).await {
+                Ok(Ok(protocol)) => {
+                    if let Some(version) = crate::l7::version_of(&protocol) {
+                        ctx.stats.detected(&protocol);
+                        observe::metrics::record_sniff(&protocol);
+                        let l7 = crate::l7::outbound::Outbound::new(
+                            ctx.clone(),
+                            peer,
+                            orig_dst,
+                            version,
+                            &state.route.service,
+                        );
+                        let io = crate::l7::io::Prefixed::new(sniffed.freeze(), client);
+                        let result = l7.serve(io).await;
+                        if let Err(e) = &result {
+                            info!(target: "mesh_agent::conn", direction = direction.as_str(), src = %peer,
+                                service = %state.route.service, error = %e, "HTTP connection ended with an error");
+                        }
+                        ctx.stats.closed(direction, result.is_err());
+                        return;
+                    }
+                    early_protocol = Some(protocol);
+                }
+                Ok(Err(e)) => {
+                    info!(target: "mesh_agent::conn", direction = direction.as_str(), src = %peer,
+                        service = %state.route.service, error = %e, "connection closed before its protocol was known");
+                    ctx.stats.closed(direction, true);
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    let route = match &state {
+        None => Target { service: None, first: orig_dst, guard: None, state: None },
+        Some(state) => {
+            let Some(guard) = state.pick(None, None) else {
+                warn!(direction = direction.as_str(), src = %peer, orig_dst = %orig_dst, service = %state.route.service,
+                    endpoints = state.route.endpoints.len(), "service has no available endpoint; refusing the connection");
+                reset(&client);
+                ctx.stats.closed(direction, true);
+                return;
+            };
+            if let Some((agent, dest_id)) =
+                target_of(&state.route, guard.addr()).and_then(crate::mtls::meshed)
+            {
                 let metrics = ConnectionMetrics::open(
                     direction,
                     &MeshName::unknown(),
-                    &MeshName::known(&route.service),
+                    &MeshName::known(&state.route.service),
                 );
+                let endpoint = guard.addr();
                 let result = crate::mtls::forward(
                     &ctx,
                     client,
-                    peer,
-                    orig_dst,
-                    &route.service,
-                    endpoint.addr,
-                    agent,
-                    dest_id,
+                    crate::mtls::Meshed {
+                        peer,
+                        orig_dst,
+                        service: &state.route.service,
+                        endpoint,
+                        agent,
+                        dest_id,
+                    },
+                    sniffed,
+                    early_protocol,
                     start,
                 )
                 .await;
                 match result {
                     Ok((up, down, _)) => {
+                        guard.report(Verdict::Success);
                         ctx.stats.closed(direction, false);
                         ctx.stats.bytes(up, down);
                         metrics.add_sent(up);
@@ -106,31 +174,34 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
                     }
                     Err(e) => {
                         warn!(target: "mesh_agent::conn", mode = ctx.mode.as_str(), direction = direction.as_str(),
-                            src = %peer, orig_dst = %orig_dst, service = %route.service, endpoint = %endpoint.addr,
+                            src = %peer, orig_dst = %orig_dst, service = %state.route.service, endpoint = %endpoint,
                             tunnel = %agent, error = %e, "connection closed");
+                        guard.report(Verdict::Failure(FailureKind::Reset));
                         ctx.stats.closed(direction, true);
                         metrics.fail(start.elapsed());
                     }
                 }
                 return;
             }
-            Target { service: Some(route.service.clone()), first: endpoint.addr, route: Some(route) }
-        }
-        Resolved::NoHealthyEndpoint { route } => {
-            warn!(direction = direction.as_str(), src = %peer, orig_dst = %orig_dst, service = %route.service,
-                endpoints = route.endpoints.len(), "service has no healthy endpoint; refusing the connection");
-            reset(&client);
-            ctx.stats.closed(direction, true);
-            return;
+            Target {
+                service: Some(state.route.service.clone()),
+                first: guard.addr(),
+                guard: Some(guard),
+                state: Some(state.clone()),
+            }
         }
     };
     let service = route.service.clone();
     let metrics =
         ConnectionMetrics::open(direction, &MeshName::unknown(), &MeshName::from_option(service.as_deref()));
 
-    let mut sniffed = BytesMut::with_capacity(SNIFF_BUF);
     let connect = connect_target(&ctx, route);
-    let early = if ctx.opaque_ports.contains(&orig_dst.port()) {
+    let early = if let Some(protocol) = early_protocol {
+        match connect.await {
+            Ok(up) => Early::Ready(up, protocol),
+            Err(e) => Early::ConnectFailed(e, Some(protocol)),
+        }
+    } else if ctx.opaque_ports.contains(&orig_dst.port()) {
         match connect.await {
             Ok(up) => Early::Ready(up, Protocol::Opaque(OpaqueReason::OpaquePort)),
             Err(e) => Early::ConnectFailed(e, Some(Protocol::Opaque(OpaqueReason::OpaquePort))),
@@ -140,7 +211,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
     };
     let info =
         |endpoint: Option<SocketAddr>| ConnInfo { peer, orig_dst, service: service.as_deref(), endpoint };
-    let ((mut upstream, endpoint), protocol) = match early {
+    let ((mut upstream, endpoint, guard), protocol) = match early {
         Early::Ready(up, protocol) => (up, protocol),
         Early::SniffFailed(e) => {
             log_close(&ctx, direction, &info(None), None, &Outcome::failed(0, 0, start, Side::Client, &e));
@@ -176,6 +247,12 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
             Side::Upstream => reset(&client),
         }
     }
+    if let Some(guard) = guard {
+        guard.report(match &outcome.error {
+            Some((Side::Upstream, _)) => Verdict::Failure(FailureKind::Reset),
+            _ => Verdict::Success,
+        });
+    }
     log_close(&ctx, direction, &info(Some(endpoint)), Some(&protocol), &outcome);
     ctx.stats.closed(direction, outcome.error.is_some());
     ctx.stats.bytes(outcome.client_to_upstream, outcome.upstream_to_client);
@@ -194,37 +271,55 @@ struct Target {
     service: Option<Arc<str>>,
     /// The first address to try.
     first: SocketAddr,
-    /// The service route, for failing over to another endpoint.
-    route: Option<Arc<Route>>,
+    /// The balancer's claim on `first`, for a service.
+    guard: Option<PickGuard>,
+    /// The service, for failing over to another endpoint.
+    state: Option<Arc<ServiceState>>,
 }
 
-/// Connects to the target; when a service endpoint refuses or times out, tries up
-/// to [`FAILOVER_ATTEMPTS`] other healthy endpoints before giving up (a connection
-/// that never reached a server is always safe to retry).
-async fn connect_target(ctx: &ProxyContext, target: Target) -> io::Result<(TcpStream, SocketAddr)> {
-    let mut addr = target.first;
-    let extra =
-        target.route.as_ref().map_or(0, |r| r.healthy_count().saturating_sub(1).min(FAILOVER_ATTEMPTS));
+/// An upstream connection, the endpoint it reached and the balancer's claim on it.
+type Connected = (TcpStream, SocketAddr, Option<PickGuard>);
+
+/// Connects to the target; when a service endpoint refuses or times out, reports it
+/// to the endpoint's breaker and outlier detection and tries up to
+/// [`FAILOVER_ATTEMPTS`] other endpoints the balancer offers (a connection that never
+/// reached a server is always safe to retry).
+async fn connect_target(ctx: &ProxyContext, target: Target) -> io::Result<Connected> {
+    let Target { first, mut guard, state, .. } = target;
+    let mut addr = first;
+    let timeout = state.as_ref().and_then(|s| s.policy.connect_timeout).unwrap_or(ctx.connect_timeout);
     let mut attempt = 0;
     loop {
-        match ctx.sockets.connect(addr, ctx.connect_timeout).await {
-            Ok(s) => return Ok((s, addr)),
-            Err(e) if attempt < extra => {
-                attempt += 1;
-                let next = target.route.as_ref().and_then(|r| r.pick()).map(|ep| ep.addr);
-                warn!(endpoint = %addr, error = %e, next = ?next, "endpoint connect failed; trying another");
+        match ctx.sockets.connect(addr, timeout).await {
+            Ok(s) => return Ok((s, addr, guard)),
+            Err(e) => {
+                if let Some(g) = guard.take() {
+                    g.report(Verdict::Failure(FailureKind::ConnectFailure));
+                }
+                let next = match &state {
+                    Some(state) if attempt < FAILOVER_ATTEMPTS => state.pick(None, None),
+                    _ => None,
+                };
                 match next {
-                    Some(n) => addr = n,
-                    None => return Err(e),
+                    Some(g) => {
+                        attempt += 1;
+                        warn!(endpoint = %addr, error = %e, next = %g.addr(), "endpoint connect failed; trying another");
+                        addr = g.addr();
+                        guard = Some(g);
+                    }
+                    None => return Err(io::Error::new(e.kind(), format!("{addr}: {e}"))),
                 }
             }
-            Err(e) => return Err(io::Error::new(e.kind(), format!("{addr}: {e}"))),
         }
     }
 }
 
 /// Other endpoints tried after a failed connect.
 const FAILOVER_ATTEMPTS: usize = 2;
+
+/// How long a connection to a service may stay silent before the upstream connect
+/// starts alongside sniffing (see [`handle`]).
+const SERVER_FIRST_GRACE: Duration = Duration::from_millis(20);
 
 /// Identifies a connection in its log record.
 struct ConnInfo<'a> {
@@ -237,7 +332,7 @@ struct ConnInfo<'a> {
 /// Where a connection stands once the protocol is known and upstream is connected,
 /// or why it never got there.
 enum Early {
-    Ready((TcpStream, SocketAddr), Protocol),
+    Ready(Connected, Protocol),
     SniffFailed(SniffError),
     ConnectFailed(io::Error, Option<Protocol>),
 }
@@ -249,7 +344,7 @@ async fn sniff_while_connecting(
     client: &mut TcpStream,
     buf: &mut BytesMut,
     timeout: Duration,
-    connect: impl Future<Output = io::Result<(TcpStream, SocketAddr)>>,
+    connect: impl Future<Output = io::Result<Connected>>,
 ) -> Early {
     let sniff = sniff::sniff(client, buf, timeout);
     tokio::pin!(sniff);

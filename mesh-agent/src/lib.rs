@@ -17,6 +17,7 @@ pub mod discovery;
 pub mod forward;
 pub mod identity;
 pub mod intercept;
+pub mod l7;
 pub mod listener;
 pub mod mtls;
 pub mod observe;

@@ -61,9 +61,22 @@ pub struct ProxyContext {
     pub identity: crate::workload_identity::IdentitySlot,
     /// Tunnels to peer agents (mTLS + HTTP/2 CONNECT), shared by all connections.
     pub tunnels: crate::tunnel::TunnelPool,
+    /// Per-service balancers, breakers, budgets and rate limits.
+    pub services: crate::balance::service::Services,
+    /// Kept-alive upstream HTTP connections of the L7 proxy.
+    pub upstreams: Arc<crate::l7::pool::UpstreamPool>,
+    /// Request and connection records; `None` when `--access-log off`.
+    pub access_log: Option<crate::observe::access_log::AccessLog>,
 }
 
 impl ProxyContext {
+    /// Queues an access-log record (dropped and counted if the log is behind).
+    pub fn log_access(&self, record: crate::observe::access_log::AccessRecord) {
+        if let Some(log) = &self.access_log {
+            log.log(record);
+        }
+    }
+
     pub fn is_own_listener(&self, dst: SocketAddr) -> bool {
         self.own_addrs.iter().any(|own| {
             own.port() == dst.port()
@@ -241,6 +254,14 @@ mod tests {
             routes: Arc::new(RouteStore::new(false)),
             identity: Default::default(),
             tunnels: crate::mtls::pool(Default::default(), SocketFactory::new(0), Duration::from_secs(1)),
+            services: Default::default(),
+            upstreams: Arc::new(crate::l7::pool::UpstreamPool::new(
+                SocketFactory::new(0),
+                crate::mtls::pool(Default::default(), SocketFactory::new(0), Duration::from_secs(1)),
+                Default::default(),
+                Duration::from_secs(90),
+            )),
+            access_log: None,
         }
     }
 

@@ -11,8 +11,10 @@ use std::{
 };
 
 use bytes::BytesMut;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tokio::{
-    io::{AsyncWriteExt, copy_bidirectional},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, copy_bidirectional},
     net::{TcpListener, TcpStream},
 };
 use tokio_util::sync::CancellationToken;
@@ -21,10 +23,16 @@ use tracing::{info, warn};
 use crate::{
     discovery::{RouteStore, table::EndpointTarget},
     identity::{IdentityError, SpiffeId},
+    intercept::ActiveMode,
+    l7::{
+        inbound::HttpRule,
+        pool::{UpstreamPool, Version},
+    },
     listener::{Direction, ProxyContext},
+    observe::{access_log::AccessLog, labels::MeshName},
     sniff::{self, OpaqueReason, Protocol},
     socket::SocketFactory,
-    tunnel::{ClientTls, TunnelPool, TunnelRecord, TunnelServer},
+    tunnel::{ClientTls, Relay, StreamInfo, TunnelPool, TunnelRecord, TunnelServer, TunnelStream},
     workload_identity::IdentitySlot,
 };
 
@@ -45,33 +53,45 @@ pub fn meshed(endpoint: &EndpointTarget) -> Option<(SocketAddr, &str)> {
     }
 }
 
+/// A connection's meshed destination.
+pub struct Meshed<'a> {
+    pub peer: SocketAddr,
+    pub orig_dst: SocketAddr,
+    pub service: &'a str,
+    pub endpoint: SocketAddr,
+    /// The endpoint's node agent.
+    pub agent: SocketAddr,
+    /// The identity the endpoint must prove.
+    pub dest_id: &'a str,
+}
+
 /// Carries an intercepted connection to a meshed endpoint through the tunnel.
-#[allow(clippy::too_many_arguments)]
+/// `sniffed` holds what the client already sent and `protocol` what sniffing found,
+/// when it ran before; otherwise sniffing overlaps the tunnel open.
 pub async fn forward(
     ctx: &ProxyContext,
     mut client: TcpStream,
-    peer: SocketAddr,
-    orig_dst: SocketAddr,
-    service: &str,
-    endpoint: SocketAddr,
-    agent: SocketAddr,
-    dest_id: &str,
+    meshed: Meshed<'_>,
+    mut sniffed: BytesMut,
+    protocol: Option<Protocol>,
     start: Instant,
 ) -> Result<(u64, u64, String), String> {
+    let Meshed { peer, orig_dst, service, endpoint, agent, dest_id } = meshed;
     let Some(ident) = ctx.identity.get() else {
         crate::forward::reset(&client);
         return Err("no workload certificate yet: meshed traffic is never sent in plaintext".into());
     };
     let source = ident.workload.id().clone();
     let expected: SpiffeId = dest_id.parse().map_err(|e| format!("endpoint identity {dest_id:?}: {e}"))?;
-    let mut sniffed = BytesMut::with_capacity(2048);
     let open = ctx.tunnels.open(agent, &source, &expected, endpoint, http::HeaderMap::new());
     // Through the tunnel the server cannot speak first until the stream is open, so
     // detection here only classifies; opaque ports skip it.
-    let (protocol, opened) = if ctx.opaque_ports.contains(&orig_dst.port()) {
-        (Ok(Protocol::Opaque(OpaqueReason::OpaquePort)), open.await)
-    } else {
-        tokio::join!(sniff::sniff(&mut client, &mut sniffed, ctx.detect_timeout), open)
+    let (protocol, opened) = match protocol {
+        Some(p) => (Ok(p), open.await),
+        None if ctx.opaque_ports.contains(&orig_dst.port()) => {
+            (Ok(Protocol::Opaque(OpaqueReason::OpaquePort)), open.await)
+        }
+        None => tokio::join!(sniff::sniff(&mut client, &mut sniffed, ctx.detect_timeout), open),
     };
     let protocol = match protocol {
         Ok(p) => p,
@@ -128,33 +148,105 @@ pub struct Inbound {
     pub node: String,
     pub sockets: SocketFactory,
     pub connect_timeout: Duration,
-    pub mode: &'static str,
+    pub mode: ActiveMode,
+    /// HTTP streams' requests go to local workloads through this pool.
+    pub upstreams: Arc<UpstreamPool>,
+    pub access_log: Option<AccessLog>,
 }
 
 /// Serves peers' tunnels on `listener` until `shutdown`: TLS with this node's
 /// workload certificate, authorization from the destination service's rules, and
-/// only targets that are workloads on this node.
+/// only targets that are workloads on this node. Streams the sending agent marks
+/// as HTTP ([`crate::tunnel::PROTOCOL_HEADER`]) are proxied per request
+/// ([`crate::l7::inbound`]); others are relayed as bytes.
 pub fn serve_inbound(
     listener: TcpListener,
     inbound: Inbound,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let Inbound { slot, routes, node, sockets, connect_timeout, mode } = inbound;
+    let Inbound { slot, routes, node, sockets, connect_timeout, mode, upstreams, access_log } = inbound;
     let tls_slot = slot.clone();
     let tls = Arc::new(move |_local: SocketAddr| {
         let ident = tls_slot.get()?;
         ident.manager.tls().server_config(ident.workload.clone()).ok()
     });
-    let authorize =
-        Arc::new(move |peer: &SpiffeId, target: SocketAddr| authorize(&routes, &node, peer, target));
+    let auth_routes = routes.clone();
+    let auth_node = node.clone();
+    let authorize = Arc::new(move |peer: &SpiffeId, target: SocketAddr| {
+        let decision = decide(&auth_routes, &auth_node, peer, target)?;
+        if decision.tcp_allowed || decision.http_possible {
+            Ok(())
+        } else {
+            warn!(peer = %peer, target = %target, service = %decision.service, "denied by authorization policy");
+            Err(format!("{peer} is not allowed to reach {}", decision.service))
+        }
+    });
     let connect = Arc::new(move |target: SocketAddr| {
         Box::pin(async move { sockets.connect(target, connect_timeout).await })
             as std::pin::Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
     });
+    let relay: Relay =
+        Arc::new(move |info: StreamInfo, mut tunnel: TunnelStream, mut upstream: TcpStream| {
+            let routes = routes.clone();
+            let node = node.clone();
+            let upstreams = upstreams.clone();
+            let access_log = access_log.clone();
+            Box::pin(async move {
+                let decision = match decide(&routes, &node, &info.peer_id, info.target) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tunnel.reset();
+                        return (0, 0, Some(e));
+                    }
+                };
+                let version = match info.headers.get(crate::tunnel::PROTOCOL_HEADER).map(|v| v.as_bytes()) {
+                    Some(b"http1") => Some(Version::Http1),
+                    Some(b"http2") => Some(Version::Http2),
+                    _ => None,
+                };
+                if let Some(version) = version {
+                    // Requests go through the pool; the connection made to admit the
+                    // stream is not needed.
+                    drop(upstream);
+                    let l7 = crate::l7::inbound::Inbound::new(
+                        info.peer_id.clone(),
+                        info.peer_addr,
+                        info.target,
+                        MeshName::known(&decision.service),
+                        decision.rules,
+                        version,
+                        upstreams,
+                        connect_timeout,
+                        mode,
+                        access_log,
+                    );
+                    let counted = Counted::new(tunnel);
+                    let (read, written) = (counted.read.clone(), counted.written.clone());
+                    let result = l7.serve(counted).await;
+                    let bytes = (read.load(Ordering::Relaxed), written.load(Ordering::Relaxed));
+                    return (bytes.0, bytes.1, result.err().map(|e| format!("HTTP: {e}")));
+                }
+                if !decision.tcp_allowed {
+                    warn!(peer = %info.peer_id, target = %info.target, service = %decision.service,
+                    "denied by authorization policy: its rules allow only HTTP requests");
+                    tunnel.reset();
+                    return (0, 0, Some("only HTTP requests are allowed by policy".into()));
+                }
+                match copy_bidirectional(&mut tunnel, &mut upstream).await {
+                    Ok((i, o)) => (i, o, None),
+                    Err(e) => {
+                        tunnel.reset();
+                        crate::forward::reset(&upstream);
+                        (tunnel.bytes_received(), tunnel.bytes_sent(), Some(e.to_string()))
+                    }
+                }
+            }) as std::pin::Pin<Box<dyn Future<Output = (u64, u64, Option<String>)> + Send>>
+        });
+    let mode_name = mode.as_str();
     let on_close = Arc::new(move |r: TunnelRecord| {
         info!(
             target: "mesh_agent::conn",
-            mode,
+            mode = mode_name,
             direction = Direction::Inbound.as_str(),
             src = %r.peer_addr,
             orig_dst = %r.target,
@@ -167,33 +259,98 @@ pub fn serve_inbound(
             "connection closed"
         );
     });
-    let server = TunnelServer::new(tls, authorize, connect).with_on_close(on_close);
+    let server = TunnelServer::new(tls, authorize, connect).with_on_close(on_close).with_relay(relay);
     tokio::spawn(server.serve(listener, shutdown))
 }
 
-/// The receiving side's decision for one CONNECT.
-fn authorize(routes: &RouteStore, node: &str, peer: &SpiffeId, target: SocketAddr) -> Result<(), String> {
+/// What the destination service's rules say about one peer and target.
+#[derive(Debug)]
+struct Decision {
+    service: Arc<str>,
+    /// A rule without methods or paths admits the peer: raw TCP is allowed.
+    tcp_allowed: bool,
+    /// Some rule names the peer (or none restricts principals): its HTTP requests
+    /// are checked one by one.
+    http_possible: bool,
+    /// The service's rules (empty: allow all).
+    rules: Vec<HttpRule>,
+}
+
+/// The receiving side's view of one CONNECT: the target must be a workload of this
+/// node; the service's authorization rules say what the peer may do.
+fn decide(routes: &RouteStore, node: &str, peer: &SpiffeId, target: SocketAddr) -> Result<Decision, String> {
     let table = routes.table();
     for route in table.routes() {
         let Some(ep) = route.endpoints.iter().find(|e| e.addr == target) else { continue };
         if ep.node != node {
             continue;
         }
-        let rules = route.policy.as_ref().map(|p| p.authorization.as_slice()).unwrap_or_default();
+        let rules: Vec<HttpRule> = route
+            .policy
+            .as_ref()
+            .map(|p| p.authorization.iter().map(HttpRule::from_api).collect())
+            .unwrap_or_default();
         let peer_s = peer.to_string();
-        // TCP-level decision: a rule restricted to HTTP methods or paths cannot be
-        // checked here, so it does not grant a raw connection.
-        let allowed = rules.is_empty()
-            || rules.iter().any(|r| {
-                r.methods.is_empty()
-                    && r.path_prefixes.is_empty()
-                    && (r.principals.is_empty() || r.principals.iter().any(|p| p == "*" || *p == peer_s))
-            });
-        if allowed {
-            return Ok(());
-        }
-        warn!(peer = %peer, target = %target, service = %route.service, "denied by authorization policy");
-        return Err(format!("{peer} is not allowed to reach {}", route.service));
+        let names =
+            |r: &HttpRule| r.principals.is_empty() || r.principals.iter().any(|p| p == "*" || *p == peer_s);
+        let tcp_allowed = rules.is_empty()
+            || rules.iter().any(|r| r.methods.is_empty() && r.path_prefixes.is_empty() && names(r));
+        let http_possible = rules.is_empty() || rules.iter().any(names);
+        return Ok(Decision { service: route.service.clone(), tcp_allowed, http_possible, rules });
     }
     Err(format!("{target} is not a workload on node {node}"))
+}
+
+/// A stream that counts the bytes hyper reads and writes through it.
+struct Counted<T> {
+    inner: T,
+    read: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+impl<T> Counted<T> {
+    fn new(inner: T) -> Self {
+        Counted { inner, read: Default::default(), written: Default::default() }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

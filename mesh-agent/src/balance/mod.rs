@@ -34,6 +34,7 @@ pub mod maglev;
 pub mod random;
 pub mod ring_hash;
 pub mod round_robin;
+pub mod service;
 pub mod slow_start;
 pub mod weighted;
 

@@ -17,6 +17,8 @@ use std::{
 use mesh_api as api;
 use serde::Serialize;
 
+use crate::balance::service::ServicePolicy;
+
 /// Why a snapshot cannot be used (sent back as the NACK reason).
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TableError {
@@ -60,6 +62,9 @@ pub struct Route {
     next: AtomicUsize,
     #[serde(skip)]
     pub policy: Option<api::Policy>,
+    /// `policy`, validated and with defaults filled in.
+    #[serde(skip)]
+    pub service_policy: Arc<ServicePolicy>,
 }
 
 impl Route {
@@ -138,6 +143,10 @@ impl RouteTable {
                 }
                 vips.push(ip);
             }
+            let service_policy = Arc::new(
+                ServicePolicy::from_api(s.policy.as_ref())
+                    .map_err(|message| invalid("policy".into(), message))?,
+            );
             for (pi, p) in s.ports.iter().enumerate() {
                 let svc_port = port(&name, format!("ports[{pi}].port"), p.port)?;
                 let target_default = if p.target_port == 0 {
@@ -197,6 +206,7 @@ impl RouteTable {
                     healthy,
                     next: AtomicUsize::new(0),
                     policy: s.policy.clone(),
+                    service_policy: service_policy.clone(),
                 });
                 for ip in &vips {
                     let addr = SocketAddr::new(*ip, svc_port);

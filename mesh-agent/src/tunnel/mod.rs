@@ -26,7 +26,13 @@ use crate::identity::{IdentityError, SpiffeId, identity_error_of};
 
 pub use client::{ClientTls, TunnelPool};
 pub use io::TunnelStream;
-pub use server::{Authorize, ConnectTarget, OnClose, ServerTls, TunnelRecord, TunnelServer};
+pub use server::{
+    Authorize, ConnectTarget, OnClose, Relay, ServerTls, StreamInfo, TunnelRecord, TunnelServer,
+};
+
+/// CONNECT header saying the stream carries HTTP (`http1` or `http2`) from the
+/// sending agent's L7 proxy; without it the stream is opaque bytes.
+pub const PROTOCOL_HEADER: &str = "x-mesh-protocol";
 
 /// Response header in which the server says why it refused a CONNECT.
 pub const REASON_HEADER: &str = "mesh-tunnel-reason";

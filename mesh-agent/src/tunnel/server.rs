@@ -40,6 +40,32 @@ pub type Authorize = Arc<dyn Fn(&SpiffeId, SocketAddr) -> Result<(), String> + S
 pub type ConnectTarget =
     Arc<dyn Fn(SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>> + Send + Sync>;
 
+/// An admitted stream, for a [`Relay`].
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    /// The identity the peer agent proved.
+    pub peer_id: SpiffeId,
+    /// The peer agent's address.
+    pub peer_addr: SocketAddr,
+    /// The target the stream asked for (already connected).
+    pub target: SocketAddr,
+    /// The CONNECT request's headers (e.g. [`super::PROTOCOL_HEADER`]).
+    pub headers: http::HeaderMap,
+}
+
+/// Moves bytes between an admitted stream and its connected target; returns the
+/// bytes (peer to target, target to peer). The default copies both ways; the agent
+/// passes one that proxies HTTP per request.
+pub type Relay = Arc<
+    dyn Fn(
+            StreamInfo,
+            TunnelStream,
+            TcpStream,
+        ) -> Pin<Box<dyn Future<Output = (u64, u64, Option<String>)> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Called once per CONNECT stream that named a target, when it ends.
 pub type OnClose = Arc<dyn Fn(TunnelRecord) + Send + Sync>;
 
@@ -73,6 +99,7 @@ pub struct TunnelServer {
     authorize: Authorize,
     connect: ConnectTarget,
     on_close: Option<OnClose>,
+    relay: Option<Relay>,
     handshake_timeout: Duration,
 }
 
@@ -89,7 +116,14 @@ impl TunnelServer {
     /// allows, reaching targets through `connect`. TLS and HTTP/2 handshakes must
     /// finish within 10 s (see [`TunnelServer::with_handshake_timeout`]).
     pub fn new(tls: ServerTls, authorize: Authorize, connect: ConnectTarget) -> TunnelServer {
-        TunnelServer { tls, authorize, connect, on_close: None, handshake_timeout: Duration::from_secs(10) }
+        TunnelServer {
+            tls,
+            authorize,
+            connect,
+            on_close: None,
+            relay: None,
+            handshake_timeout: Duration::from_secs(10),
+        }
     }
 
     /// A [`ServerTls`] presenting the same configuration on every connection.
@@ -100,6 +134,12 @@ impl TunnelServer {
     /// Reports every finished stream to `on_close`.
     pub fn with_on_close(mut self, on_close: OnClose) -> TunnelServer {
         self.on_close = Some(on_close);
+        self
+    }
+
+    /// Relays admitted streams with `relay` instead of copying bytes.
+    pub fn with_relay(mut self, relay: Relay) -> TunnelServer {
+        self.relay = Some(relay);
         self
     }
 
@@ -236,7 +276,14 @@ impl TunnelServer {
             Ok(send) => send,
             Err(e) => return self.closed(record(StatusCode::OK, 0, 0, Some(format!("HTTP/2: {e}")))),
         };
-        let mut tunnel = TunnelStream::new(send, request.into_body());
+        let (parts, body) = request.into_parts();
+        let headers = parts.headers;
+        let mut tunnel = TunnelStream::new(send, body);
+        if let Some(relay) = &self.relay {
+            let info = StreamInfo { peer_id: peer_id.clone(), peer_addr, target, headers: headers.clone() };
+            let (bytes_in, bytes_out, error) = relay(info, tunnel, upstream).await;
+            return self.closed(record(StatusCode::OK, bytes_in, bytes_out, error));
+        }
         let relayed =
             tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, RELAY_BUFFER, RELAY_BUFFER)
                 .await;

@@ -1,0 +1,266 @@
+//! The server side of L7: HTTP arriving through the tunnel is served by hyper, so
+//! each request is authorized on its method and path (not only the peer's
+//! identity), gets `x-forwarded-*`, is counted and logged, and goes to the local
+//! workload on a kept-alive connection.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::warn;
+
+use super::body::{BodyEnd, Observed, grpc_status};
+use super::headers::{add_forwarded, is_upgrade, strip_hop_by_hop};
+use super::outbound::{CLIENT_ADDR_HEADER, error_response, is_grpc};
+use super::pool::{Body, Dial, UpstreamPool, Version};
+use crate::identity::SpiffeId;
+use crate::intercept::ActiveMode;
+use crate::listener::Direction;
+use crate::observe::access_log::{AccessLog, AccessRecord};
+use crate::observe::labels::MeshName;
+use crate::observe::metrics::{RequestLabels, RequestMetrics, RequestOutcome};
+use crate::observe::trace::TraceContext;
+
+/// One allow rule of the destination service, as the proxy checks it per request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HttpRule {
+    pub principals: Vec<String>,
+    pub methods: Vec<String>,
+    pub path_prefixes: Vec<String>,
+}
+
+impl HttpRule {
+    pub fn from_api(r: &mesh_api::AuthorizationRule) -> Self {
+        HttpRule {
+            principals: r.principals.clone(),
+            methods: r.methods.clone(),
+            path_prefixes: r.path_prefixes.clone(),
+        }
+    }
+
+    /// Whether the rule allows `peer` to send `method` to `path`.
+    pub fn allows(&self, peer: &str, method: &str, path: &str) -> bool {
+        (self.principals.is_empty() || self.principals.iter().any(|p| p == "*" || p == peer))
+            && (self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
+            && (self.path_prefixes.is_empty()
+                || self.path_prefixes.iter().any(|p| path.starts_with(p.as_str())))
+    }
+}
+
+/// Whether any rule allows the request; no rules allow everything.
+pub fn allowed(rules: &[HttpRule], peer: &str, method: &str, path: &str) -> bool {
+    rules.is_empty() || rules.iter().any(|r| r.allows(peer, method, path))
+}
+
+/// One tunnel stream's HTTP requests to one local workload.
+pub struct Inbound {
+    pub peer_id: SpiffeId,
+    pub peer_addr: SocketAddr,
+    pub target: SocketAddr,
+    pub service: MeshName,
+    pub rules: Vec<HttpRule>,
+    pub version: Version,
+    pub upstreams: Arc<UpstreamPool>,
+    pub connect_timeout: Duration,
+    pub mode: ActiveMode,
+    pub access_log: Option<AccessLog>,
+    metrics: RequestMetrics,
+    peer_str: String,
+}
+
+impl Inbound {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        peer_id: SpiffeId,
+        peer_addr: SocketAddr,
+        target: SocketAddr,
+        service: MeshName,
+        rules: Vec<HttpRule>,
+        version: Version,
+        upstreams: Arc<UpstreamPool>,
+        connect_timeout: Duration,
+        mode: ActiveMode,
+        access_log: Option<AccessLog>,
+    ) -> Self {
+        let peer_str = peer_id.to_string();
+        let metrics = RequestMetrics::new(RequestLabels {
+            direction: Direction::Inbound,
+            source_workload: MeshName::unknown(),
+            source_identity: MeshName::known(&peer_str),
+            destination_service: service.clone(),
+        });
+        Inbound {
+            peer_id,
+            peer_addr,
+            target,
+            service,
+            rules,
+            version,
+            upstreams,
+            connect_timeout,
+            mode,
+            access_log,
+            metrics,
+            peer_str,
+        }
+    }
+
+    /// Serves the stream until the peer closes it.
+    pub async fn serve<I>(self, io: I) -> Result<(), hyper::Error>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let this = Arc::new(self);
+        let version = this.version;
+        let svc = hyper::service::service_fn(move |req| this.clone().proxy(req));
+        let io = TokioIo::new(io);
+        match version {
+            Version::Http1 => {
+                hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(super::MAX_HEADER_BYTES)
+                    .serve_connection(io, svc)
+                    .with_upgrades()
+                    .await
+            }
+            Version::Http2 => {
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .max_header_list_size(super::MAX_HEADER_BYTES as u32)
+                    .serve_connection(io, svc)
+                    .await
+            }
+        }
+    }
+
+    async fn proxy(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let start = Instant::now();
+        let grpc = is_grpc(req.headers());
+        let method = crate::observe::labels::method(req.method());
+        let mut record = AccessRecord::http(Direction::Inbound, self.mode, self.peer_addr);
+        record.source_identity = Some(self.metrics.labels().source_identity.clone());
+        record.destination_service = Some(self.service.clone());
+        record.destination_endpoint = Some(self.target);
+        record.protocol = Some(if grpc { "grpc" } else { self.version.name() });
+        record.method = Some(req.method().as_str().to_owned());
+        record.path = Some(req.uri().path().to_owned());
+        let (trace, _) = TraceContext::from_headers(req.headers());
+        record.trace_id = Some(trace.trace_id());
+        record.request_id = Some(trace.request_id().to_owned());
+
+        if !allowed(&self.rules, &self.peer_str, req.method().as_str(), req.uri().path()) {
+            warn!(target: "mesh_agent::conn", peer_identity = %self.peer_id, service = %self.service,
+                method = %req.method(), path = req.uri().path(), "request denied by authorization policy");
+            record.error = Some("denied by authorization policy".into());
+            self.account(record, method, StatusCode::FORBIDDEN, None, 0, 0, start);
+            return Ok(error_response(StatusCode::FORBIDDEN, "denied by authorization policy", grpc));
+        }
+
+        let upgrade = self.version == Version::Http1 && is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+        let client = req
+            .headers_mut()
+            .remove(CLIENT_ADDR_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse::<std::net::IpAddr>().ok())
+            .map_or(self.peer_addr, |ip| SocketAddr::new(ip, 0));
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+        add_forwarded(req.headers_mut(), client, host.as_deref());
+        record.authority = host;
+        if let Ok(v) = HeaderValue::from_str(&self.peer_str) {
+            req.headers_mut().insert("x-forwarded-client-identity", v);
+        }
+
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let req = req.map(|b| Observed::new(b, Some(request_bytes.clone()), None).boxed_unsync());
+        let sent =
+            self.upstreams.send(self.target, &Dial::Plain, self.version, self.connect_timeout, req).await;
+        let mut resp = match sent {
+            Ok(resp) => resp,
+            Err(e) => {
+                let status = match e {
+                    super::pool::SendError::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
+                    super::pool::SendError::Request(_) => StatusCode::BAD_GATEWAY,
+                };
+                record.error = Some(e.to_string());
+                self.account(record, method, status, None, request_bytes.load(Ordering::Relaxed), 0, start);
+                return Ok(error_response(status, &format!("local workload: {e}"), grpc));
+            }
+        };
+        match client_upgrade {
+            Some(client_upgrade) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(super::outbound::splice_upgrade(client_upgrade, upstream_upgrade));
+            }
+            _ => strip_hop_by_hop(resp.headers_mut(), false),
+        }
+        let status = resp.status();
+        let header_grpc = grpc_status(resp.headers());
+        let this = self.clone();
+        let on_end = Box::new(move |end: BodyEnd| {
+            if let Some(e) = &end.error {
+                record.error = Some(e.clone());
+            }
+            let sent = request_bytes.load(Ordering::Relaxed);
+            this.account(record, method, status, end.grpc_status.or(header_grpc), sent, end.bytes, start);
+        });
+        Ok(resp.map(|b| Observed::new(b, None, Some(on_end)).boxed_unsync()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn account(
+        &self,
+        mut record: AccessRecord,
+        method: &'static str,
+        status: StatusCode,
+        grpc: Option<u32>,
+        sent: u64,
+        received: u64,
+        start: Instant,
+    ) {
+        let duration = start.elapsed();
+        self.metrics.record(&RequestOutcome {
+            method,
+            status: Some(status.as_u16()),
+            grpc_status: grpc,
+            duration,
+            request_bytes: sent,
+            response_bytes: received,
+        });
+        record.response_code = Some(status.as_u16());
+        record.grpc_status = grpc;
+        record.latency = Some(duration);
+        record.bytes_sent = sent;
+        record.bytes_received = received;
+        if let Some(log) = &self.access_log {
+            log.log(record);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_check_principal_method_and_path_together() {
+        let rules = vec![HttpRule {
+            principals: vec!["spiffe://td/ns/a/sa/web".into()],
+            methods: vec!["GET".into()],
+            path_prefixes: vec!["/api/".into()],
+        }];
+        assert!(allowed(&rules, "spiffe://td/ns/a/sa/web", "get", "/api/items"));
+        assert!(!allowed(&rules, "spiffe://td/ns/a/sa/web", "POST", "/api/items"));
+        assert!(!allowed(&rules, "spiffe://td/ns/a/sa/web", "GET", "/admin"));
+        assert!(!allowed(&rules, "spiffe://td/ns/a/sa/other", "GET", "/api/items"));
+        assert!(allowed(&[], "anyone", "DELETE", "/"));
+    }
+}

@@ -1,0 +1,555 @@
+//! The client side of L7: an intercepted HTTP/1.1 or HTTP/2 connection to a service
+//! is served by hyper, and every request is balanced, retried and timed on its own.
+//!
+//! Per request: trace context and request id (continued or started), the service's
+//! rate limit, hop-by-hop headers removed, then tries: pick an endpoint (skipping
+//! unhealthy, ejected and circuit-open ones), send on a pooled connection (plain or
+//! through the tunnel), classify the result (5xx, gRPC UNAVAILABLE, reset, timeout)
+//! for the endpoint's breaker and outlier detection, and retry what the policy and
+//! the retry budget allow. The response body streams back; when it ends the request
+//! is counted, logged and its endpoint claim released.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::{debug, warn};
+
+use super::body::{BodyEnd, Observed, grpc_status};
+use super::headers::{is_upgrade, strip_hop_by_hop};
+use super::pool::{Body, Dial, SendError, Version};
+use crate::balance::service::{ServiceState, target_of};
+use crate::balance::{HashKeySource, PickGuard, hash};
+use crate::listener::{Direction, ProxyContext};
+use crate::observe::access_log::AccessRecord;
+use crate::observe::labels::MeshName;
+use crate::observe::metrics::{RequestLabels, RequestMetrics, RequestOutcome};
+use crate::observe::trace::TraceContext;
+use crate::resilience::outcome::{FailureKind, GRPC_UNAVAILABLE, Outcome};
+use crate::resilience::rate_limit::{ClientKey, Decision};
+use crate::resilience::retry::{BodyLength, RetryDecision, is_replayable};
+
+/// Request bodies up to this size are buffered so a failed try can be sent again.
+pub const REPLAY_BUFFER: u64 = 64 * 1024;
+
+/// Header carrying the client's address from the sending agent to the receiving
+/// one (which turns it into `x-forwarded-for`); always overwritten on the way out,
+/// so a workload cannot forge it.
+pub const CLIENT_ADDR_HEADER: &str = "x-mesh-client-addr";
+
+/// Header naming the endpoint that answered, for debugging (`curl -v`).
+const ENDPOINT_HEADER: &str = "x-mesh-endpoint";
+
+/// One client connection's requests.
+pub struct Outbound {
+    pub ctx: Arc<ProxyContext>,
+    pub peer: SocketAddr,
+    pub orig_dst: SocketAddr,
+    pub version: Version,
+    metrics: RequestMetrics,
+    service: MeshName,
+}
+
+impl Outbound {
+    pub fn new(
+        ctx: Arc<ProxyContext>,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
+        version: Version,
+        service: &str,
+    ) -> Self {
+        let source_identity = ctx
+            .identity
+            .get()
+            .map(|i| MeshName::known(&i.workload.id().to_string()))
+            .unwrap_or_else(MeshName::unknown);
+        let service = MeshName::known(service);
+        let metrics = RequestMetrics::new(RequestLabels {
+            direction: Direction::Outbound,
+            source_workload: MeshName::unknown(),
+            source_identity,
+            destination_service: service.clone(),
+        });
+        Outbound { ctx, peer, orig_dst, version, metrics, service }
+    }
+
+    /// Serves the connection until the client closes it.
+    pub async fn serve<I>(self, io: I) -> Result<(), hyper::Error>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let this = Arc::new(self);
+        let version = this.version;
+        let svc = hyper::service::service_fn(move |req| this.clone().proxy(req));
+        let io = TokioIo::new(io);
+        match version {
+            Version::Http1 => {
+                hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(super::MAX_HEADER_BYTES)
+                    .serve_connection(io, svc)
+                    .with_upgrades()
+                    .await
+            }
+            Version::Http2 => {
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .max_header_list_size(super::MAX_HEADER_BYTES as u32)
+                    .serve_connection(io, svc)
+                    .await
+            }
+        }
+    }
+
+    async fn proxy(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let start = Instant::now();
+        let grpc = is_grpc(req.headers());
+        let table = self.ctx.routes.table();
+        let Some(state) =
+            table.by_addr(self.orig_dst).and_then(|route| self.ctx.services.state(&table, route))
+        else {
+            return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, "service is no longer known", grpc));
+        };
+        drop(table);
+
+        let (trace, _) = TraceContext::from_headers(req.headers());
+        let hop = trace.child();
+        hop.apply(req.headers_mut());
+
+        let mut record = AccessRecord::http(Direction::Outbound, self.ctx.mode, self.peer);
+        record.destination_service = Some(self.service.clone());
+        record.original_destination = Some(self.orig_dst);
+        record.protocol = Some(if grpc { "grpc" } else { self.version.name() });
+        record.method = Some(req.method().as_str().to_owned());
+        record.path = Some(req.uri().path().to_owned());
+        record.authority = authority(&req);
+        record.trace_id = Some(hop.trace_id());
+        record.request_id = Some(hop.request_id().to_owned());
+        record.source_identity = Some(self.metrics.labels().source_identity.clone());
+        let method_label = crate::observe::labels::method(req.method());
+
+        let limited = state.rate_limiter.as_ref().map(|l| l.check(&ClientKey::Ip(self.peer.ip())));
+        if let Some(decision @ Decision::Limited { .. }) = limited {
+            let secs = decision.retry_after_secs().unwrap_or(1);
+            let mut resp = error_response(StatusCode::TOO_MANY_REQUESTS, "rate limited", grpc);
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            self.finish_local(record, method_label, StatusCode::TOO_MANY_REQUESTS, start);
+            return Ok(resp);
+        }
+
+        let upgrade = self.version == Version::Http1 && is_upgrade(req.headers());
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+        if let Ok(v) = HeaderValue::from_str(&self.peer.ip().to_canonical().to_string()) {
+            req.headers_mut().insert(CLIENT_ADDR_HEADER, v);
+        }
+        let hash_key = state.hash_key_source().and_then(|src| hash_key(src, req.headers(), self.peer));
+
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let (parts, body) = req.into_parts();
+        let length = body_length(&parts.headers, &body);
+        let policy = &state.policy;
+        let replayable = policy.retry.max_attempts > 1
+            && !upgrade
+            && is_replayable(parts.method.as_str(), length, REPLAY_BUFFER);
+        // A replayable body is read whole first (bounded by REPLAY_BUFFER); any other
+        // streams through once.
+        let mut body = if replayable {
+            match Limited::new(body, REPLAY_BUFFER as usize).collect().await {
+                Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
+                Err(e) => {
+                    let resp =
+                        error_response(StatusCode::BAD_REQUEST, "request body could not be read", grpc);
+                    record.error = Some(format!("client: {e}"));
+                    self.finish_local(record, method_label, StatusCode::BAD_REQUEST, start);
+                    return Ok(resp);
+                }
+            }
+        } else {
+            RequestBody::Stream(Some(body))
+        };
+        let connect_timeout = policy.connect_timeout.unwrap_or(self.ctx.connect_timeout);
+        let tries = self.tries(
+            &state,
+            &parts,
+            &mut body,
+            replayable,
+            hash_key,
+            connect_timeout,
+            &request_bytes,
+            &mut record,
+        );
+        let result = match policy.request_timeout {
+            Some(limit) => tokio::time::timeout(limit, tries).await.unwrap_or(Err(Failed::Timeout(limit))),
+            None => tries.await,
+        };
+        match result {
+            Ok((mut resp, guard, outcome)) => {
+                if let Some(client_upgrade) = downstream_upgrade
+                    && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                {
+                    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(splice_upgrade(client_upgrade, upstream_upgrade));
+                } else {
+                    strip_hop_by_hop(resp.headers_mut(), false);
+                }
+                let status = resp.status();
+                record.response_code = Some(status.as_u16());
+                record.destination_endpoint = Some(guard.addr());
+                if let Ok(v) = HeaderValue::from_str(&guard.addr().to_string()) {
+                    resp.headers_mut().insert(ENDPOINT_HEADER, v);
+                }
+                let header_grpc = grpc_status(resp.headers());
+                let this = self.clone();
+                let on_end = Box::new(move |end: BodyEnd| {
+                    this.finish(
+                        record,
+                        guard,
+                        outcome,
+                        method_label,
+                        status,
+                        header_grpc,
+                        end,
+                        start,
+                        &request_bytes,
+                    )
+                });
+                Ok(resp.map(|b| Observed::new(b, None, Some(on_end)).boxed_unsync()))
+            }
+            Err(failed) => {
+                let (status, message) = failed.status();
+                record.error = Some(message.clone());
+                warn!(target: "mesh_agent::conn", service = %self.service, src = %self.peer, error = %message,
+                    "request failed");
+                self.finish_local(record, method_label, status, start);
+                Ok(error_response(status, &message, grpc))
+            }
+        }
+    }
+
+    /// Every try of one request, up to the response headers of the last.
+    #[allow(clippy::too_many_arguments)]
+    async fn tries(
+        &self,
+        state: &ServiceState,
+        parts: &http::request::Parts,
+        body: &mut RequestBody,
+        replayable: bool,
+        hash_key: Option<u64>,
+        connect_timeout: Duration,
+        request_bytes: &Arc<AtomicU64>,
+        record: &mut AccessRecord,
+    ) -> Result<(Response<Incoming>, PickGuard, Outcome), Failed> {
+        let mut retry = state.policy.retry.start(&state.budget);
+        loop {
+            let Some(guard) = state.pick(hash_key, None) else {
+                return Err(Failed::NoEndpoint(state.route.endpoints.len()));
+            };
+            let endpoint = guard.addr();
+            let dial = dial_for(state, endpoint);
+            let Some(req) = body.request(parts, request_bytes) else {
+                return Err(Failed::Upstream("request body already sent".into()));
+            };
+            let send = self.ctx.upstreams.send(endpoint, &dial, self.version, connect_timeout, req);
+            let sent = match state.policy.retry.per_try_timeout {
+                Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| limit),
+                None => Ok(send.await),
+            };
+            let (failure, resp) = match sent {
+                Err(limit) => (FailureKind::Timeout, Err(Failed::Timeout(limit))),
+                Ok(Err(SendError::Connect { endpoint, message })) => {
+                    (FailureKind::ConnectFailure, Err(Failed::Connect(format!("{endpoint}: {message}"))))
+                }
+                Ok(Err(SendError::Request(e))) => {
+                    (FailureKind::Reset, Err(Failed::Upstream(format!("{endpoint}: {e}"))))
+                }
+                Ok(Ok(resp)) => {
+                    let outcome = match grpc_status(resp.headers()) {
+                        Some(code) => Outcome::from_grpc_status(code as i32),
+                        None => Outcome::from_http_status(resp.status().as_u16()),
+                    };
+                    match outcome {
+                        Outcome::Success => return Ok((resp, guard, outcome)),
+                        Outcome::Failure(kind) => (kind, Ok(resp)),
+                    }
+                }
+            };
+            let decision = retry.on_failure(failure, replayable, &*state.random);
+            match decision {
+                RetryDecision::Retry { after } => {
+                    debug!(service = %state.route.service, endpoint = %endpoint, failure = ?failure,
+                        after_ms = after.as_millis() as u64, "retrying request");
+                    guard.report(Outcome::Failure(failure));
+                    crate::observe::metrics::retry(&self.service);
+                    record.retries = Some(retry.attempts() - 1);
+                    if !after.is_zero() {
+                        tokio::time::sleep(after).await;
+                    }
+                }
+                RetryDecision::GiveUp(why) => {
+                    if retry.attempts() > 1 {
+                        debug!(service = %state.route.service, reason = ?why, "not retrying");
+                    }
+                    return match resp {
+                        // The endpoint's own error response goes back to the client.
+                        Ok(resp) => Ok((resp, guard, Outcome::Failure(failure))),
+                        Err(e) => {
+                            guard.report(Outcome::Failure(failure));
+                            Err(e)
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    /// Accounts a request answered by the agent itself (rate limit, no endpoint, all
+    /// tries failed).
+    fn finish_local(
+        &self,
+        mut record: AccessRecord,
+        method: &'static str,
+        status: StatusCode,
+        start: Instant,
+    ) {
+        let duration = start.elapsed();
+        record.response_code = Some(status.as_u16());
+        record.latency = Some(duration);
+        self.metrics.record(&RequestOutcome {
+            method,
+            status: Some(status.as_u16()),
+            grpc_status: None,
+            duration,
+            request_bytes: 0,
+            response_bytes: 0,
+        });
+        self.ctx.log_access(record);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        mut record: AccessRecord,
+        guard: PickGuard,
+        outcome: Outcome,
+        method: &'static str,
+        status: StatusCode,
+        header_grpc: Option<u32>,
+        end: BodyEnd,
+        start: Instant,
+        request_bytes: &AtomicU64,
+    ) {
+        let grpc = end.grpc_status.or(header_grpc);
+        if end.complete {
+            let outcome = match (outcome, end.grpc_status) {
+                (Outcome::Success, Some(code)) if code as i32 == GRPC_UNAVAILABLE => {
+                    Outcome::Failure(FailureKind::GrpcUnavailable)
+                }
+                (o, _) => o,
+            };
+            guard.report(outcome);
+        } else if end.error.is_some() {
+            guard.report(Outcome::Failure(FailureKind::Reset));
+        } else {
+            // The client went away: no verdict on the endpoint.
+            drop(guard);
+        }
+        let duration = start.elapsed();
+        let sent = request_bytes.load(Ordering::Relaxed);
+        self.metrics.record(&RequestOutcome {
+            method,
+            status: Some(status.as_u16()),
+            grpc_status: grpc,
+            duration,
+            request_bytes: sent,
+            response_bytes: end.bytes,
+        });
+        record.grpc_status = grpc;
+        record.latency = Some(duration);
+        record.bytes_sent = sent;
+        record.bytes_received = end.bytes;
+        if let Some(e) = end.error {
+            record.error = Some(e);
+        }
+        self.ctx.log_access(record);
+    }
+}
+
+/// The request body across tries: buffered (replayable) or streamed once.
+enum RequestBody {
+    Buffered(Bytes),
+    Stream(Option<Incoming>),
+}
+
+impl RequestBody {
+    /// The request for the next try; `None` when a streamed body was already sent.
+    fn request(&mut self, parts: &http::request::Parts, counter: &Arc<AtomicU64>) -> Option<Request<Body>> {
+        let body: Body = match self {
+            RequestBody::Buffered(bytes) => {
+                counter.store(bytes.len() as u64, Ordering::Relaxed);
+                Full::new(bytes.clone()).map_err(|never| match never {}).boxed_unsync()
+            }
+            RequestBody::Stream(body) => {
+                Observed::new(body.take()?, Some(counter.clone()), None).boxed_unsync()
+            }
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        Some(req)
+    }
+}
+
+/// Why a request got no usable response.
+#[derive(Debug)]
+enum Failed {
+    NoEndpoint(usize),
+    Connect(String),
+    Upstream(String),
+    Timeout(Duration),
+}
+
+impl Failed {
+    fn status(&self) -> (StatusCode, String) {
+        match self {
+            Failed::NoEndpoint(n) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no available endpoint (of {n}): unhealthy, ejected or circuit open"),
+            ),
+            Failed::Connect(m) => (StatusCode::SERVICE_UNAVAILABLE, format!("upstream connect failed: {m}")),
+            Failed::Upstream(m) => (StatusCode::BAD_GATEWAY, format!("upstream failed: {m}")),
+            Failed::Timeout(d) => (StatusCode::GATEWAY_TIMEOUT, format!("upstream timed out after {d:?}")),
+        }
+    }
+}
+
+/// How an endpoint of `state` is reached: through its agent when it is meshed.
+fn dial_for(state: &ServiceState, endpoint: SocketAddr) -> Dial {
+    target_of(&state.route, endpoint)
+        .and_then(|t| {
+            let (agent, id) = crate::mtls::meshed(t)?;
+            Some(Dial::Meshed { agent, identity: id.parse().ok()? })
+        })
+        .unwrap_or(Dial::Plain)
+}
+
+fn body_length(headers: &HeaderMap, body: &Incoming) -> BodyLength {
+    use hyper::body::Body as _;
+    if body.is_end_stream() {
+        return BodyLength::Empty;
+    }
+    match headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+        Some(0) => BodyLength::Empty,
+        Some(n) => BodyLength::Known(n),
+        None => BodyLength::Unknown,
+    }
+}
+
+/// The consistent-hash key of a request, from the source the policy names.
+fn hash_key(source: &HashKeySource, headers: &HeaderMap, peer: SocketAddr) -> Option<u64> {
+    match source {
+        HashKeySource::Header(name) => headers.get(name.as_str()).map(|v| hash::hash_bytes(v.as_bytes())),
+        HashKeySource::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| hash::hash_bytes(v.as_bytes())),
+        HashKeySource::SourceAddress => Some(hash::hash_ip(peer.ip())),
+    }
+}
+
+fn authority(req: &Request<Incoming>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+}
+
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// An answer from the agent itself. gRPC clients get a trailers-only response with
+/// the matching gRPC status, since they read `grpc-status`, not the HTTP code.
+pub(crate) fn error_response(status: StatusCode, message: &str, grpc: bool) -> Response<Body> {
+    let mut resp = if grpc {
+        let code = match status {
+            StatusCode::FORBIDDEN => 7,         // PERMISSION_DENIED
+            StatusCode::TOO_MANY_REQUESTS => 8, // RESOURCE_EXHAUSTED
+            StatusCode::GATEWAY_TIMEOUT => 4,   // DEADLINE_EXCEEDED
+            StatusCode::BAD_REQUEST => 13,      // INTERNAL
+            _ => GRPC_UNAVAILABLE as u32,       // UNAVAILABLE
+        };
+        let mut resp = Response::new(empty());
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from(code));
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
+            h.insert("grpc-message", v);
+        }
+        resp
+    } else {
+        let mut resp = Response::new(
+            Full::new(Bytes::from(format!("{message}\n"))).map_err(|n| match n {}).boxed_unsync(),
+        );
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        resp
+    };
+    resp.headers_mut().insert("x-mesh-error", HeaderValue::from_static("agent"));
+    resp
+}
+
+fn empty() -> Body {
+    http_body_util::Empty::new().map_err(|n| match n {}).boxed_unsync()
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2 spec).
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// After a 101, joins the client's and the upstream's upgraded connections.
+pub(crate) async fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(client, upstream) {
+        Ok((c, u)) => {
+            let mut c = TokioIo::new(c);
+            let mut u = TokioIo::new(u);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                debug!(error = %e, "upgraded connection ended with an error");
+            }
+        }
+        Err(e) => debug!(error = %e, "protocol upgrade failed"),
+    }
+}
+
+impl Version {
+    pub fn name(self) -> &'static str {
+        match self {
+            Version::Http1 => "http1",
+            Version::Http2 => "http2",
+        }
+    }
+}

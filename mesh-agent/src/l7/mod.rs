@@ -29,3 +29,6 @@ pub fn version_of(protocol: &crate::sniff::Protocol) -> Option<pool::Version> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,401 @@
+//! The L7 proxy end to end inside one process: real hyper backends on loopback, the
+//! agent's connection handler behind a loopback listener (original destination
+//! fixed to a service VIP), and hyper clients over HTTP/1.1 and HTTP/2.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_api as api;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::discovery::{RouteStore, table::RouteTable};
+use crate::intercept::ActiveMode;
+use crate::listener::{Direction, ProxyContext};
+use crate::orig_dst::Fixed;
+use crate::socket::SocketFactory;
+
+const VIP: &str = "10.96.0.10:80";
+
+/// How a test backend answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Behaviour {
+    Ok,
+    Status(u16),
+    GrpcUnavailable,
+    Slow(Duration),
+}
+
+struct Backend {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    behaviour: Arc<std::sync::Mutex<Behaviour>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Backend {
+    /// A backend speaking HTTP/1.1 and HTTP/2 (prior knowledge) that answers with its
+    /// name and echoes `traceparent` and `x-request-id` as response headers.
+    async fn start(name: &'static str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let behaviour = Arc::new(std::sync::Mutex::new(Behaviour::Ok));
+        let (h, b) = (hits.clone(), behaviour.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let (h, b) = (h.clone(), b.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        let behaviour = *b.lock().unwrap();
+                        async move { Ok::<_, Infallible>(answer(name, behaviour, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Backend { addr, hits, behaviour, task: Some(task) }
+    }
+
+    /// Stops accepting and closes the listening socket.
+    async fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    fn set(&self, b: Behaviour) {
+        *self.behaviour.lock().unwrap() = b;
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+async fn answer(name: &str, behaviour: Behaviour, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(name.to_owned())));
+    for h in ["traceparent", "x-request-id", "x-forwarded-for"] {
+        if let Some(v) = req.headers().get(h) {
+            resp.headers_mut().insert(format!("echo-{h}").parse::<http::HeaderName>().unwrap(), v.clone());
+        }
+    }
+    resp.headers_mut().insert("backend", name.parse().unwrap());
+    match behaviour {
+        Behaviour::Ok => {}
+        Behaviour::Status(s) => *resp.status_mut() = StatusCode::from_u16(s).unwrap(),
+        Behaviour::GrpcUnavailable => {
+            resp.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
+            resp.headers_mut().insert("grpc-status", "14".parse().unwrap());
+        }
+        Behaviour::Slow(d) => tokio::time::sleep(d).await,
+    }
+    resp
+}
+
+fn snapshot(backends: &[&Backend], policy: Option<api::Policy>) -> api::Snapshot {
+    api::Snapshot {
+        services: vec![api::Service {
+            name: "web".into(),
+            namespace: "default".into(),
+            vips: vec!["10.96.0.10".into()],
+            ports: vec![api::ServicePort { name: "http".into(), port: 80, ..Default::default() }],
+            endpoints: backends
+                .iter()
+                .map(|b| api::Endpoint {
+                    address: b.addr.ip().to_string(),
+                    port: b.addr.port().into(),
+                    weight: 1,
+                    ..Default::default()
+                })
+                .collect(),
+            policy,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The agent's outbound listener with `snapshot` applied; returns its address.
+async fn agent(snapshot: &api::Snapshot) -> (SocketAddr, Arc<ProxyContext>) {
+    static VERSION: AtomicU32 = AtomicU32::new(1);
+    let routes = Arc::new(RouteStore::new(true));
+    let version = VERSION.fetch_add(1, Ordering::Relaxed).into();
+    routes.apply(RouteTable::build(version, snapshot, 1000).unwrap());
+    let sockets = SocketFactory::new(0);
+    let tunnels = crate::mtls::pool(Default::default(), sockets, Duration::from_secs(1));
+    let ctx = Arc::new(ProxyContext {
+        mode: ActiveMode::Ebpf,
+        sockets,
+        lookup: Box::new(Fixed(VIP.parse().unwrap())),
+        detect_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
+        opaque_ports: Default::default(),
+        own_addrs: Vec::new(),
+        stats: Default::default(),
+        routes,
+        identity: Default::default(),
+        tunnels: tunnels.clone(),
+        services: Default::default(),
+        upstreams: Arc::new(super::pool::UpstreamPool::new(
+            sockets,
+            tunnels,
+            Default::default(),
+            Duration::from_secs(30),
+        )),
+        access_log: None,
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let c = ctx.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else { return };
+            tokio::spawn(crate::forward::handle(c.clone(), Direction::Outbound, tcp, peer));
+        }
+    });
+    (addr, ctx)
+}
+
+/// One HTTP/1.1 keep-alive connection to the agent.
+async fn h1_client(agent: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let tcp = TcpStream::connect(agent).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn get(
+    client: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HashMap<String, String>, Bytes) {
+    client.ready().await.unwrap();
+    let mut req = Request::get("/hello").header("host", "web.default");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client.send_request(req.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    let status = resp.status();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+        .collect();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, body)
+}
+
+fn retry_policy(retry_on: &[&str]) -> api::Policy {
+    api::Policy {
+        retries: Some(api::RetryPolicy {
+            attempts: 3,
+            retry_on: retry_on.iter().map(|s| (*s).to_owned()).collect(),
+            backoff_base_ms: 1,
+            backoff_max_ms: 2,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn requests_on_one_connection_are_balanced_round_robin() {
+    let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
+    let (agent, ctx) = agent(&snapshot(&[&a, &b, &c], None)).await;
+    let mut client = h1_client(agent).await;
+    let mut seen: HashMap<Bytes, usize> = HashMap::new();
+    for _ in 0..30 {
+        let (status, _, body) = get(&mut client, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        *seen.entry(body).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.values().all(|n| *n == 10), "round robin gives each backend exactly 10 of 30: {seen:?}");
+    // The client's one connection became pooled upstream connections, reused.
+    assert!(ctx.upstreams.connection_count() <= 3, "{}", ctx.upstreams.connection_count());
+}
+
+#[tokio::test]
+async fn a_dead_endpoint_costs_no_failed_request_with_retries() {
+    let (a, b, mut c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
+    let (agent, _ctx) =
+        agent(&snapshot(&[&a, &b, &c], Some(retry_policy(&["connect-failure", "reset"])))).await;
+    c.stop().await;
+    let mut client = h1_client(agent).await;
+    for i in 0..30 {
+        let (status, h, _) = get(&mut client, &[]).await;
+        assert_eq!(status, StatusCode::OK, "request {i} failed: {h:?}");
+    }
+    assert_eq!(c.hits(), 0);
+    assert_eq!(a.hits() + b.hits(), 30);
+}
+
+#[tokio::test]
+async fn a_503_is_retried_on_another_endpoint() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    b.set(Behaviour::Status(503));
+    let (agent, _ctx) = agent(&snapshot(&[&a, &b], Some(retry_policy(&["503"])))).await;
+    let mut client = h1_client(agent).await;
+    for _ in 0..10 {
+        let (status, h, body) = get(&mut client, &[]).await;
+        assert_eq!((status, body.as_ref()), (StatusCode::OK, &b"a"[..]), "{h:?}");
+    }
+    assert!(b.hits() > 0, "the failing endpoint was tried");
+}
+
+#[tokio::test]
+async fn without_a_retry_policy_the_endpoints_error_reaches_the_client() {
+    let a = Backend::start("a").await;
+    a.set(Behaviour::Status(503));
+    let (agent, _ctx) = agent(&snapshot(&[&a], None)).await;
+    let mut client = h1_client(agent).await;
+    let (status, h, body) = get(&mut client, &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body.as_ref(), b"a", "the backend's own response, not the agent's");
+    assert!(!h.contains_key("x-mesh-error"));
+}
+
+#[tokio::test]
+async fn grpc_unavailable_opens_the_circuit_of_its_endpoint() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    b.set(Behaviour::GrpcUnavailable);
+    let policy = api::Policy {
+        circuit_breaker: Some(api::CircuitBreaker {
+            enabled: true,
+            failure_rate: 0.5,
+            window: 4,
+            reset_timeout_ms: 60_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (agent, ctx) = agent(&snapshot(&[&a, &b], Some(policy))).await;
+    let mut client = h1_client(agent).await;
+    for _ in 0..20 {
+        let _ = get(&mut client, &[]).await;
+    }
+    let hits_when_open = b.hits();
+    assert!(hits_when_open <= 5, "b got {hits_when_open} requests; its circuit should have opened after 4");
+    for _ in 0..20 {
+        let (status, _, body) = get(&mut client, &[]).await;
+        assert_eq!((status, body.as_ref()), (StatusCode::OK, &b"a"[..]));
+    }
+    assert_eq!(b.hits(), hits_when_open, "an open circuit gets no requests");
+    let states: Vec<_> = ctx.services.snapshot()[0].endpoints().iter().map(|e| e.breaker().state()).collect();
+    assert!(states.iter().any(|s| s.as_str() == "open"), "{states:?}");
+}
+
+#[tokio::test]
+async fn trace_context_is_continued_or_started() {
+    let a = Backend::start("a").await;
+    let (agent, _ctx) = agent(&snapshot(&[&a], None)).await;
+    let mut client = h1_client(agent).await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (_, h, _) = get(&mut client, &[("traceparent", parent)]).await;
+    let got = &h["echo-traceparent"];
+    assert_eq!(&got[..36], &parent[..36], "same version and trace id");
+    assert_ne!(&got[36..52], &parent[36..52], "a new parent id");
+    assert!(!h["echo-x-request-id"].is_empty());
+
+    let (_, h, _) = get(&mut client, &[]).await;
+    assert_eq!(h["echo-traceparent"].len(), 55, "a trace is started: {h:?}");
+    assert!(!h["echo-x-request-id"].is_empty());
+}
+
+#[tokio::test]
+async fn rate_limited_clients_get_429_with_retry_after() {
+    let a = Backend::start("a").await;
+    let policy = api::Policy {
+        rate_limit: Some(api::RateLimit { requests_per_second: 1, burst: 2 }),
+        ..Default::default()
+    };
+    let (agent, _ctx) = agent(&snapshot(&[&a], Some(policy))).await;
+    let mut client = h1_client(agent).await;
+    let statuses: Vec<StatusCode> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(get(&mut client, &[]).await);
+        }
+        v.into_iter()
+            .map(|(s, h, _)| {
+                if s == StatusCode::TOO_MANY_REQUESTS {
+                    assert_eq!(h["retry-after"], "1");
+                }
+                s
+            })
+            .collect()
+    };
+    assert_eq!(statuses, vec![StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+    assert_eq!(a.hits(), 2);
+}
+
+#[tokio::test]
+async fn a_slow_endpoint_meets_the_request_timeout() {
+    let a = Backend::start("a").await;
+    a.set(Behaviour::Slow(Duration::from_secs(30)));
+    let policy = api::Policy {
+        timeouts: Some(api::Timeouts { request_ms: 200, ..Default::default() }),
+        ..Default::default()
+    };
+    let (agent, _ctx) = agent(&snapshot(&[&a], Some(policy))).await;
+    let mut client = h1_client(agent).await;
+    let (status, h, _) = get(&mut client, &[]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(h["x-mesh-error"], "agent");
+}
+
+#[tokio::test]
+async fn http2_requests_are_multiplexed_and_balanced() {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let (agent, ctx) = agent(&snapshot(&[&a, &b], None)).await;
+    let tcp = TcpStream::connect(agent).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let mut calls = Vec::new();
+    for _ in 0..20 {
+        let mut send = send.clone();
+        calls.push(tokio::spawn(async move {
+            let req = Request::post("http://web.default/pkg.Svc/Call")
+                .header("content-type", "application/grpc")
+                .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            resp.into_body().collect().await.unwrap().to_bytes()
+        }));
+    }
+    let mut seen: HashMap<Bytes, usize> = HashMap::new();
+    for c in calls {
+        *seen.entry(c.await.unwrap()).or_default() += 1;
+    }
+    assert_eq!(seen.get(&Bytes::from_static(b"a")), Some(&10), "{seen:?}");
+    assert_eq!(seen.get(&Bytes::from_static(b"b")), Some(&10), "{seen:?}");
+    assert_eq!(ctx.upstreams.connection_count(), 2, "one multiplexed HTTP/2 connection per endpoint");
+}
+
+#[tokio::test]
+async fn garbage_after_an_http_request_line_gets_400_and_the_agent_carries_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Backend::start("a").await;
+    let (agent, _ctx) = agent(&snapshot(&[&a], None)).await;
+    let mut tcp = TcpStream::connect(agent).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nbad header line\x01\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tcp.read_to_end(&mut out).await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"), "{:?}", String::from_utf8_lossy(&out));
+    let mut client = h1_client(agent).await;
+    assert_eq!(get(&mut client, &[]).await.0, StatusCode::OK);
+}

@@ -1,6 +1,7 @@
 //! Developer tasks for the mesh workspace: `cargo xtask <task>`.
 
 mod bench;
+mod bench_l7;
 mod demo;
 mod ebpf;
 mod setup;
@@ -69,6 +70,16 @@ enum Bench {
         #[arg(long, default_value_t = 16)]
         connections: usize,
     },
+    /// HTTP/1.1 and HTTP/2 through client agent -> mTLS -> server agent vs direct, at
+    /// 1k and 10k requests/s and at the maximum rate, one run.
+    L7 {
+        /// Duration of each load point.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// HTTP/1.1 connections of the load generator (HTTP/2 uses 2, multiplexed).
+        #[arg(long, default_value_t = 16)]
+        connections: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -79,6 +90,9 @@ fn main() -> Result<()> {
         Task::BuildEbpf { check } => ebpf::run(&root, &ebpf::Options { check }),
         Task::Bench { which: Bench::Intercept { rounds, duration, connects, connections } } => {
             bench::intercept(&root, &bench::Options { rounds, duration, connects, connections })
+        }
+        Task::Bench { which: Bench::L7 { duration, connections } } => {
+            bench_l7::run(&root, &bench_l7::Options { duration, connections })
         }
     }
 }

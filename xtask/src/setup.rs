@@ -14,6 +14,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("wrk", "wrk"),
     ("iperf3", "iperf3"),
+    ("h2load", "nghttp2-client"),
+    ("nginx", "nginx"),
     // The CA tests read issued certificates with the openssl CLI.
     ("openssl", "openssl"),
 ];

@@ -141,21 +141,27 @@ impl Inbound {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         let method = crate::observe::labels::method(req.method());
-        let mut record = AccessRecord::http(Direction::Inbound, self.mode, self.peer_addr);
-        record.source_identity = Some(self.metrics.labels().source_identity.clone());
-        record.destination_service = Some(self.service.clone());
-        record.destination_endpoint = Some(self.target);
-        record.protocol = Some(if grpc { "grpc" } else { self.version.name() });
-        record.method = Some(req.method().as_str().to_owned());
-        record.path = Some(req.uri().path().to_owned());
-        let (trace, _) = TraceContext::from_headers(req.headers());
-        record.trace_id = Some(trace.trace_id());
-        record.request_id = Some(trace.request_id().to_owned());
+        // Built only when the access log is on.
+        let mut record = self.access_log.is_some().then(|| {
+            let mut r = AccessRecord::http(Direction::Inbound, self.mode, self.peer_addr);
+            r.source_identity = Some(self.metrics.labels().source_identity.clone());
+            r.destination_service = Some(self.service.clone());
+            r.destination_endpoint = Some(self.target);
+            r.protocol = Some(if grpc { "grpc" } else { self.version.name() });
+            r.method = Some(req.method().as_str().to_owned());
+            r.path = Some(req.uri().path().to_owned());
+            let (trace, _) = TraceContext::from_headers(req.headers());
+            r.trace_id = Some(trace.trace_id());
+            r.request_id = Some(trace.request_id().to_owned());
+            Box::new(r)
+        });
 
         if !allowed(&self.rules, &self.peer_str, req.method().as_str(), req.uri().path()) {
             warn!(target: "mesh_agent::conn", peer_identity = %self.peer_id, service = %self.service,
                 method = %req.method(), path = req.uri().path(), "request denied by authorization policy");
-            record.error = Some("denied by authorization policy".into());
+            if let Some(r) = record.as_mut() {
+                r.error = Some("denied by authorization policy".into());
+            }
             self.account(record, method, StatusCode::FORBIDDEN, None, 0, 0, start);
             return Ok(error_response(StatusCode::FORBIDDEN, "denied by authorization policy", grpc));
         }
@@ -174,7 +180,9 @@ impl Inbound {
             .map(|a| a.as_str().to_owned())
             .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
         add_forwarded(req.headers_mut(), client, host.as_deref());
-        record.authority = host;
+        if let Some(r) = record.as_mut() {
+            r.authority = host;
+        }
         if let Ok(v) = HeaderValue::from_str(&self.peer_str) {
             req.headers_mut().insert("x-forwarded-client-identity", v);
         }
@@ -190,7 +198,9 @@ impl Inbound {
                     super::pool::SendError::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
                     super::pool::SendError::Request(_) => StatusCode::BAD_GATEWAY,
                 };
-                record.error = Some(e.to_string());
+                if let Some(r) = record.as_mut() {
+                    r.error = Some(e.to_string());
+                }
                 self.account(record, method, status, None, request_bytes.load(Ordering::Relaxed), 0, start);
                 return Ok(error_response(status, &format!("local workload: {e}"), grpc));
             }
@@ -206,8 +216,8 @@ impl Inbound {
         let header_grpc = grpc_status(resp.headers());
         let this = self.clone();
         let on_end = Box::new(move |end: BodyEnd| {
-            if let Some(e) = &end.error {
-                record.error = Some(e.clone());
+            if let (Some(r), Some(e)) = (record.as_mut(), &end.error) {
+                r.error = Some(e.clone());
             }
             let sent = request_bytes.load(Ordering::Relaxed);
             this.account(record, method, status, end.grpc_status.or(header_grpc), sent, end.bytes, start);
@@ -218,7 +228,7 @@ impl Inbound {
     #[allow(clippy::too_many_arguments)]
     fn account(
         &self,
-        mut record: AccessRecord,
+        record: Option<Box<AccessRecord>>,
         method: &'static str,
         status: StatusCode,
         grpc: Option<u32>,
@@ -235,13 +245,13 @@ impl Inbound {
             request_bytes: sent,
             response_bytes: received,
         });
-        record.response_code = Some(status.as_u16());
-        record.grpc_status = grpc;
-        record.latency = Some(duration);
-        record.bytes_sent = sent;
-        record.bytes_received = received;
-        if let Some(log) = &self.access_log {
-            log.log(record);
+        if let (Some(mut record), Some(log)) = (record, &self.access_log) {
+            record.response_code = Some(status.as_u16());
+            record.grpc_status = grpc;
+            record.latency = Some(duration);
+            record.bytes_sent = sent;
+            record.bytes_received = received;
+            log.log(*record);
         }
     }
 }

@@ -121,16 +121,21 @@ impl Outbound {
         let hop = trace.child();
         hop.apply(req.headers_mut());
 
-        let mut record = AccessRecord::http(Direction::Outbound, self.ctx.mode, self.peer);
-        record.destination_service = Some(self.service.clone());
-        record.original_destination = Some(self.orig_dst);
-        record.protocol = Some(if grpc { "grpc" } else { self.version.name() });
-        record.method = Some(req.method().as_str().to_owned());
-        record.path = Some(req.uri().path().to_owned());
-        record.authority = authority(&req);
-        record.trace_id = Some(hop.trace_id());
-        record.request_id = Some(hop.request_id().to_owned());
-        record.source_identity = Some(self.metrics.labels().source_identity.clone());
+        // Built only when someone reads it: with the access log off, a request
+        // allocates nothing for it.
+        let mut record = self.ctx.access_log.is_some().then(|| {
+            let mut r = AccessRecord::http(Direction::Outbound, self.ctx.mode, self.peer);
+            r.destination_service = Some(self.service.clone());
+            r.original_destination = Some(self.orig_dst);
+            r.protocol = Some(if grpc { "grpc" } else { self.version.name() });
+            r.method = Some(req.method().as_str().to_owned());
+            r.path = Some(req.uri().path().to_owned());
+            r.authority = authority(&req);
+            r.trace_id = Some(hop.trace_id());
+            r.request_id = Some(hop.request_id().to_owned());
+            r.source_identity = Some(self.metrics.labels().source_identity.clone());
+            Box::new(r)
+        });
         let method_label = crate::observe::labels::method(req.method());
 
         let limited = state.rate_limiter.as_ref().map(|l| l.check(&ClientKey::Ip(self.peer.ip())));
@@ -165,7 +170,9 @@ impl Outbound {
                 Err(e) => {
                     let resp =
                         error_response(StatusCode::BAD_REQUEST, "request body could not be read", grpc);
-                    record.error = Some(format!("client: {e}"));
+                    if let Some(r) = record.as_mut() {
+                        r.error = Some(format!("client: {e}"));
+                    }
                     self.finish_local(record, method_label, StatusCode::BAD_REQUEST, start);
                     return Ok(resp);
                 }
@@ -199,8 +206,10 @@ impl Outbound {
                     strip_hop_by_hop(resp.headers_mut(), false);
                 }
                 let status = resp.status();
-                record.response_code = Some(status.as_u16());
-                record.destination_endpoint = Some(guard.addr());
+                if let Some(r) = record.as_mut() {
+                    r.response_code = Some(status.as_u16());
+                    r.destination_endpoint = Some(guard.addr());
+                }
                 if let Ok(v) = HeaderValue::from_str(&guard.addr().to_string()) {
                     resp.headers_mut().insert(ENDPOINT_HEADER, v);
                 }
@@ -223,7 +232,9 @@ impl Outbound {
             }
             Err(failed) => {
                 let (status, message) = failed.status();
-                record.error = Some(message.clone());
+                if let Some(r) = record.as_mut() {
+                    r.error = Some(message.clone());
+                }
                 warn!(target: "mesh_agent::conn", service = %self.service, src = %self.peer, error = %message,
                     "request failed");
                 self.finish_local(record, method_label, status, start);
@@ -243,7 +254,7 @@ impl Outbound {
         hash_key: Option<u64>,
         connect_timeout: Duration,
         request_bytes: &Arc<AtomicU64>,
-        record: &mut AccessRecord,
+        record: &mut Option<Box<AccessRecord>>,
     ) -> Result<(Response<Incoming>, PickGuard, Outcome), Failed> {
         let mut retry = state.policy.retry.start(&state.budget);
         loop {
@@ -286,7 +297,9 @@ impl Outbound {
                         after_ms = after.as_millis() as u64, "retrying request");
                     guard.report(Outcome::Failure(failure));
                     crate::observe::metrics::retry(&self.service);
-                    record.retries = Some(retry.attempts() - 1);
+                    if let Some(r) = record.as_mut() {
+                        r.retries = Some(retry.attempts() - 1);
+                    }
                     if !after.is_zero() {
                         tokio::time::sleep(after).await;
                     }
@@ -312,14 +325,12 @@ impl Outbound {
     /// tries failed).
     fn finish_local(
         &self,
-        mut record: AccessRecord,
+        record: Option<Box<AccessRecord>>,
         method: &'static str,
         status: StatusCode,
         start: Instant,
     ) {
         let duration = start.elapsed();
-        record.response_code = Some(status.as_u16());
-        record.latency = Some(duration);
         self.metrics.record(&RequestOutcome {
             method,
             status: Some(status.as_u16()),
@@ -328,13 +339,17 @@ impl Outbound {
             request_bytes: 0,
             response_bytes: 0,
         });
-        self.ctx.log_access(record);
+        if let Some(mut record) = record {
+            record.response_code = Some(status.as_u16());
+            record.latency = Some(duration);
+            self.ctx.log_access(*record);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
-        mut record: AccessRecord,
+        record: Option<Box<AccessRecord>>,
         guard: PickGuard,
         outcome: Outcome,
         method: &'static str,
@@ -369,14 +384,16 @@ impl Outbound {
             request_bytes: sent,
             response_bytes: end.bytes,
         });
-        record.grpc_status = grpc;
-        record.latency = Some(duration);
-        record.bytes_sent = sent;
-        record.bytes_received = end.bytes;
-        if let Some(e) = end.error {
-            record.error = Some(e);
+        if let Some(mut record) = record {
+            record.grpc_status = grpc;
+            record.latency = Some(duration);
+            record.bytes_sent = sent;
+            record.bytes_received = end.bytes;
+            if let Some(e) = end.error {
+                record.error = Some(e);
+            }
+            self.ctx.log_access(*record);
         }
-        self.ctx.log_access(record);
     }
 }
 

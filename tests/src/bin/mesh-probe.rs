@@ -55,6 +55,26 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         count: usize,
     },
+    /// HTTP load against `--connect`: fixed `--rps` (open loop) or, with 0, as fast as
+    /// possible; prints requests, errors, rate and latency percentiles.
+    Load {
+        #[arg(long, default_value_t = 0)]
+        rps: u32,
+        #[arg(long, default_value = "10s", value_parser = humantime_lite)]
+        duration: Duration,
+        #[arg(long, default_value_t = 8)]
+        connections: u32,
+        /// HTTP/2 with prior knowledge instead of HTTP/1.1.
+        #[arg(long)]
+        http2: bool,
+        /// HTTP/2 closed loop: requests in flight per connection.
+        #[arg(long, default_value_t = 8)]
+        streams: u32,
+        #[arg(long, default_value = "bench")]
+        host: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+    },
 }
 
 fn humantime_lite(s: &str) -> Result<Duration, String> {
@@ -111,6 +131,20 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let out = match &cli.cmd {
+        Cmd::Load { rps, duration, connections, http2, streams, host, path } => {
+            let spec = mesh_tests::load::LoadSpec {
+                target: cli.connect,
+                host: host.clone(),
+                path: path.clone(),
+                http2: *http2,
+                rps: *rps,
+                duration: *duration,
+                connections: *connections,
+                streams: *streams,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            serde_json::to_value(rt.block_on(mesh_tests::load::run(spec))?)?
+        }
         Cmd::Echo { bytes, seed } => {
             let s = connect(&cli)?;
             let local = s.local_addr()?;

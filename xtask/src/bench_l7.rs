@@ -1,0 +1,283 @@
+//! `cargo xtask bench l7`: HTTP/1.1 and HTTP/2 requests through the whole mesh
+//! (client agent -> mTLS tunnel -> server agent -> server) against the same server
+//! reached directly, in one run: at fixed 1k and 10k requests/s (open loop,
+//! latency from each request's due time) and at the maximum rate (closed loop).
+//!
+//! Hosts are network namespaces on one bridge: `control` (control plane with the
+//! YAML registry and CA), `client` (agent in eBPF mode, workload cgroup),
+//! `server` (agent, nginx), `direct` (a client with no agent). Each load
+//! point runs direct and meshed back to back so drift hits both alike.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, ensure};
+use mesh_tests::{Agent, AgentOptions, Cgroup, Control, Lab, agent::message};
+use serde::Serialize;
+use serde_json::Value;
+
+pub struct Options {
+    pub duration: Duration,
+    pub connections: u32,
+}
+
+const VIP: &str = "10.96.0.50";
+/// nginx on the server host: HTTP/1.1 here, HTTP/2 (prior knowledge) on `H2`.
+const HTTP: u16 = 8080;
+const H2: u16 = 8081;
+
+#[derive(Serialize, Clone, Debug)]
+struct Point {
+    protocol: &'static str,
+    load: String,
+    direct: Value,
+    mesh: Value,
+}
+
+fn registry() -> String {
+    format!(
+        "services:
+  - name: bench
+    namespace: shop
+    vips: [{VIP}]
+    ports: [{{name: h1, port: 80, target_port: {HTTP}, protocol: http}}, {{name: h2, port: 81, target_port: {H2}, protocol: http2}}]
+    endpoints:
+      - {{address: 10.77.0.3, node: server, service_account: api, agent_address: \"10.77.0.3:15008\"}}
+  - name: frontend
+    namespace: shop
+    ports: [{{port: 80}}]
+    endpoints:
+      - {{address: 10.77.0.2, node: client, service_account: frontend}}
+"
+    )
+}
+
+fn start_agent(
+    lab: &Lab,
+    host: &str,
+    cg: &Cgroup,
+    control: &Control,
+    identity: &str,
+    token: &Path,
+) -> Result<Agent> {
+    let opts = AgentOptions { log: Some("info".into()), ..AgentOptions::new("ebpf").cgroup(cg) }
+        .arg("--control-plane")
+        .arg(control.url.clone())
+        .arg("--node")
+        .arg(host)
+        .arg("--identity")
+        .arg(identity)
+        .arg("--bootstrap-token-file")
+        .arg(token.display().to_string())
+        .arg("--access-log")
+        .arg("off");
+    let a = Agent::start(lab.host(host), opts)?;
+    a.wait_log("workload certificate", |v| message(v) == "workload certificate issued");
+    a.wait_log("snapshot", |v| message(v) == "snapshot applied");
+    Ok(a)
+}
+
+pub fn run(root: &Path, opts: &Options) -> Result<()> {
+    ensure!(nix::unistd::geteuid().is_root(), "the benchmark needs root (namespaces, cgroups, BPF)");
+    crate::setup::system_packages()?;
+    println!("[1/3] building release binaries");
+    let status = Command::new(env!("CARGO"))
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "mesh-agent",
+            "--bin",
+            "mesh-agent",
+            "-p",
+            "control",
+            "--bin",
+            "mesh-control",
+            "-p",
+            "mesh-tests",
+            "--bin",
+            "mesh-probe",
+        ])
+        .status()?;
+    ensure!(status.success(), "release build failed");
+    let release = root.join("target/release");
+    // SAFETY (of set_var): single-threaded at this point.
+    unsafe {
+        std::env::set_var("MESH_MESH_AGENT_BIN", release.join("mesh-agent"));
+        std::env::set_var("MESH_MESH_PROBE_BIN", release.join("mesh-probe"));
+        std::env::set_var("MESH_MESH_CONTROL_BIN", release.join("mesh-control"));
+    }
+
+    println!("[2/3] starting the control plane, two agents (eBPF mode, mTLS) and the server");
+    let lab = Lab::new(&["control", "client", "server", "direct"])?;
+    let dir = tempfile::tempdir()?;
+    let reg = dir.path().join("registry.yaml");
+    std::fs::write(&reg, registry())?;
+    std::fs::write(dir.path().join("tokens"), "tok-client client\ntok-server server\n")?;
+    std::fs::write(dir.path().join("client.token"), "tok-client")?;
+    std::fs::write(dir.path().join("server.token"), "tok-server")?;
+    let control = Control::start(
+        lab.host("control"),
+        &reg,
+        &[
+            "--bootstrap-tokens",
+            &dir.path().join("tokens").display().to_string(),
+            "--ca-dir",
+            &dir.path().join("ca").display().to_string(),
+        ],
+    )?;
+    let _server = nginx(lab.host("server"), dir.path())?;
+    let workload = Cgroup::new("l7bench")?;
+    let server_cg = Cgroup::new("l7bench-srv")?;
+    let direct_cg = Cgroup::new("l7bench-direct")?;
+    let client_agent =
+        start_agent(&lab, "client", &workload, &control, "shop/frontend", &dir.path().join("client.token"))?;
+    let server_agent =
+        start_agent(&lab, "server", &server_cg, &control, "shop/api", &dir.path().join("server.token"))?;
+
+    let probe = PathBuf::from(std::env::var_os("MESH_MESH_PROBE_BIN").context("probe path")?);
+    let load = |host: &str, cg: &Cgroup, http2: bool, rps: u32, duration: Duration| -> Result<Value> {
+        let target = match (host, http2) {
+            ("direct", false) => lab.host("server").v4_addr(HTTP).to_string(),
+            ("direct", true) => lab.host("server").v4_addr(H2).to_string(),
+            (_, false) => format!("{VIP}:80"),
+            (_, true) => format!("{VIP}:81"),
+        };
+        let target = target.as_str();
+        let mut cmd = lab.host(host).command(&probe, Some(cg.absolute()))?;
+        cmd.args(["--connect", target, "--timeout", "60s", "load", "--rps", &rps.to_string()])
+            .args(["--duration", &format!("{}ms", duration.as_millis())])
+            .args(["--connections", &if http2 { 2 } else { opts.connections }.to_string()]);
+        if http2 {
+            cmd.arg("--http2");
+        }
+        let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+        ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+
+    println!("[3/3] measuring {:?} per point, direct then mesh", opts.duration);
+    let mut points = Vec::new();
+    for (protocol, http2) in [("HTTP/1.1", false), ("HTTP/2", true)] {
+        // Warm-up: connections, pools, tunnel, page cache.
+        load("direct", &direct_cg, http2, 0, Duration::from_secs(1))?;
+        load("client", &workload, http2, 0, Duration::from_secs(1))?;
+        for rps in [1_000, 10_000, 0] {
+            let direct = load("direct", &direct_cg, http2, rps, opts.duration)?;
+            let mesh = load("client", &workload, http2, rps, opts.duration)?;
+            let label = if rps == 0 { "max".to_owned() } else { format!("{}k rps", rps / 1000) };
+            println!(
+                "      {protocol:<8} {label:<7} direct {:>7.0} req/s p50 {:>6.0} us p99 {:>7.0} us errors {} | mesh {:>7.0} req/s p50 {:>6.0} us p99 {:>7.0} us errors {}",
+                f(&direct, "rps"),
+                f(&direct, "p50_us"),
+                f(&direct, "p99_us"),
+                direct["errors"],
+                f(&mesh, "rps"),
+                f(&mesh, "p50_us"),
+                f(&mesh, "p99_us"),
+                mesh["errors"],
+            );
+            points.push(Point { protocol, load: label, direct, mesh });
+        }
+    }
+    client_agent.terminate()?;
+    server_agent.terminate()?;
+    control.terminate()?;
+
+    let report = render(&points, opts);
+    println!("\n{report}");
+    let out = root.join("bench-results");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("l7.md"), &report)?;
+    std::fs::write(out.join("l7.json"), serde_json::to_string_pretty(&points)?)?;
+    println!("wrote bench-results/l7.md and bench-results/l7.json");
+    Ok(())
+}
+
+/// nginx answering every request with a 6-byte body: one worker, no access log.
+fn nginx(host: &mesh_tests::Host, dir: &Path) -> Result<KillOnDrop> {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {pid};\nerror_log stderr warn;\nevents {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {tmp};\n  \
+             server {{ listen {HTTP}; listen {H2} http2; location / {{ return 200 \"bench\\n\"; }} }}\n}}\n",
+            pid = dir.join("nginx.pid").display(),
+            tmp = dir.display(),
+        ),
+    )?;
+    let child = host
+        .command("nginx", None)?
+        .args(["-c", &conf.display().to_string(), "-e", "stderr"])
+        .spawn()
+        .context("starting nginx")?;
+    let guard = KillOnDrop(child);
+    let addr = host.v4_addr(HTTP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while host.run_in(move || std::net::TcpStream::connect(addr).is_err())? {
+        ensure!(std::time::Instant::now() < deadline, "nginx did not listen on {addr} within 10s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(guard)
+}
+
+/// A child process killed when the benchmark ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or_default()
+}
+
+fn render(points: &[Point], opts: &Options) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# L7 benchmark: through the mesh (client agent -> mTLS tunnel -> server agent) vs direct\n"
+    );
+    let _ = writeln!(
+        s,
+        "`cargo xtask bench l7 --duration {}s --connections {}` on {} ({} CPUs). Both agents in eBPF mode, one worker thread each, log level info, access log off; the load generator (`mesh-probe load`), agents and server share the machine. Fixed rates are open loop: latency counts from each request's due time.\n",
+        opts.duration.as_secs(),
+        opts.connections,
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    let _ = writeln!(
+        s,
+        "| protocol | load | direct req/s | mesh req/s | ratio | direct p50 | mesh p50 | direct p99 | mesh p99 | p99 added | errors (direct/mesh) |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for p in points {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.0} | {:.2}x | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.2} ms | {}/{} |",
+            p.protocol,
+            p.load,
+            f(&p.direct, "rps"),
+            f(&p.mesh, "rps"),
+            f(&p.mesh, "rps") / f(&p.direct, "rps").max(1e-9),
+            f(&p.direct, "p50_us"),
+            f(&p.mesh, "p50_us"),
+            f(&p.direct, "p99_us"),
+            f(&p.mesh, "p99_us"),
+            (f(&p.mesh, "p99_us") - f(&p.direct, "p99_us")) / 1000.0,
+            p.direct["errors"],
+            p.mesh["errors"],
+        );
+    }
+    s
+}

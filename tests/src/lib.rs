@@ -14,6 +14,7 @@ pub mod privilege;
 pub mod process;
 pub mod servers;
 pub mod wait;
+pub mod websocket;
 
 pub use agent::{Agent, AgentOptions};
 pub use cgroup::Cgroup;

@@ -15,6 +15,7 @@ pub mod privilege;
 pub mod process;
 pub mod servers;
 pub mod wait;
+pub mod websocket;
 
 pub use agent::{Agent, AgentOptions};
 pub use cgroup::Cgroup;

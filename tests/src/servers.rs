@@ -6,6 +6,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use anyhow::Result;
@@ -32,6 +33,8 @@ pub struct Seen {
     pub error: Option<String>,
     /// For HTTP servers: "HTTP/1.1 GET /path".
     pub request: Option<String>,
+    /// When it was recorded (HTTP servers: when the request arrived).
+    pub at: Option<std::time::Instant>,
 }
 
 /// A running server; stops when dropped.
@@ -250,6 +253,121 @@ pub fn https(host: &Host, port: u16, name: &str) -> Result<Server> {
                 let svc = service_fn(move |req| http_reply(name.clone(), req, peer, seen.clone()));
                 let _ =
                     hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            })
+        }),
+    )
+}
+
+async fn echo_headers_reply(
+    name: Arc<str>,
+    status: u16,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let line = format!("{:?} {} {}", req.version(), req.method(), req.uri().path());
+    record(
+        &seen,
+        Seen {
+            peer: Some(peer),
+            request: Some(line.clone()),
+            at: Some(Instant::now()),
+            ..Default::default()
+        },
+    );
+    let mut body = format!("server={name} {line}\n");
+    for (k, v) in req.headers() {
+        body.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+    Ok(resp)
+}
+
+/// HTTP/1.1 and HTTP/2 server answering every request with `status` and a body of
+/// `server=<name> <version> <method> <path>` followed by one `name: value` line per
+/// request header it received (so tests see what the mesh added or changed).
+pub fn http_echo_headers(host: &Host, port: u16, name: &str, status: u16) -> Result<Server> {
+    let name: Arc<str> = name.into();
+    spawn(
+        host,
+        port,
+        Arc::new(move |stream, peer, seen| {
+            let name = name.clone();
+            Box::pin(async move {
+                let svc =
+                    service_fn(move |req| echo_headers_reply(name.clone(), status, req, peer, seen.clone()));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            })
+        }),
+    )
+}
+
+/// A WebSocket echo server written by hand over TCP: answers the HTTP/1.1 Upgrade
+/// with 101 and the RFC 6455 accept key, then echoes every text frame (unmasked, as
+/// a server sends) until a close frame, which it answers. Records the request line.
+pub fn websocket_echo(host: &Host, port: u16) -> Result<Server> {
+    use crate::websocket;
+    spawn(
+        host,
+        port,
+        Arc::new(|mut stream, peer, seen| {
+            Box::pin(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                buf.drain(..head_end);
+                let request = head.lines().next().unwrap_or_default().to_owned();
+                record(
+                    &seen,
+                    Seen {
+                        peer: Some(peer),
+                        request: Some(request),
+                        at: Some(Instant::now()),
+                        ..Default::default()
+                    },
+                );
+                let key = head.lines().find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.trim().eq_ignore_ascii_case("sec-websocket-key").then(|| v.trim().to_owned())
+                });
+                let Some(key) = key else {
+                    let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
+                    return;
+                };
+                let reply = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Accept: {}\r\n\r\n",
+                    websocket::accept_key(&key)
+                );
+                if stream.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+                loop {
+                    while let Some((opcode, payload, used)) = websocket::decode(&buf) {
+                        buf.drain(..used);
+                        let _ = stream.write_all(&websocket::encode(opcode, &payload, None)).await;
+                        if opcode == websocket::CLOSE {
+                            let _ = stream.shutdown().await;
+                            return;
+                        }
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
             })
         }),
     )

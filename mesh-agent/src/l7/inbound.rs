@@ -173,6 +173,9 @@ impl Inbound {
             .headers_mut()
             .remove(CLIENT_ADDR_HEADER)
             .and_then(|v| v.to_str().ok()?.parse::<std::net::IpAddr>().ok())
+            // Loopback is the eBPF redirect the sending agent saw, not the client: the
+            // tunnel's peer (the client's node) says more.
+            .filter(|ip| !ip.to_canonical().is_loopback())
             .map_or(self.peer_addr, |ip| SocketAddr::new(ip, 0));
         let host = req
             .uri()

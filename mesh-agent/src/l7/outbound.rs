@@ -263,9 +263,13 @@ impl Outbound {
             };
             let endpoint = guard.addr();
             let dial = dial_for(state, endpoint);
-            let Some(req) = body.request(parts, request_bytes) else {
+            let Some(mut req) = body.request(parts, request_bytes) else {
                 return Err(Failed::Upstream("request body already sent".into()));
             };
+            if matches!(dial, Dial::Plain) {
+                // Only a receiving agent reads (and removes) it; an app must not see it.
+                req.headers_mut().remove(CLIENT_ADDR_HEADER);
+            }
             let send = self.ctx.upstreams.send(endpoint, &dial, self.version, connect_timeout, req);
             let sent = match state.policy.retry.per_try_timeout {
                 Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| limit),

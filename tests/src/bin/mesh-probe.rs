@@ -75,6 +75,27 @@ enum Cmd {
         #[arg(long, default_value = "/")]
         path: String,
     },
+    /// `count` GET requests to `path` over ONE connection (HTTP/1.1 keep-alive, or
+    /// HTTP/2 with prior knowledge): each reply's status, `x-mesh-endpoint` and the
+    /// `server=<name>` its body starts with.
+    Http {
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long)]
+        http2: bool,
+    },
+    /// WebSocket client by hand: HTTP/1.1 Upgrade to `path`, check the accept key,
+    /// send `count` masked text frames and read each echo, then close.
+    Websocket {
+        #[arg(long, default_value = "/ws")]
+        path: String,
+        #[arg(long, default_value = "hello")]
+        message: String,
+        #[arg(long, default_value_t = 3)]
+        count: usize,
+    },
 }
 
 fn humantime_lite(s: &str) -> Result<Duration, String> {
@@ -220,7 +241,126 @@ fn main() -> Result<()> {
                 "first_byte_p99_us": percentile(&rtt_times, 0.99),
             })
         }
+        Cmd::Http { path, count, http2 } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(http_requests(&cli, path, *count, *http2))?
+        }
+        Cmd::Websocket { path, message, count } => websocket(&cli, path, message, *count)?,
     };
     println!("{out}");
     Ok(())
+}
+
+fn websocket(cli: &Cli, path: &str, message: &str, count: usize) -> Result<serde_json::Value> {
+    use mesh_tests::websocket as ws;
+    let mut s = connect(cli)?;
+    let key = ws::base64(&pseudo_random(16, std::process::id().into()));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        cli.connect
+    )?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).context("reading the handshake response")?;
+        if n == 0 {
+            bail!("connection closed during the handshake: {:?}", String::from_utf8_lossy(&buf));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    buf.drain(..head_end);
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default().to_owned();
+    let headers: serde_json::Map<String, serde_json::Value> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), json!(v.trim())))
+        .collect();
+    let accept_ok =
+        headers.get("sec-websocket-accept").and_then(|v| v.as_str()) == Some(&ws::accept_key(&key));
+    let mut echoed = Vec::new();
+    let mut read_frame = |s: &mut TcpStream, buf: &mut Vec<u8>| -> Result<(u8, Vec<u8>)> {
+        loop {
+            if let Some((op, payload, used)) = ws::decode(buf) {
+                buf.drain(..used);
+                return Ok((op, payload));
+            }
+            let n = s.read(&mut chunk).context("reading a frame")?;
+            if n == 0 {
+                bail!("connection closed while reading a frame");
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    if status.contains(" 101 ") {
+        for i in 0..count {
+            let text = format!("{message} {i}");
+            s.write_all(&ws::encode(ws::TEXT, text.as_bytes(), Some([0x12, 0x34, 0x56, i as u8])))?;
+            let (op, payload) = read_frame(&mut s, &mut buf)?;
+            echoed.push(json!({"opcode": op, "text": String::from_utf8_lossy(&payload)}));
+        }
+        s.write_all(&ws::encode(ws::CLOSE, &[0x03, 0xe8], Some([9, 8, 7, 6])))?;
+        let (op, _) = read_frame(&mut s, &mut buf)?;
+        echoed.push(json!({"opcode": op}));
+    }
+    Ok(json!({"status": status, "headers": headers, "accept_ok": accept_ok, "frames": echoed}))
+}
+
+async fn http_requests(cli: &Cli, path: &str, count: usize, http2: bool) -> Result<serde_json::Value> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let stream = tokio::time::timeout(cli.timeout, tokio::net::TcpStream::connect(cli.connect))
+        .await
+        .context("connect timed out")??;
+    stream.set_nodelay(true)?;
+    let io = TokioIo::new(stream);
+    enum Sender {
+        H1(hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>),
+        H2(hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>),
+    }
+    let mut sender = if http2 {
+        let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        Sender::H2(s)
+    } else {
+        let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        Sender::H1(s)
+    };
+    let mut replies = Vec::with_capacity(count);
+    for i in 0..count {
+        let req = hyper::Request::get(format!("http://{}{path}?i={i}", cli.connect))
+            .header("host", cli.connect.to_string())
+            .body(Empty::new())?;
+        let send = async {
+            match &mut sender {
+                Sender::H1(s) => {
+                    s.ready().await?;
+                    s.send_request(req).await
+                }
+                Sender::H2(s) => s.send_request(req).await,
+            }
+        };
+        let resp = tokio::time::timeout(cli.timeout, send).await.context("request timed out")??;
+        let status = resp.status().as_u16();
+        let endpoint = resp
+            .headers()
+            .get("x-mesh-endpoint")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = tokio::time::timeout(cli.timeout, resp.into_body().collect())
+            .await
+            .context("body timed out")??;
+        let body = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+        let server =
+            body.strip_prefix("server=").and_then(|r| r.split_whitespace().next()).map(str::to_owned);
+        replies.push(json!({"status": status, "endpoint": endpoint, "server": server}));
+    }
+    Ok(json!({"replies": replies}))
 }

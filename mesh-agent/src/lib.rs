@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod authz;
 pub mod balance;
 pub mod cgroup;
 pub mod cidr;

@@ -21,13 +21,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    authz::decide,
     discovery::{RouteStore, table::EndpointTarget},
     identity::{IdentityError, SpiffeId},
     intercept::ActiveMode,
-    l7::{
-        inbound::HttpRule,
-        pool::{UpstreamPool, Version},
-    },
+    l7::pool::{UpstreamPool, Version},
     listener::{Direction, ProxyContext},
     observe::{access_log::AccessLog, labels::MeshName},
     sniff::{self, OpaqueReason, Protocol},
@@ -213,7 +211,7 @@ pub fn serve_inbound(
                         info.peer_addr,
                         info.target,
                         MeshName::known(&decision.service),
-                        decision.rules,
+                        crate::l7::inbound::Policy::new(routes.clone(), node.clone(), decision),
                         version,
                         upstreams,
                         connect_timeout,
@@ -261,44 +259,6 @@ pub fn serve_inbound(
     });
     let server = TunnelServer::new(tls, authorize, connect).with_on_close(on_close).with_relay(relay);
     tokio::spawn(server.serve(listener, shutdown))
-}
-
-/// What the destination service's rules say about one peer and target.
-#[derive(Debug)]
-struct Decision {
-    service: Arc<str>,
-    /// A rule without methods or paths admits the peer: raw TCP is allowed.
-    tcp_allowed: bool,
-    /// Some rule names the peer (or none restricts principals): its HTTP requests
-    /// are checked one by one.
-    http_possible: bool,
-    /// The service's rules (empty: allow all).
-    rules: Vec<HttpRule>,
-}
-
-/// The receiving side's view of one CONNECT: the target must be a workload of this
-/// node; the service's authorization rules say what the peer may do.
-fn decide(routes: &RouteStore, node: &str, peer: &SpiffeId, target: SocketAddr) -> Result<Decision, String> {
-    let table = routes.table();
-    for route in table.routes() {
-        let Some(ep) = route.endpoints.iter().find(|e| e.addr == target) else { continue };
-        if ep.node != node {
-            continue;
-        }
-        let rules: Vec<HttpRule> = route
-            .policy
-            .as_ref()
-            .map(|p| p.authorization.iter().map(HttpRule::from_api).collect())
-            .unwrap_or_default();
-        let peer_s = peer.to_string();
-        let names =
-            |r: &HttpRule| r.principals.is_empty() || r.principals.iter().any(|p| p == "*" || *p == peer_s);
-        let tcp_allowed = rules.is_empty()
-            || rules.iter().any(|r| r.methods.is_empty() && r.path_prefixes.is_empty() && names(r));
-        let http_possible = rules.is_empty() || rules.iter().any(names);
-        return Ok(Decision { service: route.service.clone(), tcp_allowed, http_possible, rules });
-    }
-    Err(format!("{target} is not a workload on node {node}"))
 }
 
 /// A stream that counts the bytes hyper reads and writes through it.

@@ -94,7 +94,7 @@ fn request(spec: &LoadSpec) -> Request<Empty<Bytes>> {
 
 /// One request; `Some(time to full response)` or `None` on any failure or non-2xx.
 async fn one(sender: &Sender, spec: &LoadSpec) -> bool {
-    let resp = match sender {
+    match sender {
         Sender::H1(s) => {
             // One request at a time on an HTTP/1.1 connection: the lock is the queue.
             let mut s = s.lock().await;
@@ -110,8 +110,7 @@ async fn one(sender: &Sender, spec: &LoadSpec) -> bool {
             Ok(r) => r.status().is_success() && r.into_body().collect().await.is_ok(),
             Err(_) => false,
         },
-    };
-    resp
+    }
 }
 
 /// Runs the load and reports.

@@ -151,7 +151,7 @@ impl Mesh {
             .host("client")
             .command("curl", Some(self.workload.absolute()))
             .unwrap()
-            .args(["-sS", "--max-time", "5", &format!("http://{VIP}{path}")])
+            .args(["-fsS", "--max-time", "5", &format!("http://{VIP}{path}")])
             .output()
             .unwrap();
         if out.status.success() {
@@ -232,21 +232,23 @@ fn meshed_call_carries_identity_over_mtls_and_policy_is_enforced(mode: &str) {
     let wire = cap.join().expect("capture");
     assert!(body.starts_with("server=api HTTP/1.1 GET /plaintext-marker-7f3a9c"), "{body}");
 
-    // The client agent sent it through the tunnel as frontend, to the api identity.
-    let out = m.client_agent.wait_log("outbound tunneled record", |v| {
-        message(v) == "connection closed" && v["tunnel"] == "10.77.0.3:15008"
+    // The client agent proxied the request through the tunnel as frontend, to the api
+    // identity (an HTTP access record: the L7 proxy handles HTTP per request).
+    let out = m.client_agent.wait_log("outbound access record", |v| {
+        v["kind"] == "http" && v["direction"] == "outbound" && v["path"] == marker
     });
     assert_eq!(out["source_identity"], FRONTEND);
     assert_eq!(out["destination_identity"], "spiffe://cluster.local/ns/shop/sa/api");
-    assert_eq!(out["service"], "shop/api");
+    assert_eq!(out["destination_service"], "shop/api");
     assert_eq!(out["protocol"], "http1");
+    assert_eq!(out["response_code"], 200);
     // The server agent saw the caller's proven identity.
-    let inbound = m.server_agent.wait_log("inbound tunnel record", |v| {
-        message(v) == "connection closed" && v["direction"] == "inbound"
+    let inbound = m.server_agent.wait_log("inbound access record", |v| {
+        v["kind"] == "http" && v["direction"] == "inbound" && v["path"] == marker
     });
-    assert_eq!(inbound["peer_identity"], FRONTEND);
-    assert_eq!(inbound["status"], 200);
-    assert_eq!(inbound["orig_dst"], "10.77.0.3:8080");
+    assert_eq!(inbound["source_identity"], FRONTEND);
+    assert_eq!(inbound["response_code"], 200);
+    assert_eq!(inbound["destination_endpoint"], "10.77.0.3:8080");
 
     // On the wire between the hosts: TLS to the tunnel port, and no plaintext.
     assert!(
@@ -264,10 +266,12 @@ fn meshed_call_carries_identity_over_mtls_and_policy_is_enforced(mode: &str) {
     )
     .unwrap();
     eventually(Duration::from_secs(5), "frontend denied after the policy change", || m.curl("/again").err());
-    let denied = m.server_agent.wait_log("denial", |v| message(v) == "denied by authorization policy");
-    assert_eq!(denied["peer"], FRONTEND);
+    // The pooled tunnel stream admitted under the old policy is re-checked per request.
+    let denied =
+        m.server_agent.wait_log("denial", |v| message(v) == "request denied by authorization policy");
+    assert_eq!(denied["peer_identity"], FRONTEND);
     m.client_agent.wait_log("client side refusal", |v| {
-        message(v) == "connection closed" && v["error"].as_str().is_some_and(|e| e.contains("403"))
+        v["kind"] == "http" && v["direction"] == "outbound" && v["response_code"] == 403
     });
 }
 

@@ -1,5 +1,6 @@
 //! System packages the tests, demo and benchmarks run (iptables, iproute2, curl,
-//! bpftool, wrk, iperf3, openssl), installed with apt when missing, idempotently.
+//! bpftool, wrk, iperf3, h2load, nginx, openssl, python3-venv), installed with apt when
+//! missing, idempotently.
 
 use std::process::{Command, Stdio};
 
@@ -18,7 +19,19 @@ const TOOLS: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     // The CA tests read issued certificates with the openssl CLI.
     ("openssl", "openssl"),
+    // The gRPC e2e test runs a real grpcio client and server from a venv.
+    ("python3", "python3-venv"),
 ];
+
+/// Whether `python3 -m venv` works (Debian ships it separately from python3).
+fn has_venv() -> bool {
+    Command::new("python3")
+        .args(["-c", "import ensurepip, venv"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
 
 fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
@@ -28,7 +41,11 @@ fn on_path(tool: &str) -> bool {
 
 /// Installs the packages whose tools are missing.
 pub fn system_packages() -> Result<()> {
-    let mut missing: Vec<&str> = TOOLS.iter().filter(|(t, _)| !on_path(t)).map(|(_, p)| *p).collect();
+    let mut missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(t, _)| !on_path(t) || (*t == "python3" && !has_venv()))
+        .map(|(_, p)| *p)
+        .collect();
     missing.dedup();
     if missing.is_empty() {
         println!("      system packages present");

@@ -5,8 +5,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -19,6 +19,8 @@ use super::body::{BodyEnd, Observed, grpc_status};
 use super::headers::{add_forwarded, is_upgrade, strip_hop_by_hop};
 use super::outbound::{CLIENT_ADDR_HEADER, error_response, is_grpc};
 use super::pool::{Body, Dial, UpstreamPool, Version};
+use crate::authz::{Decision, allowed, decide};
+use crate::discovery::RouteStore;
 use crate::identity::SpiffeId;
 use crate::intercept::ActiveMode;
 use crate::listener::Direction;
@@ -27,35 +29,35 @@ use crate::observe::labels::MeshName;
 use crate::observe::metrics::{RequestLabels, RequestMetrics, RequestOutcome};
 use crate::observe::trace::TraceContext;
 
-/// One allow rule of the destination service, as the proxy checks it per request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HttpRule {
-    pub principals: Vec<String>,
-    pub methods: Vec<String>,
-    pub path_prefixes: Vec<String>,
+/// The destination's authorization rules as of the route table in force: a policy
+/// change reaches streams that were admitted before it, at their next request.
+pub struct Policy {
+    routes: Arc<RouteStore>,
+    node: String,
+    /// Table version and the decision made for it.
+    current: Mutex<(u64, Arc<Result<Decision, String>>)>,
 }
 
-impl HttpRule {
-    pub fn from_api(r: &mesh_api::AuthorizationRule) -> Self {
-        HttpRule {
-            principals: r.principals.clone(),
-            methods: r.methods.clone(),
-            path_prefixes: r.path_prefixes.clone(),
+impl Policy {
+    /// Starts from the decision that admitted the stream.
+    pub fn new(routes: Arc<RouteStore>, node: String, admitted: Decision) -> Self {
+        let version = routes.table().version;
+        Policy { routes, node, current: Mutex::new((version, Arc::new(Ok(admitted)))) }
+    }
+
+    /// The decision for `peer` and `target` under the current table.
+    fn current(&self, peer: &SpiffeId, target: SocketAddr) -> Arc<Result<Decision, String>> {
+        let table = self.routes.table();
+        {
+            let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            if current.0 == table.version {
+                return current.1.clone();
+            }
         }
+        let decision = Arc::new(decide(&self.routes, &self.node, peer, target));
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = (table.version, decision.clone());
+        decision
     }
-
-    /// Whether the rule allows `peer` to send `method` to `path`.
-    pub fn allows(&self, peer: &str, method: &str, path: &str) -> bool {
-        (self.principals.is_empty() || self.principals.iter().any(|p| p == "*" || p == peer))
-            && (self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
-            && (self.path_prefixes.is_empty()
-                || self.path_prefixes.iter().any(|p| path.starts_with(p.as_str())))
-    }
-}
-
-/// Whether any rule allows the request; no rules allow everything.
-pub fn allowed(rules: &[HttpRule], peer: &str, method: &str, path: &str) -> bool {
-    rules.is_empty() || rules.iter().any(|r| r.allows(peer, method, path))
 }
 
 /// One tunnel stream's HTTP requests to one local workload.
@@ -64,7 +66,7 @@ pub struct Inbound {
     pub peer_addr: SocketAddr,
     pub target: SocketAddr,
     pub service: MeshName,
-    pub rules: Vec<HttpRule>,
+    pub policy: Policy,
     pub version: Version,
     pub upstreams: Arc<UpstreamPool>,
     pub connect_timeout: Duration,
@@ -81,7 +83,7 @@ impl Inbound {
         peer_addr: SocketAddr,
         target: SocketAddr,
         service: MeshName,
-        rules: Vec<HttpRule>,
+        policy: Policy,
         version: Version,
         upstreams: Arc<UpstreamPool>,
         connect_timeout: Duration,
@@ -100,7 +102,7 @@ impl Inbound {
             peer_addr,
             target,
             service,
-            rules,
+            policy,
             version,
             upstreams,
             connect_timeout,
@@ -156,7 +158,12 @@ impl Inbound {
             Box::new(r)
         });
 
-        if !allowed(&self.rules, &self.peer_str, req.method().as_str(), req.uri().path()) {
+        let decision = self.policy.current(&self.peer_id, self.target);
+        let verdict = match &*decision {
+            Ok(d) => allowed(&d.rules, &self.peer_str, req.method().as_str(), req.uri().path()),
+            Err(_) => false,
+        };
+        if !verdict {
             warn!(target: "mesh_agent::conn", peer_identity = %self.peer_id, service = %self.service,
                 method = %req.method(), path = req.uri().path(), "request denied by authorization policy");
             if let Some(r) = record.as_mut() {
@@ -256,24 +263,5 @@ impl Inbound {
             record.bytes_received = received;
             log.log(*record);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rules_check_principal_method_and_path_together() {
-        let rules = vec![HttpRule {
-            principals: vec!["spiffe://td/ns/a/sa/web".into()],
-            methods: vec!["GET".into()],
-            path_prefixes: vec!["/api/".into()],
-        }];
-        assert!(allowed(&rules, "spiffe://td/ns/a/sa/web", "get", "/api/items"));
-        assert!(!allowed(&rules, "spiffe://td/ns/a/sa/web", "POST", "/api/items"));
-        assert!(!allowed(&rules, "spiffe://td/ns/a/sa/web", "GET", "/admin"));
-        assert!(!allowed(&rules, "spiffe://td/ns/a/sa/other", "GET", "/api/items"));
-        assert!(allowed(&[], "anyone", "DELETE", "/"));
     }
 }

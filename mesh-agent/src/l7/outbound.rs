@@ -209,6 +209,9 @@ impl Outbound {
                 if let Some(r) = record.as_mut() {
                     r.response_code = Some(status.as_u16());
                     r.destination_endpoint = Some(guard.addr());
+                    if let Dial::Meshed { identity, .. } = dial_for(&state, guard.addr()) {
+                        r.destination_identity = Some(MeshName::known(&identity.to_string()));
+                    }
                 }
                 if let Ok(v) = HeaderValue::from_str(&guard.addr().to_string()) {
                     resp.headers_mut().insert(ENDPOINT_HEADER, v);

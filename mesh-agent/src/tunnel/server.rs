@@ -161,6 +161,9 @@ impl TunnelServer {
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
+                        // Small TLS records (request heads, window updates) must not
+                        // wait for the peer's delayed ACK.
+                        let _ = tcp.set_nodelay(true);
                         connections.spawn(server.clone().serve_connection(tcp, peer, shutdown.clone()));
                     }
                     Err(e) => {

@@ -76,8 +76,9 @@ enum Bench {
         /// Duration of each load point.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
-        /// HTTP/1.1 connections of the load generator (HTTP/2 uses 2, multiplexed).
-        #[arg(long, default_value_t = 16)]
+        /// Requests in flight at the maximum rate: HTTP/1.1 connections, or HTTP/2
+        /// streams (16 per connection).
+        #[arg(long, default_value_t = 64)]
         connections: u32,
     },
 }

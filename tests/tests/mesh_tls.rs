@@ -327,6 +327,146 @@ fn traffic_crosses_certificate_rotations_without_failures(mode: &str) {
     assert!(status.success(), "the long-lived connection survived every rotation: {status}");
 }
 
+/// A client certificate for `uri` valid from `from` to `until`, signed by `issuer`;
+/// returns the chain (leaf first) and the key.
+fn leaf(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    uri: &str,
+    (from, until): (i32, i32),
+) -> (Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+    params.extended_key_usages =
+        vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth, rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = rcgen::date_time_ymd(from, 1, 1);
+    params.not_after = rcgen::date_time_ymd(until, 1, 1);
+    let cert = params.signed_by(&key, issuer).unwrap();
+    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    (vec![cert.der().clone()], der)
+}
+
+/// Accepts any server: these tests are about what the *server* agent refuses.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects from `host` to the tunnel port presenting `chain`, sends the HTTP/2
+/// preface and reads: `Ok(n)` bytes of the server's answer, or the error (a TLS
+/// alert) that ended the connection.
+fn present(
+    host: &Host,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> Result<usize, String> {
+    use std::io::{Read, Write};
+    host.run_in(move || {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from("agent").unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let tcp = std::net::TcpStream::connect("10.77.0.3:15008").map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 64];
+        match tls.read(&mut buf) {
+            Ok(0) => Err("closed without answering".to_owned()),
+            Ok(n) => Ok(n),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .unwrap()
+}
+
+/// The server agent's tunnel port refuses, at the TLS layer, clients whose
+/// certificate comes from another CA, names another trust domain, or has expired;
+/// the same client with a valid certificate of the mesh's CA is answered.
+#[test]
+fn certificates_of_another_ca_trust_domain_or_expired_are_refused() {
+    if !require_root("certificates_of_another_ca_trust_domain_or_expired_are_refused") {
+        return;
+    }
+    let m = Mesh::new("ebpf");
+    let ca = m.dir.path().join("ca");
+    let ca_cert = std::fs::read_to_string(ca.join("ca.pem")).unwrap();
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.join("ca-key.pem")).unwrap()).unwrap();
+    let mesh_ca = rcgen::Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
+    let mut other = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other_ca = rcgen::Issuer::new(other, rcgen::KeyPair::generate().unwrap());
+    let client = m.lab.host("client");
+    // The current year, near enough for validity windows of whole years.
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = 1970 + (secs / 31_556_952) as i32;
+
+    let (chain, key) = leaf(&mesh_ca, FRONTEND, (now - 1, now + 2));
+    let answered = present(client, chain, key);
+    assert!(answered.is_ok(), "a valid mesh certificate must be answered: {answered:?}");
+
+    let cases = [
+        ("another CA", leaf(&other_ca, FRONTEND, (now - 1, now + 2))),
+        (
+            "another trust domain",
+            leaf(&mesh_ca, "spiffe://evil.example/ns/shop/sa/frontend", (now - 1, now + 2)),
+        ),
+        ("an expired certificate", leaf(&mesh_ca, FRONTEND, (now - 3, now - 1))),
+    ];
+    for (what, (chain, key)) in cases {
+        let refused = present(client, chain, key);
+        assert!(refused.is_err(), "{what} was answered: {refused:?}");
+        let e = refused.unwrap_err();
+        assert!(
+            e.contains("alert") || e.contains("reset") || e.contains("closed"),
+            "{what}: expected a TLS refusal, got {e}"
+        );
+    }
+    // The agent logged why (no silent drops).
+    eventually(Duration::from_secs(5), "refusals logged", || {
+        let n =
+            m.server_agent.find_all(|v| v["error"].as_str().is_some_and(|e| e.contains("ertificate"))).len();
+        (n >= 3).then_some(())
+    });
+}
+
 macro_rules! both_modes {
     ($($name:ident),* $(,)?) => {
         mod ebpf {

@@ -76,7 +76,7 @@ pub async fn run(
     let result = (|| {
         let id = SpiffeId::new(&trust_domain, &namespace, &service_account).map_err(|e| e.to_string())?;
         let bundle = TrustBundle::from_pem(&trust_domain, &roots).map_err(|e| e.to_string())?;
-        let manager = CertManager::new(Arc::new(signer), bundle, Arc::new(TokioClock::new()), renewal)
+        let manager = CertManager::new(Arc::new(signer.clone()), bundle, Arc::new(TokioClock::new()), renewal)
             .map_err(|e| e.to_string())?;
         let workload = manager.identity(&id).map_err(|e| e.to_string())?;
         Ok::<_, String>((manager, workload))
@@ -94,5 +94,43 @@ pub async fn run(
     };
     let expires_in = cert.not_after().duration_since(SystemTime::now()).unwrap_or_default();
     info!(identity = %workload.id(), expires_in_s = expires_in.as_secs(), "workload certificate issued");
+    let bundle = manager.trust_bundle().clone();
     let _ = slot.set(AgentIdentity { manager, workload });
+    refresh_trust_bundle(&signer, &bundle, &trust_domain, roots, shutdown).await;
+}
+
+/// How often the agent asks the CA for its roots between renewals, so a new root
+/// (CA rotation) is trusted by every agent before any certificate is signed by it.
+pub const TRUST_BUNDLE_REFRESH: Duration = Duration::from_secs(60);
+
+/// Polls the CA's trust bundle until `shutdown`; a changed bundle replaces the
+/// current one in place (new handshakes use it; established connections are kept).
+async fn refresh_trust_bundle(
+    signer: &GrpcSigner,
+    bundle: &TrustBundle,
+    trust_domain: &str,
+    mut current: Vec<String>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(TRUST_BUNDLE_REFRESH) => {}
+        }
+        match signer.trust_bundle().await {
+            Ok((domain, roots)) if domain != trust_domain => {
+                warn!(expected = trust_domain, got = %domain, "CA reports another trust domain; bundle not changed");
+                drop(roots);
+            }
+            Ok((_, roots)) if roots != current => match bundle.replace_pem(&roots) {
+                Ok(()) => {
+                    info!(roots = roots.len(), "trust bundle updated");
+                    current = roots;
+                }
+                Err(e) => warn!(error = %e, "CA sent a trust bundle that cannot be used; keeping the current one"),
+            },
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "trust bundle refresh failed; keeping the current one"),
+        }
+    }
 }

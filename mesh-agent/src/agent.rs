@@ -85,6 +85,9 @@ pub struct ConfigDump {
     pub certificates: Vec<crate::workload_identity::CertificateDump>,
     /// Service ports of the applied snapshot with their endpoints and health.
     pub routes: Vec<Arc<crate::discovery::table::Route>>,
+    /// What this agent learned from traffic: per service port, the balancer and each
+    /// endpoint's load, ejection and circuit-breaker state.
+    pub balancing: Vec<crate::balance::service::BalancingDump>,
 }
 
 /// The discovery client's state, in `/stats` and `/config_dump`.
@@ -202,6 +205,7 @@ impl AgentState {
             discovery: self.discovery_status(),
             certificates: crate::workload_identity::dump(&self.proxy.identity),
             routes: self.proxy.routes.table().routes().to_vec(),
+            balancing: self.proxy.services.dump(),
         }
     }
 
@@ -301,6 +305,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         services: Default::default(),
         upstreams: upstreams.clone(),
         access_log: access_log.clone(),
+        locality: {
+            let l = crate::balance::Locality::new(args.region.clone(), args.zone.clone());
+            l.is_known().then_some(l)
+        },
     });
     let state = Arc::new(AgentState {
         mode,
@@ -418,6 +426,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let _sweeper = upstreams.spawn_sweeper(std::time::Duration::from_secs(5), state.shutdown.clone());
+    {
+        // Breaker states as gauges, refreshed on the metrics scrape scale.
+        let (proxy, shutdown) = (proxy.clone(), state.shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = tick.tick() => proxy.services.publish_metrics(),
+                }
+            }
+        });
+    }
     state.ready.store(true, Ordering::Release);
     let enrolled: Vec<String> = state.config_dump().enrolled;
     info!(%mode, listeners = ?listening, admin = %admin_addr, enrolled = ?enrolled, "agent ready");

@@ -117,6 +117,14 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_ACCESS_LOG", default_value = "stdout")]
     pub access_log: String,
 
+    /// This node's region, for services whose balancer prefers nearby endpoints.
+    #[arg(long, env = "MESH_REGION", default_value = "")]
+    pub region: String,
+
+    /// This node's zone within `--region`.
+    #[arg(long, env = "MESH_ZONE", default_value = "")]
+    pub zone: String,
+
     /// Idle time after which a pooled upstream HTTP connection is closed.
     #[arg(long, env = "MESH_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
     pub upstream_idle_timeout: Duration,

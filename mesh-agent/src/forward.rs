@@ -131,7 +131,14 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
     let route = match &state {
         None => Target { service: None, first: orig_dst, guard: None, state: None },
         Some(state) => {
-            let Some(guard) = state.pick(None, None) else {
+            // Ring hash / Maglev on a TCP service can only key on the client address.
+            let hash_key = match state.hash_key_source() {
+                Some(crate::balance::HashKeySource::SourceAddress) => {
+                    Some(crate::balance::hash::hash_ip(peer.ip()))
+                }
+                _ => None,
+            };
+            let Some(guard) = state.pick(hash_key, ctx.locality.as_ref()) else {
                 warn!(direction = direction.as_str(), src = %peer, orig_dst = %orig_dst, service = %state.route.service,
                     endpoints = state.route.endpoints.len(), "service has no available endpoint; refusing the connection");
                 reset(&client);
@@ -297,7 +304,7 @@ async fn connect_target(ctx: &ProxyContext, target: Target) -> io::Result<Connec
                     g.report(Verdict::Failure(FailureKind::ConnectFailure));
                 }
                 let next = match &state {
-                    Some(state) if attempt < FAILOVER_ATTEMPTS => state.pick(None, None),
+                    Some(state) if attempt < FAILOVER_ATTEMPTS => state.pick(None, ctx.locality.as_ref()),
                     _ => None,
                 };
                 match next {

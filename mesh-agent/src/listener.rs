@@ -67,6 +67,8 @@ pub struct ProxyContext {
     pub upstreams: Arc<crate::l7::pool::UpstreamPool>,
     /// Request and connection records; `None` when `--access-log off`.
     pub access_log: Option<crate::observe::access_log::AccessLog>,
+    /// Where this node runs, for locality-aware balancing (`--region`, `--zone`).
+    pub locality: Option<crate::balance::Locality>,
 }
 
 impl ProxyContext {
@@ -262,6 +264,7 @@ mod tests {
                 Duration::from_secs(90),
             )),
             access_log: None,
+            locality: None,
         }
     }
 

@@ -76,8 +76,9 @@ pub async fn run(
     let result = (|| {
         let id = SpiffeId::new(&trust_domain, &namespace, &service_account).map_err(|e| e.to_string())?;
         let bundle = TrustBundle::from_pem(&trust_domain, &roots).map_err(|e| e.to_string())?;
-        let manager = CertManager::new(Arc::new(signer.clone()), bundle, Arc::new(TokioClock::new()), renewal)
-            .map_err(|e| e.to_string())?;
+        let manager =
+            CertManager::new(Arc::new(signer.clone()), bundle, Arc::new(TokioClock::new()), renewal)
+                .map_err(|e| e.to_string())?;
         let workload = manager.identity(&id).map_err(|e| e.to_string())?;
         Ok::<_, String>((manager, workload))
     })();
@@ -127,7 +128,9 @@ async fn refresh_trust_bundle(
                     info!(roots = roots.len(), "trust bundle updated");
                     current = roots;
                 }
-                Err(e) => warn!(error = %e, "CA sent a trust bundle that cannot be used; keeping the current one"),
+                Err(e) => {
+                    warn!(error = %e, "CA sent a trust bundle that cannot be used; keeping the current one")
+                }
             },
             Ok(_) => {}
             Err(e) => warn!(error = %e, "trust bundle refresh failed; keeping the current one"),

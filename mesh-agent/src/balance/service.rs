@@ -244,6 +244,82 @@ impl Services {
     }
 }
 
+/// One service port's balancing state, for `/config_dump`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BalancingDump {
+    pub service: String,
+    pub port: u16,
+    pub algorithm: String,
+    pub endpoints: Vec<EndpointDump>,
+}
+
+/// One endpoint as the balancer sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EndpointDump {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub healthy: bool,
+    pub in_flight: u64,
+    pub ejected: bool,
+    pub times_ejected: u32,
+    /// `closed`, `open` or `half-open`.
+    pub circuit: &'static str,
+    pub circuit_times_opened: u64,
+    pub circuit_rejected: u64,
+}
+
+impl Services {
+    /// Every service port's balancer and endpoint state (breaker, ejection, load),
+    /// sorted by service and port.
+    pub fn dump(&self) -> Vec<BalancingDump> {
+        let mut out: Vec<BalancingDump> = self
+            .snapshot()
+            .iter()
+            .map(|s| BalancingDump {
+                service: s.route.service.to_string(),
+                port: s.route.port,
+                algorithm: format!("{:?}", s.policy.lb.algorithm),
+                endpoints: s
+                    .endpoints()
+                    .iter()
+                    .map(|e| {
+                        let st = e.stats();
+                        EndpointDump {
+                            address: st.addr,
+                            weight: st.weight,
+                            healthy: st.healthy,
+                            in_flight: st.in_flight,
+                            ejected: st.ejected,
+                            times_ejected: st.times_ejected,
+                            circuit: st.breaker.state.as_str(),
+                            circuit_times_opened: st.breaker.times_opened,
+                            circuit_rejected: st.breaker.rejected,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.service, a.port).cmp(&(&b.service, b.port)));
+        out
+    }
+
+    /// Publishes every endpoint's circuit-breaker state as a gauge.
+    pub fn publish_metrics(&self) {
+        use crate::observe::{labels::MeshName, metrics};
+        for s in self.snapshot() {
+            let service = MeshName::known(&s.route.service);
+            for e in s.endpoints() {
+                let state = match e.breaker().state() {
+                    crate::resilience::breaker::BreakerState::Closed => metrics::BreakerState::Closed,
+                    crate::resilience::breaker::BreakerState::Open => metrics::BreakerState::Open,
+                    crate::resilience::breaker::BreakerState::HalfOpen => metrics::BreakerState::HalfOpen,
+                };
+                metrics::set_circuit_breaker_state(&service, &MeshName::known(&e.addr().to_string()), state);
+            }
+        }
+    }
+}
+
 /// An endpoint's address as its route lists it, for the meshed details (identity,
 /// agent) of a picked endpoint.
 pub fn target_of(route: &Route, addr: SocketAddr) -> Option<&crate::discovery::table::EndpointTarget> {

@@ -261,7 +261,7 @@ impl Outbound {
     ) -> Result<(Response<Incoming>, PickGuard, Outcome), Failed> {
         let mut retry = state.policy.retry.start(&state.budget);
         loop {
-            let Some(guard) = state.pick(hash_key, None) else {
+            let Some(guard) = state.pick(hash_key, self.ctx.locality.as_ref()) else {
                 return Err(Failed::NoEndpoint(state.route.endpoints.len()));
             };
             let endpoint = guard.addr();

@@ -131,6 +131,13 @@ fn snapshot(backends: &[&Backend], policy: Option<api::Policy>) -> api::Snapshot
 
 /// The agent's outbound listener with `snapshot` applied; returns its address.
 async fn agent(snapshot: &api::Snapshot) -> (SocketAddr, Arc<ProxyContext>) {
+    agent_in(snapshot, None).await
+}
+
+async fn agent_in(
+    snapshot: &api::Snapshot,
+    locality: Option<crate::balance::Locality>,
+) -> (SocketAddr, Arc<ProxyContext>) {
     static VERSION: AtomicU32 = AtomicU32::new(1);
     let routes = Arc::new(RouteStore::new(true));
     let version = VERSION.fetch_add(1, Ordering::Relaxed).into();
@@ -157,6 +164,7 @@ async fn agent(snapshot: &api::Snapshot) -> (SocketAddr, Arc<ProxyContext>) {
             Duration::from_secs(30),
         )),
         access_log: None,
+        locality,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -296,6 +304,10 @@ async fn grpc_unavailable_opens_the_circuit_of_its_endpoint() {
     assert_eq!(b.hits(), hits_when_open, "an open circuit gets no requests");
     let states: Vec<_> = ctx.services.snapshot()[0].endpoints().iter().map(|e| e.breaker().state()).collect();
     assert!(states.iter().any(|s| s.as_str() == "open"), "{states:?}");
+    // The admin dump shows it too.
+    let dump = ctx.services.dump();
+    let b_dump = dump[0].endpoints.iter().find(|e| e.address == b.addr).unwrap();
+    assert_eq!((b_dump.circuit, b_dump.circuit_times_opened), ("open", 1), "{dump:?}");
 }
 
 #[tokio::test]
@@ -398,4 +410,28 @@ async fn garbage_after_an_http_request_line_gets_400_and_the_agent_carries_on() 
     assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"), "{:?}", String::from_utf8_lossy(&out));
     let mut client = h1_client(agent).await;
     assert_eq!(get(&mut client, &[]).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn locality_aware_balancing_prefers_the_callers_zone() {
+    let (a, b, c) = (Backend::start("a").await, Backend::start("b").await, Backend::start("c").await);
+    let policy = api::Policy {
+        load_balancer: Some(api::LoadBalancer { locality_aware: true, ..Default::default() }),
+        ..Default::default()
+    };
+    let mut snap = snapshot(&[&a, &b, &c], Some(policy));
+    for (ep, zone) in snap.services[0].endpoints.iter_mut().zip(["z1", "z2", "z2"]) {
+        ep.locality = Some(api::Locality { region: "r".into(), zone: zone.into() });
+    }
+    let (agent, _ctx) = agent_in(&snap, Some(crate::balance::Locality::new("r", "z2"))).await;
+    let mut client = h1_client(agent).await;
+    for _ in 0..20 {
+        let (_, _, body) = get(&mut client, &[]).await;
+        assert_ne!(
+            body.as_ref(),
+            b"a",
+            "the other zone's endpoint is not used while the caller's zone has endpoints"
+        );
+    }
+    assert_eq!((b.hits(), c.hits()), (10, 10));
 }

@@ -273,7 +273,9 @@ impl Outbound {
                 // Only a receiving agent reads (and removes) it; an app must not see it.
                 req.headers_mut().remove(CLIENT_ADDR_HEADER);
             }
-            let send = self.ctx.upstreams.send(endpoint, &dial, self.version, connect_timeout, req);
+            let idle = state.policy.idle_timeout;
+            let send =
+                self.ctx.upstreams.send_with_idle(endpoint, &dial, self.version, connect_timeout, idle, req);
             let sent = match state.policy.retry.per_try_timeout {
                 Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| limit),
                 None => Ok(send.await),

@@ -71,6 +71,14 @@ const MAX_H1_PER_ENDPOINT: usize = 256;
 struct Idle<S> {
     sender: S,
     since: Instant,
+    /// Closed after this long unused (the service's `timeouts.idle`, else the pool's).
+    idle_timeout: Duration,
+}
+
+impl<S> Idle<S> {
+    fn fresh(&self, now: Instant) -> bool {
+        now.duration_since(self.since) < self.idle_timeout
+    }
 }
 
 /// Upstream connections of one agent, shared by all client connections.
@@ -115,9 +123,24 @@ impl UpstreamPool {
         connect_timeout: Duration,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
+        self.send_with_idle(endpoint, dial, version, connect_timeout, None, req).await
+    }
+
+    /// [`UpstreamPool::send`], keeping the connection at most `idle` unused
+    /// afterwards (a service's `timeouts.idle`) instead of the pool's default.
+    pub async fn send_with_idle(
+        &self,
+        endpoint: SocketAddr,
+        dial: &Dial,
+        version: Version,
+        connect_timeout: Duration,
+        idle: Option<Duration>,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let idle = idle.unwrap_or(self.idle_timeout);
         match version {
-            Version::Http1 => self.send_h1(endpoint, dial, connect_timeout, req).await,
-            Version::Http2 => self.send_h2(endpoint, dial, connect_timeout, req).await,
+            Version::Http1 => self.send_h1(endpoint, dial, connect_timeout, idle, req).await,
+            Version::Http2 => self.send_h2(endpoint, dial, connect_timeout, idle, req).await,
         }
     }
 
@@ -126,6 +149,7 @@ impl UpstreamPool {
         endpoint: SocketAddr,
         dial: &Dial,
         connect_timeout: Duration,
+        idle: Duration,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
         // A pooled connection the server closed while idle fails before the request
@@ -133,7 +157,7 @@ impl UpstreamPool {
         while let Some(mut sender) = self.checkout_h1(endpoint) {
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    self.checkin_h1(endpoint, sender);
+                    self.checkin_h1(endpoint, sender, idle);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -156,7 +180,7 @@ impl UpstreamPool {
             }
         });
         let resp = sender.send_request(req).await?;
-        self.checkin_h1(endpoint, sender);
+        self.checkin_h1(endpoint, sender, idle);
         Ok(resp)
     }
 
@@ -164,16 +188,16 @@ impl UpstreamPool {
         let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = pool.get_mut(&endpoint)?;
         let now = Instant::now();
-        list.retain(|i| !i.sender.is_closed() && now.duration_since(i.since) < self.idle_timeout);
+        list.retain(|i| !i.sender.is_closed() && i.fresh(now));
         let at = list.iter().position(|i| i.sender.is_ready())?;
         Some(list.swap_remove(at).sender)
     }
 
-    fn checkin_h1(&self, endpoint: SocketAddr, sender: http1::SendRequest<Body>) {
+    fn checkin_h1(&self, endpoint: SocketAddr, sender: http1::SendRequest<Body>, idle_timeout: Duration) {
         let mut pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         let list = pool.entry(endpoint).or_default();
         if list.len() < MAX_H1_PER_ENDPOINT {
-            list.push(Idle { sender, since: Instant::now() });
+            list.push(Idle { sender, since: Instant::now(), idle_timeout });
         }
     }
 
@@ -182,6 +206,7 @@ impl UpstreamPool {
         endpoint: SocketAddr,
         dial: &Dial,
         connect_timeout: Duration,
+        idle_timeout: Duration,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
         let pooled = {
@@ -189,6 +214,7 @@ impl UpstreamPool {
             match pool.get_mut(&endpoint) {
                 Some(i) if !i.sender.is_closed() && i.sender.is_ready() => {
                     i.since = Instant::now();
+                    i.idle_timeout = idle_timeout;
                     Some(i.sender.clone())
                 }
                 Some(_) => {
@@ -212,7 +238,7 @@ impl UpstreamPool {
                     }
                 });
                 let mut pool = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-                pool.insert(endpoint, Idle { sender: sender.clone(), since: Instant::now() });
+                pool.insert(endpoint, Idle { sender: sender.clone(), since: Instant::now(), idle_timeout });
                 sender
             }
         };
@@ -270,18 +296,17 @@ impl UpstreamPool {
         }
     }
 
-    /// Closes connections idle longer than the idle timeout (run periodically).
+    /// Closes connections idle longer than their idle timeout (run periodically).
     pub fn sweep(&self) {
         let now = Instant::now();
-        let fresh = |since: Instant| now.duration_since(since) < self.idle_timeout;
         let mut h1 = self.h1.lock().unwrap_or_else(|e| e.into_inner());
         h1.retain(|_, list| {
-            list.retain(|i| !i.sender.is_closed() && fresh(i.since));
+            list.retain(|i| !i.sender.is_closed() && i.fresh(now));
             !list.is_empty()
         });
         drop(h1);
         let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        h2.retain(|_, i| !i.sender.is_closed() && fresh(i.since));
+        h2.retain(|_, i| !i.sender.is_closed() && i.fresh(now));
     }
 
     /// Open connections in the pool (HTTP/1 and HTTP/2), for tests and metrics.

@@ -435,3 +435,26 @@ async fn locality_aware_balancing_prefers_the_callers_zone() {
     }
     assert_eq!((b.hits(), c.hits()), (10, 10));
 }
+
+#[tokio::test]
+async fn upstream_connections_close_after_the_services_idle_timeout() {
+    let a = Backend::start("a").await;
+    let policy = api::Policy {
+        timeouts: Some(api::Timeouts { idle_ms: 50, ..Default::default() }),
+        ..Default::default()
+    };
+    let (agent, ctx) = agent(&snapshot(&[&a], Some(policy))).await;
+    let mut client = h1_client(agent).await;
+    assert_eq!(get(&mut client, &[]).await.0, StatusCode::OK);
+    let used = std::time::Instant::now();
+    assert_eq!(ctx.upstreams.connection_count(), 1, "the connection is pooled after use");
+    ctx.upstreams.sweep();
+    assert_eq!(ctx.upstreams.connection_count(), 1, "a fresh connection survives a sweep");
+    let deadline = used + Duration::from_secs(5);
+    while ctx.upstreams.connection_count() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the idle connection was never closed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        ctx.upstreams.sweep();
+    }
+    assert!(used.elapsed() >= Duration::from_millis(50), "closed before its idle timeout");
+}

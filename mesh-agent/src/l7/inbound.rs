@@ -74,6 +74,8 @@ pub struct Inbound {
     pub access_log: Option<AccessLog>,
     metrics: RequestMetrics,
     peer_str: String,
+    /// `x-forwarded-client-identity`'s value, made once per stream.
+    peer_header: Option<HeaderValue>,
 }
 
 impl Inbound {
@@ -109,6 +111,7 @@ impl Inbound {
             mode,
             access_log,
             metrics,
+            peer_header: HeaderValue::from_str(&peer_str).ok(),
             peer_str,
         }
     }
@@ -193,8 +196,8 @@ impl Inbound {
         if let Some(r) = record.as_mut() {
             r.authority = host;
         }
-        if let Ok(v) = HeaderValue::from_str(&self.peer_str) {
-            req.headers_mut().insert("x-forwarded-client-identity", v);
+        if let Some(v) = &self.peer_header {
+            req.headers_mut().insert("x-forwarded-client-identity", v.clone());
         }
 
         let request_bytes = Arc::new(AtomicU64::new(0));

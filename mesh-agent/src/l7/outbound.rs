@@ -55,6 +55,8 @@ pub struct Outbound {
     pub version: Version,
     metrics: RequestMetrics,
     service: MeshName,
+    /// [`CLIENT_ADDR_HEADER`]'s value, made once per connection.
+    client_addr: Option<HeaderValue>,
 }
 
 impl Outbound {
@@ -77,7 +79,8 @@ impl Outbound {
             source_identity,
             destination_service: service.clone(),
         });
-        Outbound { ctx, peer, orig_dst, version, metrics, service }
+        let client_addr = HeaderValue::from_str(&peer.ip().to_canonical().to_string()).ok();
+        Outbound { ctx, peer, orig_dst, version, metrics, service, client_addr }
     }
 
     /// Serves the connection until the client closes it.
@@ -150,8 +153,8 @@ impl Outbound {
         let upgrade = self.version == Version::Http1 && is_upgrade(req.headers());
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);
-        if let Ok(v) = HeaderValue::from_str(&self.peer.ip().to_canonical().to_string()) {
-            req.headers_mut().insert(CLIENT_ADDR_HEADER, v);
+        if let Some(v) = &self.client_addr {
+            req.headers_mut().insert(CLIENT_ADDR_HEADER, v.clone());
         }
         let hash_key = state.hash_key_source().and_then(|src| hash_key(src, req.headers(), self.peer));
 

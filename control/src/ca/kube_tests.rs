@@ -51,7 +51,7 @@ async fn an_absent_secret_is_created_once_and_reused_on_restart() {
     let first = open(&api).await.unwrap();
     let cert = stored(&api, CERT_FILE).expect("ca.pem stored");
     assert!(stored(&api, KEY_FILE).expect("ca-key.pem stored").contains("PRIVATE KEY"));
-    assert_eq!(first.trust_bundle_pem(), [cert.clone()]);
+    assert_eq!(first.trust_bundle_pem(), std::slice::from_ref(&cert));
     let secret = api.secret(NS, NAME).unwrap();
     assert_eq!(secret["type"], "Opaque");
     assert_eq!(secret["metadata"]["labels"]["app.kubernetes.io/name"], "mesh-control");
@@ -73,7 +73,7 @@ async fn a_present_secret_is_used() {
     let material = other_material().await;
     api.put_secret(secret_of(&material));
     let ca = open(&api).await.unwrap();
-    assert_eq!(ca.trust_bundle_pem(), [material.cert_pem.clone()]);
+    assert_eq!(ca.trust_bundle_pem(), std::slice::from_ref(&material.cert_pem));
     assert_eq!(api.secret_calls(), [format!("GET {NS}/{NAME}")]);
     assert_eq!(stored(&api, KEY_FILE), Some(material.key_pem));
 }
@@ -84,7 +84,11 @@ async fn losing_the_create_race_uses_the_winners_root() {
     let winner = other_material().await;
     api.race_secret_create(secret_of(&winner));
     let ca = open(&api).await.unwrap();
-    assert_eq!(ca.trust_bundle_pem(), [winner.cert_pem.clone()], "the other replica's root is used");
+    assert_eq!(
+        ca.trust_bundle_pem(),
+        std::slice::from_ref(&winner.cert_pem),
+        "the other replica's root is used"
+    );
     assert_eq!(stored(&api, CERT_FILE), Some(winner.cert_pem), "the winner's Secret is left alone");
     assert_eq!(
         api.secret_calls(),

@@ -162,7 +162,7 @@ impl TokenReviewAuthenticator {
         }
         // An audience-aware API server returns the audiences the token is valid for.
         let audiences = status.audiences.unwrap_or_default();
-        if !audiences.iter().any(|a| *a == self.config.audience) {
+        if !audiences.contains(&self.config.audience) {
             return Err(AuthError::Refused(format!(
                 "the token is not valid for audience {:?} (valid for {audiences:?})",
                 self.config.audience

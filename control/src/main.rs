@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::{Context, bail};
 use clap::Parser;
 use control::{
-    ca::{Ca, CaConfig, CaMode, FileStore, TokenFileAuthenticator},
+    ca::{
+        Ca, CaConfig, CaMode, CaStore, FileStore, FirstOf, NodeAuthenticator, SecretStore,
+        TokenFileAuthenticator, TokenReviewAuthenticator, TokenReviewConfig,
+    },
     registry::{
         Source,
         file::FileSource,
@@ -16,7 +19,7 @@ use control::{
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, fmt};
 
-/// Service mesh control plane: discovery and (soon) the CA.
+/// Service mesh control plane: discovery and the CA.
 #[derive(Parser, Debug)]
 #[command(name = "mesh-control", version)]
 struct Args {
@@ -54,6 +57,13 @@ struct Args {
     #[arg(long, env = "MESH_CA_DIR", default_value = "/var/lib/mesh/ca")]
     ca_dir: PathBuf,
 
+    /// Keep the CA's certificate and key in this Kubernetes Secret, `NAMESPACE/NAME`
+    /// (keys `ca.pem`, `ca-key.pem`) instead of --ca-dir: created on first start (one
+    /// replica wins, the others use its root), reused afterwards. Needs get/update on
+    /// the Secret and create on secrets in its namespace.
+    #[arg(long, env = "MESH_CA_SECRET", conflicts_with = "ca_dir", value_parser = parse_secret_ref)]
+    ca_secret: Option<(String, String)>,
+
     /// Run the CA as an intermediate under this root certificate (PEM)...
     #[arg(long, env = "MESH_CA_ROOT_CERT", requires = "ca_root_key")]
     ca_root_cert: Option<PathBuf>,
@@ -66,6 +76,26 @@ struct Args {
     /// Agents present theirs as `authorization: Bearer TOKEN` to get certificates.
     #[arg(long, env = "MESH_BOOTSTRAP_TOKENS")]
     bootstrap_tokens: Option<PathBuf>,
+
+    /// Authenticate agents by their Kubernetes service-account token (TokenReview):
+    /// accepted when valid for --token-review-audience, owned by
+    /// --agent-service-account and bound to a pod on a node, which is the agent's node.
+    /// Alone or with --bootstrap-tokens; either turns the CA on.
+    #[arg(long, env = "MESH_TOKEN_REVIEW")]
+    token_review: bool,
+
+    /// Audience agents' projected tokens are issued for (with --token-review).
+    #[arg(long, env = "MESH_TOKEN_REVIEW_AUDIENCE", default_value = "mesh-control")]
+    token_review_audience: String,
+
+    /// Service account the agents run as, `NAMESPACE/NAME` (with --token-review).
+    #[arg(
+        long,
+        env = "MESH_AGENT_SERVICE_ACCOUNT",
+        default_value = "mesh-system/mesh-agent",
+        value_parser = parse_service_account
+    )]
+    agent_service_account: (String, String),
 
     /// Lifetime of workload certificates unless an agent asks for less.
     #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
@@ -108,6 +138,63 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
+fn parse_secret_ref(value: &str) -> Result<(String, String), String> {
+    SecretStore::parse_ref(value)
+}
+
+fn parse_service_account(value: &str) -> Result<(String, String), String> {
+    TokenReviewConfig::parse_service_account(value)
+}
+
+/// The CA (from --ca-dir or --ca-secret) and the authenticators the flags ask for.
+async fn open_ca(args: &Args) -> anyhow::Result<CaSettings> {
+    let needs_kube = args.token_review || args.ca_secret.is_some();
+    let client = if needs_kube {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to Kubernetes (for --ca-secret / --token-review)")?;
+        Some(client)
+    } else {
+        None
+    };
+    let mut authenticators: Vec<Arc<dyn NodeAuthenticator>> = Vec::new();
+    if let Some(tokens) = &args.bootstrap_tokens {
+        authenticators.push(Arc::new(TokenFileAuthenticator::new(tokens.clone())));
+    }
+    if let (true, Some(client)) = (args.token_review, &client) {
+        let (ns, sa) = &args.agent_service_account;
+        let config = TokenReviewConfig::new(&args.token_review_audience, ns, sa);
+        tracing::info!(service_account = %config.username(), audience = %config.audience, "agents authenticated by TokenReview");
+        authenticators.push(Arc::new(TokenReviewAuthenticator::new(client.clone(), config)));
+    }
+    let authenticator: Arc<dyn NodeAuthenticator> = match authenticators.len() {
+        1 => authenticators.remove(0),
+        _ => Arc::new(FirstOf::new(authenticators)),
+    };
+    let mode = match (&args.ca_root_cert, &args.ca_root_key) {
+        (Some(root_cert), Some(root_key)) => {
+            CaMode::Intermediate { root_cert: root_cert.clone(), root_key: root_key.clone() }
+        }
+        _ => CaMode::SelfSignedRoot,
+    };
+    let config = CaConfig {
+        trust_domain: args.trust_domain.clone(),
+        default_ttl: args.cert_ttl,
+        max_ttl: args.cert_max_ttl,
+        mode,
+        ..Default::default()
+    };
+    let (store, flag): (Box<dyn CaStore>, String) = match (&args.ca_secret, &client) {
+        (Some((ns, name)), Some(client)) => {
+            (Box::new(SecretStore::new(client.clone(), ns, name)), format!("--ca-secret {ns}/{name}"))
+        }
+        _ => (Box::new(FileStore::new(&args.ca_dir)), format!("--ca-dir {}", args.ca_dir.display())),
+    };
+    let ca = Ca::open(config, store.as_ref()).await.with_context(|| format!("opening the CA in {flag}"))?;
+    tracing::info!(store = %store.describe(), trust_domain = %args.trust_domain, "CA ready");
+    Ok(CaSettings { ca: Arc::new(ca), authenticator })
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut sources: Vec<Box<dyn Source>> = Vec::new();
     if let Some(path) = &args.registry {
@@ -138,34 +225,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         keepalive: args.keepalive,
         settle: args.settle,
     };
-    let ca = match &args.bootstrap_tokens {
-        None => {
-            tracing::warn!("no --bootstrap-tokens: the CA is off and agents cannot get certificates");
-            None
-        }
-        Some(tokens) => {
-            let mode = match (&args.ca_root_cert, &args.ca_root_key) {
-                (Some(root_cert), Some(root_key)) => {
-                    CaMode::Intermediate { root_cert: root_cert.clone(), root_key: root_key.clone() }
-                }
-                _ => CaMode::SelfSignedRoot,
-            };
-            let config = CaConfig {
-                trust_domain: args.trust_domain.clone(),
-                default_ttl: args.cert_ttl,
-                max_ttl: args.cert_max_ttl,
-                mode,
-                ..Default::default()
-            };
-            let ca = Ca::open(config, &FileStore::new(&args.ca_dir))
-                .await
-                .with_context(|| format!("opening the CA in --ca-dir {}", args.ca_dir.display()))?;
-            tracing::info!(dir = %args.ca_dir.display(), trust_domain = %args.trust_domain, "CA ready");
-            Some(CaSettings {
-                ca: Arc::new(ca),
-                authenticator: Arc::new(TokenFileAuthenticator::new(tokens.clone())),
-            })
-        }
+    let ca = if args.bootstrap_tokens.is_none() && !args.token_review {
+        tracing::warn!(
+            "no --bootstrap-tokens or --token-review: the CA is off and agents cannot get certificates"
+        );
+        None
+    } else {
+        Some(open_ca(&args).await?)
     };
     let shutdown = CancellationToken::new();
     let mut running = server::start(&settings, sources, ca, shutdown.clone()).await?;

@@ -285,7 +285,7 @@ fn every_field_is_known_to_the_kubernetes_schema() {
     use k8s_openapi::api::{
         apps::v1::{DaemonSet, Deployment},
         core::v1::{Namespace, Secret, Service, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     };
     for d in docs() {
         let typed = match d.kind() {
@@ -295,6 +295,8 @@ fn every_field_is_known_to_the_kubernetes_schema() {
             "Service" => round_trip::<Service>(d),
             "ClusterRole" => round_trip::<ClusterRole>(d),
             "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(d),
+            "Role" => round_trip::<Role>(d),
+            "RoleBinding" => round_trip::<RoleBinding>(d),
             "Deployment" => round_trip::<Deployment>(d),
             "DaemonSet" => round_trip::<DaemonSet>(d),
             other => panic!("{}: add {other} to this test's schema table", d.rel()),
@@ -387,17 +389,81 @@ fn control_plane_probes_and_service_match_its_listeners() {
     }
 }
 
+/// The Role letting the control plane keep its CA root in a Secret (--ca-secret).
+const CA_SECRET_ROLE: &str = "Role/mesh-control-ca";
+
 #[test]
-fn control_plane_mounts_the_ca_secret() {
+fn control_plane_keeps_its_ca_in_one_secret_it_may_create() {
     let d = doc("Deployment/mesh-control");
     let c = container(d, "mesh-control");
-    let mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == "/var/lib/mesh/ca");
-    let mount = mount.expect("CA root mounted at /var/lib/mesh/ca");
-    assert_eq!(mount["readOnly"], true);
+    let args = flags(&args_of(c));
+    assert!(!args.contains_key("ca-dir"), "--ca-dir and --ca-secret exclude each other");
+    let secret = args.get("ca-secret").expect("the control plane keeps its CA in a Secret (--ca-secret)");
+    let (namespace, name) = secret.split_once('/').expect("--ca-secret NAMESPACE/NAME");
+    // Created by the control plane, never declared: `kubectl delete -k` must keep the root.
+    assert!(
+        !docs().iter().any(|x| x.kind() == "Secret" && x.name() == name),
+        "Secret/{name} must not be in the manifests"
+    );
+    let role = doc(CA_SECRET_ROLE);
+    assert_eq!(role.value["metadata"]["namespace"], namespace);
+    let mut grants = BTreeSet::new();
+    for rule in role.value["rules"].as_array().unwrap() {
+        assert_eq!(strs(&rule["apiGroups"]), [""]);
+        assert_eq!(strs(&rule["resources"]), ["secrets"]);
+        let names = strs(&rule["resourceNames"]);
+        for verb in strs(&rule["verbs"]) {
+            // Kubernetes cannot restrict create by name; everything else is this one Secret.
+            if verb == "create" {
+                assert!(names.is_empty(), "create with resourceNames never matches");
+            } else {
+                assert_eq!(names, [name], "{verb} is limited to the CA Secret");
+            }
+            grants.insert(verb);
+        }
+    }
+    assert_eq!(grants, BTreeSet::from(["create".into(), "get".into(), "update".into()]));
+    let binding = doc("RoleBinding/mesh-control-ca");
+    assert_eq!(binding.value["metadata"]["namespace"], namespace);
+    assert_eq!(binding.value["roleRef"]["kind"], "Role");
+    assert_eq!(binding.value["roleRef"]["name"], role.name());
+    let subject = &binding.value["subjects"][0];
+    assert_eq!(subject["kind"], "ServiceAccount");
+    assert_eq!(d.pod().unwrap()["serviceAccountName"], subject["name"]);
+    assert_eq!(subject["namespace"], d.value["metadata"]["namespace"]);
+}
+
+#[test]
+fn agents_present_a_projected_token_the_control_plane_reviews() {
+    let control = flags(&args_of(container(doc("Deployment/mesh-control"), "mesh-control")));
+    assert!(control.contains_key("token-review"), "the control plane authenticates agents by TokenReview");
+    let audience = control.get("token-review-audience").map_or("mesh-control", String::as_str);
+    let d = doc("DaemonSet/mesh-agent");
+    let c = container(d, "mesh-agent");
+    let sa = control.get("agent-service-account").map_or("mesh-system/mesh-agent", String::as_str);
+    assert_eq!(
+        format!(
+            "{}/{}",
+            d.value["metadata"]["namespace"].as_str().unwrap(),
+            d.pod().unwrap()["serviceAccountName"].as_str().unwrap()
+        ),
+        sa,
+        "--agent-service-account is the DaemonSet's"
+    );
+    let token_file = flags(&args_of(c))["bootstrap-token-file"].clone();
+    let (dir, file) = token_file.rsplit_once('/').unwrap();
+    let mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == dir);
+    let mount = mount.unwrap_or_else(|| panic!("{dir} is mounted"));
     let volume =
         d.pod().unwrap()["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
-    let secret = volume["secret"]["secretName"].as_str().expect("the CA volume is a Secret");
-    assert_eq!(doc(&format!("Secret/{secret}")).value["type"], "Opaque");
+    let token = volume["projected"]["sources"]
+        .as_array()
+        .expect("a projected volume")
+        .iter()
+        .find_map(|s| s.get("serviceAccountToken"))
+        .expect("a projected service-account token");
+    assert_eq!(token["path"], file);
+    assert_eq!(token["audience"], audience);
 }
 
 #[test]
@@ -430,7 +496,11 @@ fn rule_set(rules: &Value) -> BTreeSet<(String, String, String)> {
 
 #[test]
 fn rbac_grants_reads_and_token_reviews_only() {
-    let roles: Vec<_> = docs().iter().filter(|d| matches!(d.kind(), "Role" | "ClusterRole")).collect();
+    // The CA's Secret Role is checked by control_plane_keeps_its_ca_in_one_secret_it_may_create.
+    let roles: Vec<_> = docs()
+        .iter()
+        .filter(|d| matches!(d.kind(), "Role" | "ClusterRole") && d.id() != CA_SECRET_ROLE)
+        .collect();
     assert!(!roles.is_empty());
     let token_review = (TOKEN_REVIEW.0.to_owned(), TOKEN_REVIEW.1.to_owned(), TOKEN_REVIEW.2.to_owned());
     for d in &roles {

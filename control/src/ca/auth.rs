@@ -3,8 +3,10 @@
 //! Agents present a node credential (`authorization: Bearer <token>`); an
 //! authenticator turns it into a node name, and an authorizer decides whether
 //! that node may hold a given workload identity (in the real mesh: whether it
-//! hosts a pod running as that service account). Both are traits so the
-//! Kubernetes TokenReview and the registry can slot in later.
+//! hosts a pod running as that service account). Tokens come from a bootstrap
+//! file ([`TokenFileAuthenticator`]) or are Kubernetes service-account tokens
+//! checked by TokenReview ([`TokenReviewAuthenticator`](super::TokenReviewAuthenticator));
+//! [`FirstOf`] accepts either.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -33,6 +35,13 @@ pub enum AuthError {
     /// The token is unknown (or empty).
     #[error("invalid node token")]
     InvalidToken,
+    /// The token was recognised as a credential but may not be used here (wrong service
+    /// account, no node name, ...): the reason is told to the caller.
+    #[error("{0}")]
+    Refused(String),
+    /// The verifier could not be asked (the Kubernetes API failed): the caller may retry.
+    #[error("{0}")]
+    Unavailable(String),
     /// The credential source itself is broken: the caller is not at fault.
     #[error("token file {path}: {reason}")]
     TokenFile {
@@ -91,6 +100,41 @@ impl NodeAuthenticator for TokenFileAuthenticator {
                 .await
                 .map_err(|e| AuthError::TokenFile { path: self.path.clone(), reason: e.to_string() })?;
             self.lookup(&contents, token)
+        })
+    }
+}
+
+/// Tries several authenticators in order and accepts the first that knows the token
+/// (bootstrap tokens and TokenReview side by side). When all fail, the most telling
+/// error wins: a refusal with a reason, then an unavailable verifier, then "invalid".
+pub struct FirstOf {
+    authenticators: Vec<std::sync::Arc<dyn NodeAuthenticator>>,
+}
+
+impl FirstOf {
+    /// An authenticator trying `authenticators` in order.
+    pub fn new(authenticators: Vec<std::sync::Arc<dyn NodeAuthenticator>>) -> FirstOf {
+        FirstOf { authenticators }
+    }
+}
+
+impl NodeAuthenticator for FirstOf {
+    fn authenticate<'a>(&'a self, token: &'a str) -> AuthFuture<'a> {
+        Box::pin(async move {
+            let rank = |e: &AuthError| match e {
+                AuthError::Refused(_) => 3,
+                AuthError::Unavailable(_) | AuthError::TokenFile { .. } => 2,
+                AuthError::InvalidToken => 1,
+            };
+            let mut worst = AuthError::InvalidToken;
+            for authenticator in &self.authenticators {
+                match authenticator.authenticate(token).await {
+                    Ok(node) => return Ok(node),
+                    Err(e) if rank(&e) > rank(&worst) => worst = e,
+                    Err(_) => {}
+                }
+            }
+            Err(worst)
         })
     }
 }

@@ -134,10 +134,14 @@ impl Ca {
                 let material = match store.load().await? {
                     Some(material) => material,
                     None => {
-                        let material = generate_root(td, now, config.root_validity)?;
-                        store.save(material.clone()).await?;
-                        tracing::info!(store = %store.describe(), "generated a new root CA");
-                        material
+                        let generated = generate_root(td, now, config.root_validity)?;
+                        let stored = store.create(generated.clone()).await?;
+                        if stored == generated {
+                            tracing::info!(store = %store.describe(), "generated a new root CA");
+                        } else {
+                            tracing::info!(store = %store.describe(), "another instance created the root CA first; using it");
+                        }
+                        stored
                     }
                 };
                 let roots = vec![material.cert_pem.clone()];
@@ -148,7 +152,9 @@ impl Ca {
                 let root_der = parse_pem_cert(&root_pem, "root certificate")?;
                 let root = parse_cert(&root_der, "root certificate")?;
                 require_ca(&root, "root certificate")?;
-                let reusable = match store.load().await? {
+                let loaded = store.load().await?;
+                let stored_nothing = loaded.is_none();
+                let reusable = match loaded {
                     Some(material) => match check_intermediate(&material, &root, td, now, config.max_ttl) {
                         Ok(()) => Some(material),
                         Err(reason) => {
@@ -163,9 +169,25 @@ impl Ca {
                     None => {
                         let key_pem = read(root_key)?;
                         let material = generate_intermediate(td, now, &config, &root_pem, &root, &key_pem)?;
-                        store.save(material.clone()).await?;
-                        tracing::info!(store = %store.describe(), "generated a new intermediate CA");
-                        material
+                        let stored = if stored_nothing {
+                            // Like the root: a replica starting alongside may have won.
+                            store.create(material.clone()).await?
+                        } else {
+                            store.save(material.clone()).await?;
+                            material.clone()
+                        };
+                        if stored == material {
+                            tracing::info!(store = %store.describe(), "generated a new intermediate CA");
+                        } else {
+                            check_intermediate(&stored, &root, td, now, config.max_ttl).map_err(
+                                |reason| CaError::BadMaterial {
+                                    what: "intermediate CA stored by another instance".into(),
+                                    reason,
+                                },
+                            )?;
+                            tracing::info!(store = %store.describe(), "another instance created the intermediate CA first; using it");
+                        }
+                        stored
                     }
                 };
                 let roots = vec![pem_encode(&root_der)];

@@ -1,21 +1,26 @@
 //! The mesh's certificate authority.
 //!
 //! [`Ca`] holds the signing key — a self-signed root, or an intermediate under
-//! a root the operator keeps — persisted through a [`CaStore`] so the trust
-//! root survives restarts. It signs PKCS#10 requests whose key never left the
-//! agent, for exactly the SPIFFE ID the requester was authorized for.
+//! a root the operator keeps — persisted through a [`CaStore`] (a directory,
+//! or a Kubernetes Secret in a cluster) so the trust root survives restarts.
+//! It signs PKCS#10 requests whose key never left the agent, for exactly the
+//! SPIFFE ID the requester was authorized for.
 //! [`CertificatesService`] exposes it over gRPC after authenticating the node
-//! ([`NodeAuthenticator`]) and authorizing the identity ([`IdentityAuthorizer`]).
+//! ([`NodeAuthenticator`]: bootstrap tokens, or service-account tokens through
+//! a Kubernetes TokenReview) and authorizing the identity ([`IdentityAuthorizer`]).
 
 mod auth;
 mod authority;
 mod csr;
 mod error;
+mod secret_store;
 mod service;
 mod store;
+mod token_review;
 
 pub use auth::{
-    AuthError, AuthFuture, IdentityAuthorizer, NodeAuthenticator, StaticAuthorizer, TokenFileAuthenticator,
+    AuthError, AuthFuture, FirstOf, IdentityAuthorizer, NodeAuthenticator, StaticAuthorizer,
+    TokenFileAuthenticator,
 };
 pub use authority::{
     BACKDATE, Ca, CaConfig, CaMode, DEFAULT_INTERMEDIATE_VALIDITY, DEFAULT_MAX_TTL, DEFAULT_ROOT_VALIDITY,
@@ -24,8 +29,14 @@ pub use authority::{
 pub use csr::MAX_CSR_PEM_LEN;
 pub use error::{CaError, SignError};
 pub use mesh_api::spiffe::SpiffeId;
+pub use secret_store::SecretStore;
 pub use service::{CertificatesService, SignCounts};
 pub use store::{CERT_FILE, CaKeyMaterial, CaStore, FileStore, KEY_FILE, StoreError, StoreFuture};
+pub use token_review::{
+    DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, NODE_NAME_EXTRA, TokenReviewAuthenticator, TokenReviewConfig,
+};
 
+#[cfg(test)]
+mod kube_tests;
 #[cfg(test)]
 mod tests;

@@ -74,6 +74,11 @@ impl CertificatesService {
         let token = bearer_token(request)?;
         self.authenticator.authenticate(token).await.map_err(|e| match e {
             AuthError::InvalidToken => Status::unauthenticated("invalid node token"),
+            AuthError::Refused(reason) => Status::unauthenticated(reason),
+            AuthError::Unavailable(reason) => {
+                tracing::error!(%reason, "cannot verify node credentials");
+                Status::unavailable("cannot verify the node token now; retry later")
+            }
             AuthError::TokenFile { .. } => {
                 tracing::error!(error = %e, "node credentials unavailable");
                 Status::unavailable("node credentials unavailable")

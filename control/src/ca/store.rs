@@ -2,8 +2,8 @@
 //!
 //! The trust root must survive restarts (agents hold it in their trust bundles),
 //! so the CA loads its key material from a store on start and saves it only
-//! when it had to create it. The store is a trait so a Kubernetes Secret can
-//! replace the directory later; only the directory store exists today.
+//! when it had to create it: [`FileStore`] keeps it in a directory,
+//! [`SecretStore`](super::SecretStore) in a Kubernetes Secret.
 
 use std::fmt;
 use std::future::Future;
@@ -30,8 +30,8 @@ impl fmt::Debug for CaKeyMaterial {
     }
 }
 
-/// Persistence of the CA's key material. Async because the coming Kubernetes Secret
-/// store talks to the API server.
+/// Persistence of the CA's key material. Async because the Kubernetes Secret store
+/// talks to the API server.
 pub trait CaStore: Send + Sync {
     /// Where the material lives, for logs and errors ("directory /var/lib/mesh/ca").
     fn describe(&self) -> String;
@@ -41,6 +41,17 @@ pub trait CaStore: Send + Sync {
 
     /// Replaces the stored material so that a crash never leaves a half-written file.
     fn save(&self, material: CaKeyMaterial) -> StoreFuture<'_, ()>;
+
+    /// Stores `material` unless something was stored meanwhile, and returns what is
+    /// stored afterwards: `material`, or what a concurrent writer (another replica that
+    /// started at the same time) stored first, so that every replica ends up with the
+    /// same root. The default, for single-writer stores, is [`CaStore::save`].
+    fn create(&self, material: CaKeyMaterial) -> StoreFuture<'_, CaKeyMaterial> {
+        Box::pin(async move {
+            self.save(material.clone()).await?;
+            Ok(material)
+        })
+    }
 }
 
 /// Why the store could not load or save.
@@ -64,6 +75,39 @@ pub enum StoreError {
         cert: PathBuf,
         /// The missing key file.
         key: PathBuf,
+    },
+    /// A call to the Kubernetes API about the CA's Secret failed.
+    #[error("Secret {secret}: {action}: {reason}")]
+    Kubernetes {
+        /// `namespace/name` of the Secret.
+        secret: String,
+        /// What was being done ("get", "create", "update").
+        action: &'static str,
+        /// Why it failed, with the missing permission when the API server said 403.
+        reason: String,
+    },
+    /// The Secret holds the certificate but not its key (same reasoning as
+    /// [`StoreError::KeyMissing`]).
+    #[error(
+        "Secret {secret} has {cert_key:?} but no {key_key:?}; restore the key or delete the Secret to make a new root"
+    )]
+    SecretKeyMissing {
+        /// `namespace/name` of the Secret.
+        secret: String,
+        /// The data key that is present.
+        cert_key: &'static str,
+        /// The data key that is missing.
+        key_key: &'static str,
+    },
+    /// A data key of the Secret is not usable PEM text.
+    #[error("Secret {secret}: data key {key:?}: {reason}")]
+    SecretData {
+        /// `namespace/name` of the Secret.
+        secret: String,
+        /// The data key.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
     },
     /// The blocking file task could not complete.
     #[error("store task failed: {0}")]

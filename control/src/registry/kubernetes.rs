@@ -22,7 +22,7 @@ pub mod annotations;
 mod mapping;
 
 #[cfg(test)]
-mod fake_api;
+pub(crate) mod fake_api;
 #[cfg(test)]
 mod tests;
 

@@ -7,6 +7,10 @@
 //! middle of its body, and expire history so that a watch from an old version
 //! is refused with 410 Gone (as an ERROR event, as the real apiserver does, or
 //! as an HTTP 410 response).
+//!
+//! For the CA it also serves Secrets (get, create, replace with resource-version
+//! conflicts, and a lost create race on demand) and TokenReviews (answered
+//! from statuses the test registers per token).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -89,6 +93,17 @@ struct State {
     watches: HashMap<Kind, usize>,
     refuse_lists: HashMap<Kind, u16>,
     rv_tx: watch::Sender<u64>,
+    /// Secrets by (namespace, name).
+    secrets: BTreeMap<(String, String), Value>,
+    /// "GET ns/name", "POST ns/name", "PUT ns/name", in order.
+    secret_calls: Vec<String>,
+    /// Stored just before the next create of the same Secret, which then fails with 409.
+    secret_races: HashMap<(String, String), Value>,
+    refuse_secrets: Option<u16>,
+    /// TokenReview status by token; unknown tokens are unauthenticated.
+    token_statuses: HashMap<String, Value>,
+    /// The specs of the TokenReviews received.
+    reviews: Vec<Value>,
 }
 
 /// A running fake API server (clones share it); dropped with the test's runtime.
@@ -115,6 +130,12 @@ impl FakeApi {
             watches: HashMap::new(),
             refuse_lists: HashMap::new(),
             rv_tx,
+            secrets: BTreeMap::new(),
+            secret_calls: Vec::new(),
+            secret_races: HashMap::new(),
+            refuse_secrets: None,
+            token_statuses: HashMap::new(),
+            reviews: Vec::new(),
         }));
         let shared = state.clone();
         tokio::spawn(async move {
@@ -200,7 +221,61 @@ impl FakeApi {
     }
 }
 
+/// Secrets and TokenReviews, for the CA's tests.
+impl FakeApi {
+    /// Stores a Secret as if created (`metadata.namespace` and `metadata.name` set).
+    pub fn put_secret(&self, secret: Value) {
+        self.lock().store_secret(secret);
+    }
+
+    /// The stored Secret `namespace/name`.
+    pub fn secret(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.lock().secrets.get(&(namespace.to_owned(), name.to_owned())).cloned()
+    }
+
+    /// Makes the next create of this Secret lose a race: `winner` is stored just before
+    /// and the create is answered 409 AlreadyExists, as when another replica was faster.
+    pub fn race_secret_create(&self, winner: Value) {
+        let key = secret_key(&winner);
+        self.lock().secret_races.insert(key, winner);
+    }
+
+    /// Makes every Secret request fail with `code` (None: succeed again).
+    pub fn refuse_secrets(&self, code: Option<u16>) {
+        self.lock().refuse_secrets = code;
+    }
+
+    /// The Secret requests so far: "GET ns/name", "POST ns/name", "PUT ns/name".
+    pub fn secret_calls(&self) -> Vec<String> {
+        self.lock().secret_calls.clone()
+    }
+
+    /// Answers TokenReviews of `token` with `status` (a TokenReviewStatus).
+    pub fn review_token(&self, token: &str, status: Value) {
+        self.lock().token_statuses.insert(token.to_owned(), status);
+    }
+
+    /// The specs of the TokenReviews received so far.
+    pub fn token_reviews(&self) -> Vec<Value> {
+        self.lock().reviews.clone()
+    }
+}
+
+fn secret_key(secret: &Value) -> (String, String) {
+    let text = |field: &str| secret["metadata"][field].as_str().unwrap_or_default().to_owned();
+    (text("namespace"), text("name"))
+}
+
 impl State {
+    fn store_secret(&mut self, mut secret: Value) -> Value {
+        self.rv += 1;
+        secret["apiVersion"] = json!("v1");
+        secret["kind"] = json!("Secret");
+        secret["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.secrets.insert(secret_key(&secret), secret.clone());
+        secret
+    }
+
     fn apply(&mut self, kind: Kind, mut object: Value) {
         self.rv += 1;
         let key = key(kind, &object);
@@ -251,7 +326,93 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
     })
 }
 
+/// Secret paths: `(namespace, Some(name))` for one Secret, `(namespace, None)` for the collection.
+fn secret_path(path: &str) -> Option<(String, Option<String>)> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let (namespace, rest) = rest.split_once('/')?;
+    match rest.strip_prefix("secrets")? {
+        "" => Some((namespace.to_owned(), None)),
+        name => Some((namespace.to_owned(), Some(name.strip_prefix('/')?.to_owned()))),
+    }
+}
+
+async fn body_json(req: Request<Incoming>) -> Value {
+    let bytes = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+}
+
+async fn handle_secret(
+    state: Arc<Mutex<State>>,
+    req: Request<Incoming>,
+    namespace: String,
+    name: Option<String>,
+) -> Response<Body> {
+    let method = req.method().clone();
+    let body = if method == hyper::Method::GET { Value::Null } else { body_json(req).await };
+    let name = name.unwrap_or_else(|| body["metadata"]["name"].as_str().unwrap_or_default().to_owned());
+    let key = (namespace.clone(), name.clone());
+    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    state.secret_calls.push(format!("{method} {namespace}/{name}"));
+    if let Some(code) = state.refuse_secrets {
+        let message = format!("secrets \"{name}\" is forbidden by the test");
+        return full(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::FORBIDDEN),
+            status(code, "Forbidden", &message),
+        );
+    }
+    let not_found =
+        || full(StatusCode::NOT_FOUND, status(404, "NotFound", &format!("secrets \"{name}\" not found")));
+    match method {
+        hyper::Method::GET => match state.secrets.get(&key) {
+            Some(secret) => full(StatusCode::OK, secret.clone()),
+            None => not_found(),
+        },
+        hyper::Method::POST => {
+            if let Some(winner) = state.secret_races.remove(&key) {
+                state.store_secret(winner);
+            }
+            if state.secrets.contains_key(&key) {
+                let message = format!("secrets \"{name}\" already exists");
+                return full(StatusCode::CONFLICT, status(409, "AlreadyExists", &message));
+            }
+            let mut secret = body;
+            secret["metadata"]["namespace"] = json!(namespace);
+            full(StatusCode::CREATED, state.store_secret(secret))
+        }
+        hyper::Method::PUT => {
+            let Some(current) = state.secrets.get(&key) else { return not_found() };
+            let sent = &body["metadata"]["resourceVersion"];
+            if !sent.is_null() && *sent != current["metadata"]["resourceVersion"] {
+                let message = format!("the object has been modified; secrets \"{name}\"");
+                return full(StatusCode::CONFLICT, status(409, "Conflict", &message));
+            }
+            full(StatusCode::OK, state.store_secret(body))
+        }
+        _ => full(StatusCode::METHOD_NOT_ALLOWED, status(405, "MethodNotAllowed", "not served by the fake")),
+    }
+}
+
+async fn handle_token_review(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Body> {
+    let mut review = body_json(req).await;
+    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    state.reviews.push(review["spec"].clone());
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let answer = state.token_statuses.get(token).cloned().unwrap_or_else(
+        || json!({"authenticated": false, "error": "[invalid bearer token, token lookup failed]"}),
+    );
+    review["status"] = answer;
+    full(StatusCode::CREATED, review)
+}
+
 async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if let Some((namespace, name)) = secret_path(req.uri().path()) {
+        return Ok(handle_secret(state, req, namespace, name).await);
+    }
+    if req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews"
+        && req.method() == hyper::Method::POST
+    {
+        return Ok(handle_token_review(state, req).await);
+    }
     let Some(kind) = Kind::from_path(req.uri().path()) else {
         return Ok(full(StatusCode::NOT_FOUND, status(404, "NotFound", "no such path")));
     };

@@ -267,8 +267,11 @@ mod tests {
         assert_eq!(rl.check(&heavy), Decision::Allowed);
         for n in 1..20_000 {
             rl.check(&ip(n));
-            // The heavy client keeps sending; it must keep its (empty) bucket.
-            if n % 50 == 0 {
+            // The heavy client keeps sending; it must keep its (empty) bucket. Checked
+            // every 10 clients: losing a bucket takes two generation turns of its
+            // shard (20 newcomers there), which 10 clients cannot cause, whatever
+            // the hasher's seed (every 50 could, rarely: the test was flaky).
+            if n % 10 == 0 {
                 assert!(matches!(rl.check(&heavy), Decision::Limited { .. }), "at client {n}");
             }
         }

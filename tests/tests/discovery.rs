@@ -163,11 +163,12 @@ fn vip_reaches_every_backend_and_follows_registry_edits(mode: &str) {
         BTreeMap::from([("b1".into(), 5), ("b2".into(), 5)]),
         "round robin over the VIP's endpoints"
     );
-    let rec = m.agent.wait_log("connection record with service", |v| {
-        message(v) == "connection closed" && v["service"] == "shop/web"
+    // HTTP is proxied per request: one access record each, naming the service.
+    let rec = m.agent.wait_log("access record with service", |v| {
+        v["kind"] == "http" && v["destination_service"] == "shop/web"
     });
-    assert_eq!(rec["orig_dst"], format!("{VIP}:80"));
-    assert!(rec["endpoint"].as_str().unwrap().ends_with(&format!(":{PORT}")), "{rec}");
+    assert_eq!(rec["original_destination"], format!("{VIP}:80"));
+    assert!(rec["destination_endpoint"].as_str().unwrap().ends_with(&format!(":{PORT}")), "{rec}");
 
     m.write_registry(&[endpoint("b1", ""), endpoint("b2", ""), endpoint("b3", "")]);
     let t = m.wait_for_backends(&["b1", "b2", "b3"], "added endpoint b3 receives traffic");

@@ -132,6 +132,13 @@ impl Agent {
         self.process.stop(Signal::SIGTERM)
     }
 
+    /// Sends SIGTERM, waits (bounded) for a clean exit, and returns every JSON line
+    /// the agent printed (the access log's last lines included).
+    pub fn terminate_with_log(mut self) -> Result<(ExitStatus, Vec<Value>)> {
+        let status = self.process.stop(Signal::SIGTERM)?;
+        Ok((status, self.process.find_all(|_| true)))
+    }
+
     /// SIGKILL: nothing runs after this, like an OOM kill.
     pub fn kill(mut self) -> Result<ExitStatus> {
         self.process.stop(Signal::SIGKILL)

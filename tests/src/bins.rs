@@ -38,3 +38,9 @@ pub fn control() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| build("control", "mesh-control"))
 }
+
+/// The `meshctl` operator CLI.
+pub fn meshctl() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build("control", "meshctl"))
+}

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod bins;
 pub mod cgroup;
 pub mod control;
+pub mod demo;
 pub mod load;
 pub mod netns;
 pub mod privilege;

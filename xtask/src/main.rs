@@ -38,6 +38,10 @@ enum Task {
         /// Keep running until Ctrl-C and print commands to try by hand.
         #[arg(long)]
         keep: bool,
+        /// At the end, write the per-path numbers, the modes and what teardown found
+        /// left behind as JSON to this file.
+        #[arg(long)]
+        summary_json: Option<PathBuf>,
     },
     /// Install the system packages the tests need (if missing), then run every test
     /// of the workspace. Extra arguments go to `cargo test`.
@@ -86,7 +90,9 @@ enum Bench {
 fn main() -> Result<()> {
     let root = workspace_root();
     match Cli::parse().task {
-        Task::Demo { mode, duration, keep } => demo::run(&root, &demo::Options { mode, duration, keep }),
+        Task::Demo { mode, duration, keep, summary_json } => {
+            demo::run(&root, &demo::Options { mode, duration, keep, summary_json })
+        }
         Task::Test { args } => setup::test(&root, &args),
         Task::BuildEbpf { check } => ebpf::run(&root, &ebpf::Options { check }),
         Task::Bench { which: Bench::Intercept { rounds, duration, connects, connections } } => {

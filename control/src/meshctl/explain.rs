@@ -186,6 +186,25 @@ fn owner_of(services: &[ServiceView], ip: IpAddr) -> Option<(String, String)> {
     })
 }
 
+/// The service with an endpoint at exactly `addr`: its IP, and its port (an endpoint
+/// without one serves the service's target ports).
+fn endpoint_at(services: &[ServiceView], addr: SocketAddr) -> Option<String> {
+    let (ip, port) = (canonical(addr.ip()), u32::from(addr.port()));
+    services.iter().find_map(|s| {
+        s.endpoints
+            .iter()
+            .filter(|e| e.address.parse::<IpAddr>().is_ok_and(|a| canonical(a) == ip))
+            .any(|e| {
+                if e.port != 0 {
+                    e.port == port
+                } else {
+                    s.ports.iter().any(|p| if p.target_port != 0 { p.target_port } else { p.port } == port)
+                }
+            })
+            .then(|| s.key())
+    })
+}
+
 fn agent_verdict(e: &AgentEndpoint) -> EndpointVerdict {
     let eligible = e.eligible();
     EndpointVerdict {
@@ -339,12 +358,19 @@ pub fn explain(
     let Some((service, by, port)) = find_service(services, dst) else {
         x.outcome = Outcome::Passthrough;
         x.summary = match dst {
-            Destination::Addr(a) => match owner_of(services, a.ip()) {
-                Some((svc, _)) => format!(
+            Destination::Addr(a) => match (endpoint_at(services, *a), owner_of(services, a.ip())) {
+                (Some(svc), _) => format!(
                     "{a} is an endpoint of {svc} addressed directly, not a service address: the agent \
                      forwards it to that address unchanged, without balancing"
                 ),
-                None => format!("{a} is not a service address in the mesh: the agent forwards it unchanged"),
+                (None, Some((svc, _))) => format!(
+                    "{a} is on the address of an endpoint of {svc}, but port {} is not one it serves: \
+                     not a service address, the agent forwards it unchanged",
+                    a.port()
+                ),
+                (None, None) => {
+                    format!("{a} is not a service address in the mesh: the agent forwards it unchanged")
+                }
             },
             Destination::Host(h, _) => format!(
                 "no service has the hostname {h}: the application's DNS answer decides the address, and a \
@@ -568,6 +594,16 @@ mod tests {
             run("10.1.0.9", "10.1.0.5:9080")
                 .summary
                 .contains("endpoint of default/reviews addressed directly")
+        );
+        // The endpoint's IP on a port it does not serve is not that endpoint.
+        let other_port = run("10.1.0.9", "10.1.0.5:9999");
+        assert_eq!(other_port.outcome, Outcome::Passthrough);
+        assert!(
+            other_port
+                .summary
+                .contains("address of an endpoint of default/reviews, but port 9999 is not one"),
+            "{}",
+            other_port.summary
         );
         assert!(run("10.1.0.9", "10.96.0.10:81").summary.contains("has no port 81 (ports: 9080)"));
         assert!(run("10.1.0.9", "8.8.8.8:53").summary.contains("not a service address"));

@@ -282,9 +282,14 @@ fn meshctl_reads_a_running_mesh(mode: &str) {
     assert_eq!(json["outcome"], "passthrough");
     assert!(!json["summary"].as_str().unwrap().contains("is an endpoint of"), "{json:#}");
 
-    // There is no `check` command: clap refuses it as a usage error.
-    let out = m.meshctl(&["check"]);
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Pre-flight on this machine (root, BTF, cgroup v2): eBPF mode will work.
+    let text = m.text(&["check"]);
+    assert!(text.contains("eBPF mode:     will work"), "{text}");
+    assert!(text.contains("--mode auto picks: ebpf"), "{text}");
+    let json = m.json(&["check"]);
+    assert_eq!((json["ebpf"].as_bool(), json["auto_picks"].as_str()), (Some(true), Some("ebpf")), "{json:#}");
+    let backend = json["facts"].as_array().unwrap().iter().find(|f| f["name"] == "iptables backend").unwrap();
+    assert_eq!(backend["value"], "nf_tables", "{json:#}");
     // The agents kept serving: the log shows the call made at the start went over mTLS.
     m.client.wait_log("access record", |v| v["kind"] == "http" && v["destination_identity"] == API);
     m.server.wait_log("inbound", |v| v["direction"] == "inbound" && v["source_identity"] == FRONTEND);

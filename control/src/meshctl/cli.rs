@@ -81,6 +81,9 @@ pub enum Command {
     },
     /// Workload certificates the agents hold, and when they expire.
     Certs,
+    /// Pre-flight on this machine: kernel, BTF, cgroup v2, capabilities, iptables
+    /// backend; whether eBPF mode will work and why not, and what `auto` will pick.
+    Check,
 }
 
 /// Where `endpoints` reads from.
@@ -114,6 +117,9 @@ fn emit<T: Serialize>(output: Output, value: &T, human: impl FnOnce(&T) -> Strin
 
 /// Runs a command; `now` (Unix seconds) dates "ago" and "expires in" figures.
 pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
+    if let Command::Check = cli.command {
+        return Ok(preflight(cli.output));
+    }
     let targets = Targets::new(&cli.control_plane, &cli.control_admin, &cli.agents, cli.timeout)?;
     let out = cli.output;
     match &cli.command {
@@ -249,7 +255,16 @@ pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
             let complete = rows.iter().all(|r| r.error.is_none());
             Ok(Rendered { text: emit(out, &rows, |r| certs::render(r)), complete })
         }
+        Command::Check => Ok(preflight(out)),
     }
+}
+
+/// `check`: local facts only, no control plane or agent is contacted. Incomplete
+/// (non-zero exit) when neither interception mode can work here.
+fn preflight(out: Output) -> Rendered {
+    let report = super::check::check(&super::check::Inputs::gather());
+    let complete = report.auto_picks != "none";
+    Rendered { text: emit(out, &report, super::check::render), complete }
 }
 
 /// When no agent answered, their errors (each with its hint) are the command's error.

@@ -7,6 +7,7 @@
 //! as aligned text or JSON, so rendering is tested from fixture JSON without a mesh.
 
 pub mod certs;
+pub mod check;
 pub mod cli;
 pub mod client;
 pub mod error;

@@ -106,7 +106,7 @@ impl Discovery for DiscoveryService {
         self.agents.update(&node, |a| {
             a.connected = true;
             a.connected_at = now_secs();
-            a.agent_address = first.agent_address.clone();
+            a.agent_address = advertised_address(&first.agent_address, peer);
             a.mode = first.mode.clone();
             a.workloads = first.workloads.clone();
         });
@@ -171,5 +171,32 @@ impl Discovery for DiscoveryService {
     ) -> Result<Response<api::AgentsResponse>, Status> {
         let current_version = self.snapshots.borrow().version;
         Ok(Response::new(api::AgentsResponse { agents: self.agents.list(), current_version }))
+    }
+}
+
+/// The tunnel address an agent advertises: `:PORT` is completed with the address
+/// its stream comes from; anything else is taken as given.
+fn advertised_address(advertised: &str, peer: Option<std::net::SocketAddr>) -> String {
+    match (advertised.strip_prefix(':').and_then(|p| p.parse::<u16>().ok()), peer) {
+        (Some(port), Some(peer)) => std::net::SocketAddr::new(peer.ip().to_canonical(), port).to_string(),
+        _ => advertised.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod advertised_tests {
+    use super::advertised_address;
+
+    #[test]
+    fn a_bare_port_is_completed_with_the_streams_address() {
+        let peer = Some("10.77.0.3:40000".parse().unwrap());
+        assert_eq!(advertised_address(":15008", peer), "10.77.0.3:15008");
+        let v6 = Some("[fd77::3]:40000".parse().unwrap());
+        assert_eq!(advertised_address(":15008", v6), "[fd77::3]:15008");
+        let mapped = Some("[::ffff:10.0.0.9]:1".parse().unwrap());
+        assert_eq!(advertised_address(":15008", mapped), "10.0.0.9:15008");
+        assert_eq!(advertised_address("192.0.2.1:15008", peer), "192.0.2.1:15008", "explicit addresses kept");
+        assert_eq!(advertised_address("", peer), "", "no tunnel, nothing advertised");
+        assert_eq!(advertised_address(":15008", None), ":15008");
     }
 }

@@ -369,7 +369,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let settings = ClientSettings {
             control_plane: control_plane.clone(),
             node,
-            agent_address: String::new(),
+            // Only the port: the control plane pairs it with the address it sees the
+            // stream come from (the agent cannot know which of its addresses peers use).
+            agent_address: if args.identity.is_some() {
+                format!(":{}", args.tunnel_port)
+            } else {
+                String::new()
+            },
             mode: mode.as_str().to_string(),
             max_endpoints: args.max_endpoints,
             keepalive: args.discovery_keepalive,

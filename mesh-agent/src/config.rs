@@ -78,6 +78,14 @@ pub enum LogFormat {
     Json,
 }
 
+/// An on/off switch flag (`--metrics on|off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
+}
+
 /// Flags of `mesh-agent run`.
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
@@ -116,6 +124,11 @@ pub struct RunArgs {
     /// the L7 proxy handles): `stdout`, `off`, or a file path (appended to).
     #[arg(long, env = "MESH_ACCESS_LOG", default_value = "stdout")]
     pub access_log: String,
+
+    /// Prometheus metrics: `off` installs no recorder, so recording costs nothing and
+    /// `/metrics` is empty (for measuring the metrics' own overhead).
+    #[arg(long, env = "MESH_METRICS", value_enum, default_value_t = Switch::On)]
+    pub metrics: Switch,
 
     /// Idle time after which a pooled upstream HTTP connection is closed.
     #[arg(long, env = "MESH_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]

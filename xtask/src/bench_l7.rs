@@ -151,9 +151,22 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         };
         let target = target.as_str();
         let mut cmd = lab.host(host).command(&probe, Some(cg.absolute()))?;
-        cmd.args(["--connect", target, "--timeout", "60s", "load", "--rps", &rps.to_string(), "--streams", "16"])
-            .args(["--duration", &format!("{}ms", duration.as_millis())])
-            .args(["--connections", &if http2 { (opts.connections / 16).max(1) } else { opts.connections }.to_string()]);
+        cmd.args([
+            "--connect",
+            target,
+            "--timeout",
+            "60s",
+            "load",
+            "--rps",
+            &rps.to_string(),
+            "--streams",
+            "16",
+        ])
+        .args(["--duration", &format!("{}ms", duration.as_millis())])
+        .args([
+            "--connections",
+            &if http2 { (opts.connections / 16).max(1) } else { opts.connections }.to_string(),
+        ]);
         if http2 {
             cmd.arg("--http2");
         }

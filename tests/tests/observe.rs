@@ -352,7 +352,7 @@ fn prometheus_counts_requests_and_connections() {
     );
 }
 
-fn find<'a>(records: &'a [Value], pred: impl Fn(&Value) -> bool) -> Option<&'a Value> {
+fn find(records: &[Value], pred: impl Fn(&Value) -> bool) -> Option<&Value> {
     records.iter().find(|v| pred(v))
 }
 

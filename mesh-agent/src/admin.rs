@@ -5,7 +5,7 @@
 //! | method | path | |
 //! |---|---|---|
 //! | GET | `/live` | 200 while the process serves |
-//! | GET | `/ready` | 200 once interception is attached and listeners accept, 503 otherwise |
+//! | GET | `/ready` | 200 once interception is attached, listeners accept, the workload certificate is loaded (with an identity) and a discovery snapshot is applied (with a control plane); 503 naming what is missing otherwise |
 //! | GET | `/metrics` | Prometheus text: connections, bytes, sniff results, discovery, certificates |
 //! | GET | `/stats` | connection counters and eBPF program counters (JSON) |
 //! | GET | `/config_dump` | mode, settings, enrolled cgroups, discovery state and routes (JSON) |

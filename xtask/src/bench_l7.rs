@@ -133,14 +133,15 @@ pub(crate) fn build_release(root: &Path) -> Result<()> {
 /// The benchmark lab: control plane (registry, CA), nginx on `server`, the
 /// workload cgroups; agents are started separately so a benchmark can restart them
 /// with different flags.
+/// Fields drop in declaration order: processes first, then their files and hosts.
 pub(crate) struct Bench {
-    pub lab: Lab,
-    pub dir: tempfile::TempDir,
-    pub control: Control,
     _server: KillOnDrop,
+    pub control: Control,
     pub workload: Cgroup,
     pub server_cg: Cgroup,
     pub direct_cg: Cgroup,
+    pub dir: tempfile::TempDir,
+    pub lab: Lab,
 }
 
 /// The client and server agents of one configuration.
@@ -332,6 +333,17 @@ pub(crate) struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
+        // SIGTERM first: nginx's master stops its workers on TERM, while a SIGKILLed
+        // master leaves them running (orphaned, in a namespace that is gone).
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

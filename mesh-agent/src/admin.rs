@@ -5,15 +5,21 @@
 //! | method | path | |
 //! |---|---|---|
 //! | GET | `/live` | 200 while the process serves |
-//! | GET | `/ready` | 200 once interception is attached and listeners accept, 503 otherwise |
+//! | GET | `/ready` | 200 once interception is attached, listeners accept, the workload certificate is loaded (with an identity) and a discovery snapshot is applied (with a control plane); 503 naming what is missing otherwise |
 //! | GET | `/metrics` | Prometheus text: connections, bytes, sniff results, discovery, certificates |
 //! | GET | `/stats` | connection counters and eBPF program counters (JSON) |
 //! | GET | `/config_dump` | mode, settings, enrolled cgroups, discovery state and routes (JSON) |
 //! | POST | `/enroll?cgroup=PATH[&create=true]` | start intercepting a cgroup |
 //! | POST | `/unenroll?cgroup=PATH` | stop intercepting it |
+//! | GET | `/logging` | the current log filter |
+//! | POST | `/logging?level=FILTER` | replace the log filter (EnvFilter syntax, e.g. `debug` or `info,mesh_agent::conn=debug`) |
 //! | POST | `/quitquitquit` | graceful shutdown, as SIGTERM |
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -26,6 +32,18 @@ use tracing::{debug, warn};
 use crate::agent::AgentState;
 
 type Body = Full<Bytes>;
+
+/// Reads (`None`) or replaces (`Some(filter)`) the process's log filter and returns
+/// the filter in effect, or why the change was refused.
+pub type LogFilterControl = Box<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
+
+static LOG_FILTER: OnceLock<LogFilterControl> = OnceLock::new();
+
+/// Installs what `/logging` uses (the binary does, once its subscriber is built);
+/// without it the endpoint answers 501.
+pub fn set_log_filter_control(control: LogFilterControl) {
+    let _ = LOG_FILTER.set(control);
+}
 
 /// Binds the admin endpoint and serves it until the agent shuts down.
 pub async fn spawn(addr: SocketAddr, state: Arc<AgentState>) -> std::io::Result<SocketAddr> {
@@ -89,10 +107,14 @@ async fn route(state: &Arc<AgentState>, req: Request<Incoming>) -> Response<Body
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
-            if state.is_ready() {
+            let missing = state.not_ready();
+            if missing.is_empty() {
                 text(StatusCode::OK, "ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: waiting for {}\n", missing.join(", ")),
+                )
             }
         }
         (&Method::GET, "/stats") => {
@@ -142,13 +164,35 @@ async fn route(state: &Arc<AgentState>, req: Request<Incoming>) -> Response<Body
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
             }
         }
+        (method @ (&Method::GET | &Method::POST), "/logging") => {
+            let Some(control) = LOG_FILTER.get() else {
+                return text(StatusCode::NOT_IMPLEMENTED, "log filter is not reloadable in this process\n");
+            };
+            let level = if method == Method::POST {
+                match query_param(&req, "level") {
+                    Some(l) => Some(l),
+                    None => return text(StatusCode::BAD_REQUEST, "missing query parameter `level`\n"),
+                }
+            } else {
+                None
+            };
+            match control(level.as_deref()) {
+                Ok(current) => {
+                    if level.is_some() {
+                        tracing::info!(filter = %current, "log filter changed");
+                    }
+                    text(StatusCode::OK, format!("{current}\n"))
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
         (&Method::POST, "/quitquitquit") => {
             state.shutdown.cancel();
             text(StatusCode::OK, "draining\n")
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; see /live /ready /stats /config_dump /enroll /unenroll /quitquitquit\n",
+            "not found; see /live /ready /stats /metrics /config_dump /enroll /unenroll /logging /quitquitquit\n",
         ),
     }
 }

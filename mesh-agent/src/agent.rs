@@ -47,6 +47,8 @@ pub struct AgentState {
     ready: AtomicBool,
     pub shutdown: CancellationToken,
     control_plane: Option<String>,
+    /// An identity is configured: not ready until its first certificate is loaded.
+    needs_identity: bool,
     /// Renders `/metrics`; `None` when another recorder was installed first.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
@@ -105,7 +107,24 @@ pub struct DiscoveryStatus {
 
 impl AgentState {
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.not_ready().is_empty()
+    }
+
+    /// What readiness still waits for: interception attached and listeners serving,
+    /// the workload certificate loaded (with `--identity`), a discovery snapshot
+    /// applied (with `--control-plane`). Empty when ready.
+    pub fn not_ready(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        if !self.ready.load(Ordering::Acquire) {
+            missing.push("interception");
+        }
+        if self.needs_identity && self.proxy.identity.get().is_none() {
+            missing.push("certificate");
+        }
+        if self.proxy.routes.is_enabled() && !self.proxy.routes.has_snapshot() {
+            missing.push("discovery snapshot");
+        }
+        missing
     }
 
     fn mount(&self) -> Result<&PathBuf, EnrollError> {
@@ -321,15 +340,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
         shutdown: CancellationToken::new(),
         control_plane: args.control_plane.clone(),
-        metrics: match crate::observe::metrics::install() {
-            Ok(h) => {
-                crate::observe::metrics::set_interception_mode(mode);
-                Some(h)
-            }
-            Err(e) => {
-                warn!(error = %e, "metrics unavailable");
-                None
-            }
+        needs_identity: args.control_plane.is_some() && args.identity.is_some(),
+        metrics: match args.metrics {
+            crate::config::Switch::Off => None,
+            crate::config::Switch::On => match crate::observe::metrics::install() {
+                Ok(h) => {
+                    crate::observe::metrics::set_interception_mode(mode);
+                    Some(h)
+                }
+                Err(e) => {
+                    warn!(error = %e, "metrics unavailable");
+                    None
+                }
+            },
         },
     });
 

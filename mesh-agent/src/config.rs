@@ -78,6 +78,14 @@ pub enum LogFormat {
     Json,
 }
 
+/// An on/off switch flag (`--metrics on|off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
+}
+
 /// Flags of `mesh-agent run`.
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
@@ -124,6 +132,11 @@ pub struct RunArgs {
     /// This node's zone within `--region`.
     #[arg(long, env = "MESH_ZONE", default_value = "")]
     pub zone: String,
+
+    /// Prometheus metrics: `off` installs no recorder, so recording costs nothing and
+    /// `/metrics` is empty (for measuring the metrics' own overhead).
+    #[arg(long, env = "MESH_METRICS", value_enum, default_value_t = Switch::On)]
+    pub metrics: Switch,
 
     /// Idle time after which a pooled upstream HTTP connection is closed.
     #[arg(long, env = "MESH_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]

@@ -503,4 +503,16 @@ fn log_close(
         error,
         "connection closed"
     );
+    if ctx.access_log.is_some() {
+        let mut r = crate::observe::access_log::AccessRecord::tcp(direction, ctx.mode, conn.peer);
+        r.destination_service = conn.service.map(MeshName::known);
+        r.destination_endpoint = conn.endpoint;
+        r.original_destination = Some(conn.orig_dst);
+        r.protocol = protocol.map(Protocol::name);
+        r.duration = Some(o.duration);
+        r.bytes_sent = o.client_to_upstream;
+        r.bytes_received = o.upstream_to_client;
+        r.error = o.error.as_ref().map(|(side, e)| format!("{}: {e}", side.as_str()));
+        ctx.log_access(r);
+    }
 }

@@ -7,7 +7,7 @@ use mesh_agent::{
     config::{InterceptArgs, LogFormat},
     intercept::iptables,
 };
-use tracing_subscriber::{EnvFilter, fmt};
+use tracing_subscriber::{EnvFilter, Registry, fmt, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
 #[derive(Parser)]
 #[command(name = "mesh-agent", version, about = "Service mesh node agent")]
@@ -57,11 +57,25 @@ mod agent_args {
 fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     let filter =
         EnvFilter::try_new(filter).with_context(|| format!("invalid --log (MESH_LOG) filter {filter:?}"))?;
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stdout);
+    // The filter sits behind a reload layer so `POST /logging?level=...` on the admin
+    // endpoint can change it at run time.
+    let (filter, handle) = reload::Layer::<EnvFilter, Registry>::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stdout)).init(),
+        LogFormat::Json => registry
+            .with(
+                fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stdout),
+            )
+            .init(),
     }
+    mesh_agent::admin::set_log_filter_control(Box::new(move |new: Option<&str>| {
+        if let Some(new) = new {
+            let filter = EnvFilter::try_new(new).map_err(|e| format!("invalid filter {new:?}: {e}"))?;
+            handle.reload(filter).map_err(|e| e.to_string())?;
+        }
+        handle.with_current(ToString::to_string).map_err(|e| e.to_string())
+    }));
     Ok(())
 }
 

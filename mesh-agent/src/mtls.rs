@@ -27,7 +27,10 @@ use crate::{
     intercept::ActiveMode,
     l7::pool::{UpstreamPool, Version},
     listener::{Direction, ProxyContext},
-    observe::{access_log::AccessLog, labels::MeshName},
+    observe::{
+        access_log::{AccessLog, AccessRecord},
+        labels::MeshName,
+    },
     sniff::{self, OpaqueReason, Protocol},
     socket::SocketFactory,
     tunnel::{ClientTls, Relay, StreamInfo, TunnelPool, TunnelRecord, TunnelServer, TunnelStream},
@@ -135,6 +138,19 @@ pub async fn forward(
         duration_ms = start.elapsed().as_secs_f64() * 1000.0,
         "connection closed"
     );
+    if ctx.access_log.is_some() {
+        let mut r = AccessRecord::tcp(Direction::Outbound, ctx.mode, peer);
+        r.source_identity = Some(MeshName::known(&source.to_string()));
+        r.destination_service = Some(MeshName::known(service));
+        r.destination_endpoint = Some(endpoint);
+        r.destination_identity = Some(MeshName::known(&expected.to_string()));
+        r.original_destination = Some(orig_dst);
+        r.protocol = Some(protocol.name());
+        r.duration = Some(start.elapsed());
+        r.bytes_sent = up;
+        r.bytes_received = down;
+        ctx.log_access(r);
+    }
     Ok((up, down, protocol.name().to_owned()))
 }
 
@@ -230,14 +246,28 @@ pub fn serve_inbound(
                     tunnel.reset();
                     return (0, 0, Some("only HTTP requests are allowed by policy".into()));
                 }
-                match copy_bidirectional(&mut tunnel, &mut upstream).await {
+                let start = Instant::now();
+                let (i, o, error) = match copy_bidirectional(&mut tunnel, &mut upstream).await {
                     Ok((i, o)) => (i, o, None),
                     Err(e) => {
                         tunnel.reset();
                         crate::forward::reset(&upstream);
                         (tunnel.bytes_received(), tunnel.bytes_sent(), Some(e.to_string()))
                     }
+                };
+                if let Some(log) = &access_log {
+                    let mut r = AccessRecord::tcp(Direction::Inbound, mode, info.peer_addr);
+                    r.source_identity = Some(MeshName::known(&info.peer_id.to_string()));
+                    r.destination_service = Some(MeshName::known(&decision.service));
+                    r.destination_endpoint = Some(info.target);
+                    r.protocol = Some("tcp");
+                    r.duration = Some(start.elapsed());
+                    r.bytes_sent = i;
+                    r.bytes_received = o;
+                    r.error.clone_from(&error);
+                    log.log(r);
                 }
+                (i, o, error)
             }) as std::pin::Pin<Box<dyn Future<Output = (u64, u64, Option<String>)> + Send>>
         });
     let mode_name = mode.as_str();

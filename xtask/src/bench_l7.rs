@@ -56,15 +56,18 @@ fn registry() -> String {
     )
 }
 
-fn start_agent(
+/// Starts an agent in eBPF mode with an identity, log level info and `extra` flags
+/// (default: access log off), and waits for its certificate and first snapshot.
+pub(crate) fn start_agent(
     lab: &Lab,
     host: &str,
     cg: &Cgroup,
     control: &Control,
     identity: &str,
     token: &Path,
+    extra: &[String],
 ) -> Result<Agent> {
-    let opts = AgentOptions { log: Some("info".into()), ..AgentOptions::new("ebpf").cgroup(cg) }
+    let mut opts = AgentOptions { log: Some("info".into()), ..AgentOptions::new("ebpf").cgroup(cg) }
         .arg("--control-plane")
         .arg(control.url.clone())
         .arg("--node")
@@ -72,19 +75,23 @@ fn start_agent(
         .arg("--identity")
         .arg(identity)
         .arg("--bootstrap-token-file")
-        .arg(token.display().to_string())
-        .arg("--access-log")
-        .arg("off");
+        .arg(token.display().to_string());
+    if !extra.iter().any(|a| a == "--access-log") {
+        opts = opts.arg("--access-log").arg("off");
+    }
+    for a in extra {
+        opts = opts.arg(a.clone());
+    }
     let a = Agent::start(lab.host(host), opts)?;
     a.wait_log("workload certificate", |v| message(v) == "workload certificate issued");
     a.wait_log("snapshot", |v| message(v) == "snapshot applied");
     Ok(a)
 }
 
-pub fn run(root: &Path, opts: &Options) -> Result<()> {
-    ensure!(nix::unistd::geteuid().is_root(), "the benchmark needs root (namespaces, cgroups, BPF)");
-    crate::setup::system_packages()?;
-    println!("[1/3] building release binaries");
+/// Builds the release binaries the benchmarks run and points the test harness at
+/// copies of them (another build into the same target directory cannot swap a
+/// binary under a running benchmark).
+pub(crate) fn build_release(root: &Path) -> Result<()> {
     let status = Command::new(env!("CARGO"))
         .current_dir(root)
         .args([
@@ -106,51 +113,121 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         ])
         .status()?;
     ensure!(status.success(), "release build failed");
-    let release = root.join("target/release");
-    // SAFETY (of set_var): single-threaded at this point.
-    unsafe {
-        std::env::set_var("MESH_MESH_AGENT_BIN", release.join("mesh-agent"));
-        std::env::set_var("MESH_MESH_PROBE_BIN", release.join("mesh-probe"));
-        std::env::set_var("MESH_MESH_CONTROL_BIN", release.join("mesh-control"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let release = target.join("release");
+    let bins = std::env::temp_dir().join(format!("mesh-bench-bins-{}", std::process::id()));
+    std::fs::create_dir_all(&bins)?;
+    for (bin, var) in [
+        ("mesh-agent", "MESH_MESH_AGENT_BIN"),
+        ("mesh-probe", "MESH_MESH_PROBE_BIN"),
+        ("mesh-control", "MESH_MESH_CONTROL_BIN"),
+    ] {
+        let copy = bins.join(bin);
+        std::fs::copy(release.join(bin), &copy).with_context(|| format!("copying {bin}"))?;
+        // SAFETY (of set_var): single-threaded at this point.
+        unsafe { std::env::set_var(var, &copy) };
+    }
+    Ok(())
+}
+
+/// The benchmark lab: control plane (registry, CA), nginx on `server`, the
+/// workload cgroups; agents are started separately so a benchmark can restart them
+/// with different flags.
+/// Fields drop in declaration order: processes first, then their files and hosts.
+pub(crate) struct Bench {
+    _server: KillOnDrop,
+    pub control: Control,
+    pub workload: Cgroup,
+    pub server_cg: Cgroup,
+    pub direct_cg: Cgroup,
+    pub dir: tempfile::TempDir,
+    pub lab: Lab,
+}
+
+/// The client and server agents of one configuration.
+pub(crate) struct Agents {
+    pub client: Agent,
+    pub server: Agent,
+}
+
+impl Agents {
+    pub fn terminate(self) -> Result<()> {
+        self.client.terminate()?;
+        self.server.terminate()?;
+        Ok(())
+    }
+}
+
+impl Bench {
+    pub fn start(name: &str) -> Result<Self> {
+        let lab = Lab::new(&["control", "client", "server", "direct"])?;
+        let dir = tempfile::tempdir()?;
+        let reg = dir.path().join("registry.yaml");
+        std::fs::write(&reg, registry())?;
+        std::fs::write(dir.path().join("tokens"), "tok-client client\ntok-server server\n")?;
+        std::fs::write(dir.path().join("client.token"), "tok-client")?;
+        std::fs::write(dir.path().join("server.token"), "tok-server")?;
+        let control = Control::start(
+            lab.host("control"),
+            &reg,
+            &[
+                "--bootstrap-tokens",
+                &dir.path().join("tokens").display().to_string(),
+                "--ca-dir",
+                &dir.path().join("ca").display().to_string(),
+            ],
+        )?;
+        let server = nginx(lab.host("server"), dir.path())?;
+        let workload = Cgroup::new(name)?;
+        let server_cg = Cgroup::new(&format!("{name}-srv"))?;
+        let direct_cg = Cgroup::new(&format!("{name}-direct"))?;
+        Ok(Self { lab, dir, control, _server: server, workload, server_cg, direct_cg })
     }
 
-    println!("[2/3] starting the control plane, two agents (eBPF mode, mTLS) and the server");
-    let lab = Lab::new(&["control", "client", "server", "direct"])?;
-    let dir = tempfile::tempdir()?;
-    let reg = dir.path().join("registry.yaml");
-    std::fs::write(&reg, registry())?;
-    std::fs::write(dir.path().join("tokens"), "tok-client client\ntok-server server\n")?;
-    std::fs::write(dir.path().join("client.token"), "tok-client")?;
-    std::fs::write(dir.path().join("server.token"), "tok-server")?;
-    let control = Control::start(
-        lab.host("control"),
-        &reg,
-        &[
-            "--bootstrap-tokens",
-            &dir.path().join("tokens").display().to_string(),
-            "--ca-dir",
-            &dir.path().join("ca").display().to_string(),
-        ],
-    )?;
-    let _server = nginx(lab.host("server"), dir.path())?;
-    let workload = Cgroup::new("l7bench")?;
-    let server_cg = Cgroup::new("l7bench-srv")?;
-    let direct_cg = Cgroup::new("l7bench-direct")?;
-    let client_agent =
-        start_agent(&lab, "client", &workload, &control, "shop/frontend", &dir.path().join("client.token"))?;
-    let server_agent =
-        start_agent(&lab, "server", &server_cg, &control, "shop/api", &dir.path().join("server.token"))?;
+    /// Both agents, each with `extra(host)` flags.
+    pub fn agents(&self, extra: impl Fn(&str) -> Vec<String>) -> Result<Agents> {
+        let d = self.dir.path();
+        let client = start_agent(
+            &self.lab,
+            "client",
+            &self.workload,
+            &self.control,
+            "shop/frontend",
+            &d.join("client.token"),
+            &extra("client"),
+        )?;
+        let server = start_agent(
+            &self.lab,
+            "server",
+            &self.server_cg,
+            &self.control,
+            "shop/api",
+            &d.join("server.token"),
+            &extra("server"),
+        )?;
+        Ok(Agents { client, server })
+    }
 
-    let probe = PathBuf::from(std::env::var_os("MESH_MESH_PROBE_BIN").context("probe path")?);
-    let load = |host: &str, cg: &Cgroup, http2: bool, rps: u32, duration: Duration| -> Result<Value> {
+    /// `mesh-probe load` from `host` (`client`: through the mesh to the VIP; `direct`:
+    /// straight to nginx) at `rps` (0: as fast as possible); its JSON report.
+    pub fn load(
+        &self,
+        host: &str,
+        http2: bool,
+        rps: u32,
+        duration: Duration,
+        connections: u32,
+    ) -> Result<Value> {
+        let probe = PathBuf::from(std::env::var_os("MESH_MESH_PROBE_BIN").context("probe path")?);
+        let cg = if host == "direct" { &self.direct_cg } else { &self.workload };
         let target = match (host, http2) {
-            ("direct", false) => lab.host("server").v4_addr(HTTP).to_string(),
-            ("direct", true) => lab.host("server").v4_addr(H2).to_string(),
+            ("direct", false) => self.lab.host("server").v4_addr(HTTP).to_string(),
+            ("direct", true) => self.lab.host("server").v4_addr(H2).to_string(),
             (_, false) => format!("{VIP}:80"),
             (_, true) => format!("{VIP}:81"),
         };
         let target = target.as_str();
-        let mut cmd = lab.host(host).command(&probe, Some(cg.absolute()))?;
+        let mut cmd = self.lab.host(host).command(&probe, Some(cg.absolute()))?;
         cmd.args([
             "--connect",
             target,
@@ -163,27 +240,38 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             "16",
         ])
         .args(["--duration", &format!("{}ms", duration.as_millis())])
-        .args([
-            "--connections",
-            &if http2 { (opts.connections / 16).max(1) } else { opts.connections }.to_string(),
-        ]);
+        .args(["--connections", &if http2 { (connections / 16).max(1) } else { connections }.to_string()]);
         if http2 {
             cmd.arg("--http2");
         }
         let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
         ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+pub fn run(root: &Path, opts: &Options) -> Result<()> {
+    ensure!(nix::unistd::geteuid().is_root(), "the benchmark needs root (namespaces, cgroups, BPF)");
+    crate::setup::system_packages()?;
+    println!("[1/3] building release binaries");
+    build_release(root)?;
+
+    println!("[2/3] starting the control plane, two agents (eBPF mode, mTLS) and the server");
+    let bench = Bench::start("l7bench")?;
+    let agents = bench.agents(|_| Vec::new())?;
+    let load = |host: &str, http2: bool, rps: u32, duration: Duration| {
+        bench.load(host, http2, rps, duration, opts.connections)
     };
 
     println!("[3/3] measuring {:?} per point, direct then mesh", opts.duration);
     let mut points = Vec::new();
     for (protocol, http2) in [("HTTP/1.1", false), ("HTTP/2", true)] {
         // Warm-up: connections, pools, tunnel, page cache.
-        load("direct", &direct_cg, http2, 0, Duration::from_secs(1))?;
-        load("client", &workload, http2, 0, Duration::from_secs(1))?;
+        load("direct", http2, 0, Duration::from_secs(1))?;
+        load("client", http2, 0, Duration::from_secs(1))?;
         for rps in [1_000, 10_000, 0] {
-            let direct = load("direct", &direct_cg, http2, rps, opts.duration)?;
-            let mesh = load("client", &workload, http2, rps, opts.duration)?;
+            let direct = load("direct", http2, rps, opts.duration)?;
+            let mesh = load("client", http2, rps, opts.duration)?;
             let label = if rps == 0 { "max".to_owned() } else { format!("{}k rps", rps / 1000) };
             println!(
                 "      {protocol:<8} {label:<7} direct {:>7.0} req/s p50 {:>6.0} us p99 {:>7.0} us errors {} | mesh {:>7.0} req/s p50 {:>6.0} us p99 {:>7.0} us errors {}",
@@ -199,9 +287,8 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             points.push(Point { protocol, load: label, direct, mesh });
         }
     }
-    client_agent.terminate()?;
-    server_agent.terminate()?;
-    control.terminate()?;
+    agents.terminate()?;
+    bench.control.terminate()?;
 
     let report = render(&points, opts);
     println!("\n{report}");
@@ -242,16 +329,27 @@ fn nginx(host: &mesh_tests::Host, dir: &Path) -> Result<KillOnDrop> {
 }
 
 /// A child process killed when the benchmark ends, however it ends.
-struct KillOnDrop(std::process::Child);
+pub(crate) struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
+        // SIGTERM first: nginx's master stops its workers on TERM, while a SIGKILLed
+        // master leaves them running (orphaned, in a namespace that is gone).
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-fn f(v: &Value, k: &str) -> f64 {
+pub(crate) fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or_default()
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_l7;
+mod bench_observe;
 mod demo;
 mod ebpf;
 mod setup;
@@ -85,6 +86,19 @@ enum Bench {
         #[arg(long, default_value_t = 64)]
         connections: u32,
     },
+    /// Observability overhead: HTTP/1.1 through the mesh with metrics and the access
+    /// log (to a file) ON vs OFF, max rate and p99 at 1k requests/s, one run.
+    Observe {
+        /// Duration of each load point.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// HTTP/1.1 connections at the maximum rate (requests in flight).
+        #[arg(long, default_value_t = 64)]
+        connections: u32,
+        /// Rounds of OFF and ON (alternating order; medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -100,6 +114,9 @@ fn main() -> Result<()> {
         }
         Task::Bench { which: Bench::L7 { duration, connections } } => {
             bench_l7::run(&root, &bench_l7::Options { duration, connections })
+        }
+        Task::Bench { which: Bench::Observe { duration, connections, rounds } } => {
+            bench_observe::run(&root, &bench_observe::Options { duration, connections, rounds })
         }
     }
 }

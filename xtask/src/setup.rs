@@ -1,5 +1,5 @@
 //! System packages the tests, demo and benchmarks run (iptables, iproute2, curl,
-//! bpftool, wrk, iperf3, h2load, nginx, openssl, python3-venv), installed with apt when
+//! bpftool, wrk, iperf3, h2load, nginx, openssl, python3-venv, prometheus), installed with apt when
 //! missing, idempotently.
 
 use std::process::{Command, Stdio};
@@ -21,6 +21,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     // The gRPC e2e test runs a real grpcio client and server from a venv.
     ("python3", "python3-venv"),
+    // The observability e2e test scrapes the agent with a real Prometheus.
+    ("prometheus", "prometheus"),
 ];
 
 /// Whether `python3 -m venv` works (Debian ships it separately from python3).

@@ -152,7 +152,8 @@ impl AccessRecord {
             bytes_received: 0,
             trace_id: None,
             request_id: None,
-            retries: None,
+            // An HTTP request was retried zero times until the proxy says otherwise.
+            retries: (kind == Kind::Http).then_some(0),
             error: None,
         }
     }

@@ -374,6 +374,25 @@ mod tests {
     }
 
     #[test]
+    fn unhealthy_endpoints_are_never_picked_and_none_left_means_none() {
+        let services = Services::default();
+        let mut s = snapshot(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], None);
+        s.services[0].endpoints[1].health = api::Health::Unhealthy as i32;
+        let t = table(1, &s);
+        let state = services.state(&t, t.by_addr(vip()).unwrap()).unwrap();
+        let unhealthy: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        for _ in 0..10 {
+            assert_ne!(state.pick(None, None).unwrap().addr(), unhealthy);
+        }
+        for e in &mut s.services[0].endpoints {
+            e.health = api::Health::Unhealthy as i32;
+        }
+        let t = table(2, &s);
+        let state = services.state(&t, t.by_addr(vip()).unwrap()).unwrap();
+        assert!(state.pick(None, None).is_none(), "no healthy endpoint: nothing to pick");
+    }
+
+    #[test]
     fn endpoint_state_survives_a_new_snapshot() {
         let services = Services::default();
         let s = snapshot(&["10.0.0.1", "10.0.0.2"], None);

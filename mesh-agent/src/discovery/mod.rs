@@ -6,4 +6,4 @@ pub mod client;
 pub mod store;
 pub mod table;
 
-pub use store::{Resolved, RouteStore};
+pub use store::RouteStore;

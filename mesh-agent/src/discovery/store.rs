@@ -5,7 +5,6 @@
 //! never waits for readers.
 
 use std::{
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -15,18 +14,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-use super::table::{EndpointTarget, Route, RouteTable};
-
-/// Where an intercepted connection goes.
-#[derive(Debug)]
-pub enum Resolved {
-    /// A known service with at least one healthy endpoint.
-    Service { route: Arc<Route>, endpoint: EndpointTarget },
-    /// A known service with no endpoint that can take traffic.
-    NoHealthyEndpoint { route: Arc<Route> },
-    /// Unknown to the control plane: the original destination, untouched.
-    Passthrough(SocketAddr),
-}
+use super::table::RouteTable;
 
 /// Shared between the discovery client (writer) and the data path (readers).
 #[derive(Debug)]
@@ -107,17 +95,5 @@ impl RouteStore {
     pub fn since_last_update(&self) -> Option<Duration> {
         let at = self.applied_at_ms.load(Ordering::Acquire);
         (at != 0).then(|| Duration::from_millis(self.now_ms().saturating_sub(at)))
-    }
-
-    /// Original destination -> service -> endpoint (round robin over healthy ones).
-    pub fn resolve(&self, orig_dst: SocketAddr) -> Resolved {
-        let table = self.table.load();
-        match table.by_addr(orig_dst) {
-            None => Resolved::Passthrough(orig_dst),
-            Some(route) => match route.pick() {
-                Some(endpoint) => Resolved::Service { endpoint: endpoint.clone(), route: route.clone() },
-                None => Resolved::NoHealthyEndpoint { route: route.clone() },
-            },
-        }
     }
 }

@@ -8,10 +8,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
 };
 
 use mesh_api as api;
@@ -55,32 +52,11 @@ pub struct Route {
     pub port: u16,
     pub protocol: &'static str,
     pub endpoints: Vec<EndpointTarget>,
-    /// Indexes into `endpoints` of the healthy ones with a non-zero weight.
-    #[serde(skip)]
-    healthy: Vec<usize>,
-    #[serde(skip)]
-    next: AtomicUsize,
     #[serde(skip)]
     pub policy: Option<api::Policy>,
     /// `policy`, validated and with defaults filled in.
     #[serde(skip)]
     pub service_policy: Arc<ServicePolicy>,
-}
-
-impl Route {
-    /// Next healthy endpoint in round-robin order; `None` when none is healthy.
-    pub fn pick(&self) -> Option<&EndpointTarget> {
-        if self.healthy.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.healthy.len();
-        self.endpoints.get(self.healthy[i])
-    }
-
-    /// Number of endpoints that can be picked.
-    pub fn healthy_count(&self) -> usize {
-        self.healthy.len()
-    }
 }
 
 /// The routing table of one snapshot version.
@@ -192,19 +168,11 @@ impl RouteTable {
                         region: locality.region,
                     });
                 }
-                let healthy = endpoints
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, e)| e.healthy && e.weight > 0)
-                    .map(|(i, _)| i)
-                    .collect();
                 let route = Arc::new(Route {
                     service: name.clone(),
                     port: svc_port,
                     protocol: protocol_name(p.protocol()),
                     endpoints,
-                    healthy,
-                    next: AtomicUsize::new(0),
                     policy: s.policy.clone(),
                     service_policy: service_policy.clone(),
                 });
@@ -289,18 +257,6 @@ mod tests {
     }
 
     #[test]
-    fn round_robin_visits_each_healthy_endpoint_once_per_cycle() {
-        let t = RouteTable::build(1, &snapshot(), 100).unwrap();
-        let r = t.by_addr("10.96.0.10:80".parse().unwrap()).unwrap();
-        assert_eq!(r.healthy_count(), 2);
-        let mut seen: Vec<SocketAddr> = (0..4).map(|_| r.pick().unwrap().addr).collect();
-        seen.sort();
-        let a: SocketAddr = "10.77.0.3:8080".parse().unwrap();
-        let b: SocketAddr = "10.77.0.4:8080".parse().unwrap();
-        assert_eq!(seen, [a, a, b, b], "unhealthy 10.77.0.5 never picked, the others alternate");
-    }
-
-    #[test]
     fn lookups_by_vip_v4_mapped_v6_and_hostname() {
         let t = RouteTable::build(1, &snapshot(), 100).unwrap();
         assert!(t.by_addr("[::ffff:10.96.0.10]:80".parse().unwrap()).is_some());
@@ -308,16 +264,6 @@ mod tests {
         assert!(t.by_addr("10.96.0.10:81".parse().unwrap()).is_none());
         assert!(t.by_host("Echo.default.svc.cluster.local.", 80).is_some());
         assert!(t.by_host("other", 80).is_none());
-    }
-
-    #[test]
-    fn no_healthy_endpoint_yields_none() {
-        let mut s = snapshot();
-        for e in &mut s.services[0].endpoints {
-            e.health = api::Health::Unhealthy as i32;
-        }
-        let t = RouteTable::build(1, &s, 100).unwrap();
-        assert!(t.by_addr("10.96.0.10:80".parse().unwrap()).unwrap().pick().is_none());
     }
 
     #[test]

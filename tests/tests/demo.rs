@@ -9,7 +9,14 @@ use mesh_tests::{
     require_root,
 };
 
+/// One demo at a time: the teardown check looks for any cgroup or BPF attachment
+/// this test process left under `mesh-test/`, so a second demo running concurrently
+/// in the same process would be reported as the first one's leftovers (it was, in
+/// CI, where the test harness runs tests in parallel).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run_demo(mode: &str) {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("summary.json");
     let result = demo::run(&demo::Options {

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tracing::warn;
 
 use super::body::{BodyEnd, Observed, grpc_status};
@@ -123,23 +122,7 @@ impl Inbound {
     {
         let this = Arc::new(self);
         let version = this.version;
-        let svc = hyper::service::service_fn(move |req| this.clone().proxy(req));
-        let io = TokioIo::new(io);
-        match version {
-            Version::Http1 => {
-                hyper::server::conn::http1::Builder::new()
-                    .max_buf_size(super::MAX_HEADER_BYTES)
-                    .serve_connection(io, svc)
-                    .with_upgrades()
-                    .await
-            }
-            Version::Http2 => {
-                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .max_header_list_size(super::MAX_HEADER_BYTES as u32)
-                    .serve_connection(io, svc)
-                    .await
-            }
-        }
+        super::serve_http(io, version, hyper::service::service_fn(move |req| this.clone().proxy(req))).await
     }
 
     async fn proxy(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {

@@ -21,6 +21,33 @@ pub mod pool;
 /// bigger ones get 431 (HTTP/1) or a stream reset (HTTP/2), never unbounded memory.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// Serves one client connection (or tunnel stream) with hyper in `version`, with
+/// the header bounds above; HTTP/1 keeps upgrades (WebSocket) possible.
+pub async fn serve_http<I, S>(io: I, version: pool::Version, service: S) -> Result<(), hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = pool::Body> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = hyper_util::rt::TokioIo::new(io);
+    match version {
+        pool::Version::Http1 => {
+            hyper::server::conn::http1::Builder::new()
+                .max_buf_size(MAX_HEADER_BYTES)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+        pool::Version::Http2 => {
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
+                .serve_connection(io, service)
+                .await
+        }
+    }
+}
+
 /// Which HTTP version a sniffed protocol is served with, if it is HTTP at all.
 pub fn version_of(protocol: &crate::sniff::Protocol) -> Option<pool::Version> {
     match protocol {

@@ -302,6 +302,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             (Some(log), Some(writer))
         }
     };
+    let (spans, span_exporter) = match &args.otlp_endpoint {
+        None => (None, None),
+        Some(endpoint) => {
+            let config = crate::observe::spans::SpanExportConfig {
+                endpoint: endpoint.clone(),
+                sample_ratio: args.otlp_sample_ratio,
+                node: node_name(&args),
+                mode,
+                queue: crate::observe::spans::DEFAULT_QUEUE,
+            };
+            let (spans, exporter) = crate::observe::spans::Spans::start(&config)?;
+            info!(%endpoint, sample_ratio = args.otlp_sample_ratio, "exporting spans over OTLP");
+            (Some(spans), Some(exporter))
+        }
+    };
+    let records = crate::observe::Records { access_log, spans };
     let tunnels = crate::mtls::pool(identity_slot.clone(), sockets, connect_timeout);
     let upstreams = Arc::new(crate::l7::pool::UpstreamPool::new(
         sockets,
@@ -323,7 +339,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tunnels,
         services: Default::default(),
         upstreams: upstreams.clone(),
-        access_log: access_log.clone(),
+        records: records.clone(),
         locality: {
             let l = crate::balance::Locality::new(args.region.clone(), args.zone.clone());
             l.is_known().then_some(l)
@@ -384,11 +400,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     if let Some(control_plane) = &args.control_plane {
-        let node = args.node.clone().unwrap_or_else(|| {
-            nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| "unknown".into())
-        });
+        let node = node_name(&args);
         let settings = ClientSettings {
             control_plane: control_plane.clone(),
             node,
@@ -448,7 +460,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 connect_timeout,
                 mode,
                 upstreams: upstreams.clone(),
-                access_log: access_log.clone(),
+                records: records.clone(),
             };
             crate::mtls::serve_inbound(listener, inbound, state.shutdown.clone());
         }
@@ -492,8 +504,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             "drain deadline reached; closing remaining connections"
         );
     }
+    drop(records);
+    if let Some(exporter) = span_exporter {
+        exporter.shutdown().await;
+    }
     if let Some(writer) = access_log_writer {
-        drop(access_log);
         if let Err(e) = writer.shutdown().await {
             warn!(error = %e, "access log did not flush cleanly");
         }
@@ -514,4 +529,13 @@ async fn wait_for_shutdown(admin_drain: &CancellationToken) {
         _ = int.recv() => info!("SIGINT received"),
         () = admin_drain.cancelled() => info!("drain requested on the admin endpoint"),
     }
+}
+
+/// `--node`, or the host name.
+fn node_name(args: &RunArgs) -> String {
+    args.node.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "unknown".into())
+    })
 }

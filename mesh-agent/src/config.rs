@@ -125,6 +125,17 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_ACCESS_LOG", default_value = "stdout")]
     pub access_log: String,
 
+    /// OpenTelemetry collector (OTLP/gRPC, `http://host:4317`) that receives a span
+    /// per proxied HTTP request of a sampled trace. Unset: no spans are exported.
+    #[arg(long, env = "MESH_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Share (0 to 1) of the traces the agent starts itself (requests arriving
+    /// without `traceparent`) that are sampled; with `--otlp-endpoint` only.
+    /// Traces that arrive with a context keep their own sampling decision.
+    #[arg(long, env = "MESH_OTLP_SAMPLE_RATIO", default_value_t = 1.0)]
+    pub otlp_sample_ratio: f64,
+
     /// This node's region, for services whose balancer prefers nearby endpoints.
     #[arg(long, env = "MESH_REGION", default_value = "")]
     pub region: String,

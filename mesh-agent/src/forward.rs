@@ -503,7 +503,7 @@ fn log_close(
         error,
         "connection closed"
     );
-    if ctx.access_log.is_some() {
+    if ctx.records.wants_tcp() {
         let mut r = crate::observe::access_log::AccessRecord::tcp(direction, ctx.mode, conn.peer);
         r.destination_service = conn.service.map(MeshName::known);
         r.destination_endpoint = conn.endpoint;

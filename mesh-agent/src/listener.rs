@@ -65,8 +65,8 @@ pub struct ProxyContext {
     pub services: crate::balance::service::Services,
     /// Kept-alive upstream HTTP connections of the L7 proxy.
     pub upstreams: Arc<crate::l7::pool::UpstreamPool>,
-    /// Request and connection records; `None` when `--access-log off`.
-    pub access_log: Option<crate::observe::access_log::AccessLog>,
+    /// Where request and connection records go (access log, span export).
+    pub records: crate::observe::Records,
     /// Where this node runs, for locality-aware balancing (`--region`, `--zone`).
     pub locality: Option<crate::balance::Locality>,
 }
@@ -74,9 +74,7 @@ pub struct ProxyContext {
 impl ProxyContext {
     /// Queues an access-log record (dropped and counted if the log is behind).
     pub fn log_access(&self, record: crate::observe::access_log::AccessRecord) {
-        if let Some(log) = &self.access_log {
-            log.log(record);
-        }
+        self.records.emit(record);
     }
 
     pub fn is_own_listener(&self, dst: SocketAddr) -> bool {
@@ -263,7 +261,7 @@ mod tests {
                 Default::default(),
                 Duration::from_secs(90),
             )),
-            access_log: None,
+            records: Default::default(),
             locality: None,
         }
     }

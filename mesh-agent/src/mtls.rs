@@ -27,10 +27,7 @@ use crate::{
     intercept::ActiveMode,
     l7::pool::{UpstreamPool, Version},
     listener::{Direction, ProxyContext},
-    observe::{
-        access_log::{AccessLog, AccessRecord},
-        labels::MeshName,
-    },
+    observe::{Records, access_log::AccessRecord, labels::MeshName},
     sniff::{self, OpaqueReason, Protocol},
     socket::SocketFactory,
     tunnel::{ClientTls, Relay, StreamInfo, TunnelPool, TunnelRecord, TunnelServer, TunnelStream},
@@ -138,7 +135,7 @@ pub async fn forward(
         duration_ms = start.elapsed().as_secs_f64() * 1000.0,
         "connection closed"
     );
-    if ctx.access_log.is_some() {
+    if ctx.records.wants_tcp() {
         let mut r = AccessRecord::tcp(Direction::Outbound, ctx.mode, peer);
         r.source_identity = Some(MeshName::known(&source.to_string()));
         r.destination_service = Some(MeshName::known(service));
@@ -165,7 +162,8 @@ pub struct Inbound {
     pub mode: ActiveMode,
     /// HTTP streams' requests go to local workloads through this pool.
     pub upstreams: Arc<UpstreamPool>,
-    pub access_log: Option<AccessLog>,
+    /// Where request and connection records go (access log, span export).
+    pub records: Records,
 }
 
 /// Serves peers' tunnels on `listener` until `shutdown`: TLS with this node's
@@ -178,7 +176,7 @@ pub fn serve_inbound(
     inbound: Inbound,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let Inbound { slot, routes, node, sockets, connect_timeout, mode, upstreams, access_log } = inbound;
+    let Inbound { slot, routes, node, sockets, connect_timeout, mode, upstreams, records } = inbound;
     let tls_slot = slot.clone();
     let tls = Arc::new(move |_local: SocketAddr| {
         let ident = tls_slot.get()?;
@@ -204,7 +202,7 @@ pub fn serve_inbound(
             let routes = routes.clone();
             let node = node.clone();
             let upstreams = upstreams.clone();
-            let access_log = access_log.clone();
+            let records = records.clone();
             Box::pin(async move {
                 let decision = match decide(&routes, &node, &info.peer_id, info.target) {
                     Ok(d) => d,
@@ -232,7 +230,7 @@ pub fn serve_inbound(
                         upstreams,
                         connect_timeout,
                         mode,
-                        access_log,
+                        records,
                     );
                     let counted = Counted::new(tunnel);
                     let (read, written) = (counted.read.clone(), counted.written.clone());
@@ -255,7 +253,7 @@ pub fn serve_inbound(
                         (tunnel.bytes_received(), tunnel.bytes_sent(), Some(e.to_string()))
                     }
                 };
-                if let Some(log) = &access_log {
+                if records.wants_tcp() {
                     let mut r = AccessRecord::tcp(Direction::Inbound, mode, info.peer_addr);
                     r.source_identity = Some(MeshName::known(&info.peer_id.to_string()));
                     r.destination_service = Some(MeshName::known(&decision.service));
@@ -265,7 +263,7 @@ pub fn serve_inbound(
                     r.bytes_sent = i;
                     r.bytes_received = o;
                     r.error.clone_from(&error);
-                    log.log(r);
+                    records.emit(r);
                 }
                 (i, o, error)
             }) as std::pin::Pin<Box<dyn Future<Output = (u64, u64, Option<String>)> + Send>>

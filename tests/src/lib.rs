@@ -12,6 +12,7 @@ pub mod control;
 pub mod demo;
 pub mod load;
 pub mod netns;
+pub mod otlp;
 pub mod privilege;
 pub mod process;
 pub mod servers;

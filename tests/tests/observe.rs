@@ -3,7 +3,9 @@
 //! the access log (to a file) holds one parseable JSON line per HTTP request and per
 //! TCP connection, with the fields operators need; the admin endpoint's readiness
 //! waits for certificates and a discovery snapshot, the log filter changes at run
-//! time, and `/quitquitquit` drains open connections before exiting.
+//! time, and `/quitquitquit` drains open connections before exiting; both agents
+//! export a span per request of a sampled trace to an OTLP collector, linked into
+//! the applications' trace.
 //!
 //! Lab as in `mesh_tls.rs`: a control plane on `control`, workload A and its agent on
 //! `client`, the `api` (HTTP) and `echo` (TCP) servers and their agent on `server`,
@@ -16,7 +18,7 @@ use std::{
 };
 
 use mesh_tests::{
-    Agent, AgentOptions, Cgroup, Control, Lab, agent::message, bins, eventually, process::LoggedChild,
+    Agent, AgentOptions, Cgroup, Control, Lab, agent::message, bins, eventually, otlp, process::LoggedChild,
     require_root, servers,
 };
 use serde_json::Value;
@@ -99,6 +101,8 @@ struct Mesh {
     _server_cg: Cgroup,
     _api: servers::Server,
     _echo: servers::Server,
+    /// Both agents export spans here (on `control`, 10.77.0.1:4317).
+    collector: otlp::Collector,
 }
 
 impl Mesh {
@@ -108,7 +112,9 @@ impl Mesh {
         let lab = Lab::new(&["control", "client", "server"]).expect("lab");
         let dir = tempfile::tempdir().unwrap();
         let control = start_control(&lab, dir.path());
-        let api = servers::http(lab.host("server"), 8080, "api").unwrap();
+        // Answers with the request headers it got, so tests see the trace context.
+        let api = servers::http_echo_headers(lab.host("server"), 8080, "api", 200).unwrap();
+        let collector = otlp::collector(lab.host("control"), 4317).unwrap();
         let echo = servers::echo(lab.host("server"), 7000).unwrap();
         let workload = Cgroup::new("obs-wl").unwrap();
         let server_cg = Cgroup::new("obs-srv").unwrap();
@@ -118,7 +124,9 @@ impl Mesh {
                 .arg("--access-log")
                 .arg(log.display().to_string())
                 .arg("--drain-timeout")
-                .arg("10s");
+                .arg("10s")
+                .arg("--otlp-endpoint")
+                .arg("http://10.77.0.1:4317");
             let a = Agent::start(lab.host(host), opts).expect("agent starts");
             a.wait_log("workload certificate", |v| message(v) == "workload certificate issued");
             a.wait_log("snapshot", |v| message(v) == "snapshot applied");
@@ -136,6 +144,7 @@ impl Mesh {
             _server_cg: server_cg,
             _api: api,
             _echo: echo,
+            collector,
         }
     }
 
@@ -539,4 +548,90 @@ fn log_level_changes_at_run_time_and_quitquitquit_drains() {
     let Mesh { client_agent, .. } = mesh;
     let status = client_agent.terminate().unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// `curl` from the workload; returns the body (the api server echoes the request
+/// headers it received, one `name: value` per line).
+fn curl_body(mesh: &Mesh, headers: &[&str], path: &str) -> String {
+    let url = format!("http://{API_VIP}{path}");
+    let mut args = vec!["-sS", "--max-time", "10"];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.push(&url);
+    let out = mesh.workload("curl", &args);
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `traceparent` the server application received: (trace id, parent id, flags).
+fn received_traceparent(body: &str) -> (String, String, String) {
+    let line = body.lines().find_map(|l| l.strip_prefix("traceparent: ")).unwrap_or_else(|| panic!("{body}"));
+    let parts: Vec<&str> = line.trim().split('-').collect();
+    assert_eq!(parts.len(), 4, "{line}");
+    (parts[1].to_owned(), parts[2].to_owned(), parts[3].to_owned())
+}
+
+#[test]
+fn spans_are_exported_over_otlp_and_linked_into_the_callers_trace() {
+    if !require_root("spans_are_exported_over_otlp_and_linked_into_the_callers_trace") {
+        return;
+    }
+    let mesh = Mesh::new();
+    // Not sampled by the caller: neither agent exports it. Sent first, so that once
+    // the later requests' spans have arrived, this one's would have too.
+    let unsampled = "0af7651916cd43dd8448eb211c80319c";
+    let body = curl_body(&mesh, &[&format!("traceparent: 00-{unsampled}-b7ad6b7169203331-00")], "/quiet");
+    assert_eq!(received_traceparent(&body).0, unsampled, "{body}");
+
+    // Sampled by the caller: a CLIENT span on the sending agent whose parent is the
+    // caller's span, then a SERVER span on the receiving agent whose parent is the
+    // CLIENT span, and the application's parent is the SERVER span.
+    let app_parent = "00f067aa0ba902b7";
+    let body = curl_body(&mesh, &[&format!("traceparent: 00-{TRACE_ID}-{app_parent}-01")], "/traced");
+    let (trace, parent_seen_by_app, flags) = received_traceparent(&body);
+    assert_eq!((trace.as_str(), flags.as_str()), (TRACE_ID, "01"), "{body}");
+
+    // No context: the sending agent starts a sampled trace and is its root.
+    let body = curl_body(&mesh, &[], "/fresh");
+    let (fresh, _, fresh_flags) = received_traceparent(&body);
+    assert_eq!(fresh_flags, "01", "{body}");
+
+    let spans = eventually(Duration::from_secs(15), "two spans of each sampled trace", || {
+        let (a, b) = (mesh.collector.trace(TRACE_ID), mesh.collector.trace(&fresh));
+        (a.len() == 2 && b.len() == 2).then_some((a, b))
+    });
+    let (traced, fresh_spans) = spans;
+    let client = traced.iter().find(|s| s.kind == otlp::CLIENT).expect("client span");
+    let server = traced.iter().find(|s| s.kind == otlp::SERVER).expect("server span");
+    assert_eq!(client.instance, "client", "{client:?}");
+    assert_eq!(server.instance, "server", "{server:?}");
+    assert_eq!(client.parent_span_id, app_parent, "{client:?}");
+    assert_eq!(server.parent_span_id, client.span_id, "{server:?}");
+    assert_eq!(parent_seen_by_app, server.span_id, "the application's parent is the receiving agent's span");
+    assert_eq!(client.name, "GET shop/api");
+    for s in [client, server] {
+        assert_eq!(s.attributes["http.request.method"], "GET", "{s:?}");
+        assert_eq!(s.attributes["url.path"], "/traced", "{s:?}");
+        assert_eq!(s.attributes["http.response.status_code"], "200", "{s:?}");
+        assert_eq!(s.attributes["mesh.source.identity"], FRONTEND, "{s:?}");
+        assert_eq!(s.attributes["mesh.destination.service"], "shop/api", "{s:?}");
+        assert_eq!(s.attributes["mesh.interception_mode"], "ebpf", "{s:?}");
+        assert_eq!(s.status, 0, "unset: the request succeeded {s:?}");
+        assert_eq!(s.flags & 0xff, 1, "sampled {s:?}");
+        assert!(s.end_unix_nano > s.start_unix_nano, "{s:?}");
+    }
+    assert_eq!(client.attributes["mesh.destination.identity"], API, "{client:?}");
+    assert_eq!(client.attributes["network.peer.address"], "10.77.0.3", "{client:?}");
+    assert!(
+        server.start_unix_nano >= client.start_unix_nano && server.end_unix_nano <= client.end_unix_nano,
+        "the receiving agent's span lies within the sending agent's: {client:?} {server:?}"
+    );
+
+    let root = fresh_spans.iter().find(|s| s.kind == otlp::CLIENT).expect("client span");
+    assert_eq!(root.parent_span_id, "", "the agent started this trace: {root:?}");
+    let inner = fresh_spans.iter().find(|s| s.kind == otlp::SERVER).expect("server span");
+    assert_eq!(inner.parent_span_id, root.span_id, "{inner:?}");
+
+    assert!(mesh.collector.trace(unsampled).is_empty(), "an unsampled trace was exported");
 }

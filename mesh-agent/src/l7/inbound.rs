@@ -23,10 +23,12 @@ use crate::discovery::RouteStore;
 use crate::identity::SpiffeId;
 use crate::intercept::ActiveMode;
 use crate::listener::Direction;
-use crate::observe::access_log::{AccessLog, AccessRecord};
+use crate::observe::Records;
+use crate::observe::access_log::AccessRecord;
 use crate::observe::labels::MeshName;
 use crate::observe::metrics::{RequestLabels, RequestMetrics, RequestOutcome};
-use crate::observe::trace::TraceContext;
+use crate::observe::spans::HopSpan;
+use crate::observe::trace::{Origin, TraceContext};
 
 /// The destination's authorization rules as of the route table in force: a policy
 /// change reaches streams that were admitted before it, at their next request.
@@ -70,7 +72,7 @@ pub struct Inbound {
     pub upstreams: Arc<UpstreamPool>,
     pub connect_timeout: Duration,
     pub mode: ActiveMode,
-    pub access_log: Option<AccessLog>,
+    pub records: Records,
     metrics: RequestMetrics,
     peer_str: String,
     /// `x-forwarded-client-identity`'s value, made once per stream.
@@ -89,7 +91,7 @@ impl Inbound {
         upstreams: Arc<UpstreamPool>,
         connect_timeout: Duration,
         mode: ActiveMode,
-        access_log: Option<AccessLog>,
+        records: Records,
     ) -> Self {
         let peer_str = peer_id.to_string();
         let metrics = RequestMetrics::new(RequestLabels {
@@ -108,7 +110,7 @@ impl Inbound {
             upstreams,
             connect_timeout,
             mode,
-            access_log,
+            records,
             metrics,
             peer_header: HeaderValue::from_str(&peer_str).ok(),
             peer_str,
@@ -129,8 +131,17 @@ impl Inbound {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         let method = crate::observe::labels::method(req.method());
-        // Built only when the access log is on.
-        let mut record = self.access_log.is_some().then(|| {
+        let (trace, origin) = TraceContext::from_headers(req.headers());
+        let exports_span = self.records.exports_span(trace.sampled());
+        // With span export on, this hop is a span of its own: the workload gets a new
+        // parent id (the span's). Otherwise the context passes through untouched.
+        let hop = exports_span.then(|| {
+            let hop = trace.child();
+            hop.apply(req.headers_mut());
+            hop
+        });
+        // Built only when the access log or span export reads it.
+        let mut record = self.records.wants_http(trace.sampled()).then(|| {
             let mut r = AccessRecord::http(Direction::Inbound, self.mode, self.peer_addr);
             r.source_identity = Some(self.metrics.labels().source_identity.clone());
             r.destination_service = Some(self.service.clone());
@@ -138,9 +149,14 @@ impl Inbound {
             r.protocol = Some(if grpc { "grpc" } else { self.version.name() });
             r.method = Some(req.method().as_str().to_owned());
             r.path = Some(req.uri().path().to_owned());
-            let (trace, _) = TraceContext::from_headers(req.headers());
             r.trace_id = Some(trace.trace_id());
             r.request_id = Some(trace.request_id().to_owned());
+            r.span = hop.as_ref().map(|hop| HopSpan {
+                span_id: hop.parent_id(),
+                parent_id: (origin == Origin::Propagated).then(|| trace.parent_id()),
+                flags: hop.flags(),
+                tracestate: hop.tracestate().cloned(),
+            });
             Box::new(r)
         });
 
@@ -241,13 +257,13 @@ impl Inbound {
             request_bytes: sent,
             response_bytes: received,
         });
-        if let (Some(mut record), Some(log)) = (record, &self.access_log) {
+        if let Some(mut record) = record {
             record.response_code = Some(status.as_u16());
             record.grpc_status = grpc;
             record.latency = Some(duration);
             record.bytes_sent = sent;
             record.bytes_received = received;
-            log.log(*record);
+            self.records.emit(*record);
         }
     }
 }

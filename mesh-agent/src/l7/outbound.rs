@@ -31,7 +31,8 @@ use crate::listener::{Direction, ProxyContext};
 use crate::observe::access_log::AccessRecord;
 use crate::observe::labels::MeshName;
 use crate::observe::metrics::{RequestLabels, RequestMetrics, RequestOutcome};
-use crate::observe::trace::TraceContext;
+use crate::observe::spans::HopSpan;
+use crate::observe::trace::{Origin, TraceContext};
 use crate::resilience::outcome::{FailureKind, GRPC_UNAVAILABLE, Outcome};
 use crate::resilience::rate_limit::{ClientKey, Decision};
 use crate::resilience::retry::{BodyLength, RetryDecision, is_replayable};
@@ -104,13 +105,18 @@ impl Outbound {
         };
         drop(table);
 
-        let (trace, _) = TraceContext::from_headers(req.headers());
+        let (mut trace, origin) = TraceContext::from_headers(req.headers());
+        if origin == Origin::Generated
+            && let Some(spans) = &self.ctx.records.spans
+        {
+            trace.set_sampled(spans.sample_new_trace());
+        }
         let hop = trace.child();
         hop.apply(req.headers_mut());
 
-        // Built only when someone reads it: with the access log off, a request
-        // allocates nothing for it.
-        let mut record = self.ctx.access_log.is_some().then(|| {
+        // Built only when someone reads it: with the access log and span export off,
+        // a request allocates nothing for it.
+        let mut record = self.ctx.records.wants_http(hop.sampled()).then(|| {
             let mut r = AccessRecord::http(Direction::Outbound, self.ctx.mode, self.peer);
             r.destination_service = Some(self.service.clone());
             r.original_destination = Some(self.orig_dst);
@@ -121,6 +127,14 @@ impl Outbound {
             r.trace_id = Some(hop.trace_id());
             r.request_id = Some(hop.request_id().to_owned());
             r.source_identity = Some(self.metrics.labels().source_identity.clone());
+            if self.ctx.records.exports_span(hop.sampled()) {
+                r.span = Some(HopSpan {
+                    span_id: hop.parent_id(),
+                    parent_id: (origin == Origin::Propagated).then(|| trace.parent_id()),
+                    flags: hop.flags(),
+                    tracestate: hop.tracestate().cloned(),
+                });
+            }
             Box::new(r)
         });
         let method_label = crate::observe::labels::method(req.method());

@@ -163,7 +163,7 @@ async fn agent_in(
             Default::default(),
             Duration::from_secs(30),
         )),
-        access_log: None,
+        records: Default::default(),
         locality,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -62,7 +62,8 @@ pub enum Kind {
 /// [`MeshName`]s so that a connection's labels are shared, not copied, per request.
 #[derive(Clone, Debug, Serialize)]
 pub struct AccessRecord {
-    /// When the request or connection ended (RFC 3339, UTC, milliseconds).
+    /// When the record was made (RFC 3339, UTC, milliseconds): for HTTP when the
+    /// request arrived, for TCP when the connection closed.
     #[serde(serialize_with = "rfc3339")]
     pub timestamp: SystemTime,
     pub kind: Kind,
@@ -116,6 +117,10 @@ pub struct AccessRecord {
     pub retries: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "bounded_opt")]
     pub error: Option<String>,
+    /// This hop's span, set only when the request's trace is sampled and span export
+    /// is on (see [`super::spans`]); not part of the log line.
+    #[serde(skip)]
+    pub span: Option<super::spans::HopSpan>,
 }
 
 impl AccessRecord {
@@ -157,6 +162,7 @@ impl AccessRecord {
             // An HTTP request was retried zero times until the proxy says otherwise.
             retries: (kind == Kind::Http).then_some(0),
             error: None,
+            span: None,
         }
     }
 }

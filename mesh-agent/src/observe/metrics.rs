@@ -71,6 +71,11 @@ pub const SNIFF_RESULTS_TOTAL: &str = "mesh_sniff_results_total";
 pub const SNIFF_TIMEOUTS_TOTAL: &str = "mesh_sniff_timeouts_total";
 /// Access log records dropped because the writer fell behind.
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "mesh_access_log_dropped_total";
+/// Spans accepted by the OTLP collector.
+pub const SPANS_EXPORTED_TOTAL: &str = "mesh_spans_exported_total";
+/// Spans lost, by reason: `queue_full`, `export_failed`, `rejected` (by the collector),
+/// `shutdown` (finished after the exporter stopped).
+pub const SPANS_DROPPED_TOTAL: &str = "mesh_spans_dropped_total";
 
 /// Request latency buckets in seconds: 100 µs (a local hop) to 10 s (a timeout).
 pub const REQUEST_DURATION_BUCKETS: [f64; 16] =
@@ -170,6 +175,12 @@ pub fn describe() {
         ACCESS_LOG_DROPPED_TOTAL,
         Unit::Count,
         "Access log records dropped because the queue was full."
+    );
+    describe_counter!(SPANS_EXPORTED_TOTAL, Unit::Count, "Spans accepted by the OTLP collector.");
+    describe_counter!(
+        SPANS_DROPPED_TOTAL,
+        Unit::Count,
+        "Spans lost: queue full, export failed, or rejected by the collector."
     );
 }
 
@@ -473,6 +484,16 @@ pub fn record_sniff(protocol: &Protocol) {
     if matches!(protocol, Protocol::Opaque(OpaqueReason::Timeout)) {
         counter(SNIFF_TIMEOUTS_TOTAL, Vec::new()).increment(1);
     }
+}
+
+/// Counts spans the OTLP collector accepted.
+pub fn spans_exported(spans: u64) {
+    counter(SPANS_EXPORTED_TOTAL, Vec::new()).increment(spans);
+}
+
+/// Counts spans lost before or during export, by `reason`.
+pub fn spans_dropped(reason: &'static str, spans: u64) {
+    counter(SPANS_DROPPED_TOTAL, vec![label("reason", reason)]).increment(spans);
 }
 
 /// Counts access log records dropped.

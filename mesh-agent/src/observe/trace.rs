@@ -246,6 +246,12 @@ impl TraceContext {
         self.flags & FLAG_SAMPLED != 0
     }
 
+    /// Sets or clears the sampled flag: for a trace the agent starts, the span
+    /// exporter's sampling decision.
+    pub fn set_sampled(&mut self, sampled: bool) {
+        self.flags = if sampled { self.flags | FLAG_SAMPLED } else { self.flags & !FLAG_SAMPLED };
+    }
+
     pub fn tracestate(&self) -> Option<&HeaderValue> {
         self.tracestate.as_ref()
     }

@@ -69,6 +69,8 @@ pub struct ProxyContext {
     pub access_log: Option<crate::observe::access_log::AccessLog>,
     /// Where this node runs, for locality-aware balancing (`--region`, `--zone`).
     pub locality: Option<crate::balance::Locality>,
+    /// Time limits of the client connections the L7 proxy serves.
+    pub downstream: crate::l7::DownstreamTimeouts,
 }
 
 impl ProxyContext {
@@ -265,6 +267,7 @@ mod tests {
             )),
             access_log: None,
             locality: None,
+            downstream: Default::default(),
         }
     }
 

@@ -166,6 +166,8 @@ pub struct Inbound {
     /// HTTP streams' requests go to local workloads through this pool.
     pub upstreams: Arc<UpstreamPool>,
     pub access_log: Option<AccessLog>,
+    /// Time limits of HTTP streams' connections (`--downstream-idle-timeout`).
+    pub downstream: crate::l7::DownstreamTimeouts,
 }
 
 /// Serves peers' tunnels on `listener` until `shutdown`: TLS with this node's
@@ -178,7 +180,8 @@ pub fn serve_inbound(
     inbound: Inbound,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let Inbound { slot, routes, node, sockets, connect_timeout, mode, upstreams, access_log } = inbound;
+    let Inbound { slot, routes, node, sockets, connect_timeout, mode, upstreams, access_log, downstream } =
+        inbound;
     let tls_slot = slot.clone();
     let tls = Arc::new(move |_local: SocketAddr| {
         let ident = tls_slot.get()?;
@@ -233,6 +236,7 @@ pub fn serve_inbound(
                         connect_timeout,
                         mode,
                         access_log,
+                        downstream,
                     );
                     let counted = Counted::new(tunnel);
                     let (read, written) = (counted.read.clone(), counted.written.clone());

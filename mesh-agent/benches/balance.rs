@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use mesh_agent::balance::{Algorithm, EndpointSet, EndpointSpec, LbConfig, Locality, PickContext, build};
+use mesh_agent::observe::labels::MeshName;
 use mesh_agent::resilience::breaker::BreakerConfig;
 use mesh_agent::resilience::clock::SystemClock;
 use mesh_agent::resilience::outlier::OutlierConfig;
@@ -16,6 +17,7 @@ use mesh_agent::resilience::random::ThreadRandom;
 
 fn set_of(n: u32) -> EndpointSet {
     let mut set = EndpointSet::new(
+        MeshName::known("bench/service"),
         SystemClock::shared(),
         ThreadRandom::shared(),
         BreakerConfig::default(),

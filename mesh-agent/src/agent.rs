@@ -260,7 +260,14 @@ fn remove_cgroup(cgroup: &CgroupPath) {
 /// Runs the agent until SIGTERM/SIGINT or an admin drain request.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (settings, proxy_settings) = args.validate()?;
-    let ProxySettings { opaque_ports, detect_timeout, connect_timeout, drain_timeout } = proxy_settings;
+    let ProxySettings {
+        opaque_ports,
+        detect_timeout,
+        connect_timeout,
+        drain_timeout,
+        downstream_idle_timeout,
+    } = proxy_settings;
+    let downstream = crate::l7::DownstreamTimeouts { idle: downstream_idle_timeout, ..Default::default() };
 
     // Listeners first: once interception is on, redirected connections need somewhere
     // to land.
@@ -344,6 +351,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             let l = crate::balance::Locality::new(args.region.clone(), args.zone.clone());
             l.is_known().then_some(l)
         },
+        downstream,
     });
     let state = Arc::new(AgentState {
         mode,
@@ -461,6 +469,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 mode,
                 upstreams: upstreams.clone(),
                 records: records.clone(),
+                downstream,
             };
             crate::mtls::serve_inbound(listener, inbound, state.shutdown.clone());
         }
@@ -508,10 +517,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(exporter) = span_exporter {
         exporter.shutdown().await;
     }
-    if let Some(writer) = access_log_writer {
-        if let Err(e) = writer.shutdown().await {
-            warn!(error = %e, "access log did not flush cleanly");
-        }
+    if let Some(writer) = access_log_writer
+        && let Err(e) = writer.shutdown().await
+    {
+        warn!(error = %e, "access log did not flush cleanly");
     }
     Ok(())
 }

@@ -153,6 +153,11 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
     pub upstream_idle_timeout: Duration,
 
+    /// Time after which an HTTP connection from a workload (or a peer agent's HTTP
+    /// tunnel stream) with no request in flight is closed; `off` or 0 never closes it.
+    #[arg(long, env = "MESH_DOWNSTREAM_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration_or_off)]
+    pub downstream_idle_timeout: Duration,
+
     /// On SIGTERM/SIGINT, how long open connections may take to finish.
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -252,6 +257,15 @@ fn parse_u32(s: &str) -> Result<u32, String> {
     parsed.map_err(|_| format!("{s:?} is not a number (decimal or 0x-prefixed hex)"))
 }
 
+/// A duration, or `off` (read as 0: disabled).
+fn parse_duration_or_off(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is neither a duration nor `off`: {e}"))
+}
+
 impl InterceptArgs {
     /// Validated interception settings.
     pub fn settings(
@@ -342,6 +356,8 @@ pub struct ProxySettings {
     pub detect_timeout: Duration,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Idle time that closes a served HTTP connection; `None`: never.
+    pub downstream_idle_timeout: Option<Duration>,
 }
 
 impl RunArgs {
@@ -405,6 +421,8 @@ impl RunArgs {
                 detect_timeout: self.detect_timeout,
                 connect_timeout: self.connect_timeout,
                 drain_timeout: self.drain_timeout,
+                downstream_idle_timeout: (!self.downstream_idle_timeout.is_zero())
+                    .then_some(self.downstream_idle_timeout),
             },
         ))
     }
@@ -436,6 +454,19 @@ mod tests {
         assert!(s.ipv6);
         assert!(p.opaque_ports.contains(&3306));
         assert_eq!(p.detect_timeout, Duration::from_secs(3));
+        assert_eq!(p.downstream_idle_timeout, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn downstream_idle_timeout_can_be_turned_off() {
+        for off in ["off", "0", "0s"] {
+            let p = parse(&["--downstream-idle-timeout", off]).unwrap().1;
+            assert_eq!(p.downstream_idle_timeout, None, "{off}");
+        }
+        let p = parse(&["--downstream-idle-timeout", "5m"]).unwrap().1;
+        assert_eq!(p.downstream_idle_timeout, Some(Duration::from_secs(300)));
+        let e = Cli::try_parse_from(["x", "--downstream-idle-timeout", "soon"]).err().unwrap().to_string();
+        assert!(e.contains("--downstream-idle-timeout"), "{e}");
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub struct ProxyContext {
     pub records: crate::observe::Records,
     /// Where this node runs, for locality-aware balancing (`--region`, `--zone`).
     pub locality: Option<crate::balance::Locality>,
+    /// Time limits of the client connections the L7 proxy serves.
+    pub downstream: crate::l7::DownstreamTimeouts,
 }
 
 impl ProxyContext {
@@ -263,6 +265,7 @@ mod tests {
             )),
             records: Default::default(),
             locality: None,
+            downstream: Default::default(),
         }
     }
 

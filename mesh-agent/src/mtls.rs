@@ -164,6 +164,8 @@ pub struct Inbound {
     pub upstreams: Arc<UpstreamPool>,
     /// Where request and connection records go (access log, span export).
     pub records: Records,
+    /// Time limits of HTTP streams' connections (`--downstream-idle-timeout`).
+    pub downstream: crate::l7::DownstreamTimeouts,
 }
 
 /// Serves peers' tunnels on `listener` until `shutdown`: TLS with this node's
@@ -176,7 +178,8 @@ pub fn serve_inbound(
     inbound: Inbound,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let Inbound { slot, routes, node, sockets, connect_timeout, mode, upstreams, records } = inbound;
+    let Inbound { slot, routes, node, sockets, connect_timeout, mode, upstreams, records, downstream } =
+        inbound;
     let tls_slot = slot.clone();
     let tls = Arc::new(move |_local: SocketAddr| {
         let ident = tls_slot.get()?;
@@ -231,6 +234,7 @@ pub fn serve_inbound(
                         connect_timeout,
                         mode,
                         records,
+                        downstream,
                     );
                     let counted = Counted::new(tunnel);
                     let (read, written) = (counted.read.clone(), counted.written.clone());

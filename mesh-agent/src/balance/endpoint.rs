@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use super::Error;
 use super::guard::PickGuard;
+use crate::observe::labels::MeshName;
 use crate::resilience::breaker::{BreakerConfig, BreakerStats, CircuitBreaker};
 use crate::resilience::clock::{AtomicInstant, SharedClock};
 use crate::resilience::outlier::{OutlierConfig, OutlierDetector, OutlierState};
@@ -85,10 +86,12 @@ impl EndpointSpec {
     }
 }
 
-/// What every endpoint of one set shares: the clock, randomness and the set's outlier
-/// detector (whose ejection cap is a share of the set).
+/// What every endpoint of one set shares: the service it belongs to (the label of its
+/// metrics), the clock, randomness and the set's outlier detector (whose ejection cap
+/// is a share of the set).
 #[derive(Debug)]
 pub(crate) struct SetShared {
+    pub(crate) service: MeshName,
     pub(crate) clock: SharedClock,
     pub(crate) random: SharedRandom,
     pub(crate) outlier: OutlierDetector,
@@ -250,8 +253,9 @@ pub struct EndpointSet {
 }
 
 impl EndpointSet {
-    /// An empty set.
+    /// An empty set of `service`'s endpoints.
     pub fn new(
+        service: MeshName,
         clock: SharedClock,
         random: SharedRandom,
         breaker: BreakerConfig,
@@ -259,7 +263,7 @@ impl EndpointSet {
     ) -> Self {
         let detector = OutlierDetector::new(outlier, clock.clone(), 0);
         EndpointSet {
-            shared: Arc::new(SetShared { clock, random, outlier: detector }),
+            shared: Arc::new(SetShared { service, clock, random, outlier: detector }),
             breaker,
             endpoints: Vec::new(),
             updated: false,

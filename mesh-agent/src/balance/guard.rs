@@ -44,11 +44,15 @@ impl PickGuard {
     }
 
     /// Reports how the request ended to the endpoint's breaker and outlier detection,
-    /// and ends the request.
+    /// and ends the request. An ejection this outcome causes is counted for the
+    /// endpoint's service here, once: the detector decides it under its lock.
     pub fn report(mut self, outcome: Outcome) {
         self.reported = true;
         self.endpoint.breaker().record(self.admission, outcome.is_failure());
-        self.endpoint.set.outlier.record(self.endpoint.outlier(), outcome);
+        let set = &self.endpoint.set;
+        if set.outlier.record(self.endpoint.outlier(), outcome).is_some() {
+            crate::observe::metrics::outlier_ejection(&set.service);
+        }
     }
 }
 

@@ -198,6 +198,7 @@ impl Services {
                 _ => Carried {
                     policy: policy.clone(),
                     set: EndpointSet::new(
+                        crate::observe::labels::MeshName::known(&route.service),
                         self.clock.clone(),
                         self.random.clone(),
                         policy.breaker.clone(),
@@ -407,6 +408,61 @@ mod tests {
         drop(guard);
         assert_eq!(ep.in_flight(), 0);
         assert!(Arc::ptr_eq(&b.budget, &a.budget), "the retry budget carries over");
+    }
+
+    #[test]
+    fn each_ejection_counts_once_for_its_service() {
+        use crate::resilience::clock::ManualClock;
+        use crate::resilience::outcome::{FailureKind, Outcome};
+        use crate::resilience::random::SeededRandom;
+
+        let policy = api::Policy {
+            outlier_detection: Some(api::OutlierDetection {
+                enabled: true,
+                consecutive_failures: 3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let clock = ManualClock::new();
+        let services = Services::new(clock.clone(), SeededRandom::new(7));
+        let t = table(1, &snapshot(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], Some(policy)));
+        let state = services.state(&t, t.by_addr(vip()).unwrap()).unwrap();
+        let bad: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        let endpoint = state.endpoints().iter().find(|e| e.addr() == bad).unwrap().clone();
+        // Only the bad endpoint fails; the others answer, so nothing else is ejected.
+        let traffic = |requests: usize| {
+            for _ in 0..requests {
+                let Some(guard) = state.pick(None, None) else { continue };
+                let outcome = if guard.addr() == bad {
+                    Outcome::Failure(FailureKind::HttpStatus(503))
+                } else {
+                    Outcome::Success
+                };
+                guard.report(outcome);
+            }
+        };
+        let (recorder, handle) = crate::observe::metrics::build().expect("recorder");
+        let ejections = || {
+            let text = handle.render();
+            let line = "mesh_outlier_ejections_total{service=\"default/web\"} ";
+            text.lines().find_map(|l| l.strip_prefix(line)).map(str::to_owned)
+        };
+        metrics::with_local_recorder(&recorder, || {
+            // Round robin over three: the bad endpoint's third failure comes by request 9.
+            traffic(9);
+            assert!(endpoint.is_ejected(), "three consecutive failures eject");
+            assert_eq!(ejections().as_deref(), Some("1"));
+            // Still ejected (30 s base): more traffic and metric publishing add nothing.
+            for _ in 0..5 {
+                traffic(10);
+                services.publish_metrics();
+                clock.advance(Duration::from_secs(5));
+            }
+            assert!(endpoint.is_ejected());
+            assert_eq!(endpoint.outlier().times_ejected(), 1);
+            assert_eq!(ejections().as_deref(), Some("1"));
+        });
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::endpoint::{EndpointSet, EndpointSpec, Locality};
+use crate::observe::labels::MeshName;
 use crate::resilience::breaker::BreakerConfig;
 use crate::resilience::clock::ManualClock;
 use crate::resilience::outlier::OutlierConfig;
@@ -32,7 +33,13 @@ pub(crate) fn set_with_config(
     outlier: OutlierConfig,
 ) -> (Arc<ManualClock>, EndpointSet) {
     let clock = ManualClock::new();
-    let mut set = EndpointSet::new(clock.clone(), SeededRandom::new(42), breaker, outlier);
+    let mut set = EndpointSet::new(
+        MeshName::known("test/service"),
+        clock.clone(),
+        SeededRandom::new(42),
+        breaker,
+        outlier,
+    );
     set.update(specs);
     (clock, set)
 }

@@ -73,6 +73,8 @@ pub struct Inbound {
     pub connect_timeout: Duration,
     pub mode: ActiveMode,
     pub records: Records,
+    /// Time limits of the stream's HTTP connection.
+    pub downstream: super::DownstreamTimeouts,
     metrics: RequestMetrics,
     peer_str: String,
     /// `x-forwarded-client-identity`'s value, made once per stream.
@@ -92,6 +94,7 @@ impl Inbound {
         connect_timeout: Duration,
         mode: ActiveMode,
         records: Records,
+        downstream: super::DownstreamTimeouts,
     ) -> Self {
         let peer_str = peer_id.to_string();
         let metrics = RequestMetrics::new(RequestLabels {
@@ -111,6 +114,7 @@ impl Inbound {
             connect_timeout,
             mode,
             records,
+            downstream,
             metrics,
             peer_header: HeaderValue::from_str(&peer_str).ok(),
             peer_str,
@@ -118,13 +122,14 @@ impl Inbound {
     }
 
     /// Serves the stream until the peer closes it.
-    pub async fn serve<I>(self, io: I) -> Result<(), hyper::Error>
+    pub async fn serve<I>(self, io: I) -> Result<(), super::ServeError>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let (version, timeouts) = (self.version, self.downstream);
         let this = Arc::new(self);
-        let version = this.version;
-        super::serve_http(io, version, hyper::service::service_fn(move |req| this.clone().proxy(req))).await
+        let service = hyper::service::service_fn(move |req| this.clone().proxy(req));
+        super::serve_http(io, version, service, &timeouts).await
     }
 
     async fn proxy(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {

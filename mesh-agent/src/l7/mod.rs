@@ -6,44 +6,79 @@
 //! - [`inbound`]: per-request authorization and `x-forwarded-*` on the receiving
 //!   agent, in front of the local workload;
 //! - [`pool`]: kept-alive upstream connections, plain or through the tunnel;
+//! - [`downstream`]: time limits on the connections both serve;
 //! - [`body`], [`headers`], [`io`]: the pieces they share.
 //!
 //! TLS and opaque traffic stay per-connection ([`crate::forward`]).
 
 pub mod body;
+pub mod downstream;
 pub mod headers;
 pub mod inbound;
 pub mod io;
 pub mod outbound;
 pub mod pool;
 
+pub use downstream::{DownstreamTimeouts, ServeError};
+
 /// Largest request head (HTTP/1 buffer, HTTP/2 header list) accepted from a client;
 /// bigger ones get 431 (HTTP/1) or a stream reset (HTTP/2), never unbounded memory.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Serves one client connection (or tunnel stream) with hyper in `version`, with
-/// the header bounds above; HTTP/1 keeps upgrades (WebSocket) possible.
-pub async fn serve_http<I, S>(io: I, version: pool::Version, service: S) -> Result<(), hyper::Error>
+/// the header bounds above and the time limits of [`downstream`]; HTTP/1 keeps
+/// upgrades (WebSocket) possible. A connection closed for being idle ends `Ok`.
+pub async fn serve_http<I, S>(
+    io: I,
+    version: pool::Version,
+    service: S,
+    timeouts: &DownstreamTimeouts,
+) -> Result<(), ServeError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = pool::Body> + Send + 'static,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<pool::Body>>
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let io = hyper_util::rt::TokioIo::new(io);
+    let activity = downstream::Activity::new();
+    let service = downstream::Tracked { inner: service, activity: activity.clone() };
     match version {
         pool::Version::Http1 => {
-            hyper::server::conn::http1::Builder::new()
+            let io = downstream::HeadTimer::new(io, activity.clone(), timeouts.header);
+            let conn = hyper::server::conn::http1::Builder::new()
                 .max_buf_size(MAX_HEADER_BYTES)
-                .serve_connection(io, service)
-                .with_upgrades()
-                .await
+                // Heads are timed by `HeadTimer`, from their first byte (see `downstream`).
+                .header_read_timeout(None)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            // Idle: no request has been in flight for the idle timeout, so dropping the
+            // connection loses none.
+            match downstream::until_idle(conn.as_mut(), &activity, timeouts.idle).await {
+                Some(result) => Ok(result?),
+                None => Ok(()),
+            }
         }
         pool::Version::Http2 => {
-            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(timeouts.keepalive_interval)
+                .keep_alive_timeout(timeouts.keepalive_timeout)
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .serve_connection(io, service)
-                .await
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            if let Some(result) = downstream::until_idle(conn.as_mut(), &activity, timeouts.idle).await {
+                return Ok(result?);
+            }
+            // GOAWAY: a stream the client opened meanwhile is still served. The client
+            // may close as soon as it reads it, so a failed write after that is no fault.
+            conn.as_mut().graceful_shutdown();
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "idle HTTP/2 connection ended with an error after GOAWAY");
+            }
+            Ok(())
         }
     }
 }

@@ -85,13 +85,14 @@ impl Outbound {
     }
 
     /// Serves the connection until the client closes it.
-    pub async fn serve<I>(self, io: I) -> Result<(), hyper::Error>
+    pub async fn serve<I>(self, io: I) -> Result<(), super::ServeError>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let this = Arc::new(self);
-        let version = this.version;
-        super::serve_http(io, version, hyper::service::service_fn(move |req| this.clone().proxy(req))).await
+        let (version, ctx) = (this.version, this.ctx.clone());
+        let service = hyper::service::service_fn(move |req| this.clone().proxy(req));
+        super::serve_http(io, version, service, &ctx.downstream).await
     }
 
     async fn proxy(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {

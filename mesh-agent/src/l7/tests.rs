@@ -138,6 +138,14 @@ async fn agent_in(
     snapshot: &api::Snapshot,
     locality: Option<crate::balance::Locality>,
 ) -> (SocketAddr, Arc<ProxyContext>) {
+    agent_with(snapshot, locality, Default::default()).await
+}
+
+async fn agent_with(
+    snapshot: &api::Snapshot,
+    locality: Option<crate::balance::Locality>,
+    downstream: super::DownstreamTimeouts,
+) -> (SocketAddr, Arc<ProxyContext>) {
     static VERSION: AtomicU32 = AtomicU32::new(1);
     let routes = Arc::new(RouteStore::new(true));
     let version = VERSION.fetch_add(1, Ordering::Relaxed).into();
@@ -165,6 +173,7 @@ async fn agent_in(
         )),
         records: Default::default(),
         locality,
+        downstream,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -457,4 +466,86 @@ async fn upstream_connections_close_after_the_services_idle_timeout() {
         ctx.upstreams.sweep();
     }
     assert!(used.elapsed() >= Duration::from_millis(50), "closed before its idle timeout");
+}
+
+/// Time limits short enough for a test (pings as in production).
+fn timeouts(header: Duration, idle: Duration) -> super::DownstreamTimeouts {
+    super::DownstreamTimeouts { idle: Some(idle), header, ..Default::default() }
+}
+
+/// What the agent sends on `rx` until it closes the connection (at most 10 s).
+async fn read_until_closed(rx: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = rx.read(&mut buf).await {
+            out.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the agent never closed the connection");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_client_dripping_a_request_head_is_dropped_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let a = Backend::start("a").await;
+    let header = Duration::from_millis(300);
+    let (agent, _ctx) =
+        agent_with(&snapshot(&[&a], None), None, timeouts(header, Duration::from_secs(60))).await;
+    let (mut rx, mut tx) = TcpStream::connect(agent).await.unwrap().into_split();
+    let started = std::time::Instant::now();
+    tx.write_all(b"GET /hello HTTP/1.1\r\nHost: web.default\r\n").await.unwrap();
+    // A byte every 50 ms: the head keeps growing and never ends.
+    let drip = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if tx.write_all(b"x").await.is_err() {
+                break;
+            }
+        }
+    });
+    let out = read_until_closed(&mut rx).await;
+    let waited = started.elapsed();
+    drip.abort();
+    assert_eq!(out, "", "no response to a head that never ended");
+    assert!(waited >= header && waited < Duration::from_secs(5), "dropped after {waited:?}");
+    assert_eq!(a.hits(), 0);
+}
+
+#[tokio::test]
+async fn an_idle_kept_alive_connection_is_closed_after_the_idle_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let a = Backend::start("a").await;
+    let idle = Duration::from_millis(300);
+    let (agent, _ctx) =
+        agent_with(&snapshot(&[&a], None), None, timeouts(Duration::from_secs(60), idle)).await;
+    let mut tcp = TcpStream::connect(agent).await.unwrap();
+    let sent = std::time::Instant::now();
+    tcp.write_all(b"GET /hello HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
+    let out = read_until_closed(&mut tcp).await;
+    let waited = sent.elapsed();
+    assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("\r\n\r\na"), "{out}");
+    assert!(waited >= idle && waited < Duration::from_secs(5), "closed after {waited:?}");
+}
+
+#[tokio::test]
+async fn a_request_in_flight_longer_than_the_idle_timeout_is_not_cut() {
+    let a = Backend::start("a").await;
+    a.set(Behaviour::Slow(Duration::from_millis(900)));
+    let (agent, _ctx) = agent_with(
+        &snapshot(&[&a], None),
+        None,
+        timeouts(Duration::from_millis(200), Duration::from_millis(300)),
+    )
+    .await;
+    let mut client = h1_client(agent).await;
+    let (status, _, body) = get(&mut client, &[]).await;
+    assert_eq!((status, body.as_ref()), (StatusCode::OK, &b"a"[..]));
+    // The same connection still serves.
+    a.set(Behaviour::Ok);
+    let (status, _, body) = get(&mut client, &[]).await;
+    assert_eq!((status, body.as_ref()), (StatusCode::OK, &b"a"[..]));
 }

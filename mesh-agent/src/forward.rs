@@ -24,6 +24,7 @@ use crate::{
         PickGuard,
         service::{ServiceState, target_of},
     },
+    intercept::ActiveMode,
     listener::{Direction, ProxyContext},
     observe::{self, labels::MeshName, metrics::ConnectionMetrics},
     resilience::outcome::{FailureKind, Outcome as Verdict},
@@ -78,6 +79,13 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
         ctx.stats.closed(direction, true);
         return;
     }
+    // The eBPF redirect gave the workload's socket a loopback source; report the one
+    // it would have had (as iptables mode does).
+    let peer = if ctx.mode == ActiveMode::Ebpf && direction == Direction::Outbound {
+        crate::source_addr::unredirected(peer, orig_dst)
+    } else {
+        peer
+    };
 
     let table = ctx.routes.table();
     let state = match table.by_addr(orig_dst) {

@@ -26,5 +26,6 @@ pub mod orig_dst;
 pub mod resilience;
 pub mod sniff;
 pub mod socket;
+pub mod source_addr;
 pub mod tunnel;
 pub mod workload_identity;

@@ -361,6 +361,12 @@ fn prometheus_counts_requests_and_connections() {
     );
 }
 
+/// The IP of a record's `source` (which must be an `address:port`).
+fn source_ip(record: &Value) -> String {
+    let source = record["source"].as_str().and_then(|s| s.parse::<std::net::SocketAddr>().ok());
+    source.unwrap_or_else(|| panic!("source is not an address: {record}")).ip().to_string()
+}
+
 fn find(records: &[Value], pred: impl Fn(&Value) -> bool) -> Option<&Value> {
     records.iter().find(|v| pred(v))
 }
@@ -393,9 +399,9 @@ fn access_log_records_requests_and_connections() {
     assert!(ts.ends_with('Z') && ts.len() >= 20, "{h}");
     assert_eq!(h["direction"], "outbound", "{h}");
     assert_eq!(h["mode"], "ebpf", "{h}");
-    // eBPF mode redirects the workload's connect to the agent's loopback listener, so
-    // the client address the agent sees is the workload's loopback one.
-    assert!(h["source"].as_str().is_some_and(|s| s.parse::<std::net::SocketAddr>().is_ok()), "{h}");
+    // eBPF mode redirects the workload's connect to the agent's loopback listener; the
+    // agent reports the address the workload would have used, as in iptables mode.
+    assert_eq!(source_ip(h), "10.77.0.2", "{h}");
     assert_eq!(h["source_identity"], FRONTEND, "{h}");
     assert_eq!(h["destination_service"], "shop/api", "{h}");
     assert_eq!(h["destination_endpoint"], "10.77.0.3:8080", "{h}");
@@ -426,7 +432,7 @@ fn access_log_records_requests_and_connections() {
     assert_eq!(t["direction"], "outbound", "{t}");
     assert_eq!(t["mode"], "ebpf", "{t}");
     assert!(t["timestamp"].is_string() && t["protocol"].is_string(), "{t}");
-    assert!(t["source"].as_str().is_some_and(|s| s.parse::<std::net::SocketAddr>().is_ok()), "{t}");
+    assert_eq!(source_ip(t), "10.77.0.2", "{t}");
     assert_eq!(t["source_identity"], FRONTEND, "{t}");
     assert_eq!(t["destination_identity"], API, "{t}");
     assert_eq!(t["destination_endpoint"], "10.77.0.3:7000", "{t}");
@@ -623,6 +629,7 @@ fn spans_are_exported_over_otlp_and_linked_into_the_callers_trace() {
     }
     assert_eq!(client.attributes["mesh.destination.identity"], API, "{client:?}");
     assert_eq!(client.attributes["network.peer.address"], "10.77.0.3", "{client:?}");
+    assert_eq!(client.attributes["client.address"], "10.77.0.2", "{client:?}");
     assert!(
         server.start_unix_nano >= client.start_unix_nano && server.end_unix_nano <= client.end_unix_nano,
         "the receiving agent's span lies within the sending agent's: {client:?} {server:?}"

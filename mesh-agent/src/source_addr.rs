@@ -25,7 +25,10 @@ pub const TTL: Duration = Duration::from_secs(30);
 /// Destinations remembered at most; the cache is emptied when it fills.
 const MAX_ENTRIES: usize = 4096;
 
-static CACHE: Mutex<Option<HashMap<IpAddr, (Option<IpAddr>, Instant)>>> = Mutex::new(None);
+/// Destination -> (routed source, when it was looked up).
+type Cache = HashMap<IpAddr, (Option<IpAddr>, Instant)>;
+
+static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
 
 /// The address a connection from `peer` to `orig_dst` had before redirection:
 /// `peer` itself unless it is a loopback address the redirect made up (the original

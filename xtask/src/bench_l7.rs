@@ -36,6 +36,66 @@ struct Point {
     load: String,
     direct: Value,
     mesh: Value,
+    /// CPU time per request (microseconds), from /proc, over each run.
+    cpu: CpuPerRequest,
+}
+
+/// Where the CPU went, per request: the whole machine for the direct and mesh runs,
+/// and each agent's share of the mesh run.
+#[derive(Serialize, Clone, Copy, Debug, Default)]
+struct CpuPerRequest {
+    direct_machine_us: f64,
+    mesh_machine_us: f64,
+    client_agent_us: f64,
+    server_agent_us: f64,
+}
+
+/// CPU time used so far (user + system), in clock ticks: of the whole machine
+/// (`/proc/stat`, every CPU's non-idle time) and of each of `pids`.
+#[derive(Clone, Debug)]
+struct CpuSample {
+    machine: u64,
+    pids: Vec<u64>,
+}
+
+impl CpuSample {
+    fn now(pids: &[u32]) -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait.
+        let busy = fields.iter().take(8).sum::<u64>()
+            - fields.get(3).copied().unwrap_or(0)
+            - fields.get(4).copied().unwrap_or(0);
+        let pids = pids
+            .iter()
+            .map(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                // Fields after the command name (which may hold spaces): state is the
+                // 3rd field, utime and stime the 14th and 15th.
+                let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+                let f: Vec<u64> =
+                    rest.split_whitespace().skip(11).take(2).filter_map(|v| v.parse().ok()).collect();
+                f.iter().sum()
+            })
+            .collect();
+        Self { machine: busy, pids }
+    }
+
+    /// Microseconds per request between `self` and `later` for `requests` requests.
+    fn per_request(&self, later: &Self, requests: f64) -> (f64, Vec<f64>) {
+        let tick_us =
+            1e6 / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+        let per = |d: u64| d as f64 * tick_us / requests.max(1.0);
+        let pids = self.pids.iter().zip(&later.pids).map(|(a, b)| per(b.saturating_sub(*a))).collect();
+        (per(later.machine.saturating_sub(self.machine)), pids)
+    }
 }
 
 fn registry() -> String {
@@ -270,8 +330,21 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         load("direct", http2, 0, Duration::from_secs(1))?;
         load("client", http2, 0, Duration::from_secs(1))?;
         for rps in [1_000, 10_000, 0] {
+            let pids = [agents.client.pid(), agents.server.pid()];
+            let before = CpuSample::now(&pids);
             let direct = load("direct", http2, rps, opts.duration)?;
+            let between = CpuSample::now(&pids);
             let mesh = load("client", http2, rps, opts.duration)?;
+            let after = CpuSample::now(&pids);
+            let requests = |v: &Value| f(v, "rps") * opts.duration.as_secs_f64();
+            let (direct_machine_us, _) = before.per_request(&between, requests(&direct));
+            let (mesh_machine_us, agents_us) = between.per_request(&after, requests(&mesh));
+            let cpu = CpuPerRequest {
+                direct_machine_us,
+                mesh_machine_us,
+                client_agent_us: agents_us[0],
+                server_agent_us: agents_us[1],
+            };
             let label = if rps == 0 { "max".to_owned() } else { format!("{}k rps", rps / 1000) };
             println!(
                 "      {protocol:<8} {label:<7} direct {:>7.0} req/s p50 {:>6.0} us p99 {:>7.0} us errors {} | mesh {:>7.0} req/s p50 {:>6.0} us p99 {:>7.0} us errors {}",
@@ -284,7 +357,11 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
                 f(&mesh, "p99_us"),
                 mesh["errors"],
             );
-            points.push(Point { protocol, load: label, direct, mesh });
+            println!(
+                "      {:<17} CPU per request: direct {direct_machine_us:.1} us | mesh {mesh_machine_us:.1} us, of which client agent {:.1} us, server agent {:.1} us",
+                "", cpu.client_agent_us, cpu.server_agent_us
+            );
+            points.push(Point { protocol, load: label, direct, mesh, cpu });
         }
     }
     agents.terminate()?;
@@ -388,6 +465,21 @@ fn render(points: &[Point], opts: &Options) -> String {
             (f(&p.mesh, "p99_us") - f(&p.direct, "p99_us")) / 1000.0,
             p.direct["errors"],
             p.mesh["errors"],
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nCPU time per request (user + system, from `/proc`; machine = every process and the kernel's softirq work on all CPUs):\n"
+    );
+    let _ =
+        writeln!(s, "| protocol | load | direct, machine | mesh, machine | client agent | server agent |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for p in points {
+        let c = p.cpu;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} us | {:.1} us | {:.1} us | {:.1} us |",
+            p.protocol, p.load, c.direct_machine_us, c.mesh_machine_us, c.client_agent_us, c.server_agent_us
         );
     }
     s

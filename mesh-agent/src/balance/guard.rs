@@ -51,7 +51,7 @@ impl PickGuard {
         self.endpoint.breaker().record(self.admission, outcome.is_failure());
         let set = &self.endpoint.set;
         if set.outlier.record(self.endpoint.outlier(), outcome).is_some() {
-            crate::observe::metrics::outlier_ejection(&set.service);
+            crate::observe::metrics::outlier_ejection(&set.service, self.endpoint.addr());
         }
     }
 }

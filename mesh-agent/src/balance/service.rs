@@ -445,8 +445,8 @@ mod tests {
         let (recorder, handle) = crate::observe::metrics::build().expect("recorder");
         let ejections = || {
             let text = handle.render();
-            let line = "mesh_outlier_ejections_total{service=\"default/web\"} ";
-            text.lines().find_map(|l| l.strip_prefix(line)).map(str::to_owned)
+            let line = format!("mesh_outlier_ejections_total{{service=\"default/web\",endpoint=\"{bad}\"}} ");
+            text.lines().find_map(|l| l.strip_prefix(line.as_str())).map(str::to_owned)
         };
         metrics::with_local_recorder(&recorder, || {
             // Round robin over three: the bad endpoint's third failure comes by request 9.

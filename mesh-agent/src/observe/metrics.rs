@@ -10,7 +10,7 @@
 //! Recording functions work through whichever recorder is current, so tests use
 //! [`build`] and `metrics::with_local_recorder` instead of installing globally.
 
-use std::{sync::Mutex, time::Duration};
+use std::{net::SocketAddr, sync::Mutex, time::Duration};
 
 use metrics::{
     Counter, Gauge, Histogram, Key, Label, Level, Metadata, Unit, describe_counter, describe_gauge,
@@ -55,7 +55,7 @@ pub const ACTIVE_CONNECTIONS: &str = "mesh_active_connections";
 pub const INTERCEPTION_MODE: &str = "mesh_interception_mode";
 /// Circuit breaker state per service endpoint: 0 closed, 1 open, 2 half-open.
 pub const CIRCUIT_BREAKER_STATE: &str = "mesh_circuit_breaker_state";
-/// Endpoints ejected by outlier detection.
+/// Ejections by outlier detection, per service endpoint.
 pub const OUTLIER_EJECTIONS_TOTAL: &str = "mesh_outlier_ejections_total";
 /// Requests retried.
 pub const RETRIES_TOTAL: &str = "mesh_retries_total";
@@ -451,9 +451,11 @@ pub fn set_circuit_breaker_state(service: &MeshName, endpoint: &MeshName, state:
     gauge(CIRCUIT_BREAKER_STATE, set).set(f64::from(state as u8));
 }
 
-/// Counts an endpoint of `service` ejected by outlier detection.
-pub fn outlier_ejection(service: &MeshName) {
-    counter(OUTLIER_EJECTIONS_TOTAL, vec![name_label("service", service)]).increment(1);
+/// Counts an ejection of `endpoint` (of `service`) by outlier detection. Endpoints
+/// are the service's own, so the label set stays bounded by the registry.
+pub fn outlier_ejection(service: &MeshName, endpoint: SocketAddr) {
+    let labels = vec![name_label("service", service), Label::new("endpoint", endpoint.to_string())];
+    counter(OUTLIER_EJECTIONS_TOTAL, labels).increment(1);
 }
 
 /// Counts a retried request to `service`.
@@ -639,7 +641,7 @@ mod tests {
             set_interception_mode(ActiveMode::Ebpf);
             let svc = MeshName::known("reviews");
             set_circuit_breaker_state(&svc, &MeshName::known("10.0.0.5:9080"), BreakerState::Open);
-            outlier_ejection(&svc);
+            outlier_ejection(&svc, "10.0.0.5:9080".parse().unwrap());
             retry(&svc);
             retry(&svc);
             set_discovery_staleness(Duration::from_millis(1500));
@@ -653,7 +655,7 @@ mod tests {
         for line in [
             "mesh_interception_mode{mode=\"ebpf\"} 1\n",
             "mesh_circuit_breaker_state{service=\"reviews\",endpoint=\"10.0.0.5:9080\"} 1\n",
-            "mesh_outlier_ejections_total{service=\"reviews\"} 1\n",
+            "mesh_outlier_ejections_total{service=\"reviews\",endpoint=\"10.0.0.5:9080\"} 1\n",
             "mesh_retries_total{service=\"reviews\"} 2\n",
             "mesh_discovery_staleness_seconds 1.5\n",
             "mesh_discovery_applied_version 42\n",

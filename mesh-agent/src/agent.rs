@@ -332,6 +332,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         identity_slot.clone(),
         args.upstream_idle_timeout,
     ));
+    // Cancelled on SIGTERM/SIGINT or /quitquitquit: background tasks stop, the tunnel
+    // listener sends GOAWAY and served HTTP connections close gracefully.
+    let shutdown = CancellationToken::new();
     let proxy = Arc::new(ProxyContext {
         mode,
         sockets,
@@ -352,6 +355,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             l.is_known().then_some(l)
         },
         downstream,
+        shutdown: shutdown.clone(),
     });
     let state = Arc::new(AgentState {
         mode,
@@ -362,7 +366,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup_mount: cgroup2_mount().ok(),
         created: Mutex::new(BTreeSet::new()),
         ready: AtomicBool::new(false),
-        shutdown: CancellationToken::new(),
+        shutdown,
         control_plane: args.control_plane.clone(),
         needs_identity: args.control_plane.is_some() && args.identity.is_some(),
         metrics: match args.metrics {
@@ -494,6 +498,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!(%mode, listeners = ?listening, admin = %admin_addr, enrolled = ?enrolled, "agent ready");
 
     wait_for_shutdown(&state.shutdown).await;
+    // A signal stops everything /quitquitquit does.
+    state.shutdown.cancel();
 
     let began = Instant::now();
     info!("shutting down: removing interception, closing listeners, draining connections");

@@ -71,6 +71,9 @@ pub struct ProxyContext {
     pub locality: Option<crate::balance::Locality>,
     /// Time limits of the client connections the L7 proxy serves.
     pub downstream: crate::l7::DownstreamTimeouts,
+    /// Cancelled when the agent shuts down: served HTTP connections then close
+    /// gracefully instead of waiting out the drain.
+    pub shutdown: CancellationToken,
 }
 
 impl ProxyContext {
@@ -266,6 +269,7 @@ mod tests {
             records: Default::default(),
             locality: None,
             downstream: Default::default(),
+            shutdown: CancellationToken::new(),
         }
     }
 

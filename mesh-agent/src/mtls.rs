@@ -172,7 +172,8 @@ pub struct Inbound {
 /// workload certificate, authorization from the destination service's rules, and
 /// only targets that are workloads on this node. Streams the sending agent marks
 /// as HTTP ([`crate::tunnel::PROTOCOL_HEADER`]) are proxied per request
-/// ([`crate::l7::inbound`]); others are relayed as bytes.
+/// ([`crate::l7::inbound`]); others are relayed as bytes. At `shutdown` the server
+/// stops accepting and sends GOAWAY, and HTTP streams' connections close gracefully.
 pub fn serve_inbound(
     listener: TcpListener,
     inbound: Inbound,
@@ -200,12 +201,14 @@ pub fn serve_inbound(
         Box::pin(async move { sockets.connect(target, connect_timeout).await })
             as std::pin::Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
     });
+    let relay_shutdown = shutdown.clone();
     let relay: Relay =
         Arc::new(move |info: StreamInfo, mut tunnel: TunnelStream, mut upstream: TcpStream| {
             let routes = routes.clone();
             let node = node.clone();
             let upstreams = upstreams.clone();
             let records = records.clone();
+            let shutdown = relay_shutdown.clone();
             Box::pin(async move {
                 let decision = match decide(&routes, &node, &info.peer_id, info.target) {
                     Ok(d) => d,
@@ -235,6 +238,7 @@ pub fn serve_inbound(
                         mode,
                         records,
                         downstream,
+                        shutdown,
                     );
                     let counted = Counted::new(tunnel);
                     let (read, written) = (counted.read.clone(), counted.written.clone());

@@ -266,6 +266,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         connect_timeout,
         drain_timeout,
         downstream_idle_timeout,
+        tcp_idle_timeout,
     } = proxy_settings;
     let downstream = crate::l7::DownstreamTimeouts { idle: downstream_idle_timeout, ..Default::default() };
 
@@ -355,6 +356,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             l.is_known().then_some(l)
         },
         downstream,
+        tcp_idle_timeout,
         shutdown: shutdown.clone(),
     });
     let state = Arc::new(AgentState {
@@ -474,6 +476,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 upstreams: upstreams.clone(),
                 records: records.clone(),
                 downstream,
+                tcp_idle_timeout,
             };
             crate::mtls::serve_inbound(listener, inbound, state.shutdown.clone());
         }

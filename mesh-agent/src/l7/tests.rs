@@ -174,6 +174,7 @@ async fn agent_with(
         records: Default::default(),
         locality,
         downstream,
+        tcp_idle_timeout: Some(crate::forward::idle::DEFAULT),
         shutdown: Default::default(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -266,6 +266,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         connect_timeout,
         drain_timeout,
         downstream_idle_timeout,
+        tcp_idle_timeout,
     } = proxy_settings;
     let downstream = crate::l7::DownstreamTimeouts { idle: downstream_idle_timeout, ..Default::default() };
 
@@ -332,6 +333,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         identity_slot.clone(),
         args.upstream_idle_timeout,
     ));
+    // Cancelled on SIGTERM/SIGINT or /quitquitquit: background tasks stop, the tunnel
+    // listener sends GOAWAY and served HTTP connections close gracefully.
+    let shutdown = CancellationToken::new();
     let proxy = Arc::new(ProxyContext {
         mode,
         sockets,
@@ -352,6 +356,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             l.is_known().then_some(l)
         },
         downstream,
+        tcp_idle_timeout,
+        shutdown: shutdown.clone(),
     });
     let state = Arc::new(AgentState {
         mode,
@@ -362,7 +368,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup_mount: cgroup2_mount().ok(),
         created: Mutex::new(BTreeSet::new()),
         ready: AtomicBool::new(false),
-        shutdown: CancellationToken::new(),
+        shutdown,
         control_plane: args.control_plane.clone(),
         needs_identity: args.control_plane.is_some() && args.identity.is_some(),
         metrics: match args.metrics {
@@ -470,6 +476,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 upstreams: upstreams.clone(),
                 records: records.clone(),
                 downstream,
+                tcp_idle_timeout,
             };
             crate::mtls::serve_inbound(listener, inbound, state.shutdown.clone());
         }
@@ -494,6 +501,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!(%mode, listeners = ?listening, admin = %admin_addr, enrolled = ?enrolled, "agent ready");
 
     wait_for_shutdown(&state.shutdown).await;
+    // A signal stops everything /quitquitquit does.
+    state.shutdown.cancel();
 
     let began = Instant::now();
     info!("shutting down: removing interception, closing listeners, draining connections");

@@ -158,6 +158,11 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_DOWNSTREAM_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration_or_off)]
     pub downstream_idle_timeout: Duration,
 
+    /// Time after which a relayed opaque or TLS connection that moved no byte in
+    /// either direction is closed (both sides); `off` or 0 never closes it.
+    #[arg(long, env = "MESH_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration_or_off)]
+    pub tcp_idle_timeout: Duration,
+
     /// On SIGTERM/SIGINT, how long open connections may take to finish.
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -358,6 +363,8 @@ pub struct ProxySettings {
     pub drain_timeout: Duration,
     /// Idle time that closes a served HTTP connection; `None`: never.
     pub downstream_idle_timeout: Option<Duration>,
+    /// Time without a byte that closes an opaque relay; `None`: never.
+    pub tcp_idle_timeout: Option<Duration>,
 }
 
 impl RunArgs {
@@ -423,6 +430,7 @@ impl RunArgs {
                 drain_timeout: self.drain_timeout,
                 downstream_idle_timeout: (!self.downstream_idle_timeout.is_zero())
                     .then_some(self.downstream_idle_timeout),
+                tcp_idle_timeout: (!self.tcp_idle_timeout.is_zero()).then_some(self.tcp_idle_timeout),
             },
         ))
     }
@@ -455,6 +463,19 @@ mod tests {
         assert!(p.opaque_ports.contains(&3306));
         assert_eq!(p.detect_timeout, Duration::from_secs(3));
         assert_eq!(p.downstream_idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(p.tcp_idle_timeout, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn tcp_idle_timeout_can_be_turned_off() {
+        for off in ["off", "OFF", "0", "0s"] {
+            let p = parse(&["--tcp-idle-timeout", off]).unwrap().1;
+            assert_eq!(p.tcp_idle_timeout, None, "{off}");
+        }
+        let p = parse(&["--tcp-idle-timeout", "90s"]).unwrap().1;
+        assert_eq!(p.tcp_idle_timeout, Some(Duration::from_secs(90)));
+        let e = Cli::try_parse_from(["x", "--tcp-idle-timeout", "later"]).err().unwrap().to_string();
+        assert!(e.contains("--tcp-idle-timeout"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! One intercepted connection, from accept to close: recover the original
 //! destination, sniff the protocol while connecting upstream with the agent's mark,
-//! replay the sniffed bytes and relay both directions until both sides are done.
+//! replay the sniffed bytes and relay both directions until both sides are done (or
+//! no byte moved for the [`idle`] timeout).
+
+pub mod idle;
 
 use std::{
     io,
@@ -11,11 +14,8 @@ use std::{
 
 use bytes::BytesMut;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{ReadHalf, WriteHalf},
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
 };
 use tracing::{info, warn};
 
@@ -253,7 +253,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: Tc
     ctx.stats.detected(&protocol);
     observe::metrics::record_sniff(&protocol);
 
-    let outcome = relay(&mut client, &mut upstream, &sniffed, start).await;
+    let outcome = relay(&mut client, &mut upstream, &sniffed, start, ctx.tcp_idle_timeout).await;
     if let Some((side, _)) = &outcome.error {
         // Propagate an abort as an abort: the peer that did not fail gets a RST rather
         // than a clean FIN that would look like a complete response.
@@ -399,6 +399,8 @@ struct Outcome {
     upstream_to_client: u64,
     duration: Duration,
     error: Option<(Side, String)>,
+    /// The relay was closed for moving no byte for the idle timeout: no one's fault.
+    idle_timeout: bool,
 }
 
 impl Outcome {
@@ -408,32 +410,64 @@ impl Outcome {
             upstream_to_client: down,
             duration: start.elapsed(),
             error: Some((side, e.to_string())),
+            idle_timeout: false,
+        }
+    }
+
+    /// What the log line and the access record give as the error, if any.
+    fn error(&self) -> Option<(Option<Side>, &str)> {
+        match &self.error {
+            Some((side, e)) => Some((Some(*side), e)),
+            None if self.idle_timeout => Some((None, idle::ERROR)),
+            None => None,
         }
     }
 }
 
 /// Relays bytes both ways. Each direction ends at EOF by shutting down the write side
 /// of the other socket (half-close is preserved); the relay ends when both directions
-/// have, or at the first error.
-async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, sniffed: &[u8], start: Instant) -> Outcome {
+/// have, at the first error, or when no byte moved either way for `idle_timeout`
+/// (then both sides are closed, see [`idle::close`]).
+async fn relay(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    sniffed: &[u8],
+    start: Instant,
+    idle_timeout: Option<Duration>,
+) -> Outcome {
     let mut up = 0u64;
     let mut down = 0u64;
-    let (mut cr, mut cw) = client.split();
-    let (mut ur, mut uw) = upstream.split();
-
-    let c2u = async {
-        if !sniffed.is_empty() {
-            uw.write_all(sniffed).await.map_err(|e| (Side::Upstream, e))?;
-            up += sniffed.len() as u64;
+    let activity = idle::Activity::default();
+    let copied = {
+        // Every byte relayed goes through the client's halves.
+        let (cr, cw) = client.split();
+        let (mut cr, mut cw) = (idle::Marked::new(cr, &activity), idle::Marked::new(cw, &activity));
+        let (mut ur, mut uw) = upstream.split();
+        let c2u = async {
+            if !sniffed.is_empty() {
+                uw.write_all(sniffed).await.map_err(|e| (Side::Upstream, e))?;
+                up += sniffed.len() as u64;
+            }
+            copy_half(&mut cr, &mut uw, &mut up, (Side::Client, Side::Upstream)).await
+        };
+        let u2c = copy_half(&mut ur, &mut cw, &mut down, (Side::Upstream, Side::Client));
+        idle::watch(async { tokio::try_join!(c2u, u2c) }, &activity, idle_timeout).await
+    };
+    let (error, idle_timeout) = match copied {
+        Some(Ok(((), ()))) => (None, false),
+        Some(Err((side, e))) => (Some((side, e.to_string())), false),
+        None => {
+            idle::close(client, upstream).await;
+            (None, true)
         }
-        copy_half(&mut cr, &mut uw, &mut up, (Side::Client, Side::Upstream)).await
     };
-    let u2c = copy_half(&mut ur, &mut cw, &mut down, (Side::Upstream, Side::Client));
-    let error = match tokio::try_join!(c2u, u2c) {
-        Ok(((), ())) => None,
-        Err((side, e)) => Some((side, e.to_string())),
-    };
-    Outcome { client_to_upstream: up, upstream_to_client: down, duration: start.elapsed(), error }
+    Outcome {
+        client_to_upstream: up,
+        upstream_to_client: down,
+        duration: start.elapsed(),
+        error,
+        idle_timeout,
+    }
 }
 
 /// Copies `from` to `to` until EOF, then shuts `to` down for writing. Errors are
@@ -443,8 +477,8 @@ async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, sniffed: &[u8],
 /// [`RELAY_BUF_MAX`]; request/response traffic keeps a few KiB per direction, so
 /// thousands of idle keep-alive connections stay cheap.
 async fn copy_half(
-    from: &mut ReadHalf<'_>,
-    to: &mut WriteHalf<'_>,
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
     counter: &mut u64,
     (from_side, to_side): (Side, Side),
 ) -> Result<(), (Side, io::Error)> {
@@ -488,8 +522,8 @@ fn log_close(
         Some(Protocol::Opaque(r)) => Some(r.as_str()),
         _ => None,
     };
-    let (error_side, error) = match &o.error {
-        Some((side, e)) => (Some(side.as_str()), Some(e.as_str())),
+    let (error_side, error) = match o.error() {
+        Some((side, e)) => (side.map(Side::as_str), Some(e)),
         None => (None, None),
     };
     info!(
@@ -520,7 +554,97 @@ fn log_close(
         r.duration = Some(o.duration);
         r.bytes_sent = o.client_to_upstream;
         r.bytes_received = o.upstream_to_client;
-        r.error = o.error.as_ref().map(|(side, e)| format!("{}: {e}", side.as_str()));
+        r.error = o.error().map(|(side, e)| match side {
+            Some(side) => format!("{}: {e}", side.as_str()),
+            None => e.to_owned(),
+        });
         ctx.log_access(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use serde_json::Value;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::observe::{Records, access_log::AccessLog};
+
+    const IDLE: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
+    async fn an_opaque_relay_lives_while_bytes_move_and_ends_after_the_idle_timeout() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let (out, log) = tokio::io::duplex(64 * 1024);
+        let (access_log, _writer) = AccessLog::with_writer(out, 16);
+        let tunnels = crate::mtls::pool(Default::default(), crate::socket::SocketFactory::new(0), IDLE);
+        let ctx = Arc::new(ProxyContext {
+            mode: crate::intercept::ActiveMode::Ebpf,
+            sockets: crate::socket::SocketFactory::new(0),
+            lookup: Box::new(crate::orig_dst::Fixed(server_addr)),
+            detect_timeout: Duration::from_secs(1),
+            // Far beyond anything the test waits for.
+            connect_timeout: IDLE * 100,
+            // The relay starts at once, without sniffing.
+            opaque_ports: HashSet::from([server_addr.port()]),
+            own_addrs: Vec::new(),
+            stats: Default::default(),
+            routes: Arc::new(crate::discovery::RouteStore::new(false)),
+            identity: Default::default(),
+            tunnels: tunnels.clone(),
+            services: Default::default(),
+            upstreams: Arc::new(crate::l7::pool::UpstreamPool::new(
+                crate::socket::SocketFactory::new(0),
+                tunnels,
+                Default::default(),
+                IDLE,
+            )),
+            records: Records { access_log: Some(access_log), spans: None },
+            locality: None,
+            downstream: Default::default(),
+            tcp_idle_timeout: Some(IDLE),
+            shutdown: Default::default(),
+        });
+        let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent_addr = agent.local_addr().unwrap();
+        let c = ctx.clone();
+        let handler = tokio::spawn(async move {
+            let (tcp, peer) = agent.accept().await.unwrap();
+            handle(c, Direction::Outbound, tcp, peer).await;
+        });
+        let mut client = TcpStream::connect(agent_addr).await.unwrap();
+        let (mut upstream, _) = server.accept().await.unwrap();
+
+        // A byte every half timeout, each way in turn, for five timeouts.
+        for i in 0..10u8 {
+            tokio::time::sleep(IDLE / 2).await;
+            let (from, to) =
+                if i % 2 == 0 { (&mut client, &mut upstream) } else { (&mut upstream, &mut client) };
+            from.write_all(&[i]).await.unwrap();
+            assert_eq!(to.read_u8().await.unwrap(), i, "cut after {i} pauses");
+        }
+        // Then silence: both sides are closed (FIN) between the timeout and a quarter more.
+        let last = tokio::time::Instant::now();
+        let mut buf = [0u8; 8];
+        for end in [&mut client, &mut upstream] {
+            let read = tokio::time::timeout(IDLE * 2, end.read(&mut buf)).await;
+            assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+        }
+        let waited = last.elapsed();
+        assert!(waited >= IDLE && waited <= IDLE + IDLE / 4, "closed after {waited:?}");
+        drop((client, upstream));
+        handler.await.unwrap();
+
+        let line = BufReader::new(log).lines().next_line().await.unwrap().expect("a record");
+        let record: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(record["kind"], "tcp", "{record}");
+        assert_eq!(record["error"], idle::ERROR, "{record}");
+        assert_eq!((record["bytes_sent"].as_u64(), record["bytes_received"].as_u64()), (Some(5), Some(5)));
+        let stats = ctx.stats.snapshot();
+        assert_eq!((stats.active, stats.failed), (0, 0), "an idle close is no failure");
     }
 }

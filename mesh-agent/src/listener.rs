@@ -71,6 +71,12 @@ pub struct ProxyContext {
     pub locality: Option<crate::balance::Locality>,
     /// Time limits of the client connections the L7 proxy serves.
     pub downstream: crate::l7::DownstreamTimeouts,
+    /// Opaque and TLS relays that move no byte either way this long are closed
+    /// (`--tcp-idle-timeout`); `None`: never.
+    pub tcp_idle_timeout: Option<Duration>,
+    /// Cancelled when the agent shuts down: served HTTP connections then close
+    /// gracefully instead of waiting out the drain.
+    pub shutdown: CancellationToken,
 }
 
 impl ProxyContext {
@@ -266,6 +272,8 @@ mod tests {
             records: Default::default(),
             locality: None,
             downstream: Default::default(),
+            tcp_idle_timeout: Some(crate::forward::idle::DEFAULT),
+            shutdown: CancellationToken::new(),
         }
     }
 

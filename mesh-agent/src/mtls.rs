@@ -23,6 +23,7 @@ use tracing::{info, warn};
 use crate::{
     authz::decide,
     discovery::{RouteStore, table::EndpointTarget},
+    forward::idle,
     identity::{IdentityError, SpiffeId},
     intercept::ActiveMode,
     l7::pool::{UpstreamPool, Version},
@@ -104,20 +105,27 @@ pub async fn forward(
     };
     ctx.stats.detected(&protocol);
     crate::observe::metrics::record_sniff(&protocol);
+    let activity = idle::Activity::default();
     let relay = async {
         if !sniffed.is_empty() {
             tunnel.write_all(&sniffed).await?;
         }
-        copy_bidirectional(&mut client, &mut tunnel).await
+        // Every byte relayed goes through the client's socket.
+        copy_bidirectional(&mut idle::Marked::new(&mut client, &activity), &mut tunnel).await
     };
-    let (up, down) = match relay.await {
-        Ok((up, down)) => (up + sniffed.len() as u64, down),
-        Err(e) => {
+    let (up, down, idle_timeout) = match idle::watch(relay, &activity, ctx.tcp_idle_timeout).await {
+        Some(Ok((up, down))) => (up + sniffed.len() as u64, down, false),
+        Some(Err(e)) => {
             tunnel.reset();
             crate::forward::reset(&client);
             return Err(format!("relay: {e}"));
         }
+        None => {
+            idle::close(&mut client, &mut tunnel).await;
+            (tunnel.bytes_sent(), tunnel.bytes_received(), true)
+        }
     };
+    let error = idle_timeout.then_some(idle::ERROR);
     info!(
         target: "mesh_agent::conn",
         mode = ctx.mode.as_str(),
@@ -133,6 +141,7 @@ pub async fn forward(
         bytes_sent = up,
         bytes_received = down,
         duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        error,
         "connection closed"
     );
     if ctx.records.wants_tcp() {
@@ -146,6 +155,7 @@ pub async fn forward(
         r.duration = Some(start.elapsed());
         r.bytes_sent = up;
         r.bytes_received = down;
+        r.error = error.map(str::to_owned);
         ctx.log_access(r);
     }
     Ok((up, down, protocol.name().to_owned()))
@@ -166,20 +176,41 @@ pub struct Inbound {
     pub records: Records,
     /// Time limits of HTTP streams' connections (`--downstream-idle-timeout`).
     pub downstream: crate::l7::DownstreamTimeouts,
+    /// Idle timeout of streams relayed as bytes (`--tcp-idle-timeout`); this side
+    /// waits twice as long, see [`serve_inbound`].
+    pub tcp_idle_timeout: Option<Duration>,
 }
 
 /// Serves peers' tunnels on `listener` until `shutdown`: TLS with this node's
 /// workload certificate, authorization from the destination service's rules, and
 /// only targets that are workloads on this node. Streams the sending agent marks
 /// as HTTP ([`crate::tunnel::PROTOCOL_HEADER`]) are proxied per request
-/// ([`crate::l7::inbound`]); others are relayed as bytes.
+/// ([`crate::l7::inbound`]); others are relayed as bytes. At `shutdown` the server
+/// stops accepting and sends GOAWAY, and HTTP streams' connections close gracefully.
+///
+/// A byte relay ends after twice the idle timeout without a byte: the sending agent,
+/// which sees the same bytes, normally ends it first and cleanly, and decides for
+/// the endpoint's health; this side's timer is the backstop for a sending agent
+/// that vanished. Were this side first, the sending agent could see its stream
+/// reset and count it against the endpoint.
 pub fn serve_inbound(
     listener: TcpListener,
     inbound: Inbound,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let Inbound { slot, routes, node, sockets, connect_timeout, mode, upstreams, records, downstream } =
-        inbound;
+    let Inbound {
+        slot,
+        routes,
+        node,
+        sockets,
+        connect_timeout,
+        mode,
+        upstreams,
+        records,
+        downstream,
+        tcp_idle_timeout,
+    } = inbound;
+    let relay_idle_timeout = tcp_idle_timeout.map(|t| t.saturating_mul(2));
     let tls_slot = slot.clone();
     let tls = Arc::new(move |_local: SocketAddr| {
         let ident = tls_slot.get()?;
@@ -200,12 +231,14 @@ pub fn serve_inbound(
         Box::pin(async move { sockets.connect(target, connect_timeout).await })
             as std::pin::Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
     });
+    let relay_shutdown = shutdown.clone();
     let relay: Relay =
         Arc::new(move |info: StreamInfo, mut tunnel: TunnelStream, mut upstream: TcpStream| {
             let routes = routes.clone();
             let node = node.clone();
             let upstreams = upstreams.clone();
             let records = records.clone();
+            let shutdown = relay_shutdown.clone();
             Box::pin(async move {
                 let decision = match decide(&routes, &node, &info.peer_id, info.target) {
                     Ok(d) => d,
@@ -235,6 +268,7 @@ pub fn serve_inbound(
                         mode,
                         records,
                         downstream,
+                        shutdown,
                     );
                     let counted = Counted::new(tunnel);
                     let (read, written) = (counted.read.clone(), counted.written.clone());
@@ -249,12 +283,20 @@ pub fn serve_inbound(
                     return (0, 0, Some("only HTTP requests are allowed by policy".into()));
                 }
                 let start = Instant::now();
-                let (i, o, error) = match copy_bidirectional(&mut tunnel, &mut upstream).await {
-                    Ok((i, o)) => (i, o, None),
-                    Err(e) => {
+                let activity = idle::Activity::default();
+                // Every byte relayed goes through the workload's socket.
+                let mut workload = idle::Marked::new(&mut upstream, &activity);
+                let copy = copy_bidirectional(&mut tunnel, &mut workload);
+                let (i, o, error) = match idle::watch(copy, &activity, relay_idle_timeout).await {
+                    Some(Ok((i, o))) => (i, o, None),
+                    Some(Err(e)) => {
                         tunnel.reset();
                         crate::forward::reset(&upstream);
                         (tunnel.bytes_received(), tunnel.bytes_sent(), Some(e.to_string()))
+                    }
+                    None => {
+                        idle::close(&mut tunnel, &mut upstream).await;
+                        (tunnel.bytes_received(), tunnel.bytes_sent(), Some(idle::ERROR.to_owned()))
                     }
                 };
                 if records.wants_tcp() {

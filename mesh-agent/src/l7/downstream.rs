@@ -15,6 +15,10 @@
 //! An upgraded HTTP/1 connection (WebSocket) is left to its protocol: once hyper hands
 //! it over, neither limit applies.
 //!
+//! When the agent shuts down, served connections close gracefully ([`watch`]): HTTP/1
+//! at once between requests, or after the response of the request under way; HTTP/2
+//! with a GOAWAY, once its open streams are done.
+//!
 //! hyper's own `header_read_timeout` is left off: in hyper 1.x its timer also runs
 //! while a kept-alive connection waits for its next request, so it would close idle
 //! connections after the header timeout (30 s), long before the idle timeout and
@@ -32,6 +36,7 @@ use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
 
 /// Default idle timeout (Envoy's default for downstream connections).
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(3600);
@@ -105,6 +110,8 @@ pub(super) struct Activity {
     last_end: AtomicU64,
     /// HTTP/1: bytes of a request head were read and its request has not started.
     head: AtomicBool,
+    /// A request has started on the connection.
+    used: AtomicBool,
 }
 
 impl Activity {
@@ -114,7 +121,15 @@ impl Activity {
             open: AtomicUsize::new(0),
             last_end: AtomicU64::new(0),
             head: AtomicBool::new(false),
+            used: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the connection has not begun a request: no request started and no
+    /// byte of a head read (HTTP/1). Dropping it then loses nothing, and nothing of
+    /// ours is waiting to be written.
+    pub(super) fn untouched(&self) -> bool {
+        !self.used.load(Ordering::Acquire) && !self.head.load(Ordering::Relaxed)
     }
 
     /// Since when no request has been in flight; `None` while one is.
@@ -133,6 +148,7 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn start(activity: &Arc<Activity>) -> Self {
         activity.open.fetch_add(1, Ordering::AcqRel);
+        activity.used.store(true, Ordering::Release);
         activity.head.store(false, Ordering::Relaxed);
         InFlight(activity.clone())
     }
@@ -298,30 +314,46 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadTimer<I> {
     }
 }
 
-/// Drives `conn` until it ends (`Some` of its output) or has had no request in flight
-/// for `idle` (`None`; the caller closes it).
+/// Why [`watch`] stopped driving a connection.
+pub(super) enum Watched<T> {
+    /// The connection ended by itself, with this output.
+    Ended(T),
+    /// No request has been in flight for the idle timeout; the caller closes it.
+    Idle,
+    /// The agent is shutting down; the caller closes it gracefully.
+    Shutdown,
+}
+
+/// Drives `conn` until it ends, has had no request in flight for `idle`, or
+/// `shutdown` is cancelled.
 ///
-/// The timer is lazy: requests only touch atomics, and the watch wakes at most once
-/// per `idle` while requests are in flight, then sleeps until exactly `idle` after
-/// the last one ended.
-pub(super) async fn until_idle<F: Future + ?Sized>(
+/// The idle timer is lazy: requests only touch atomics, and the watch wakes at most
+/// once per `idle` while requests are in flight, then sleeps until exactly `idle`
+/// after the last one ended. `conn` is polled first, so what it can read already
+/// (a request that crossed the shutdown) is taken in before the caller closes it.
+pub(super) async fn watch<F: Future + ?Sized>(
     mut conn: Pin<&mut F>,
     activity: &Activity,
     idle: Option<Duration>,
-) -> Option<F::Output> {
-    let Some(idle) = idle else { return Some(conn.await) };
-    let sleep = tokio::time::sleep(idle);
+    shutdown: &CancellationToken,
+) -> Watched<F::Output> {
+    // Polled only when `idle` is set.
+    let limit = idle.unwrap_or_default();
+    let sleep = tokio::time::sleep(limit);
     tokio::pin!(sleep);
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         tokio::select! {
             biased;
-            out = conn.as_mut() => return Some(out),
-            () = sleep.as_mut() => {
+            out = conn.as_mut() => return Watched::Ended(out),
+            () = cancelled.as_mut() => return Watched::Shutdown,
+            () = sleep.as_mut(), if idle.is_some() => {
                 let now = Instant::now();
                 match activity.idle_since() {
-                    Some(since) if now >= since + idle => return None,
-                    Some(since) => sleep.as_mut().reset(since + idle),
-                    None => sleep.as_mut().reset(now + idle),
+                    Some(since) if now >= since + limit => return Watched::Idle,
+                    Some(since) => sleep.as_mut().reset(since + limit),
+                    None => sleep.as_mut().reset(now + limit),
                 }
             }
         }
@@ -347,10 +379,16 @@ mod tests {
     /// `serve_http` on one end of an in-memory pipe, answering "ok" after `delay`;
     /// returns the client's end and the server's result.
     fn serve(version: Version, delay: Duration) -> (DuplexStream, JoinHandle<Result<(), ServeError>>) {
-        serve_with(version, hyper::service::service_fn(move |_req: Request<Incoming>| answer(delay)))
+        let service = hyper::service::service_fn(move |_req: Request<Incoming>| answer(delay));
+        serve_with(version, service, CancellationToken::new())
     }
 
-    fn serve_with<S>(version: Version, service: S) -> (DuplexStream, JoinHandle<Result<(), ServeError>>)
+    /// `serve_http` with `service`, shut down by `shutdown`.
+    fn serve_with<S>(
+        version: Version,
+        service: S,
+        shutdown: CancellationToken,
+    ) -> (DuplexStream, JoinHandle<Result<(), ServeError>>)
     where
         S: hyper::service::Service<Request<Incoming>, Response = Response<pool::Body>, Error = Infallible>
             + Send
@@ -359,9 +397,40 @@ mod tests {
     {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let timeouts = DownstreamTimeouts { idle: Some(IDLE), header: HEADER, ..Default::default() };
-        let task =
-            tokio::spawn(async move { crate::l7::serve_http(server, version, service, &timeouts).await });
+        let task = tokio::spawn(async move {
+            crate::l7::serve_http(server, version, service, &timeouts, &shutdown).await
+        });
         (client, task)
+    }
+
+    /// A service answering "ok" after `delay` that tells `called` of each request as
+    /// it arrives.
+    fn announcing(
+        delay: Duration,
+        called: tokio::sync::mpsc::UnboundedSender<()>,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<pool::Body>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response<pool::Body>, Infallible>> + Send,
+    > + Send
+    + 'static {
+        hyper::service::service_fn(move |_req: Request<Incoming>| {
+            let _ = called.send(());
+            answer(delay)
+        })
+    }
+
+    /// Reads one HTTP/1 response whose body is "ok".
+    async fn read_ok_response(client: &mut DuplexStream) -> String {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !(out.ends_with(b"\r\n\r\nok")) {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed mid-response: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     async fn answer(delay: Duration) -> Result<Response<pool::Body>, Infallible> {
@@ -483,7 +552,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_upgraded_connection_is_left_to_its_protocol() {
-        let (mut client, server) = serve_with(Version::Http1, hyper::service::service_fn(echo_upgrade));
+        let (mut client, server) =
+            serve_with(Version::Http1, hyper::service::service_fn(echo_upgrade), CancellationToken::new());
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
             .await
@@ -503,5 +573,102 @@ mod tests {
         client.write_all(b"pong").await.unwrap();
         client.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"pong");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_closes_an_idle_kept_alive_http1_connection_at_once() {
+        let shutdown = CancellationToken::new();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let (mut client, server) =
+            serve_with(Version::Http1, announcing(Duration::ZERO, tx), shutdown.clone());
+        client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let out = read_ok_response(&mut client).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        let asked = Instant::now();
+        shutdown.cancel();
+        assert_eq!(read_to_close(&mut client).await, "");
+        assert_eq!(asked.elapsed(), Duration::ZERO, "closed at once, not after the idle timeout");
+        let r = server.await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_closes_an_http1_connection_that_never_sent_a_request_at_once() {
+        let shutdown = CancellationToken::new();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let (mut client, server) =
+            serve_with(Version::Http1, announcing(Duration::ZERO, tx), shutdown.clone());
+        // The server is waiting for a first request.
+        tokio::task::yield_now().await;
+        let asked = Instant::now();
+        shutdown.cancel();
+        assert_eq!(read_to_close(&mut client).await, "");
+        assert_eq!(asked.elapsed(), Duration::ZERO);
+        assert!(server.await.unwrap().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_request_in_flight_at_shutdown_gets_its_whole_response_then_the_connection_closes() {
+        let slow = Duration::from_secs(5);
+        let shutdown = CancellationToken::new();
+        let (tx, mut called) = tokio::sync::mpsc::unbounded_channel();
+        let (mut client, server) = serve_with(Version::Http1, announcing(slow, tx), shutdown.clone());
+        let sent = Instant::now();
+        client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        called.recv().await.unwrap();
+        shutdown.cancel();
+        let out = read_to_close(&mut client).await;
+        assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("\r\n\r\nok"), "{out}");
+        assert!(out.to_ascii_lowercase().contains("\r\nconnection: close\r\n"), "{out}");
+        assert_eq!(sent.elapsed(), slow, "closed right after the response");
+        let r = server.await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_request_arriving_with_the_shutdown_is_still_answered() {
+        // A connection accepted just before shutdown whose request is already here
+        // (sniffed, or in the socket buffer): answered, then closed.
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let (mut client, server) = serve_with(Version::Http1, announcing(Duration::ZERO, tx), shutdown);
+        client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let out = read_to_close(&mut client).await;
+        assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("\r\n\r\nok"), "{out}");
+        assert!(server.await.unwrap().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_at_shutdown_sends_goaway_and_finishes_the_open_stream() {
+        let slow = Duration::from_secs(5);
+        let shutdown = CancellationToken::new();
+        let (tx, mut called) = tokio::sync::mpsc::unbounded_channel();
+        let (client, server) = serve_with(Version::Http2, announcing(slow, tx), shutdown.clone());
+        let (h2, conn) = h2::client::handshake(client).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let mut h2 = h2.ready().await.unwrap();
+        let sent = Instant::now();
+        let (response, _) = h2.send_request(Request::get("http://x/").body(()).unwrap(), true).unwrap();
+        called.recv().await.unwrap();
+        shutdown.cancel();
+
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), http::StatusCode::OK);
+        let mut body = response.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!((got.as_slice(), sent.elapsed()), (&b"ok"[..], slow), "the open stream was not cut");
+        // The GOAWAY came before the response: no new stream may be opened.
+        let e = h2.send_request(Request::get("http://x/").body(()).unwrap(), true).unwrap_err();
+        assert!(e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR), "{e}");
+        conn.await.unwrap().unwrap();
+        assert_eq!(sent.elapsed(), slow, "the connection closed with its last stream");
+        let r = server.await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::body::{BodyEnd, Observed, grpc_status};
@@ -75,6 +76,8 @@ pub struct Inbound {
     pub records: Records,
     /// Time limits of the stream's HTTP connection.
     pub downstream: super::DownstreamTimeouts,
+    /// Cancelled when the agent shuts down: the connection then closes gracefully.
+    pub shutdown: CancellationToken,
     metrics: RequestMetrics,
     peer_str: String,
     /// `x-forwarded-client-identity`'s value, made once per stream.
@@ -95,6 +98,7 @@ impl Inbound {
         mode: ActiveMode,
         records: Records,
         downstream: super::DownstreamTimeouts,
+        shutdown: CancellationToken,
     ) -> Self {
         let peer_str = peer_id.to_string();
         let metrics = RequestMetrics::new(RequestLabels {
@@ -115,21 +119,22 @@ impl Inbound {
             mode,
             records,
             downstream,
+            shutdown,
             metrics,
             peer_header: HeaderValue::from_str(&peer_str).ok(),
             peer_str,
         }
     }
 
-    /// Serves the stream until the peer closes it.
+    /// Serves the stream until the peer closes it (or the agent shuts down).
     pub async fn serve<I>(self, io: I) -> Result<(), super::ServeError>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let (version, timeouts) = (self.version, self.downstream);
+        let (version, timeouts, shutdown) = (self.version, self.downstream, self.shutdown.clone());
         let this = Arc::new(self);
         let service = hyper::service::service_fn(move |req| this.clone().proxy(req));
-        super::serve_http(io, version, service, &timeouts).await
+        super::serve_http(io, version, service, &timeouts, &shutdown).await
     }
 
     async fn proxy(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {

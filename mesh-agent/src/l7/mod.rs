@@ -21,6 +21,9 @@ pub mod pool;
 
 pub use downstream::{DownstreamTimeouts, ServeError};
 
+use downstream::Watched;
+use tokio_util::sync::CancellationToken;
+
 /// Largest request head (HTTP/1 buffer, HTTP/2 header list) accepted from a client;
 /// bigger ones get 431 (HTTP/1) or a stream reset (HTTP/2), never unbounded memory.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -28,11 +31,17 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Serves one client connection (or tunnel stream) with hyper in `version`, with
 /// the header bounds above and the time limits of [`downstream`]; HTTP/1 keeps
 /// upgrades (WebSocket) possible. A connection closed for being idle ends `Ok`.
+///
+/// When `shutdown` is cancelled the connection is closed gracefully: HTTP/1 at once
+/// if no request is under way, else once its response is written (with
+/// `Connection: close`); HTTP/2 with a GOAWAY, its open streams still served. Either
+/// ends `Ok` unless the connection fails before that.
 pub async fn serve_http<I, S>(
     io: I,
     version: pool::Version,
     service: S,
     timeouts: &DownstreamTimeouts,
+    shutdown: &CancellationToken,
 ) -> Result<(), ServeError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -54,11 +63,22 @@ where
                 .serve_connection(hyper_util::rt::TokioIo::new(io), service)
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);
-            // Idle: no request has been in flight for the idle timeout, so dropping the
-            // connection loses none.
-            match downstream::until_idle(conn.as_mut(), &activity, timeouts.idle).await {
-                Some(result) => Ok(result?),
-                None => Ok(()),
+            match downstream::watch(conn.as_mut(), &activity, timeouts.idle, shutdown).await {
+                Watched::Ended(result) => Ok(result?),
+                // No request has been in flight for the idle timeout, so dropping the
+                // connection loses none.
+                Watched::Idle => Ok(()),
+                Watched::Shutdown => {
+                    // Keep-alive off: hyper closes a connection that sits between
+                    // requests at once, and one with a request under way after its
+                    // response. A connection that has not sent a byte yet would wait for
+                    // its first request: it has none to lose.
+                    conn.as_mut().graceful_shutdown();
+                    if activity.untouched() {
+                        return Ok(());
+                    }
+                    Ok(conn.await?)
+                }
             }
         }
         pool::Version::Http2 => {
@@ -69,14 +89,17 @@ where
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
                 .serve_connection(hyper_util::rt::TokioIo::new(io), service);
             let mut conn = std::pin::pin!(conn);
-            if let Some(result) = downstream::until_idle(conn.as_mut(), &activity, timeouts.idle).await {
-                return Ok(result?);
-            }
-            // GOAWAY: a stream the client opened meanwhile is still served. The client
-            // may close as soon as it reads it, so a failed write after that is no fault.
+            let reason = match downstream::watch(conn.as_mut(), &activity, timeouts.idle, shutdown).await {
+                Watched::Ended(result) => return Ok(result?),
+                Watched::Idle => "idle",
+                Watched::Shutdown => "shutdown",
+            };
+            // GOAWAY: streams already open (and one the client opened meanwhile) are
+            // still served. The client may close as soon as it reads it, so a failed
+            // write after that is no fault.
             conn.as_mut().graceful_shutdown();
             if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "idle HTTP/2 connection ended with an error after GOAWAY");
+                tracing::debug!(error = %e, reason, "HTTP/2 connection ended with an error after GOAWAY");
             }
             Ok(())
         }

@@ -84,7 +84,7 @@ impl Outbound {
         Outbound { ctx, peer, orig_dst, version, metrics, service, client_addr }
     }
 
-    /// Serves the connection until the client closes it.
+    /// Serves the connection until the client closes it (or the agent shuts down).
     pub async fn serve<I>(self, io: I) -> Result<(), super::ServeError>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -92,7 +92,7 @@ impl Outbound {
         let this = Arc::new(self);
         let (version, ctx) = (this.version, this.ctx.clone());
         let service = hyper::service::service_fn(move |req| this.clone().proxy(req));
-        super::serve_http(io, version, service, &ctx.downstream).await
+        super::serve_http(io, version, service, &ctx.downstream, &ctx.shutdown).await
     }
 
     async fn proxy(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {

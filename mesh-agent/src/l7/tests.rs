@@ -174,6 +174,8 @@ async fn agent_with(
         records: Default::default(),
         locality,
         downstream,
+        tcp_idle_timeout: Some(crate::forward::idle::DEFAULT),
+        shutdown: Default::default(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -548,4 +550,29 @@ async fn a_request_in_flight_longer_than_the_idle_timeout_is_not_cut() {
     a.set(Behaviour::Ok);
     let (status, _, body) = get(&mut client, &[]).await;
     assert_eq!((status, body.as_ref()), (StatusCode::OK, &b"a"[..]));
+}
+
+#[tokio::test]
+async fn shutdown_closes_an_idle_kept_alive_connection_well_before_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = Backend::start("a").await;
+    let (agent, ctx) = agent(&snapshot(&[&a], None)).await;
+    let mut tcp = TcpStream::connect(agent).await.unwrap();
+    tcp.write_all(b"GET /hello HTTP/1.1\r\nHost: web.default\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !out.ends_with(b"\r\n\r\na") {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed mid-response: {}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+    }
+    let asked = std::time::Instant::now();
+    ctx.shutdown.cancel();
+    assert_eq!(read_until_closed(&mut tcp).await, "");
+    let waited = asked.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "closed after {waited:?}, idle timeout {:?}",
+        ctx.downstream.idle
+    );
 }

@@ -413,6 +413,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
+    // The receiving side's tunnel server, drained with the listeners at shutdown.
+    let mut tunnel_server = None;
     if let Some(control_plane) = &args.control_plane {
         let node = node_name(&args);
         let settings = ClientSettings {
@@ -478,7 +480,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 downstream,
                 tcp_idle_timeout,
             };
-            crate::mtls::serve_inbound(listener, inbound, state.shutdown.clone());
+            tunnel_server = Some(crate::mtls::serve_inbound(listener, inbound, state.shutdown.clone()));
         }
     }
 
@@ -513,7 +515,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     stop_accepting.cancel();
     tracker.close();
     let active = proxy.stats.snapshot().active;
-    if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_ok() {
+    // Peers' tunnel streams (already sent GOAWAY by the shutdown token) drain within
+    // the same deadline as the workloads' connections.
+    let tunnel_drained = async {
+        if let Some(server) = &mut tunnel_server {
+            let _ = server.await;
+        }
+    };
+    let drained = async { tokio::join!(tracker.wait(), tunnel_drained) };
+    if tokio::time::timeout(drain_timeout, drained).await.is_ok() {
         info!(drained = active, elapsed_ms = began.elapsed().as_millis() as u64, "shutdown complete");
     } else {
         warn!(
@@ -521,6 +531,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             drain_timeout = ?drain_timeout,
             "drain deadline reached; closing remaining connections"
         );
+        if let Some(server) = &tunnel_server {
+            server.abort();
+        }
     }
     drop(records);
     if let Some(exporter) = span_exporter {

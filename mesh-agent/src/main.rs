@@ -79,16 +79,25 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
             init_logging(args.log_format, &args.log)?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(usize::from(args.worker_threads))
-                .thread_name("mesh-agent")
-                .enable_all()
-                .build()?;
+            // One worker: the current-thread scheduler, which wakes tasks without the
+            // work-stealing machinery (atomics, cross-thread notifications) a single
+            // worker never uses. Blocking work still goes to the blocking pool.
+            let mut builder = if args.worker_threads <= 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(usize::from(args.worker_threads));
+                b
+            };
+            let rt = builder.thread_name("mesh-agent").enable_all().build()?;
             let result = rt.block_on(agent::run(*args));
             // Do not wait for connection tasks past the drain deadline.
             rt.shutdown_background();

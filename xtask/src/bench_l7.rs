@@ -7,6 +7,12 @@
 //! YAML registry and CA), `client` (agent in eBPF mode, workload cgroup),
 //! `server` (agent, nginx), `direct` (a client with no agent). Each load
 //! point runs direct and meshed back to back so drift hits both alike.
+//!
+//! As a reference for what two proxy hops cost on the same machine, each point
+//! also runs through HAProxy in the same topology: one HAProxy on `client`, one on
+//! `server`, mutual TLS and HTTP/2 between them, kept-alive connections to nginx
+//! (one thread each, like the agents). The load generator reaches it from `direct`
+//! (nothing intercepts it).
 
 use std::{
     fmt::Write as _,
@@ -23,6 +29,8 @@ use serde_json::Value;
 pub struct Options {
     pub duration: Duration,
     pub connections: u32,
+    /// Rounds of every point; figures are medians over rounds.
+    pub rounds: usize,
 }
 
 const VIP: &str = "10.96.0.50";
@@ -36,6 +44,8 @@ struct Point {
     load: String,
     direct: Value,
     mesh: Value,
+    /// The same load through two HAProxy hops (mTLS between them).
+    haproxy: Value,
     /// CPU time per request (microseconds), from /proc, over each run.
     cpu: CpuPerRequest,
 }
@@ -46,6 +56,7 @@ struct Point {
 struct CpuPerRequest {
     direct_machine_us: f64,
     mesh_machine_us: f64,
+    haproxy_machine_us: f64,
     client_agent_us: f64,
     server_agent_us: f64,
 }
@@ -279,13 +290,17 @@ impl Bench {
         connections: u32,
     ) -> Result<Value> {
         let probe = PathBuf::from(std::env::var_os("MESH_MESH_PROBE_BIN").context("probe path")?);
-        let cg = if host == "direct" { &self.direct_cg } else { &self.workload };
+        let cg = if host == "client" { &self.workload } else { &self.direct_cg };
         let target = match (host, http2) {
             ("direct", false) => self.lab.host("server").v4_addr(HTTP).to_string(),
             ("direct", true) => self.lab.host("server").v4_addr(H2).to_string(),
+            // From `direct` to the HAProxy on `client`.
+            ("haproxy", false) => self.lab.host("client").v4_addr(HAPROXY_H1).to_string(),
+            ("haproxy", true) => self.lab.host("client").v4_addr(HAPROXY_H2).to_string(),
             (_, false) => format!("{VIP}:80"),
             (_, true) => format!("{VIP}:81"),
         };
+        let host = if host == "haproxy" { "direct" } else { host };
         let target = target.as_str();
         let mut cmd = self.lab.host(host).command(&probe, Some(cg.absolute()))?;
         cmd.args([
@@ -319,16 +334,23 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     println!("[2/3] starting the control plane, two agents (eBPF mode, mTLS) and the server");
     let bench = Bench::start("l7bench")?;
     let agents = bench.agents(|_| Vec::new())?;
+    let _haproxies = haproxies(&bench.lab, bench.dir.path())?;
     let load = |host: &str, http2: bool, rps: u32, duration: Duration| {
         bench.load(host, http2, rps, duration, opts.connections)
     };
 
-    println!("[3/3] measuring {:?} per point, direct then mesh", opts.duration);
+    println!(
+        "[3/3] measuring {:?} per point, direct then mesh then HAProxy, {} round(s)",
+        opts.duration, opts.rounds
+    );
     let mut points = Vec::new();
-    for (protocol, http2) in [("HTTP/1.1", false), ("HTTP/2", true)] {
+    let rounds = opts.rounds.max(1);
+    for round in 0..rounds * 2 {
+        let (protocol, http2) = if round % 2 == 0 { ("HTTP/1.1", false) } else { ("HTTP/2", true) };
         // Warm-up: connections, pools, tunnel, page cache.
         load("direct", http2, 0, Duration::from_secs(1))?;
         load("client", http2, 0, Duration::from_secs(1))?;
+        load("haproxy", http2, 0, Duration::from_secs(1))?;
         for rps in [1_000, 10_000, 0] {
             let pids = [agents.client.pid(), agents.server.pid()];
             let before = CpuSample::now(&pids);
@@ -336,12 +358,16 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             let between = CpuSample::now(&pids);
             let mesh = load("client", http2, rps, opts.duration)?;
             let after = CpuSample::now(&pids);
+            let haproxy = load("haproxy", http2, rps, opts.duration)?;
+            let after_haproxy = CpuSample::now(&[]);
             let requests = |v: &Value| f(v, "rps") * opts.duration.as_secs_f64();
             let (direct_machine_us, _) = before.per_request(&between, requests(&direct));
             let (mesh_machine_us, agents_us) = between.per_request(&after, requests(&mesh));
+            let (haproxy_machine_us, _) = after.per_request(&after_haproxy, requests(&haproxy));
             let cpu = CpuPerRequest {
                 direct_machine_us,
                 mesh_machine_us,
+                haproxy_machine_us,
                 client_agent_us: agents_us[0],
                 server_agent_us: agents_us[1],
             };
@@ -358,12 +384,21 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
                 mesh["errors"],
             );
             println!(
-                "      {:<17} CPU per request: direct {direct_machine_us:.1} us | mesh {mesh_machine_us:.1} us, of which client agent {:.1} us, server agent {:.1} us",
+                "      {:<17} haproxy x2 {:>7.0} req/s p50 {:>6.0} us p99 {:>7.0} us errors {}",
+                "",
+                f(&haproxy, "rps"),
+                f(&haproxy, "p50_us"),
+                f(&haproxy, "p99_us"),
+                haproxy["errors"],
+            );
+            println!(
+                "      {:<17} CPU per request: direct {direct_machine_us:.1} us | mesh {mesh_machine_us:.1} us, of which client agent {:.1} us, server agent {:.1} us | haproxy x2 {haproxy_machine_us:.1} us",
                 "", cpu.client_agent_us, cpu.server_agent_us
             );
-            points.push(Point { protocol, load: label, direct, mesh, cpu });
+            points.push(Point { protocol, load: label, direct, mesh, haproxy, cpu });
         }
     }
+    let points = medians(&points);
     agents.terminate()?;
     bench.control.terminate()?;
 
@@ -375,6 +410,149 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     std::fs::write(out.join("l7.json"), serde_json::to_string_pretty(&points)?)?;
     println!("wrote bench-results/l7.md and bench-results/l7.json");
     Ok(())
+}
+
+/// One point per protocol and load: the median of each figure over its rounds
+/// (errors summed), in first-seen order.
+fn medians(points: &[Point]) -> Vec<Point> {
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+    let run = |group: &[&Point], pick: fn(&Point) -> &Value| {
+        let m = |k: &str| median(group.iter().map(|p| f(pick(p), k)).collect());
+        let errors: u64 = group.iter().map(|p| pick(p)["errors"].as_u64().unwrap_or(0)).sum();
+        serde_json::json!({ "rps": m("rps"), "p50_us": m("p50_us"), "p99_us": m("p99_us"), "errors": errors })
+    };
+    let mut out: Vec<Point> = Vec::new();
+    for p in points {
+        if out.iter().any(|o| o.protocol == p.protocol && o.load == p.load) {
+            continue;
+        }
+        let group: Vec<&Point> =
+            points.iter().filter(|q| q.protocol == p.protocol && q.load == p.load).collect();
+        let cpu = |pick: fn(&CpuPerRequest) -> f64| median(group.iter().map(|q| pick(&q.cpu)).collect());
+        out.push(Point {
+            protocol: p.protocol,
+            load: p.load.clone(),
+            direct: run(&group, |p| &p.direct),
+            mesh: run(&group, |p| &p.mesh),
+            haproxy: run(&group, |p| &p.haproxy),
+            cpu: CpuPerRequest {
+                direct_machine_us: cpu(|c| c.direct_machine_us),
+                mesh_machine_us: cpu(|c| c.mesh_machine_us),
+                haproxy_machine_us: cpu(|c| c.haproxy_machine_us),
+                client_agent_us: cpu(|c| c.client_agent_us),
+                server_agent_us: cpu(|c| c.server_agent_us),
+            },
+        });
+    }
+    out
+}
+
+/// HAProxy's listeners on `client`: HTTP/1.1 and HTTP/2 (prior knowledge).
+const HAPROXY_H1: u16 = 18080;
+const HAPROXY_H2: u16 = 18081;
+/// HAProxy's mutual-TLS listeners on `server` (this port for nginx's HTTP/1.1, the
+/// next for its HTTP/2).
+const HAPROXY_TLS: u16 = 18443;
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().context("running openssl")?;
+    ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// A CA and a certificate for each HAProxy (P-256, like the mesh's), as PEM
+/// bundles `client.pem` / `server.pem` and `ca.crt` in `dir`.
+fn haproxy_certs(dir: &Path) -> Result<()> {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=bench-ca", "-days", "2"]);
+    openssl(dir, &ca)?;
+    for name in ["client", "server"] {
+        let (key, csr, crt, subj) =
+            (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"), format!("/CN={name}"));
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &req)?;
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+            ],
+        )?;
+        let pem = std::fs::read_to_string(dir.join(&crt))? + &std::fs::read_to_string(dir.join(&key))?;
+        std::fs::write(dir.join(format!("{name}.pem")), pem)?;
+    }
+    Ok(())
+}
+
+/// The two HAProxy hops: `client` listens for the load generator and sends to
+/// `server` over mutual TLS with HTTP/2; `server` sends to nginx over kept-alive
+/// connections in the client's HTTP version. One thread each, no logs.
+fn haproxies(lab: &Lab, dir: &Path) -> Result<(KillOnDrop, KillOnDrop)> {
+    let dir = dir.join("haproxy");
+    std::fs::create_dir_all(&dir)?;
+    haproxy_certs(&dir)?;
+    let d = dir.display();
+    let common = "global\n  nbthread 1\n  maxconn 4096\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\n";
+    let server_host = lab.host("server");
+    let (tls_h1, tls_h2) = (server_host.v4_addr(HAPROXY_TLS), server_host.v4_addr(HAPROXY_TLS + 1));
+    // HTTP/2 clients reach nginx's HTTP/2 port, HTTP/1.1 clients its HTTP/1.1 one, as
+    // through the mesh (which keeps the client's version end to end).
+    let client_conf = format!(
+        "{common}frontend h1\n  bind :{HAPROXY_H1}\n  default_backend peer_h1\n\nfrontend h2\n  bind :{HAPROXY_H2} proto h2\n  default_backend peer_h2\n\n\
+         backend peer_h1\n  server s {tls_h1} ssl crt {d}/client.pem ca-file {d}/ca.crt verify required alpn h2\n\n\
+         backend peer_h2\n  server s {tls_h2} ssl crt {d}/client.pem ca-file {d}/ca.crt verify required alpn h2\n"
+    );
+    let server_conf = format!(
+        "{common}frontend tunnel_h1\n  bind :{HAPROXY_TLS} ssl crt {d}/server.pem ca-file {d}/ca.crt verify required alpn h2\n  default_backend app_h1\n\n\
+         frontend tunnel_h2\n  bind :{} ssl crt {d}/server.pem ca-file {d}/ca.crt verify required alpn h2\n  default_backend app_h2\n\n\
+         backend app_h1\n  server nginx 127.0.0.1:{HTTP}\n\n\
+         backend app_h2\n  server nginx 127.0.0.1:{H2} proto h2\n",
+        HAPROXY_TLS + 1
+    );
+    let start = |host: &str, conf: &str, port: u16| -> Result<KillOnDrop> {
+        let path = dir.join(format!("{host}.cfg"));
+        std::fs::write(&path, conf)?;
+        let h = lab.host(host);
+        let child = h
+            .command("haproxy", None)?
+            .args(["-db", "-q", "-f", &path.display().to_string()])
+            .spawn()
+            .context("starting haproxy")?;
+        let guard = KillOnDrop(child);
+        let addr = h.v4_addr(port);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while h.run_in(move || std::net::TcpStream::connect(addr).is_err())? {
+            ensure!(std::time::Instant::now() < deadline, "haproxy did not listen on {addr} within 10s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(guard)
+    };
+    let server = start("server", &server_conf, HAPROXY_TLS)?;
+    let client = start("client", &client_conf, HAPROXY_H1)?;
+    Ok((client, server))
 }
 
 /// nginx answering every request with a 6-byte body: one worker, no access log.
@@ -438,9 +616,10 @@ fn render(points: &[Point], opts: &Options) -> String {
     );
     let _ = writeln!(
         s,
-        "`cargo xtask bench l7 --duration {}s --connections {}` on {} ({} CPUs). Both agents in eBPF mode, one worker thread each, log level info, access log off; the load generator (`mesh-probe load`), agents and server share the machine. Fixed rates are open loop: latency counts from each request's due time.\n",
+        "`cargo xtask bench l7 --duration {}s --connections {} --rounds {}` on {} ({} CPUs); each figure is the median over the rounds. Both agents in eBPF mode, one worker thread each, log level info, access log off; the load generator (`mesh-probe load`), agents and server share the machine. Fixed rates are open loop: latency counts from each request's due time.\n",
         opts.duration.as_secs(),
         opts.connections,
+        opts.rounds.max(1),
         std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
@@ -469,17 +648,48 @@ fn render(points: &[Point], opts: &Options) -> String {
     }
     let _ = writeln!(
         s,
+        "\nReference: the same load through two HAProxy 2.6 hops in the same topology (one thread each, mutual TLS and HTTP/2 between them, kept-alive to nginx in the client's HTTP version), measured in the same run right after the mesh:\n"
+    );
+    let _ = writeln!(
+        s,
+        "| protocol | load | haproxy x2 req/s | ratio to direct | p50 | p99 | p99 added | errors |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for p in points {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.2}x | {:.0} us | {:.0} us | {:.2} ms | {} |",
+            p.protocol,
+            p.load,
+            f(&p.haproxy, "rps"),
+            f(&p.haproxy, "rps") / f(&p.direct, "rps").max(1e-9),
+            f(&p.haproxy, "p50_us"),
+            f(&p.haproxy, "p99_us"),
+            (f(&p.haproxy, "p99_us") - f(&p.direct, "p99_us")) / 1000.0,
+            p.haproxy["errors"],
+        );
+    }
+    let _ = writeln!(
+        s,
         "\nCPU time per request (user + system, from `/proc`; machine = every process and the kernel's softirq work on all CPUs):\n"
     );
-    let _ =
-        writeln!(s, "| protocol | load | direct, machine | mesh, machine | client agent | server agent |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| protocol | load | direct, machine | mesh, machine | mesh: client agent | mesh: server agent | haproxy x2, machine |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for p in points {
         let c = p.cpu;
         let _ = writeln!(
             s,
-            "| {} | {} | {:.1} us | {:.1} us | {:.1} us | {:.1} us |",
-            p.protocol, p.load, c.direct_machine_us, c.mesh_machine_us, c.client_agent_us, c.server_agent_us
+            "| {} | {} | {:.1} us | {:.1} us | {:.1} us | {:.1} us | {:.1} us |",
+            p.protocol,
+            p.load,
+            c.direct_machine_us,
+            c.mesh_machine_us,
+            c.client_agent_us,
+            c.server_agent_us,
+            c.haproxy_machine_us
         );
     }
     s

@@ -85,6 +85,10 @@ enum Bench {
         /// streams (16 per connection).
         #[arg(long, default_value_t = 64)]
         connections: u32,
+        /// Rounds of every point; each figure reported is the median over rounds (a
+        /// 5 s point's p99 swings by milliseconds on a shared VM).
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
     /// Observability overhead: HTTP/1.1 through the mesh with metrics and the access
     /// log (to a file) ON vs OFF, max rate and p99 at 1k requests/s, one run.
@@ -112,8 +116,8 @@ fn main() -> Result<()> {
         Task::Bench { which: Bench::Intercept { rounds, duration, connects, connections } } => {
             bench::intercept(&root, &bench::Options { rounds, duration, connects, connections })
         }
-        Task::Bench { which: Bench::L7 { duration, connections } } => {
-            bench_l7::run(&root, &bench_l7::Options { duration, connections })
+        Task::Bench { which: Bench::L7 { duration, connections, rounds } } => {
+            bench_l7::run(&root, &bench_l7::Options { duration, connections, rounds })
         }
         Task::Bench { which: Bench::Observe { duration, connections, rounds } } => {
             bench_observe::run(&root, &bench_observe::Options { duration, connections, rounds })

@@ -23,6 +23,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("python3", "python3-venv"),
     // The observability e2e test scrapes the agent with a real Prometheus.
     ("prometheus", "prometheus"),
+    // The L7 benchmark's reference: the same two proxy hops with HAProxy.
+    ("haproxy", "haproxy"),
 ];
 
 /// Whether `python3 -m venv` works (Debian ships it separately from python3).

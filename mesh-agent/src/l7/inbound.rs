@@ -141,17 +141,19 @@ impl Inbound {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         let method = crate::observe::labels::method(req.method());
-        let (trace, origin) = TraceContext::from_headers(req.headers());
-        let exports_span = self.records.exports_span(trace.sampled());
+        // The trace context matters only to the access log and span export; with both
+        // off it passes through unread.
+        let traced = self.records.is_on().then(|| TraceContext::from_headers(req.headers()));
+        let sampled = traced.as_ref().is_some_and(|(trace, _)| trace.sampled());
         // With span export on, this hop is a span of its own: the workload gets a new
         // parent id (the span's). Otherwise the context passes through untouched.
-        let hop = exports_span.then(|| {
+        let hop = traced.as_ref().filter(|_| self.records.exports_span(sampled)).map(|(trace, _)| {
             let hop = trace.child();
             hop.apply(req.headers_mut());
             hop
         });
         // Built only when the access log or span export reads it.
-        let mut record = self.records.wants_http(trace.sampled()).then(|| {
+        let mut record = traced.filter(|_| self.records.wants_http(sampled)).map(|(trace, origin)| {
             let mut r = AccessRecord::http(Direction::Inbound, self.mode, self.peer_addr);
             r.source_identity = Some(self.metrics.labels().source_identity.clone());
             r.destination_service = Some(self.service.clone());

@@ -24,6 +24,11 @@ pub struct Records {
 }
 
 impl Records {
+    /// Whether anything reads records at all (access log or span export on).
+    pub fn is_on(&self) -> bool {
+        self.access_log.is_some() || self.spans.is_some()
+    }
+
     /// Whether a TCP connection's record is read by anyone.
     pub fn wants_tcp(&self) -> bool {
         self.access_log.is_some()

@@ -19,7 +19,7 @@ use http::{HeaderMap, Method, Request, StatusCode};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::io::TunnelStream;
 use super::{REASON_HEADER, TunnelError, h2_settings};
@@ -99,10 +99,18 @@ impl Slot {
     }
 }
 
+/// How often an idle or busy tunnel connection is pinged, and how long the peer
+/// has to answer before the connection is dropped as dead: a peer node that
+/// vanished (power loss, partition) sends no FIN, and without pings its connection
+/// would stay pooled, taking new streams that never get an answer.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 struct Shared {
     tls: Arc<dyn ClientTls>,
     sockets: SocketFactory,
     connect_timeout: Duration,
+    keepalive: (Duration, Duration),
     slots: Mutex<HashMap<PoolKey, Arc<Slot>>>,
     next_id: AtomicU64,
 }
@@ -132,6 +140,7 @@ impl TunnelPool {
                 tls,
                 sockets,
                 connect_timeout,
+                keepalive: (KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT),
                 slots: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
             }),
@@ -139,6 +148,16 @@ impl TunnelPool {
     }
 
     /// How many live connections the pool holds (for metrics and tests).
+    /// The same pool pinging each connection every `interval` and dropping one
+    /// whose peer does not answer within `timeout` (defaults: [`KEEPALIVE_INTERVAL`],
+    /// [`KEEPALIVE_TIMEOUT`]). Call before the pool is cloned or used.
+    pub fn with_keepalive(mut self, interval: Duration, timeout: Duration) -> TunnelPool {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.keepalive = (interval, timeout);
+        }
+        self
+    }
+
     pub fn connection_count(&self) -> usize {
         let slots = self.shared.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.values().filter(|slot| slot.open_connection().is_some()).count()
@@ -234,7 +253,7 @@ impl TunnelPool {
                 }
             };
         let handshake = h2_settings::client().handshake::<_, Bytes>(tls);
-        let (send, driver) = match tokio::time::timeout(shared.connect_timeout, handshake).await {
+        let (send, mut driver) = match tokio::time::timeout(shared.connect_timeout, handshake).await {
             Ok(result) => result.map_err(TunnelError::H2)?,
             Err(_) => {
                 let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "HTTP/2 handshake timed out");
@@ -247,9 +266,17 @@ impl TunnelPool {
         // handle, and the connection must end when the pool is dropped.
         let (weak, task_key, slot, flag) =
             (Arc::downgrade(shared), key.clone(), Arc::downgrade(slot), closed.clone());
+        let ping = driver.ping_pong();
+        let (interval, timeout) = shared.keepalive;
         tokio::spawn(async move {
-            if let Err(e) = driver.await {
-                debug!(peer = %task_key.peer, error = %e, "tunnel connection ended");
+            tokio::select! {
+                ended = driver => if let Err(e) = ended {
+                    debug!(peer = %task_key.peer, error = %e, "tunnel connection ended");
+                },
+                why = keepalive(ping, interval, timeout) => {
+                    // Dropping the driver closes the connection; its streams fail.
+                    warn!(peer = %task_key.peer, reason = %why, "tunnel peer is not answering; closing the connection");
+                }
             }
             flag.store(true, Ordering::Release);
             if let (Some(shared), Some(slot)) = (weak.upgrade(), slot.upgrade()) {
@@ -258,6 +285,20 @@ impl TunnelPool {
         });
         debug!(peer = %peer, source = %key.source, dest = %key.expected, "tunnel connection established");
         Ok(Connection { id, send, closed })
+    }
+}
+
+/// Pings the peer every `interval` until one goes unanswered for `timeout`; returns
+/// why. Never returns when the connection offers no ping handle.
+async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) -> String {
+    let Some(mut ping) = ping else { return std::future::pending().await };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(e)) => return format!("ping failed: {e}"),
+            Err(_) => return format!("no answer to a ping within {timeout:?}"),
+        }
     }
 }
 

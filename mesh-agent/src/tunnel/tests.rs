@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -310,4 +310,76 @@ async fn a_peer_reset_reads_as_connection_reset() {
     let mut buf = [0u8; 16];
     let err = within("reset", stream.read(&mut buf)).await.unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}
+
+/// A TCP relay to `to` that can be frozen: once `frozen` is set it stops moving
+/// bytes but keeps both sockets open, like a peer node that vanished without a FIN.
+async fn freezable_relay(to: SocketAddr, frozen: Arc<AtomicBool>) -> SocketAddr {
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        frozen: Arc<AtomicBool>,
+    ) {
+        let mut buf = vec![0; 16 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if frozen.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        // Whatever happened, the sockets stay open (no FIN, no RST) until the test ends.
+        std::future::pending::<()>().await;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(to).await else { return };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(pump(client_read, server_write, frozen.clone()));
+            tokio::spawn(pump(server_read, client_write, frozen.clone()));
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_is_dropped_by_keepalive_pings() {
+    let f = Fixture::start().await;
+    let echo = echo_server().await;
+    let frozen = Arc::new(AtomicBool::new(false));
+    let relay = freezable_relay(f.server_addr, frozen.clone()).await;
+    let interval = Duration::from_millis(100);
+    let pool = f.pool().with_keepalive(interval, Duration::from_millis(200));
+    let open = || pool.open(relay, &f.cart, &f.payments, echo, HeaderMap::new());
+    let mut stream = within("open", open()).await.unwrap();
+    round_trip(&mut stream, b"alive").await;
+    // Answered pings keep an idle connection: several intervals pass and it stays.
+    let deadline = tokio::time::Instant::now() + interval * 5;
+    while tokio::time::Instant::now() < deadline {
+        assert_eq!(pool.connection_count(), 1, "a healthy peer's connection was dropped");
+        tokio::time::sleep(interval / 2).await;
+    }
+    round_trip(&mut stream, b"still alive").await;
+
+    // The peer goes silent without closing: the unanswered ping drops the
+    // connection, so the next stream dials afresh instead of waiting forever.
+    frozen.store(true, Ordering::SeqCst);
+    within("the dead connection to be dropped", async {
+        while pool.connection_count() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut buf = [0u8; 1];
+    let read = within("the stream to fail", stream.read(&mut buf)).await;
+    assert!(!matches!(read, Ok(1)), "the stream of a dead connection must not deliver data: {read:?}");
 }

@@ -50,6 +50,14 @@ impl Server {
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+
+    /// Stops the server (it stops listening and its connections close) and returns
+    /// everything it observed, including requests that arrived while it stopped.
+    pub fn stop(self) -> Vec<Seen> {
+        let seen = self.seen.clone();
+        drop(self);
+        seen.lock().unwrap().clone()
+    }
 }
 
 impl Drop for Server {

@@ -250,8 +250,9 @@ fn backend_killed_mid_stream_costs_no_request(mode: &str) {
         (m.backend("b2").seen().len() >= 10).then_some(())
     });
     let b2 = m.backends.get_mut("b2").and_then(Option::take).expect("b2");
-    let served_by_b2 = b2.seen().len();
-    drop(b2); // stops listening and closes its connections
+    // Stops listening and closes its connections; counted once stopped, so requests
+    // that reached b2 while it was going down are included.
+    let served_by_b2 = b2.stop().len();
     let killed_at = Instant::now();
     let still_running = curl.try_wait().expect("try_wait").is_none();
     let out = curl.wait_with_output().expect("curl finishes");

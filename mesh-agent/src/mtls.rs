@@ -31,7 +31,7 @@ use crate::{
     observe::{Records, access_log::AccessRecord, labels::MeshName},
     sniff::{self, OpaqueReason, Protocol},
     socket::SocketFactory,
-    tunnel::{ClientTls, Relay, StreamInfo, TunnelPool, TunnelRecord, TunnelServer, TunnelStream},
+    tunnel::{ClientTls, HttpServe, Relay, StreamInfo, TunnelPool, TunnelRecord, TunnelServer, TunnelStream},
     workload_identity::IdentitySlot,
 };
 
@@ -183,9 +183,10 @@ pub struct Inbound {
 
 /// Serves peers' tunnels on `listener` until `shutdown`: TLS with this node's
 /// workload certificate, authorization from the destination service's rules, and
-/// only targets that are workloads on this node. Streams the sending agent marks
-/// as HTTP ([`crate::tunnel::PROTOCOL_HEADER`]) are proxied per request
-/// ([`crate::l7::inbound`]); others are relayed as bytes. At `shutdown` the server
+/// only targets that are workloads on this node. Direct HTTP connections
+/// ([`crate::identity::ALPN_MESH_HTTP`]) and CONNECT streams the sending agent
+/// marks as HTTP ([`crate::tunnel::PROTOCOL_HEADER`]) are proxied per request
+/// ([`crate::l7::inbound`]); other streams are relayed as bytes. At `shutdown` the server
 /// stops accepting and sends GOAWAY, and HTTP streams' connections close gracefully.
 ///
 /// A byte relay ends after twice the idle timeout without a byte: the sending agent,
@@ -230,6 +231,25 @@ pub fn serve_inbound(
     let connect = Arc::new(move |target: SocketAddr| {
         Box::pin(async move { sockets.connect(target, connect_timeout).await })
             as std::pin::Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
+    });
+    let direct = Arc::new(crate::l7::inbound::Direct {
+        routes: routes.clone(),
+        node: node.clone(),
+        upstreams: upstreams.clone(),
+        connect_timeout,
+        mode,
+        records: records.clone(),
+        downstream,
+    });
+    let http: HttpServe = Arc::new(move |peer_id, peer_addr, tls, shutdown| {
+        let direct = direct.clone();
+        Box::pin(async move {
+            let start = Instant::now();
+            let ended = direct.serve(peer_id.clone(), peer_addr, tls, shutdown).await;
+            tracing::debug!(peer = %peer_addr, peer_identity = %peer_id,
+                duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+                error = ended.err().map(|e| e.to_string()), "direct HTTP connection closed");
+        })
     });
     let relay_shutdown = shutdown.clone();
     let relay: Relay =
@@ -331,7 +351,8 @@ pub fn serve_inbound(
             "connection closed"
         );
     });
-    let server = TunnelServer::new(tls, authorize, connect).with_on_close(on_close).with_relay(relay);
+    let server =
+        TunnelServer::new(tls, authorize, connect).with_on_close(on_close).with_relay(relay).with_http(http);
     tokio::spawn(server.serve(listener, shutdown))
 }
 

@@ -36,7 +36,7 @@ pub use mesh_api::spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdError};
 pub use spiffe::{
     identity_error_of, peer_identity, peer_identity_of_stream, server_identity_of_stream, spiffe_id_from_cert,
 };
-pub use tls::{ALPN_H2, TlsConfigs};
+pub use tls::{ALPN_H2, ALPN_MESH_HTTP, TlsConfigs};
 pub use trust::TrustBundle;
 
 #[cfg(test)]

@@ -171,8 +171,6 @@ pub(super) struct Tracked<S> {
     pub(super) activity: Arc<Activity>,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
 where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
@@ -181,22 +179,46 @@ where
 {
     type Response = Response<TrackedBody<B>>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+    type Future = TrackedFuture<S::Future>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         // Dropped with the future if the client goes away before the response.
         let in_flight = InFlight::start(&self.activity);
         let upgrade = super::headers::is_upgrade(req.headers());
-        let response = self.inner.call(req);
-        Box::pin(async move {
-            let response = response.await?;
-            if upgrade && response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                // The connection becomes the upgraded protocol's (WebSocket): one request
-                // in flight for the rest of its life, so neither timer touches it.
-                in_flight.0.open.fetch_add(1, Ordering::AcqRel);
-            }
-            Ok(response.map(|body| TrackedBody { body, _in_flight: in_flight }))
-        })
+        TrackedFuture { response: self.inner.call(req), in_flight: Some(in_flight), upgrade }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Tracked`]'s future: the inner one, unboxed. (A boxed async block cost an
+    /// allocation and a copy of the whole request future per request.)
+    pub(super) struct TrackedFuture<F> {
+        #[pin]
+        response: F,
+        in_flight: Option<InFlight>,
+        upgrade: bool,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.response.poll(cx))?;
+        let Some(in_flight) = this.in_flight.take() else {
+            // Polled after completion: a caller bug, answered without tracking.
+            unreachable!("TrackedFuture polled after it completed")
+        };
+        if *this.upgrade && response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            // The connection becomes the upgraded protocol's (WebSocket): one request
+            // in flight for the rest of its life, so neither timer touches it.
+            in_flight.0.open.fetch_add(1, Ordering::AcqRel);
+        }
+        Poll::Ready(Ok(response.map(|body| TrackedBody { body, _in_flight: in_flight })))
     }
 }
 

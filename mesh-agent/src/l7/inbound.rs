@@ -1,8 +1,13 @@
-//! The server side of L7: HTTP arriving through the tunnel is served by hyper, so
+//! The server side of L7: HTTP arriving from a peer agent is served by hyper, so
 //! each request is authorized on its method and path (not only the peer's
 //! identity), gets `x-forwarded-*`, is counted and logged, and goes to the local
 //! workload on a kept-alive connection.
+//!
+//! It arrives either as requests of a direct connection ([`Direct`]: each names its
+//! target, and is admitted like a CONNECT would be) or inside a CONNECT stream
+//! ([`Inbound::serve`]: upgrades, and older peers).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +35,7 @@ use crate::observe::labels::MeshName;
 use crate::observe::metrics::{RequestLabels, RequestMetrics, RequestOutcome};
 use crate::observe::spans::HopSpan;
 use crate::observe::trace::{Origin, TraceContext};
+use crate::tunnel::{PROTOCOL_HEADER, REASON_HEADER, TARGET_HEADER};
 
 /// The destination's authorization rules as of the route table in force: a policy
 /// change reaches streams that were admitted before it, at their next request.
@@ -79,6 +85,9 @@ pub struct Inbound {
     /// Cancelled when the agent shuts down: the connection then closes gracefully.
     pub shutdown: CancellationToken,
     metrics: RequestMetrics,
+    /// Requests come from a direct connection: one refused before reaching the
+    /// workload is marked so the sending agent may try another endpoint.
+    direct: bool,
     peer_str: String,
     /// `x-forwarded-client-identity`'s value, made once per stream.
     peer_header: Option<HeaderValue>,
@@ -121,6 +130,7 @@ impl Inbound {
             downstream,
             shutdown,
             metrics,
+            direct: false,
             peer_header: HeaderValue::from_str(&peer_str).ok(),
             peer_str,
         }
@@ -213,8 +223,9 @@ impl Inbound {
 
         let request_bytes = Arc::new(AtomicU64::new(0));
         let req = req.map(|b| Observed::new(b, Some(request_bytes.clone()), None).boxed_unsync());
-        let sent =
-            self.upstreams.send(self.target, &Dial::Plain, self.version, self.connect_timeout, req).await;
+        // Boxed for the reason `outbound` boxes its sends: most of the request's state.
+        let send = self.upstreams.send(self.target, &Dial::Plain, self.version, self.connect_timeout, req);
+        let sent = Box::pin(send).await;
         let mut resp = match sent {
             Ok(resp) => resp,
             Err(e) => {
@@ -226,7 +237,13 @@ impl Inbound {
                     r.error = Some(e.to_string());
                 }
                 self.account(record, method, status, None, request_bytes.load(Ordering::Relaxed), 0, start);
-                return Ok(error_response(status, &format!("local workload: {e}"), grpc));
+                let message = format!("local workload: {e}");
+                let mut resp = error_response(status, &message, grpc);
+                if self.direct && status == StatusCode::SERVICE_UNAVAILABLE {
+                    // Not connected: the request never reached the workload.
+                    mark_refused(&mut resp, &message);
+                }
+                return Ok(resp);
             }
         };
         match client_upgrade {
@@ -236,6 +253,8 @@ impl Inbound {
             }
             _ => strip_hop_by_hop(resp.headers_mut(), false),
         }
+        // Only this agent may say a request was refused before the workload.
+        resp.headers_mut().remove(REASON_HEADER);
         let status = resp.status();
         let header_grpc = grpc_status(resp.headers());
         let this = self.clone();
@@ -278,4 +297,144 @@ impl Inbound {
             self.records.emit(*record);
         }
     }
+}
+
+/// What every direct connection's requests need (one per agent).
+pub struct Direct {
+    pub routes: Arc<RouteStore>,
+    /// This node's name: only endpoints registered on it are reachable.
+    pub node: String,
+    pub upstreams: Arc<UpstreamPool>,
+    pub connect_timeout: Duration,
+    pub mode: ActiveMode,
+    pub records: Records,
+    /// Time limits of the connection.
+    pub downstream: super::DownstreamTimeouts,
+}
+
+/// Targets one direct connection has admitted (distinct local workloads, so few).
+const MAX_TARGETS_PER_CONNECTION: usize = 1024;
+
+/// One peer agent's direct connection: its requests, each admitted for its target
+/// and then proxied as a CONNECT stream's would be.
+struct DirectConnection {
+    shared: Arc<Direct>,
+    peer_id: SpiffeId,
+    peer_addr: SocketAddr,
+    shutdown: CancellationToken,
+    /// Per (target, version): the admitted stream state, so metrics labels, the
+    /// policy decision and the identity header are made once, not per request.
+    targets: Mutex<HashMap<(SocketAddr, Version), Arc<Inbound>>>,
+}
+
+impl Direct {
+    /// Serves the direct connection of the peer agent `peer_id` at `peer_addr` until
+    /// it closes (or, after `shutdown`, gracefully with a GOAWAY).
+    pub async fn serve<I>(
+        self: Arc<Self>,
+        peer_id: SpiffeId,
+        peer_addr: SocketAddr,
+        io: I,
+        shutdown: CancellationToken,
+    ) -> Result<(), super::ServeError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let timeouts = self.downstream;
+        let conn = Arc::new(DirectConnection {
+            shared: self,
+            peer_id,
+            peer_addr,
+            shutdown: shutdown.clone(),
+            targets: Mutex::new(HashMap::new()),
+        });
+        let service = hyper::service::service_fn(move |req| conn.clone().request(req));
+        super::serve_http_tuned(io, Version::Http2, service, &timeouts, &shutdown, true).await
+    }
+}
+
+impl DirectConnection {
+    async fn request(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let headers = req.headers_mut();
+        let target = headers.remove(TARGET_HEADER);
+        let target = target.as_ref().and_then(|v| v.to_str().ok()?.parse::<SocketAddr>().ok());
+        let version = match headers.remove(PROTOCOL_HEADER).as_ref().map(HeaderValue::as_bytes) {
+            Some(b"http1") => Some(Version::Http1),
+            Some(b"http2") => Some(Version::Http2),
+            _ => None,
+        };
+        let (Some(target), Some(version)) = (target, version) else {
+            return Ok(refused(
+                StatusCode::BAD_REQUEST,
+                "missing or malformed x-mesh-target or x-mesh-protocol",
+            ));
+        };
+        let inbound = match self.admit(target, version) {
+            Ok(inbound) => inbound,
+            Err(reason) => {
+                warn!(peer_id = %self.peer_id, peer = %self.peer_addr, target = %target, reason = %reason,
+                    "direct HTTP request refused: no such workload here");
+                return Ok(refused(StatusCode::MISDIRECTED_REQUEST, &reason));
+            }
+        };
+        if version == Version::Http1 {
+            // Back to what the client sent: origin-form, its own Host header.
+            let (mut parts, body) = req.into_parts();
+            parts.version = http::Version::HTTP_11;
+            let origin = parts.uri.path_and_query().cloned();
+            parts.uri = origin.map(http::Uri::from).unwrap_or_else(|| http::Uri::from_static("/"));
+            req = Request::from_parts(parts, body);
+        }
+        inbound.proxy(req).await
+    }
+
+    /// The admitted state for `target`, which must be a workload of this node (as
+    /// for a CONNECT; re-checked when the route table changes, through [`Policy`]).
+    /// Whether the peer may make the request is decided per request by
+    /// [`Inbound::proxy`], which answers a denial with 403 and counts and logs it.
+    fn admit(&self, target: SocketAddr, version: Version) -> Result<Arc<Inbound>, String> {
+        let cached = self.targets.lock().unwrap_or_else(|e| e.into_inner()).get(&(target, version)).cloned();
+        if let Some(inbound) = cached {
+            if let Err(e) = &*inbound.policy.current(&self.peer_id, target) {
+                return Err(e.clone());
+            }
+            return Ok(inbound);
+        }
+        let shared = &self.shared;
+        let decision = decide(&shared.routes, &shared.node, &self.peer_id, target)?;
+        let mut inbound = Inbound::new(
+            self.peer_id.clone(),
+            self.peer_addr,
+            target,
+            MeshName::known(&decision.service),
+            Policy::new(shared.routes.clone(), shared.node.clone(), decision),
+            version,
+            shared.upstreams.clone(),
+            shared.connect_timeout,
+            shared.mode,
+            shared.records.clone(),
+            shared.downstream,
+            self.shutdown.clone(),
+        );
+        inbound.direct = true;
+        let inbound = Arc::new(inbound);
+        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        if targets.len() < MAX_TARGETS_PER_CONNECTION {
+            targets.insert((target, version), inbound.clone());
+        }
+        Ok(inbound)
+    }
+}
+
+/// An answer for a request refused before it reached a workload, marked so with
+/// [`REASON_HEADER`] (the sending agent treats it as a failure to connect).
+fn refused(status: StatusCode, reason: &str) -> Response<Body> {
+    let mut resp = error_response(status, reason, false);
+    mark_refused(&mut resp, reason);
+    resp
+}
+
+fn mark_refused(resp: &mut Response<Body>, reason: &str) {
+    let value = HeaderValue::from_str(reason).unwrap_or_else(|_| HeaderValue::from_static("refused"));
+    resp.headers_mut().insert(REASON_HEADER, value);
 }

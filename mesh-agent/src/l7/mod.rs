@@ -12,6 +12,7 @@
 //! TLS and opaque traffic stay per-connection ([`crate::forward`]).
 
 pub mod body;
+pub mod deadline;
 pub mod downstream;
 pub mod headers;
 pub mod inbound;
@@ -42,6 +43,28 @@ pub async fn serve_http<I, S>(
     service: S,
     timeouts: &DownstreamTimeouts,
     shutdown: &CancellationToken,
+) -> Result<(), ServeError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<pool::Body>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_http_tuned(io, version, service, timeouts, shutdown, false).await
+}
+
+/// [`serve_http`] for a peer agent's direct HTTP connection (`direct`): HTTP/2 with
+/// the tunnel's larger flow-control windows and stream limit, since one connection
+/// carries everything a peer node sends to this one.
+pub async fn serve_http_tuned<I, S>(
+    io: I,
+    version: pool::Version,
+    service: S,
+    timeouts: &DownstreamTimeouts,
+    shutdown: &CancellationToken,
+    direct: bool,
 ) -> Result<(), ServeError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -82,12 +105,19 @@ where
             }
         }
         pool::Version::Http2 => {
-            let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            let mut builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
                 .timer(hyper_util::rt::TokioTimer::new())
                 .keep_alive_interval(timeouts.keepalive_interval)
                 .keep_alive_timeout(timeouts.keepalive_timeout)
-                .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+                .max_header_list_size(MAX_HEADER_BYTES as u32);
+            if direct {
+                builder
+                    .initial_stream_window_size(pool::DIRECT_STREAM_WINDOW)
+                    .initial_connection_window_size(pool::DIRECT_CONNECTION_WINDOW)
+                    .max_concurrent_streams(pool::DIRECT_MAX_STREAMS);
+            }
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
             let mut conn = std::pin::pin!(conn);
             let reason = match downstream::watch(conn.as_mut(), &activity, timeouts.idle, shutdown).await {
                 Watched::Ended(result) => return Ok(result?),
@@ -117,3 +147,6 @@ pub fn version_of(protocol: &crate::sniff::Protocol) -> Option<pool::Version> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod direct_tests;

@@ -183,20 +183,23 @@ impl Outbound {
             RequestBody::Stream(Some(body))
         };
         let connect_timeout = policy.connect_timeout.unwrap_or(self.ctx.connect_timeout);
-        let tries = self.tries(
-            &state,
-            &parts,
-            &mut body,
-            replayable,
-            hash_key,
-            connect_timeout,
-            &request_bytes,
-            &mut record,
-        );
-        let result = match policy.request_timeout {
-            Some(limit) => tokio::time::timeout(limit, tries).await.unwrap_or(Err(Failed::Timeout(limit))),
-            None => tries.await,
-        };
+        // Built inside the call (not bound first): a bound future would take room in
+        // this future's state twice (see `deadline`).
+        let result = super::deadline::within(
+            policy.request_timeout,
+            self.tries(
+                &state,
+                &parts,
+                &mut body,
+                replayable,
+                hash_key,
+                connect_timeout,
+                &request_bytes,
+                &mut record,
+            ),
+        )
+        .await
+        .unwrap_or_else(|limit| Err(Failed::Timeout(limit)));
         match result {
             Ok((mut resp, guard, outcome)) => {
                 if let Some(client_upgrade) = downstream_upgrade
@@ -276,12 +279,22 @@ impl Outbound {
                 req.headers_mut().remove(CLIENT_ADDR_HEADER);
             }
             let idle = state.policy.idle_timeout;
-            let send =
-                self.ctx.upstreams.send_with_idle(endpoint, &dial, self.version, connect_timeout, idle, req);
-            let sent = match state.policy.retry.per_try_timeout {
-                Some(limit) => tokio::time::timeout(limit, send).await.map_err(|_| limit),
-                None => Ok(send.await),
-            };
+            let send_timeout = state.policy.retry.per_try_timeout;
+            // Boxed: the send future is most of a request's state, and the request's
+            // future is moved whole when hyper spawns or boxes it; one allocation
+            // per try is cheaper than carrying (and copying) it inline.
+            let sent = super::deadline::within(
+                send_timeout,
+                Box::pin(self.ctx.upstreams.send_with_idle(
+                    endpoint,
+                    &dial,
+                    self.version,
+                    connect_timeout,
+                    idle,
+                    req,
+                )),
+            )
+            .await;
             let (failure, resp) = match sent {
                 Err(limit) => (FailureKind::Timeout, Err(Failed::Timeout(limit))),
                 Ok(Err(SendError::Connect { endpoint, message })) => {

@@ -6,9 +6,15 @@
 //! is taken again once hyper says it is ready (the previous response fully read).
 //! HTTP/2 connections multiplex, so an endpoint has one, shared by every request.
 //!
-//! A connection is plain TCP to an endpoint outside the mesh, or a CONNECT stream
-//! through the mutual-TLS tunnel to the endpoint's agent ([`Dial::Meshed`]); hyper
-//! sees the same byte stream either way.
+//! An endpoint outside the mesh gets plain TCP connections. A meshed endpoint
+//! ([`Dial::Meshed`]) is reached through its node's agent over mutual TLS: requests
+//! ride as HTTP/2 streams directly on one connection per (peer agent, source
+//! identity, destination identity), each naming its endpoint in
+//! [`crate::tunnel::TARGET_HEADER`] and the workload's HTTP version in
+//! [`crate::tunnel::PROTOCOL_HEADER`] (see [`crate::identity::ALPN_MESH_HTTP`]), so
+//! HTTP/1.1 clients are multiplexed too. Protocol upgrades (WebSocket), and peers
+//! that do not offer direct HTTP (older agents), get HTTP inside a CONNECT stream of
+//! the tunnel instead, in the client's own version.
 
 use std::collections::HashMap;
 use std::io;
@@ -23,12 +29,12 @@ use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::identity::SpiffeId;
+use crate::identity::{ALPN_H2, ALPN_MESH_HTTP, SpiffeId};
 use crate::socket::SocketFactory;
 use crate::tunnel::{TunnelPool, TunnelStream};
 use crate::workload_identity::IdentitySlot;
@@ -68,6 +74,34 @@ pub enum SendError {
 /// HTTP/1 connections kept per endpoint, busy or idle.
 const MAX_H1_PER_ENDPOINT: usize = 256;
 
+/// How long a peer agent that answered without direct HTTP is served through
+/// CONNECT streams before it is asked again (it may have been upgraded).
+const LEGACY_RECHECK: Duration = Duration::from_secs(60);
+
+/// Flow-control windows of direct HTTP connections, as the tunnel's: one stream can
+/// fill a fast link, all of them together stay bounded.
+pub(crate) const DIRECT_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub(crate) const DIRECT_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Requests one sending agent may have in flight at once on one direct connection;
+/// more wait for a free stream.
+pub(crate) const DIRECT_MAX_STREAMS: u32 = 1024;
+
+/// Who is talking to whom over a direct connection: the client certificate and the
+/// server identity checked belong to the whole connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct MeshKey {
+    agent: SocketAddr,
+    source: SpiffeId,
+    expected: SpiffeId,
+}
+
+/// A peer agent's direct connection, or the note that it has none.
+enum Direct {
+    Open(Idle<http2::SendRequest<Body>>),
+    /// The peer chose the CONNECT tunnel at this time.
+    Legacy(Instant),
+}
+
 struct Idle<S> {
     sender: S,
     since: Instant,
@@ -89,6 +123,9 @@ pub struct UpstreamPool {
     idle_timeout: Duration,
     h1: Mutex<HashMap<SocketAddr, Vec<Idle<http1::SendRequest<Body>>>>>,
     h2: Mutex<HashMap<SocketAddr, Idle<http2::SendRequest<Body>>>>,
+    direct: Mutex<HashMap<MeshKey, Direct>>,
+    /// Held while dialing a key, so that concurrent requests wait for one dial.
+    dialing: Mutex<HashMap<MeshKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for UpstreamPool {
@@ -111,6 +148,8 @@ impl UpstreamPool {
             idle_timeout,
             h1: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
+            direct: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
         }
     }
 
@@ -138,6 +177,23 @@ impl UpstreamPool {
         req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
         let idle = idle.unwrap_or(self.idle_timeout);
+        if let Dial::Meshed { agent, identity } = dial
+            && !super::headers::is_upgrade(req.headers())
+        {
+            return self.send_direct(endpoint, *agent, identity, version, connect_timeout, idle, req).await;
+        }
+        self.send_version(endpoint, dial, version, connect_timeout, idle, req).await
+    }
+
+    async fn send_version(
+        &self,
+        endpoint: SocketAddr,
+        dial: &Dial,
+        version: Version,
+        connect_timeout: Duration,
+        idle: Duration,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
         match version {
             Version::Http1 => self.send_h1(endpoint, dial, connect_timeout, idle, req).await,
             Version::Http2 => self.send_h2(endpoint, dial, connect_timeout, idle, req).await,
@@ -169,8 +225,22 @@ impl UpstreamPool {
                 },
             }
         }
+        // Dialing is boxed: its futures (TCP, TLS, handshakes) are large and rare,
+        // and would otherwise grow every request's future (moved on each spawn).
+        let mut sender = Box::pin(self.new_h1(endpoint, dial, connect_timeout)).await?;
+        let resp = sender.send_request(req).await?;
+        self.checkin_h1(endpoint, sender, idle);
+        Ok(resp)
+    }
+
+    async fn new_h1(
+        &self,
+        endpoint: SocketAddr,
+        dial: &Dial,
+        connect_timeout: Duration,
+    ) -> Result<http1::SendRequest<Body>, SendError> {
         let io = self.connect(endpoint, dial, Version::Http1, connect_timeout).await?;
-        let (mut sender, conn) = http1::Builder::new()
+        let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| SendError::Connect { endpoint, message: e.to_string() })?;
@@ -179,9 +249,26 @@ impl UpstreamPool {
                 debug!(endpoint = %endpoint, error = %e, "upstream HTTP/1 connection ended");
             }
         });
-        let resp = sender.send_request(req).await?;
-        self.checkin_h1(endpoint, sender, idle);
-        Ok(resp)
+        Ok(sender)
+    }
+
+    async fn new_h2(
+        &self,
+        endpoint: SocketAddr,
+        dial: &Dial,
+        connect_timeout: Duration,
+    ) -> Result<http2::SendRequest<Body>, SendError> {
+        let io = self.connect(endpoint, dial, Version::Http2, connect_timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| SendError::Connect { endpoint, message: e.to_string() })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(endpoint = %endpoint, error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        Ok(sender)
     }
 
     fn checkout_h1(&self, endpoint: SocketAddr) -> Option<http1::SendRequest<Body>> {
@@ -227,16 +314,7 @@ impl UpstreamPool {
         let mut sender = match pooled {
             Some(s) => s,
             None => {
-                let io = self.connect(endpoint, dial, Version::Http2, connect_timeout).await?;
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .handshake(TokioIo::new(io))
-                    .await
-                    .map_err(|e| SendError::Connect { endpoint, message: e.to_string() })?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(endpoint = %endpoint, error = %e, "upstream HTTP/2 connection ended");
-                    }
-                });
+                let sender = Box::pin(self.new_h2(endpoint, dial, connect_timeout)).await?;
                 let mut pool = self.h2.lock().unwrap_or_else(|e| e.into_inner());
                 pool.insert(endpoint, Idle { sender: sender.clone(), since: Instant::now(), idle_timeout });
                 sender
@@ -248,17 +326,169 @@ impl UpstreamPool {
                 // The shared connection went away before the stream opened.
                 Some(unsent) => {
                     self.h2.lock().unwrap_or_else(|e| e.into_inner()).remove(&endpoint);
-                    let io = self.connect(endpoint, dial, Version::Http2, connect_timeout).await?;
-                    let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
-                        .handshake(TokioIo::new(io))
-                        .await
-                        .map_err(|e| SendError::Connect { endpoint, message: e.to_string() })?;
-                    tokio::spawn(conn);
+                    let mut sender = Box::pin(self.new_h2(endpoint, dial, connect_timeout)).await?;
                     Ok(sender.send_request(unsent).await?)
                 }
                 None => Err(SendError::Request(e.into_error())),
             },
         }
+    }
+
+    /// Sends `req` to the meshed `endpoint` as a stream of the direct connection to
+    /// its agent, or, if that agent does not speak direct HTTP, through the tunnel.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_direct(
+        &self,
+        endpoint: SocketAddr,
+        agent: SocketAddr,
+        expected: &SpiffeId,
+        version: Version,
+        connect_timeout: Duration,
+        idle: Duration,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let Some(ident) = self.identity.get() else {
+            return Err(SendError::Connect {
+                endpoint,
+                message: "no workload certificate yet: meshed traffic is never sent in plaintext".into(),
+            });
+        };
+        let key = MeshKey { agent, source: ident.workload.id().clone(), expected: expected.clone() };
+        let Some(mut sender) = self.direct_sender(&key, endpoint, connect_timeout, idle).await? else {
+            // Boxed: rare, and would otherwise double this future's size.
+            let dial = Dial::Meshed { agent, identity: expected.clone() };
+            return Box::pin(self.send_version(endpoint, &dial, version, connect_timeout, idle, req)).await;
+        };
+        let req = to_direct(req, endpoint, version);
+        let resp = match sender.try_send_request(req).await {
+            Ok(resp) => resp,
+            Err(mut e) => match e.take_message() {
+                // The connection went away (GOAWAY, peer restart) before the stream
+                // opened: the request never left, so it goes out on a fresh one.
+                Some(unsent) => {
+                    debug!(agent = %agent, error = %e.error(), "direct connection gone; dialing again");
+                    self.forget_direct(&key, &sender);
+                    match self.direct_sender(&key, endpoint, connect_timeout, idle).await? {
+                        Some(mut fresh) => fresh.send_request(unsent).await?,
+                        None => {
+                            return Err(SendError::Connect {
+                                endpoint,
+                                message: format!("peer agent {agent} stopped offering direct HTTP"),
+                            });
+                        }
+                    }
+                }
+                None => return Err(SendError::Request(e.into_error())),
+            },
+        };
+        from_direct(resp, endpoint, version)
+    }
+
+    /// The direct connection of `key`, dialing one if none is open; `None` when the
+    /// peer agent answered without direct HTTP (recently).
+    async fn direct_sender(
+        &self,
+        key: &MeshKey,
+        endpoint: SocketAddr,
+        connect_timeout: Duration,
+        idle: Duration,
+    ) -> Result<Option<http2::SendRequest<Body>>, SendError> {
+        if let Some(found) = self.pooled_direct(key, idle) {
+            return Ok(found);
+        }
+        let lock = {
+            let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
+            dialing.entry(key.clone()).or_default().clone()
+        };
+        let _dialing = lock.lock().await;
+        if let Some(found) = self.pooled_direct(key, idle) {
+            return Ok(found);
+        }
+        let dialed = Box::pin(tokio::time::timeout(connect_timeout, self.dial_direct(key, endpoint))).await;
+        let found = match dialed {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                let message =
+                    format!("direct connection to {}: timed out after {connect_timeout:?}", key.agent);
+                return Err(SendError::Connect { endpoint, message });
+            }
+        };
+        let entry = match &found {
+            Some(sender) => {
+                Direct::Open(Idle { sender: sender.clone(), since: Instant::now(), idle_timeout: idle })
+            }
+            None => Direct::Legacy(Instant::now()),
+        };
+        self.direct.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), entry);
+        Ok(found)
+    }
+
+    /// What the pool holds for `key`: `Some(Some(sender))` an open connection,
+    /// `Some(None)` a peer known to want the tunnel, `None` nothing usable.
+    fn pooled_direct(&self, key: &MeshKey, idle: Duration) -> Option<Option<http2::SendRequest<Body>>> {
+        let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match direct.get_mut(key)? {
+            Direct::Open(i) if !i.sender.is_closed() && i.sender.is_ready() => {
+                i.since = now;
+                i.idle_timeout = idle;
+                Some(Some(i.sender.clone()))
+            }
+            Direct::Legacy(since) if now.duration_since(*since) < LEGACY_RECHECK => Some(None),
+            _ => {
+                direct.remove(key);
+                None
+            }
+        }
+    }
+
+    /// Drops `key`'s connection if it is still `sender`'s.
+    fn forget_direct(&self, key: &MeshKey, sender: &http2::SendRequest<Body>) {
+        let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Direct::Open(i)) = direct.get(key)
+            && (i.sender.is_closed() || !i.sender.is_ready() || sender.is_closed())
+        {
+            direct.remove(key);
+        }
+    }
+
+    /// Dials `key`'s agent offering direct HTTP and the tunnel; `None` if it chose
+    /// the tunnel.
+    async fn dial_direct(
+        &self,
+        key: &MeshKey,
+        endpoint: SocketAddr,
+    ) -> Result<Option<http2::SendRequest<Body>>, SendError> {
+        let agent = key.agent;
+        let fail = |message: String| SendError::Connect { endpoint, message };
+        let tls = self
+            .tunnels
+            .connect_tls(agent, &key.source, &key.expected, &[ALPN_MESH_HTTP, ALPN_H2])
+            .await
+            .map_err(|e| fail(format!("direct connection to {agent} ({}): {e}", key.expected)))?;
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN_MESH_HTTP) {
+            debug!(agent = %agent, "peer agent does not offer direct HTTP; using the tunnel");
+            return Ok(None);
+        }
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(DIRECT_STREAM_WINDOW)
+            .initial_connection_window_size(DIRECT_CONNECTION_WINDOW)
+            .keep_alive_interval(crate::tunnel::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(crate::tunnel::KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .max_header_list_size(super::MAX_HEADER_BYTES as u32)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| fail(format!("direct connection to {agent}: HTTP/2: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(agent = %agent, error = %e, "direct HTTP connection ended");
+            }
+        });
+        debug!(agent = %agent, source = %key.source, dest = %key.expected, "direct HTTP connection established");
+        Ok(Some(sender))
     }
 
     async fn connect(
@@ -307,12 +537,28 @@ impl UpstreamPool {
         drop(h1);
         let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
         h2.retain(|_, i| !i.sender.is_closed() && i.fresh(now));
+        drop(h2);
+        let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+        direct.retain(|_, d| match d {
+            Direct::Open(i) => !i.sender.is_closed() && i.fresh(now),
+            Direct::Legacy(since) => now.duration_since(*since) < LEGACY_RECHECK,
+        });
+        let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
+        // A lock nobody holds or waits on, for a key with no connection: done with.
+        dialing.retain(|key, lock| direct.contains_key(key) || Arc::strong_count(lock) > 1);
     }
 
-    /// Open connections in the pool (HTTP/1 and HTTP/2), for tests and metrics.
+    /// Open connections in the pool (HTTP/1, HTTP/2 and direct to peer agents), for
+    /// tests and metrics.
     pub fn connection_count(&self) -> usize {
         let h1: usize = self.h1.lock().unwrap_or_else(|e| e.into_inner()).values().map(Vec::len).sum();
-        h1 + self.h2.lock().unwrap_or_else(|e| e.into_inner()).len()
+        h1 + self.h2.lock().unwrap_or_else(|e| e.into_inner()).len() + self.direct_count()
+    }
+
+    /// Open direct HTTP connections to peer agents.
+    pub fn direct_count(&self) -> usize {
+        let direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+        direct.values().filter(|d| matches!(d, Direct::Open(i) if !i.sender.is_closed())).count()
     }
 
     /// Sweeps every `period` until `shutdown`.
@@ -335,6 +581,56 @@ impl UpstreamPool {
             }
         })
     }
+}
+
+/// `req` as a stream of a direct connection: HTTP/2 needs a scheme and an
+/// authority (an HTTP/1 request's comes from its `Host`, else the endpoint), and the
+/// headers name the endpoint and the version the workload is spoken to in. The
+/// client's `Host` header rides along unchanged, so the receiving agent hands the
+/// workload the request as the client sent it.
+fn to_direct(req: Request<Body>, endpoint: SocketAddr, version: Version) -> Request<Body> {
+    let (mut parts, body) = req.into_parts();
+    if parts.uri.scheme().is_none() || parts.uri.authority().is_none() {
+        let authority = parts
+            .uri
+            .authority()
+            .cloned()
+            .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok()?.parse().ok())
+            .or_else(|| endpoint.to_string().parse().ok());
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = authority;
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
+    }
+    parts.version = http::Version::HTTP_2;
+    if let Ok(target) = http::HeaderValue::from_str(&endpoint.to_string()) {
+        parts.headers.insert(crate::tunnel::TARGET_HEADER, target);
+    }
+    parts.headers.insert(crate::tunnel::PROTOCOL_HEADER, http::HeaderValue::from_static(version.name()));
+    Request::from_parts(parts, body)
+}
+
+/// The response of a direct stream as the client's version expects it. The peer
+/// agent marks a request it refused before it reached the workload (no such target
+/// here, policy, the workload unreachable) with [`crate::tunnel::REASON_HEADER`]:
+/// that is a failure to connect, safe to try on another endpoint.
+fn from_direct(
+    mut resp: Response<Incoming>,
+    endpoint: SocketAddr,
+    version: Version,
+) -> Result<Response<Incoming>, SendError> {
+    if let Some(reason) = resp.headers().get(crate::tunnel::REASON_HEADER) {
+        let reason = String::from_utf8_lossy(reason.as_bytes());
+        let message = format!("peer agent refused: {} {reason}", resp.status().as_u16());
+        return Err(SendError::Connect { endpoint, message });
+    }
+    if version == Version::Http1 {
+        *resp.version_mut() = http::Version::HTTP_11;
+    }
+    Ok(resp)
 }
 
 /// The byte stream under an upstream HTTP connection.

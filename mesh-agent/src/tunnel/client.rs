@@ -18,12 +18,14 @@ use h2::client::SendRequest;
 use http::{HeaderMap, Method, Request, StatusCode};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 use tracing::{debug, warn};
 
 use super::io::TunnelStream;
 use super::{REASON_HEADER, TunnelError, h2_settings};
-use crate::identity::{CertManager, IdentityError, SpiffeId, identity_error_of};
+use crate::identity::{ALPN_H2, CertManager, IdentityError, SpiffeId, identity_error_of};
 use crate::socket::SocketFactory;
 
 /// Where the pool gets the client TLS configuration for a (source, expected
@@ -221,37 +223,52 @@ impl TunnelPool {
         }
     }
 
-    async fn dial(&self, key: &PoolKey, slot: &Arc<Slot>) -> Result<Connection, TunnelError> {
+    /// A mutual-TLS connection to the agent at `peer`, presenting `source`'s
+    /// certificate, accepting only a server that proves `expected`, offering the
+    /// ALPN protocols `alpn` (most preferred first; the server's choice wins). The TCP
+    /// connect and the TLS handshake each get the pool's connect timeout. This is the
+    /// dial under the pool's own connections, and the one direct HTTP uses
+    /// ([`crate::l7::pool`]).
+    pub async fn connect_tls(
+        &self,
+        peer: SocketAddr,
+        source: &SpiffeId,
+        expected: &SpiffeId,
+        alpn: &[&[u8]],
+    ) -> Result<TlsStream<TcpStream>, TunnelError> {
         let shared = &self.shared;
-        let peer = key.peer;
-        let config = shared
-            .tls
-            .client_config(&key.source, &key.expected)
-            .map_err(|source| TunnelError::Config { source })?;
+        let mut config =
+            shared.tls.client_config(source, expected).map_err(|source| TunnelError::Config { source })?;
+        if config.alpn_protocols.iter().map(Vec::as_slice).ne(alpn.iter().copied()) {
+            let mut custom = (*config).clone();
+            custom.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            config = Arc::new(custom);
+        }
         let tcp = shared
             .sockets
             .connect(peer, shared.connect_timeout)
             .await
             .map_err(|source| TunnelError::Connect { peer, source })?;
         let name = ServerName::IpAddress(peer.ip().into());
-        let tls =
-            match tokio::time::timeout(shared.connect_timeout, TlsConnector::from(config).connect(name, tcp))
-                .await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(source)) if identity_error_of(&source).is_some() => {
-                    return Err(TunnelError::IdentityMismatch {
-                        peer,
-                        expected: key.expected.clone(),
-                        source,
-                    });
-                }
-                Ok(Err(source)) => return Err(TunnelError::Tls { peer, source }),
-                Err(_) => {
-                    let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out");
-                    return Err(TunnelError::Tls { peer, source });
-                }
-            };
+        match tokio::time::timeout(shared.connect_timeout, TlsConnector::from(config).connect(name, tcp))
+            .await
+        {
+            Ok(Ok(tls)) => Ok(tls),
+            Ok(Err(source)) if identity_error_of(&source).is_some() => {
+                Err(TunnelError::IdentityMismatch { peer, expected: expected.clone(), source })
+            }
+            Ok(Err(source)) => Err(TunnelError::Tls { peer, source }),
+            Err(_) => {
+                let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out");
+                Err(TunnelError::Tls { peer, source })
+            }
+        }
+    }
+
+    async fn dial(&self, key: &PoolKey, slot: &Arc<Slot>) -> Result<Connection, TunnelError> {
+        let shared = &self.shared;
+        let peer = key.peer;
+        let tls = self.connect_tls(peer, &key.source, &key.expected, &[ALPN_H2]).await?;
         let handshake = h2_settings::client().handshake::<_, Bytes>(tls);
         let (send, mut driver) = match tokio::time::timeout(shared.connect_timeout, handshake).await {
             Ok(result) => result.map_err(TunnelError::H2)?,

@@ -8,6 +8,11 @@
 //!   SPIFFE ID, authorizes it for the requested target, connects, and relays.
 //! - [`TunnelStream`]: one stream as `AsyncRead + AsyncWrite`, on either side.
 //!
+//! Proxied HTTP can skip the CONNECT layer: a connection negotiating
+//! [`crate::identity::ALPN_MESH_HTTP`] carries the requests themselves as HTTP/2
+//! streams, each naming its target in [`TARGET_HEADER`] ([`TunnelServer::with_http`]
+//! on this side, [`crate::l7::pool`] on the sending side).
+//!
 //! The server answers a CONNECT with 200 (relaying), 400 (the authority is not an
 //! `ip:port`), 403 (policy denied the peer), 405 (not CONNECT), 502 (the target
 //! refused the connection) or 503 (the target could not be reached); non-200 answers
@@ -24,15 +29,21 @@ use std::net::SocketAddr;
 
 use crate::identity::{IdentityError, SpiffeId, identity_error_of};
 
-pub use client::{ClientTls, TunnelPool};
+pub use client::{ClientTls, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, TunnelPool};
 pub use io::TunnelStream;
 pub use server::{
-    Authorize, ConnectTarget, OnClose, Relay, ServerTls, StreamInfo, TunnelRecord, TunnelServer,
+    Authorize, ConnectTarget, HttpServe, OnClose, Relay, ServerTls, StreamInfo, TunnelRecord, TunnelServer,
 };
 
 /// CONNECT header saying the stream carries HTTP (`http1` or `http2`) from the
-/// sending agent's L7 proxy; without it the stream is opaque bytes.
+/// sending agent's L7 proxy; without it the stream is opaque bytes. On a direct
+/// HTTP connection, the request header saying which version the workload is spoken
+/// to in (the client's).
 pub const PROTOCOL_HEADER: &str = "x-mesh-protocol";
+
+/// Request header of a direct HTTP connection naming the request's target (the
+/// `ip:port` a CONNECT would name).
+pub const TARGET_HEADER: &str = "x-mesh-target";
 
 /// Response header in which the server says why it refused a CONNECT.
 pub const REASON_HEADER: &str = "mesh-tunnel-reason";

@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use super::io::TunnelStream;
 use super::{REASON_HEADER, h2_settings};
-use crate::identity::{SpiffeId, peer_identity_of_stream};
+use crate::identity::{ALPN_MESH_HTTP, SpiffeId, peer_identity_of_stream};
 
 /// The server configuration to present on a connection accepted at the given local
 /// address (the identity of the workloads behind it); `None` closes the connection.
@@ -66,6 +66,21 @@ pub type Relay = Arc<
         + Sync,
 >;
 
+/// Serves one connection whose client chose [`crate::identity::ALPN_MESH_HTTP`]:
+/// HTTP requests carried directly, each naming its target. Gets the peer's proven
+/// identity and address, the TLS stream, and the server's shutdown token (on which
+/// it must close gracefully).
+pub type HttpServe = Arc<
+    dyn Fn(
+            SpiffeId,
+            SocketAddr,
+            tokio_rustls::server::TlsStream<TcpStream>,
+            CancellationToken,
+        ) -> Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Called once per CONNECT stream that named a target, when it ends.
 pub type OnClose = Arc<dyn Fn(TunnelRecord) + Send + Sync>;
 
@@ -100,6 +115,7 @@ pub struct TunnelServer {
     connect: ConnectTarget,
     on_close: Option<OnClose>,
     relay: Option<Relay>,
+    http: Option<HttpServe>,
     handshake_timeout: Duration,
 }
 
@@ -122,6 +138,7 @@ impl TunnelServer {
             connect,
             on_close: None,
             relay: None,
+            http: None,
             handshake_timeout: Duration::from_secs(10),
         }
     }
@@ -140,6 +157,14 @@ impl TunnelServer {
     /// Relays admitted streams with `relay` instead of copying bytes.
     pub fn with_relay(mut self, relay: Relay) -> TunnelServer {
         self.relay = Some(relay);
+        self
+    }
+
+    /// Serves connections that negotiate [`crate::identity::ALPN_MESH_HTTP`] with
+    /// `http`. Without it such connections are closed (the server configuration
+    /// should then not offer that protocol).
+    pub fn with_http(mut self, http: HttpServe) -> TunnelServer {
+        self.http = Some(http);
         self
     }
 
@@ -196,15 +221,27 @@ impl TunnelServer {
         let Some(config) = (self.tls)(local) else {
             return warn!(peer = %peer_addr, local = %local, "no tunnel identity for this address; closing");
         };
-        let handshake = async {
+        let deadline = Instant::now() + self.handshake_timeout;
+        let accepted = tokio::time::timeout_at(deadline, async {
             let tls = TlsAcceptor::from(config).accept(tcp).await.map_err(|e| format!("TLS: {e}"))?;
             let peer_id = peer_identity_of_stream(&tls).map_err(|e| format!("peer identity: {e}"))?;
-            let conn = h2_settings::server().handshake(tls).await.map_err(|e| format!("HTTP/2: {e}"))?;
-            Ok::<_, String>((peer_id, conn))
-        };
-        let (peer_id, mut conn) = match tokio::time::timeout(self.handshake_timeout, handshake).await {
+            Ok::<_, String>((peer_id, tls))
+        });
+        let (peer_id, tls) = match accepted.await {
             Ok(Ok(accepted)) => accepted,
             Ok(Err(e)) => return debug!(peer = %peer_addr, error = %e, "tunnel handshake failed"),
+            Err(_) => return debug!(peer = %peer_addr, "tunnel handshake timed out"),
+        };
+        if tls.get_ref().1.alpn_protocol() == Some(ALPN_MESH_HTTP) {
+            let Some(http) = &self.http else {
+                return warn!(peer = %peer_addr, "direct HTTP negotiated but not served; closing");
+            };
+            debug!(peer = %peer_addr, peer_id = %peer_id, "direct HTTP connection accepted");
+            return http(peer_id, peer_addr, tls, shutdown).await;
+        }
+        let mut conn = match tokio::time::timeout_at(deadline, h2_settings::server().handshake(tls)).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return debug!(peer = %peer_addr, error = %e, "tunnel handshake failed: HTTP/2"),
             Err(_) => return debug!(peer = %peer_addr, "tunnel handshake timed out"),
         };
         debug!(peer = %peer_addr, peer_id = %peer_id, "tunnel connection accepted");

@@ -36,6 +36,11 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// `upgrade`, `Connection: upgrade` and `Upgrade` stay so the next hop can switch
 /// protocols too. `TE: trailers` stays (gRPC needs it over HTTP/2).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none: one pass over the names instead of a hashed
+    // removal per hop-by-hop name, on every request and response at each agent.
+    if !headers.keys().any(|n| HOP_BY_HOP.contains(n) || *n == KEEP_ALIVE || *n == PROXY_CONNECTION) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

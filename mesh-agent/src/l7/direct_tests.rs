@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::pool::{Body, Dial, SendError, UpstreamPool, Version};
+use crate::discovery::{RouteStore, table::RouteTable};
 use crate::identity::test_ca::{TestCa, TestSigner};
 use crate::identity::{CertManager, RenewalConfig, SpiffeId, TlsConfigs, TokioClock};
 use crate::socket::SocketFactory;
@@ -51,8 +52,11 @@ struct Peers {
 }
 
 /// How the peer agent answers.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Peer {
+    /// The agent's own receiving side ([`super::inbound::Direct`]) for workloads of
+    /// node `server` in these routes.
+    Real(Arc<RouteStore>),
     /// Serves direct HTTP, answering 200 with the request's target.
     Direct,
     /// Serves direct HTTP, refusing every request before any workload.
@@ -67,7 +71,7 @@ async fn peers(kind: Peer) -> Peers {
     let (cart, payments) = (signer.ca.id("cart"), signer.ca.id("payments"));
     let tls = TlsConfigs::new(signer.ca.bundle(), clock.clone());
     let mut server_config = tls.server_config(signer.ca.fresh(&payments)).unwrap();
-    if let Peer::Legacy = kind {
+    if let Peer::Legacy = &kind {
         let mut legacy = (*server_config).clone();
         legacy.alpn_protocols = vec![crate::identity::ALPN_H2.to_vec()];
         server_config = Arc::new(legacy);
@@ -82,6 +86,7 @@ async fn peers(kind: Peer) -> Peers {
     let connect: ConnectTarget = Arc::new(|target| Box::pin(TcpStream::connect(target)));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
+    let refusing = matches!(kind, Peer::Refusing);
     let http: HttpServe = Arc::new(move |_peer, _addr, tls, _shutdown| {
         let log = log.clone();
         Box::pin(async move {
@@ -95,7 +100,7 @@ async fn peers(kind: Peer) -> Peers {
                 };
                 log.lock().unwrap().push(seen.clone());
                 let mut resp = Response::new(Full::new(Bytes::from(seen.target.unwrap_or_default())));
-                if let Peer::Refusing = kind {
+                if refusing {
                     *resp.status_mut() = StatusCode::FORBIDDEN;
                     resp.headers_mut().insert(REASON_HEADER, "denied by policy".parse().unwrap());
                 }
@@ -107,8 +112,28 @@ async fn peers(kind: Peer) -> Peers {
         })
     });
     let mut server = TunnelServer::new(server_tls, authorize, connect);
-    if !matches!(kind, Peer::Legacy) {
-        server = server.with_http(http);
+    match &kind {
+        Peer::Legacy => {}
+        Peer::Real(routes) => {
+            let sockets = SocketFactory::new(0);
+            let tunnels = crate::mtls::pool(IdentitySlot::default(), sockets, PATIENCE);
+            let direct = Arc::new(super::inbound::Direct {
+                routes: routes.clone(),
+                node: "server".into(),
+                upstreams: Arc::new(UpstreamPool::new(sockets, tunnels, IdentitySlot::default(), PATIENCE)),
+                connect_timeout: PATIENCE,
+                mode: crate::intercept::ActiveMode::Ebpf,
+                records: Default::default(),
+                downstream: Default::default(),
+            });
+            server = server.with_http(Arc::new(move |peer, addr, tls, shutdown| {
+                let direct = direct.clone();
+                Box::pin(async move {
+                    let _ = direct.serve(peer, addr, tls, shutdown).await;
+                })
+            }));
+        }
+        _ => server = server.with_http(http),
     }
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent = listener.local_addr().unwrap();
@@ -260,4 +285,80 @@ async fn a_peer_agent_without_direct_http_gets_requests_through_connect_streams(
         "one connection to learn the peer has no direct HTTP, then one tunnel connection for all requests"
     );
     assert!(peers.seen.lock().unwrap().is_empty());
+}
+
+/// An HTTP/1.1 workload answering with what it received.
+async fn workload() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let header = |name: &str| req.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
+                let body = format!(
+                    "{:?} {} host={:?} xff={:?} identity={:?} mesh={:?}",
+                    req.version(),
+                    req.uri(),
+                    header("host"),
+                    header("x-forwarded-for"),
+                    header("x-forwarded-client-identity"),
+                    header(TARGET_HEADER).or(header(PROTOCOL_HEADER)),
+                );
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service),
+            );
+        }
+    });
+    addr
+}
+
+/// Routes with one service whose endpoint `at` runs on node `server`.
+fn routes_with(at: SocketAddr) -> Arc<RouteStore> {
+    let snapshot = mesh_api::Snapshot {
+        services: vec![mesh_api::Service {
+            name: "payments".into(),
+            namespace: "shop".into(),
+            vips: vec!["10.96.0.20".into()],
+            ports: vec![mesh_api::ServicePort { name: "http".into(), port: 80, ..Default::default() }],
+            endpoints: vec![mesh_api::Endpoint {
+                address: at.ip().to_string(),
+                port: at.port().into(),
+                weight: 1,
+                node: "server".into(),
+                agent_address: "127.0.0.1:15008".into(),
+                identity: "spiffe://cluster.local/ns/shop/sa/payments".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let routes = Arc::new(RouteStore::new(true));
+    routes.apply(RouteTable::build(1, &snapshot, 1000).unwrap());
+    routes
+}
+
+#[tokio::test]
+async fn the_receiving_agent_serves_its_workloads_as_the_client_sent_and_turns_other_targets_away() {
+    let at = workload().await;
+    let peers = peers(Peer::Real(routes_with(at))).await;
+
+    let resp = peers.send(at, Version::Http1, get("/pay?x=1", Some("payments.shop"))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        text(resp).await,
+        "HTTP/1.1 /pay?x=1 host=Some(\"payments.shop\") xff=Some(\"127.0.0.1\") \
+         identity=Some(\"spiffe://cluster.local/ns/shop/sa/cart\") mesh=None",
+        "origin-form, the client's Host, x-forwarded-*, and no mesh headers left"
+    );
+
+    // Not a workload of this node (stale routing on the sender): refused before any
+    // workload, so the sender may try another endpoint.
+    let elsewhere = SocketAddr::from(([127, 0, 0, 1], 9));
+    match peers.send(elsewhere, Version::Http1, get("/", Some("a"))).await {
+        Err(SendError::Connect { message, .. }) => assert!(message.contains("421"), "{message}"),
+        other => panic!("expected a connect failure, got {other:?}"),
+    }
 }

@@ -95,6 +95,25 @@ struct MeshKey {
     expected: SpiffeId,
 }
 
+/// A [`MeshKey`] borrowed, for the per-request lookup: no identity is cloned or
+/// hashed per request (a `SpiffeId` is three strings).
+#[derive(Clone, Copy)]
+struct MeshRef<'a> {
+    agent: SocketAddr,
+    source: &'a SpiffeId,
+    expected: &'a SpiffeId,
+}
+
+impl MeshRef<'_> {
+    fn is(&self, key: &MeshKey) -> bool {
+        key.agent == self.agent && key.source == *self.source && key.expected == *self.expected
+    }
+
+    fn owned(&self) -> MeshKey {
+        MeshKey { agent: self.agent, source: self.source.clone(), expected: self.expected.clone() }
+    }
+}
+
 /// A peer agent's direct connection, or the note that it has none.
 enum Direct {
     Open(Idle<http2::SendRequest<Body>>),
@@ -123,7 +142,8 @@ pub struct UpstreamPool {
     idle_timeout: Duration,
     h1: Mutex<HashMap<SocketAddr, Vec<Idle<http1::SendRequest<Body>>>>>,
     h2: Mutex<HashMap<SocketAddr, Idle<http2::SendRequest<Body>>>>,
-    direct: Mutex<HashMap<MeshKey, Direct>>,
+    /// Per peer agent (almost always one identity pair each).
+    direct: Mutex<HashMap<SocketAddr, Vec<(MeshKey, Direct)>>>,
     /// Held while dialing a key, so that concurrent requests wait for one dial.
     dialing: Mutex<HashMap<MeshKey, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -353,8 +373,8 @@ impl UpstreamPool {
                 message: "no workload certificate yet: meshed traffic is never sent in plaintext".into(),
             });
         };
-        let key = MeshKey { agent, source: ident.workload.id().clone(), expected: expected.clone() };
-        let Some(mut sender) = self.direct_sender(&key, endpoint, connect_timeout, idle).await? else {
+        let key = MeshRef { agent, source: ident.workload.id(), expected };
+        let Some(mut sender) = self.direct_sender(key, endpoint, connect_timeout, idle).await? else {
             // Boxed: rare, and would otherwise double this future's size.
             let dial = Dial::Meshed { agent, identity: expected.clone() };
             return Box::pin(self.send_version(endpoint, &dial, version, connect_timeout, idle, req)).await;
@@ -367,8 +387,8 @@ impl UpstreamPool {
                 // opened: the request never left, so it goes out on a fresh one.
                 Some(unsent) => {
                     debug!(agent = %agent, error = %e.error(), "direct connection gone; dialing again");
-                    self.forget_direct(&key, &sender);
-                    match self.direct_sender(&key, endpoint, connect_timeout, idle).await? {
+                    self.forget_direct(key, &sender);
+                    match self.direct_sender(key, endpoint, connect_timeout, idle).await? {
                         Some(mut fresh) => fresh.send_request(unsent).await?,
                         None => {
                             return Err(SendError::Connect {
@@ -388,7 +408,7 @@ impl UpstreamPool {
     /// peer agent answered without direct HTTP (recently).
     async fn direct_sender(
         &self,
-        key: &MeshKey,
+        key: MeshRef<'_>,
         endpoint: SocketAddr,
         connect_timeout: Duration,
         idle: Duration,
@@ -396,15 +416,17 @@ impl UpstreamPool {
         if let Some(found) = self.pooled_direct(key, idle) {
             return Ok(found);
         }
+        let owned = key.owned();
         let lock = {
             let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
-            dialing.entry(key.clone()).or_default().clone()
+            dialing.entry(owned.clone()).or_default().clone()
         };
         let _dialing = lock.lock().await;
         if let Some(found) = self.pooled_direct(key, idle) {
             return Ok(found);
         }
-        let dialed = Box::pin(tokio::time::timeout(connect_timeout, self.dial_direct(key, endpoint))).await;
+        let dialed =
+            Box::pin(tokio::time::timeout(connect_timeout, self.dial_direct(&owned, endpoint))).await;
         let found = match dialed {
             Ok(Ok(found)) => found,
             Ok(Err(e)) => return Err(e),
@@ -420,16 +442,21 @@ impl UpstreamPool {
             }
             None => Direct::Legacy(Instant::now()),
         };
-        self.direct.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), entry);
+        let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+        let list = direct.entry(key.agent).or_default();
+        list.retain(|(k, _)| !key.is(k));
+        list.push((owned, entry));
         Ok(found)
     }
 
     /// What the pool holds for `key`: `Some(Some(sender))` an open connection,
     /// `Some(None)` a peer known to want the tunnel, `None` nothing usable.
-    fn pooled_direct(&self, key: &MeshKey, idle: Duration) -> Option<Option<http2::SendRequest<Body>>> {
+    fn pooled_direct(&self, key: MeshRef<'_>, idle: Duration) -> Option<Option<http2::SendRequest<Body>>> {
         let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+        let list = direct.get_mut(&key.agent)?;
+        let at = list.iter().position(|(k, _)| key.is(k))?;
         let now = Instant::now();
-        match direct.get_mut(key)? {
+        match &mut list[at].1 {
             Direct::Open(i) if !i.sender.is_closed() && i.sender.is_ready() => {
                 i.since = now;
                 i.idle_timeout = idle;
@@ -437,20 +464,20 @@ impl UpstreamPool {
             }
             Direct::Legacy(since) if now.duration_since(*since) < LEGACY_RECHECK => Some(None),
             _ => {
-                direct.remove(key);
+                list.swap_remove(at);
                 None
             }
         }
     }
 
     /// Drops `key`'s connection if it is still `sender`'s.
-    fn forget_direct(&self, key: &MeshKey, sender: &http2::SendRequest<Body>) {
+    fn forget_direct(&self, key: MeshRef<'_>, sender: &http2::SendRequest<Body>) {
         let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(Direct::Open(i)) = direct.get(key)
-            && (i.sender.is_closed() || !i.sender.is_ready() || sender.is_closed())
-        {
-            direct.remove(key);
-        }
+        let Some(list) = direct.get_mut(&key.agent) else { return };
+        list.retain(|(k, d)| {
+            !(key.is(k)
+                && matches!(d, Direct::Open(i) if i.sender.is_closed() || !i.sender.is_ready() || sender.is_closed()))
+        });
     }
 
     /// Dials `key`'s agent offering direct HTTP and the tunnel; `None` if it chose
@@ -539,13 +566,17 @@ impl UpstreamPool {
         h2.retain(|_, i| !i.sender.is_closed() && i.fresh(now));
         drop(h2);
         let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
-        direct.retain(|_, d| match d {
-            Direct::Open(i) => !i.sender.is_closed() && i.fresh(now),
-            Direct::Legacy(since) => now.duration_since(*since) < LEGACY_RECHECK,
+        direct.retain(|_, list| {
+            list.retain(|(_, d)| match d {
+                Direct::Open(i) => !i.sender.is_closed() && i.fresh(now),
+                Direct::Legacy(since) => now.duration_since(*since) < LEGACY_RECHECK,
+            });
+            !list.is_empty()
         });
         let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
         // A lock nobody holds or waits on, for a key with no connection: done with.
-        dialing.retain(|key, lock| direct.contains_key(key) || Arc::strong_count(lock) > 1);
+        let pooled = |key: &MeshKey| direct.get(&key.agent).is_some_and(|l| l.iter().any(|(k, _)| k == key));
+        dialing.retain(|key, lock| pooled(key) || Arc::strong_count(lock) > 1);
     }
 
     /// Open connections in the pool (HTTP/1, HTTP/2 and direct to peer agents), for
@@ -558,7 +589,11 @@ impl UpstreamPool {
     /// Open direct HTTP connections to peer agents.
     pub fn direct_count(&self) -> usize {
         let direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
-        direct.values().filter(|d| matches!(d, Direct::Open(i) if !i.sender.is_closed())).count()
+        direct
+            .values()
+            .flatten()
+            .filter(|(_, d)| matches!(d, Direct::Open(i) if !i.sender.is_closed()))
+            .count()
     }
 
     /// Sweeps every `period` until `shutdown`.

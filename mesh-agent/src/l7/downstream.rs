@@ -420,7 +420,8 @@ mod tests {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let timeouts = DownstreamTimeouts { idle: Some(IDLE), header: HEADER, ..Default::default() };
         let task = tokio::spawn(async move {
-            crate::l7::serve_http(server, version, service, &timeouts, &shutdown).await
+            crate::l7::serve_http(server, version, service, &timeouts, &shutdown, crate::l7::Served::Client)
+                .await
         });
         (client, task)
     }

@@ -144,7 +144,7 @@ impl Inbound {
         let (version, timeouts, shutdown) = (self.version, self.downstream, self.shutdown.clone());
         let this = Arc::new(self);
         let service = hyper::service::service_fn(move |req| this.clone().proxy(req));
-        super::serve_http(io, version, service, &timeouts, &shutdown).await
+        super::serve_http(io, version, service, &timeouts, &shutdown, super::Served::Client).await
     }
 
     async fn proxy(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -349,7 +349,7 @@ impl Direct {
             targets: Mutex::new(HashMap::new()),
         });
         let service = hyper::service::service_fn(move |req| conn.clone().request(req));
-        super::serve_http_tuned(io, Version::Http2, service, &timeouts, &shutdown, true).await
+        super::serve_http(io, Version::Http2, service, &timeouts, &shutdown, super::Served::PeerAgent).await
     }
 }
 

@@ -29,9 +29,21 @@ use tokio_util::sync::CancellationToken;
 /// bigger ones get 431 (HTTP/1) or a stream reset (HTTP/2), never unbounded memory.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// Serves one client connection (or tunnel stream) with hyper in `version`, with
-/// the header bounds above and the time limits of [`downstream`]; HTTP/1 keeps
-/// upgrades (WebSocket) possible. A connection closed for being idle ends `Ok`.
+/// Who is on the other end of a served connection: HTTP/2 settings differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// A workload, or a peer's CONNECT stream: hyper's defaults.
+    Client,
+    /// A peer agent's direct HTTP connection: the tunnel's larger flow-control
+    /// windows and stream limit, since one connection carries everything a peer
+    /// node sends to this one.
+    PeerAgent,
+}
+
+/// Serves one connection (client, CONNECT stream or peer agent, see [`Served`])
+/// with hyper in `version`, with the header bounds above and the time limits of
+/// [`downstream`]; HTTP/1 keeps upgrades (WebSocket) possible. A connection closed
+/// for being idle ends `Ok`.
 ///
 /// When `shutdown` is cancelled the connection is closed gracefully: HTTP/1 at once
 /// if no request is under way, else once its response is written (with
@@ -43,28 +55,7 @@ pub async fn serve_http<I, S>(
     service: S,
     timeouts: &DownstreamTimeouts,
     shutdown: &CancellationToken,
-) -> Result<(), ServeError>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<pool::Body>>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    serve_http_tuned(io, version, service, timeouts, shutdown, false).await
-}
-
-/// [`serve_http`] for a peer agent's direct HTTP connection (`direct`): HTTP/2 with
-/// the tunnel's larger flow-control windows and stream limit, since one connection
-/// carries everything a peer node sends to this one.
-pub async fn serve_http_tuned<I, S>(
-    io: I,
-    version: pool::Version,
-    service: S,
-    timeouts: &DownstreamTimeouts,
-    shutdown: &CancellationToken,
-    direct: bool,
+    served: Served,
 ) -> Result<(), ServeError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -111,7 +102,7 @@ where
                 .keep_alive_interval(timeouts.keepalive_interval)
                 .keep_alive_timeout(timeouts.keepalive_timeout)
                 .max_header_list_size(MAX_HEADER_BYTES as u32);
-            if direct {
+            if served == Served::PeerAgent {
                 builder
                     .initial_stream_window_size(pool::DIRECT_STREAM_WINDOW)
                     .initial_connection_window_size(pool::DIRECT_CONNECTION_WINDOW)

@@ -92,7 +92,7 @@ impl Outbound {
         let this = Arc::new(self);
         let (version, ctx) = (this.version, this.ctx.clone());
         let service = hyper::service::service_fn(move |req| this.clone().proxy(req));
-        super::serve_http(io, version, service, &ctx.downstream, &ctx.shutdown).await
+        super::serve_http(io, version, service, &ctx.downstream, &ctx.shutdown, super::Served::Client).await
     }
 
     async fn proxy(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {

@@ -14,7 +14,7 @@ use std::{
 use mesh_api as api;
 use serde::Serialize;
 
-use crate::balance::service::ServicePolicy;
+use crate::{balance::service::ServicePolicy, identity::SpiffeId};
 
 /// Why a snapshot cannot be used (sent back as the NACK reason).
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -37,6 +37,14 @@ pub struct EndpointTarget {
     pub health_reason: String,
     pub weight: u32,
     pub identity: String,
+    /// `identity` parsed once when the table is built, so that a request dialing
+    /// the endpoint only clones an `Arc`; `None` when `identity` is empty.
+    #[serde(skip)]
+    pub spiffe_id: Option<Arc<SpiffeId>>,
+    /// `addr` as a header value, made once (it names the endpoint in
+    /// `x-mesh-target` and in responses' `x-mesh-endpoint`).
+    #[serde(skip)]
+    pub addr_header: http::HeaderValue,
     pub node: String,
     /// The destination node's agent; `None` when the endpoint is outside the mesh.
     pub agent_address: Option<SocketAddr>,
@@ -155,13 +163,27 @@ impl RouteTable {
                             )
                         })?)
                     };
+                    // A meshed endpoint is reached only as this identity: one that
+                    // does not parse refuses the snapshot rather than leaving the
+                    // endpoint to be dialed without mutual TLS.
+                    let spiffe_id = if e.identity.is_empty() {
+                        None
+                    } else {
+                        Some(Arc::new(e.identity.parse::<SpiffeId>().map_err(|err| {
+                            invalid(format!("endpoints[{ei}].identity"), format!("{:?}: {err}", e.identity))
+                        })?))
+                    };
+                    let addr = SocketAddr::new(ip, target);
                     let locality = e.locality.clone().unwrap_or_default();
                     endpoints.push(EndpointTarget {
-                        addr: SocketAddr::new(ip, target),
+                        addr,
                         healthy: e.health() != api::Health::Unhealthy,
                         health_reason: e.health_reason.clone(),
                         weight: e.weight,
                         identity: e.identity.clone(),
+                        spiffe_id,
+                        addr_header: http::HeaderValue::from_str(&addr.to_string())
+                            .expect("a socket address is a valid header value"),
                         node: e.node.clone(),
                         agent_address,
                         zone: locality.zone,
@@ -289,5 +311,28 @@ mod tests {
         let mut s = snapshot();
         s.services[0].ports[0].port = 70000;
         assert!(RouteTable::build(1, &s, 100).unwrap_err().to_string().contains("ports[0].port: 70000"));
+    }
+
+    /// A meshed endpoint whose identity does not parse must not be dialed at all
+    /// (it used to fall back to plaintext on the HTTP path): the snapshot is refused
+    /// naming the field. A valid identity is parsed once, for every request.
+    #[test]
+    fn endpoint_identities_are_parsed_once_or_the_snapshot_is_refused() {
+        let mut s = snapshot();
+        s.services[0].endpoints[2].agent_address = "10.77.0.5:15008".into();
+        s.services[0].endpoints[2].identity = "api".into();
+        let err = RouteTable::build(1, &s, 100).unwrap_err().to_string();
+        assert!(err.starts_with("service default/echo: endpoints[2].identity: \"api\""), "{err}");
+
+        s.services[0].endpoints[2].identity = "spiffe://cluster.local/ns/default/sa/api".into();
+        let t = RouteTable::build(1, &s, 100).unwrap();
+        let route = t.by_addr("10.96.0.10:80".parse().unwrap()).unwrap();
+        let meshed = &route.endpoints[2];
+        assert_eq!(
+            meshed.spiffe_id.as_deref().map(ToString::to_string).as_deref(),
+            Some(meshed.identity.as_str())
+        );
+        assert_eq!(meshed.addr_header, "10.77.0.5:8080");
+        assert!(route.endpoints[0].spiffe_id.is_none(), "no identity: not meshed");
     }
 }

@@ -154,7 +154,7 @@ async fn peers(kind: Peer) -> Peers {
 
 impl Peers {
     fn dial(&self) -> Dial {
-        Dial::Meshed { agent: self.agent, identity: self.payments.clone() }
+        Dial::Meshed { agent: self.agent, identity: Arc::new(self.payments.clone()) }
     }
 
     async fn send(

@@ -218,9 +218,9 @@ impl Outbound {
                         r.destination_identity = Some(MeshName::known(&identity.to_string()));
                     }
                 }
-                if let Ok(v) = HeaderValue::from_str(&guard.addr().to_string()) {
-                    resp.headers_mut().insert(ENDPOINT_HEADER, v);
-                }
+                let endpoint_header = target_of(&state.route, guard.addr())
+                    .map_or_else(|| super::pool::addr_header(guard.addr()), |t| t.addr_header.clone());
+                resp.headers_mut().insert(ENDPOINT_HEADER, endpoint_header);
                 let header_grpc = grpc_status(resp.headers());
                 let this = self.clone();
                 let on_end = Box::new(move |end: BodyEnd| {
@@ -475,8 +475,8 @@ impl Failed {
 fn dial_for(state: &ServiceState, endpoint: SocketAddr) -> Dial {
     target_of(&state.route, endpoint)
         .and_then(|t| {
-            let (agent, id) = crate::mtls::meshed(t)?;
-            Some(Dial::Meshed { agent, identity: id.parse().ok()? })
+            let (agent, _) = crate::mtls::meshed(t)?;
+            Some(Dial::Meshed { agent, identity: t.spiffe_id.clone()? })
         })
         .unwrap_or(Dial::Plain)
 }

@@ -206,8 +206,16 @@ impl TraceContext {
 
     /// Writes `traceparent`, `tracestate` and `x-request-id`, replacing whatever the
     /// map held for them; every other header (B3 included) is left alone.
+    ///
+    /// `traceparent` and `x-request-id` differ on every request, so they are marked
+    /// never-indexed for HPACK: an HTTP/2 encoder sends them literally instead of
+    /// inserting each into its dynamic table, where they would only evict the
+    /// headers that do repeat (`:authority`, `user-agent`, `content-type`) and cost
+    /// both ends a table insert per request. HTTP/1 ignores the mark.
     pub fn apply(&self, headers: &mut HeaderMap) {
-        headers.insert(TRACEPARENT.clone(), self.traceparent());
+        let mut parent = self.traceparent();
+        parent.set_sensitive(true);
+        headers.insert(TRACEPARENT.clone(), parent);
         match &self.tracestate {
             Some(state) => {
                 headers.insert(TRACESTATE.clone(), state.clone());
@@ -216,7 +224,9 @@ impl TraceContext {
                 headers.remove(&TRACESTATE);
             }
         }
-        headers.insert(X_REQUEST_ID.clone(), self.request_id.clone());
+        let mut id = self.request_id.clone();
+        id.set_sensitive(true);
+        headers.insert(X_REQUEST_ID.clone(), id);
     }
 
     /// The `traceparent` value for this context (always version 00).
@@ -545,6 +555,9 @@ mod tests {
         let mut out = HeaderMap::new();
         ctx.child().apply(&mut out);
         assert_eq!(out.get(&X_REQUEST_ID).expect("x-request-id"), ctx.request_id());
+        // Unique per request: never-indexed, so HTTP/2 does not churn its HPACK table.
+        assert!(out[&X_REQUEST_ID].is_sensitive());
+        assert!(out[&TRACEPARENT].is_sensitive());
     }
 
     fn assert_uuid(id: &str) {

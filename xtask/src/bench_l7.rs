@@ -31,6 +31,43 @@ pub struct Options {
     pub connections: u32,
     /// Rounds of every point; figures are medians over rounds.
     pub rounds: usize,
+    /// Only these protocols (`http1`, `http2`); empty: both.
+    pub protocols: Vec<String>,
+    /// Only these load points (`1k`, `10k`, `max`); empty: all.
+    pub loads: Vec<String>,
+}
+
+impl Options {
+    /// The load points to run, in requests/s (0: the maximum rate).
+    fn loads(&self) -> Result<Vec<u32>> {
+        if self.loads.is_empty() {
+            return Ok(vec![1_000, 10_000, 0]);
+        }
+        self.loads
+            .iter()
+            .map(|l| match l.as_str() {
+                "1k" => Ok(1_000),
+                "10k" => Ok(10_000),
+                "max" => Ok(0),
+                other => anyhow::bail!("--loads: unknown load point {other:?} (1k, 10k or max)"),
+            })
+            .collect()
+    }
+
+    /// The protocols to run: `false` for HTTP/1.1, `true` for HTTP/2.
+    fn protocols(&self) -> Result<Vec<bool>> {
+        if self.protocols.is_empty() {
+            return Ok(vec![false, true]);
+        }
+        self.protocols
+            .iter()
+            .map(|p| match p.as_str() {
+                "http1" => Ok(false),
+                "http2" => Ok(true),
+                other => anyhow::bail!("--protocols: unknown protocol {other:?} (http1 or http2)"),
+            })
+            .collect()
+    }
 }
 
 const VIP: &str = "10.96.0.50";
@@ -59,6 +96,9 @@ struct CpuPerRequest {
     haproxy_machine_us: f64,
     client_agent_us: f64,
     server_agent_us: f64,
+    /// Each HAProxy's share of the HAProxy run, for a per-hop comparison.
+    client_haproxy_us: f64,
+    server_haproxy_us: f64,
 }
 
 /// CPU time used so far (user + system), in clock ticks: of the whole machine
@@ -327,6 +367,8 @@ impl Bench {
 
 pub fn run(root: &Path, opts: &Options) -> Result<()> {
     ensure!(nix::unistd::geteuid().is_root(), "the benchmark needs root (namespaces, cgroups, BPF)");
+    let protocols = opts.protocols()?;
+    let loads = opts.loads()?;
     crate::setup::system_packages()?;
     println!("[1/3] building release binaries");
     build_release(root)?;
@@ -334,7 +376,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     println!("[2/3] starting the control plane, two agents (eBPF mode, mTLS) and the server");
     let bench = Bench::start("l7bench")?;
     let agents = bench.agents(|_| Vec::new())?;
-    let _haproxies = haproxies(&bench.lab, bench.dir.path())?;
+    let haproxies = haproxies(&bench.lab, bench.dir.path())?;
     let load = |host: &str, http2: bool, rps: u32, duration: Duration| {
         bench.load(host, http2, rps, duration, opts.connections)
     };
@@ -345,31 +387,34 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     );
     let mut points = Vec::new();
     let rounds = opts.rounds.max(1);
-    for round in 0..rounds * 2 {
-        let (protocol, http2) = if round % 2 == 0 { ("HTTP/1.1", false) } else { ("HTTP/2", true) };
+    for round in 0..rounds * protocols.len() {
+        let http2 = protocols[round % protocols.len()];
+        let protocol = if http2 { "HTTP/2" } else { "HTTP/1.1" };
         // Warm-up: connections, pools, tunnel, page cache.
         load("direct", http2, 0, Duration::from_secs(1))?;
         load("client", http2, 0, Duration::from_secs(1))?;
         load("haproxy", http2, 0, Duration::from_secs(1))?;
-        for rps in [1_000, 10_000, 0] {
-            let pids = [agents.client.pid(), agents.server.pid()];
+        for &rps in &loads {
+            let pids = [agents.client.pid(), agents.server.pid(), haproxies.0.0.id(), haproxies.1.0.id()];
             let before = CpuSample::now(&pids);
             let direct = load("direct", http2, rps, opts.duration)?;
             let between = CpuSample::now(&pids);
             let mesh = load("client", http2, rps, opts.duration)?;
             let after = CpuSample::now(&pids);
             let haproxy = load("haproxy", http2, rps, opts.duration)?;
-            let after_haproxy = CpuSample::now(&[]);
+            let after_haproxy = CpuSample::now(&pids);
             let requests = |v: &Value| f(v, "rps") * opts.duration.as_secs_f64();
             let (direct_machine_us, _) = before.per_request(&between, requests(&direct));
             let (mesh_machine_us, agents_us) = between.per_request(&after, requests(&mesh));
-            let (haproxy_machine_us, _) = after.per_request(&after_haproxy, requests(&haproxy));
+            let (haproxy_machine_us, haproxies_us) = after.per_request(&after_haproxy, requests(&haproxy));
             let cpu = CpuPerRequest {
                 direct_machine_us,
                 mesh_machine_us,
                 haproxy_machine_us,
                 client_agent_us: agents_us[0],
                 server_agent_us: agents_us[1],
+                client_haproxy_us: haproxies_us[2],
+                server_haproxy_us: haproxies_us[3],
             };
             let label = if rps == 0 { "max".to_owned() } else { format!("{}k rps", rps / 1000) };
             println!(
@@ -392,8 +437,8 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
                 haproxy["errors"],
             );
             println!(
-                "      {:<17} CPU per request: direct {direct_machine_us:.1} us | mesh {mesh_machine_us:.1} us, of which client agent {:.1} us, server agent {:.1} us | haproxy x2 {haproxy_machine_us:.1} us",
-                "", cpu.client_agent_us, cpu.server_agent_us
+                "      {:<17} CPU per request: direct {direct_machine_us:.1} us | mesh {mesh_machine_us:.1} us, of which client agent {:.1} us, server agent {:.1} us | haproxy x2 {haproxy_machine_us:.1} us, of which {:.1} us and {:.1} us",
+                "", cpu.client_agent_us, cpu.server_agent_us, cpu.client_haproxy_us, cpu.server_haproxy_us
             );
             points.push(Point { protocol, load: label, direct, mesh, haproxy, cpu });
         }
@@ -404,6 +449,10 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
 
     let report = render(&points, opts);
     println!("\n{report}");
+    if !opts.protocols.is_empty() || !opts.loads.is_empty() {
+        println!("(a partial run: bench-results/l7.md keeps the last full run)");
+        return Ok(());
+    }
     let out = root.join("bench-results");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("l7.md"), &report)?;
@@ -448,6 +497,8 @@ fn medians(points: &[Point]) -> Vec<Point> {
                 haproxy_machine_us: cpu(|c| c.haproxy_machine_us),
                 client_agent_us: cpu(|c| c.client_agent_us),
                 server_agent_us: cpu(|c| c.server_agent_us),
+                client_haproxy_us: cpu(|c| c.client_haproxy_us),
+                server_haproxy_us: cpu(|c| c.server_haproxy_us),
             },
         });
     }
@@ -675,21 +726,23 @@ fn render(points: &[Point], opts: &Options) -> String {
     );
     let _ = writeln!(
         s,
-        "| protocol | load | direct, machine | mesh, machine | mesh: client agent | mesh: server agent | haproxy x2, machine |"
+        "| protocol | load | direct, machine | mesh, machine | mesh: client agent | mesh: server agent | haproxy x2, machine | client haproxy | server haproxy |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     for p in points {
         let c = p.cpu;
         let _ = writeln!(
             s,
-            "| {} | {} | {:.1} us | {:.1} us | {:.1} us | {:.1} us | {:.1} us |",
+            "| {} | {} | {:.1} us | {:.1} us | {:.1} us | {:.1} us | {:.1} us | {:.1} us | {:.1} us |",
             p.protocol,
             p.load,
             c.direct_machine_us,
             c.mesh_machine_us,
             c.client_agent_us,
             c.server_agent_us,
-            c.haproxy_machine_us
+            c.haproxy_machine_us,
+            c.client_haproxy_us,
+            c.server_haproxy_us
         );
     }
     s

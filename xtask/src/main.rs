@@ -89,6 +89,12 @@ enum Bench {
         /// 5 s point's p99 swings by milliseconds on a shared VM).
         #[arg(long, default_value_t = 1)]
         rounds: usize,
+        /// Only these protocols (`http1`, `http2`); all when not given.
+        #[arg(long, value_delimiter = ',')]
+        protocols: Vec<String>,
+        /// Only these load points (`1k`, `10k`, `max`); all when not given.
+        #[arg(long, value_delimiter = ',')]
+        loads: Vec<String>,
     },
     /// Observability overhead: HTTP/1.1 through the mesh with metrics and the access
     /// log (to a file) ON vs OFF, max rate and p99 at 1k requests/s, one run.
@@ -116,8 +122,8 @@ fn main() -> Result<()> {
         Task::Bench { which: Bench::Intercept { rounds, duration, connects, connections } } => {
             bench::intercept(&root, &bench::Options { rounds, duration, connects, connections })
         }
-        Task::Bench { which: Bench::L7 { duration, connections, rounds } } => {
-            bench_l7::run(&root, &bench_l7::Options { duration, connections, rounds })
+        Task::Bench { which: Bench::L7 { duration, connections, rounds, protocols, loads } } => {
+            bench_l7::run(&root, &bench_l7::Options { duration, connections, rounds, protocols, loads })
         }
         Task::Bench { which: Bench::Observe { duration, connections, rounds } } => {
             bench_observe::run(&root, &bench_observe::Options { duration, connections, rounds })

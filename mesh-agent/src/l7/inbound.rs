@@ -249,7 +249,12 @@ impl Inbound {
         match client_upgrade {
             Some(client_upgrade) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(super::outbound::splice_upgrade(client_upgrade, upstream_upgrade));
+                tokio::spawn(super::outbound::splice_upgrade(
+                    client_upgrade,
+                    upstream_upgrade,
+                    self.downstream.idle,
+                    self.shutdown.clone(),
+                ));
             }
             _ => strip_hop_by_hop(resp.headers_mut(), false),
         }

@@ -20,6 +20,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::body::{BodyEnd, Observed, grpc_status};
@@ -206,7 +207,12 @@ impl Outbound {
                     && resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
                     let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                    tokio::spawn(splice_upgrade(client_upgrade, upstream_upgrade));
+                    tokio::spawn(splice_upgrade(
+                        client_upgrade,
+                        upstream_upgrade,
+                        self.ctx.downstream.idle,
+                        self.ctx.shutdown.clone(),
+                    ));
                 } else {
                     strip_hop_by_hop(resp.headers_mut(), false);
                 }
@@ -572,17 +578,39 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
-/// After a 101, joins the client's and the upstream's upgraded connections.
-pub(crate) async fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    match tokio::try_join!(client, upstream) {
-        Ok((c, u)) => {
-            let mut c = TokioIo::new(c);
-            let mut u = TokioIo::new(u);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                debug!(error = %e, "upgraded connection ended with an error");
+/// After a 101, joins the client's and the upstream's upgraded connections. From
+/// then on the connection is a byte relay (a WebSocket, say) with no request to
+/// wait for, so it is closed (FIN both ways) when nothing moved for `idle`, the
+/// downstream connection's idle limit, or as soon as the agent shuts down: a
+/// client reconnects, as after any closed WebSocket, instead of holding the
+/// draining agent until it is killed.
+pub(crate) async fn splice_upgrade(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    idle: Option<Duration>,
+    shutdown: CancellationToken,
+) {
+    let (c, u) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => return debug!(error = %e, "protocol upgrade failed"),
+    };
+    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+    let activity = crate::forward::idle::Activity::default();
+    let relayed = {
+        let mut marked = crate::forward::idle::Marked::new(&mut c, &activity);
+        let relay = tokio::io::copy_bidirectional(&mut marked, &mut u);
+        tokio::select! {
+            ended = crate::forward::idle::watch(relay, &activity, idle) => ended,
+            () = shutdown.cancelled() => {
+                debug!("agent shutting down: closing an upgraded connection");
+                None
             }
         }
-        Err(e) => debug!(error = %e, "protocol upgrade failed"),
+    };
+    match relayed {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => debug!(error = %e, "upgraded connection ended with an error"),
+        None => crate::forward::idle::close(&mut c, &mut u).await,
     }
 }
 

@@ -576,3 +576,94 @@ async fn shutdown_closes_an_idle_kept_alive_connection_well_before_the_idle_time
         ctx.downstream.idle
     );
 }
+
+/// A backend that switches every connection to an echo protocol: it answers the
+/// first request head with a 101 and then sends back every byte it reads.
+async fn upgrade_echo_backend() -> Backend {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else { return };
+            h.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(n @ 1..) => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let switch =
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n";
+                if tcp.write_all(switch).await.is_err() {
+                    return;
+                }
+                let (mut rx, mut tx) = tcp.split();
+                let _ = tokio::io::copy(&mut rx, &mut tx).await;
+            });
+        }
+    });
+    Backend { addr, hits, behaviour: Arc::new(std::sync::Mutex::new(Behaviour::Ok)), task: Some(task) }
+}
+
+/// Upgrades a fresh connection to the agent and checks that bytes are relayed
+/// both ways; returns the upgraded connection.
+async fn upgraded(agent: SocketAddr) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(agent).await.unwrap();
+    tcp.write_all(b"GET /echo HTTP/1.1\r\nHost: web.default\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tcp.read(&mut buf).await.unwrap(),
+            1,
+            "closed in the 101: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(buf[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    tcp.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tcp.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+    tcp
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_is_closed_after_the_idle_timeout() {
+    let a = upgrade_echo_backend().await;
+    let idle = Duration::from_millis(300);
+    let (agent, _ctx) =
+        agent_with(&snapshot(&[&a], None), None, timeouts(Duration::from_secs(60), idle)).await;
+    let mut tcp = upgraded(agent).await;
+    let quiet = std::time::Instant::now();
+    assert_eq!(read_until_closed(&mut tcp).await, "");
+    let waited = quiet.elapsed();
+    // The watch looks every quarter of the limit.
+    assert!(waited >= idle && waited < Duration::from_secs(5), "closed after {waited:?}");
+}
+
+#[tokio::test]
+async fn shutdown_closes_an_upgraded_connection() {
+    let a = upgrade_echo_backend().await;
+    let (agent, ctx) = agent(&snapshot(&[&a], None)).await;
+    let mut tcp = upgraded(agent).await;
+    let asked = std::time::Instant::now();
+    ctx.shutdown.cancel();
+    assert_eq!(read_until_closed(&mut tcp).await, "");
+    let waited = asked.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "closed after {waited:?}, idle timeout {:?}",
+        ctx.downstream.idle
+    );
+}

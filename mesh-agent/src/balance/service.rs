@@ -324,7 +324,7 @@ impl Services {
 /// An endpoint's address as its route lists it, for the meshed details (identity,
 /// agent) of a picked endpoint.
 pub fn target_of(route: &Route, addr: SocketAddr) -> Option<&crate::discovery::table::EndpointTarget> {
-    route.endpoints.iter().find(|e| e.addr == addr)
+    route.endpoint(addr)
 }
 
 #[cfg(test)]

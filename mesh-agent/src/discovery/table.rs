@@ -65,6 +65,17 @@ pub struct Route {
     /// `policy`, validated and with defaults filled in.
     #[serde(skip)]
     pub service_policy: Arc<ServicePolicy>,
+    /// Where each address first appears in `endpoints`: a picked endpoint's details
+    /// are looked up on every request, and a service may have thousands.
+    #[serde(skip)]
+    by_endpoint: HashMap<SocketAddr, usize>,
+}
+
+impl Route {
+    /// The endpoint listed at `addr` (the first, if listed twice).
+    pub fn endpoint(&self, addr: SocketAddr) -> Option<&EndpointTarget> {
+        self.by_endpoint.get(&addr).map(|&i| &self.endpoints[i])
+    }
 }
 
 /// The routing table of one snapshot version.
@@ -190,11 +201,16 @@ impl RouteTable {
                         region: locality.region,
                     });
                 }
+                let mut by_endpoint = HashMap::with_capacity(endpoints.len());
+                for (i, e) in endpoints.iter().enumerate() {
+                    by_endpoint.entry(e.addr).or_insert(i);
+                }
                 let route = Arc::new(Route {
                     service: name.clone(),
                     port: svc_port,
                     protocol: protocol_name(p.protocol()),
                     endpoints,
+                    by_endpoint,
                     policy: s.policy.clone(),
                     service_policy: service_policy.clone(),
                 });
@@ -327,7 +343,9 @@ mod tests {
         s.services[0].endpoints[2].identity = "spiffe://cluster.local/ns/default/sa/api".into();
         let t = RouteTable::build(1, &s, 100).unwrap();
         let route = t.by_addr("10.96.0.10:80".parse().unwrap()).unwrap();
-        let meshed = &route.endpoints[2];
+        let meshed = route.endpoint("10.77.0.5:8080".parse().unwrap()).expect("looked up by address");
+        assert!(std::ptr::eq(meshed, &route.endpoints[2]));
+        assert!(route.endpoint("10.77.0.9:8080".parse().unwrap()).is_none());
         assert_eq!(
             meshed.spiffe_id.as_deref().map(ToString::to_string).as_deref(),
             Some(meshed.identity.as_str())

@@ -566,15 +566,7 @@ async fn shutdown_closes_an_idle_kept_alive_connection_well_before_the_idle_time
         assert!(n > 0, "closed mid-response: {}", String::from_utf8_lossy(&out));
         out.extend_from_slice(&buf[..n]);
     }
-    let asked = std::time::Instant::now();
-    ctx.shutdown.cancel();
-    assert_eq!(read_until_closed(&mut tcp).await, "");
-    let waited = asked.elapsed();
-    assert!(
-        waited < Duration::from_secs(5),
-        "closed after {waited:?}, idle timeout {:?}",
-        ctx.downstream.idle
-    );
+    closes_at_shutdown(&ctx, &mut tcp).await;
 }
 
 /// A backend that switches every connection to an echo protocol: it answers the
@@ -657,9 +649,14 @@ async fn shutdown_closes_an_upgraded_connection() {
     let a = upgrade_echo_backend().await;
     let (agent, ctx) = agent(&snapshot(&[&a], None)).await;
     let mut tcp = upgraded(agent).await;
+    closes_at_shutdown(&ctx, &mut tcp).await;
+}
+
+/// Shuts the agent down and checks that it closes `tcp` well before any idle limit.
+async fn closes_at_shutdown(ctx: &ProxyContext, tcp: &mut TcpStream) {
     let asked = std::time::Instant::now();
     ctx.shutdown.cancel();
-    assert_eq!(read_until_closed(&mut tcp).await, "");
+    assert_eq!(read_until_closed(tcp).await, "");
     let waited = asked.elapsed();
     assert!(
         waited < Duration::from_secs(5),

@@ -45,9 +45,11 @@ pub fn pool(slot: IdentitySlot, sockets: SocketFactory, connect_timeout: Duratio
 }
 
 /// Whether an endpoint is reached through its node's agent (meshed), and how.
-pub fn meshed(endpoint: &EndpointTarget) -> Option<(SocketAddr, &str)> {
-    match (endpoint.agent_address, endpoint.identity.as_str()) {
-        (Some(agent), id) if !id.is_empty() => Some((agent, id)),
+/// The identity was parsed when the route table was built (a malformed one refused
+/// the snapshot), so a meshed endpoint always has one to check.
+pub fn meshed(endpoint: &EndpointTarget) -> Option<(SocketAddr, &Arc<SpiffeId>)> {
+    match (endpoint.agent_address, endpoint.spiffe_id.as_ref()) {
+        (Some(agent), Some(id)) => Some((agent, id)),
         _ => None,
     }
 }
@@ -61,7 +63,7 @@ pub struct Meshed<'a> {
     /// The endpoint's node agent.
     pub agent: SocketAddr,
     /// The identity the endpoint must prove.
-    pub dest_id: &'a str,
+    pub dest_id: &'a SpiffeId,
 }
 
 /// Carries an intercepted connection to a meshed endpoint through the tunnel.
@@ -81,8 +83,8 @@ pub async fn forward(
         return Err("no workload certificate yet: meshed traffic is never sent in plaintext".into());
     };
     let source = ident.workload.id().clone();
-    let expected: SpiffeId = dest_id.parse().map_err(|e| format!("endpoint identity {dest_id:?}: {e}"))?;
-    let open = ctx.tunnels.open(agent, &source, &expected, endpoint, http::HeaderMap::new());
+    let expected = dest_id;
+    let open = ctx.tunnels.open(agent, &source, expected, endpoint, http::HeaderMap::new());
     // Through the tunnel the server cannot speak first until the stream is open, so
     // detection here only classifies; opaque ports skip it.
     let (protocol, opened) = match protocol {

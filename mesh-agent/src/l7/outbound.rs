@@ -480,10 +480,8 @@ impl Failed {
 /// How an endpoint of `state` is reached: through its agent when it is meshed.
 fn dial_for(state: &ServiceState, endpoint: SocketAddr) -> Dial {
     target_of(&state.route, endpoint)
-        .and_then(|t| {
-            let (agent, _) = crate::mtls::meshed(t)?;
-            Some(Dial::Meshed { agent, identity: t.spiffe_id.clone()? })
-        })
+        .and_then(crate::mtls::meshed)
+        .map(|(agent, id)| Dial::Meshed { agent, identity: id.clone() })
         .unwrap_or(Dial::Plain)
 }
 

@@ -52,30 +52,7 @@ pub fn intercept(root: &Path, opts: &Options) -> Result<()> {
     ensure!(nix::unistd::geteuid().is_root(), "the benchmark needs root (namespaces, cgroups, BPF)");
     crate::setup::system_packages()?;
     println!("[1/3] building release binaries");
-    let status = Command::new(env!("CARGO"))
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "mesh-agent",
-            "--bin",
-            "mesh-agent",
-            "-p",
-            "mesh-tests",
-            "--bin",
-            "mesh-probe",
-        ])
-        .status()?;
-    ensure!(status.success(), "release build failed");
-    let release = root.join("target/release");
-    // SAFETY (of set_var): single-threaded at this point; nothing reads the
-    // environment concurrently.
-    unsafe {
-        std::env::set_var("MESH_MESH_AGENT_BIN", release.join("mesh-agent"));
-        std::env::set_var("MESH_MESH_PROBE_BIN", release.join("mesh-probe"));
-    }
+    let _bins = crate::release::build_aside(root)?;
 
     println!("[2/3] starting test hosts, servers and agents");
     // One client host per mode, all against the same server, so the modes can be

@@ -199,48 +199,6 @@ pub(crate) fn start_agent(
     Ok(a)
 }
 
-/// Builds the release binaries the benchmarks run and points the test harness at
-/// copies of them (another build into the same target directory cannot swap a
-/// binary under a running benchmark).
-pub(crate) fn build_release(root: &Path) -> Result<()> {
-    let status = Command::new(env!("CARGO"))
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "mesh-agent",
-            "--bin",
-            "mesh-agent",
-            "-p",
-            "control",
-            "--bin",
-            "mesh-control",
-            "-p",
-            "mesh-tests",
-            "--bin",
-            "mesh-probe",
-        ])
-        .status()?;
-    ensure!(status.success(), "release build failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let release = target.join("release");
-    let bins = std::env::temp_dir().join(format!("mesh-bench-bins-{}", std::process::id()));
-    std::fs::create_dir_all(&bins)?;
-    for (bin, var) in [
-        ("mesh-agent", "MESH_MESH_AGENT_BIN"),
-        ("mesh-probe", "MESH_MESH_PROBE_BIN"),
-        ("mesh-control", "MESH_MESH_CONTROL_BIN"),
-    ] {
-        let copy = bins.join(bin);
-        std::fs::copy(release.join(bin), &copy).with_context(|| format!("copying {bin}"))?;
-        // SAFETY (of set_var): single-threaded at this point.
-        unsafe { std::env::set_var(var, &copy) };
-    }
-    Ok(())
-}
-
 /// The benchmark lab: control plane (registry, CA), nginx on `server`, the
 /// workload cgroups; agents are started separately so a benchmark can restart them
 /// with different flags.
@@ -371,7 +329,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     let loads = opts.loads()?;
     crate::setup::system_packages()?;
     println!("[1/3] building release binaries");
-    build_release(root)?;
+    let _bins = crate::release::build_aside(root)?;
 
     println!("[2/3] starting the control plane, two agents (eBPF mode, mTLS) and the server");
     let bench = Bench::start("l7bench")?;

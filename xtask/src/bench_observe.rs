@@ -55,7 +55,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     ensure!(opts.rounds > 0, "--rounds must be at least 1");
     crate::setup::system_packages()?;
     println!("[1/3] building release binaries");
-    crate::bench_l7::build_release(root)?;
+    let _bins = crate::release::build_aside(root)?;
 
     println!("[2/3] starting the control plane and the server");
     let bench = Bench::start("obsbench")?;

@@ -8,7 +8,7 @@
 //! interception mode). Ctrl-C or `--duration` tears everything down and checks that
 //! nothing was left behind; `--summary-json` writes the final numbers for scripts.
 
-use std::{path::PathBuf, process::Command, sync::atomic::Ordering, time::Duration};
+use std::{path::PathBuf, sync::atomic::Ordering, time::Duration};
 
 use anyhow::{Result, ensure};
 use mesh_tests::demo;
@@ -40,40 +40,9 @@ pub fn run(root: &std::path::Path, opts: &Options) -> Result<()> {
     println!("[1/3] system packages");
     crate::setup::system_packages()?;
     println!("[2/3] building release binaries (mesh-agent, mesh-control, mesh-probe, meshctl)");
-    let status = Command::new(env!("CARGO"))
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "mesh-agent",
-            "--bin",
-            "mesh-agent",
-            "-p",
-            "control",
-            "--bin",
-            "mesh-control",
-            "--bin",
-            "meshctl",
-            "-p",
-            "mesh-tests",
-            "--bin",
-            "mesh-probe",
-        ])
-        .status()?;
-    ensure!(status.success(), "build failed");
-    let release = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| if t.is_absolute() { t } else { root.join(t) })
-        .unwrap_or_else(|| root.join("target"))
-        .join("release");
-    // SAFETY (of set_var): no other thread reads the environment yet.
-    unsafe {
-        std::env::set_var("MESH_MESH_AGENT_BIN", release.join("mesh-agent"));
-        std::env::set_var("MESH_MESH_PROBE_BIN", release.join("mesh-probe"));
-        std::env::set_var("MESH_MESH_CONTROL_BIN", release.join("mesh-control"));
-    }
+    // The demo runs the built binaries in place: meshctl's path stays valid after it.
+    let release = crate::release::build(root)?;
+    crate::release::use_bins(&release);
     println!("[3/3] the mesh (meshctl: {})", release.join("meshctl").display());
     let summary = demo::run(&demo::Options {
         mode: opts.mode.clone(),

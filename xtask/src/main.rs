@@ -5,6 +5,7 @@ mod bench_l7;
 mod bench_observe;
 mod demo;
 mod ebpf;
+mod release;
 mod setup;
 
 use std::path::PathBuf;

@@ -356,6 +356,14 @@ pub fn parse(file: &str, text: &str, trust_domain: &str) -> Result<Vec<api::Serv
                     return Err(invalid(&field("service_account"), format!("{sa:?} is not a DNS label")));
                 }
                 Some(sa) => format!("spiffe://{trust_domain}/ns/{}/sa/{sa}", s.namespace),
+                // Behind an agent, the endpoint is reached only over mutual TLS as its
+                // identity: without one, agents would have nothing to check.
+                None if !e.agent_address.is_empty() => {
+                    return Err(invalid(
+                        &field("service_account"),
+                        "missing: an endpoint with an agent_address is meshed and needs an identity".into(),
+                    ));
+                }
                 None => String::new(),
             };
             endpoints.push(api::Endpoint {
@@ -692,6 +700,15 @@ services:
         assert_eq!(
             e,
             "reg.yaml: services[0] (default/echo): endpoints[0].address: \"10.0.0.300\" is not an IP address"
+        );
+        let e = err(
+            "services:\n  - name: echo\n    ports: [{port: 80}]\n    endpoints: [{address: 10.0.0.3, agent_address: \"10.0.0.3:15008\"}]\n",
+        );
+        assert!(
+            e.contains(
+                "(default/echo): endpoints[0].service_account: missing: an endpoint with an agent_address"
+            ),
+            "{e}"
         );
         let e = err("services:\n  - name: echo\n    ports: [{port: 70000}]\n");
         assert!(e.contains("services[0] (default/echo): ports[0].port: 70000"), "{e}");

@@ -178,6 +178,14 @@ impl RouteTable {
                     // does not parse refuses the snapshot rather than leaving the
                     // endpoint to be dialed without mutual TLS.
                     let spiffe_id = if e.identity.is_empty() {
+                        if let Some(agent) = agent_address {
+                            return Err(invalid(
+                                format!("endpoints[{ei}].identity"),
+                                format!(
+                                    "empty, but the endpoint is behind agent {agent}: a meshed endpoint needs an identity to check"
+                                ),
+                            ));
+                        }
                         None
                     } else {
                         Some(Arc::new(e.identity.parse::<SpiffeId>().map_err(|err| {
@@ -339,6 +347,12 @@ mod tests {
         s.services[0].endpoints[2].identity = "api".into();
         let err = RouteTable::build(1, &s, 100).unwrap_err().to_string();
         assert!(err.starts_with("service default/echo: endpoints[2].identity: \"api\""), "{err}");
+        s.services[0].endpoints[2].identity = String::new();
+        let err = RouteTable::build(1, &s, 100).unwrap_err().to_string();
+        assert!(
+            err.contains("endpoints[2].identity: empty, but the endpoint is behind agent 10.77.0.5:15008"),
+            "{err}"
+        );
 
         s.services[0].endpoints[2].identity = "spiffe://cluster.local/ns/default/sa/api".into();
         let t = RouteTable::build(1, &s, 100).unwrap();

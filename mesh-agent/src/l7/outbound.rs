@@ -28,6 +28,7 @@ use super::headers::{is_upgrade, strip_hop_by_hop};
 use super::pool::{Body, Dial, SendError, Version};
 use crate::balance::service::{ServiceState, target_of};
 use crate::balance::{HashKeySource, PickGuard, hash};
+use crate::discovery::table::addr_header;
 use crate::listener::{Direction, ProxyContext};
 use crate::observe::access_log::AccessRecord;
 use crate::observe::labels::MeshName;
@@ -217,15 +218,17 @@ impl Outbound {
                     strip_hop_by_hop(resp.headers_mut(), false);
                 }
                 let status = resp.status();
+                // One lookup of the answering endpoint for the record and the header.
+                let target = target_of(&state.route, guard.addr());
                 if let Some(r) = record.as_mut() {
                     r.response_code = Some(status.as_u16());
                     r.destination_endpoint = Some(guard.addr());
-                    if let Dial::Meshed { identity, .. } = dial_for(&state, guard.addr()) {
+                    if let Some((_, identity)) = target.and_then(crate::mtls::meshed) {
                         r.destination_identity = Some(MeshName::known(&identity.to_string()));
                     }
                 }
-                let endpoint_header = target_of(&state.route, guard.addr())
-                    .map_or_else(|| super::pool::addr_header(guard.addr()), |t| t.addr_header.clone());
+                let endpoint_header =
+                    target.map_or_else(|| addr_header(guard.addr()), |t| t.addr_header.clone());
                 resp.headers_mut().insert(ENDPOINT_HEADER, endpoint_header);
                 let header_grpc = grpc_status(resp.headers());
                 let this = self.clone();

@@ -642,21 +642,9 @@ fn to_direct(req: Request<Body>, endpoint: SocketAddr, version: Version) -> Requ
         parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
     }
     parts.version = http::Version::HTTP_2;
-    parts.headers.insert(crate::tunnel::TARGET_HEADER, addr_header(endpoint));
+    parts.headers.insert(crate::tunnel::TARGET_HEADER, crate::discovery::table::addr_header(endpoint));
     parts.headers.insert(crate::tunnel::PROTOCOL_HEADER, http::HeaderValue::from_static(version.name()));
     Request::from_parts(parts, body)
-}
-
-/// `addr` as a header value, formatted on the stack: one allocation (the value's
-/// own bytes), not two.
-pub(crate) fn addr_header(addr: SocketAddr) -> http::HeaderValue {
-    use std::io::Write as _;
-    // The longest socket address: `[` IPv6 with a scope id `]:65535`.
-    let mut buf = [0u8; 64];
-    let mut w = &mut buf[..];
-    let _ = write!(w, "{addr}");
-    let len = 64 - w.len();
-    http::HeaderValue::from_bytes(&buf[..len]).expect("a socket address is a valid header value")
 }
 
 /// The response of a direct stream as the client's version expects it. The peer

@@ -83,6 +83,9 @@ struct Point {
     mesh: Value,
     /// The same load through two HAProxy hops (mTLS between them).
     haproxy: Value,
+    /// At the maximum rate only: the same load through two relays that only copy
+    /// bytes (no TLS, no HTTP): what the two extra hops cost by themselves.
+    relay: Option<Value>,
     /// CPU time per request (microseconds), from /proc, over each run.
     cpu: CpuPerRequest,
 }
@@ -295,10 +298,12 @@ impl Bench {
             // From `direct` to the HAProxy on `client`.
             ("haproxy", false) => self.lab.host("client").v4_addr(HAPROXY_H1).to_string(),
             ("haproxy", true) => self.lab.host("client").v4_addr(HAPROXY_H2).to_string(),
+            ("relay", false) => self.lab.host("client").v4_addr(RELAY_H1).to_string(),
+            ("relay", true) => self.lab.host("client").v4_addr(RELAY_H2).to_string(),
             (_, false) => format!("{VIP}:80"),
             (_, true) => format!("{VIP}:81"),
         };
-        let host = if host == "haproxy" { "direct" } else { host };
+        let host = if matches!(host, "haproxy" | "relay") { "direct" } else { host };
         let target = target.as_str();
         let mut cmd = self.lab.host(host).command(&probe, Some(cg.absolute()))?;
         cmd.args([
@@ -352,6 +357,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         load("direct", http2, 0, Duration::from_secs(1))?;
         load("client", http2, 0, Duration::from_secs(1))?;
         load("haproxy", http2, 0, Duration::from_secs(1))?;
+        load("relay", http2, 0, Duration::from_secs(1))?;
         for &rps in &loads {
             let pids = [agents.client.pid(), agents.server.pid(), haproxies.0.0.id(), haproxies.1.0.id()];
             let before = CpuSample::now(&pids);
@@ -361,6 +367,8 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             let after = CpuSample::now(&pids);
             let haproxy = load("haproxy", http2, rps, opts.duration)?;
             let after_haproxy = CpuSample::now(&pids);
+            // The hops' own cost matters where the machine is the limit: at the maximum rate.
+            let relay = if rps == 0 { Some(load("relay", http2, rps, opts.duration)?) } else { None };
             let requests = |v: &Value| f(v, "rps") * opts.duration.as_secs_f64();
             let (direct_machine_us, _) = before.per_request(&between, requests(&direct));
             let (mesh_machine_us, agents_us) = between.per_request(&after, requests(&mesh));
@@ -398,7 +406,17 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
                 "      {:<17} CPU per request: direct {direct_machine_us:.1} us | mesh {mesh_machine_us:.1} us, of which client agent {:.1} us, server agent {:.1} us | haproxy x2 {haproxy_machine_us:.1} us, of which {:.1} us and {:.1} us",
                 "", cpu.client_agent_us, cpu.server_agent_us, cpu.client_haproxy_us, cpu.server_haproxy_us
             );
-            points.push(Point { protocol, load: label, direct, mesh, haproxy, cpu });
+            if let Some(r) = &relay {
+                println!(
+                    "      {:<17} tcp relay x2 {:>7.0} req/s p50 {:>6.0} us p99 {:>7.0} us errors {}",
+                    "",
+                    f(r, "rps"),
+                    f(r, "p50_us"),
+                    f(r, "p99_us"),
+                    r["errors"],
+                );
+            }
+            points.push(Point { protocol, load: label, direct, mesh, haproxy, relay, cpu });
         }
     }
     let points = medians(&points);
@@ -449,6 +467,7 @@ fn medians(points: &[Point]) -> Vec<Point> {
             direct: run(&group, |p| &p.direct),
             mesh: run(&group, |p| &p.mesh),
             haproxy: run(&group, |p| &p.haproxy),
+            relay: p.relay.as_ref().map(|_| run(&group, |p| p.relay.as_ref().unwrap_or(&Value::Null))),
             cpu: CpuPerRequest {
                 direct_machine_us: cpu(|c| c.direct_machine_us),
                 mesh_machine_us: cpu(|c| c.mesh_machine_us),
@@ -469,6 +488,11 @@ const HAPROXY_H2: u16 = 18081;
 /// HAProxy's mutual-TLS listeners on `server` (this port for nginx's HTTP/1.1, the
 /// next for its HTTP/2).
 const HAPROXY_TLS: u16 = 18443;
+/// The plain TCP relays' listeners on `client` (to nginx's HTTP/1.1 and HTTP/2),
+/// and on `server` (this port and the next).
+const RELAY_H1: u16 = 19080;
+const RELAY_H2: u16 = 19081;
+const RELAY_SERVER: u16 = 19443;
 
 /// Runs `openssl` with `args` in `dir`.
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
@@ -516,9 +540,24 @@ fn haproxy_certs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Plain TCP relays (`mode tcp`: no TLS, no HTTP parsing), each listening port to
+/// its address, named `name_<port>`.
+fn relay_conf(name: &str, routes: [(u16, String); 2]) -> String {
+    routes
+        .iter()
+        .map(|(port, to)| {
+            format!(
+                "frontend {name}_{port}\n  mode tcp\n  bind :{port}\n  default_backend {name}_{port}_to\n\n\
+                 backend {name}_{port}_to\n  mode tcp\n  server s {to}\n\n"
+            )
+        })
+        .collect()
+}
+
 /// The two HAProxy hops: `client` listens for the load generator and sends to
 /// `server` over mutual TLS with HTTP/2; `server` sends to nginx over kept-alive
-/// connections in the client's HTTP version. One thread each, no logs.
+/// connections in the client's HTTP version. One thread each, no logs. The same
+/// processes also relay plain TCP on the `RELAY_*` ports: the hops' own cost.
 fn haproxies(lab: &Lab, dir: &Path) -> Result<(KillOnDrop, KillOnDrop)> {
     let dir = dir.join("haproxy");
     std::fs::create_dir_all(&dir)?;
@@ -527,19 +566,27 @@ fn haproxies(lab: &Lab, dir: &Path) -> Result<(KillOnDrop, KillOnDrop)> {
     let common = "global\n  nbthread 1\n  maxconn 4096\n\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\n\n";
     let server_host = lab.host("server");
     let (tls_h1, tls_h2) = (server_host.v4_addr(HAPROXY_TLS), server_host.v4_addr(HAPROXY_TLS + 1));
+    let (relay_h1, relay_h2) = (server_host.v4_addr(RELAY_SERVER), server_host.v4_addr(RELAY_SERVER + 1));
     // HTTP/2 clients reach nginx's HTTP/2 port, HTTP/1.1 clients its HTTP/1.1 one, as
     // through the mesh (which keeps the client's version end to end).
     let client_conf = format!(
         "{common}frontend h1\n  bind :{HAPROXY_H1}\n  default_backend peer_h1\n\nfrontend h2\n  bind :{HAPROXY_H2} proto h2\n  default_backend peer_h2\n\n\
          backend peer_h1\n  server s {tls_h1} ssl crt {d}/client.pem ca-file {d}/ca.crt verify required alpn h2\n\n\
-         backend peer_h2\n  server s {tls_h2} ssl crt {d}/client.pem ca-file {d}/ca.crt verify required alpn h2\n"
+         backend peer_h2\n  server s {tls_h2} ssl crt {d}/client.pem ca-file {d}/ca.crt verify required alpn h2\n\n\
+         {}",
+        relay_conf("relay_out", [(RELAY_H1, relay_h1.to_string()), (RELAY_H2, relay_h2.to_string())])
     );
     let server_conf = format!(
         "{common}frontend tunnel_h1\n  bind :{HAPROXY_TLS} ssl crt {d}/server.pem ca-file {d}/ca.crt verify required alpn h2\n  default_backend app_h1\n\n\
          frontend tunnel_h2\n  bind :{} ssl crt {d}/server.pem ca-file {d}/ca.crt verify required alpn h2\n  default_backend app_h2\n\n\
          backend app_h1\n  server nginx 127.0.0.1:{HTTP}\n\n\
-         backend app_h2\n  server nginx 127.0.0.1:{H2} proto h2\n",
-        HAPROXY_TLS + 1
+         backend app_h2\n  server nginx 127.0.0.1:{H2} proto h2\n\n\
+         {}",
+        HAPROXY_TLS + 1,
+        relay_conf(
+            "relay_in",
+            [(RELAY_SERVER, format!("127.0.0.1:{HTTP}")), (RELAY_SERVER + 1, format!("127.0.0.1:{H2}"))]
+        )
     );
     let start = |host: &str, conf: &str, port: u16| -> Result<KillOnDrop> {
         let path = dir.join(format!("{host}.cfg"));
@@ -676,6 +723,29 @@ fn render(points: &[Point], opts: &Options) -> String {
             f(&p.haproxy, "p99_us"),
             (f(&p.haproxy, "p99_us") - f(&p.direct, "p99_us")) / 1000.0,
             p.haproxy["errors"],
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nThe hops' own cost at the maximum rate: the same load through two relays that only copy bytes (the same HAProxy processes in `mode tcp`: no TLS, no HTTP parsing, each client connection carried end to end), in the same run. What they lose to direct is the kernel's work for the two extra TCP connections per request on CPUs that the load generator and nginx share; an HTTP proxy can beat it only by multiplexing the middle hop:\n"
+    );
+    let _ = writeln!(
+        s,
+        "| protocol | tcp relay x2 req/s | ratio to direct | mesh ratio | haproxy x2 ratio | errors |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for p in points {
+        let Some(r) = &p.relay else { continue };
+        let d = f(&p.direct, "rps").max(1e-9);
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {} |",
+            p.protocol,
+            f(r, "rps"),
+            f(r, "rps") / d,
+            f(&p.mesh, "rps") / d,
+            f(&p.haproxy, "rps") / d,
+            r["errors"],
         );
     }
     let _ = writeln!(

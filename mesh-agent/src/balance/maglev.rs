@@ -90,19 +90,7 @@ impl Strategy for Maglev {
         let key = ctx.hash_key.unwrap_or_else(|| pool.random.next_u64());
         let start = (spread_key(key) % len as u64) as usize;
         let (wrapped, ahead) = self.table.split_at(start);
-        let mut last = EMPTY;
-        for index in ahead.iter().chain(wrapped).copied() {
-            if index == last {
-                continue;
-            }
-            last = index;
-            if pool.available(index)
-                && let Some(guard) = pool.admit(index)
-            {
-                return Some(guard);
-            }
-        }
-        None
+        pool.first_on_ring(ahead.iter().chain(wrapped).copied())
     }
 }
 

@@ -241,6 +241,25 @@ impl Pool {
         factor < slow_start::FULL && self.random.below(u64::from(slow_start::FULL)) >= u64::from(factor)
     }
 
+    /// Admits the first endpoint along a hash ring's `walk` that is available and takes
+    /// the request. Neighbouring points (or table slots) often share an endpoint; each
+    /// run of one is tried once.
+    pub(crate) fn first_on_ring(&self, walk: impl Iterator<Item = u32>) -> Option<PickGuard> {
+        let mut last = None;
+        for index in walk {
+            if last == Some(index) {
+                continue;
+            }
+            last = Some(index);
+            if self.available(index)
+                && let Some(guard) = self.admit(index)
+            {
+                return Some(guard);
+            }
+        }
+        None
+    }
+
     /// Admits the first endpoint that takes the request, walking `members` from `start`
     /// round the end. Ramping endpoints are passed over once with their slow-start odds
     /// and come back only if nothing else is available.

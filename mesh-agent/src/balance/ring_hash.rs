@@ -45,20 +45,7 @@ impl Strategy for RingHash {
 
     fn pick(&self, pool: &Pool, ctx: &PickContext<'_>) -> Option<PickGuard> {
         let key = ctx.hash_key.unwrap_or_else(|| pool.random.next_u64());
-        let mut last = u32::MAX;
-        for index in self.walk(key) {
-            // Consecutive points often share an owner; test each run once.
-            if index == last {
-                continue;
-            }
-            last = index;
-            if pool.available(index)
-                && let Some(guard) = pool.admit(index)
-            {
-                return Some(guard);
-            }
-        }
-        None
+        pool.first_on_ring(self.walk(key))
     }
 }
 

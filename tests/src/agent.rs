@@ -97,6 +97,13 @@ impl Agent {
         self.process.find_all(pred)
     }
 
+    /// Waits until the agent holds its workload certificate and has applied its first
+    /// discovery snapshot: from then on it carries meshed traffic.
+    pub fn wait_enrolled(&self) {
+        self.wait_log("workload certificate", |v| message(v) == "workload certificate issued");
+        self.wait_log("first discovery snapshot", |v| message(v) == "snapshot applied");
+    }
+
     /// Waits for a log line matching `pred`; on timeout the panic shows the agent's log.
     pub fn wait_log(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         self.process.wait_log(what, pred)

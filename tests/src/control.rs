@@ -1,12 +1,17 @@
 //! A running `mesh-control` in a test host, with its JSON log captured.
 
-use std::{net::SocketAddr, path::Path, process::ExitStatus, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitStatus,
+    time::Duration,
+};
 
 use anyhow::Result;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-use crate::{Host, bins, process::LoggedChild};
+use crate::{AgentOptions, Host, bins, process::LoggedChild};
 
 /// The gRPC port the tests' control planes listen on.
 pub const GRPC_PORT: u16 = 15010;
@@ -19,6 +24,8 @@ pub struct Control {
     /// Where agents reach it: `http://<host v4>:15010`.
     pub url: String,
     pub admin: SocketAddr,
+    /// Where [`Control::start_with_ca`] wrote each node's bootstrap token.
+    tokens: Option<PathBuf>,
 }
 
 impl Control {
@@ -41,7 +48,49 @@ impl Control {
             process,
             url: format!("http://{}:{GRPC_PORT}", host.v4),
             admin: SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
+            tokens: None,
         })
+    }
+
+    /// [`Control::start`] with the control plane's CA in `dir/ca` and one bootstrap
+    /// token per node of `nodes`, each also written to `dir/<node>.token` for that
+    /// node's agent (see [`Control::agent_options`]); `args` are further flags.
+    pub fn start_with_ca(
+        host: &Host,
+        registry: &Path,
+        dir: &Path,
+        nodes: &[&str],
+        args: &[&str],
+    ) -> Result<Self> {
+        let table: String = nodes.iter().map(|n| format!("tok-{n} {n}\n")).collect();
+        std::fs::write(dir.join("tokens"), table)?;
+        for n in nodes {
+            std::fs::write(dir.join(format!("{n}.token")), format!("tok-{n}\n"))?;
+        }
+        let (tokens, ca) = (dir.join("tokens").display().to_string(), dir.join("ca").display().to_string());
+        let mut all = vec!["--bootstrap-tokens", &tokens, "--ca-dir", &ca];
+        all.extend_from_slice(args);
+        let mut control = Self::start(host, registry, &all)?;
+        control.tokens = Some(dir.to_owned());
+        Ok(control)
+    }
+
+    /// Options for an agent on `node` with `identity` (`namespace/service-account`),
+    /// enrolled with this control plane through the node's bootstrap token.
+    ///
+    /// # Panics
+    /// If the control plane was not started with [`Control::start_with_ca`].
+    pub fn agent_options(&self, mode: &str, node: &str, identity: &str) -> AgentOptions {
+        let tokens = self.tokens.as_ref().expect("agent_options needs a control plane from start_with_ca");
+        AgentOptions::new(mode)
+            .arg("--control-plane")
+            .arg(self.url.clone())
+            .arg("--node")
+            .arg(node)
+            .arg("--identity")
+            .arg(identity)
+            .arg("--bootstrap-token-file")
+            .arg(tokens.join(format!("{node}.token")).display().to_string())
     }
 
     pub fn log_text(&self) -> String {

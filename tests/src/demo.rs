@@ -156,19 +156,8 @@ fn start(mode: &str) -> Result<Running> {
         &registry,
         REGISTRY.replace("BACKEND", &be.v4.to_string()).replace("FRONTEND", &fe.v4.to_string()),
     )?;
-    std::fs::write(dir.path().join("tokens"), "demo-frontend-token frontend\ndemo-backend-token backend\n")?;
-    std::fs::write(dir.path().join("frontend.token"), "demo-frontend-token\n")?;
-    std::fs::write(dir.path().join("backend.token"), "demo-backend-token\n")?;
-    let control = Control::start(
-        lab.host("control"),
-        &registry,
-        &[
-            "--bootstrap-tokens",
-            &dir.path().join("tokens").display().to_string(),
-            "--ca-dir",
-            &dir.path().join("ca").display().to_string(),
-        ],
-    )?;
+    let control =
+        Control::start_with_ca(lab.host("control"), &registry, dir.path(), &["frontend", "backend"], &[])?;
     let servers = vec![
         servers::http(be, 8080, "catalog-v1")?,
         servers::http(be, 8081, "catalog-v2")?,
@@ -179,19 +168,9 @@ fn start(mode: &str) -> Result<Running> {
     let workload = Cgroup::new("frontend")?;
     let backend_cg = Cgroup::new("backend")?;
     let agent = |host: &str, cg: &Cgroup, identity: &str| -> Result<Agent> {
-        let opts = AgentOptions::new(mode)
-            .cgroup(cg)
-            .arg("--control-plane")
-            .arg(control.url.clone())
-            .arg("--node")
-            .arg(host)
-            .arg("--identity")
-            .arg(identity)
-            .arg("--bootstrap-token-file")
-            .arg(dir.path().join(format!("{host}.token")).display().to_string());
+        let opts = control.agent_options(mode, host, identity).cgroup(cg);
         let a = Agent::start(lab.host(host), AgentOptions { log: Some("info".into()), ..opts })?;
-        a.wait_log("workload certificate", |v| message(v) == "workload certificate issued");
-        a.wait_log("first discovery snapshot", |v| message(v) == "snapshot applied");
+        a.wait_enrolled();
         Ok(a)
     };
     let backend = agent("backend", &backend_cg, "shop/backend")?;

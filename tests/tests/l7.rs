@@ -588,31 +588,15 @@ fn meshed_request_gets_forwarded_for_and_method_path_authorization(mode: &str) {
     let dir = tempfile::tempdir().unwrap();
     let reg = dir.path().join("registry.yaml");
     std::fs::write(&reg, meshed_registry()).unwrap();
-    std::fs::write(dir.path().join("tokens"), "tok-client client\ntok-server server\n").unwrap();
-    std::fs::write(dir.path().join("client.token"), "tok-client").unwrap();
-    std::fs::write(dir.path().join("server.token"), "tok-server").unwrap();
-    let tokens = dir.path().join("tokens").display().to_string();
-    let ca = dir.path().join("ca").display().to_string();
-    let control =
-        Control::start(lab.host("control"), &reg, &["--bootstrap-tokens", &tokens, "--ca-dir", &ca])
-            .expect("control");
+    let control = Control::start_with_ca(lab.host("control"), &reg, dir.path(), &["client", "server"], &[])
+        .expect("control");
     let api = servers::http_echo_headers(lab.host("server"), 8080, "api", 200).unwrap();
     let workload = Cgroup::new("wl").unwrap();
     let server_cg = Cgroup::new("srv").unwrap();
     let agent = |host: &str, cg: &Cgroup, identity: &str| {
-        let opts = AgentOptions::new(mode)
-            .cgroup(cg)
-            .arg("--control-plane")
-            .arg(control.url.clone())
-            .arg("--node")
-            .arg(host)
-            .arg("--identity")
-            .arg(identity)
-            .arg("--bootstrap-token-file")
-            .arg(dir.path().join(format!("{host}.token")).display().to_string());
+        let opts = control.agent_options(mode, host, identity).cgroup(cg);
         let a = Agent::start(lab.host(host), opts).expect("agent starts");
-        a.wait_log("workload certificate", |v| message(v) == "workload certificate issued");
-        a.wait_log("snapshot", |v| message(v) == "snapshot applied");
+        a.wait_enrolled();
         a
     };
     let client_agent = agent("client", &workload, "shop/frontend");

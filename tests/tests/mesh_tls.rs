@@ -13,9 +13,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{
-    Agent, AgentOptions, Cgroup, Control, Host, Lab, agent::message, eventually, require_root, servers,
-};
+use mesh_tests::{Agent, Cgroup, Control, Host, Lab, agent::message, eventually, require_root, servers};
 
 const VIP: &str = "10.96.0.40";
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -60,29 +58,18 @@ struct Mesh {
 
 fn agent(
     lab: &Lab,
-    host: &str,
-    mode: &str,
-    cg: &Cgroup,
     control: &Control,
-    (identity, token): (&str, &std::path::Path),
+    mode: &str,
+    (host, identity): (&str, &str),
+    cg: &Cgroup,
     extra: &[&str],
 ) -> Agent {
-    let mut opts = AgentOptions::new(mode)
-        .cgroup(cg)
-        .arg("--control-plane")
-        .arg(control.url.clone())
-        .arg("--node")
-        .arg(host)
-        .arg("--identity")
-        .arg(identity)
-        .arg("--bootstrap-token-file")
-        .arg(token.display().to_string());
+    let mut opts = control.agent_options(mode, host, identity).cgroup(cg);
     for a in extra {
         opts = opts.arg(*a);
     }
     let a = Agent::start(lab.host(host), opts).expect("agent starts");
-    a.wait_log("workload certificate", |v| message(v) == "workload certificate issued");
-    a.wait_log("snapshot", |v| message(v) == "snapshot applied");
+    a.wait_enrolled();
     a
 }
 
@@ -96,42 +83,15 @@ impl Mesh {
         let dir = tempfile::tempdir().unwrap();
         let reg = dir.path().join("registry.yaml");
         std::fs::write(&reg, registry(FRONTEND)).unwrap();
-        std::fs::write(dir.path().join("tokens"), "tok-client client\ntok-server server\n").unwrap();
-        std::fs::write(dir.path().join("client.token"), "tok-client").unwrap();
-        std::fs::write(dir.path().join("server.token"), "tok-server").unwrap();
-        let control = Control::start(
-            lab.host("control"),
-            &reg,
-            &[
-                "--bootstrap-tokens",
-                &dir.path().join("tokens").display().to_string(),
-                "--ca-dir",
-                &dir.path().join("ca").display().to_string(),
-            ],
-        )
-        .expect("control plane");
+        let control =
+            Control::start_with_ca(lab.host("control"), &reg, dir.path(), &["client", "server"], &[])
+                .expect("control plane");
         let api = servers::http(lab.host("server"), 8080, "api").unwrap();
         let echo = servers::echo(lab.host("server"), 7000).unwrap();
         let workload = Cgroup::new("wl").unwrap();
         let server_cg = Cgroup::new("srv").unwrap();
-        let client_agent = agent(
-            &lab,
-            "client",
-            mode,
-            &workload,
-            &control,
-            ("shop/frontend", &dir.path().join("client.token")),
-            extra,
-        );
-        let server_agent = agent(
-            &lab,
-            "server",
-            mode,
-            &server_cg,
-            &control,
-            ("shop/api", &dir.path().join("server.token")),
-            extra,
-        );
+        let client_agent = agent(&lab, &control, mode, ("client", "shop/frontend"), &workload, extra);
+        let server_agent = agent(&lab, &control, mode, ("server", "shop/api"), &server_cg, extra);
         Self {
             lab,
             dir,

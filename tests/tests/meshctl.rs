@@ -6,9 +6,7 @@
 
 use std::{process::Output, time::Duration};
 
-use mesh_tests::{
-    Agent, AgentOptions, Cgroup, Control, Lab, agent::message, bins, eventually, require_root, servers,
-};
+use mesh_tests::{Agent, Cgroup, Control, Lab, bins, eventually, require_root, servers};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.40";
@@ -56,20 +54,8 @@ impl Mesh {
         let dir = tempfile::tempdir().unwrap();
         let reg = dir.path().join("registry.yaml");
         std::fs::write(&reg, REGISTRY).unwrap();
-        std::fs::write(dir.path().join("tokens"), "tok-node node\ntok-server server\n").unwrap();
-        std::fs::write(dir.path().join("node.token"), "tok-node").unwrap();
-        std::fs::write(dir.path().join("server.token"), "tok-server").unwrap();
-        let control = Control::start(
-            lab.host("node"),
-            &reg,
-            &[
-                "--bootstrap-tokens",
-                &dir.path().join("tokens").display().to_string(),
-                "--ca-dir",
-                &dir.path().join("ca").display().to_string(),
-            ],
-        )
-        .expect("control plane");
+        let control = Control::start_with_ca(lab.host("node"), &reg, dir.path(), &["node", "server"], &[])
+            .expect("control plane");
         let servers = vec![
             servers::http(lab.host("server"), 8080, "api").unwrap(),
             servers::echo(lab.host("server"), 7000).unwrap(),
@@ -77,22 +63,12 @@ impl Mesh {
         let workload = Cgroup::new("wl").unwrap();
         let server_cg = Cgroup::new("srv").unwrap();
         let agent = |host: &str, cg: &Cgroup, identity: &str, extra: &[&str]| {
-            let mut opts = AgentOptions::new(mode)
-                .cgroup(cg)
-                .arg("--control-plane")
-                .arg(control.url.clone())
-                .arg("--node")
-                .arg(host)
-                .arg("--identity")
-                .arg(identity)
-                .arg("--bootstrap-token-file")
-                .arg(dir.path().join(format!("{host}.token")).display().to_string());
+            let mut opts = control.agent_options(mode, host, identity).cgroup(cg);
             for a in extra {
                 opts = opts.arg(*a);
             }
             let a = Agent::start(lab.host(host), opts).expect("agent starts");
-            a.wait_log("workload certificate", |v| message(v) == "workload certificate issued");
-            a.wait_log("snapshot", |v| message(v) == "snapshot applied");
+            a.wait_enrolled();
             a
         };
         let client = agent("node", &workload, "shop/frontend", &[]);

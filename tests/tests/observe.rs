@@ -128,8 +128,7 @@ impl Mesh {
                 .arg("--otlp-endpoint")
                 .arg("http://10.77.0.1:4317");
             let a = Agent::start(lab.host(host), opts).expect("agent starts");
-            a.wait_log("workload certificate", |v| message(v) == "workload certificate issued");
-            a.wait_log("snapshot", |v| message(v) == "snapshot applied");
+            a.wait_enrolled();
             a
         };
         let client_agent = start("client", &workload, "shop/frontend");

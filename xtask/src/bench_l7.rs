@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use mesh_tests::{Agent, AgentOptions, Cgroup, Control, Lab, agent::message};
+use mesh_tests::{Agent, AgentOptions, Cgroup, Control, Lab};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -172,33 +172,23 @@ fn registry() -> String {
 
 /// Starts an agent in eBPF mode with an identity, log level info and `extra` flags
 /// (default: access log off), and waits for its certificate and first snapshot.
-pub(crate) fn start_agent(
+fn start_agent(
     lab: &Lab,
     host: &str,
     cg: &Cgroup,
     control: &Control,
     identity: &str,
-    token: &Path,
     extra: &[String],
 ) -> Result<Agent> {
-    let mut opts = AgentOptions { log: Some("info".into()), ..AgentOptions::new("ebpf").cgroup(cg) }
-        .arg("--control-plane")
-        .arg(control.url.clone())
-        .arg("--node")
-        .arg(host)
-        .arg("--identity")
-        .arg(identity)
-        .arg("--bootstrap-token-file")
-        .arg(token.display().to_string());
+    let mut opts = control.agent_options("ebpf", host, identity).cgroup(cg);
     if !extra.iter().any(|a| a == "--access-log") {
         opts = opts.arg("--access-log").arg("off");
     }
     for a in extra {
         opts = opts.arg(a.clone());
     }
-    let a = Agent::start(lab.host(host), opts)?;
-    a.wait_log("workload certificate", |v| message(v) == "workload certificate issued");
-    a.wait_log("snapshot", |v| message(v) == "snapshot applied");
+    let a = Agent::start(lab.host(host), AgentOptions { log: Some("info".into()), ..opts })?;
+    a.wait_enrolled();
     Ok(a)
 }
 
@@ -236,19 +226,8 @@ impl Bench {
         let dir = tempfile::tempdir()?;
         let reg = dir.path().join("registry.yaml");
         std::fs::write(&reg, registry())?;
-        std::fs::write(dir.path().join("tokens"), "tok-client client\ntok-server server\n")?;
-        std::fs::write(dir.path().join("client.token"), "tok-client")?;
-        std::fs::write(dir.path().join("server.token"), "tok-server")?;
-        let control = Control::start(
-            lab.host("control"),
-            &reg,
-            &[
-                "--bootstrap-tokens",
-                &dir.path().join("tokens").display().to_string(),
-                "--ca-dir",
-                &dir.path().join("ca").display().to_string(),
-            ],
-        )?;
+        let control =
+            Control::start_with_ca(lab.host("control"), &reg, dir.path(), &["client", "server"], &[])?;
         let server = nginx(lab.host("server"), dir.path())?;
         let workload = Cgroup::new(name)?;
         let server_cg = Cgroup::new(&format!("{name}-srv"))?;
@@ -258,25 +237,16 @@ impl Bench {
 
     /// Both agents, each with `extra(host)` flags.
     pub fn agents(&self, extra: impl Fn(&str) -> Vec<String>) -> Result<Agents> {
-        let d = self.dir.path();
         let client = start_agent(
             &self.lab,
             "client",
             &self.workload,
             &self.control,
             "shop/frontend",
-            &d.join("client.token"),
             &extra("client"),
         )?;
-        let server = start_agent(
-            &self.lab,
-            "server",
-            &self.server_cg,
-            &self.control,
-            "shop/api",
-            &d.join("server.token"),
-            &extra("server"),
-        )?;
+        let server =
+            start_agent(&self.lab, "server", &self.server_cg, &self.control, "shop/api", &extra("server"))?;
         Ok(Agents { client, server })
     }
 

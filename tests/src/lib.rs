@@ -25,3 +25,19 @@ pub use control::Control;
 pub use netns::{Host, Lab};
 pub use privilege::require_root;
 pub use wait::eventually;
+
+/// Declares each named test twice, in modules `ebpf` and `iptables`: every e2e
+/// behaviour must hold in both interception modes. Each test calls the function of
+/// the same name (in the invoking module) with the mode; without root it fails
+/// under `CI=true` and reports the skip otherwise (see [`require_root`]).
+#[macro_export]
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod ebpf {
+            $( #[test] fn $name() { if $crate::require_root(stringify!($name)) { super::$name("ebpf") } } )*
+        }
+        mod iptables {
+            $( #[test] fn $name() { if $crate::require_root(stringify!($name)) { super::$name("iptables") } } )*
+        }
+    };
+}

@@ -288,18 +288,7 @@ fn control_plane_health_checks_mark_a_dead_endpoint_unhealthy(mode: &str) {
     m.wait_for_backends(&["b1", "b2"], "b2 takes traffic again after passing its check");
 }
 
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod ebpf {
-            $( #[test] fn $name() { if super::require_root(stringify!($name)) { super::$name("ebpf") } } )*
-        }
-        mod iptables {
-            $( #[test] fn $name() { if super::require_root(stringify!($name)) { super::$name("iptables") } } )*
-        }
-    };
-}
-
-both_modes!(
+mesh_tests::both_modes!(
     vip_reaches_every_backend_and_follows_registry_edits,
     refused_update_leaves_agent_on_last_good_version
 );

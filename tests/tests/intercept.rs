@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{Agent, AgentOptions, Cgroup, Lab, agent::message, bins, eventually, require_root, servers};
+use mesh_tests::{Agent, AgentOptions, Cgroup, Lab, agent::message, bins, eventually, servers};
 use serde_json::Value;
 
 const HTTP: u16 = 8080;
@@ -87,18 +87,7 @@ fn as_strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod ebpf {
-            $( #[test] fn $name() { if super::require_root(stringify!($name)) { super::$name("ebpf") } } )*
-        }
-        mod iptables {
-            $( #[test] fn $name() { if super::require_root(stringify!($name)) { super::$name("iptables") } } )*
-        }
-    };
-}
-
-both_modes!(
+mesh_tests::both_modes!(
     http1_is_intercepted_classified_and_answered,
     http2_prior_knowledge_passes_through,
     tls_client_hello_is_classified_and_passed_through,

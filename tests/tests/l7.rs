@@ -18,7 +18,7 @@ use std::{
 
 use mesh_tests::{
     Agent, AgentOptions, Cgroup, Control, Lab, agent::message, bins, eventually, process::LoggedChild,
-    require_root, servers,
+    servers,
 };
 use serde_json::Value;
 
@@ -655,18 +655,7 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod ebpf {
-            $( #[test] fn $name() { if super::require_root(stringify!($name)) { super::$name("ebpf") } } )*
-        }
-        mod iptables {
-            $( #[test] fn $name() { if super::require_root(stringify!($name)) { super::$name("iptables") } } )*
-        }
-    };
-}
-
-both_modes!(
+mesh_tests::both_modes!(
     round_robin_per_request_over_one_connection,
     backend_killed_mid_stream_costs_no_request,
     circuit_breaker_stops_and_resumes_traffic_to_a_failing_endpoint,

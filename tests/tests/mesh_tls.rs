@@ -427,18 +427,7 @@ fn certificates_of_another_ca_trust_domain_or_expired_are_refused() {
     });
 }
 
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod ebpf {
-            $( #[test] fn $name() { if super::require_root(stringify!($name)) { super::$name("ebpf") } } )*
-        }
-        mod iptables {
-            $( #[test] fn $name() { if super::require_root(stringify!($name)) { super::$name("iptables") } } )*
-        }
-    };
-}
-
-both_modes!(
+mesh_tests::both_modes!(
     meshed_call_carries_identity_over_mtls_and_policy_is_enforced,
     traffic_crosses_certificate_rotations_without_failures
 );

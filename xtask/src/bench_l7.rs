@@ -327,7 +327,9 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         load("direct", http2, 0, Duration::from_secs(1))?;
         load("client", http2, 0, Duration::from_secs(1))?;
         load("haproxy", http2, 0, Duration::from_secs(1))?;
-        load("relay", http2, 0, Duration::from_secs(1))?;
+        if loads.contains(&0) {
+            load("relay", http2, 0, Duration::from_secs(1))?;
+        }
         for &rps in &loads {
             let pids = [agents.client.pid(), agents.server.pid(), haproxies.0.0.id(), haproxies.1.0.id()];
             let before = CpuSample::now(&pids);
@@ -634,6 +636,11 @@ pub(crate) fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or_default()
 }
 
+/// `run`'s request rate as a multiple of `direct`'s.
+fn ratio(run: &Value, direct: &Value) -> f64 {
+    f(run, "rps") / f(direct, "rps").max(1e-9)
+}
+
 fn render(points: &[Point], opts: &Options) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -662,7 +669,7 @@ fn render(points: &[Point], opts: &Options) -> String {
             p.load,
             f(&p.direct, "rps"),
             f(&p.mesh, "rps"),
-            f(&p.mesh, "rps") / f(&p.direct, "rps").max(1e-9),
+            ratio(&p.mesh, &p.direct),
             f(&p.direct, "p50_us"),
             f(&p.mesh, "p50_us"),
             f(&p.direct, "p99_us"),
@@ -688,35 +695,37 @@ fn render(points: &[Point], opts: &Options) -> String {
             p.protocol,
             p.load,
             f(&p.haproxy, "rps"),
-            f(&p.haproxy, "rps") / f(&p.direct, "rps").max(1e-9),
+            ratio(&p.haproxy, &p.direct),
             f(&p.haproxy, "p50_us"),
             f(&p.haproxy, "p99_us"),
             (f(&p.haproxy, "p99_us") - f(&p.direct, "p99_us")) / 1000.0,
             p.haproxy["errors"],
         );
     }
-    let _ = writeln!(
-        s,
-        "\nThe hops' own cost at the maximum rate: the same load through two relays that only copy bytes (the same HAProxy processes in `mode tcp`: no TLS, no HTTP parsing, each client connection carried end to end), in the same run. What they lose to direct is the kernel's work for the two extra TCP connections per request on CPUs that the load generator and nginx share; an HTTP proxy can beat it only by multiplexing the middle hop:\n"
-    );
-    let _ = writeln!(
-        s,
-        "| protocol | tcp relay x2 req/s | ratio to direct | mesh ratio | haproxy x2 ratio | errors |"
-    );
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
-    for p in points {
-        let Some(r) = &p.relay else { continue };
-        let d = f(&p.direct, "rps").max(1e-9);
+    // Only at the maximum rate: a run without that point has no relay figures.
+    if points.iter().any(|p| p.relay.is_some()) {
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {} |",
-            p.protocol,
-            f(r, "rps"),
-            f(r, "rps") / d,
-            f(&p.mesh, "rps") / d,
-            f(&p.haproxy, "rps") / d,
-            r["errors"],
+            "\nThe hops' own cost at the maximum rate: the same load through two relays that only copy bytes (the same HAProxy processes in `mode tcp`: no TLS, no HTTP parsing, each client connection carried end to end), in the same run. What they lose to direct is the kernel's work for the two extra TCP connections per request on CPUs that the load generator and nginx share; an HTTP proxy can beat it only by multiplexing the middle hop:\n"
         );
+        let _ = writeln!(
+            s,
+            "| protocol | tcp relay x2 req/s | ratio to direct | mesh ratio | haproxy x2 ratio | errors |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        for p in points {
+            let Some(r) = &p.relay else { continue };
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {} |",
+                p.protocol,
+                f(r, "rps"),
+                ratio(r, &p.direct),
+                ratio(&p.mesh, &p.direct),
+                ratio(&p.haproxy, &p.direct),
+                r["errors"],
+            );
+        }
     }
     let _ = writeln!(
         s,

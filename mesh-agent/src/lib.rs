@@ -28,4 +28,5 @@ pub mod sniff;
 pub mod socket;
 pub mod source_addr;
 pub mod tunnel;
+pub mod workload;
 pub mod workload_identity;

@@ -138,8 +138,8 @@ impl CniError {
     }
 
     /// The control plane does not know `pod` (no identity to give it).
-    pub fn pod_unknown(pod: &str) -> Self {
-        Self::new(code::POD_UNKNOWN, format!("pod {pod} is unknown to the control plane"))
+    pub fn pod_unknown(pod: &PodAnnounce) -> Self {
+        Self::new(code::POD_UNKNOWN, format!("{} is unknown to the control plane", pod.describe()))
     }
 }
 

@@ -1,5 +1,5 @@
 //! Paths of the workspace binaries under test, built on first use so a test never
-//! runs a stale binary. `MESH_MESH_AGENT_BIN` / `MESH_MESH_PROBE_BIN` override them
+//! runs a stale binary. `MESH_MESH_AGENT_BIN` / `MESH_MESH_PROBE_BIN` (and so on) override them
 //! (the benchmark uses release builds).
 
 use std::{path::PathBuf, sync::OnceLock};
@@ -37,6 +37,12 @@ pub fn probe() -> &'static PathBuf {
 pub fn control() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| build("control", "mesh-control"))
+}
+
+/// The `mesh-cni` CNI plugin and installer.
+pub fn cni() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build("mesh-cni", "mesh-cni"))
 }
 
 /// The `meshctl` operator CLI.

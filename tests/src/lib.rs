@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod bins;
 pub mod cgroup;
+pub mod cni;
 pub mod control;
 pub mod demo;
 pub mod load;

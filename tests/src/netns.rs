@@ -18,6 +18,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 
 static NEXT_LAB: AtomicUsize = AtomicUsize::new(0);
+static NEXT_NETNS: AtomicUsize = AtomicUsize::new(0);
 /// Prefix of every namespace the tests create: `mt<pid>-<lab>-<host>`.
 const PREFIX: &str = "mt";
 
@@ -50,6 +51,14 @@ pub struct Netns {
 }
 
 impl Netns {
+    /// A namespace of its own, as a container runtime makes one for a pod sandbox
+    /// (loopback up), named `mt<pid>-<label><n>` so a killed run's are removed later.
+    pub fn new(label: &str) -> Result<Self> {
+        remove_stale();
+        let n = NEXT_NETNS.fetch_add(1, Ordering::Relaxed);
+        Self::create(format!("{PREFIX}{}-{label}{n}", std::process::id()))
+    }
+
     fn create(name: String) -> Result<Self> {
         ip(&["netns", "add", &name])?;
         let ns = Self { name };
@@ -65,7 +74,8 @@ impl Netns {
         format!("/var/run/netns/{}", self.name)
     }
 
-    fn exec_ip(&self, args: &[&str]) -> Result<()> {
+    /// Runs `ip ...` inside the namespace.
+    pub fn exec_ip(&self, args: &[&str]) -> Result<()> {
         let mut full = vec!["-n", &self.name];
         full.extend_from_slice(args);
         ip(&full)

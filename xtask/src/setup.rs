@@ -1,5 +1,6 @@
 //! System packages the tests, demo and benchmarks run (iptables, iproute2, curl,
-//! bpftool, wrk, iperf3, h2load, nginx, openssl, python3-venv, prometheus), installed with apt when
+//! bpftool, wrk, iperf3, h2load, nginx, openssl, python3-venv, prometheus, the CNI reference
+//! plugins), installed with apt when
 //! missing, idempotently.
 
 use std::process::{Command, Stdio};
@@ -25,6 +26,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     // The L7 benchmark's reference: the same two proxy hops with HAProxy.
     ("haproxy", "haproxy"),
+    // The CNI e2e test chains mesh-cni after the real bridge and host-local plugins
+    // (not on PATH: a path is checked as a file).
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
 ];
 
 /// Whether `python3 -m venv` works (Debian ships it separately from python3).
@@ -38,6 +42,9 @@ fn has_venv() -> bool {
 }
 
 fn on_path(tool: &str) -> bool {
+    if tool.starts_with('/') {
+        return std::path::Path::new(tool).is_file();
+    }
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false)

@@ -3,13 +3,23 @@
 //! A workload is what interception, identity, metrics, policy and `meshctl` speak of:
 //! an identity (namespace and service account), where its processes run (a cgroup of
 //! the node's network namespace, or a network namespace of its own: a pod), its
-//! addresses, name and labels. The agent holds a set of them ([`set`]), added and
-//! removed at run time without touching the others' traffic, from static flags
-//! (`--workload CGROUP=NS/SA`, `--cgroup` with `--identity`) or from the CNI plugin.
+//! addresses, name and labels. The agent holds a set of them
+//! ([`crate::agent::AgentState`]), added and removed at run time without touching the
+//! others' traffic, from static flags (`--workload CGROUP=NS/SA`, `--cgroup` with
+//! `--identity`) or from the `mesh-cni` plugin ([`cni`], over the agent's unix socket
+//! through [`cni_http`], served by [`pods`]), and kept across restarts in [`store`].
+//!
+//! [`serve`] opens a workload's listeners and builds its data-path context;
+//! [`netns`] makes sockets inside a pod's network namespace; [`identify`] finds the
+//! identity the control plane gives a pod.
 
+pub mod cni;
+pub mod cni_http;
 pub mod identify;
 pub mod netns;
+pub mod pods;
 pub mod serve;
+pub mod store;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
 

@@ -270,6 +270,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } = proxy_settings;
     let downstream = crate::l7::DownstreamTimeouts { idle: downstream_idle_timeout, ..Default::default() };
 
+    // The admin socket before anything is touched: an unsafe path refuses the start.
+    let admin_socket = admin::AdminSocket::bind(&args.admin_socket)?;
+    let connection_limits = connection_limits(&args);
+
     // Listeners first: once interception is on, redirected connections need somewhere
     // to land.
     let mut outbound = listener::bind_outbound(settings.outbound_port, settings.ipv6)?;
@@ -402,16 +406,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .chain(inbound.into_iter().map(|l| (l, Direction::Inbound)))
     {
         listening.push(l.local_addr()?.to_string());
-        tokio::spawn(listener::serve(l, dir, proxy.clone(), stop_accepting.clone(), tracker.clone()));
+        tokio::spawn(listener::serve(
+            l,
+            dir,
+            proxy.clone(),
+            connection_limits.clone(),
+            stop_accepting.clone(),
+            tracker.clone(),
+        ));
     }
 
-    let admin_addr = match admin::spawn(args.admin_addr, state.clone()).await {
+    let admin_addr = match admin::spawn_tcp(args.admin_addr, state.clone()).await {
         Ok(a) => a,
         Err(e) => {
             state.stop_intercepting();
             return Err(anyhow::anyhow!("admin endpoint on {} (--admin-addr): {e}", args.admin_addr));
         }
     };
+    let admin_socket_path = admin_socket.path().display().to_string();
+    let admin_socket = admin::spawn_socket(admin_socket, state.clone());
 
     // The receiving side's tunnel server, drained with the listeners at shutdown.
     let mut tunnel_server = None;
@@ -480,7 +493,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 downstream,
                 tcp_idle_timeout,
             };
-            tunnel_server = Some(crate::mtls::serve_inbound(listener, inbound, state.shutdown.clone()));
+            let handshakes = crate::mtls::Handshakes {
+                limits: crate::limits::HandshakeLimits::new(
+                    crate::limits::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+                    args.max_tunnel_handshakes,
+                ),
+                timeout: args.tunnel_handshake_timeout,
+                runtime: match args.tunnel_handshake_threads {
+                    0 => None,
+                    n => Some(Arc::new(
+                        crate::tunnel::HandshakeRuntime::new(n)
+                            .map_err(|e| anyhow::anyhow!("--tunnel-handshake-threads: {e}"))?,
+                    )),
+                },
+            };
+            tunnel_server = Some(crate::mtls::serve_inbound(
+                listener,
+                inbound,
+                connection_limits.clone(),
+                handshakes,
+                state.shutdown.clone(),
+            ));
         }
     }
 
@@ -500,7 +533,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     state.ready.store(true, Ordering::Release);
     let enrolled: Vec<String> = state.config_dump().enrolled;
-    info!(%mode, listeners = ?listening, admin = %admin_addr, enrolled = ?enrolled, "agent ready");
+    info!(%mode, listeners = ?listening, admin = %admin_addr, admin_socket = %admin_socket_path, enrolled = ?enrolled,
+        "agent ready");
 
     wait_for_shutdown(&state.shutdown).await;
     // A signal stops everything /quitquitquit does.
@@ -536,6 +570,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     drop(records);
+    // The socket task ends with the shutdown token and removes the socket file.
+    let _ = admin_socket.await;
     if let Some(exporter) = span_exporter {
         exporter.shutdown().await;
     }
@@ -558,8 +594,34 @@ async fn wait_for_shutdown(admin_drain: &CancellationToken) {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM received"),
         _ = int.recv() => info!("SIGINT received"),
-        () = admin_drain.cancelled() => info!("drain requested on the admin endpoint"),
+        () = admin_drain.cancelled() => info!("drain requested on the admin socket"),
     }
+}
+
+/// The listeners' connection limits, with the file-descriptor limit raised to its
+/// hard limit first and `--max-connections` fitted under it.
+fn connection_limits(args: &RunArgs) -> Arc<crate::limits::ConnectionLimits> {
+    let total = match crate::limits::raise_nofile() {
+        Ok(nofile) => {
+            let fitted = crate::limits::fit_to_nofile(args.max_connections, nofile);
+            if fitted < args.max_connections {
+                warn!(
+                    max_connections = args.max_connections,
+                    nofile,
+                    lowered_to = fitted,
+                    "--max-connections lowered to what RLIMIT_NOFILE can hold (two descriptors per connection)"
+                );
+            } else {
+                info!(nofile, max_connections = fitted, "file-descriptor limit raised to its hard limit");
+            }
+            fitted
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot raise RLIMIT_NOFILE; --max-connections kept as given");
+            args.max_connections
+        }
+    };
+    crate::limits::ConnectionLimits::new(args.max_connections_per_source, total)
 }
 
 /// `--node`, or the host name.

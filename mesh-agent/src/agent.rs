@@ -63,6 +63,8 @@ pub struct AgentState {
     control_plane: Option<String>,
     /// Renders `/metrics`; `None` when another recorder was installed first.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The pods the CNI plugin hands the agent (set once the state exists).
+    pub cni: std::sync::OnceLock<Arc<crate::workload::cni::CniPods<crate::workload::pods::AgentPods>>>,
 }
 
 /// The node's default workload (its `--cgroup`s and `--identity`).
@@ -561,6 +563,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let downstream = crate::l7::DownstreamTimeouts { idle: downstream_idle_timeout, ..Default::default() };
     let sockets = SocketFactory::new(settings.mark);
 
+    // The admin socket before anything is touched: an unsafe path refuses the start.
+    let admin_socket = admin::AdminSocket::bind(&args.admin_socket)?;
+    let connection_limits = connection_limits(&args);
+
     // Listeners first: once interception is on, redirected connections need somewhere
     // to land.
     let mut hosts = host_workloads(&args, &sockets, &settings)?;
@@ -670,6 +676,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stop_accepting: CancellationToken::new(),
         tracker: TaskTracker::new(),
         identities: identities.clone(),
+        limits: connection_limits,
+        handshakes: crate::mtls::Handshakes {
+            limits: crate::limits::HandshakeLimits::new(
+                crate::limits::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+                args.max_tunnel_handshakes,
+            ),
+            timeout: args.tunnel_handshake_timeout,
+            runtime: match args.tunnel_handshake_threads {
+                0 => None,
+                n => Some(Arc::new(
+                    crate::tunnel::HandshakeRuntime::new(n)
+                        .map_err(|e| anyhow::anyhow!("--tunnel-handshake-threads: {e}"))?,
+                )),
+            },
+        },
     });
 
     // The node's own namespace: inbound capture of `--inbound-ports` (eBPF mode; the
@@ -760,6 +781,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
         shutdown: shutdown.clone(),
         control_plane: args.control_plane.clone(),
+        cni: std::sync::OnceLock::new(),
         metrics: match args.metrics {
             crate::config::Switch::Off => None,
             crate::config::Switch::On => match crate::observe::metrics::install() {
@@ -775,13 +797,33 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     });
 
-    let admin_addr = match admin::spawn(args.admin_addr, state.clone()).await {
+    // Pods from the CNI plugin, and those it handed a previous agent: served again
+    // before the agent says it is ready, with no CNI call.
+    {
+        let pods = crate::workload::pods::AgentPods::new(&state, args.pod_identity_patience);
+        let store = crate::workload::store::WorkloadStore::new(&args.pod_state, args.max_pods);
+        let limits = crate::workload::cni::CniLimits { max_pods: args.max_pods, ..Default::default() };
+        let cni = Arc::new(crate::workload::cni::CniPods::new(pods, Some(store), limits));
+        let _ = state.cni.set(cni.clone());
+        let report = cni.restore(|p| crate::workload::store::netns_exists(p)).await;
+        if !report.restored.is_empty() || !report.failed.is_empty() || !report.dropped.is_empty() {
+            info!(restored = ?report.restored, failed = ?report.failed.iter().map(|(c, e)| format!("{c}: {e}")).collect::<Vec<_>>(),
+                dropped = report.dropped.len(), "pods from the state file served again");
+        }
+        if let Some(e) = report.error {
+            warn!(error = %e, file = %args.pod_state.display(), "pod state file unreadable; starting with no CNI pods");
+        }
+    }
+
+    let admin_addr = match admin::spawn_tcp(args.admin_addr, state.clone()).await {
         Ok(a) => a,
         Err(e) => {
             state.stop_serving();
             return Err(anyhow::anyhow!("admin endpoint on {} (--admin-addr): {e}", args.admin_addr));
         }
     };
+    let admin_socket_path = admin_socket.path().display().to_string();
+    let admin_socket = admin::spawn_socket(admin_socket, state.clone());
 
     if let Some(control_plane) = &args.control_plane {
         let settings = ClientSettings {
@@ -829,7 +871,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     state.ready.store(true, Ordering::Release);
     let enrolled: Vec<String> = state.config_dump().enrolled;
-    info!(%mode, listeners = ?listening, admin = %admin_addr, enrolled = ?enrolled, "agent ready");
+    info!(%mode, listeners = ?listening, admin = %admin_addr, admin_socket = %admin_socket_path, enrolled = ?enrolled,
+        "agent ready");
 
     wait_for_shutdown(&state.shutdown).await;
     // A signal stops everything /quitquitquit does.
@@ -868,6 +911,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     drop(records);
+    // The socket task ends with the shutdown token and removes the socket file.
+    let _ = admin_socket.await;
     if let Some(exporter) = span_exporter {
         exporter.shutdown().await;
     }
@@ -890,8 +935,34 @@ async fn wait_for_shutdown(admin_drain: &CancellationToken) {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM received"),
         _ = int.recv() => info!("SIGINT received"),
-        () = admin_drain.cancelled() => info!("drain requested on the admin endpoint"),
+        () = admin_drain.cancelled() => info!("drain requested on the admin socket"),
     }
+}
+
+/// The listeners' connection limits, with the file-descriptor limit raised to its
+/// hard limit first and `--max-connections` fitted under it.
+fn connection_limits(args: &RunArgs) -> Arc<crate::limits::ConnectionLimits> {
+    let total = match crate::limits::raise_nofile() {
+        Ok(nofile) => {
+            let fitted = crate::limits::fit_to_nofile(args.max_connections, nofile);
+            if fitted < args.max_connections {
+                warn!(
+                    max_connections = args.max_connections,
+                    nofile,
+                    lowered_to = fitted,
+                    "--max-connections lowered to what RLIMIT_NOFILE can hold (two descriptors per connection)"
+                );
+            } else {
+                info!(nofile, max_connections = fitted, "file-descriptor limit raised to its hard limit");
+            }
+            fitted
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot raise RLIMIT_NOFILE; --max-connections kept as given");
+            args.max_connections
+        }
+    };
+    crate::limits::ConnectionLimits::new(args.max_connections_per_source, total)
 }
 
 /// `--node`, or the host name.

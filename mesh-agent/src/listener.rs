@@ -27,8 +27,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
 use crate::{
-    discovery::RouteStore, forward, intercept::ActiveMode, orig_dst::OrigDstLookup, sniff::Protocol,
-    socket::SocketFactory,
+    discovery::RouteStore, forward, intercept::ActiveMode, limits::ConnectionLimits, orig_dst::OrigDstLookup,
+    sniff::Protocol, socket::SocketFactory,
 };
 
 /// Which listener a connection came through.
@@ -218,15 +218,18 @@ fn bind(sockets: &SocketFactory, addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Accepts until `shutdown`, spawning each connection on `tracker` so shutdown can
-/// wait for them to drain.
+/// wait for them to drain. A connection over `limits` (per source address, or in
+/// total) is reset at once.
 pub async fn serve(
     listener: TcpListener,
     direction: Direction,
     ctx: Arc<ProxyContext>,
+    limits: Arc<ConnectionLimits>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let local = listener.local_addr().ok();
+    let what = format!("{} listener", direction.as_str());
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -234,8 +237,17 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Some(permit) = limits.admit(peer.ip(), &what) else {
+                    forward::reset(&stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                tracker.spawn(forward::handle(ctx.clone(), direction, stream, peer));
+                let ctx = ctx.clone();
+                // Built inside the task: a future bound outside would take its room twice.
+                tracker.spawn(async move {
+                    forward::handle(ctx, direction, stream, peer).await;
+                    drop(permit);
+                });
             }
             Err(e) if is_transient_accept_error(&e) => {
                 debug!(error = %e, "transient accept error");

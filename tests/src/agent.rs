@@ -2,7 +2,9 @@
 //! with its JSON log captured line by line.
 
 use std::{
+    io::{Read, Write},
     net::SocketAddr,
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::ExitStatus,
     sync::{
@@ -12,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -108,10 +110,38 @@ impl AgentOptions {
 /// A running agent; terminated gracefully (SIGTERM, bounded wait) on drop.
 pub struct Agent {
     process: LoggedChild,
+    /// The read-only admin port (in the agent's host).
     pub admin: SocketAddr,
+    /// The admin socket, where requests that change the agent go ([`Agent::post`]).
+    pub admin_socket: PathBuf,
     // Dropped after the process is gone (fields drop in declaration order).
     pins: Arc<Pins>,
+    _socket_dir: SocketDir,
     _cgroup: Option<Cgroup>,
+}
+
+/// Where the harness's agents put their admin sockets: one directory per agent
+/// (the agent creates it, mode 0700), since tests run agents side by side.
+const SOCKET_ROOT: &str = "/run/mesh-tests";
+
+/// An agent's socket directory, removed (with anything left in it) on drop.
+struct SocketDir(PathBuf);
+
+impl SocketDir {
+    fn new() -> Result<Self> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        std::fs::create_dir_all(SOCKET_ROOT).with_context(|| format!("creating {SOCKET_ROOT}"))?;
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = Path::new(SOCKET_ROOT).join(format!("{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Agent {
@@ -134,8 +164,11 @@ impl Agent {
             None => host.command(bins::agent(), Some(&cgroup_dir))?,
         };
         let pins = opts.pins.clone().unwrap_or_else(Pins::new);
+        let socket_dir = SocketDir::new()?;
+        let admin_socket = socket_dir.0.join("agent.sock");
         cmd.arg("run").args(["--mode", &opts.mode, "--log-format", "json"]);
         cmd.arg("--bpffs-dir").arg(pins.path());
+        cmd.arg("--admin-socket").arg(&admin_socket);
         cmd.args(["--log", opts.log.as_deref().unwrap_or("info,mesh_agent=debug")]);
         for cg in &opts.cgroups {
             cmd.args(["--cgroup", cg]);
@@ -143,7 +176,34 @@ impl Agent {
         cmd.args(&opts.args);
         let mut process = LoggedChild::spawn("mesh-agent", cmd)?;
         process.wait_ready("agent ready", Duration::from_secs(30))?;
-        Ok(Self { process, admin: "127.0.0.1:15000".parse().expect("valid"), pins, _cgroup: own })
+        Ok(Self {
+            process,
+            admin: "127.0.0.1:15000".parse().expect("valid"),
+            admin_socket,
+            pins,
+            _socket_dir: socket_dir,
+            _cgroup: own,
+        })
+    }
+
+    /// POSTs `path` (with its query) on the agent's admin socket, as root does with
+    /// `meshctl agent`; returns the status and body.
+    pub fn post(&self, path: &str) -> Result<(u16, String)> {
+        self.socket_request("POST", path)
+    }
+
+    /// `method path` on the admin socket; the status and body.
+    pub fn socket_request(&self, method: &str, path: &str) -> Result<(u16, String)> {
+        let mut s = UnixStream::connect(&self.admin_socket)
+            .with_context(|| format!("connecting to {}", self.admin_socket.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "{method} {path} HTTP/1.0\r\nHost: agent\r\nContent-Length: 0\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let status =
+            resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no status in response")?;
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Ok((status, body))
     }
 
     /// Everything the agent printed so far.

@@ -2,7 +2,10 @@
 //! workload ([`crate::agent::AgentState::add_workload`]) with the identity the control
 //! plane gives it.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Weak},
+    time::Duration,
+};
 
 use tracing::{info, warn};
 
@@ -20,7 +23,8 @@ pub const IDENTITY_PATIENCE: Duration = Duration::from_secs(10);
 /// Serves the pods the CNI plugin hands the agent.
 #[derive(Clone)]
 pub struct AgentPods {
-    state: Arc<AgentState>,
+    /// Weak: the state holds the CNI front that holds this.
+    state: Weak<AgentState>,
     patience: Duration,
 }
 
@@ -31,8 +35,14 @@ impl std::fmt::Debug for AgentPods {
 }
 
 impl AgentPods {
-    pub fn new(state: Arc<AgentState>, patience: Duration) -> Self {
-        Self { state, patience }
+    pub fn new(state: &Arc<AgentState>, patience: Duration) -> Self {
+        Self { state: Arc::downgrade(state), patience }
+    }
+
+    fn state(&self) -> Result<Arc<AgentState>, CniError> {
+        self.state
+            .upgrade()
+            .ok_or_else(|| CniError::new(code::TRY_AGAIN_LATER, "the node agent is shutting down"))
     }
 
     fn workload(pod: &PodAnnounce, account: Option<super::ServiceAccount>) -> Workload {
@@ -55,12 +65,12 @@ impl AgentPods {
         }
     }
 
-    fn serve(&self, pod: &PodAnnounce, workload: Workload) -> Result<PodServed, CniError> {
+    fn serve(state: &AgentState, pod: &PodAnnounce, workload: Workload) -> Result<PodServed, CniError> {
         let account = workload.service_account.clone();
-        match self.state.add_workload(workload) {
+        match state.add_workload(workload) {
             Ok(listening) => Ok(PodServed {
-                identity: account.map(|a| self.state.spiffe_id(&a)),
-                detail: format!("{} mode; listeners {listening:?}", self.state.mode),
+                identity: account.map(|a| state.spiffe_id(&a)),
+                detail: format!("{} mode; listeners {listening:?}", state.mode),
             }),
             Err(EnrollError::ShuttingDown) => {
                 Err(CniError::new(code::TRY_AGAIN_LATER, "the node agent is shutting down"))
@@ -72,15 +82,12 @@ impl AgentPods {
 
 impl PodSink for AgentPods {
     async fn add(&self, pod: &PodAnnounce) -> Result<PodServed, CniError> {
-        let account = if self.state.node.identities.is_some() {
-            let found = identify::wait_for_account(
-                &self.state.node.routes,
-                &self.state.node.name,
-                &pod.ips,
-                self.patience,
-            )
-            .await
-            .map_err(|e| CniError::new(code::INVALID_CONFIG, e))?;
+        let state = self.state()?;
+        let account = if state.node.identities.is_some() {
+            let found =
+                identify::wait_for_account(&state.node.routes, &state.node.name, &pod.ips, self.patience)
+                    .await
+                    .map_err(|e| CniError::new(code::INVALID_CONFIG, e))?;
             match found {
                 Some(a) => Some(a),
                 None => return Err(CniError::pod_unknown(pod)),
@@ -88,19 +95,20 @@ impl PodSink for AgentPods {
         } else {
             None
         };
-        self.serve(pod, Self::workload(pod, account))
+        Self::serve(&state, pod, Self::workload(pod, account))
     }
 
     /// After a restart the snapshot may not be in yet: the pod is served (and
     /// intercepted) at once, and its identity follows when the control plane lists it.
     async fn restore(&self, pod: &PodAnnounce) -> Result<PodServed, CniError> {
-        let known = identify::account_of(&self.state.node.routes.table(), &self.state.node.name, &pod.ips)
-            .ok()
-            .flatten();
-        let served = self.serve(pod, Self::workload(pod, known.clone()))?;
-        if known.is_none() && self.state.node.identities.is_some() {
-            let (state, pod) = (self.state.clone(), pod.clone());
+        let state = self.state()?;
+        let known =
+            identify::account_of(&state.node.routes.table(), &state.node.name, &pod.ips).ok().flatten();
+        let served = Self::serve(&state, pod, Self::workload(pod, known.clone()))?;
+        if known.is_none() && state.node.identities.is_some() {
+            let (weak, pod) = (self.state.clone(), pod.clone());
             tokio::spawn(async move {
+                let Some(state) = weak.upgrade() else { return };
                 let routes = state.node.routes.clone();
                 loop {
                     match identify::wait_for_account(
@@ -130,15 +138,16 @@ impl PodSink for AgentPods {
     }
 
     async fn remove(&self, pod: &PodAnnounce) -> Result<(), CniError> {
-        self.state
+        self.state()?
             .remove_workload(&WorkloadKey(pod.container_id.clone()))
             .map(|_| ())
             .map_err(|e| CniError::new(code::AGENT_FAILED, format!("removing {}: {e}", pod.describe())))
     }
 
     async fn check(&self, pod: &PodAnnounce) -> Result<PodServed, CniError> {
-        match self.state.served_identity(&WorkloadKey(pod.container_id.clone())) {
-            Some(identity) => Ok(PodServed { identity, detail: format!("{} mode", self.state.mode) }),
+        let state = self.state()?;
+        match state.served_identity(&WorkloadKey(pod.container_id.clone())) {
+            Some(identity) => Ok(PodServed { identity, detail: format!("{} mode", state.mode) }),
             None => Err(CniError::new(code::NOT_SERVED, format!("{} is not served", pod.describe()))),
         }
     }

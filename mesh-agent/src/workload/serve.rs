@@ -60,6 +60,10 @@ pub struct Node {
     pub tracker: TaskTracker,
     /// The CA client, when the agent has one (`--control-plane` and a token).
     pub identities: Option<Arc<Identities>>,
+    /// Connections per source and in total, over every workload's listeners.
+    pub limits: Arc<crate::limits::ConnectionLimits>,
+    /// Bounds on the tunnel listeners' TLS handshakes, shared by every workload's.
+    pub handshakes: crate::mtls::Handshakes,
 }
 
 impl Node {
@@ -126,7 +130,14 @@ impl Node {
                 }
                 guard.cancel();
             });
-            tokio::spawn(listener::serve(l, direction, ctx.clone(), either, self.tracker.clone()));
+            tokio::spawn(listener::serve(
+                l,
+                direction,
+                ctx.clone(),
+                self.limits.clone(),
+                either,
+                self.tracker.clone(),
+            ));
         }
     }
 
@@ -162,7 +173,7 @@ impl Node {
                     stop.cancelled().await;
                     t.cancel();
                 });
-                crate::mtls::serve_inbound(l, inbound, token)
+                crate::mtls::serve_inbound(l, inbound, self.limits.clone(), self.handshakes.clone(), token)
             })
             .collect()
     }

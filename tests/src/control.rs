@@ -93,6 +93,23 @@ impl Control {
             .arg(tokens.join(format!("{node}.token")).display().to_string())
     }
 
+    /// Options for an agent on `node` enrolled with this control plane through the
+    /// node's bootstrap token, with no static workload identity: one that serves pods
+    /// (their identities come from the control plane).
+    ///
+    /// # Panics
+    /// If the control plane was not started with [`Control::start_with_ca`].
+    pub fn node_options(&self, mode: &str, node: &str) -> AgentOptions {
+        let tokens = self.tokens.as_ref().expect("node_options needs a control plane from start_with_ca");
+        AgentOptions::new(mode)
+            .arg("--control-plane")
+            .arg(self.url.clone())
+            .arg("--node")
+            .arg(node)
+            .arg("--bootstrap-token-file")
+            .arg(tokens.join(format!("{node}.token")).display().to_string())
+    }
+
     pub fn log_text(&self) -> String {
         self.process.log_text()
     }

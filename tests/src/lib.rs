@@ -14,6 +14,7 @@ pub mod demo;
 pub mod load;
 pub mod netns;
 pub mod otlp;
+pub mod pods;
 pub mod privilege;
 pub mod process;
 pub mod servers;

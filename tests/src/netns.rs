@@ -88,6 +88,38 @@ impl Drop for Netns {
     }
 }
 
+/// A command that runs inside the network namespace at `ns_path` (a host's, a
+/// pod's), optionally inside `cgroup`. The namespace switch happens in the child
+/// between fork and exec, so threads of the test process never change namespace.
+pub fn command_in(ns_path: &str, program: impl AsRef<std::ffi::OsStr>, cgroup: Option<&Path>) -> Result<Command> {
+    let ns = File::open(ns_path).with_context(|| format!("opening {ns_path}"))?;
+    let procs = match cgroup {
+        Some(cg) => Some(
+            std::fs::OpenOptions::new().write(true).open(cg.join("cgroup.procs")).context("opening cgroup.procs")?,
+        ),
+        None => None,
+    };
+    let mut cmd = Command::new(program);
+    // SAFETY: between fork and exec only async-signal-safe calls are made: setns(2)
+    // and write(2) on descriptors opened beforehand; the closure captures them by
+    // move and they stay open until the child execs (then O_CLOEXEC closes them).
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                // Writing "0" moves the writing process itself.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
 /// One test host.
 pub struct Host {
     pub name: String,
@@ -111,35 +143,7 @@ impl Host {
     /// The namespace switch happens in the child between fork and exec, so threads of
     /// the test process never change namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>, cgroup: Option<&Path>) -> Result<Command> {
-        let ns = File::open(self.ns.path()).with_context(|| format!("opening {}", self.ns.path()))?;
-        let procs = match cgroup {
-            Some(cg) => Some(
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(cg.join("cgroup.procs"))
-                    .context("opening cgroup.procs")?,
-            ),
-            None => None,
-        };
-        let mut cmd = Command::new(program);
-        // SAFETY: between fork and exec only async-signal-safe calls are made: setns(2)
-        // and write(2) on descriptors opened beforehand; the closure captures them by
-        // move and they stay open until the child execs (then O_CLOEXEC closes them).
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(procs) = &procs {
-                    // Writing "0" moves the writing process itself.
-                    if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Ok(cmd)
+        command_in(&self.ns.path(), program, cgroup)
     }
 
     /// Runs `f` on a new thread that lives in this host's namespace (sockets it creates

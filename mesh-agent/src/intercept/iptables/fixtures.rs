@@ -1,0 +1,32 @@
+//! Configs and helpers shared by this module's tests.
+
+use super::IptablesConfig;
+use crate::cidr::Cidr;
+
+/// A CIDR from a literal.
+pub(crate) fn cidr(s: &str) -> Cidr {
+    s.parse().unwrap()
+}
+
+/// A config using every field, both families.
+pub(crate) fn sample() -> IptablesConfig {
+    IptablesConfig {
+        outbound_port: 15001,
+        inbound_port: 15006,
+        inbound_ports: vec![8080, 9090],
+        mark: 0x539,
+        exclude_uid: Some(1337),
+        include_ports: vec![],
+        exclude_ports: vec![22, 15020],
+        include_cidrs: vec![cidr("10.0.0.0/8"), cidr("fd00::/64")],
+        exclude_cidrs: vec![cidr("10.1.0.0/16"), cidr("fd00::1")],
+        cgroups: vec![],
+        ipv6: true,
+    }
+}
+
+/// The lines of `text` that append to `chain`.
+pub(crate) fn rules_of<'a>(text: &'a str, chain: &str) -> Vec<&'a str> {
+    let prefix = format!("-A {chain} ");
+    text.lines().filter(|l| l.starts_with(&prefix)).collect()
+}

@@ -1,0 +1,133 @@
+//! iptables interception: NAT `REDIRECT` rules that send workload TCP traffic to
+//! the agent's local listeners.
+//!
+//! This is the fallback for kernels or privileges that rule out the eBPF mode,
+//! and the pod-level mode an init container sets up. Both modes end in the same
+//! place for the agent: the listener reads the original destination with
+//! `getsockopt(SO_ORIGINAL_DST)`.
+//!
+//! Everything this module adds lives in the `nat` table, in two chains of its
+//! own, [`OUTPUT_CHAIN`] and [`INBOUND_CHAIN`], plus one jump to each from the
+//! built-in `OUTPUT` and `PREROUTING` chains:
+//!
+//! ```text
+//! -I OUTPUT -p tcp -j MESH_OUTPUT
+//! -I PREROUTING -p tcp -j MESH_INBOUND
+//! -A MESH_OUTPUT -m mark --mark 0x539 -j RETURN            agent's own sockets
+//! -A MESH_OUTPUT -m owner --uid-owner 1337 -j RETURN       optional
+//! -A MESH_OUTPUT -d 127.0.0.0/8 -j RETURN                  (IPv6: ::1/128)
+//! -A MESH_OUTPUT -o lo -j RETURN
+//! -A MESH_OUTPUT -p tcp -m tcp --dport 22 -j RETURN        per excluded port
+//! -A MESH_OUTPUT -d 10.1.0.0/16 -j RETURN                  per excluded CIDR
+//! -A MESH_OUTPUT -d 10.0.0.0/8 -p tcp -m cgroup --path "/mesh/wl1" -j REDIRECT --to-ports 15001
+//!      (one redirect per cgroup x included CIDR x group of 15 included ports,
+//!       each match only when configured)
+//! -A MESH_INBOUND -p tcp -m tcp --dport 8080 -j REDIRECT --to-ports 15006
+//! ```
+//!
+//! The parts, by concern: `config` says what to intercept, `rules` renders it
+//! as `iptables-restore` input, `apply` installs and removes it as one
+//! transaction per family, and `command` runs the tools and explains their
+//! failures.
+//!
+//! [`install`] leaves both chains and both jumps in place after every run, even
+//! with no inbound ports, so every install leaves the same shape behind whatever
+//! the previous config was. [`uninstall`] touches nothing else: after it the
+//! `nat` table is exactly as it was before the first install.
+//!
+//! The jumps are inserted at the top of `OUTPUT` and `PREROUTING` rather than
+//! appended: on a node where kube-proxy DNATs service VIPs in those chains, the
+//! agent must see the VIP the workload dialled, not the endpoint kube-proxy
+//! picked.
+//!
+//! The binaries are `iptables`/`ip6tables` unless [`ENV_IPTABLES`] /
+//! [`ENV_IP6TABLES`] name others (for example `iptables-legacy`); the restore
+//! tool is that name with `-restore` appended. Commands run synchronously: this
+//! happens at start, at stop and when the enrolled cgroups change, and callers
+//! on an async runtime wrap the calls in `spawn_blocking`.
+//!
+//! CIDRs are the crate's shared [`Cidr`](crate::cidr::Cidr) (host bits rejected
+//! at parse time).
+
+mod apply;
+mod command;
+mod config;
+mod error;
+mod family;
+mod rules;
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod kernel_tests;
+
+use tracing::{debug, warn};
+
+use self::command::Tables;
+pub use self::config::IptablesConfig;
+pub use self::error::IptablesError;
+pub use self::family::{ENV_IP6TABLES, ENV_IPTABLES, Family, binary};
+pub use self::rules::render;
+
+/// Our chain in the `nat` table for locally generated (outbound) traffic.
+pub const OUTPUT_CHAIN: &str = "MESH_OUTPUT";
+/// Our chain in the `nat` table for traffic arriving from the network (inbound).
+pub const INBOUND_CHAIN: &str = "MESH_INBOUND";
+/// The agent's outbound listener port unless configured otherwise.
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+/// The agent's inbound listener port unless configured otherwise.
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+
+/// Installs (or replaces) the interception rules for IPv4 and, if `cfg.ipv6`,
+/// IPv6. Idempotent: running it again with the same config changes nothing,
+/// with another config leaves exactly that config's rules.
+///
+/// With `cfg.ipv6` off, rules a previous install left in the IPv6 table are
+/// removed (best effort: a host without `ip6tables` is fine). If IPv6 fails
+/// after IPv4 succeeded, the IPv4 rules stay; [`uninstall`] removes both.
+pub fn install(cfg: &IptablesConfig) -> Result<(), IptablesError> {
+    cfg.validate()?;
+    Tables::from_env(Family::V4).install(cfg)?;
+    let v6 = Tables::from_env(Family::V6);
+    if cfg.ipv6 {
+        v6.install(cfg)?;
+    } else {
+        match v6.uninstall() {
+            Ok(()) => {}
+            Err(IptablesError::NotInstalled { binary, .. }) => {
+                debug!(%binary, "IPv6 interception disabled and ip6tables absent: nothing to remove");
+            }
+            Err(error) => {
+                warn!(%error, "IPv6 interception disabled; could not check for stale IPv6 rules")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes every rule this module added: the jumps to our chains from `OUTPUT`
+/// and `PREROUTING` (duplicates included), then the chains. Anything missing is
+/// skipped, so it is idempotent and safe after a failed or partial install.
+/// Both families are attempted even if the first fails; the first error wins.
+pub fn uninstall(ipv6: bool) -> Result<(), IptablesError> {
+    let v4 = Tables::from_env(Family::V4).uninstall();
+    let v6 = if ipv6 { Tables::from_env(Family::V6).uninstall() } else { Ok(()) };
+    v4.and(v6)
+}
+
+/// Whether our chains exist in `family`'s `nat` table.
+pub fn is_installed(family: Family) -> Result<bool, IptablesError> {
+    let tables = Tables::from_env(family);
+    Ok(tables.chain_exists(OUTPUT_CHAIN)? && tables.chain_exists(INBOUND_CHAIN)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_rejects_a_bad_config_before_running_anything() {
+        let err = install(&IptablesConfig::new(0)).unwrap_err();
+        assert!(matches!(err, IptablesError::InvalidConfig { field: "mark", .. }), "{err}");
+    }
+}

@@ -1,12 +1,19 @@
 //! Sockets as the tests need them: bounded accepts, the original destination of a
-//! redirected connection, connections carrying a mark, IPv6-only listeners.
+//! redirected connection, connections carrying a mark (from this process, or from a
+//! child in a given cgroup or group), IPv6-only listeners.
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, sockopt};
+use nix::sys::socket::{
+    self, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage,
+    sockopt,
+};
 use nix::sys::time::TimeVal;
 
 /// Waits up to `patience` for a connection on `listener`.
@@ -84,4 +91,76 @@ pub(crate) fn listen_v6only(addr: SocketAddrV6) -> TcpListener {
     socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(addr)).unwrap();
     socket::listen(&fd, Backlog::new(16).unwrap()).unwrap();
     TcpListener::from(fd)
+}
+
+/// Who opens a connection made by [`connect_in_child`].
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Opener<'a> {
+    /// `SO_MARK` on the socket.
+    pub(crate) mark: Option<u32>,
+    /// The cgroup (directory) the process joins before it creates the socket.
+    pub(crate) cgroup: Option<&'a Path>,
+    /// The gid the process takes before it creates the socket (uid stays root,
+    /// so setting the mark is still allowed).
+    pub(crate) gid: Option<u32>,
+}
+
+/// Connects to `dst` from a child process, which exits once connected (closing
+/// the connection): a socket belongs to the cgroup of the process that created
+/// it and carries its credentials, so telling the agent's sockets from a
+/// workload's takes another process. The child inherits the calling thread's
+/// network namespace. Fails with the child's `connect(2)` error.
+pub(crate) fn connect_in_child(dst: SocketAddr, opener: Opener<'_>) -> io::Result<()> {
+    let procs = match opener.cgroup {
+        Some(dir) => Some(std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs"))?),
+        None => None,
+    };
+    let addr = SockaddrStorage::from(dst);
+    let domain = if dst.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let mark = opener.mark;
+    let mut command = Command::new("true");
+    command.stdin(Stdio::null());
+    if let Some(gid) = opener.gid {
+        command.gid(gid);
+    }
+    // SAFETY: between fork and exec the child makes only async-signal-safe
+    // calls (write, socket, setsockopt, connect) on values prepared before the
+    // fork, and allocates nothing (`last_os_error` holds a plain errno). The
+    // socket is left without close-on-exec so the connection lasts until `true`
+    // exits.
+    unsafe {
+        command.pre_exec(move || {
+            let fail = || Err(io::Error::last_os_error());
+            if let Some(procs) = &procs
+                && libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1
+            {
+                return fail();
+            }
+            let fd = libc::socket(domain, libc::SOCK_STREAM, 0);
+            if fd < 0 {
+                return fail();
+            }
+            if let Some(mark) = mark {
+                let size = std::mem::size_of::<u32>() as libc::socklen_t;
+                if libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_MARK, (&raw const mark).cast(), size) != 0
+                {
+                    return fail();
+                }
+            }
+            // Bounds a connect that is never answered.
+            let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
+            let size = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+            if libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, (&raw const timeout).cast(), size)
+                != 0
+            {
+                return fail();
+            }
+            if libc::connect(fd, addr.as_ptr(), addr.len()) != 0 {
+                return fail();
+            }
+            Ok(())
+        });
+    }
+    let status = command.status()?;
+    if status.success() { Ok(()) } else { Err(io::Error::other(format!("`true` exited with {status}"))) }
 }

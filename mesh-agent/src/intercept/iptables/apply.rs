@@ -86,20 +86,12 @@ impl Tables {
             deleted += 1;
         }
 
-        let listing = self.iptables_ok(&["-t", "nat", "-S", hook])?;
-        for line in String::from_utf8_lossy(&listing.stdout).lines() {
+        for line in self.jumps_to(hook, chain)? {
             let tokens: Vec<&str> = line.split_whitespace().collect();
-            let jumps_to_us = matches!(
-                tokens.as_slice(),
-                ["-A", h, .., "-j" | "-g", target] if *h == hook && *target == chain
-            );
-            if !jumps_to_us {
-                continue;
-            }
             if line.contains('"') || line.contains('\'') {
                 // Splitting on whitespace would mangle a quoted argument, and a
                 // wrong -D could delete somebody else's rule.
-                warn!(family = %self.family, rule = line, "leaving a quoted jump to our chain; delete it by hand");
+                warn!(family = %self.family, rule = %line, "leaving a quoted jump to our chain; delete it by hand");
                 continue;
             }
             self.iptables_ok(&with_op("-D", &tokens[1..]))?;
@@ -123,14 +115,44 @@ impl Tables {
         }
     }
 
+    /// Every rule of `hook` that jumps (or goes) to `chain`, in `-S` form.
+    pub(super) fn jumps_to(&self, hook: &str, chain: &str) -> Result<Vec<String>, IptablesError> {
+        let listing = self.iptables_ok(&["-t", "nat", "-S", hook])?;
+        Ok(String::from_utf8_lossy(&listing.stdout)
+            .lines()
+            .filter(|line| {
+                let tokens: Vec<&str> = line.split_whitespace().collect();
+                matches!(
+                    tokens.as_slice(),
+                    ["-A", h, .., "-j" | "-g", target] if *h == hook && *target == chain
+                )
+            })
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// Whether `chain` exists in the `nat` table.
     pub(super) fn chain_exists(&self, chain: &str) -> Result<bool, IptablesError> {
+        Ok(self.chain_rules(chain)?.is_some())
+    }
+
+    /// `chain`'s rules in `-S` form (`-A CHAIN ...`), or `None` when it does not
+    /// exist.
+    pub(super) fn chain_rules(&self, chain: &str) -> Result<Option<Vec<String>>, IptablesError> {
         let args = ["-t", "nat", "-S", chain];
         let out = self.run(&self.iptables, &args, None)?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         match out.status.code() {
-            Some(0) => Ok(true),
-            Some(1) if !is_permission_denied(&stderr) => Ok(false),
+            Some(0) => {
+                let prefix = format!("-A {chain} ");
+                let rules = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with(&prefix))
+                    .map(str::to_owned)
+                    .collect();
+                Ok(Some(rules))
+            }
+            Some(1) if !is_permission_denied(&stderr) => Ok(None),
             _ => Err(self.failure(&self.iptables, &args, &out, String::new())),
         }
     }

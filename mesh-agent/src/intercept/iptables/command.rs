@@ -1,12 +1,15 @@
-//! Running the iptables tools for one family: the lock wait, untranslated
-//! messages, stdin for restores, and errors that name the command and say what
-//! its output means (missing binary, missing privilege, the restore line at fault).
+//! Running the iptables tools for one family, in the caller's network namespace
+//! or another one: the lock wait, untranslated messages, stdin for restores, and
+//! errors that name the command and say what its output means (missing binary,
+//! missing privilege, the restore line at fault).
 
 use std::io::{self, Write as _};
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 
 use tracing::debug;
 
+use super::netns::NetnsFile;
 use super::{Family, IptablesError, binary};
 
 /// How long to wait for the xtables lock (held by kube-proxy and friends with the
@@ -20,18 +23,26 @@ pub(super) struct Tables {
     pub(super) family: Family,
     pub(super) iptables: String,
     restore: String,
+    /// Where the tools run: `None` for the caller's own namespace.
+    netns: Option<Arc<NetnsFile>>,
 }
 
 impl Tables {
-    /// The binaries named by the environment (see [`binary`]).
+    /// The binaries named by the environment (see [`binary`]), in the caller's
+    /// namespace.
     pub(super) fn from_env(family: Family) -> Self {
         Tables::new(family, binary(family))
     }
 
-    /// `iptables` and `iptables`-restore for `family`.
+    /// `iptables` and `iptables`-restore for `family`, in the caller's namespace.
     pub(super) fn new(family: Family, iptables: String) -> Self {
         let restore = format!("{iptables}-restore");
-        Tables { family, iptables, restore }
+        Tables { family, iptables, restore, netns: None }
+    }
+
+    /// The same tools, run in `netns` (`None`: the caller's own).
+    pub(super) fn in_netns(self, netns: Option<Arc<NetnsFile>>) -> Self {
+        Tables { netns, ..self }
     }
 
     /// Feeds `text` to `iptables-restore --noflush`.
@@ -72,12 +83,22 @@ impl Tables {
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let io_error = |source: io::Error| {
-            if source.kind() == io::ErrorKind::NotFound {
+        if let Some(netns) = &self.netns {
+            netns.enter_in_child(&mut command);
+        }
+        let io_error = |source: io::Error| match (source.kind(), &self.netns) {
+            (io::ErrorKind::NotFound, _) => {
                 IptablesError::NotInstalled { binary: program.to_owned(), env_var: self.family.env_var() }
-            } else {
-                IptablesError::Io { command: self.command_line(program, args), source }
             }
+            // setns(2) in the child is what fails without the privilege.
+            (io::ErrorKind::PermissionDenied, Some(netns)) => IptablesError::Netns {
+                path: netns.path().to_owned(),
+                reason: format!(
+                    "entering it to run `{}` was refused ({source}): that needs CAP_SYS_ADMIN",
+                    self.command_line(program, args)
+                ),
+            },
+            _ => IptablesError::Io { command: self.command_line(program, args), source },
         };
         let mut child = command.spawn().map_err(io_error)?;
         if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
@@ -121,12 +142,16 @@ impl Tables {
         }
     }
 
-    /// The command line as run, for errors and logs.
+    /// The command line as run, for errors and logs, naming the namespace when
+    /// it is not the caller's.
     pub(super) fn command_line(&self, program: &str, args: &[&str]) -> String {
         let mut line = format!("{program} -w {LOCK_WAIT_SECS}");
         for arg in args {
             line.push(' ');
             line.push_str(arg);
+        }
+        if let Some(netns) = &self.netns {
+            line.push_str(&format!(" (in network namespace {})", netns.path().display()));
         }
         line
     }

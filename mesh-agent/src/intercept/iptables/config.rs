@@ -1,13 +1,9 @@
 //! What the rules intercept and where they send it, checked once before anything
 //! is rendered or run.
 
-use std::fmt;
-
+use super::agent_sockets::{AgentSockets, check_cgroup_path, invalid};
 use super::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, IptablesError};
 use crate::cidr::Cidr;
-
-/// `xt_cgroup` keeps the path in a `PATH_MAX` buffer, terminating NUL included.
-const MAX_CGROUP_PATH: usize = 4095;
 
 /// What to intercept and where to send it.
 ///
@@ -21,13 +17,12 @@ pub struct IptablesConfig {
     /// The agent's inbound listener (on the receiving interface's address, where
     /// `REDIRECT` sends traffic arriving from the network).
     pub inbound_port: u16,
-    /// Destination ports whose inbound traffic is sent to `inbound_port`; empty
-    /// means no inbound redirection (the chain stays, empty).
-    pub inbound_ports: Vec<u16>,
-    /// `SO_MARK` on the agent's own sockets. Matched exactly (all 32 bits) and
-    /// first, so the agent's upstream connections are never sent back to
-    /// itself. Must not be 0, which would match every unmarked socket.
-    pub mark: u32,
+    /// Which connections arriving from the network are sent to `inbound_port`.
+    pub inbound: Inbound,
+    /// How the agent's own sockets are recognised: they are matched first and
+    /// never redirected, so the agent's upstream connections are never sent
+    /// back to itself.
+    pub agent: AgentSockets,
     /// A uid whose sockets are also left alone (Istio-style: the sidecar's uid),
     /// for agents that cannot mark every socket they open.
     pub exclude_uid: Option<u32>,
@@ -52,15 +47,34 @@ pub struct IptablesConfig {
     pub ipv6: bool,
 }
 
+/// Which connections arriving from the network the inbound chain redirects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// Only those to these destination ports (a host's `--inbound-ports`);
+    /// empty means no inbound redirection (the chain stays, empty).
+    Ports(Vec<u16>),
+    /// Those to every destination port but these (a pod: everything reaches
+    /// the workload through the agent except the agent's own ports and the
+    /// configured exclusions).
+    AllExcept(Vec<u16>),
+}
+
+impl Inbound {
+    /// Whether any connection is redirected at all.
+    pub fn redirects(&self) -> bool {
+        !matches!(self, Inbound::Ports(ports) if ports.is_empty())
+    }
+}
+
 impl IptablesConfig {
-    /// Default ports, nothing excluded beyond `mark`, nothing inbound, the whole
-    /// network namespace, IPv4 and IPv6.
+    /// Default ports, nothing excluded beyond the agent's `mark`, nothing
+    /// inbound, the whole network namespace, IPv4 and IPv6.
     pub fn new(mark: u32) -> Self {
         IptablesConfig {
             outbound_port: DEFAULT_OUTBOUND_PORT,
             inbound_port: DEFAULT_INBOUND_PORT,
-            inbound_ports: Vec::new(),
-            mark,
+            inbound: Inbound::Ports(Vec::new()),
+            agent: AgentSockets::mark_only(mark),
             exclude_uid: None,
             include_ports: Vec::new(),
             exclude_ports: Vec::new(),
@@ -72,28 +86,23 @@ impl IptablesConfig {
     }
 
     /// Checks what the type system cannot: ports and mark non-zero, and cgroup
-    /// paths that are absolute and safe to place in a restore file (no
-    /// whitespace, control characters, quotes or backslashes, which could
-    /// otherwise split one rule into several).
+    /// paths that are absolute and safe to place in a restore file.
     pub fn validate(&self) -> Result<(), IptablesError> {
-        fn invalid(field: &'static str, value: impl fmt::Debug, reason: &'static str) -> IptablesError {
-            IptablesError::InvalidConfig { field, value: format!("{value:?}"), reason }
-        }
         if self.outbound_port == 0 {
             return Err(invalid("outbound_port", 0, "port 0 cannot be listened on"));
         }
-        if self.mark == 0 {
-            return Err(invalid(
-                "mark",
-                0,
-                "mark 0 matches every unmarked socket, so nothing would be redirected",
-            ));
-        }
-        if !self.inbound_ports.is_empty() && self.inbound_port == 0 {
+        self.agent.validate()?;
+        if self.inbound.redirects() && self.inbound_port == 0 {
             return Err(invalid("inbound_port", 0, "port 0 cannot be listened on"));
         }
-        if self.inbound_ports.contains(&0) {
-            return Err(invalid("inbound_ports", &self.inbound_ports, "port 0 is not a destination port"));
+        match &self.inbound {
+            Inbound::Ports(ports) if ports.contains(&0) => {
+                return Err(invalid("inbound_ports", ports, "port 0 is not a destination port"));
+            }
+            Inbound::AllExcept(ports) if ports.contains(&0) => {
+                return Err(invalid("inbound_exclude_ports", ports, "port 0 is not a destination port"));
+            }
+            _ => {}
         }
         if self.include_ports.contains(&0) {
             return Err(invalid("include_ports", &self.include_ports, "port 0 is not a destination port"));
@@ -102,19 +111,7 @@ impl IptablesConfig {
             return Err(invalid("exclude_ports", &self.exclude_ports, "port 0 is not a destination port"));
         }
         for cgroup in &self.cgroups {
-            if !cgroup.starts_with('/') {
-                return Err(invalid("cgroups", cgroup, "must be absolute (relative to the cgroup2 root)"));
-            }
-            if cgroup.len() > MAX_CGROUP_PATH {
-                return Err(invalid("cgroups", cgroup, "longer than the kernel's 4095-byte limit"));
-            }
-            if cgroup.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"' || c == '\\') {
-                return Err(invalid(
-                    "cgroups",
-                    cgroup,
-                    "contains whitespace, a control character, a quote or a backslash",
-                ));
-            }
+            check_cgroup_path("cgroups", cgroup)?;
         }
         Ok(())
     }
@@ -130,10 +127,17 @@ mod tests {
         let ok = sample();
         ok.validate().unwrap();
         let cases: Vec<(IptablesConfig, &str)> = vec![
-            (IptablesConfig { mark: 0, ..ok.clone() }, "mark = 0"),
+            (IptablesConfig { agent: AgentSockets::mark_only(0), ..ok.clone() }, "mark = 0"),
             (IptablesConfig { outbound_port: 0, ..ok.clone() }, "outbound_port = 0"),
             (IptablesConfig { inbound_port: 0, ..ok.clone() }, "inbound_port = 0"),
-            (IptablesConfig { inbound_ports: vec![80, 0], ..ok.clone() }, "inbound_ports = [80, 0]"),
+            (
+                IptablesConfig { inbound: Inbound::Ports(vec![80, 0]), ..ok.clone() },
+                "inbound_ports = [80, 0]",
+            ),
+            (
+                IptablesConfig { inbound: Inbound::AllExcept(vec![0]), ..ok.clone() },
+                "inbound_exclude_ports = [0]",
+            ),
             (IptablesConfig { exclude_ports: vec![0], ..ok.clone() }, "exclude_ports = [0]"),
             (IptablesConfig { cgroups: vec!["mesh/wl".into()], ..ok.clone() }, r#"cgroups = "mesh/wl""#),
             (
@@ -143,6 +147,23 @@ mod tests {
             (IptablesConfig { cgroups: vec!["/a b".into()], ..ok.clone() }, r#"cgroups = "/a b""#),
             (IptablesConfig { cgroups: vec!["/a\"b".into()], ..ok.clone() }, r#"cgroups = "/a\"b""#),
             (IptablesConfig { cgroups: vec![format!("/{}", "x".repeat(5000))], ..ok.clone() }, "cgroups = "),
+            (
+                IptablesConfig {
+                    agent: AgentSockets {
+                        cgroups: vec!["/agent\n-A OUTPUT -j DROP".into()],
+                        ..ok.agent.clone()
+                    },
+                    ..ok.clone()
+                },
+                r#"agent_cgroups = "/agent\n-A OUTPUT -j DROP""#,
+            ),
+            (
+                IptablesConfig {
+                    agent: AgentSockets { cgroups: vec!["agent".into()], ..ok.agent.clone() },
+                    ..ok.clone()
+                },
+                r#"agent_cgroups = "agent""#,
+            ),
         ];
         for (cfg, needle) in cases {
             let err = cfg.validate().unwrap_err();
@@ -151,6 +172,6 @@ mod tests {
             assert!(msg.contains(needle), "{msg:?} does not name {needle:?}");
         }
         // An unused inbound port may be 0.
-        IptablesConfig { inbound_port: 0, inbound_ports: vec![], ..ok }.validate().unwrap();
+        IptablesConfig { inbound_port: 0, inbound: Inbound::Ports(vec![]), ..ok }.validate().unwrap();
     }
 }

@@ -2,6 +2,7 @@
 //! binary or the field at fault and how to fix it.
 
 use std::io;
+use std::path::PathBuf;
 use std::process::ExitStatus;
 
 /// Why iptables could not be programmed.
@@ -16,6 +17,21 @@ pub enum IptablesError {
         value: String,
         /// What is wrong with it.
         reason: &'static str,
+    },
+    /// The network namespace path names nothing (any more): for a pod, the pod
+    /// is gone, and its rules with it.
+    #[error("network namespace {} does not exist (is the pod gone?)", path.display())]
+    NetnsGone {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The network namespace path cannot be used.
+    #[error("network namespace {}: {reason}", path.display())]
+    Netns {
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// The binary does not exist.
     #[error(

@@ -1,6 +1,6 @@
 //! Configs and helpers shared by this module's tests.
 
-use super::IptablesConfig;
+use super::{AgentSockets, Inbound, IptablesConfig};
 use crate::cidr::Cidr;
 
 /// A CIDR from a literal.
@@ -13,8 +13,8 @@ pub(crate) fn sample() -> IptablesConfig {
     IptablesConfig {
         outbound_port: 15001,
         inbound_port: 15006,
-        inbound_ports: vec![8080, 9090],
-        mark: 0x539,
+        inbound: Inbound::Ports(vec![8080, 9090]),
+        agent: AgentSockets::mark_only(0x539),
         exclude_uid: Some(1337),
         include_ports: vec![],
         exclude_ports: vec![22, 15020],
@@ -23,10 +23,4 @@ pub(crate) fn sample() -> IptablesConfig {
         cgroups: vec![],
         ipv6: true,
     }
-}
-
-/// The lines of `text` that append to `chain`.
-pub(crate) fn rules_of<'a>(text: &'a str, chain: &str) -> Vec<&'a str> {
-    let prefix = format!("-A {chain} ");
-    text.lines().filter(|l| l.starts_with(&prefix)).collect()
 }

@@ -1,5 +1,6 @@
 //! Tests against the real kernel, each in a network namespace of its own: the
-//! install transaction on live tables, and redirection end to end.
+//! install transaction on live tables, redirection end to end, and a pod's rules
+//! installed from outside its namespace.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream};
@@ -7,11 +8,15 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::command::Tables;
-use super::fixtures::{cidr, rules_of, sample};
+use super::fixtures::{cidr, sample};
+use super::pod::PodRules;
+use super::rules::rules_of;
 use super::*;
 use crate::test_helpers::cgroup::{Cgroup, cgroup2_root};
 use crate::test_helpers::netns::{NetNs, two_hosts};
-use crate::test_helpers::sockets::{accept_within, connect_marked, listen_v6only, original_dst};
+use crate::test_helpers::sockets::{
+    Opener, accept_within, connect_in_child, connect_marked, listen_v6only, original_dst,
+};
 use crate::test_helpers::{have_root, sh};
 
 /// `iptables-save -t nat` without its timestamps and counters.
@@ -93,8 +98,8 @@ fn install_replace_uninstall_restores_the_table_exactly() {
         let b = IptablesConfig {
             outbound_port: 16001,
             inbound_port: 16006,
-            inbound_ports: vec![],
-            mark: 0x2a,
+            inbound: Inbound::Ports(vec![]),
+            agent: AgentSockets::mark_only(0x2a),
             exclude_uid: None,
             // More than one multiport rule's worth.
             include_ports: (8000..8020).collect(),
@@ -195,7 +200,7 @@ fn redirect_works_end_to_end_and_spares_marked_sockets() {
     let cfg = IptablesConfig {
         outbound_port: 15101,
         inbound_port: 15106,
-        inbound_ports: vec![8080],
+        inbound: Inbound::Ports(vec![8080]),
         ..IptablesConfig::new(0x539)
     };
     let patience = Duration::from_secs(3);
@@ -233,7 +238,7 @@ fn redirect_works_end_to_end_and_spares_marked_sockets() {
         );
 
         // The agent's own (marked) socket goes where it asked to.
-        let _marked = a.run(|| connect_marked(dst, cfg.mark)).unwrap();
+        let _marked = a.run(|| connect_marked(dst, cfg.agent.mark)).unwrap();
         assert!(accept_within(real, patience).is_some(), "{dst}: marked connection did not arrive");
         assert!(
             accept_within(outbound, Duration::from_millis(100)).is_none(),
@@ -319,4 +324,201 @@ fn cgroup_mode_redirects_only_the_listed_cgroup() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "bye\n");
 
     a.run(|| uninstall(false)).unwrap();
+}
+
+/// A cgroup of its own for the "agent" of a test, under the cgroup2 root.
+fn agent_cgroup(test: &str) -> Option<(Cgroup, String)> {
+    let Some(root) = cgroup2_root() else {
+        // Under CI this hides nothing: the CI machine mounts cgroup2 (eBPF mode needs it).
+        eprintln!("\n*** SKIPPED: {test}: no cgroup2 mount ***\n");
+        return None;
+    };
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = format!(
+        "/mesh-ipt-agent-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let cgroup = Cgroup(root.join(&name[1..]));
+    std::fs::create_dir(&cgroup.0).unwrap();
+    Some((cgroup, name))
+}
+
+const AGENT_GID: u32 = 4242;
+const MARK: u32 = 0x4d45;
+
+/// Pod rules whose agent is recognised by `cgroup` or by [`AGENT_GID`].
+fn pod_rules(cgroup: &str) -> PodRules {
+    PodRules {
+        agent_ports: vec![15000],
+        inbound_exclude_ports: vec![9090],
+        ..PodRules::new(AgentSockets {
+            cgroups: vec![cgroup.to_owned()],
+            gid: Some(AGENT_GID),
+            ..AgentSockets::mark_only(MARK)
+        })
+    }
+}
+
+#[test]
+fn pod_rules_from_outside_capture_both_ways_and_spare_only_the_agent() {
+    let test = "pod_rules_from_outside_capture_both_ways_and_spare_only_the_agent";
+    if !have_root(test) {
+        return;
+    }
+    let Some((cgroup, cgroup_name)) = agent_cgroup(test) else { return };
+    let (pod, peer) = two_hosts();
+    let pod_ns = Netns::Path(pod.path());
+    let rules = pod_rules(&cgroup_name);
+    let patience = Duration::from_secs(3);
+    let quiet = Duration::from_millis(100);
+    let before = pod.run(|| [save(Family::V4), save(Family::V6)]);
+    let ours_here = || save(Family::V4).into_iter().filter(|l| l.contains("MESH_")).count();
+    let ours_here_before = ours_here();
+
+    // From this thread, which stays in the host's namespace: twice, same tables.
+    assert_eq!(pod::check(&pod_ns, &rules).unwrap(), Check::Absent);
+    pod::install(&pod_ns, &rules).unwrap();
+    let first = pod.run(|| [save(Family::V4), save(Family::V6)]);
+    pod::install(&pod_ns, &rules).unwrap();
+    assert_eq!(pod.run(|| [save(Family::V4), save(Family::V6)]), first);
+    assert_eq!(pod::check(&pod_ns, &rules).unwrap(), Check::Installed);
+    let cfg = rules.config().unwrap();
+    pod.run(|| {
+        for (family, before) in [Family::V4, Family::V6].into_iter().zip(&before) {
+            assert_installed(family, before, &cfg);
+        }
+    });
+    // The calling thread's namespace got nothing.
+    assert_eq!(ours_here(), ours_here_before);
+
+    // The agent's listeners and the pod's app, all inside the pod.
+    let (out4, out6, in4, in6, tunnel, app) = pod.run(|| {
+        (
+            TcpListener::bind("127.0.0.1:15001").unwrap(),
+            TcpListener::bind("[::1]:15001").unwrap(),
+            TcpListener::bind("0.0.0.0:15006").unwrap(),
+            listen_v6only(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 15006, 0, 0)),
+            TcpListener::bind("0.0.0.0:15008").unwrap(),
+            TcpListener::bind("0.0.0.0:9090").unwrap(),
+        )
+    });
+    let (real4, real6) =
+        peer.run(|| (TcpListener::bind("10.99.0.2:80").unwrap(), TcpListener::bind("[fd99::2]:80").unwrap()));
+
+    for (dst, outbound, real) in [
+        ("10.99.0.2:80".parse::<SocketAddr>().unwrap(), &out4, &real4),
+        ("[fd99::2]:80".parse().unwrap(), &out6, &real6),
+    ] {
+        // A workload connection lands on the agent, which learns where it was going.
+        let _client = pod.run(|| TcpStream::connect_timeout(&dst, patience)).unwrap();
+        let (accepted, _) =
+            accept_within(outbound, patience).unwrap_or_else(|| panic!("{dst}: not redirected"));
+        assert_eq!(original_dst(&accepted), dst);
+
+        // A root workload that puts the agent's mark on its socket is still caught.
+        let _forged = pod.run(|| connect_marked(dst, MARK)).unwrap();
+        let (accepted, _) =
+            accept_within(outbound, patience).unwrap_or_else(|| panic!("{dst}: the mark alone escaped"));
+        assert_eq!(original_dst(&accepted), dst);
+        assert!(accept_within(real, quiet).is_none(), "{dst}: a workload reached the destination");
+
+        // The agent's own sockets, in its cgroup or with its gid, and marked, go
+        // where they asked to: the agent's connections from inside the pod.
+        for (who, opener) in [
+            ("agent cgroup", Opener { mark: Some(MARK), cgroup: Some(&cgroup.0), gid: None }),
+            ("agent gid", Opener { mark: Some(MARK), cgroup: None, gid: Some(AGENT_GID) }),
+        ] {
+            pod.run(|| connect_in_child(dst, opener)).unwrap_or_else(|e| panic!("{dst} from {who}: {e}"));
+            assert!(accept_within(real, patience).is_some(), "{dst}: {who} did not reach the destination");
+            assert!(accept_within(outbound, quiet).is_none(), "{dst}: {who} was redirected");
+        }
+        // The agent's cgroup without the mark is a workload like any other.
+        pod.run(|| connect_in_child(dst, Opener { mark: None, cgroup: Some(&cgroup.0), gid: None })).unwrap();
+        assert!(
+            accept_within(outbound, patience).is_some(),
+            "{dst}: unmarked socket in the agent's cgroup escaped"
+        );
+    }
+
+    // Inbound: every port goes to the inbound listener, except the agent's own
+    // (the tunnel) and the excluded ones (9090), which are reached directly.
+    for (dst, inbound) in
+        [("10.99.0.1:8080".parse::<SocketAddr>().unwrap(), &in4), ("[fd99::1]:443".parse().unwrap(), &in6)]
+    {
+        let _client = peer.run(|| TcpStream::connect_timeout(&dst, patience)).unwrap();
+        let (accepted, _) =
+            accept_within(inbound, patience).unwrap_or_else(|| panic!("{dst}: not redirected inbound"));
+        assert_eq!(original_dst(&accepted), dst);
+    }
+    for (port, direct) in [(15008, &tunnel), (9090, &app)] {
+        let dst: SocketAddr = format!("10.99.0.1:{port}").parse().unwrap();
+        let _client = peer.run(|| TcpStream::connect_timeout(&dst, patience)).unwrap();
+        let (accepted, _) =
+            accept_within(direct, patience).unwrap_or_else(|| panic!("{dst}: not reached directly"));
+        assert_eq!(accepted.local_addr().unwrap(), dst);
+        assert!(accept_within(&in4, quiet).is_none(), "{dst}: redirected inbound");
+    }
+
+    // Removal from outside takes exactly what was added, and again changes nothing.
+    for _ in 0..2 {
+        pod::uninstall(&pod_ns, true).unwrap();
+        assert_eq!(pod.run(|| [save(Family::V4), save(Family::V6)]), before);
+    }
+    assert_eq!(pod::check(&pod_ns, &rules).unwrap(), Check::Absent);
+    let _direct = pod.run(|| TcpStream::connect_timeout(&"10.99.0.2:80".parse().unwrap(), patience)).unwrap();
+    assert!(accept_within(&real4, patience).is_some(), "not direct after uninstall");
+}
+
+#[test]
+fn pod_rules_from_inside_are_those_from_outside_and_check_names_drift() {
+    let test = "pod_rules_from_inside_are_those_from_outside_and_check_names_drift";
+    if !have_root(test) {
+        return;
+    }
+    let pod = NetNs::new();
+    let pod_ns = Netns::Path(pod.path());
+    let rules = pod_rules("/");
+    pod::install(&pod_ns, &rules).unwrap();
+    let from_outside = pod.run(|| [save(Family::V4), save(Family::V6)]);
+    pod::uninstall(&pod_ns, true).unwrap();
+
+    // An init container: the same call from inside, on its own namespace.
+    pod.run(|| pod::install(&Netns::Current, &rules)).unwrap();
+    assert_eq!(pod.run(|| [save(Family::V4), save(Family::V6)]), from_outside);
+    assert!(pod.run(|| pod::check(&Netns::Current, &rules)).unwrap().is_installed());
+
+    // Drift is named: a rule gone, a rule added, a second jump, another config.
+    pod.run(|| {
+        ipt(Family::V4, &["-t", "nat", "-D", OUTPUT_CHAIN, "-o", "lo", "-j", "RETURN"]);
+        ipt(Family::V6, &["-t", "nat", "-A", INBOUND_CHAIN, "-p", "tcp", "--dport", "22", "-j", "RETURN"]);
+        ipt(Family::V6, &["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", OUTPUT_CHAIN]);
+    });
+    let Check::Differs(differences) = pod::check(&pod_ns, &rules).unwrap() else { panic!("no drift found") };
+    assert_eq!(
+        differences,
+        [
+            "IPv4: missing `-A MESH_OUTPUT -o lo -j RETURN`",
+            "IPv6: unexpected `-A MESH_INBOUND -p tcp -m tcp --dport 22 -j RETURN`",
+            "IPv6: 2 jumps from OUTPUT to MESH_OUTPUT",
+        ]
+    );
+    let other = PodRules { tunnel_port: 16008, ..rules.clone() };
+    assert!(matches!(pod::check(&pod_ns, &other).unwrap(), Check::Differs(_)));
+    // IPv6 off expects nothing of ours there.
+    let v4_only = PodRules { ipv6: false, ..rules.clone() };
+    let Check::Differs(differences) = pod::check(&pod_ns, &v4_only).unwrap() else { panic!() };
+    assert!(
+        differences.iter().all(|d| d.starts_with("IPv4: missing") || d.contains("IPv6 is not intercepted")),
+        "{differences:?}"
+    );
+
+    // Uninstall removes the drifted rules too.
+    pod::uninstall(&pod_ns, true).unwrap();
+    assert_eq!(pod::check(&pod_ns, &rules).unwrap(), Check::Absent);
+    pod.run(|| {
+        for family in [Family::V4, Family::V6] {
+            assert!(!save(family).iter().any(|l| l.contains("MESH_")), "{family}");
+        }
+    });
 }

@@ -5,7 +5,7 @@
 //! Rules are written in the exact form `iptables-save` prints them, so what
 //! [`render`] returns can be compared line by line with the live table.
 
-use super::{Family, INBOUND_CHAIN, IptablesConfig, OUTPUT_CHAIN};
+use super::{AgentSockets, Family, INBOUND_CHAIN, Inbound, IptablesConfig, OUTPUT_CHAIN};
 use crate::cidr::Cidr;
 
 /// `-m multiport` takes at most 15 ports per rule.
@@ -47,15 +47,21 @@ pub(super) fn render_restore(cfg: &IptablesConfig, family: Family, jumps: Jumps)
     text
 }
 
+/// The lines of restore (or save) text that append to `chain`.
+pub(crate) fn rules_of<'a>(text: &'a str, chain: &str) -> Vec<&'a str> {
+    let prefix = format!("-A {chain} ");
+    text.lines().filter(|l| l.starts_with(&prefix)).collect()
+}
+
 /// The rule, after the chain name, that jumps from a built-in chain to ours.
 pub(super) fn jump_spec<'a>(hook: &'a str, chain: &'a str) -> [&'a str; 5] {
     [hook, "-p", "tcp", "-j", chain]
 }
 
 /// [`OUTPUT_CHAIN`]'s rules, without the `-A CHAIN` prefix: every exclusion
-/// first, then the redirects.
+/// first, the agent's own sockets before anything else, then the redirects.
 fn output_rules(cfg: &IptablesConfig, family: Family) -> Vec<String> {
-    let mut rules = vec![format!("-m mark --mark {:#x} -j RETURN", cfg.mark)];
+    let mut rules = agent_rules(&cfg.agent);
     if let Some(uid) = cfg.exclude_uid {
         rules.push(format!("-m owner --uid-owner {uid} -j RETURN"));
     }
@@ -113,12 +119,42 @@ fn output_rules(cfg: &IptablesConfig, family: Family) -> Vec<String> {
     rules
 }
 
+/// The `RETURN`s for the agent's own sockets: the mark with each agent cgroup,
+/// and the mark with the agent's uid/gid; the mark alone when neither is known.
+fn agent_rules(agent: &AgentSockets) -> Vec<String> {
+    let mark = format!("-m mark --mark {:#x}", agent.mark);
+    if agent.cgroups.is_empty() && !agent.has_owner() {
+        return vec![format!("{mark} -j RETURN")];
+    }
+    let mut rules: Vec<String> =
+        agent.cgroups.iter().map(|path| format!("{mark} -m cgroup --path \"{path}\" -j RETURN")).collect();
+    if agent.has_owner() {
+        let mut rule = format!("{mark} -m owner");
+        if let Some(uid) = agent.uid {
+            rule.push_str(&format!(" --uid-owner {uid}"));
+        }
+        if let Some(gid) = agent.gid {
+            rule.push_str(&format!(" --gid-owner {gid}"));
+        }
+        rule.push_str(" -j RETURN");
+        rules.push(rule);
+    }
+    rules
+}
+
 /// [`INBOUND_CHAIN`]'s rules, without the `-A CHAIN` prefix.
 fn inbound_rules(cfg: &IptablesConfig) -> Vec<String> {
-    cfg.inbound_ports
-        .iter()
-        .map(|p| format!("-p tcp -m tcp --dport {p} -j REDIRECT --to-ports {}", cfg.inbound_port))
-        .collect()
+    let redirect = format!("-j REDIRECT --to-ports {}", cfg.inbound_port);
+    match &cfg.inbound {
+        Inbound::Ports(ports) => {
+            ports.iter().map(|p| format!("-p tcp -m tcp --dport {p} {redirect}")).collect()
+        }
+        Inbound::AllExcept(ports) => ports
+            .iter()
+            .map(|p| format!("-p tcp -m tcp --dport {p} -j RETURN"))
+            .chain(std::iter::once(format!("-p tcp {redirect}")))
+            .collect(),
+    }
 }
 
 #[cfg(test)]
@@ -128,7 +164,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::intercept::iptables::fixtures::{cidr, rules_of, sample};
+    use crate::intercept::iptables::fixtures::{cidr, sample};
 
     #[test]
     fn render_v4_golden() {
@@ -194,7 +230,7 @@ COMMIT
     #[test]
     fn minimal_config_redirects_everything_but_the_agent_and_loopback() {
         let mut cfg = IptablesConfig::new(7);
-        cfg.inbound_ports.clear();
+        cfg.inbound = Inbound::Ports(vec![]);
         let text = render(&cfg, Family::V4);
         assert_eq!(
             rules_of(&text, OUTPUT_CHAIN),
@@ -261,7 +297,7 @@ COMMIT
     fn inbound_ports_redirect_to_the_inbound_listener() {
         let mut cfg = IptablesConfig::new(1);
         cfg.inbound_port = 16000;
-        cfg.inbound_ports = vec![80, 443];
+        cfg.inbound = Inbound::Ports(vec![80, 443]);
         for family in [Family::V4, Family::V6] {
             let text = render(&cfg, family);
             assert_eq!(
@@ -305,6 +341,58 @@ COMMIT
         }
     }
 
+    #[test]
+    fn agent_sockets_are_the_mark_with_their_cgroup_or_owner() {
+        let mut cfg = IptablesConfig::new(0x4d45);
+        cfg.agent = AgentSockets {
+            mark: 0x4d45,
+            cgroups: vec!["/system.slice/mesh-agent.service".into(), "/mesh/next-agent".into()],
+            uid: Some(1337),
+            gid: Some(1338),
+        };
+        for family in [Family::V4, Family::V6] {
+            let text = render(&cfg, family);
+            assert_eq!(
+                rules_of(&text, OUTPUT_CHAIN)[..4],
+                [
+                    r#"-A MESH_OUTPUT -m mark --mark 0x4d45 -m cgroup --path "/system.slice/mesh-agent.service" -j RETURN"#,
+                    r#"-A MESH_OUTPUT -m mark --mark 0x4d45 -m cgroup --path "/mesh/next-agent" -j RETURN"#,
+                    "-A MESH_OUTPUT -m mark --mark 0x4d45 -m owner --uid-owner 1337 --gid-owner 1338 -j RETURN",
+                    &format!("-A MESH_OUTPUT -d {} -j RETURN", family.loopback()),
+                ]
+            );
+            // The mark is never matched on its own: a workload can set it.
+            assert!(!text.contains("--mark 0x4d45 -j RETURN"), "{text}");
+        }
+        cfg.agent = AgentSockets { gid: Some(7), ..AgentSockets::mark_only(0x4d45) };
+        let text = render(&cfg, Family::V4);
+        assert_eq!(
+            rules_of(&text, OUTPUT_CHAIN)[0],
+            "-A MESH_OUTPUT -m mark --mark 0x4d45 -m owner --gid-owner 7 -j RETURN"
+        );
+        assert_eq!(rules_of(&text, OUTPUT_CHAIN)[1], "-A MESH_OUTPUT -d 127.0.0.0/8 -j RETURN");
+    }
+
+    #[test]
+    fn inbound_all_except_redirects_every_other_port() {
+        let mut cfg = IptablesConfig::new(1);
+        cfg.inbound = Inbound::AllExcept(vec![15008, 15000]);
+        for family in [Family::V4, Family::V6] {
+            assert_eq!(
+                rules_of(&render(&cfg, family), INBOUND_CHAIN),
+                [
+                    "-A MESH_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",
+                    "-A MESH_INBOUND -p tcp -m tcp --dport 15000 -j RETURN",
+                    "-A MESH_INBOUND -p tcp -j REDIRECT --to-ports 15006",
+                ]
+            );
+        }
+        // With no exception, everything.
+        cfg.inbound = Inbound::AllExcept(vec![]);
+        let text = render(&cfg, Family::V4);
+        assert_eq!(rules_of(&text, INBOUND_CHAIN), ["-A MESH_INBOUND -p tcp -j REDIRECT --to-ports 15006"]);
+    }
+
     fn any_cidr() -> impl Strategy<Value = Cidr> {
         prop_oneof![
             (any::<u32>(), 0u8..=32).prop_map(|(a, p)| Cidr::new_truncating(IpAddr::V4(a.into()), p)),
@@ -312,24 +400,39 @@ COMMIT
         ]
     }
 
+    fn any_cgroup() -> impl Strategy<Value = String> {
+        "/[a-z0-9._@-]{0,12}(/[a-z0-9._-]{1,8}){0,2}"
+    }
+
+    fn any_agent() -> impl Strategy<Value = AgentSockets> {
+        (
+            1u32..,
+            proptest::collection::vec(any_cgroup(), 0..3),
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<u32>()),
+        )
+            .prop_map(|(mark, cgroups, uid, gid)| AgentSockets { mark, cgroups, uid, gid })
+    }
+
     fn any_config() -> impl Strategy<Value = IptablesConfig> {
         let ports = || proptest::collection::vec(1u16.., 0..20);
         let cidrs = || proptest::collection::vec(any_cidr(), 0..4);
+        let inbound = prop_oneof![ports().prop_map(Inbound::Ports), ports().prop_map(Inbound::AllExcept)];
         (
-            (1u16.., 1u16.., ports(), 1u32.., proptest::option::of(any::<u32>())),
+            (1u16.., 1u16.., inbound, any_agent(), proptest::option::of(any::<u32>())),
             (ports(), ports(), cidrs(), cidrs()),
-            (proptest::collection::vec("/[a-z0-9._@-]{0,12}(/[a-z0-9._-]{1,8}){0,2}", 0..3), any::<bool>()),
+            (proptest::collection::vec(any_cgroup(), 0..3), any::<bool>()),
         )
             .prop_map(
                 |(
-                    (outbound_port, inbound_port, inbound_ports, mark, exclude_uid),
+                    (outbound_port, inbound_port, inbound, agent, exclude_uid),
                     (include_ports, exclude_ports, include_cidrs, exclude_cidrs),
                     (cgroups, ipv6),
                 )| IptablesConfig {
                     outbound_port,
                     inbound_port,
-                    inbound_ports,
-                    mark,
+                    inbound,
+                    agent,
                     exclude_uid,
                     include_ports,
                     exclude_ports,
@@ -342,8 +445,10 @@ COMMIT
     }
 
     proptest! {
-        /// Whatever the config: valid, every exclusion before every redirect,
-        /// only the family's addresses, and one redirect per combination.
+        /// Whatever the config: valid, the agent's sockets first and always by
+        /// their mark, every exclusion before every redirect, only the family's
+        /// addresses, one redirect per combination, and every inbound port
+        /// either redirected or left alone.
         #[test]
         fn render_invariants(cfg in any_config()) {
             prop_assert!(cfg.validate().is_ok(), "{:?}", cfg.validate());
@@ -354,7 +459,13 @@ COMMIT
                 prop_assert!(rules[..first_redirect].iter().all(|r| r.ends_with("-j RETURN")));
                 let redirect = format!("-j REDIRECT --to-ports {}", cfg.outbound_port);
                 prop_assert!(rules[first_redirect..].iter().all(|r| r.ends_with(&redirect)));
-                prop_assert_eq!(rules[0], format!("-A MESH_OUTPUT -m mark --mark {:#x} -j RETURN", cfg.mark));
+                let agent_rules = cfg.agent.cgroups.len()
+                    + usize::from(cfg.agent.uid.is_some() || cfg.agent.gid.is_some());
+                let mark = format!("-A MESH_OUTPUT -m mark --mark {:#x} ", cfg.agent.mark);
+                for rule in &rules[..agent_rules.max(1)] {
+                    prop_assert!(rule.starts_with(&mark), "{}", rule);
+                }
+                prop_assert!(!rules[agent_rules.max(1)..].iter().any(|r| r.contains("--mark")));
 
                 let in_family = |c: &&Cidr| Family::of(&c.addr()) == family;
                 let destinations = if cfg.include_cidrs.is_empty() { 1 } else { cfg.include_cidrs.iter().filter(in_family).count() };
@@ -369,7 +480,19 @@ COMMIT
                         prop_assert_eq!(Family::of(&c.addr()), family, "{}", rule);
                     }
                 }
-                prop_assert_eq!(rules_of(&text, INBOUND_CHAIN).len(), cfg.inbound_ports.len());
+                let inbound = rules_of(&text, INBOUND_CHAIN);
+                let to_listener = format!("-j REDIRECT --to-ports {}", cfg.inbound_port);
+                match &cfg.inbound {
+                    Inbound::Ports(ports) => {
+                        prop_assert_eq!(inbound.len(), ports.len());
+                        prop_assert!(inbound.iter().all(|r| r.ends_with(&to_listener)));
+                    }
+                    Inbound::AllExcept(ports) => {
+                        prop_assert_eq!(inbound.len(), ports.len() + 1);
+                        prop_assert!(inbound[..ports.len()].iter().all(|r| r.ends_with("-j RETURN")));
+                        prop_assert_eq!(inbound[ports.len()], format!("-A MESH_INBOUND -p tcp {to_listener}"));
+                    }
+                }
                 prop_assert_eq!(text.lines().filter(|l| l.starts_with("-I ")).count(), 2);
                 prop_assert_eq!(text.lines().filter(|l| l.starts_with('*')).count(), 1);
             }

@@ -98,6 +98,8 @@ mesh_tests::both_modes!(
     agent_in_enrolled_cgroup_does_not_loop,
     bad_input_is_passed_through_or_closed_without_harm,
     graceful_shutdown_and_kill_leave_nothing_behind,
+    #[ebpf_pending = "issue 18 item 5: the eBPF connect programs still skip any socket with the agent's mark"]
+    workload_setting_the_agents_mark_is_still_intercepted,
 );
 
 fn http1_is_intercepted_classified_and_answered(mode: &str) {
@@ -210,6 +212,20 @@ fn non_enrolled_process_is_not_intercepted(mode: &str) {
     assert_eq!(whoami.seen().len(), 2);
     let records = s.agent.find_all(|v| message(v) == "connection closed" && v["orig_dst"] == dst.to_string());
     assert_eq!(records.len(), 1, "only the enrolled connection went through the agent: {records:?}");
+}
+
+/// A root workload puts the agent's mark on its socket (as `setsockopt(SOL_SOCKET,
+/// SO_MARK, 0x4d45)` would), hoping to pass for the agent and skip interception: it
+/// is intercepted all the same, over IPv4 and IPv6.
+fn workload_setting_the_agents_mark_is_still_intercepted(mode: &str) {
+    let s = Setup::new(mode, &[]);
+    let whoami = servers::whoami(s.server(), WHOAMI).unwrap();
+    for dst in [s.server().v4_addr(WHOAMI), s.server().v6_addr(WHOAMI)] {
+        let out = s.probe(dst, &["--mark", "0x4d45", "whoami"]);
+        assert_ne!(out["server_saw"], out["local"], "a workload socket with the agent's mark escaped: {out}");
+        assert_eq!(s.agent.wait_conn(dst)["orig_dst"], dst.to_string());
+    }
+    assert_eq!(whoami.seen().len(), 2);
 }
 
 fn agent_in_enrolled_cgroup_does_not_loop(mode: &str) {

@@ -11,7 +11,9 @@
 //!   that created it, whatever network namespace it was created in, so this also
 //!   covers the sockets the agent opens inside a pod's namespace. The match takes
 //!   descendants too, so a workload in (or below) the agent's cgroup is not told
-//!   apart; [`AgentSockets::weakness`] says when that is the case.
+//!   apart; [`AgentSockets::weakness`] says when that is the case. The path is
+//!   the one `/proc/self/cgroup` shows, which recent kernels resolve in the
+//!   cgroup namespace of the process installing the rule, as they print it.
 //! - the agent's uid and/or gid (`-m owner`), for rules installed by someone else
 //!   (a pod's init container) where the agent runs as a known user or group. The
 //!   kernel takes them from the credentials the socket was created with.
@@ -85,8 +87,10 @@ impl AgentSockets {
         for agent in &self.cgroups {
             if agent == "/" {
                 return Some(
-                    "the agent runs in the root cgroup, which every socket belongs to: only the \
-                     mark tells its sockets apart; run it in a cgroup of its own"
+                    "the agent's cgroup reads as the root (/): unless the agent has a cgroup \
+                     namespace of its own (a container) on a kernel that resolves the path in it, \
+                     every socket matches and only the mark tells the agent's apart; run the agent \
+                     in a cgroup of its own"
                         .to_owned(),
                 );
             }
@@ -157,7 +161,7 @@ mod tests {
         let workloads = ["/mesh/wl1".to_owned(), "/pods/a/b".to_owned()];
         let mark_only = AgentSockets::mark_only(7).weakness(&workloads).unwrap();
         assert!(mark_only.contains("only the mark") && mark_only.contains("--agent-uid"), "{mark_only}");
-        assert!(with_cgroups(&["/"]).weakness(&workloads).unwrap().contains("root cgroup"));
+        assert!(with_cgroups(&["/"]).weakness(&workloads).unwrap().contains("reads as the root"));
         // The agent's cgroup holds a workload (the cgroup match takes descendants).
         for agent in ["/mesh/wl1", "/mesh", "/pods/a"] {
             let why = with_cgroups(&[agent]).weakness(&workloads).unwrap();

@@ -36,10 +36,11 @@
 //! and [`pod`] holds the rules a pod gets. How the agent's own sockets are
 //! recognised, and why the mark alone is not enough, is in [`AgentSockets`].
 //!
-//! The parts, by concern: `config` says what to intercept, `rules` renders it
-//! as `iptables-restore` input, `apply` installs, checks and removes it as one
-//! transaction per family, `command` runs the tools (in the right namespace,
-//! `netns`) and explains their failures.
+//! The parts, by concern: `config` says what to intercept (`agent_sockets` how
+//! the agent's own sockets are told apart), `rules` renders it as
+//! `iptables-restore` input, `apply` installs and removes it as one transaction
+//! per family, `check` compares it with the live tables, `command` runs the
+//! tools (in the namespace `netns` opened) and explains their failures.
 //!
 //! [`install`] leaves both chains and both jumps in place after every run, even
 //! with no inbound ports, so every install leaves the same shape behind whatever
@@ -54,8 +55,9 @@
 //! The binaries are `iptables`/`ip6tables` unless [`ENV_IPTABLES`] /
 //! [`ENV_IP6TABLES`] name others (for example `iptables-legacy`); the restore
 //! tool is that name with `-restore` appended. Commands run synchronously: this
-//! happens at start, at stop and when the enrolled cgroups change, and callers
-//! on an async runtime wrap the calls in `spawn_blocking`.
+//! happens at start, at stop, when the enrolled cgroups change and when a pod
+//! comes or goes, and callers on an async runtime wrap the calls in
+//! `spawn_blocking`.
 //!
 //! CIDRs are the crate's shared [`Cidr`](crate::cidr::Cidr) (host bits rejected
 //! at parse time).

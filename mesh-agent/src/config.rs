@@ -11,7 +11,7 @@ use crate::{
     cidr::Cidr,
     intercept::{
         Mode, Settings,
-        iptables::{AgentSockets, pod::PodRules},
+        iptables::{AgentSockets, IptablesError, pod::PodRules},
     },
 };
 
@@ -147,46 +147,9 @@ pub struct PodRulesArgs {
 }
 
 impl PodRulesArgs {
-    /// The validated pod rules.
+    /// The validated pod rules. [`PodRules::config`] checks them; its errors are
+    /// given here with the flag and variable of the field at fault.
     pub fn rules(&self) -> Result<PodRules, ConfigError> {
-        for (flag, env, port) in [
-            ("--outbound-port", "MESH_OUTBOUND_PORT", self.outbound_port),
-            ("--inbound-port", "MESH_INBOUND_PORT", self.inbound_port),
-            ("--tunnel-port", "MESH_TUNNEL_PORT", self.tunnel_port),
-        ] {
-            if port == 0 {
-                return Err(err(flag, env, "must not be 0"));
-            }
-        }
-        let listeners = [self.outbound_port, self.inbound_port, self.tunnel_port];
-        if listeners[0] == listeners[1] || listeners[1] == listeners[2] || listeners[0] == listeners[2] {
-            return Err(err(
-                "--outbound-port/--inbound-port/--tunnel-port",
-                "MESH_OUTBOUND_PORT/MESH_INBOUND_PORT/MESH_TUNNEL_PORT",
-                format!("the agent's three listeners need three ports, got {listeners:?}"),
-            ));
-        }
-        for (flag, env, ports) in [
-            ("--agent-ports", "MESH_AGENT_PORTS", &self.agent_ports),
-            ("--inbound-exclude-ports", "MESH_INBOUND_EXCLUDE_PORTS", &self.inbound_exclude_ports),
-            ("--exclude-ports", "MESH_EXCLUDE_PORTS", &self.exclude_ports),
-        ] {
-            if ports.contains(&0) {
-                return Err(err(flag, env, "port 0 is not a destination port"));
-            }
-        }
-        if self.mark == 0 {
-            return Err(err("--mark", "MESH_MARK", "must not be 0 (0 is every unmarked socket)"));
-        }
-        if let Some(c) = self.agent_cgroups.iter().find(|c| !c.starts_with('/')) {
-            return Err(err(
-                "--agent-cgroup",
-                "MESH_AGENT_CGROUP",
-                format!(
-                    "{c:?} must be absolute, relative to the cgroup2 root (like /system.slice/mesh-agent.service)"
-                ),
-            ));
-        }
         if self.no_ipv6
             && let Some(c) = self.exclude_cidrs.iter().find(|c| !c.is_ipv4())
         {
@@ -212,9 +175,35 @@ impl PodRulesArgs {
             },
             ipv6: !self.no_ipv6,
         };
-        // What is left to refuse: an --agent-cgroup unsafe in a restore file.
-        rules.config().map_err(|e| err("--agent-cgroup", "MESH_AGENT_CGROUP", e.to_string()))?;
-        Ok(rules)
+        match rules.config() {
+            Ok(_) => Ok(rules),
+            Err(e) => {
+                let (flag, env) = match &e {
+                    IptablesError::InvalidConfig { field, .. } => pod_flag(field),
+                    _ => ("pod rules", "-"),
+                };
+                Err(err(flag, env, e.to_string()))
+            }
+        }
+    }
+}
+
+/// The flag and variable of a [`PodRules`] field.
+fn pod_flag(field: &str) -> (&'static str, &'static str) {
+    match field {
+        "outbound_port" => ("--outbound-port", "MESH_OUTBOUND_PORT"),
+        "inbound_port" => ("--inbound-port", "MESH_INBOUND_PORT"),
+        "tunnel_port" => ("--tunnel-port", "MESH_TUNNEL_PORT"),
+        "outbound_port/inbound_port/tunnel_port" => (
+            "--outbound-port/--inbound-port/--tunnel-port",
+            "MESH_OUTBOUND_PORT/MESH_INBOUND_PORT/MESH_TUNNEL_PORT",
+        ),
+        "agent_ports" => ("--agent-ports", "MESH_AGENT_PORTS"),
+        "inbound_exclude_ports" => ("--inbound-exclude-ports", "MESH_INBOUND_EXCLUDE_PORTS"),
+        "exclude_ports" => ("--exclude-ports", "MESH_EXCLUDE_PORTS"),
+        "mark" => ("--mark", "MESH_MARK"),
+        "agent_cgroups" => ("--agent-cgroup", "MESH_AGENT_CGROUP"),
+        _ => ("pod rules", "-"),
     }
 }
 
@@ -700,10 +689,13 @@ mod tests {
     #[test]
     fn pod_rules_errors_name_the_flag() {
         for (args, flag) in [
-            (&["--tunnel-port", "0"][..], "--tunnel-port"),
+            (&["--outbound-port", "0"][..], "--outbound-port"),
+            (&["--inbound-port", "0"], "--inbound-port"),
+            (&["--tunnel-port", "0"], "--tunnel-port"),
             (&["--tunnel-port", "15006"], "--outbound-port/--inbound-port/--tunnel-port"),
             (&["--agent-ports", "15000,0"], "--agent-ports"),
             (&["--inbound-exclude-ports", "0"], "--inbound-exclude-ports"),
+            (&["--exclude-ports", "22,0"], "--exclude-ports"),
             (&["--mark", "0"], "--mark"),
             (&["--agent-cgroup", "agent"], "--agent-cgroup"),
             (&["--agent-cgroup", "/a b"], "--agent-cgroup"),
@@ -711,6 +703,7 @@ mod tests {
         ] {
             let e = pod(args).unwrap_err();
             assert_eq!(e.flag, flag, "{args:?}: {e}");
+            assert!(e.env.starts_with("MESH_"), "{args:?}: {e}");
         }
     }
 }

@@ -324,29 +324,21 @@ fn attached_programs(cgroup: &Cgroup) -> Vec<String> {
     v.as_array().into_iter().flatten().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect()
 }
 
-fn nat_rules(lab: &Lab) -> String {
-    let mut all = String::new();
-    for bin in ["iptables-save", "ip6tables-save"] {
-        let out = run(lab.host("client").command(bin, None).unwrap().args(["-t", "nat"]));
-        all.push_str(&String::from_utf8_lossy(&out.stdout));
-    }
-    all
-}
-
 fn graceful_shutdown_and_kill_leave_nothing_behind(mode: &str) {
     let s = Setup::new(mode, &[]);
     let installed = match mode {
         "ebpf" => !attached_programs(&s.workload).is_empty(),
-        _ => nat_rules(&s.lab).contains("MESH_OUTPUT"),
+        _ => s.lab.host("client").nat_tables().unwrap().contains("MESH_OUTPUT"),
     };
     assert!(installed, "interception in place while running");
 
     // Graceful: SIGTERM removes everything before exit.
     let Setup { lab, workload, agent } = s;
+    let nat = || lab.host("client").nat_tables().unwrap();
     let status = agent.terminate().unwrap();
     assert!(status.success(), "clean exit on SIGTERM: {status}");
     assert!(attached_programs(&workload).is_empty());
-    assert!(!nat_rules(&lab).contains("MESH_"), "{}", nat_rules(&lab));
+    assert!(!nat().contains("MESH_"), "{}", nat());
 
     // Killed: programs go with the process; rules go with `mesh-agent cleanup`.
     let agent = Agent::start(lab.host("client"), AgentOptions::new(mode).cgroup(&workload)).unwrap();
@@ -356,12 +348,12 @@ fn graceful_shutdown_and_kill_leave_nothing_behind(mode: &str) {
     });
     let out = run(lab.host("client").command(bins::agent(), None).unwrap().arg("cleanup"));
     stdout(&out);
-    assert!(!nat_rules(&lab).contains("MESH_"), "rules left after cleanup: {}", nat_rules(&lab));
+    assert!(!nat().contains("MESH_"), "rules left after cleanup: {}", nat());
 
     // And a restart after a kill starts cleanly over whatever was left.
     let agent = Agent::start(lab.host("client"), AgentOptions::new(mode).cgroup(&workload)).unwrap();
     agent.kill().unwrap();
     let agent = Agent::start(lab.host("client"), AgentOptions::new(mode).cgroup(&workload)).unwrap();
     assert!(agent.terminate().unwrap().success());
-    assert!(!nat_rules(&lab).contains("MESH_"), "{}", nat_rules(&lab));
+    assert!(!nat().contains("MESH_"), "{}", nat());
 }

@@ -180,23 +180,6 @@ fn iptables_inbound_redirect_reaches_local_workload() {
     assert_eq!(rec["protocol"], "http1", "{rec}");
 }
 
-/// `iptables-save -t nat` and `ip6tables-save -t nat` of a host, together.
-fn nat_tables(host: &mesh_tests::Host) -> String {
-    ["iptables-save", "ip6tables-save"]
-        .into_iter()
-        .map(|bin| {
-            let out = run(host.command(bin, None).unwrap().args(["-t", "nat"]));
-            assert!(out.status.success(), "{bin}: {}", text(&out));
-            // Without the comment lines, which carry a timestamp.
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| !l.starts_with('#'))
-                .map(|l| format!("{l}\n"))
-                .collect::<String>()
-        })
-        .collect()
-}
-
 /// A workload on `host` (its own cgroup, root) asks `dst` which peer it saw, with
 /// `extra` probe flags: true when the connection went through an agent (the
 /// server saw another socket than the workload's own).
@@ -224,7 +207,7 @@ fn pod_rules_from_the_node_capture_the_pod_and_cleanup_removes_them() {
     let (node, pod, server) = (lab.host("node"), lab.host("pod"), lab.host("server"));
     let _remote = servers::whoami(server, 7001).unwrap();
     let _app = servers::http(pod, 8080, "app").unwrap();
-    let before = nat_tables(pod);
+    let before = pod.nat_tables().unwrap();
 
     let agent_cgroup = Cgroup::new("agent").unwrap();
     let opts = AgentOptions {
@@ -242,7 +225,7 @@ fn pod_rules_from_the_node_capture_the_pod_and_cleanup_removes_them() {
         let out = on_node(&[&["iptables", "pod", "install"][..], &pod_rules[..]].concat());
         assert!(out.status.success(), "{}", text(&out));
     }
-    assert!(!nat_tables(node).contains("MESH_"), "rules landed in the node's namespace");
+    assert!(!node.nat_tables().unwrap().contains("MESH_"), "rules landed in the node's namespace");
     let check = on_node(&[&["iptables", "pod", "check"][..], &pod_rules[..]].concat());
     assert!(check.status.success() && text(&check).contains("installed"), "{}", text(&check));
 
@@ -268,7 +251,7 @@ fn pod_rules_from_the_node_capture_the_pod_and_cleanup_removes_them() {
         let out = on_node(&["cleanup", "--netns", &netns]);
         assert!(out.status.success(), "{}", text(&out));
         assert!(text(&out).contains("pod rules removed"), "{}", text(&out));
-        assert_eq!(nat_tables(pod), before);
+        assert_eq!(pod.nat_tables().unwrap(), before);
     }
     let check = on_node(&[&["iptables", "pod", "check"][..], &pod_rules[..]].concat());
     assert!(!check.status.success() && text(&check).contains("absent"), "{}", text(&check));

@@ -19,14 +19,19 @@ pub(crate) fn have_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-    if ci {
+    if under_ci() {
         panic!(
             "{test} needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN for network namespaces); CI must run the tests as root"
         );
     }
     eprintln!("\n*** SKIPPED: {test} needs root (network namespaces and iptables) ***\n");
     false
+}
+
+/// Whether the tests run under CI (`CI` set, and not to `false` or `0`), where
+/// a test that cannot run must fail rather than skip.
+pub(crate) fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
 /// `cmd args...` must succeed; returns its stdout.

@@ -12,7 +12,7 @@ use super::fixtures::{cidr, sample};
 use super::pod::PodRules;
 use super::rules::rules_of;
 use super::*;
-use crate::test_helpers::cgroup::{Cgroup, cgroup2_root};
+use crate::test_helpers::cgroup::Cgroup;
 use crate::test_helpers::netns::{NetNs, two_hosts};
 use crate::test_helpers::sockets::{
     Opener, accept_within, connect_in_child, connect_marked, listen_v6only, original_dst,
@@ -270,13 +270,10 @@ fn cgroup_mode_redirects_only_the_listed_cgroup() {
     if !have_root("cgroup_mode_redirects_only_the_listed_cgroup") {
         return;
     }
-    let Some(root) = cgroup2_root() else {
-        eprintln!("\n*** SKIPPED: cgroup_mode_redirects_only_the_listed_cgroup: no cgroup2 mount ***\n");
+    let Some(cgroup) = Cgroup::create("cgroup_mode_redirects_only_the_listed_cgroup", "mesh-ipt-test") else {
         return;
     };
-    let name = format!("/mesh-ipt-test-{}", std::process::id());
-    let cgroup = Cgroup(root.join(&name[1..]));
-    std::fs::create_dir(&cgroup.0).unwrap();
+    let name = cgroup.relative.clone();
 
     let (a, b) = two_hosts();
     let cfg = IptablesConfig {
@@ -304,7 +301,7 @@ fn cgroup_mode_redirects_only_the_listed_cgroup() {
     assert!(accept_within(&outbound, Duration::from_millis(100)).is_none());
 
     // A process that joins the cgroup before connecting is redirected.
-    let procs = cgroup.0.join("cgroup.procs");
+    let procs = cgroup.dir.join("cgroup.procs");
     let script = format!(
         "echo $$ > {} && exec 3<>/dev/tcp/10.99.0.2/80 && read -r line <&3 && echo \"$line\"",
         procs.display()
@@ -324,24 +321,6 @@ fn cgroup_mode_redirects_only_the_listed_cgroup() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "bye\n");
 
     a.run(|| uninstall(false)).unwrap();
-}
-
-/// A cgroup of its own for the "agent" of a test, under the cgroup2 root.
-fn agent_cgroup(test: &str) -> Option<(Cgroup, String)> {
-    let Some(root) = cgroup2_root() else {
-        // Under CI this hides nothing: the CI machine mounts cgroup2 (eBPF mode needs it).
-        eprintln!("\n*** SKIPPED: {test}: no cgroup2 mount ***\n");
-        return None;
-    };
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let name = format!(
-        "/mesh-ipt-agent-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let cgroup = Cgroup(root.join(&name[1..]));
-    std::fs::create_dir(&cgroup.0).unwrap();
-    Some((cgroup, name))
 }
 
 const AGENT_GID: u32 = 4242;
@@ -366,10 +345,10 @@ fn pod_rules_from_outside_capture_both_ways_and_spare_only_the_agent() {
     if !have_root(test) {
         return;
     }
-    let Some((cgroup, cgroup_name)) = agent_cgroup(test) else { return };
+    let Some(cgroup) = Cgroup::create(test, "mesh-ipt-agent") else { return };
     let (pod, peer) = two_hosts();
     let pod_ns = Netns::Path(pod.path());
-    let rules = pod_rules(&cgroup_name);
+    let rules = pod_rules(&cgroup.relative);
     let patience = Duration::from_secs(3);
     let quiet = Duration::from_millis(100);
     let before = pod.run(|| [save(Family::V4), save(Family::V6)]);
@@ -426,7 +405,7 @@ fn pod_rules_from_outside_capture_both_ways_and_spare_only_the_agent() {
         // The agent's own sockets, in its cgroup or with its gid, and marked, go
         // where they asked to: the agent's connections from inside the pod.
         for (who, opener) in [
-            ("agent cgroup", Opener { mark: Some(MARK), cgroup: Some(&cgroup.0), gid: None }),
+            ("agent cgroup", Opener { mark: Some(MARK), cgroup: Some(&cgroup.dir), gid: None }),
             ("agent gid", Opener { mark: Some(MARK), cgroup: None, gid: Some(AGENT_GID) }),
         ] {
             pod.run(|| connect_in_child(dst, opener)).unwrap_or_else(|e| panic!("{dst} from {who}: {e}"));
@@ -434,7 +413,8 @@ fn pod_rules_from_outside_capture_both_ways_and_spare_only_the_agent() {
             assert!(accept_within(outbound, quiet).is_none(), "{dst}: {who} was redirected");
         }
         // The agent's cgroup without the mark is a workload like any other.
-        pod.run(|| connect_in_child(dst, Opener { mark: None, cgroup: Some(&cgroup.0), gid: None })).unwrap();
+        pod.run(|| connect_in_child(dst, Opener { mark: None, cgroup: Some(&cgroup.dir), gid: None }))
+            .unwrap();
         assert!(
             accept_within(outbound, patience).is_some(),
             "{dst}: unmarked socket in the agent's cgroup escaped"

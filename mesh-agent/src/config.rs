@@ -207,6 +207,9 @@ fn pod_flag(field: &str) -> (&'static str, &'static str) {
     }
 }
 
+/// Where eBPF interception is pinned by default (bpffs is mounted there if nothing is).
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";
+
 /// Output format of the agent's logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -236,10 +239,27 @@ pub struct RunArgs {
     #[arg(long = "cgroup", env = "MESH_CGROUPS", value_delimiter = ',')]
     pub cgroups: Vec<String>,
 
+    /// A workload of this node's own network namespace with its own identity,
+    /// `CGROUP=NAMESPACE/SERVICE_ACCOUNT` (repeatable): its connections land on a
+    /// listener of its own and carry its identity. Needs --control-plane and a token.
+    #[arg(long = "workload", env = "MESH_WORKLOADS", value_delimiter = ',')]
+    pub workloads: Vec<String>,
+
     /// The agent's own cgroup, where the getsockopt program attaches (default: read
-    /// from /proc/self/cgroup).
+    /// from /proc/self/cgroup). Connections made from it are never intercepted.
     #[arg(long, env = "MESH_AGENT_CGROUP")]
     pub agent_cgroup: Option<String>,
+
+    /// eBPF mode: the cgroup the connect programs attach to; workloads are enrolled
+    /// below it by map entries (default: the cgroup2 root).
+    #[arg(long, env = "MESH_CGROUP_ROOT", default_value = "/")]
+    pub cgroup_root: String,
+
+    /// eBPF mode: bpffs directory of this agent's pinned maps and links. Interception
+    /// stays pinned there when the agent stops (connections fail closed) until a new
+    /// agent adopts it or `mesh-agent cleanup --bpffs-dir DIR` removes it.
+    #[arg(long, env = "MESH_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: std::path::PathBuf,
 
     #[command(flatten)]
     pub intercept: InterceptArgs,
@@ -416,6 +436,17 @@ impl InterceptArgs {
         ebpf_log: bool,
         iptables_external: bool,
     ) -> Result<Settings, ConfigError> {
+        self.settings_with(agent_cgroup, ebpf_log, iptables_external, Placement::default())
+    }
+
+    /// [`InterceptArgs::settings`] with where eBPF interception lives and the tunnel port.
+    pub fn settings_with(
+        &self,
+        agent_cgroup: Option<String>,
+        ebpf_log: bool,
+        iptables_external: bool,
+        placement: Placement,
+    ) -> Result<Settings, ConfigError> {
         if self.outbound_port == 0 {
             return Err(err("--outbound-port", "MESH_OUTBOUND_PORT", "must not be 0"));
         }
@@ -482,7 +513,25 @@ impl InterceptArgs {
             ebpf_log,
             agent_cgroup,
             iptables_external,
+            bpffs_dir: placement.bpffs_dir,
+            cgroup_root: placement.cgroup_root,
+            tunnel_port: placement.tunnel_port,
         })
+    }
+}
+
+/// Where eBPF interception attaches and is pinned, and the tunnel port inbound capture
+/// leaves alone.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub bpffs_dir: std::path::PathBuf,
+    pub cgroup_root: String,
+    pub tunnel_port: u16,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self { bpffs_dir: DEFAULT_BPFFS_DIR.into(), cgroup_root: "/".into(), tunnel_port: 15008 }
     }
 }
 
@@ -508,8 +557,20 @@ pub struct ProxySettings {
 
 impl RunArgs {
     pub fn validate(&self) -> Result<(Settings, ProxySettings), ConfigError> {
-        let settings =
-            self.intercept.settings(self.agent_cgroup.clone(), self.ebpf_log, self.iptables_external)?;
+        if self.tunnel_port == 0 {
+            return Err(err("--tunnel-port", "MESH_TUNNEL_PORT", "must not be 0"));
+        }
+        let placement = Placement {
+            bpffs_dir: self.bpffs_dir.clone(),
+            cgroup_root: self.cgroup_root.clone(),
+            tunnel_port: self.tunnel_port,
+        };
+        let settings = self.intercept.settings_with(
+            self.agent_cgroup.clone(),
+            self.ebpf_log,
+            self.iptables_external,
+            placement,
+        )?;
         if self.detect_timeout.is_zero() {
             return Err(err("--detect-timeout", "MESH_DETECT_TIMEOUT", "must be more than 0"));
         }
@@ -538,6 +599,27 @@ impl RunArgs {
                         format!("{id:?} is not NAMESPACE/SERVICE_ACCOUNT"),
                     ));
                 }
+            }
+        }
+        for spec in &self.workloads {
+            let Some((cgroup, account)) = spec.split_once('=') else {
+                return Err(err(
+                    "--workload",
+                    "MESH_WORKLOADS",
+                    format!("{spec:?} is not CGROUP=NAMESPACE/SERVICE_ACCOUNT"),
+                ));
+            };
+            if cgroup.is_empty() {
+                return Err(err("--workload", "MESH_WORKLOADS", format!("{spec:?} names no cgroup")));
+            }
+            crate::workload::ServiceAccount::parse(account)
+                .map_err(|e| err("--workload", "MESH_WORKLOADS", e))?;
+            if self.control_plane.is_none() || self.bootstrap_token_file.is_none() {
+                return Err(err(
+                    "--workload",
+                    "MESH_WORKLOADS",
+                    "needs --control-plane and --bootstrap-token-file (the CA signs its identity)",
+                ));
             }
         }
         if !(self.cert_renew_fraction > 0.0 && self.cert_renew_fraction <= 1.0) {

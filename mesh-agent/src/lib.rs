@@ -30,4 +30,5 @@ pub mod source_addr;
 #[cfg(test)]
 pub(crate) mod test_helpers;
 pub mod tunnel;
+pub mod workload;
 pub mod workload_identity;

@@ -231,6 +231,7 @@ pub fn serve_inbound(
         }
     });
     let connect = Arc::new(move |target: SocketAddr| {
+        let sockets = sockets.clone();
         Box::pin(async move { sockets.connect(target, connect_timeout).await })
             as std::pin::Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
     });

@@ -1,7 +1,16 @@
 //! The real `mesh-agent` binary, running inside a test host in a cgroup of its own,
 //! with its JSON log captured line by line.
 
-use std::{net::SocketAddr, process::ExitStatus, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitStatus,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Result;
 use nix::sys::signal::Signal;
@@ -9,6 +18,50 @@ use serde_json::Value;
 
 pub use crate::process::message;
 use crate::{bins, cgroup::Cgroup, netns::Host, process::LoggedChild};
+
+/// Where an agent pins its eBPF interception (`--bpffs-dir`): one directory per test
+/// agent, removed (which detaches everything pinned there) when the last holder drops
+/// it. Interception outlives the agent process on purpose (it fails closed); a test
+/// that restarts an agent passes the same `Pins` to the new one, which adopts them.
+#[derive(Debug)]
+pub struct Pins {
+    dir: PathBuf,
+}
+
+/// bpffs directories of test agents: `<BPFFS>/mt<pid>-<n>`.
+const BPFFS: &str = "/sys/fs/bpf";
+static NEXT_PINS: AtomicUsize = AtomicUsize::new(0);
+
+impl Pins {
+    pub fn new() -> Arc<Self> {
+        remove_stale_pins();
+        let n = NEXT_PINS.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Self { dir: Path::new(BPFFS).join(format!("mt{}-{n}", std::process::id())) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Removes pins left by test processes that no longer exist (a killed run), so their
+/// programs stop running on every connect of the machine.
+fn remove_stale_pins() {
+    let Ok(entries) = std::fs::read_dir(BPFFS) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("mt").and_then(|r| r.split('-').next()) else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
 
 /// How to start an agent.
 #[derive(Clone, Debug, Default)]
@@ -26,6 +79,8 @@ pub struct AgentOptions {
     pub log: Option<String>,
     /// Run the agent under this command (e.g. `setpriv` dropping capabilities).
     pub wrapper: Option<Vec<String>>,
+    /// Where its eBPF interception is pinned (a fresh directory when `None`).
+    pub pins: Option<Arc<Pins>>,
 }
 
 impl AgentOptions {
@@ -42,6 +97,12 @@ impl AgentOptions {
         self.args.push(a.into());
         self
     }
+
+    /// Pins interception where an earlier agent did (a restart adopting it).
+    pub fn pins(mut self, pins: &Arc<Pins>) -> Self {
+        self.pins = Some(pins.clone());
+        self
+    }
 }
 
 /// A running agent; terminated gracefully (SIGTERM, bounded wait) on drop.
@@ -49,6 +110,7 @@ pub struct Agent {
     process: LoggedChild,
     pub admin: SocketAddr,
     // Dropped after the process is gone (fields drop in declaration order).
+    pins: Arc<Pins>,
     _cgroup: Option<Cgroup>,
 }
 
@@ -71,7 +133,9 @@ impl Agent {
             }
             None => host.command(bins::agent(), Some(&cgroup_dir))?,
         };
+        let pins = opts.pins.clone().unwrap_or_else(Pins::new);
         cmd.arg("run").args(["--mode", &opts.mode, "--log-format", "json"]);
+        cmd.arg("--bpffs-dir").arg(pins.path());
         cmd.args(["--log", opts.log.as_deref().unwrap_or("info,mesh_agent=debug")]);
         for cg in &opts.cgroups {
             cmd.args(["--cgroup", cg]);
@@ -79,7 +143,7 @@ impl Agent {
         cmd.args(&opts.args);
         let mut process = LoggedChild::spawn("mesh-agent", cmd)?;
         process.wait_ready("agent ready", Duration::from_secs(30))?;
-        Ok(Self { process, admin: "127.0.0.1:15000".parse().expect("valid"), _cgroup: own })
+        Ok(Self { process, admin: "127.0.0.1:15000".parse().expect("valid"), pins, _cgroup: own })
     }
 
     /// Everything the agent printed so far.
@@ -127,6 +191,12 @@ impl Agent {
         self.find(|v| message(v) == "interception mode selected")
             .and_then(|v| v["mode"].as_str().map(str::to_owned))
             .unwrap_or_default()
+    }
+
+    /// Where the agent pins its eBPF interception (pass to a restarted agent with
+    /// [`AgentOptions::pins`]).
+    pub fn pins(&self) -> &Arc<Pins> {
+        &self.pins
     }
 
     /// The agent's process id.

@@ -30,20 +30,11 @@ pub use wait::eventually;
 /// behaviour must hold in both interception modes. Each test calls the function of
 /// the same name (in the invoking module) with the mode; without root it fails
 /// under `CI=true` and reports the skip otherwise (see [`require_root`]).
-///
-/// A behaviour that eBPF mode does not have yet is declared with
-/// `#[ebpf_pending = "why"] name`: its eBPF test is `#[ignore]`d with that reason,
-/// so test runs list it as ignored (and `--ignored` runs it) until the attribute
-/// goes.
 #[macro_export]
 macro_rules! both_modes {
-    ($($(#[ebpf_pending = $why:literal])? $name:ident),* $(,)?) => {
+    ($($name:ident),* $(,)?) => {
         mod ebpf {
-            $(
-                $(#[ignore = $why])?
-                #[test]
-                fn $name() { if $crate::require_root(stringify!($name)) { super::$name("ebpf") } }
-            )*
+            $( #[test] fn $name() { if $crate::require_root(stringify!($name)) { super::$name("ebpf") } } )*
         }
         mod iptables {
             $( #[test] fn $name() { if $crate::require_root(stringify!($name)) { super::$name("iptables") } } )*

@@ -98,7 +98,6 @@ mesh_tests::both_modes!(
     agent_in_enrolled_cgroup_does_not_loop,
     bad_input_is_passed_through_or_closed_without_harm,
     graceful_shutdown_and_kill_fail_closed_until_cleanup,
-    #[ebpf_pending = "issue 18 item 5: the eBPF connect programs still skip any socket with the agent's mark"]
     workload_setting_the_agents_mark_is_still_intercepted,
 );
 

@@ -9,13 +9,18 @@ use serde::Serialize;
 
 use crate::{
     cidr::Cidr,
-    intercept::{Mode, Settings},
+    intercept::{
+        Mode, Settings,
+        iptables::{AgentSockets, IptablesError, pod::PodRules},
+    },
 };
 
 /// Default outbound listener port (workload connections are redirected here).
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 /// Default inbound listener port (iptables mode PREROUTING redirect target).
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+/// Default tunnel listener port (peers' agents dial it, over mTLS).
+pub const DEFAULT_TUNNEL_PORT: u16 = crate::intercept::iptables::pod::DEFAULT_TUNNEL_PORT;
 /// Default admin port.
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 /// Default admin socket (requests that change the agent).
@@ -47,6 +52,9 @@ pub struct InterceptArgs {
     #[arg(long, env = "MESH_MARK", default_value = "0x4d45", value_parser = parse_u32)]
     pub mark: u32,
 
+    #[command(flatten)]
+    pub owner: AgentOwnerArgs,
+
     /// Also exclude connections of this uid from redirection (iptables mode).
     #[arg(long, env = "MESH_EXCLUDE_UID")]
     pub exclude_uid: Option<u32>,
@@ -70,6 +78,135 @@ pub struct InterceptArgs {
     /// Do not intercept IPv6 (no [::1] listener, no ip6tables rules).
     #[arg(long, env = "MESH_NO_IPV6")]
     pub no_ipv6: bool,
+}
+
+/// Who the agent runs as, for iptables rules that someone else installs (a pod's
+/// init container): a workload can put the agent's mark on its sockets, but not
+/// the agent's uid or gid.
+#[derive(Args, Clone, Debug, Default)]
+pub struct AgentOwnerArgs {
+    /// iptables mode: the uid the agent runs as; its sockets are recognised by the
+    /// mark together with this uid (`-m owner --uid-owner`).
+    #[arg(long, env = "MESH_AGENT_UID")]
+    pub agent_uid: Option<u32>,
+
+    /// iptables mode: the gid the agent runs as; its sockets are recognised by the
+    /// mark together with this gid (`-m owner --gid-owner`).
+    #[arg(long, env = "MESH_AGENT_GID")]
+    pub agent_gid: Option<u32>,
+}
+
+/// Flags of `mesh-agent iptables pod install|check`: the rules of a pod's own
+/// network namespace, where the agent serves the pod (outbound, inbound and
+/// tunnel listeners inside it).
+#[derive(Args, Clone, Debug)]
+pub struct PodRulesArgs {
+    /// The agent's outbound listener in the pod.
+    #[arg(long, env = "MESH_OUTBOUND_PORT", default_value_t = DEFAULT_OUTBOUND_PORT)]
+    pub outbound_port: u16,
+
+    /// The agent's inbound listener in the pod: every inbound TCP port but the
+    /// agent's own and --inbound-exclude-ports is redirected to it.
+    #[arg(long, env = "MESH_INBOUND_PORT", default_value_t = DEFAULT_INBOUND_PORT)]
+    pub inbound_port: u16,
+
+    /// The agent's tunnel listener in the pod, which peers' agents dial directly.
+    #[arg(long, env = "MESH_TUNNEL_PORT", default_value_t = DEFAULT_TUNNEL_PORT)]
+    pub tunnel_port: u16,
+
+    /// Other ports of the agent in the pod (admin, health) that inbound
+    /// redirection leaves alone, comma-separated.
+    #[arg(long, env = "MESH_AGENT_PORTS", value_delimiter = ',', default_value = "15000")]
+    pub agent_ports: Vec<u16>,
+
+    /// Inbound destination ports that reach the pod's app directly, comma-separated.
+    #[arg(long, env = "MESH_INBOUND_EXCLUDE_PORTS", value_delimiter = ',')]
+    pub inbound_exclude_ports: Vec<u16>,
+
+    /// Outbound destination ports never redirected.
+    #[arg(long, env = "MESH_EXCLUDE_PORTS", value_delimiter = ',')]
+    pub exclude_ports: Vec<u16>,
+
+    /// Outbound destination CIDRs never redirected.
+    #[arg(long, env = "MESH_EXCLUDE_CIDRS", value_delimiter = ',')]
+    pub exclude_cidrs: Vec<Cidr>,
+
+    /// SO_MARK carried by the agent's own sockets.
+    #[arg(long, env = "MESH_MARK", default_value = "0x4d45", value_parser = parse_u32)]
+    pub mark: u32,
+
+    /// cgroup the agent runs in, relative to the cgroup2 root (repeatable): its
+    /// sockets are recognised by the mark together with it (`-m cgroup --path`).
+    #[arg(long = "agent-cgroup", env = "MESH_AGENT_CGROUP", value_delimiter = ',')]
+    pub agent_cgroups: Vec<String>,
+
+    #[command(flatten)]
+    pub owner: AgentOwnerArgs,
+
+    /// Do not intercept IPv6 (no ip6tables rules).
+    #[arg(long, env = "MESH_NO_IPV6")]
+    pub no_ipv6: bool,
+}
+
+impl PodRulesArgs {
+    /// The validated pod rules. [`PodRules::config`] checks them; its errors are
+    /// given here with the flag and variable of the field at fault.
+    pub fn rules(&self) -> Result<PodRules, ConfigError> {
+        if self.no_ipv6
+            && let Some(c) = self.exclude_cidrs.iter().find(|c| !c.is_ipv4())
+        {
+            return Err(err(
+                "--exclude-cidrs",
+                "MESH_EXCLUDE_CIDRS",
+                format!("{c} is IPv6 but --no-ipv6 is set"),
+            ));
+        }
+        let rules = PodRules {
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            tunnel_port: self.tunnel_port,
+            agent_ports: dedup(&self.agent_ports),
+            inbound_exclude_ports: dedup(&self.inbound_exclude_ports),
+            exclude_ports: dedup(&self.exclude_ports),
+            exclude_cidrs: dedup(&self.exclude_cidrs),
+            agent: AgentSockets {
+                mark: self.mark,
+                cgroups: dedup(&self.agent_cgroups),
+                uid: self.owner.agent_uid,
+                gid: self.owner.agent_gid,
+            },
+            ipv6: !self.no_ipv6,
+        };
+        match rules.config() {
+            Ok(_) => Ok(rules),
+            Err(e) => {
+                let (flag, env) = match &e {
+                    IptablesError::InvalidConfig { field, .. } => pod_flag(field),
+                    _ => ("pod rules", "-"),
+                };
+                Err(err(flag, env, e.to_string()))
+            }
+        }
+    }
+}
+
+/// The flag and variable of a [`PodRules`] field.
+fn pod_flag(field: &str) -> (&'static str, &'static str) {
+    match field {
+        "outbound_port" => ("--outbound-port", "MESH_OUTBOUND_PORT"),
+        "inbound_port" => ("--inbound-port", "MESH_INBOUND_PORT"),
+        "tunnel_port" => ("--tunnel-port", "MESH_TUNNEL_PORT"),
+        "outbound_port/inbound_port/tunnel_port" => (
+            "--outbound-port/--inbound-port/--tunnel-port",
+            "MESH_OUTBOUND_PORT/MESH_INBOUND_PORT/MESH_TUNNEL_PORT",
+        ),
+        "agent_ports" => ("--agent-ports", "MESH_AGENT_PORTS"),
+        "inbound_exclude_ports" => ("--inbound-exclude-ports", "MESH_INBOUND_EXCLUDE_PORTS"),
+        "exclude_ports" => ("--exclude-ports", "MESH_EXCLUDE_PORTS"),
+        "mark" => ("--mark", "MESH_MARK"),
+        "agent_cgroups" => ("--agent-cgroup", "MESH_AGENT_CGROUP"),
+        _ => ("pod rules", "-"),
+    }
 }
 
 /// Where eBPF interception is pinned by default (bpffs is mounted there if nothing is).
@@ -239,7 +376,7 @@ pub struct RunArgs {
     pub bootstrap_token_file: Option<std::path::PathBuf>,
 
     /// Port of the mTLS tunnel listener peers' agents connect to (with --identity).
-    #[arg(long, env = "MESH_TUNNEL_PORT", default_value_t = 15008)]
+    #[arg(long, env = "MESH_TUNNEL_PORT", default_value_t = DEFAULT_TUNNEL_PORT)]
     pub tunnel_port: u16,
 
     /// Connections the agent's listeners (outbound, inbound, tunnel) hold open
@@ -414,6 +551,8 @@ impl InterceptArgs {
             inbound_port: self.inbound_port,
             inbound_ports: dedup(&self.inbound_ports),
             mark: self.mark,
+            agent_uid: self.owner.agent_uid,
+            agent_gid: self.owner.agent_gid,
             exclude_uid: self.exclude_uid,
             include_ports: dedup(&self.include_ports),
             exclude_ports: dedup(&self.exclude_ports),
@@ -669,5 +808,57 @@ mod tests {
         let e = Cli::try_parse_from(["x", "--mark", "zz"]).err().unwrap().to_string();
         assert!(e.contains("--mark"), "{e}");
         assert_eq!(parse_u32("0x10"), Ok(16));
+    }
+
+    #[derive(Parser)]
+    struct PodCli {
+        #[command(flatten)]
+        pod: PodRulesArgs,
+    }
+
+    fn pod(args: &[&str]) -> Result<PodRules, ConfigError> {
+        let mut argv = vec!["mesh-agent"];
+        argv.extend_from_slice(args);
+        PodCli::try_parse_from(argv).expect("flags parse").pod.rules()
+    }
+
+    #[test]
+    fn pod_rules_defaults_and_owner() {
+        let r = pod(&[]).unwrap();
+        assert_eq!((r.outbound_port, r.inbound_port, r.tunnel_port), (15001, 15006, 15008));
+        assert_eq!(r.inbound_exceptions(), [15008, 15006, 15001, 15000]);
+        assert_eq!(r.agent, AgentSockets::mark_only(DEFAULT_MARK));
+        let r =
+            pod(&["--agent-gid", "1337", "--agent-cgroup", "/a,/b", "--inbound-exclude-ports", "9090,9090"])
+                .unwrap();
+        assert_eq!(r.agent.gid, Some(1337));
+        assert_eq!(r.agent.cgroups, ["/a", "/b"]);
+        assert_eq!(r.inbound_exclude_ports, [9090]);
+        let (s, _) = parse(&["--agent-uid", "7"]).unwrap();
+        assert_eq!(
+            s.agent_sockets(None),
+            AgentSockets { uid: Some(7), ..AgentSockets::mark_only(DEFAULT_MARK) }
+        );
+    }
+
+    #[test]
+    fn pod_rules_errors_name_the_flag() {
+        for (args, flag) in [
+            (&["--outbound-port", "0"][..], "--outbound-port"),
+            (&["--inbound-port", "0"], "--inbound-port"),
+            (&["--tunnel-port", "0"], "--tunnel-port"),
+            (&["--tunnel-port", "15006"], "--outbound-port/--inbound-port/--tunnel-port"),
+            (&["--agent-ports", "15000,0"], "--agent-ports"),
+            (&["--inbound-exclude-ports", "0"], "--inbound-exclude-ports"),
+            (&["--exclude-ports", "22,0"], "--exclude-ports"),
+            (&["--mark", "0"], "--mark"),
+            (&["--agent-cgroup", "agent"], "--agent-cgroup"),
+            (&["--agent-cgroup", "/a b"], "--agent-cgroup"),
+            (&["--no-ipv6", "--exclude-cidrs", "fd00::/8"], "--exclude-cidrs"),
+        ] {
+            let e = pod(args).unwrap_err();
+            assert_eq!(e.flag, flag, "{args:?}: {e}");
+            assert!(e.env.starts_with("MESH_"), "{args:?}: {e}");
+        }
     }
 }

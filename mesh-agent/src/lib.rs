@@ -28,6 +28,8 @@ pub mod resilience;
 pub mod sniff;
 pub mod socket;
 pub mod source_addr;
+#[cfg(test)]
+pub(crate) mod test_helpers;
 pub mod tunnel;
 pub mod workload;
 pub mod workload_identity;

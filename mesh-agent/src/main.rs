@@ -1,11 +1,16 @@
 //! `mesh-agent`: the mesh's node agent. See the crate docs of `mesh_agent`.
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mesh_agent::{
     agent,
-    config::{InterceptArgs, LogFormat},
-    intercept::iptables,
+    config::{InterceptArgs, LogFormat, PodRulesArgs},
+    intercept::iptables::{
+        self, Check, Netns,
+        pod::{self, Cleaned},
+    },
 };
 use tracing_subscriber::{EnvFilter, Registry, fmt, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
@@ -27,12 +32,18 @@ enum Command {
         action: IptablesAction,
     },
     /// Remove the interception an agent leaves in place on purpose when it stops (so
-    /// workloads fail closed): iptables chains and jumps, and the eBPF programs, links
-    /// and maps pinned in bpffs. Workloads' connections then go direct again.
+    /// workloads fail closed): iptables chains and jumps, in this network namespace
+    /// and in each pod namespace given with --netns, and the eBPF programs, links and
+    /// maps pinned in bpffs. Workloads' connections then go direct again.
     Cleanup {
         /// Leave ip6tables alone.
         #[arg(long)]
         no_ipv6: bool,
+        /// A pod's network namespace (/var/run/netns/NAME or /proc/PID/ns/net)
+        /// whose rules to remove too; repeatable. One that no longer exists is
+        /// reported and counts as cleaned.
+        #[arg(long = "netns")]
+        netns: Vec<PathBuf>,
         /// The agent's bpffs directory (`--bpffs-dir` of `mesh-agent run`).
         #[arg(long, env = "MESH_BPFFS_DIR", default_value = mesh_agent::config::DEFAULT_BPFFS_DIR)]
         bpffs_dir: std::path::PathBuf,
@@ -52,6 +63,49 @@ enum IptablesAction {
         #[arg(long)]
         no_ipv6: bool,
     },
+    /// The rules of a pod's own network namespace, where the agent serves the pod
+    /// (every outbound TCP connection to 15001, every inbound one but the agent's
+    /// own ports to 15006): run from the node with --netns, or from inside the pod
+    /// (an init container).
+    Pod {
+        #[command(subcommand)]
+        action: PodAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum PodAction {
+    /// Install (or replace) the pod rules (idempotent).
+    Install {
+        /// The pod's network namespace (/var/run/netns/NAME or /proc/PID/ns/net);
+        /// default: this process's own.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        #[command(flatten)]
+        rules: PodRulesArgs,
+    },
+    /// Exit 0 if the namespace holds exactly these rules; otherwise print what
+    /// differs and exit 1. Changes nothing.
+    Check {
+        /// As for `install`.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        #[command(flatten)]
+        rules: PodRulesArgs,
+    },
+    /// Remove exactly what `install` added (idempotent).
+    Uninstall {
+        /// As for `install`.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        /// Leave ip6tables alone.
+        #[arg(long)]
+        no_ipv6: bool,
+    },
+}
+
+fn netns(path: Option<PathBuf>) -> Netns {
+    path.map_or(Netns::Current, Netns::Path)
 }
 
 mod agent_args {
@@ -118,15 +172,31 @@ fn main() -> anyhow::Result<()> {
             match action {
                 IptablesAction::Install { intercept } => {
                     let settings = intercept.settings(None, false, false)?;
-                    iptables::install(&settings.iptables_config(&[]))?;
+                    // Run by an init container: the agent's cgroup is not this one.
+                    iptables::install(&settings.iptables_config(&[], None))?;
                 }
                 IptablesAction::Uninstall { no_ipv6 } => iptables::uninstall(!no_ipv6)?,
+                IptablesAction::Pod { action } => pod_action(action)?,
             }
             Ok(())
         }
-        Command::Cleanup { no_ipv6, bpffs_dir } => {
+        Command::Cleanup { no_ipv6, netns, bpffs_dir } => {
             init_logging(LogFormat::Text, "info")?;
             iptables::uninstall(!no_ipv6)?;
+            let mut failed = 0;
+            for (path, result) in pod::cleanup(&netns, !no_ipv6) {
+                match result {
+                    Ok(Cleaned::Removed) => println!("cleanup: {}: pod rules removed", path.display()),
+                    Ok(Cleaned::Gone) => {
+                        println!("cleanup: {}: namespace gone, its rules with it", path.display())
+                    }
+                    Err(e) => {
+                        eprintln!("cleanup: {}: {e}", path.display());
+                        failed += 1;
+                    }
+                }
+            }
+            anyhow::ensure!(failed == 0, "cleanup failed in {failed} pod namespace(s)");
             let removed = mesh_agent::intercept::ebpf::pins::remove_all(&bpffs_dir).with_context(|| {
                 format!("removing pinned eBPF interception under {}", bpffs_dir.display())
             })?;
@@ -149,4 +219,27 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `mesh-agent iptables pod ...`.
+fn pod_action(action: PodAction) -> anyhow::Result<()> {
+    match action {
+        PodAction::Install { netns: path, rules } => pod::install(&netns(path), &rules.rules()?)?,
+        PodAction::Check { netns: path, rules } => match pod::check(&netns(path), &rules.rules()?)? {
+            Check::Installed => println!("installed"),
+            Check::Absent => {
+                println!("absent: no pod rules");
+                std::process::exit(1);
+            }
+            Check::Differs(differences) => {
+                println!("differs:");
+                for d in differences {
+                    println!("  {d}");
+                }
+                std::process::exit(1);
+            }
+        },
+        PodAction::Uninstall { netns: path, no_ipv6 } => pod::uninstall(&netns(path), !no_ipv6)?,
+    }
+    Ok(())
 }

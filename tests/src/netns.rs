@@ -196,6 +196,26 @@ impl Host {
     pub fn ip(&self, args: &[&str]) -> Result<()> {
         self.ns.exec_ip(args)
     }
+
+    /// The host's IPv4 and IPv6 `nat` tables (`iptables-save -t nat`, then
+    /// `ip6tables-save -t nat`), without the comment lines, which carry a
+    /// timestamp: two calls return the same text when nothing changed.
+    pub fn nat_tables(&self) -> Result<String> {
+        let mut all = String::new();
+        for bin in ["iptables-save", "ip6tables-save"] {
+            let out = self
+                .command(bin, None)?
+                .args(["-t", "nat"])
+                .output()
+                .with_context(|| format!("running {bin}"))?;
+            ensure!(out.status.success(), "{bin}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.starts_with('#')) {
+                all.push_str(line);
+                all.push('\n');
+            }
+        }
+        Ok(all)
+    }
 }
 
 /// A set of hosts on one bridge.

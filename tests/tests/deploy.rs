@@ -665,6 +665,14 @@ fn pod_fallback_init_container_and_sidecar_agree() {
     for flag in ["outbound-port", "inbound-port", "mark"] {
         assert_eq!(init.get(flag), sidecar.get(flag), "--{flag} differs between the rules and the agent");
     }
+    // The mark alone can be forged by a root workload: the rules also match the
+    // agent's group, which must be the one the sidecar runs as.
+    let agent_gid: u64 = init.get("agent-gid").expect("init container sets --agent-gid").parse().unwrap();
+    assert_eq!(
+        sidecar_c["securityContext"]["runAsGroup"].as_u64(),
+        Some(agent_gid),
+        "--agent-gid must be the sidecar's runAsGroup"
+    );
     let redirected: BTreeSet<u64> =
         init["inbound-ports"].split(',').map(|p| p.trim().parse().unwrap()).collect();
     let app_ports: BTreeSet<u64> = d.pod().unwrap()["containers"]

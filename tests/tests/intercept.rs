@@ -98,6 +98,7 @@ mesh_tests::both_modes!(
     agent_in_enrolled_cgroup_does_not_loop,
     bad_input_is_passed_through_or_closed_without_harm,
     graceful_shutdown_and_kill_fail_closed_until_cleanup,
+    workload_setting_the_agents_mark_is_still_intercepted,
 );
 
 fn http1_is_intercepted_classified_and_answered(mode: &str) {
@@ -212,6 +213,20 @@ fn non_enrolled_process_is_not_intercepted(mode: &str) {
     assert_eq!(records.len(), 1, "only the enrolled connection went through the agent: {records:?}");
 }
 
+/// A root workload puts the agent's mark on its socket (as `setsockopt(SOL_SOCKET,
+/// SO_MARK, 0x4d45)` would), hoping to pass for the agent and skip interception: it
+/// is intercepted all the same, over IPv4 and IPv6.
+fn workload_setting_the_agents_mark_is_still_intercepted(mode: &str) {
+    let s = Setup::new(mode, &[]);
+    let whoami = servers::whoami(s.server(), WHOAMI).unwrap();
+    for dst in [s.server().v4_addr(WHOAMI), s.server().v6_addr(WHOAMI)] {
+        let out = s.probe(dst, &["--mark", "0x4d45", "whoami"]);
+        assert_ne!(out["server_saw"], out["local"], "a workload socket with the agent's mark escaped: {out}");
+        assert_eq!(s.agent.wait_conn(dst)["orig_dst"], dst.to_string());
+    }
+    assert_eq!(whoami.seen().len(), 2);
+}
+
 /// The agent runs inside an enrolled cgroup's subtree (a host where it was started
 /// under the workloads' slice): its own upstream connections are told apart by its
 /// cgroup and never intercepted again, while the workload beside it is.
@@ -315,12 +330,7 @@ fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
 }
 
 fn nat_rules(lab: &Lab) -> String {
-    let mut all = String::new();
-    for bin in ["iptables-save", "ip6tables-save"] {
-        let out = run(lab.host("client").command(bin, None).unwrap().args(["-t", "nat"]));
-        all.push_str(&String::from_utf8_lossy(&out.stdout));
-    }
-    all
+    lab.host("client").nat_tables().unwrap()
 }
 
 /// Whether this agent's interception is in place: its pinned links (eBPF) or its

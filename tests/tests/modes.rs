@@ -1,9 +1,13 @@
 //! How the agent picks its interception mode, what it says when it cannot, and the
-//! iptables-only flows: the pod init container and inbound redirection.
+//! iptables-only flows: the pod init container, inbound redirection, and a pod's
+//! own rules installed from the node or from inside the pod.
 
-use std::process::{Command, Output};
+use std::{
+    process::{Command, Output},
+    time::Duration,
+};
 
-use mesh_tests::{Agent, AgentOptions, Cgroup, Lab, bins, require_root, servers};
+use mesh_tests::{Agent, AgentOptions, Cgroup, Lab, bins, eventually, require_root, servers};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
@@ -174,4 +178,127 @@ fn iptables_inbound_redirect_reaches_local_workload() {
     let rec = agent.wait_conn(dst);
     assert_eq!(rec["direction"], "inbound", "{rec}");
     assert_eq!(rec["protocol"], "http1", "{rec}");
+}
+
+/// A workload on `host` (its own cgroup, root) asks `dst` which peer it saw, with
+/// `extra` probe flags: true when the connection went through an agent (the
+/// server saw another socket than the workload's own).
+fn intercepted(host: &mesh_tests::Host, dst: std::net::SocketAddr, extra: &[&str]) -> bool {
+    let app = Cgroup::new("app").unwrap();
+    let mut cmd = host.command(bins::probe(), Some(app.absolute())).unwrap();
+    cmd.args(["--connect", &dst.to_string()]).args(extra).arg("whoami");
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe prints JSON");
+    v["server_saw"] != v["local"]
+}
+
+/// A pod served in its own network namespace, its rules installed from the node
+/// (`iptables pod install --netns`): the pod's outbound TCP goes through the agent
+/// (a root workload with the agent's mark too), inbound TCP to any port of the pod
+/// goes through the agent, and `cleanup --netns` removes exactly what was added.
+/// The agent runs inside the pod as a stand-in for the in-pod listeners.
+#[test]
+fn pod_rules_from_the_node_capture_the_pod_and_cleanup_removes_them() {
+    if !require_root("pod_rules_from_the_node_capture_the_pod_and_cleanup_removes_them") {
+        return;
+    }
+    let lab = Lab::new(&["node", "pod", "server"]).unwrap();
+    let (node, pod, server) = (lab.host("node"), lab.host("pod"), lab.host("server"));
+    let _remote = servers::whoami(server, 7001).unwrap();
+    let _app = servers::http(pod, 8080, "app").unwrap();
+    let before = pod.nat_tables().unwrap();
+
+    let agent_cgroup = Cgroup::new("agent").unwrap();
+    let opts = AgentOptions {
+        in_cgroup: Some(agent_cgroup.relative().to_owned()),
+        // The agent binds its inbound listener for the rules installed below.
+        ..AgentOptions::new("iptables").arg("--iptables-external").arg("--inbound-ports").arg("8080")
+    };
+    let agent = Agent::start(pod, opts).unwrap();
+
+    // From the node's namespace, into the pod's by path.
+    let netns = pod.ns.path();
+    let pod_rules = ["--netns", netns.as_str(), "--agent-cgroup", agent_cgroup.relative()];
+    let on_node = |args: &[&str]| run(node.command(bins::agent(), None).unwrap().args(args));
+    for _ in 0..2 {
+        let out = on_node(&[&["iptables", "pod", "install"][..], &pod_rules[..]].concat());
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    assert!(!node.nat_tables().unwrap().contains("MESH_"), "rules landed in the node's namespace");
+    let check = on_node(&[&["iptables", "pod", "check"][..], &pod_rules[..]].concat());
+    assert!(check.status.success() && text(&check).contains("installed"), "{}", text(&check));
+
+    let dst = server.v4_addr(7001);
+    assert!(intercepted(pod, dst, &[]), "outbound not intercepted");
+    assert!(intercepted(pod, server.v6_addr(7001), &[]), "IPv6 outbound not intercepted");
+    assert!(intercepted(pod, dst, &["--mark", "0x4d45"]), "a workload with the agent's mark escaped");
+    agent.wait_conn(dst);
+
+    // Inbound: a client on another host reaches the pod's app through the agent.
+    let app = pod.v4_addr(8080);
+    let out = run(server.command("curl", None).unwrap().args([
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("http://{app}/in"),
+    ]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "server=app HTTP/1.1 GET /in", "{}", text(&out));
+    assert_eq!(agent.wait_conn(app)["direction"], "inbound");
+
+    // Cleanup from the node, twice: the pod's tables are as they were.
+    for _ in 0..2 {
+        let out = on_node(&["cleanup", "--netns", &netns]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains("pod rules removed"), "{}", text(&out));
+        assert_eq!(pod.nat_tables().unwrap(), before);
+    }
+    let check = on_node(&[&["iptables", "pod", "check"][..], &pod_rules[..]].concat());
+    assert!(!check.status.success() && text(&check).contains("absent"), "{}", text(&check));
+    assert!(!intercepted(pod, dst, &[]), "still intercepted after cleanup");
+    let gone = on_node(&["cleanup", "--netns", "/var/run/netns/mesh-test-no-such-pod"]);
+    assert!(gone.status.success() && text(&gone).contains("namespace gone"), "{}", text(&gone));
+}
+
+/// A pod's init container installs the pod rules from inside the pod with only
+/// CAP_NET_ADMIN, naming the gid the agent (a sidecar) runs as: the agent's own
+/// connections pass, a root workload that sets the agent's mark does not.
+#[test]
+fn init_container_pod_rules_tell_the_agent_by_its_gid() {
+    if !require_root("init_container_pod_rules_tell_the_agent_by_its_gid") {
+        return;
+    }
+    const AGENT_GID: &str = "1337";
+    let lab = Lab::new(&["pod", "server"]).unwrap();
+    let (pod, server) = (lab.host("pod"), lab.host("server"));
+    let _remote = servers::whoami(server, 7001).unwrap();
+
+    let mut install = pod.command("setpriv", None).unwrap();
+    install.args(drop_caps(&["bpf", "sys_admin", "perfmon"])).arg(bins::agent()).args([
+        "iptables",
+        "pod",
+        "install",
+        "--agent-gid",
+        AGENT_GID,
+    ]);
+    let out = run(&mut install);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The sidecar: root, in the agent's group (it keeps its capabilities).
+    let mut opts = AgentOptions::new("iptables").arg("--iptables-external");
+    opts.wrapper = Some(["setpriv", "--regid", AGENT_GID, "--clear-groups"].map(str::to_owned).to_vec());
+    let agent = Agent::start(pod, opts).unwrap();
+
+    let dst = server.v4_addr(7001);
+    assert!(intercepted(pod, dst, &[]), "outbound not intercepted");
+    assert!(intercepted(pod, dst, &["--mark", "0x4d45"]), "a workload with the agent's mark escaped");
+    // Both went out through the agent, whose own upstream connections were not
+    // sent back into itself.
+    let records = eventually(Duration::from_secs(10), "a record of both connections", || {
+        let records =
+            agent.find_all(|v| v["message"] == "connection closed" && v["orig_dst"] == dst.to_string());
+        (records.len() == 2).then_some(records)
+    });
+    assert!(records.iter().all(|r| r["error"].is_null()), "{records:?}");
+    assert!(agent.find(|v| v["message"].as_str().unwrap_or_default().contains("refusing to loop")).is_none());
 }

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use self::{
     ebpf::{EbpfError, EbpfInterceptor, EbpfStats},
-    iptables::{IptablesConfig, IptablesError},
+    iptables::{AgentSockets, Inbound, IptablesConfig, IptablesError},
     preflight::Missing,
 };
 use crate::{cgroup::CgroupPath, cidr::Cidr};
@@ -74,6 +74,10 @@ pub struct Settings {
     /// eBPF mode peers reach the agent directly).
     pub inbound_ports: Vec<u16>,
     pub mark: u32,
+    /// The uid/gid the agent runs as: iptables rules recognise its sockets by the
+    /// mark together with them (for rules an init container installs).
+    pub agent_uid: Option<u32>,
+    pub agent_gid: Option<u32>,
     pub exclude_uid: Option<u32>,
     pub include_ports: Vec<u16>,
     pub exclude_ports: Vec<u16>,
@@ -112,13 +116,26 @@ impl Settings {
         ports
     }
 
-    /// The iptables rules for these settings and enrolled cgroups.
-    pub fn iptables_config(&self, cgroups: &[CgroupPath]) -> IptablesConfig {
+    /// How iptables rules recognise the agent's own sockets: the mark, with the
+    /// cgroup the agent runs in (`agent_cgroup`, when it installs the rules
+    /// itself) and the configured uid/gid.
+    pub fn agent_sockets(&self, agent_cgroup: Option<String>) -> AgentSockets {
+        AgentSockets {
+            mark: self.mark,
+            cgroups: agent_cgroup.into_iter().collect(),
+            uid: self.agent_uid,
+            gid: self.agent_gid,
+        }
+    }
+
+    /// The iptables rules for these settings and enrolled cgroups; `agent_cgroup`
+    /// as in [`Settings::agent_sockets`].
+    pub fn iptables_config(&self, cgroups: &[CgroupPath], agent_cgroup: Option<String>) -> IptablesConfig {
         IptablesConfig {
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
-            inbound_ports: self.inbound_ports.clone(),
-            mark: self.mark,
+            inbound: Inbound::Ports(self.inbound_ports.clone()),
+            agent: self.agent_sockets(agent_cgroup),
             exclude_uid: self.exclude_uid,
             include_ports: self.include_ports.clone(),
             exclude_ports: self.exclude_ports.clone(),
@@ -167,12 +184,15 @@ fn families(
 /// The interception in use.
 pub enum Interceptor {
     Ebpf(Box<EbpfInterceptor>),
-    Iptables(IptablesInterceptor),
+    Iptables(Box<IptablesInterceptor>),
 }
 
 /// iptables mode: the rules for the enrolled cgroups (or the whole namespace).
 pub struct IptablesInterceptor {
     settings: Settings,
+    /// The cgroup the agent runs in, which its sockets belong to (`None` if it
+    /// cannot be read: the rules then match the mark alone, and say so).
+    own_cgroup: Option<String>,
     cgroups: Vec<CgroupPath>,
     /// Whether any enrolment was ever asked for: until then, with no `--cgroup`, the
     /// whole network namespace is intercepted (the pod-level fallback).
@@ -181,7 +201,14 @@ pub struct IptablesInterceptor {
 
 impl IptablesInterceptor {
     fn new(settings: &Settings, per_cgroup: bool) -> Result<Self, IptablesError> {
-        let me = Self { settings: settings.clone(), cgroups: Vec::new(), per_cgroup };
+        let own_cgroup = match crate::cgroup::own_cgroup() {
+            Ok(cgroup) => Some(cgroup),
+            Err(error) => {
+                warn!(%error, "the agent's own cgroup is unknown: iptables rules tell its sockets apart by the mark alone");
+                None
+            }
+        };
+        let me = Self { settings: settings.clone(), own_cgroup, cgroups: Vec::new(), per_cgroup };
         if !per_cgroup {
             me.apply()?;
         }
@@ -196,7 +223,7 @@ impl IptablesInterceptor {
             // Nothing enrolled: no redirect at all (not "everything").
             return iptables::uninstall(self.settings.ipv6);
         }
-        iptables::install(&self.settings.iptables_config(&self.cgroups))
+        iptables::install(&self.settings.iptables_config(&self.cgroups, self.own_cgroup.clone()))
     }
 }
 
@@ -221,7 +248,7 @@ impl Interceptor {
                     preflight::iptables(settings.ipv6).map_err(InterceptError::Missing)?;
                 }
                 let i = IptablesInterceptor::new(settings, per_cgroup)?;
-                Ok((Self::Iptables(i), "requested with --mode iptables".into()))
+                Ok((Self::Iptables(Box::new(i)), "requested with --mode iptables".into()))
             }
             Mode::Auto => {
                 let ebpf_failure = match preflight::ebpf() {
@@ -242,7 +269,7 @@ impl Interceptor {
                     return Err(InterceptError::NoMode { ebpf: ebpf_failure, iptables: missing.to_string() });
                 }
                 let i = IptablesInterceptor::new(settings, per_cgroup)?;
-                Ok((Self::Iptables(i), format!("auto: eBPF unavailable ({ebpf_failure})")))
+                Ok((Self::Iptables(Box::new(i)), format!("auto: eBPF unavailable ({ebpf_failure})")))
             }
         }
     }

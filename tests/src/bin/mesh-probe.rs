@@ -20,6 +20,10 @@ struct Cli {
     /// Give up after this long (connect, each read and write).
     #[arg(long, global = true, default_value = "10s", value_parser = humantime_lite)]
     timeout: Duration,
+    /// Put this SO_MARK on the socket before connecting (decimal or 0x-hex), as
+    /// a root workload trying to pass for the agent would.
+    #[arg(long, global = true, value_parser = parse_mark)]
+    mark: Option<u32>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -108,9 +112,28 @@ fn humantime_lite(s: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_mark(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("bad mark {s:?} (decimal or 0x-hex)"))
+}
+
 fn connect(cli: &Cli) -> Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&cli.connect, cli.timeout)
-        .with_context(|| format!("connecting to {}", cli.connect))?;
+    let s = match cli.mark {
+        None => TcpStream::connect_timeout(&cli.connect, cli.timeout),
+        Some(mark) => {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(cli.connect),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            socket.set_mark(mark).context("setting SO_MARK (needs CAP_NET_ADMIN or CAP_NET_RAW)")?;
+            socket.connect_timeout(&cli.connect.into(), cli.timeout).map(|()| TcpStream::from(socket))
+        }
+    }
+    .with_context(|| format!("connecting to {}", cli.connect))?;
     s.set_read_timeout(Some(cli.timeout))?;
     s.set_write_timeout(Some(cli.timeout))?;
     s.set_nodelay(true)?;

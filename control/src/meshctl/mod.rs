@@ -2,7 +2,7 @@
 //!
 //! Reads the control plane's gRPC `Discovery.Agents` call and the admin endpoints of
 //! the control plane (`/config_dump`) and of the agents (`/stats`, `/ready`,
-//! `/config_dump`); it never changes anything. Each command gathers a serialisable
+//! `/config_dump`, `/workloads`); it never changes anything. Each command gathers a serialisable
 //! report ([`status::StatusReport`], [`explain::Explanation`], ...) and renders it
 //! as aligned text or JSON, so rendering is tested from fixture JSON without a mesh.
 
@@ -17,6 +17,7 @@ pub mod services;
 pub mod status;
 pub mod table;
 pub mod views;
+pub mod workloads;
 
 #[cfg(test)]
 mod fixtures;

@@ -9,8 +9,9 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p mesh-agent --bin mesh-agent \
-    && install -D target/release/mesh-agent /out/mesh-agent
+    cargo build --release --locked -p mesh-agent --bin mesh-agent -p mesh-cni --bin mesh-cni \
+    && install -D target/release/mesh-agent /out/mesh-agent \
+    && install -D target/release/mesh-cni /out/mesh-cni
 
 FROM debian:bookworm-slim
 # iptables (nft backend) for iptables mode and the pod-level init container; bash is
@@ -19,6 +20,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends iptables \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/mesh-agent /usr/local/bin/mesh-agent
+# The CNI plugin; the DaemonSet's mesh-cni-install container copies it onto the node.
+COPY --from=build /out/mesh-cni /usr/local/bin/mesh-cni
 # Root: the capabilities the manifests grant (BPF, NET_ADMIN) only take effect for root.
 ENTRYPOINT ["/usr/local/bin/mesh-agent"]
 CMD ["run"]

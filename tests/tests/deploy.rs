@@ -2,7 +2,7 @@
 //! privileges are exactly the documented ones, every `--flag` a container passes to a
 //! mesh binary exists in that binary's `--help`, the kustomizations list every file,
 //! and the Dockerfiles build the binaries the manifests run. Needs no root and no
-//! cluster; builds `mesh-agent` and `mesh-control` to ask them for their flags.
+//! cluster; builds `mesh-agent`, `mesh-control` and `mesh-cni` to ask them for their flags.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -26,14 +26,21 @@ const CAPABILITIES: &[(&str, &str, &[&str])] = &[
     ("Deployment/echo", "mesh-agent", &["NET_ADMIN"]),
 ];
 
-/// Host paths each workload may mount.
-const HOST_PATHS: &[(&str, &[&str])] = &[("DaemonSet/mesh-agent", &["/sys/fs/cgroup"])];
+/// Host paths each workload may mount: the cgroup tree, the agent's socket and state
+/// dir, the pods' network namespaces, and the CNI dirs the installer writes.
+const HOST_PATHS: &[(&str, &[&str])] = &[(
+    "DaemonSet/mesh-agent",
+    &["/sys/fs/cgroup", "/run/mesh", "/run/netns", "/opt/cni/bin", "/etc/cni/net.d"],
+)];
 
 /// Workloads that share the node's network namespace.
 const HOST_NETWORK: &[&str] = &["DaemonSet/mesh-agent"];
 
 /// Mesh images: the Dockerfile's package and the binary its ENTRYPOINT runs.
 const IMAGES: &[(&str, &str)] = &[("mesh-agent", "mesh-agent"), ("mesh-control", "control")];
+
+/// Other binaries an image carries, run through `command`: (image, binary, package).
+const EXTRA_BINARIES: &[(&str, &str, &str)] = &[("mesh-agent", "mesh-cni", "mesh-cni")];
 
 /// The one API call outside get/list/watch the control plane may make.
 const TOKEN_REVIEW: (&str, &str, &str) = ("authentication.k8s.io", "tokenreviews", "create");
@@ -138,9 +145,24 @@ fn image_name(image: &str) -> &str {
     last.split(['@', ':']).next().unwrap_or(last)
 }
 
-fn mesh_binary(container: &Value) -> Option<&'static str> {
+/// The mesh image a container runs, by its entrypoint binary's name.
+fn mesh_image(container: &Value) -> Option<&'static str> {
     let image = image_name(container["image"].as_str()?);
     IMAGES.iter().map(|(bin, _)| *bin).find(|b| *b == image)
+}
+
+/// The mesh binary a container runs: one its `command` names among those its image
+/// carries, else the image's entrypoint.
+fn mesh_binary(container: &Value) -> Option<&'static str> {
+    let image = mesh_image(container)?;
+    let command = strs(&container["command"]);
+    let named = command.first().map(|c| c.rsplit('/').next().unwrap_or(c).to_owned());
+    let extra = EXTRA_BINARIES
+        .iter()
+        .filter(|(i, ..)| *i == image)
+        .map(|(_, bin, _)| *bin)
+        .find(|b| named.as_deref() == Some(*b));
+    Some(extra.unwrap_or(image))
 }
 
 /// `--name=value` or `--name value` -> (name, value).
@@ -183,6 +205,7 @@ fn help(binary: &str, subcommands: &[String]) -> &'static Help {
     let path = match binary {
         "mesh-agent" => mesh_tests::bins::agent(),
         "mesh-control" => mesh_tests::bins::control(),
+        "mesh-cni" => mesh_tests::bins::cni(),
         other => panic!("no binary {other}"),
     };
     let out = Command::new(path).args(subcommands).arg("--help").output().expect("run --help");
@@ -707,7 +730,7 @@ fn kustomizations_list_every_manifest_and_pin_the_image_tags() {
             assert!(listed.insert(path.clone()), "{} listed twice", path.display());
             for d in docs().iter().filter(|d| d.file.canonicalize().unwrap() == path) {
                 if let Some(pod) = d.pod() {
-                    images_used.extend(containers(pod).into_iter().filter_map(mesh_binary));
+                    images_used.extend(containers(pod).into_iter().filter_map(mesh_image));
                 }
             }
         }
@@ -742,8 +765,14 @@ fn dockerfiles_build_the_binaries_the_manifests_run() {
         .find_map(|l| l.strip_prefix("rust-version = \""))
         .and_then(|l| l.strip_suffix('"'))
         .expect("rust-version in the workspace");
-    let used: BTreeSet<&str> = mesh_containers().into_iter().map(|(_, _, b)| b).collect();
+    let used: BTreeSet<&str> = mesh_containers().into_iter().filter_map(|(_, c, _)| mesh_image(c)).collect();
     assert_eq!(used, IMAGES.iter().map(|(b, _)| *b).collect(), "both images are used");
+    for (image, binary, package) in EXTRA_BINARIES {
+        let text = std::fs::read_to_string(deploy_dir().join(format!("docker/{image}.Dockerfile"))).unwrap();
+        assert!(text.contains(&format!("-p {package} --bin {binary}")), "{image} image builds {binary}");
+        let runtime = text.rsplit("\nFROM ").next().unwrap();
+        assert!(runtime.contains(&format!("/usr/local/bin/{binary}")), "{image} image carries {binary}");
+    }
     for (binary, package) in IMAGES {
         let path = deploy_dir().join(format!("docker/{binary}.Dockerfile"));
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -762,4 +791,68 @@ fn dockerfiles_build_the_binaries_the_manifests_run() {
     let agent = std::fs::read_to_string(deploy_dir().join("docker/mesh-agent.Dockerfile")).unwrap();
     let runtime = agent.rsplit("\nFROM ").next().unwrap();
     assert!(runtime.contains("install -y --no-install-recommends iptables"), "agent runtime needs iptables");
+}
+
+fn volume_mount<'a>(c: &'a Value, path: &str) -> Option<&'a Value> {
+    c["volumeMounts"].as_array()?.iter().find(|m| m["mountPath"] == path)
+}
+
+/// The hostPath behind a container's mount at `path`.
+fn host_path_at(d: &Doc, c: &Value, path: &str) -> Option<String> {
+    let mount = volume_mount(c, path)?;
+    let volume = d.pod()?["volumes"].as_array()?.iter().find(|v| v["name"] == mount["name"])?;
+    volume["hostPath"]["path"].as_str().map(str::to_owned)
+}
+
+#[test]
+fn the_cni_installer_chains_the_plugin_to_the_agents_socket() {
+    let d = doc("DaemonSet/mesh-agent");
+    let installer = container(d, "mesh-cni-install");
+    assert_eq!(mesh_binary(installer), Some("mesh-cni"));
+    let args = args_of(installer);
+    assert_eq!(
+        args[0], "install",
+        "a long-running install: it keeps the conflist chained and cleans up on exit"
+    );
+    let flags = flags(&args);
+    for (flag, host) in [("bin-dir", "/opt/cni/bin"), ("conf-dir", "/etc/cni/net.d")] {
+        let dir = &flags[flag];
+        assert_eq!(host_path_at(d, installer, dir).as_deref(), Some(host), "--{flag} is the host's {host}");
+        assert_ne!(volume_mount(installer, dir).unwrap()["readOnly"], true, "--{flag} is written");
+    }
+    // The plugin runs on the host and dials the socket the agent makes in its
+    // /run/mesh mount, which is the host's /run/mesh.
+    let socket = &flags["agent-socket"];
+    assert_eq!(socket, mesh_cni::spec::DEFAULT_AGENT_SOCKET);
+    let (socket_dir, _) = socket.rsplit_once('/').unwrap();
+    let agent = container(d, "mesh-agent");
+    assert_eq!(
+        host_path_at(d, agent, socket_dir).as_deref(),
+        Some(socket_dir),
+        "the agent's socket dir is the host's"
+    );
+    // Pods that must start before any agent serves: the mesh's own and the cluster's.
+    let excluded: BTreeSet<&str> = flags["exclude-namespaces"].split(',').collect();
+    let own = d.value["metadata"]["namespace"].as_str().unwrap();
+    assert!(excluded.contains(own) && excluded.contains("kube-system"), "{excluded:?}");
+    // The pods' network namespaces reach the agent as the runtime mounts them later.
+    let netns = volume_mount(agent, "/run/netns").expect("the agent sees the pods' network namespaces");
+    assert_eq!(
+        (netns["readOnly"].as_bool(), netns["mountPropagation"].as_str()),
+        (Some(true), Some("HostToContainer"))
+    );
+    assert_eq!(host_path_at(d, agent, "/run/netns").as_deref(), Some("/run/netns"));
+    // Only the installer may write the node's CNI configuration.
+    for c in containers(d.pod().unwrap()).into_iter().filter(|c| c["name"] != "mesh-cni-install") {
+        for dir in ["/opt/cni/bin", "/etc/cni/net.d"] {
+            let mounts = c["volumeMounts"].as_array().cloned().unwrap_or_default();
+            assert!(
+                !mounts
+                    .iter()
+                    .any(|m| host_path_at(d, c, m["mountPath"].as_str().unwrap()).as_deref() == Some(dir)),
+                "{} must not mount {dir}",
+                c["name"]
+            );
+        }
+    }
 }

@@ -12,7 +12,7 @@ use super::{
     error::MeshctlError,
     explain::{self, Destination},
     services::{self, AgentRoutes},
-    status,
+    status, workloads,
 };
 
 /// Inspect a running mesh: control plane, agents, services, endpoints, identities.
@@ -82,6 +82,9 @@ pub enum Command {
     },
     /// Workload certificates the agents hold, and when they expire.
     Certs,
+    /// Per agent, the workloads it serves: network namespace, identity, certificate
+    /// expiry, interception mode, addresses, and whether the CNI or a flag added them.
+    Workloads,
     /// Pre-flight on this machine: kernel, BTF, cgroup v2, capabilities, iptables
     /// backend; whether eBPF mode will work and why not, and what `auto` will pick.
     Check,
@@ -268,6 +271,22 @@ pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
             let complete = rows.iter().all(|r| r.error.is_none());
             Ok(Rendered { text: emit(out, &rows, |r| certs::render(r)), complete })
         }
+        Command::Workloads => {
+            let agents = futures::future::join_all(targets.agents.iter().map(|a| async {
+                match targets.agent_workloads(a).await {
+                    Ok(views) => workloads::from_views(&a.url, views, now),
+                    Err(e) => workloads::AgentWorkloads {
+                        agent: a.url.clone(),
+                        error: Some(e.to_string()),
+                        workloads: vec![],
+                    },
+                }
+            }))
+            .await;
+            all_failed(agents.iter().map(|a| a.error.as_deref()))?;
+            let complete = agents.iter().all(|a| a.error.is_none());
+            Ok(Rendered { text: emit(out, &agents, |a| workloads::render(a)), complete })
+        }
         Command::Check => Ok(preflight(out)),
         Command::Agent { agent_socket, command } => agent(cli, agent_socket, command).await,
     }
@@ -326,6 +345,53 @@ mod tests {
         assert_eq!(cli.output, Output::Json);
         assert_eq!(cli.agents, vec!["http://a:1", "http://b:2"]);
         assert!(matches!(cli.command, Command::Status));
+    }
+
+    /// Serves `body` as every answer of a one-route HTTP/1 server on loopback.
+    async fn serve(status: &'static str, body: &'static str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let (status, body) =
+                    if req.starts_with("GET /workloads ") { (status, body) } else { ("404 Not Found", "") };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn workloads_reads_each_agent_and_reports_the_ones_that_fail() {
+        let good = serve("200 OK", super::super::fixtures::WORKLOADS).await;
+        let old = serve("404 Not Found", "not found").await;
+        let cli =
+            Cli::try_parse_from(["meshctl", "workloads", "-o", "json", "--agent", &good, "--agent", &old])
+                .unwrap();
+        let r = run(&cli, 1_700_000_000).await.unwrap();
+        assert!(!r.complete, "one agent failed: the exit status says so");
+        let v: serde_json::Value = serde_json::from_str(&r.text).unwrap();
+        assert_eq!(v[0]["agent"], good.as_str());
+        assert_eq!(v[0]["workloads"].as_array().unwrap().len(), 4);
+        assert_eq!(v[0]["workloads"][0]["name"], "coredns-7d");
+        assert!(v[1]["error"].as_str().unwrap().contains("answered /workloads with 404"), "{v}");
+
+        let cli = Cli::try_parse_from(["meshctl", "workloads", "--agent", &good]).unwrap();
+        let r = run(&cli, 1_700_000_000).await.unwrap();
+        assert!(r.complete);
+        assert!(r.text.starts_with("AGENT ") && r.text.contains("shop/web-0"), "{}", r.text);
+
+        let cli = Cli::try_parse_from(["meshctl", "workloads", "--agent", &old]).unwrap();
+        let e = run(&cli, 0).await.unwrap_err();
+        assert!(e.to_string().contains("/workloads with 404"), "{e}");
     }
 
     #[test]

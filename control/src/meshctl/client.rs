@@ -108,6 +108,14 @@ impl Targets {
         agent.get_json(Target::Agent, "/config_dump", self.timeout).await
     }
 
+    /// The workloads an agent serves (`/workloads`).
+    pub async fn agent_workloads(
+        &self,
+        agent: &BaseUrl,
+    ) -> Result<Vec<super::workloads::WorkloadView>, MeshctlError> {
+        agent.get_json(Target::Agent, super::workloads::PATH, self.timeout).await
+    }
+
     /// An agent's `/stats` and whether `/ready` says it is ready.
     pub async fn agent_stats(&self, agent: &BaseUrl) -> Result<(AgentStats, bool), MeshctlError> {
         let stats = agent.get_json(Target::Agent, "/stats", self.timeout).await?;

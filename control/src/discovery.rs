@@ -5,12 +5,7 @@
 //! what it sent, what was applied and what was refused (and why), and serves that
 //! through `Agents`.
 
-use std::{
-    collections::HashMap,
-    pin::Pin,
-    sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{pin::Pin, sync::Arc};
 
 use futures_util::Stream;
 use mesh_api as api;
@@ -19,41 +14,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
+pub use crate::agent_book::AgentBook;
+use crate::agent_book::now_secs;
 use crate::snapshot::Versioned;
-
-/// What the control plane knows about each agent that has connected.
-#[derive(Debug, Default, Clone)]
-pub struct AgentBook {
-    inner: Arc<Mutex<HashMap<String, api::AgentStatus>>>,
-}
-
-impl AgentBook {
-    fn update(&self, node: &str, f: impl FnOnce(&mut api::AgentStatus)) {
-        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = map
-            .entry(node.to_string())
-            .or_insert_with(|| api::AgentStatus { node: node.into(), ..Default::default() });
-        f(entry);
-        entry.last_seen = now_secs();
-    }
-
-    /// Every agent, sorted by node name.
-    pub fn list(&self) -> Vec<api::AgentStatus> {
-        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = map.values().cloned().collect();
-        v.sort_by(|a, b| a.node.cmp(&b.node));
-        v
-    }
-
-    /// Number of agents with an open stream.
-    pub fn connected(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).values().filter(|a| a.connected).count()
-    }
-}
-
-fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
 
 /// The tonic service.
 #[derive(Clone)]
@@ -69,19 +32,6 @@ impl DiscoveryService {
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<api::DiscoveryResponse, Status>> + Send>>;
-
-/// Marks an agent disconnected when its stream task ends, however it ends.
-struct Connected {
-    agents: AgentBook,
-    node: String,
-}
-
-impl Drop for Connected {
-    fn drop(&mut self) {
-        self.agents.update(&self.node, |a| a.connected = false);
-        tracing::info!(node = %self.node, "agent disconnected");
-    }
-}
 
 #[tonic::async_trait]
 impl Discovery for DiscoveryService {
@@ -103,13 +53,17 @@ impl Discovery for DiscoveryService {
         }
         let node = first.node.clone();
         tracing::info!(node = %node, peer = ?peer, have_version = first.have_version, mode = %first.mode, "agent subscribed");
-        self.agents.update(&node, |a| {
-            a.connected = true;
-            a.connected_at = now_secs();
-            a.agent_address = advertised_address(&first.agent_address, peer);
-            a.mode = first.mode.clone();
-            a.workloads = first.workloads.clone();
-        });
+        // Bounded per node and in all (see `agent_book`); dropping the slot records
+        // the disconnect however the stream ends.
+        let slot = self
+            .agents
+            .open_stream(&node, |a| {
+                a.connected_at = now_secs();
+                a.agent_address = advertised_address(&first.agent_address, peer);
+                a.mode = first.mode.clone();
+                a.workloads = first.workloads.clone();
+            })
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
 
         // Responses go through a small bounded queue: a slow agent holds at most one
         // pending snapshot here, and a newer one replaces what it has not read yet
@@ -118,11 +72,15 @@ impl Discovery for DiscoveryService {
         let mut snapshots = self.snapshots.clone();
         let agents = self.agents.clone();
         tokio::spawn(async move {
-            let _connected = Connected { agents: agents.clone(), node: node.clone() };
             let mut sent = 0u64;
             snapshots.mark_changed();
             loop {
                 tokio::select! {
+                    () = slot.closed() => {
+                        tracing::info!(node = %node, "stream closed: the node opened a newer one");
+                        let _ = tx.try_send(Err(Status::aborted("superseded by a newer stream of this node")));
+                        return;
+                    }
                     changed = snapshots.changed() => {
                         if changed.is_err() { return }
                         let current = snapshots.borrow_and_update().clone();

@@ -7,6 +7,7 @@
 //! ACKs/NACKs -> [`admin`] shows it all.
 
 pub mod admin;
+pub mod agent_book;
 pub mod ca;
 pub mod discovery;
 pub mod health;

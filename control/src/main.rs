@@ -109,6 +109,20 @@ struct Args {
     #[arg(long, env = "MESH_CONTROL_KEEPALIVE", default_value = "10s", value_parser = humantime::parse_duration)]
     keepalive: Duration,
 
+    /// Discovery streams one node may have open; a newer one closes its oldest (most
+    /// likely a dead connection not yet noticed by keepalive).
+    #[arg(long, env = "MESH_MAX_STREAMS_PER_NODE", default_value_t = control::agent_book::DEFAULT_STREAMS_PER_NODE)]
+    max_streams_per_node: usize,
+
+    /// Agents (nodes) the control plane remembers: a new node evicts the agent
+    /// disconnected longest, and is refused while every one is connected.
+    #[arg(long, env = "MESH_MAX_AGENTS", default_value_t = control::agent_book::DEFAULT_MAX_AGENTS)]
+    max_agents: usize,
+
+    /// How long a disconnected agent stays in `meshctl status` and /agents.
+    #[arg(long, env = "MESH_AGENT_RETENTION", default_value = "1h", value_parser = humantime::parse_duration)]
+    agent_retention: Duration,
+
     /// Registry changes closer together than this are pushed as one version.
     #[arg(long, env = "MESH_CONTROL_SETTLE", default_value = "50ms", value_parser = humantime::parse_duration)]
     settle: Duration,
@@ -130,12 +144,35 @@ fn main() -> anyhow::Result<()> {
     } else {
         fmt().with_env_filter(filter).init();
     }
+    for (flag, value) in
+        [("--max-streams-per-node", args.max_streams_per_node), ("--max-agents", args.max_agents)]
+    {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    // Every agent holds a connection: the usual soft limit of 1024 descriptors would
+    // cap the control plane long before its own limits.
+    match raise_nofile() {
+        Ok(nofile) => tracing::info!(nofile, "file-descriptor limit raised to its hard limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let result = rt.block_on(run(args));
     if let Err(e) = &result {
         tracing::error!("{e:#}");
     }
     result
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the limit in effect.
+fn raise_nofile() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
+    }
+    Ok(hard)
 }
 
 fn parse_secret_ref(value: &str) -> Result<(String, String), String> {
@@ -224,6 +261,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         trust_domain: args.trust_domain.clone(),
         keepalive: args.keepalive,
         settle: args.settle,
+        book: control::agent_book::BookLimits {
+            streams_per_node: args.max_streams_per_node,
+            max_agents: args.max_agents,
+            retention: args.agent_retention,
+        },
     };
     let ca = if args.bootstrap_tokens.is_none() && !args.token_review {
         tracing::warn!(

@@ -27,6 +27,9 @@ pub const REGISTRY_ERRORS_TOTAL: &str = "mesh_control_registry_errors_total";
 /// Services in each registry source's current view, by `source`.
 pub const REGISTRY_SERVICES: &str = "mesh_control_registry_services";
 
+/// Times a resource limit refused or closed something, by `limit` (a fixed set).
+pub const LIMIT_HITS_TOTAL: &str = "mesh_control_limit_hits_total";
+
 /// The `Content-Type` of [`PrometheusHandle::render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -69,6 +72,26 @@ pub fn describe() {
     describe_counter!(CERTIFICATES_TOTAL, Unit::Count, "Certificate signing requests handled.");
     describe_counter!(REGISTRY_ERRORS_TOTAL, Unit::Count, "Errors reported by registry sources.");
     describe_gauge!(REGISTRY_SERVICES, Unit::Count, "Services in each registry source's view.");
+    describe_counter!(LIMIT_HITS_TOTAL, Unit::Count, "Times a resource limit refused or closed something.");
+}
+
+/// Counts a hit of `limit` and logs `detail` at warn, at most once per 10 s per
+/// limit (a flood hits a limit in a loop).
+pub fn limit_hit(limit: &'static str, detail: std::fmt::Arguments<'_>) {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+    static LOGGED: Mutex<Option<HashMap<&'static str, (Instant, u64)>>> = Mutex::new(None);
+    counter!(LIMIT_HITS_TOTAL, "limit" => limit).increment(1);
+    let now = Instant::now();
+    let mut logged = LOGGED.lock().unwrap_or_else(|e| e.into_inner());
+    let entry = logged.get_or_insert_with(HashMap::new).entry(limit).or_insert((now, 0));
+    if entry.1 == 0 || now.duration_since(entry.0) >= Duration::from_secs(10) {
+        let silenced = entry.1.saturating_sub(1);
+        *entry = (now, 1);
+        tracing::warn!(limit, silenced_since_last_log = silenced, "limit reached: {detail}");
+    } else {
+        entry.1 += 1;
+    }
 }
 
 /// Publishes the number of subscribed agents.

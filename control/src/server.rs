@@ -24,7 +24,15 @@ pub struct Settings {
     pub keepalive: Duration,
     /// Changes closer together than this become one version.
     pub settle: Duration,
+    /// Bounds on agents' discovery streams and the book of agents.
+    pub book: crate::agent_book::BookLimits,
 }
+
+/// Largest header list an agent's gRPC request may carry (h2's default is 16 MiB).
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+/// Concurrent gRPC calls on one connection: an agent has its discovery stream and
+/// the odd certificate request open; meshctl one call.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
 /// The CA and how callers authenticate, when certificates are served.
 pub struct CaSettings {
@@ -73,7 +81,7 @@ pub async fn start(
         SnapshotBuilder::new(receivers, settings.trust_domain.clone(), targets_tx, failing_rx);
     tasks.spawn(builder.run(settings.settle, shutdown.clone()));
 
-    let agents = AgentBook::default();
+    let agents = AgentBook::new(settings.book);
     let listener = TcpListener::bind(settings.grpc_addr)
         .await
         .map_err(|source| StartError::Grpc { addr: settings.grpc_addr, source })?;
@@ -92,6 +100,8 @@ pub async fn start(
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(keepalive))
             .http2_keepalive_timeout(Some(keepalive))
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .tcp_nodelay(true)
             .add_service(service)
             .add_optional_service(certificates.map(|c| c.into_server()))

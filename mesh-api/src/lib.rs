@@ -13,4 +13,5 @@ pub mod v1 {
 
 pub use v1::*;
 
+pub mod limits;
 pub mod spiffe;

@@ -213,7 +213,7 @@ async fn tokens_that_are_not_an_agents_bound_token_are_refused_with_the_reason()
 }
 
 #[tokio::test]
-async fn accepted_tokens_are_cached_and_refusals_are_not() {
+async fn accepted_tokens_are_cached_and_refusals_for_less_long() {
     let api = FakeApi::start().await;
     api.review_token("tok-a", review_status(AGENT, Some("node-a")));
     api.review_token("tok-b", review_status(AGENT, Some("node-b")));
@@ -224,10 +224,32 @@ async fn accepted_tokens_are_cached_and_refusals_are_not() {
     assert_eq!(api.token_reviews().len(), 1, "one API call for three requests");
     assert_eq!(auth.authenticate("tok-b").await.unwrap(), "node-b");
     assert_eq!(api.token_reviews().len(), 2, "another token is reviewed");
-    for _ in 0..2 {
-        assert!(auth.authenticate("bad").await.is_err());
+    for _ in 0..5 {
+        let e = auth.authenticate("bad").await.unwrap_err();
+        assert!(
+            matches!(&e, AuthError::Refused(r) if r.contains("not valid")),
+            "the cached refusal keeps its reason: {e:?}"
+        );
     }
-    assert_eq!(api.token_reviews().len(), 4, "refusals are asked again");
+    assert_eq!(api.token_reviews().len(), 3, "a refused token is reviewed once, not per attempt");
+}
+
+#[tokio::test]
+async fn a_refused_token_is_asked_again_once_its_refusal_expires() {
+    let api = FakeApi::start().await;
+    let config = TokenReviewConfig {
+        negative_cache_ttl: std::time::Duration::from_millis(200),
+        ..TokenReviewConfig::new("mesh-control", "mesh-system", "mesh-agent")
+    };
+    let auth = TokenReviewAuthenticator::new(api.client(), config);
+    assert!(auth.authenticate("late").await.is_err());
+    // The pod gets bound: the same token becomes valid.
+    api.review_token("late", review_status(AGENT, Some("node-l")));
+    assert!(auth.authenticate("late").await.is_err(), "still the cached refusal");
+    assert_eq!(api.token_reviews().len(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    assert_eq!(auth.authenticate("late").await.unwrap(), "node-l");
+    assert_eq!(api.token_reviews().len(), 2);
 }
 
 #[tokio::test]

@@ -26,6 +26,11 @@ pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
 /// At most this many accepted tokens are remembered (one per agent in practice).
 pub const DEFAULT_CACHE_CAPACITY: usize = 4096;
 
+/// How long a refused token is answered without asking again: a caller retrying a
+/// bad token (or many) in a loop costs the API server one review per token per
+/// this period, not one per attempt.
+pub const DEFAULT_NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(10);
+
 /// Settings of a [`TokenReviewAuthenticator`].
 #[derive(Debug, Clone)]
 pub struct TokenReviewConfig {
@@ -38,8 +43,11 @@ pub struct TokenReviewConfig {
     /// How long an accepted token is remembered. A deleted agent pod's token keeps
     /// working for at most this long.
     pub cache_ttl: Duration,
-    /// How many accepted tokens are remembered at most.
+    /// How many accepted tokens are remembered at most (refused ones too, apart).
     pub cache_capacity: usize,
+    /// How long a refused token is remembered. A token that becomes valid (a pod
+    /// just bound) is accepted after at most this long.
+    pub negative_cache_ttl: Duration,
 }
 
 impl TokenReviewConfig {
@@ -51,6 +59,7 @@ impl TokenReviewConfig {
             service_account: service_account.to_owned(),
             cache_ttl: DEFAULT_CACHE_TTL,
             cache_capacity: DEFAULT_CACHE_CAPACITY,
+            negative_cache_ttl: DEFAULT_NEGATIVE_CACHE_TTL,
         }
     }
 
@@ -74,12 +83,59 @@ impl TokenReviewConfig {
 ///
 /// Needs `create` on `tokenreviews.authentication.k8s.io`. Accepted tokens are cached
 /// by their SHA-256 for [`TokenReviewConfig::cache_ttl`], so certificate renewals do not
-/// each cost an API call; refusals are not cached.
+/// each cost an API call; refused ones for [`TokenReviewConfig::negative_cache_ttl`], so
+/// a caller hammering with bad tokens cannot turn each attempt into an API call. An
+/// API server that could not be asked is never cached.
 pub struct TokenReviewAuthenticator {
     api: Api<TokenReview>,
     config: TokenReviewConfig,
     username: String,
-    cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    accepted: TtlCache<String>,
+    /// The refusal's reason; `None` for a plain invalid token.
+    refused: TtlCache<Option<String>>,
+}
+
+/// Answers by token digest, each for a time, at most `capacity` of them.
+struct TtlCache<V> {
+    entries: Mutex<HashMap<[u8; 32], (V, Instant)>>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+impl<V: Clone> TtlCache<V> {
+    fn new(ttl: Duration, capacity: usize) -> Self {
+        TtlCache { entries: Mutex::new(HashMap::new()), ttl, capacity }
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<V> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        match entries.get(key) {
+            Some((value, expires)) if *expires > Instant::now() => Some(value.clone()),
+            Some(_) => {
+                entries.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn insert(&self, key: [u8; 32], value: V) {
+        if self.capacity == 0 || self.ttl.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= self.capacity {
+            entries.retain(|_, (_, expires)| *expires > now);
+        }
+        if entries.len() >= self.capacity {
+            // Still full of live entries: forget the one closest to expiry.
+            if let Some(oldest) = entries.iter().min_by_key(|(_, (_, expires))| *expires).map(|(k, _)| *k) {
+                entries.remove(&oldest);
+            }
+        }
+        entries.insert(key, (value, now + self.ttl));
+    }
 }
 
 impl std::fmt::Debug for TokenReviewAuthenticator {
@@ -94,39 +150,10 @@ impl TokenReviewAuthenticator {
         TokenReviewAuthenticator {
             api: Api::all(client),
             username: config.username(),
+            accepted: TtlCache::new(config.cache_ttl, config.cache_capacity),
+            refused: TtlCache::new(config.negative_cache_ttl, config.cache_capacity),
             config,
-            cache: Mutex::new(HashMap::new()),
         }
-    }
-
-    fn cached(&self, key: &[u8; 32]) -> Option<String> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        match cache.get(key) {
-            Some((node, expires)) if *expires > Instant::now() => Some(node.clone()),
-            Some(_) => {
-                cache.remove(key);
-                None
-            }
-            None => None,
-        }
-    }
-
-    fn remember(&self, key: [u8; 32], node: &str) {
-        if self.config.cache_capacity == 0 || self.config.cache_ttl.is_zero() {
-            return;
-        }
-        let now = Instant::now();
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= self.config.cache_capacity {
-            cache.retain(|_, (_, expires)| *expires > now);
-        }
-        if cache.len() >= self.config.cache_capacity {
-            // Still full of live entries: forget the one closest to expiry.
-            if let Some(oldest) = cache.iter().min_by_key(|(_, (_, expires))| *expires).map(|(k, _)| *k) {
-                cache.remove(&oldest);
-            }
-        }
-        cache.insert(key, (node.to_owned(), now + self.config.cache_ttl));
     }
 
     async fn review(&self, token: &str) -> Result<String, AuthError> {
@@ -200,12 +227,28 @@ impl NodeAuthenticator for TokenReviewAuthenticator {
             let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
             let mut key = [0u8; 32];
             key.copy_from_slice(digest.as_ref());
-            if let Some(node) = self.cached(&key) {
+            if let Some(node) = self.accepted.get(&key) {
                 return Ok(node);
             }
-            let node = self.review(token).await?;
-            self.remember(key, &node);
-            Ok(node)
+            if let Some(refusal) = self.refused.get(&key) {
+                return Err(refusal.map_or(AuthError::InvalidToken, AuthError::Refused));
+            }
+            match self.review(token).await {
+                Ok(node) => {
+                    self.accepted.insert(key, node.clone());
+                    Ok(node)
+                }
+                Err(AuthError::InvalidToken) => {
+                    self.refused.insert(key, None);
+                    Err(AuthError::InvalidToken)
+                }
+                Err(AuthError::Refused(reason)) => {
+                    self.refused.insert(key, Some(reason.clone()));
+                    Err(AuthError::Refused(reason))
+                }
+                // Unavailable (ask again next time) and the rest are not the token's doing.
+                Err(other) => Err(other),
+            }
         })
     }
 }

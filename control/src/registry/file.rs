@@ -453,6 +453,16 @@ fn policy(p: &PolicyEntry) -> Result<api::Policy, (String, String)> {
                     ));
                 }
             };
+            if lb.virtual_nodes > api::limits::MAX_VIRTUAL_NODES {
+                return Err((
+                    "load_balancer.virtual_nodes".into(),
+                    format!(
+                        "{} is more than {} virtual nodes per endpoint",
+                        lb.virtual_nodes,
+                        api::limits::MAX_VIRTUAL_NODES
+                    ),
+                ));
+            }
             let sources = [lb.hash_header.is_some(), lb.hash_cookie.is_some(), lb.hash_source_address];
             if sources.iter().filter(|s| **s).count() > 1 {
                 return Err((
@@ -718,6 +728,10 @@ services:
             "services:\n  - name: echo\n    ports: [{port: 80}]\n    policy: {load_balancer: {algorithm: fastest}}\n",
         );
         assert!(e.contains("policy.load_balancer.algorithm: \"fastest\""), "{e}");
+        let e = err(
+            "services:\n  - name: echo\n    ports: [{port: 80}]\n    policy: {load_balancer: {algorithm: ring-hash, virtual_nodes: 100000}}\n",
+        );
+        assert!(e.contains("policy.load_balancer.virtual_nodes: 100000 is more than 4096"), "{e}");
         let e = err("services:\n  - name: Echo\n    ports: [{port: 80}]\n");
         assert!(e.contains("services[0] (default/Echo): name:"), "{e}");
     }

@@ -61,6 +61,9 @@ pub enum Error {
     /// An endpoint port is 0 or above 65535.
     #[error("endpoint port {0} is out of range")]
     InvalidPort(u32),
+    /// A ring-hash policy asks for more virtual nodes per endpoint than the ring may hold.
+    #[error("virtual_nodes {0} is over the limit of {max}", max = mesh_api::limits::MAX_VIRTUAL_NODES)]
+    TooManyVirtualNodes(u32),
 }
 
 /// Which algorithm picks endpoints.
@@ -145,6 +148,9 @@ impl LbConfig {
             Ok(mesh_api::Algorithm::Random) => Algorithm::Random,
             Err(_) => return Err(Error::UnknownAlgorithm(api.algorithm)),
         };
+        if api.virtual_nodes > mesh_api::limits::MAX_VIRTUAL_NODES {
+            return Err(Error::TooManyVirtualNodes(api.virtual_nodes));
+        }
         let hash_key = api.hash_key.as_ref().and_then(|k| k.source.as_ref()).and_then(|s| match s {
             Source::Header(name) => Some(HashKeySource::Header(name.clone())),
             Source::Cookie(name) => Some(HashKeySource::Cookie(name.clone())),

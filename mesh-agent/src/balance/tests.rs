@@ -296,5 +296,12 @@ fn lb_config_from_api() {
     assert!(c.locality_aware);
     let bad = mesh_api::LoadBalancer { algorithm: 99, ..Default::default() };
     assert_eq!(LbConfig::from_api(&bad), Err(Error::UnknownAlgorithm(99)));
+    let huge = mesh_api::LoadBalancer { virtual_nodes: u32::MAX, ..api.clone() };
+    assert_eq!(LbConfig::from_api(&huge), Err(Error::TooManyVirtualNodes(u32::MAX)));
+    let most = mesh_api::LoadBalancer { virtual_nodes: mesh_api::limits::MAX_VIRTUAL_NODES, ..api.clone() };
+    assert_eq!(
+        LbConfig::from_api(&most).expect("at the limit").virtual_nodes,
+        mesh_api::limits::MAX_VIRTUAL_NODES
+    );
     assert_eq!(LbConfig::from_api(&mesh_api::LoadBalancer::default()), Ok(LbConfig::default()));
 }

@@ -78,6 +78,11 @@ enum SessionError {
     Connect(#[source] tonic::transport::Error),
     #[error("stream failed: {0}")]
     Stream(#[from] tonic::Status),
+    #[error(
+        "the control plane sent a message larger than this agent accepts ({limit} bytes for --max-endpoints \
+         {max_endpoints}): {status}; raise --max-endpoints if the mesh has grown"
+    )]
+    TooLarge { limit: usize, max_endpoints: usize, status: tonic::Status },
     #[error("stream closed by the control plane")]
     Closed,
 }
@@ -151,7 +156,9 @@ async fn session(
         }
     });
     let channel = endpoint.connect_with_connector(connector).await.map_err(SessionError::Connect)?;
-    let mut client = DiscoveryClient::new(channel);
+    // A snapshot within --max-endpoints must never be cut off by the message size.
+    let mut client = DiscoveryClient::new(channel)
+        .max_decoding_message_size(api::limits::snapshot_message_limit(settings.max_endpoints));
     let (tx, rx) = mpsc::channel(4);
     let subscribe = api::Subscribe {
         node: settings.node.clone(),
@@ -165,7 +172,15 @@ async fn session(
     let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     store.set_connected(true);
     info!(control_plane = %settings.control_plane, node = %settings.node, "connected to the control plane");
-    while let Some(msg) = responses.message().await? {
+    let too_large = |status: tonic::Status| match status.code() {
+        tonic::Code::OutOfRange => SessionError::TooLarge {
+            limit: api::limits::snapshot_message_limit(settings.max_endpoints),
+            max_endpoints: settings.max_endpoints,
+            status,
+        },
+        _ => SessionError::Stream(status),
+    };
+    while let Some(msg) = responses.message().await.map_err(too_large)? {
         backoff.reset();
         let version = msg.version;
         let built = match api::Snapshot::decode(msg.snapshot) {
@@ -210,5 +225,118 @@ mod tests {
         assert!(delays[11] >= Duration::from_millis(1500), "capped delays stay near the cap");
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    /// A control plane that sends one fixed snapshot to every subscriber.
+    struct OneSnapshot(bytes::Bytes);
+
+    #[tonic::async_trait]
+    impl api::discovery_server::Discovery for OneSnapshot {
+        type StreamStream =
+            tokio_stream::Iter<std::vec::IntoIter<Result<api::DiscoveryResponse, tonic::Status>>>;
+
+        async fn stream(
+            &self,
+            _request: tonic::Request<tonic::Streaming<api::DiscoveryRequest>>,
+        ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+            let response = api::DiscoveryResponse { version: 1, snapshot: self.0.clone() };
+            Ok(tonic::Response::new(tokio_stream::iter(vec![Ok(response)])))
+        }
+
+        async fn agents(
+            &self,
+            _request: tonic::Request<api::AgentsRequest>,
+        ) -> Result<tonic::Response<api::AgentsResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("test control plane"))
+        }
+    }
+
+    /// `count` meshed endpoints of realistic size (identity, node, agent address,
+    /// workload, locality), spread over services of 100.
+    fn large_snapshot(count: usize) -> bytes::Bytes {
+        let services = (0..count.div_ceil(100))
+            .map(|s| api::Service {
+                name: format!("service-{s}"),
+                namespace: "shop".into(),
+                vips: vec![format!("10.96.{}.{}", s / 250, s % 250 + 1)],
+                ports: vec![api::ServicePort { port: 80, target_port: 8080, ..Default::default() }],
+                endpoints: (0..100.min(count - s * 100))
+                    .map(|e| api::Endpoint {
+                        address: format!("10.{}.{}.{}", s / 250, s % 250, e + 1),
+                        port: 8080,
+                        weight: 1,
+                        identity: format!("spiffe://cluster.local/ns/shop/sa/service-{s}"),
+                        node: format!("node-{s}.zone-a.example.internal"),
+                        agent_address: format!("10.{}.{}.{}:15008", s / 250, s % 250, e + 1),
+                        workload: format!("service-{s}-7d8f9c6b5-{e:05}"),
+                        locality: Some(api::Locality {
+                            region: "eu-west-1".into(),
+                            zone: "eu-west-1a".into(),
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect();
+        let snapshot = api::Snapshot { services, trust_domain: "cluster.local".into() };
+        snapshot.encode_to_vec().into()
+    }
+
+    async fn serve(snapshot: bytes::Bytes) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    api::discovery_server::DiscoveryServer::new(OneSnapshot(snapshot))
+                        .max_encoding_message_size(usize::MAX),
+                )
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("http://{addr}")
+    }
+
+    fn settings(control_plane: String, max_endpoints: usize) -> ClientSettings {
+        ClientSettings {
+            control_plane,
+            node: "node-a".into(),
+            agent_address: String::new(),
+            mode: "ebpf".into(),
+            max_endpoints,
+            keepalive: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_within_max_endpoints_is_applied_whatever_its_size_in_bytes() {
+        let snapshot = large_snapshot(40_000);
+        assert!(
+            snapshot.len() > 4 * 1024 * 1024,
+            "{} bytes: over tonic's default limit of 4 MiB",
+            snapshot.len()
+        );
+        let url = serve(snapshot).await;
+        let store = RouteStore::new(true);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        // The test control plane ends the stream after its one snapshot.
+        let ended = session(&settings(url, 100_000), &SocketFactory::new(0), &store, &mut backoff).await;
+        assert!(matches!(ended, Err(SessionError::Closed)), "{ended:?}");
+        assert_eq!(store.table().endpoint_count(), 40_000, "the snapshot was applied");
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_limit_says_which_flag_bounds_it() {
+        let url = serve(large_snapshot(40_000)).await;
+        let store = RouteStore::new(true);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let e =
+            session(&settings(url, 1_000), &SocketFactory::new(0), &store, &mut backoff).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, SessionError::TooLarge { max_endpoints: 1_000, .. }), "{msg}");
+        assert!(msg.contains("--max-endpoints 1000"), "{msg}");
+        assert!(!store.has_snapshot());
     }
 }

@@ -42,6 +42,32 @@ use crate::resilience::retry::{BodyLength, RetryDecision, is_replayable};
 /// Request bodies up to this size are buffered so a failed try can be sent again.
 pub const REPLAY_BUFFER: u64 = 64 * 1024;
 
+/// A body buffered for retries must arrive whole within this; a client that sends
+/// part of it and stalls gets 408 instead of holding the buffer.
+pub const REPLAY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reserves room in the agent's budget for a body of `length` to be held for
+/// retries; `None` (counted and logged) when the budget is spent: the request then
+/// goes once, without retries.
+fn reserve_replay(length: BodyLength) -> Option<crate::resilience::replay::Reservation> {
+    let bytes = match length {
+        BodyLength::Known(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        BodyLength::Empty | BodyLength::Unknown => 0,
+    };
+    let budget = crate::resilience::replay::ReplayBudget::global();
+    let reservation = budget.reserve(bytes);
+    if reservation.is_none() {
+        crate::observe::limits::hit(
+            crate::observe::limits::Limit::RetryBuffer,
+            format_args!(
+                "{} bytes of request bodies held for retries; a request of {bytes} goes without retries",
+                budget.max()
+            ),
+        );
+    }
+    reservation
+}
+
 /// Header carrying the client's address from the sending agent to the receiving
 /// one (which turns it into `x-forwarded-for`); always overwritten on the way out,
 /// so a workload cannot forge it.
@@ -163,26 +189,38 @@ impl Outbound {
         let (parts, body) = req.into_parts();
         let length = body_length(&parts.headers, &body);
         let policy = &state.policy;
-        let replayable = policy.retry.max_attempts > 1
+        // A replayable body is read whole first (bounded by REPLAY_BUFFER, by
+        // REPLAY_READ_TIMEOUT, and by the agent's total for bodies held for retries);
+        // any other streams through once.
+        let reservation = (policy.retry.max_attempts > 1
             && !upgrade
-            && is_replayable(parts.method.as_str(), length, REPLAY_BUFFER);
-        // A replayable body is read whole first (bounded by REPLAY_BUFFER); any other
-        // streams through once.
-        let mut body = if replayable {
-            match Limited::new(body, REPLAY_BUFFER as usize).collect().await {
-                Ok(collected) => RequestBody::Buffered(collected.to_bytes()),
-                Err(e) => {
-                    let resp =
-                        error_response(StatusCode::BAD_REQUEST, "request body could not be read", grpc);
-                    if let Some(r) = record.as_mut() {
-                        r.error = Some(format!("client: {e}"));
+            && is_replayable(parts.method.as_str(), length, REPLAY_BUFFER))
+        .then(|| reserve_replay(length))
+        .flatten();
+        let replayable = reservation.is_some();
+        let mut body = match reservation {
+            Some(reservation) => {
+                let read = Limited::new(body, REPLAY_BUFFER as usize).collect();
+                let read = match tokio::time::timeout(REPLAY_READ_TIMEOUT, read).await {
+                    Ok(Ok(collected)) => Ok(collected.to_bytes()),
+                    Ok(Err(e)) => Err((StatusCode::BAD_REQUEST, format!("client: {e}"))),
+                    Err(_) => {
+                        Err((StatusCode::REQUEST_TIMEOUT, "request body not received in time".to_owned()))
                     }
-                    self.finish_local(record, method_label, StatusCode::BAD_REQUEST, start);
-                    return Ok(resp);
+                };
+                match read {
+                    Ok(bytes) => RequestBody::Buffered { bytes, _held: reservation },
+                    Err((status, why)) => {
+                        let resp = error_response(status, "request body could not be read", grpc);
+                        if let Some(r) = record.as_mut() {
+                            r.error = Some(why);
+                        }
+                        self.finish_local(record, method_label, status, start);
+                        return Ok(resp);
+                    }
                 }
             }
-        } else {
-            RequestBody::Stream(Some(body))
+            None => RequestBody::Stream(Some(body)),
         };
         let connect_timeout = policy.connect_timeout.unwrap_or(self.ctx.connect_timeout);
         // Built inside the call (not bound first): a bound future would take room in
@@ -432,7 +470,11 @@ impl Outbound {
 
 /// The request body across tries: buffered (replayable) or streamed once.
 enum RequestBody {
-    Buffered(Bytes),
+    /// The whole body, and its share of the agent's budget for bodies held for retries.
+    Buffered {
+        bytes: Bytes,
+        _held: crate::resilience::replay::Reservation,
+    },
     Stream(Option<Incoming>),
 }
 
@@ -440,7 +482,7 @@ impl RequestBody {
     /// The request for the next try; `None` when a streamed body was already sent.
     fn request(&mut self, parts: &http::request::Parts, counter: &Arc<AtomicU64>) -> Option<Request<Body>> {
         let body: Body = match self {
-            RequestBody::Buffered(bytes) => {
+            RequestBody::Buffered { bytes, .. } => {
                 counter.store(bytes.len() as u64, Ordering::Relaxed);
                 Full::new(bytes.clone()).map_err(|never| match never {}).boxed_unsync()
             }

@@ -35,17 +35,20 @@ pub enum Limit {
     TunnelHandshakes,
     /// A tunnel TLS or HTTP/2 handshake took longer than its deadline.
     TunnelHandshakeTimeout,
+    /// Streams in progress on one tunnel connection (reset ones whose work goes on included).
+    TunnelStreams,
     /// Connections to the admin port or socket.
     AdminConnections,
     /// Request bodies held for retries, all requests together.
     RetryBuffer,
 }
 
-const ALL: [Limit; 6] = [
+const ALL: [Limit; 7] = [
     Limit::ConnectionsPerSource,
     Limit::ConnectionsTotal,
     Limit::TunnelHandshakes,
     Limit::TunnelHandshakeTimeout,
+    Limit::TunnelStreams,
     Limit::AdminConnections,
     Limit::RetryBuffer,
 ];
@@ -57,6 +60,7 @@ impl Limit {
             Limit::ConnectionsTotal => "connections_total",
             Limit::TunnelHandshakes => "tunnel_handshakes",
             Limit::TunnelHandshakeTimeout => "tunnel_handshake_timeout",
+            Limit::TunnelStreams => "tunnel_streams",
             Limit::AdminConnections => "admin_connections",
             Limit::RetryBuffer => "retry_buffer",
         }

@@ -13,6 +13,7 @@ pub mod outcome;
 pub mod outlier;
 pub mod random;
 pub mod rate_limit;
+pub mod replay;
 pub mod retry;
 
 /// A resilience policy from the control plane that cannot be applied.

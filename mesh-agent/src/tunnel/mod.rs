@@ -127,7 +127,7 @@ mod h2_settings {
     const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
     const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
     /// Streams one client may have open at once on one connection.
-    const MAX_CONCURRENT_STREAMS: u32 = 1024;
+    pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
     /// Largest header list (a CONNECT's head) a peer may send; h2's default is 16 MiB.
     pub const MAX_HEADER_LIST_SIZE: u32 = crate::l7::MAX_HEADER_BYTES as u32;
 

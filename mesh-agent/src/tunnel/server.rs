@@ -96,7 +96,8 @@ pub struct TunnelRecord {
     pub peer_addr: SocketAddr,
     /// The target the stream asked for.
     pub target: SocketAddr,
-    /// The status answered: 200 relayed, 403 denied, 502/503 target failed.
+    /// The status answered: 200 relayed, 403 denied, 502/503 target failed; 499
+    /// when the peer reset the stream before it was answered.
     pub status: u16,
     /// Bytes from the peer to the target.
     pub bytes_in: u64,
@@ -110,6 +111,10 @@ pub struct TunnelRecord {
 
 /// Buffer per relay direction; bounds a stream's memory on this side.
 const RELAY_BUFFER: usize = 64 * 1024;
+
+/// The status a [`TunnelRecord`] carries for a stream the peer reset before it was
+/// answered (nothing was sent; as nginx's 499, "client closed request").
+pub const RESET_BY_PEER: u16 = 499;
 
 /// Default deadline of a connection's TLS and HTTP/2 handshakes
 /// (`--tunnel-handshake-timeout`): far above a handshake between agents, short
@@ -299,7 +304,17 @@ impl TunnelServer {
                     draining = true;
                 }
                 request = conn.accept() => match request {
-                    Some(Ok((request, respond))) => {
+                    Some(Ok((request, mut respond))) => {
+                        // Streams the peer reset no longer count against h2's limit, but
+                        // their tasks may still be connecting: bound the tasks too.
+                        if streams.len() >= h2_settings::MAX_CONCURRENT_STREAMS as usize {
+                            limit_metrics::hit(
+                                Limit::TunnelStreams,
+                                format_args!("tunnel connection from {peer_addr} ({peer_id}) has {} streams in progress; refused one", streams.len()),
+                            );
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
                         let stream = self.clone().serve_stream(peer_id.clone(), peer_addr, request, respond);
                         streams.spawn(stream);
                     }
@@ -396,7 +411,16 @@ impl TunnelServer {
             refuse(&mut respond, StatusCode::FORBIDDEN, "denied by policy");
             return self.closed(record(StatusCode::FORBIDDEN, 0, 0, Some(reason)));
         }
-        let mut upstream = match (self.connect)(target).await {
+        // A stream the peer resets while its target is being reached ends at once
+        // (a flood of opened-and-reset streams must not leave connects behind).
+        let connected = tokio::select! {
+            connected = (self.connect)(target) => connected,
+            _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+                let status = StatusCode::from_u16(RESET_BY_PEER).unwrap_or(StatusCode::BAD_REQUEST);
+                return self.closed(record(status, 0, 0, Some("reset by the peer before the target answered".into())));
+            }
+        };
+        let mut upstream = match connected {
             Ok(upstream) => upstream,
             Err(e) => {
                 let status = match e.kind() {

@@ -65,6 +65,39 @@ const SERVICE_ANNOTATIONS: &[&str] = &[
 
 const RETRY_CONDITIONS: &[&str] = &["connect-failure", "reset", "503", "unavailable"];
 
+/// Longest value of a mesh annotation read (a principal list of a few dozen SPIFFE
+/// IDs fits); a longer one is reported and ignored, never parsed.
+pub const MAX_VALUE_BYTES: usize = 4096;
+
+/// The first characters of a value too long to quote whole in a problem report.
+fn preview(value: &str) -> String {
+    let end = value.char_indices().nth(64).map_or(value.len(), |(i, _)| i);
+    format!("{}... ({} bytes)", &value[..end], value.len())
+}
+
+/// Mesh annotations among `keys` whose values are over [`MAX_VALUE_BYTES`], each
+/// reported; the caller ignores them.
+fn oversized<'a>(
+    object: &str,
+    annotations: &'a BTreeMap<String, String>,
+    keys: &[&str],
+    problems: &mut Problems,
+) -> Vec<&'a str> {
+    let mut over = Vec::new();
+    for (key, value) in
+        annotations.iter().filter(|(k, v)| keys.contains(&k.as_str()) && v.len() > MAX_VALUE_BYTES)
+    {
+        problems.annotation(
+            object,
+            key,
+            &preview(value),
+            format_args!("longer than {MAX_VALUE_BYTES} bytes"),
+        );
+        over.push(key.as_str());
+    }
+    over
+}
+
 /// Collects the problems found while mapping, each naming the object and the field.
 #[derive(Debug, Default)]
 pub struct Problems(std::collections::BTreeSet<String>);
@@ -109,7 +142,12 @@ pub fn service_policy(
     if !seen_any {
         return None;
     }
-    let get = |key: &str| annotations.get(key).map(|v| (key.to_owned(), v.trim().to_owned()));
+    let over = oversized(object, annotations, SERVICE_ANNOTATIONS, problems);
+    let get = |key: &str| {
+        (!over.contains(&key))
+            .then(|| annotations.get(key).map(|v| (key.to_owned(), v.trim().to_owned())))
+            .flatten()
+    };
     let mut policy = api::Policy::default();
 
     let mut lb = api::LoadBalancer::default();
@@ -168,10 +206,16 @@ pub fn service_policy(
     }
     if let Some((key, v)) = get(VIRTUAL_NODES) {
         match v.parse::<u32>() {
-            Ok(n) => {
+            Ok(n) if n <= api::limits::MAX_VIRTUAL_NODES => {
                 lb.virtual_nodes = n;
                 lb_set = true;
             }
+            Ok(_) => problems.annotation(
+                object,
+                &key,
+                &v,
+                format_args!("more than {} virtual nodes per endpoint", api::limits::MAX_VIRTUAL_NODES),
+            ),
             Err(_) => problems.annotation(object, &key, &v, "not a whole number"),
         }
     }
@@ -281,6 +325,9 @@ pub fn pod_settings(
     problems: &mut Problems,
 ) -> PodSettings {
     let mut settings = PodSettings { meshed: true, weight: 1 };
+    if !oversized(object, annotations, &[INJECT, WEIGHT], problems).is_empty() {
+        return settings;
+    }
     if let Some(v) = annotations.get(INJECT) {
         match parse_bool(v.trim()) {
             Some(b) => settings.meshed = b,
@@ -374,6 +421,42 @@ mod tests {
         let a = annotations(&[("kubectl.kubernetes.io/last-applied-configuration", "{}")]);
         assert_eq!(service_policy("service default/web", &a, &mut problems), None);
         assert!(problems.is_empty());
+    }
+
+    #[test]
+    fn oversized_values_are_reported_by_name_and_ignored() {
+        let mut problems = Problems::default();
+        let huge = "spiffe://td/ns/a/sa/b,".repeat(1 << 16);
+        let a = annotations(&[
+            (VIRTUAL_NODES, "4294967295"),
+            (ALLOWED_PRINCIPALS, &huge),
+            (LB_ALGORITHM, "ring-hash"),
+        ]);
+        let p = service_policy("service shop/cart", &a, &mut problems).expect("the rest still applies");
+        let lb = p.load_balancer.expect("lb");
+        assert_eq!(
+            (lb.algorithm, lb.virtual_nodes),
+            (api::Algorithm::RingHash as i32, 0),
+            "the default ring size"
+        );
+        assert!(p.authorization.is_empty(), "the oversized principal list is not parsed");
+        let problems = problems.into_vec();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains(ALLOWED_PRINCIPALS)
+                && p.contains("longer than 4096 bytes")
+                && p.len() < 400),
+            "named, and not quoted whole: {problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains(VIRTUAL_NODES) && p.contains("more than 4096 virtual nodes")),
+            "{problems:?}"
+        );
+        let mut problems = Problems::default();
+        let pod =
+            pod_settings("pod shop/cart-1", &annotations(&[(WEIGHT, &"9".repeat(5000))]), &mut problems);
+        assert_eq!(pod, PodSettings { meshed: true, weight: 1 });
+        assert!(problems.into_vec()[0].contains(WEIGHT));
     }
 
     #[test]

@@ -10,7 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::BytesMut;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::{
@@ -23,7 +22,7 @@ use tracing::{info, warn};
 use crate::{
     authz::decide,
     discovery::{RouteStore, table::EndpointTarget},
-    forward::idle,
+    forward::{Accepted, detect::Sniffed, idle},
     identity::{IdentityError, SpiffeId},
     intercept::ActiveMode,
     l7::pool::{UpstreamPool, Version},
@@ -56,8 +55,6 @@ pub fn meshed(endpoint: &EndpointTarget) -> Option<(SocketAddr, &Arc<SpiffeId>)>
 
 /// A connection's meshed destination.
 pub struct Meshed<'a> {
-    pub peer: SocketAddr,
-    pub orig_dst: SocketAddr,
     pub service: &'a str,
     pub endpoint: SocketAddr,
     /// The endpoint's node agent.
@@ -67,17 +64,18 @@ pub struct Meshed<'a> {
 }
 
 /// Carries an intercepted connection to a meshed endpoint through the tunnel.
-/// `sniffed` holds what the client already sent and `protocol` what sniffing found,
-/// when it ran before; otherwise sniffing overlaps the tunnel open.
+/// `sniffed` holds what the client already sent and what sniffing found, when it
+/// ran before; otherwise sniffing overlaps the tunnel open.
 pub async fn forward(
     ctx: &ProxyContext,
+    conn: &Accepted,
     mut client: TcpStream,
     meshed: Meshed<'_>,
-    mut sniffed: BytesMut,
-    protocol: Option<Protocol>,
-    start: Instant,
+    sniffed: Sniffed,
 ) -> Result<(u64, u64, String), String> {
-    let Meshed { peer, orig_dst, service, endpoint, agent, dest_id } = meshed;
+    let Accepted { peer, orig_dst, start, .. } = *conn;
+    let Meshed { service, endpoint, agent, dest_id } = meshed;
+    let Sniffed { bytes: mut sniffed, protocol } = sniffed;
     let Some(ident) = ctx.identity.get() else {
         crate::forward::reset(&client);
         return Err("no workload certificate yet: meshed traffic is never sent in plaintext".into());

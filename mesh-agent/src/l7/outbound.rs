@@ -29,6 +29,7 @@ use super::pool::{Body, Dial, SendError, Version};
 use crate::balance::service::{ServiceState, target_of};
 use crate::balance::{HashKeySource, PickGuard, hash};
 use crate::discovery::table::addr_header;
+use crate::forward::Accepted;
 use crate::listener::{Direction, ProxyContext};
 use crate::observe::access_log::AccessRecord;
 use crate::observe::labels::MeshName;
@@ -63,13 +64,8 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(
-        ctx: Arc<ProxyContext>,
-        peer: SocketAddr,
-        orig_dst: SocketAddr,
-        version: Version,
-        service: &str,
-    ) -> Self {
+    pub fn new(ctx: Arc<ProxyContext>, conn: &Accepted, version: Version, service: &str) -> Self {
+        let (peer, orig_dst) = (conn.peer, conn.orig_dst);
         let source_identity = ctx
             .identity
             .get()

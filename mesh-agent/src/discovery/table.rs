@@ -295,6 +295,7 @@ mod tests {
 
     fn snapshot() -> api::Snapshot {
         api::Snapshot {
+            default_mtls: 0,
             trust_domain: "cluster.local".into(),
             services: vec![api::Service {
                 health_check: None,

@@ -3,12 +3,16 @@
 //!
 //! 1. [`accept`]: original destination, loop guard, the client's real address:
 //!    [`Accepted`], the one parameter that says which connection a step serves;
-//! 2. [`route`]: the service the original destination names (else the destination
-//!    is passed through to itself) and the endpoint its balancer picks;
+//! 2. [`route`]: the service the original destination names (a VIP, or a meshed
+//!    endpoint's own address, then exactly that endpoint; else the destination is
+//!    passed through to itself) and the endpoint its balancer picks;
 //! 3. [`detect`]: the protocol, sniffed without consuming a byte;
 //! 4. then one of: HTTP to the L7 proxy ([`crate::l7::outbound`]), a meshed endpoint
 //!    through the mTLS tunnel ([`crate::mtls::forward`]), or a plaintext relay
 //!    ([`relay`]), which ends both ways (or after the [`idle`] timeout).
+//!
+//! Connections taken by inbound capture (the inbound listener) are for a workload of
+//! this node instead: after step 1 they go to [`crate::inbound::plain`].
 //!
 //! [`handle`] is that pipeline; each step logs its own failures, and `handle` counts
 //! the connection once, when it ends.
@@ -27,10 +31,10 @@ use tracing::{info, warn};
 pub use accept::Accepted;
 use detect::Sniffed;
 pub(crate) use relay::reset;
-use route::Target;
+use route::{Destination, Target};
 
 use crate::{
-    balance::{PickGuard, service::ServiceState},
+    balance::PickGuard,
     listener::{Direction, ProxyContext},
     observe::{self, labels::MeshName, metrics::ConnectionMetrics},
     resilience::outcome::{FailureKind, Outcome as Verdict},
@@ -47,23 +51,31 @@ pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, client: TcpStr
             return;
         }
     };
-    let failed = match route::service(&ctx, conn.orig_dst) {
-        Some(state) => to_service(&ctx, &conn, client, state).await,
-        None => relay::plain(&ctx, &conn, client, Target::passthrough(conn.orig_dst), Sniffed::new()).await,
+    let failed = if direction == Direction::Inbound {
+        crate::inbound::plain::serve(&ctx, client, &conn).await
+    } else {
+        match route::destination(&ctx, conn.orig_dst) {
+            Some(dest) => to_service(&ctx, &conn, client, dest).await,
+            None => {
+                relay::plain(&ctx, &conn, client, Target::passthrough(conn.orig_dst), Sniffed::new()).await
+            }
+        }
     };
     ctx.stats.closed(direction, failed);
 }
 
-/// A connection to a service: detect (HTTP goes to the L7 proxy), pick an endpoint,
-/// then tunnel to a meshed one or relay to a plain one. Returns whether it failed.
+/// A connection to a service (or one of its meshed endpoints by address): detect
+/// (HTTP goes to the L7 proxy), pick an endpoint, then tunnel to a meshed one or
+/// relay to a plain one. Returns whether it failed.
 async fn to_service(
     ctx: &Arc<ProxyContext>,
     conn: &Accepted,
     mut client: TcpStream,
-    state: Arc<ServiceState>,
+    dest: Destination,
 ) -> bool {
+    let state = &dest.state;
     let mut sniffed = Sniffed::new();
-    if detect::wanted(ctx, &state, conn.orig_dst) {
+    if detect::wanted(ctx, state, conn.orig_dst) {
         // Clients of HTTP send at once; give them a moment before connecting so an
         // HTTP connection never opens an upstream it would not use. A server-first
         // protocol costs this grace once, then sniffing overlaps the connect.
@@ -73,12 +85,13 @@ async fn to_service(
             return true;
         }
         if let Some(version) = sniffed.protocol.as_ref().and_then(crate::l7::version_of) {
-            return http(ctx, conn, client, &state, version, sniffed).await;
+            return http(ctx, conn, client, &dest, version, sniffed).await;
         }
     }
-    let Some(guard) = route::pick(ctx, &state, conn.peer) else {
+    let Some(guard) = route::pick(ctx, &dest, conn.peer) else {
         warn!(direction = conn.direction.as_str(), src = %conn.peer, orig_dst = %conn.orig_dst,
             service = %state.route.service, endpoints = state.route.endpoints.len(),
+            pinned = dest.pinned.map(tracing::field::display),
             "service has no available endpoint; refusing the connection");
         reset(&client);
         return true;
@@ -99,7 +112,7 @@ async fn http(
     ctx: &Arc<ProxyContext>,
     conn: &Accepted,
     client: TcpStream,
-    state: &ServiceState,
+    dest: &Destination,
     version: crate::l7::pool::Version,
     sniffed: Sniffed,
 ) -> bool {
@@ -107,7 +120,9 @@ async fn http(
         ctx.stats.detected(protocol);
         observe::metrics::record_sniff(protocol);
     }
-    let l7 = crate::l7::outbound::Outbound::new(ctx.clone(), conn, version, &state.route.service);
+    let state = &dest.state;
+    let l7 = crate::l7::outbound::Outbound::new(ctx.clone(), conn, version, &state.route.service)
+        .pinned(dest.pinned);
     let io = crate::l7::io::Prefixed::new(sniffed.bytes.freeze(), client);
     let result = l7.serve(io).await;
     if let Err(e) = &result {
@@ -182,6 +197,7 @@ mod tests {
             own_addrs: Vec::new(),
             stats: Default::default(),
             routes: Arc::new(crate::discovery::RouteStore::new(false)),
+            node: String::new(),
             identity: Default::default(),
             tunnels: tunnels.clone(),
             services: Default::default(),

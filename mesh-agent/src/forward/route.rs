@@ -15,17 +15,37 @@ use crate::{
 /// Other endpoints tried after a failed connect.
 const FAILOVER_ATTEMPTS: usize = 2;
 
-/// The service (its balancer, breakers and policy) an original destination names,
-/// if any.
-pub fn service(ctx: &ProxyContext, orig_dst: SocketAddr) -> Option<Arc<ServiceState>> {
-    let table = ctx.routes.table();
-    let route = table.by_addr(orig_dst)?;
-    ctx.services.state(&table, route)
+/// Where the mesh sends a connection.
+pub struct Destination {
+    /// The service (its balancer, breakers and policy).
+    pub state: Arc<ServiceState>,
+    /// The client dialled this endpoint of the service by its own address (a pod
+    /// or host IP and target port): exactly it is used, never another.
+    pub pinned: Option<SocketAddr>,
 }
 
-/// The endpoint the balancer picks for a connection from `peer`; `None` when no
-/// endpoint is available (all unhealthy, ejected or circuit open).
-pub fn pick(ctx: &ProxyContext, state: &ServiceState, peer: SocketAddr) -> Option<PickGuard> {
+/// What an original destination names: a service's VIP, or a meshed endpoint's own
+/// address (which, as ztunnel does for pod IPs, goes through mutual TLS to that
+/// endpoint's agent like its service, never out in plaintext); `None` for anything
+/// else, which is passed through.
+pub fn destination(ctx: &ProxyContext, orig_dst: SocketAddr) -> Option<Destination> {
+    let table = ctx.routes.table();
+    if let Some(route) = table.by_addr(orig_dst) {
+        return ctx.services.state(&table, route).map(|state| Destination { state, pinned: None });
+    }
+    let (route, endpoint) = table.meshed_endpoint(orig_dst)?;
+    let pinned = Some(endpoint.addr);
+    ctx.services.state(&table, route).map(|state| Destination { state, pinned })
+}
+
+/// The endpoint for a connection from `peer`: the pinned one, or the one the
+/// balancer picks; `None` when it is not available (all unhealthy, ejected or
+/// circuit open).
+pub fn pick(ctx: &ProxyContext, dest: &Destination, peer: SocketAddr) -> Option<PickGuard> {
+    let state = &dest.state;
+    if let Some(addr) = dest.pinned {
+        return state.claim(addr);
+    }
     // Ring hash / Maglev on a TCP service can only key on the client address.
     let hash_key = match state.hash_key_source() {
         Some(HashKeySource::SourceAddress) => Some(hash::hash_ip(peer.ip())),

@@ -20,6 +20,13 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, fmt};
 
 /// Service mesh control plane: discovery and the CA.
+/// `--mtls-default`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum MtlsDefault {
+    Permissive,
+    Strict,
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "mesh-control", version)]
 struct Args {
@@ -51,6 +58,12 @@ struct Args {
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
+
+    /// mTLS mode of services that do not set one (`policy.mtls`, annotation
+    /// `mesh.dev/mtls`): `permissive` accepts plaintext at their workloads as the
+    /// principal "unauthenticated", `strict` refuses it.
+    #[arg(long, env = "MESH_MTLS_DEFAULT", value_enum, default_value_t = MtlsDefault::Permissive)]
+    mtls_default: MtlsDefault,
 
     /// Directory of the CA's root (or intermediate) certificate and key; created with
     /// a new root on first start, reused afterwards (same trust root across restarts).
@@ -259,6 +272,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         grpc_addr: args.listen,
         admin_addr: args.admin_addr,
         trust_domain: args.trust_domain.clone(),
+        default_mtls: match args.mtls_default {
+            MtlsDefault::Permissive => mesh_api::MtlsMode::Permissive,
+            MtlsDefault::Strict => mesh_api::MtlsMode::Strict,
+        },
         keepalive: args.keepalive,
         settle: args.settle,
         book: control::agent_book::BookLimits {

@@ -20,6 +20,8 @@ pub struct Settings {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub trust_domain: String,
+    /// The mTLS mode of services whose policy does not set one.
+    pub default_mtls: mesh_api::MtlsMode,
     /// HTTP/2 keepalive pings on agent streams, so dead agents are noticed.
     pub keepalive: Duration,
     /// Changes closer together than this become one version.
@@ -77,8 +79,12 @@ pub async fn start(
     let (targets_tx, targets_rx) = watch::channel(Default::default());
     let (failing_tx, failing_rx) = watch::channel(Default::default());
     tasks.spawn(crate::health::run(targets_rx, failing_tx, shutdown.clone()));
-    let (builder, snapshots) =
-        SnapshotBuilder::new(receivers, settings.trust_domain.clone(), targets_tx, failing_rx);
+    let (builder, snapshots) = SnapshotBuilder::new(
+        receivers,
+        (settings.trust_domain.clone(), settings.default_mtls),
+        targets_tx,
+        failing_rx,
+    );
     tasks.spawn(builder.run(settings.settle, shutdown.clone()));
 
     let agents = AgentBook::new(settings.book);

@@ -42,6 +42,8 @@ pub struct Versioned {
 pub struct SnapshotBuilder {
     sources: Vec<(String, watch::Receiver<SourceView>)>,
     trust_domain: String,
+    /// The mTLS mode of services whose policy sets none.
+    default_mtls: api::MtlsMode,
     tx: watch::Sender<Arc<Versioned>>,
     targets: watch::Sender<Targets>,
     failing: watch::Receiver<Failing>,
@@ -52,7 +54,7 @@ impl SnapshotBuilder {
     /// endpoints to check and reports the failing ones.
     pub fn new(
         sources: Vec<(String, watch::Receiver<SourceView>)>,
-        trust_domain: String,
+        (trust_domain, default_mtls): (String, api::MtlsMode),
         targets: watch::Sender<Targets>,
         failing: watch::Receiver<Failing>,
     ) -> (Self, watch::Receiver<Arc<Versioned>>) {
@@ -64,7 +66,7 @@ impl SnapshotBuilder {
             ready: false,
         });
         let (tx, rx) = watch::channel(initial);
-        (Self { sources, trust_domain, tx, targets, failing }, rx)
+        (Self { sources, trust_domain, default_mtls, tx, targets, failing }, rx)
     }
 
     /// Merges the current views (first source wins on a namespace/name clash) and
@@ -111,6 +113,7 @@ impl SnapshotBuilder {
         let snapshot = api::Snapshot {
             services: merged.into_values().collect(),
             trust_domain: self.trust_domain.clone(),
+            default_mtls: self.default_mtls as i32,
         };
         (snapshot, errors, ready, targets)
     }

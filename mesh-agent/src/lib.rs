@@ -17,6 +17,7 @@ pub mod control_channel;
 pub mod discovery;
 pub mod forward;
 pub mod identity;
+pub mod inbound;
 pub mod intercept;
 pub mod l7;
 pub mod limits;

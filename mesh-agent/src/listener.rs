@@ -67,6 +67,9 @@ pub struct ProxyContext {
     pub stats: Arc<Stats>,
     /// Service routing from the control plane's snapshots.
     pub routes: Arc<RouteStore>,
+    /// This node's name as the control plane knows it: the workloads whose
+    /// endpoints name it are this agent's to protect.
+    pub node: String,
     /// The node's workload identity, once its first certificate is issued.
     pub identity: crate::workload_identity::IdentitySlot,
     /// Tunnels to peer agents (mTLS + HTTP/2 CONNECT), shared by all connections.
@@ -290,6 +293,7 @@ mod tests {
             own_addrs: own,
             stats: Default::default(),
             routes: Arc::new(RouteStore::new(false)),
+            node: String::new(),
             identity: Default::default(),
             tunnels: crate::mtls::pool(Default::default(), SocketFactory::new(0), Duration::from_secs(1)),
             services: Default::default(),

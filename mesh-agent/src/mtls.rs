@@ -10,23 +10,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::BytesMut;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, copy_bidirectional},
+    io::{AsyncWriteExt, copy_bidirectional},
     net::{TcpListener, TcpStream},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    authz::decide,
+    authz::{Principal, decide},
     discovery::{RouteStore, table::EndpointTarget},
-    forward::idle,
+    forward::{Accepted, detect::Sniffed, idle},
     identity::{IdentityError, SpiffeId},
     intercept::ActiveMode,
-    l7::pool::{UpstreamPool, Version},
+    l7::pool::UpstreamPool,
     listener::{Direction, ProxyContext},
     observe::{Records, access_log::AccessRecord, labels::MeshName},
     sniff::{self, OpaqueReason, Protocol},
@@ -56,8 +53,6 @@ pub fn meshed(endpoint: &EndpointTarget) -> Option<(SocketAddr, &Arc<SpiffeId>)>
 
 /// A connection's meshed destination.
 pub struct Meshed<'a> {
-    pub peer: SocketAddr,
-    pub orig_dst: SocketAddr,
     pub service: &'a str,
     pub endpoint: SocketAddr,
     /// The endpoint's node agent.
@@ -67,17 +62,18 @@ pub struct Meshed<'a> {
 }
 
 /// Carries an intercepted connection to a meshed endpoint through the tunnel.
-/// `sniffed` holds what the client already sent and `protocol` what sniffing found,
-/// when it ran before; otherwise sniffing overlaps the tunnel open.
+/// `sniffed` holds what the client already sent and what sniffing found, when it
+/// ran before; otherwise sniffing overlaps the tunnel open.
 pub async fn forward(
     ctx: &ProxyContext,
+    conn: &Accepted,
     mut client: TcpStream,
     meshed: Meshed<'_>,
-    mut sniffed: BytesMut,
-    protocol: Option<Protocol>,
-    start: Instant,
+    sniffed: Sniffed,
 ) -> Result<(u64, u64, String), String> {
-    let Meshed { peer, orig_dst, service, endpoint, agent, dest_id } = meshed;
+    let Accepted { peer, orig_dst, start, .. } = *conn;
+    let Meshed { service, endpoint, agent, dest_id } = meshed;
+    let Sniffed { bytes: mut sniffed, protocol } = sniffed;
     let Some(ident) = ctx.identity.get() else {
         crate::forward::reset(&client);
         return Err("no workload certificate yet: meshed traffic is never sent in plaintext".into());
@@ -171,6 +167,9 @@ pub struct Inbound {
     pub node: String,
     pub sockets: SocketFactory,
     pub connect_timeout: Duration,
+    /// How long a stream's client that started sending may take to show what it
+    /// sends (`--detect-timeout`).
+    pub detect_timeout: Duration,
     pub mode: ActiveMode,
     /// HTTP streams' requests go to local workloads through this pool.
     pub upstreams: Arc<UpstreamPool>,
@@ -194,12 +193,13 @@ pub struct Handshakes {
 }
 
 /// Serves peers' tunnels on `listener` until `shutdown`: TLS with this node's
-/// workload certificate, authorization from the destination service's rules, and
-/// only targets that are workloads on this node. Direct HTTP connections
-/// ([`crate::identity::ALPN_MESH_HTTP`]) and CONNECT streams the sending agent
-/// marks as HTTP ([`crate::tunnel::PROTOCOL_HEADER`]) are proxied per request
-/// ([`crate::l7::inbound`]); other streams are relayed as bytes. At `shutdown` the server
-/// stops accepting and sends GOAWAY, and HTTP streams' connections close gracefully.
+/// workload certificate, authorization from the rules of every service selecting
+/// the target ([`crate::authz`]), and only targets that are workloads on this node.
+/// Direct HTTP connections ([`crate::identity::ALPN_MESH_HTTP`]) are proxied per
+/// request ([`crate::l7::inbound`]); CONNECT streams are served by
+/// [`crate::inbound::stream`] (per request when they carry HTTP, as bytes
+/// otherwise). At `shutdown` the server stops accepting and sends GOAWAY, and HTTP
+/// streams' connections close gracefully.
 ///
 /// A byte relay ends after twice the idle timeout without a byte: the sending agent,
 /// which sees the same bytes, normally ends it first and cleanly, and decides for
@@ -219,13 +219,13 @@ pub fn serve_inbound(
         node,
         sockets,
         connect_timeout,
+        detect_timeout,
         mode,
         upstreams,
         records,
         downstream,
         tcp_idle_timeout,
     } = inbound;
-    let relay_idle_timeout = tcp_idle_timeout.map(|t| t.saturating_mul(2));
     let tls_slot = slot.clone();
     let tls = Arc::new(move |_local: SocketAddr| {
         let ident = tls_slot.get()?;
@@ -234,11 +234,12 @@ pub fn serve_inbound(
     let auth_routes = routes.clone();
     let auth_node = node.clone();
     let authorize = Arc::new(move |peer: &SpiffeId, target: SocketAddr| {
-        let decision = decide(&auth_routes, &auth_node, peer, target)?;
-        if decision.tcp_allowed || decision.http_possible {
+        let principal = peer.to_string();
+        let decision = decide(&auth_routes, &auth_node, Principal::Authenticated(&principal), target)?;
+        if decision.admits() {
             Ok(())
         } else {
-            warn!(peer = %peer, target = %target, service = %decision.service, "denied by authorization policy");
+            warn!(peer = %peer, target = %target, services = %decision.services(), "denied by authorization policy");
             Err(format!("{peer} is not allowed to reach {}", decision.service))
         }
     });
@@ -247,108 +248,38 @@ pub fn serve_inbound(
         Box::pin(async move { sockets.connect(target, connect_timeout).await })
             as std::pin::Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
     });
-    let direct = Arc::new(crate::l7::inbound::Direct {
-        routes: routes.clone(),
-        node: node.clone(),
-        upstreams: upstreams.clone(),
+    let shared = Arc::new(crate::l7::inbound::Shared {
+        routes,
+        node,
+        upstreams,
         connect_timeout,
         mode,
-        records: records.clone(),
+        records,
         downstream,
+        identity: slot,
     });
+    let direct = shared.clone();
     let http: HttpServe = Arc::new(move |peer_id, peer_addr, tls, shutdown| {
         let direct = direct.clone();
         Box::pin(async move {
             let start = Instant::now();
-            let ended = direct.serve(peer_id.clone(), peer_addr, tls, shutdown).await;
+            let ended = direct.serve_direct(peer_id.clone(), peer_addr, tls, shutdown).await;
             tracing::debug!(peer = %peer_addr, peer_identity = %peer_id,
                 duration_ms = start.elapsed().as_secs_f64() * 1000.0,
                 error = ended.err().map(|e| e.to_string()), "direct HTTP connection closed");
         })
     });
-    let relay_shutdown = shutdown.clone();
-    let relay: Relay =
-        Arc::new(move |info: StreamInfo, mut tunnel: TunnelStream, mut upstream: TcpStream| {
-            let routes = routes.clone();
-            let node = node.clone();
-            let upstreams = upstreams.clone();
-            let records = records.clone();
-            let shutdown = relay_shutdown.clone();
-            Box::pin(async move {
-                let decision = match decide(&routes, &node, &info.peer_id, info.target) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        tunnel.reset();
-                        return (0, 0, Some(e));
-                    }
-                };
-                let version = match info.headers.get(crate::tunnel::PROTOCOL_HEADER).map(|v| v.as_bytes()) {
-                    Some(b"http1") => Some(Version::Http1),
-                    Some(b"http2") => Some(Version::Http2),
-                    _ => None,
-                };
-                if let Some(version) = version {
-                    // Requests go through the pool; the connection made to admit the
-                    // stream is not needed.
-                    drop(upstream);
-                    let l7 = crate::l7::inbound::Inbound::new(
-                        info.peer_id.clone(),
-                        info.peer_addr,
-                        info.target,
-                        MeshName::known(&decision.service),
-                        crate::l7::inbound::Policy::new(routes.clone(), node.clone(), decision),
-                        version,
-                        upstreams,
-                        connect_timeout,
-                        mode,
-                        records,
-                        downstream,
-                        shutdown,
-                    );
-                    let counted = Counted::new(tunnel);
-                    let (read, written) = (counted.read.clone(), counted.written.clone());
-                    let result = l7.serve(counted).await;
-                    let bytes = (read.load(Ordering::Relaxed), written.load(Ordering::Relaxed));
-                    return (bytes.0, bytes.1, result.err().map(|e| format!("HTTP: {e}")));
-                }
-                if !decision.tcp_allowed {
-                    warn!(peer = %info.peer_id, target = %info.target, service = %decision.service,
-                    "denied by authorization policy: its rules allow only HTTP requests");
-                    tunnel.reset();
-                    return (0, 0, Some("only HTTP requests are allowed by policy".into()));
-                }
-                let start = Instant::now();
-                let activity = idle::Activity::default();
-                // Every byte relayed goes through the workload's socket.
-                let mut workload = idle::Marked::new(&mut upstream, &activity);
-                let copy = copy_bidirectional(&mut tunnel, &mut workload);
-                let (i, o, error) = match idle::watch(copy, &activity, relay_idle_timeout).await {
-                    Some(Ok((i, o))) => (i, o, None),
-                    Some(Err(e)) => {
-                        tunnel.reset();
-                        crate::forward::reset(&upstream);
-                        (tunnel.bytes_received(), tunnel.bytes_sent(), Some(e.to_string()))
-                    }
-                    None => {
-                        idle::close(&mut tunnel, &mut upstream).await;
-                        (tunnel.bytes_received(), tunnel.bytes_sent(), Some(idle::ERROR.to_owned()))
-                    }
-                };
-                if records.wants_tcp() {
-                    let mut r = AccessRecord::tcp(Direction::Inbound, mode, info.peer_addr);
-                    r.source_identity = Some(MeshName::known(&info.peer_id.to_string()));
-                    r.destination_service = Some(MeshName::known(&decision.service));
-                    r.destination_endpoint = Some(info.target);
-                    r.protocol = Some("tcp");
-                    r.duration = Some(start.elapsed());
-                    r.bytes_sent = i;
-                    r.bytes_received = o;
-                    r.error.clone_from(&error);
-                    records.emit(r);
-                }
-                (i, o, error)
-            }) as std::pin::Pin<Box<dyn Future<Output = (u64, u64, Option<String>)> + Send>>
-        });
+    let streams = Arc::new(crate::inbound::stream::Streams {
+        shared,
+        detect_timeout,
+        relay_idle_timeout: tcp_idle_timeout.map(|t| t.saturating_mul(2)),
+        shutdown: shutdown.clone(),
+    });
+    let relay: Relay = Arc::new(move |info: StreamInfo, tunnel: TunnelStream, upstream: TcpStream| {
+        let streams = streams.clone();
+        Box::pin(async move { crate::inbound::stream::serve(&streams, info, tunnel, upstream).await })
+            as std::pin::Pin<Box<dyn Future<Output = (u64, u64, Option<String>)> + Send>>
+    });
     let mode_name = mode.as_str();
     let on_close = Arc::new(move |r: TunnelRecord| {
         info!(
@@ -377,58 +308,4 @@ pub fn serve_inbound(
         server = server.with_handshake_runtime(runtime);
     }
     tokio::spawn(server.serve(listener, shutdown))
-}
-
-/// A stream that counts the bytes hyper reads and writes through it.
-struct Counted<T> {
-    inner: T,
-    read: Arc<AtomicU64>,
-    written: Arc<AtomicU64>,
-}
-
-impl<T> Counted<T> {
-    fn new(inner: T) -> Self {
-        Counted { inner, read: Default::default(), written: Default::default() }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read.fetch_add((buf.filled().len() - before) as u64, Ordering::Relaxed);
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = &r {
-            self.written.fetch_add(*n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }

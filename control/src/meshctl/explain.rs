@@ -245,8 +245,9 @@ fn control_verdicts(s: &ServiceView, port: &super::views::PortView) -> Vec<Endpo
         .collect()
 }
 
+/// As the agent matches: no principals is any caller, `*` any authenticated one.
 fn principal_matches(rule: &AuthorizationRule, identity: &str) -> bool {
-    rule.principals.is_empty() || rule.principals.iter().any(|p| p == identity)
+    rule.principals.is_empty() || rule.principals.iter().any(|p| p == "*" || p == identity)
 }
 
 /// Decides the authorization step for a caller with `identity` (if known).
@@ -285,7 +286,11 @@ pub fn authorize(rules: Option<&[AuthorizationRule]>, identity: Option<&str>) ->
             continue;
         }
         if r.methods.is_empty() && r.path_prefixes.is_empty() {
-            let who = if r.principals.is_empty() { "any authenticated peer" } else { identity };
+            let who = match r.principals.as_slice() {
+                [] => "any caller",
+                p if p.iter().any(|p| p == "*") => "any authenticated peer",
+                _ => identity,
+            };
             return verdict("allowed", format!("rule {} allows {who}", i + 1), rules);
         }
         let mut cond = Vec::new();
@@ -293,7 +298,7 @@ pub fn authorize(rules: Option<&[AuthorizationRule]>, identity: Option<&str>) ->
             cond.push(format!("methods {}", r.methods.join(",")));
         }
         if !r.path_prefixes.is_empty() {
-            cond.push(format!("paths {}*", r.path_prefixes.join("*,")));
+            cond.push(format!("paths under {}", r.path_prefixes.join(",")));
         }
         conditional.push(format!("rule {}: {}", i + 1, cond.join(" and ")));
     }
@@ -518,7 +523,7 @@ pub fn render(x: &Explanation) -> String {
                 out,
                 "  rule {}: principals {}; methods {}; paths {}",
                 i + 1,
-                list(&r.principals, "any authenticated peer"),
+                list(&r.principals, "any caller"),
                 list(&r.methods, "any"),
                 list(&r.path_prefixes, "any")
             );
@@ -674,8 +679,9 @@ mod tests {
             (cond.decision, cond.reason.as_str()),
             ("conditional", "id is allowed only for HTTP requests matching rule 1: methods GET")
         );
+        assert_eq!(authorize(Some(&[rule(&[], &[])]), Some("id")).reason, "rule 1 allows any caller");
         assert_eq!(
-            authorize(Some(&[rule(&[], &[])]), Some("id")).reason,
+            authorize(Some(&[rule(&["*"], &[])]), Some("id")).reason,
             "rule 1 allows any authenticated peer"
         );
     }

@@ -137,6 +137,9 @@ pub struct PolicyEntry {
     pub authorization: Vec<AuthzEntry>,
     #[serde(default)]
     pub rate_limit: Option<RateLimitEntry>,
+    /// `strict` or `permissive`; absent: the mesh-wide default (`--mtls-default`).
+    #[serde(default)]
+    pub mtls: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -544,6 +547,14 @@ fn policy(p: &PolicyEntry) -> Result<api::Policy, (String, String)> {
                 ));
             }
         }
+        for (m, prefix) in a.path_prefixes.iter().enumerate() {
+            if !prefix.starts_with('/') || prefix.contains(['?', '#']) {
+                return Err((
+                    format!("authorization[{k}].path_prefixes[{m}]"),
+                    format!("{prefix:?} is not a path (it starts with \"/\" and has no query or fragment)"),
+                ));
+            }
+        }
         authorization.push(api::AuthorizationRule {
             principals: a.principals.clone(),
             methods: a.methods.clone(),
@@ -562,7 +573,18 @@ fn policy(p: &PolicyEntry) -> Result<api::Policy, (String, String)> {
         outlier_detection,
         authorization,
         rate_limit,
+        mtls: mtls_mode(p.mtls.as_deref())? as i32,
     })
+}
+
+/// A service's `mtls` field.
+fn mtls_mode(v: Option<&str>) -> Result<api::MtlsMode, (String, String)> {
+    match v {
+        None => Ok(api::MtlsMode::Unspecified),
+        Some("strict") => Ok(api::MtlsMode::Strict),
+        Some("permissive") => Ok(api::MtlsMode::Permissive),
+        Some(other) => Err(("mtls".into(), format!("{other:?} is not strict or permissive"))),
+    }
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -673,6 +695,8 @@ services:
     policy:
       load_balancer: {algorithm: least-request}
       retries: {attempts: 3, retry_on: [connect-failure, "503"], per_try_timeout: 500ms}
+      mtls: strict
+      authorization: [{principals: ["*"], path_prefixes: [/api]}]
     endpoints:
       - {address: 10.77.0.3, service_account: echo, agent_address: "10.77.0.3:15008", zone: a}
       - {address: 10.77.0.4, health: unhealthy, weight: 2}
@@ -696,6 +720,11 @@ services:
         let p = svc.policy.as_ref().unwrap();
         assert_eq!(p.load_balancer.as_ref().unwrap().algorithm, api::Algorithm::LeastRequest as i32);
         assert_eq!(p.retries.as_ref().unwrap().per_try_timeout_ms, 500);
+        assert_eq!(p.mtls(), api::MtlsMode::Strict);
+        assert_eq!(p.authorization[0].principals, ["*"]);
+        let unset =
+            parse("r.yaml", "services:\n  - {name: a, ports: [{port: 80}], policy: {}}\n", "td").unwrap();
+        assert_eq!(unset[0].policy.as_ref().unwrap().mtls(), api::MtlsMode::Unspecified, "the mesh default");
     }
 
     fn err(text: &str) -> String {
@@ -734,6 +763,12 @@ services:
         assert!(e.contains("policy.load_balancer.virtual_nodes: 100000 is more than 4096"), "{e}");
         let e = err("services:\n  - name: Echo\n    ports: [{port: 80}]\n");
         assert!(e.contains("services[0] (default/Echo): name:"), "{e}");
+        let e = err("services:\n  - name: echo\n    ports: [{port: 80}]\n    policy: {mtls: STRICT}\n");
+        assert!(e.contains("(default/echo): policy.mtls: \"STRICT\" is not strict or permissive"), "{e}");
+        let e = err(
+            "services:\n  - name: echo\n    ports: [{port: 80}]\n    policy: {authorization: [{path_prefixes: [/a, api]}]}\n",
+        );
+        assert!(e.contains("policy.authorization[0].path_prefixes[1]: \"api\" is not a path"), "{e}");
     }
 
     #[test]

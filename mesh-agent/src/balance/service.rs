@@ -108,6 +108,13 @@ impl ServiceState {
         self.balancer.pick(&PickContext { hash_key, locality })
     }
 
+    /// Claims the endpoint at `addr` itself, for a caller that dialled its address
+    /// rather than the service's; `None` when the service has no such endpoint or it
+    /// is unavailable (unhealthy, ejected or with an open circuit).
+    pub fn claim(&self, addr: SocketAddr) -> Option<PickGuard> {
+        self.endpoints().iter().find(|e| e.addr() == addr)?.try_admit()
+    }
+
     /// Where the consistent-hash key comes from, if the policy hashes.
     pub fn hash_key_source(&self) -> Option<&HashKeySource> {
         self.policy.lb.hash_key.as_ref()

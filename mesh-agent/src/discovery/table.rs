@@ -14,7 +14,7 @@ use std::{
 use mesh_api as api;
 use serde::Serialize;
 
-use crate::{balance::service::ServicePolicy, identity::SpiffeId};
+use crate::{authz::MtlsMode, balance::service::ServicePolicy, identity::SpiffeId};
 
 /// Why a snapshot cannot be used (sent back as the NACK reason).
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -65,6 +65,9 @@ pub struct Route {
     /// `policy`, validated and with defaults filled in.
     #[serde(skip)]
     pub service_policy: Arc<ServicePolicy>,
+    /// Whether the service accepts plaintext at its workloads (the policy's `mtls`,
+    /// else the snapshot's default).
+    pub mtls: MtlsMode,
     /// Where each address first appears in `endpoints`: a picked endpoint's details
     /// are looked up on every request, and a service may have thousands.
     #[serde(skip)]
@@ -90,6 +93,17 @@ pub fn addr_header(addr: SocketAddr) -> http::HeaderValue {
     http::HeaderValue::from_bytes(&buf[..len]).expect("a socket address is a valid header value")
 }
 
+/// `addr` with a v4-mapped IPv6 address (dual-stack sockets) as IPv4.
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
 /// The routing table of one snapshot version.
 #[derive(Debug, Default)]
 pub struct RouteTable {
@@ -97,6 +111,9 @@ pub struct RouteTable {
     pub trust_domain: String,
     by_addr: HashMap<SocketAddr, Arc<Route>>,
     by_host: HashMap<(String, u16), Arc<Route>>,
+    /// Endpoint address (and target port) -> every service port listing it, by
+    /// service name: the services selecting a workload port.
+    by_endpoint: HashMap<SocketAddr, Vec<(Arc<Route>, usize)>>,
     routes: Vec<Arc<Route>>,
     endpoint_count: usize,
 }
@@ -127,6 +144,7 @@ impl RouteTable {
         if count > max_endpoints {
             return Err(TableError::TooManyEndpoints { count, limit: max_endpoints });
         }
+        let default_mtls = MtlsMode::from_api(snapshot.default_mtls(), MtlsMode::Permissive);
         let mut table = RouteTable {
             version,
             trust_domain: snapshot.trust_domain.clone(),
@@ -150,6 +168,10 @@ impl RouteTable {
                 }
                 vips.push(ip);
             }
+            let mtls = MtlsMode::from_api(
+                s.policy.as_ref().map_or(api::MtlsMode::Unspecified, |p| p.mtls()),
+                default_mtls,
+            );
             let service_policy = Arc::new(
                 ServicePolicy::from_api(s.policy.as_ref())
                     .map_err(|message| invalid("policy".into(), message))?,
@@ -229,10 +251,14 @@ impl RouteTable {
                     port: svc_port,
                     protocol: protocol_name(p.protocol()),
                     endpoints,
-                    by_endpoint,
                     policy: s.policy.clone(),
                     service_policy: service_policy.clone(),
+                    mtls,
+                    by_endpoint,
                 });
+                for (&addr, &i) in &route.by_endpoint {
+                    table.by_endpoint.entry(addr).or_default().push((route.clone(), i));
+                }
                 for ip in &vips {
                     let addr = SocketAddr::new(*ip, svc_port);
                     if let Some(other) = table.by_addr.insert(addr, route.clone()) {
@@ -249,20 +275,33 @@ impl RouteTable {
                 table.routes.push(route);
             }
         }
+        for selecting in table.by_endpoint.values_mut() {
+            selecting.sort_by(|(a, _), (b, _)| a.service.cmp(&b.service).then(a.port.cmp(&b.port)));
+        }
         Ok(table)
     }
 
     /// The service port an intercepted connection to `dst` was meant for.
     pub fn by_addr(&self, dst: SocketAddr) -> Option<&Arc<Route>> {
-        // Normalise v4-mapped IPv6 destinations (dual-stack sockets) to IPv4.
-        let dst = match dst.ip() {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => SocketAddr::new(IpAddr::V4(v4), dst.port()),
-                None => dst,
-            },
-            IpAddr::V4(_) => dst,
-        };
-        self.by_addr.get(&dst)
+        self.by_addr.get(&unmapped(dst))
+    }
+
+    /// Every service port listing `endpoint` (an address and target port) among its
+    /// endpoints, with that entry, in service name order: the services that select
+    /// the workload port.
+    pub fn selecting(&self, endpoint: SocketAddr) -> impl Iterator<Item = (&Arc<Route>, &EndpointTarget)> {
+        self.by_endpoint
+            .get(&unmapped(endpoint))
+            .into_iter()
+            .flatten()
+            .map(|(route, i)| (route, &route.endpoints[*i]))
+    }
+
+    /// A meshed endpoint called by its own address (a pod or host IP and target
+    /// port, not a VIP): the first service port listing it behind an agent, and its
+    /// entry. The connection then goes to exactly that endpoint, through its agent.
+    pub fn meshed_endpoint(&self, addr: SocketAddr) -> Option<(&Arc<Route>, &EndpointTarget)> {
+        self.selecting(addr).find(|(_, ep)| ep.agent_address.is_some())
     }
 
     /// The service port a hostname (SNI, Host header) and port name.
@@ -295,6 +334,7 @@ mod tests {
 
     fn snapshot() -> api::Snapshot {
         api::Snapshot {
+            default_mtls: 0,
             trust_domain: "cluster.local".into(),
             services: vec![api::Service {
                 health_check: None,

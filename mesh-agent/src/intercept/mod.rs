@@ -130,7 +130,7 @@ impl Settings {
 
     /// The iptables rules for these settings and enrolled cgroups; `agent_cgroup`
     /// as in [`Settings::agent_sockets`].
-    pub fn iptables_config(&self, cgroups: &[CgroupPath], agent_cgroup: Option<String>) -> IptablesConfig {
+    pub fn iptables_config(&self, cgroups: &[(CgroupPath, Option<u16>)], agent_cgroup: Option<String>) -> IptablesConfig {
         IptablesConfig {
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
@@ -141,7 +141,8 @@ impl Settings {
             exclude_ports: self.exclude_ports.clone(),
             include_cidrs: self.include_cidrs.clone(),
             exclude_cidrs: self.exclude_cidrs.clone(),
-            cgroups: cgroups.iter().map(|c| c.relative().to_owned()).collect(),
+            cgroups: cgroups.iter().map(|(c, _)| c.relative().to_owned()).collect(),
+            cgroup_ports: cgroups.iter().filter_map(|(c, p)| p.map(|p| (c.relative().to_owned(), p))).collect(),
             ipv6: self.ipv6,
         }
     }
@@ -193,7 +194,8 @@ pub struct IptablesInterceptor {
     /// The cgroup the agent runs in, which its sockets belong to (`None` if it
     /// cannot be read: the rules then match the mark alone, and say so).
     own_cgroup: Option<String>,
-    cgroups: Vec<CgroupPath>,
+    /// Enrolled cgroups, each with its workload's own outbound port if it has one.
+    cgroups: Vec<(CgroupPath, Option<u16>)>,
     /// Whether any enrolment was ever asked for: until then, with no `--cgroup`, the
     /// whole network namespace is intercepted (the pod-level fallback).
     per_cgroup: bool,
@@ -213,6 +215,20 @@ impl IptablesInterceptor {
             me.apply()?;
         }
         Ok(me)
+    }
+
+    /// A pod's rules: its listeners on the agent's ports in its namespace, the agent's
+    /// sockets recognised by the mark with the agent's cgroup (and uid/gid when set).
+    fn pod_rules(&self, outbound_port: u16) -> iptables::pod::PodRules {
+        let s = &self.settings;
+        let mut rules = iptables::pod::PodRules::new(s.agent_sockets(self.own_cgroup.clone()));
+        rules.outbound_port = outbound_port;
+        rules.inbound_port = s.inbound_port;
+        rules.tunnel_port = s.tunnel_port;
+        rules.exclude_ports = s.exclude_ports.clone();
+        rules.exclude_cidrs = s.exclude_cidrs.clone();
+        rules.ipv6 = s.ipv6;
+        rules
     }
 
     fn apply(&self) -> Result<(), IptablesError> {
@@ -287,13 +303,13 @@ impl Interceptor {
         match self {
             Self::Ebpf(e) => e.enroll(cgroup, port)?,
             Self::Iptables(i) => {
-                if !i.cgroups.contains(cgroup) {
-                    i.cgroups.push(cgroup.clone());
-                    i.cgroups.sort();
-                }
+                let previous = i.cgroups.clone();
+                i.cgroups.retain(|(c, _)| c != cgroup);
+                i.cgroups.push((cgroup.clone(), port));
+                i.cgroups.sort();
                 i.per_cgroup = true;
                 if let Err(e) = i.apply() {
-                    i.cgroups.retain(|c| c != cgroup);
+                    i.cgroups = previous;
                     return Err(e.into());
                 }
                 info!(%cgroup, "cgroup enrolled (iptables rules updated)");
@@ -323,9 +339,14 @@ impl Interceptor {
                 }
                 Ok(())
             }
-            Self::Iptables(_) => Err(InterceptError::Unsupported(
-                "serving pods in their own network namespace needs eBPF mode in this version".into(),
-            )),
+            Self::Iptables(i) => {
+                // Inbound capture is the pod's own PREROUTING redirect to 15006.
+                let _ = (addrs, inbound);
+                let rules = i.pod_rules(port);
+                iptables::pod::install(&iptables::Netns::path(netns.path()), &rules)?;
+                info!(netns = %netns.path().display(), "pod's iptables rules installed");
+                Ok(())
+            }
         }
     }
 
@@ -337,7 +358,12 @@ impl Interceptor {
                 e.remove_pod(netns.cookie())?;
                 Ok(())
             }
-            Self::Iptables(_) => Ok(()),
+            Self::Iptables(i) => {
+                match iptables::pod::uninstall(&iptables::Netns::path(netns.path()), i.settings.ipv6) {
+                    Ok(()) | Err(IptablesError::NetnsGone { .. }) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
         }
     }
 
@@ -362,10 +388,10 @@ impl Interceptor {
         match self {
             Self::Ebpf(e) => e.unenroll(cgroup)?,
             Self::Iptables(i) => {
-                if !i.cgroups.contains(cgroup) {
+                if !i.cgroups.iter().any(|(c, _)| c == cgroup) {
                     return Err(EbpfError::NotEnrolled(cgroup.to_string()).into());
                 }
-                i.cgroups.retain(|c| c != cgroup);
+                i.cgroups.retain(|(c, _)| c != cgroup);
                 i.apply()?;
                 info!(%cgroup, "cgroup unenrolled (iptables rules updated)");
             }
@@ -377,7 +403,7 @@ impl Interceptor {
     pub fn enrolled(&self) -> Vec<CgroupPath> {
         match self {
             Self::Ebpf(e) => e.enrolled().cloned().collect(),
-            Self::Iptables(i) => i.cgroups.clone(),
+            Self::Iptables(i) => i.cgroups.iter().map(|(c, _)| c.clone()).collect(),
         }
     }
 

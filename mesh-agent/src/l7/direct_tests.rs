@@ -54,7 +54,7 @@ struct Peers {
 /// How the peer agent answers.
 #[derive(Clone)]
 enum Peer {
-    /// The agent's own receiving side ([`super::inbound::Direct`]) for workloads of
+    /// The agent's own receiving side ([`super::inbound::Shared`]) for workloads of
     /// node `server` in these routes.
     Real(Arc<RouteStore>),
     /// Serves direct HTTP, answering 200 with the request's target.
@@ -115,9 +115,17 @@ async fn peers(kind: Peer) -> Peers {
     match &kind {
         Peer::Legacy => {}
         Peer::Real(routes) => {
+            // The receiving agent's own identity: the `By=` of x-forwarded-client-cert.
+            let manager =
+                CertManager::new(signer.clone(), signer.ca.bundle(), clock.clone(), RenewalConfig::default())
+                    .unwrap();
+            let own = manager.identity(&payments).unwrap();
+            within("payments' certificate", own.ready()).await;
+            let identity = IdentitySlot::default();
+            assert!(identity.set(AgentIdentity { manager, workload: own }).is_ok());
             let sockets = SocketFactory::new(0);
             let tunnels = crate::mtls::pool(IdentitySlot::default(), sockets.clone(), PATIENCE);
-            let direct = Arc::new(super::inbound::Direct {
+            let direct = Arc::new(super::inbound::Shared {
                 routes: routes.clone(),
                 node: "server".into(),
                 upstreams: Arc::new(UpstreamPool::new(sockets, tunnels, IdentitySlot::default(), PATIENCE)),
@@ -125,11 +133,12 @@ async fn peers(kind: Peer) -> Peers {
                 mode: crate::intercept::ActiveMode::Ebpf,
                 records: Default::default(),
                 downstream: Default::default(),
+                identity,
             });
             server = server.with_http(Arc::new(move |peer, addr, tls, shutdown| {
                 let direct = direct.clone();
                 Box::pin(async move {
-                    let _ = direct.serve(peer, addr, tls, shutdown).await;
+                    let _ = direct.serve_direct(peer, addr, tls, shutdown).await;
                 })
             }));
         }
@@ -296,12 +305,13 @@ async fn workload() -> SocketAddr {
             let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
                 let header = |name: &str| req.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
                 let body = format!(
-                    "{:?} {} host={:?} xff={:?} identity={:?} mesh={:?}",
+                    "{:?} {} host={:?} xff={:?} identity={:?} xfcc={:?} mesh={:?}",
                     req.version(),
                     req.uri(),
                     header("host"),
                     header("x-forwarded-for"),
                     header("x-forwarded-client-identity"),
+                    header("x-forwarded-client-cert"),
                     header(TARGET_HEADER).or(header(PROTOCOL_HEADER)),
                 );
                 Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
@@ -345,14 +355,26 @@ async fn the_receiving_agent_serves_its_workloads_as_the_client_sent_and_turns_o
     let at = workload().await;
     let peers = peers(Peer::Real(routes_with(at))).await;
 
-    let resp = peers.send(at, Version::Http1, get("/pay?x=1", Some("payments.shop"))).await.unwrap();
+    // The client's own identity headers are forgeries: replaced by what the agent proved.
+    let mut req = get("/pay/./a/../b?x=1", Some("payments.shop"));
+    req.headers_mut()
+        .insert("x-forwarded-client-cert", "By=spiffe://evil;URI=spiffe://evil/admin".parse().unwrap());
+    req.headers_mut().append("x-forwarded-client-cert", "URI=spiffe://evil/second".parse().unwrap());
+    req.headers_mut().insert("x-forwarded-client-identity", "spiffe://evil/admin".parse().unwrap());
+    let resp = peers.send(at, Version::Http1, req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
         text(resp).await,
-        "HTTP/1.1 /pay?x=1 host=Some(\"payments.shop\") xff=Some(\"127.0.0.1\") \
-         identity=Some(\"spiffe://cluster.local/ns/shop/sa/cart\") mesh=None",
-        "origin-form, the client's Host, x-forwarded-*, and no mesh headers left"
+        "HTTP/1.1 /pay/b?x=1 host=Some(\"payments.shop\") xff=Some(\"127.0.0.1\") \
+         identity=Some(\"spiffe://cluster.local/ns/shop/sa/cart\") \
+         xfcc=Some(\"By=spiffe://cluster.local/ns/shop/sa/payments;URI=spiffe://cluster.local/ns/shop/sa/cart\") \
+         mesh=None",
+        "origin-form with the normalised path, the client's Host, x-forwarded-*, the proven identity, \
+         and no mesh headers left"
     );
+    // An ambiguous path is refused before the workload.
+    let resp = peers.send(at, Version::Http1, get("/pay%2F..%2Fadmin", Some("payments.shop"))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
 
     // Not a workload of this node (stale routing on the sender): refused before any
     // workload, so the sender may try another endpoint.

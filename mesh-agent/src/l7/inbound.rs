@@ -1,11 +1,24 @@
-//! The server side of L7: HTTP arriving from a peer agent is served by hyper, so
-//! each request is authorized on its method and path (not only the peer's
-//! identity), gets `x-forwarded-*`, is counted and logged, and goes to the local
-//! workload on a kept-alive connection.
+//! The server side of L7: HTTP for a workload of this node is served by hyper, so
+//! each request is authorized on its method and path (not only the caller's
+//! identity), gets `x-forwarded-*` and the caller's identity, is counted and
+//! logged, and goes to the local workload on a kept-alive connection.
 //!
-//! It arrives either as requests of a direct connection ([`Direct`]: each names its
-//! target, and is admitted like a CONNECT would be) or inside a CONNECT stream
-//! ([`Inbound::serve`]: upgrades, and older peers).
+//! It arrives as requests of a peer agent's direct connection ([`Shared::serve_direct`]:
+//! each names its target, and is admitted like a CONNECT would be), inside a CONNECT
+//! stream ([`Inbound::serve`]: upgrades, older peers, and HTTP found in a stream the
+//! sending agent relayed as bytes), or as plaintext from outside the mesh
+//! ([`crate::inbound::plain`]). Whatever the way, every request:
+//!
+//! 1. has its path normalised ([`crate::authz::path`]; an ambiguous one is answered
+//!    400), and is authorized on that path, against every service selecting the
+//!    workload ([`crate::authz`]);
+//! 2. loses every identity header the client sent (`x-forwarded-client-cert`,
+//!    `x-forwarded-client-identity`) and, from a caller over mutual TLS, gets its
+//!    proven identity in Envoy's `x-forwarded-client-cert` format
+//!    (`By=<this workload's SPIFFE ID>;URI=<caller's SPIFFE ID>`) and, for
+//!    convenience, the bare caller's ID in `x-forwarded-client-identity`; a plaintext
+//!    caller gets neither;
+//! 3. reaches the workload with the normalised path, the one that was authorized.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -24,7 +37,7 @@ use super::body::{BodyEnd, Observed, grpc_status};
 use super::headers::{add_forwarded, is_upgrade, strip_hop_by_hop};
 use super::outbound::{CLIENT_ADDR_HEADER, error_response, is_grpc};
 use super::pool::{Body, Dial, UpstreamPool, Version};
-use crate::authz::{Decision, allowed, decide};
+use crate::authz::{Decision, Principal, UNAUTHENTICATED, decide, path};
 use crate::discovery::RouteStore;
 use crate::identity::SpiffeId;
 use crate::intercept::ActiveMode;
@@ -36,6 +49,7 @@ use crate::observe::metrics::{RequestLabels, RequestMetrics, RequestOutcome};
 use crate::observe::spans::HopSpan;
 use crate::observe::trace::{Origin, TraceContext};
 use crate::tunnel::{PROTOCOL_HEADER, REASON_HEADER, TARGET_HEADER};
+use crate::workload_identity::IdentitySlot;
 
 /// The destination's authorization rules as of the route table in force: a policy
 /// change reaches streams that were admitted before it, at their next request.
@@ -53,8 +67,8 @@ impl Policy {
         Policy { routes, node, current: Mutex::new((version, Arc::new(Ok(admitted)))) }
     }
 
-    /// The decision for `peer` and `target` under the current table.
-    fn current(&self, peer: &SpiffeId, target: SocketAddr) -> Arc<Result<Decision, String>> {
+    /// The decision for `caller` and `target` under the current table.
+    fn current(&self, caller: Principal<'_>, target: SocketAddr) -> Arc<Result<Decision, String>> {
         let table = self.routes.table();
         {
             let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
@@ -62,82 +76,106 @@ impl Policy {
                 return current.1.clone();
             }
         }
-        let decision = Arc::new(decide(&self.routes, &self.node, peer, target));
+        let decision = Arc::new(decide(&self.routes, &self.node, caller, target));
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = (table.version, decision.clone());
         decision
     }
 }
 
-/// The verified SPIFFE ID of the calling workload, for the workload behind this
-/// agent (a name made once: a string key would be parsed on every request).
-static X_FORWARDED_CLIENT_IDENTITY: http::HeaderName =
+/// Envoy's header for the caller's certificate identity: `By=<this workload's
+/// SPIFFE ID>;URI=<caller's SPIFFE ID>` (names made once: a string key would be
+/// parsed on every request).
+pub static X_FORWARDED_CLIENT_CERT: http::HeaderName =
+    http::HeaderName::from_static("x-forwarded-client-cert");
+
+/// The caller's verified SPIFFE ID alone, for apps that do not parse
+/// `x-forwarded-client-cert`.
+pub static X_FORWARDED_CLIENT_IDENTITY: http::HeaderName =
     http::HeaderName::from_static("x-forwarded-client-identity");
 
-/// One tunnel stream's HTTP requests to one local workload.
+/// Who sends a stream's requests, which says what in them to trust.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The SPIFFE ID the peer proved over mutual TLS; `None` for plaintext from
+    /// outside the mesh (the principal `unauthenticated`).
+    pub identity: Option<SpiffeId>,
+    /// The peer's address (a peer agent's, or the plaintext client's).
+    pub addr: SocketAddr,
+    /// The requests were written by a peer agent's L7 proxy, whose
+    /// `x-mesh-client-addr` names the original client. Otherwise (HTTP found in bytes
+    /// a peer relayed unread, or plaintext) the client wrote them, and that header is
+    /// dropped like any forgery.
+    pub via_peer_proxy: bool,
+}
+
+/// One stream's (or one direct target's) HTTP requests to one local workload.
 pub struct Inbound {
-    pub peer_id: SpiffeId,
-    pub peer_addr: SocketAddr,
+    caller: Caller,
+    /// The caller as rules and logs name it.
+    principal: String,
     pub target: SocketAddr,
     pub service: MeshName,
     pub policy: Policy,
     pub version: Version,
-    pub upstreams: Arc<UpstreamPool>,
-    pub connect_timeout: Duration,
-    pub mode: ActiveMode,
-    pub records: Records,
-    /// Time limits of the stream's HTTP connection.
-    pub downstream: super::DownstreamTimeouts,
+    shared: Arc<Shared>,
     /// Cancelled when the agent shuts down: the connection then closes gracefully.
     pub shutdown: CancellationToken,
     metrics: RequestMetrics,
     /// Requests come from a direct connection: one refused before reaching the
     /// workload is marked so the sending agent may try another endpoint.
     direct: bool,
-    peer_str: String,
-    /// `x-forwarded-client-identity`'s value, made once per stream.
-    peer_header: Option<HeaderValue>,
+    /// The identity headers' values for a caller over mutual TLS, made once per stream.
+    identity_headers: Option<(HeaderValue, HeaderValue)>,
 }
 
 impl Inbound {
-    #[allow(clippy::too_many_arguments)]
+    /// The stream of `caller` to `target`, admitted by `decision`.
     pub fn new(
-        peer_id: SpiffeId,
-        peer_addr: SocketAddr,
+        shared: Arc<Shared>,
+        caller: Caller,
         target: SocketAddr,
-        service: MeshName,
-        policy: Policy,
+        decision: Decision,
         version: Version,
-        upstreams: Arc<UpstreamPool>,
-        connect_timeout: Duration,
-        mode: ActiveMode,
-        records: Records,
-        downstream: super::DownstreamTimeouts,
         shutdown: CancellationToken,
     ) -> Self {
-        let peer_str = peer_id.to_string();
+        let principal =
+            caller.identity.as_ref().map_or_else(|| UNAUTHENTICATED.to_owned(), ToString::to_string);
+        let service = MeshName::known(&decision.service);
         let metrics = RequestMetrics::new(RequestLabels {
             direction: Direction::Inbound,
             source_workload: MeshName::unknown(),
-            source_identity: MeshName::known(&peer_str),
+            source_identity: MeshName::known(&principal),
             destination_service: service.clone(),
         });
+        let identity_headers = caller.identity.as_ref().and_then(|_| {
+            // This agent presented its workload identity to get here; should it be
+            // gone, the caller's is still worth saying.
+            let xfcc = match shared.identity.get() {
+                Some(own) => format!("By={};URI={principal}", own.workload.id()),
+                None => format!("URI={principal}"),
+            };
+            Some((HeaderValue::from_str(&xfcc).ok()?, HeaderValue::from_str(&principal).ok()?))
+        });
+        let policy = Policy::new(shared.routes.clone(), shared.node.clone(), decision);
         Inbound {
-            peer_id,
-            peer_addr,
+            caller,
+            principal,
             target,
             service,
             policy,
             version,
-            upstreams,
-            connect_timeout,
-            mode,
-            records,
-            downstream,
+            shared,
             shutdown,
             metrics,
             direct: false,
-            peer_header: HeaderValue::from_str(&peer_str).ok(),
-            peer_str,
+            identity_headers,
+        }
+    }
+
+    fn caller_principal(&self) -> Principal<'_> {
+        match self.caller.identity {
+            Some(_) => Principal::Authenticated(&self.principal),
+            None => Principal::Unauthenticated,
         }
     }
 
@@ -146,7 +184,7 @@ impl Inbound {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let (version, timeouts, shutdown) = (self.version, self.downstream, self.shutdown.clone());
+        let (version, timeouts, shutdown) = (self.version, self.shared.downstream, self.shutdown.clone());
         let this = Arc::new(self);
         let service = hyper::service::service_fn(move |req| this.clone().proxy(req));
         super::serve_http(io, version, service, &timeouts, &shutdown, super::Served::Client).await
@@ -158,18 +196,19 @@ impl Inbound {
         let method = crate::observe::labels::method(req.method());
         // The trace context matters only to the access log and span export; with both
         // off it passes through unread.
-        let traced = self.records.is_on().then(|| TraceContext::from_headers(req.headers()));
+        let records = &self.shared.records;
+        let traced = records.is_on().then(|| TraceContext::from_headers(req.headers()));
         let sampled = traced.as_ref().is_some_and(|(trace, _)| trace.sampled());
         // With span export on, this hop is a span of its own: the workload gets a new
         // parent id (the span's). Otherwise the context passes through untouched.
-        let hop = traced.as_ref().filter(|_| self.records.exports_span(sampled)).map(|(trace, _)| {
+        let hop = traced.as_ref().filter(|_| records.exports_span(sampled)).map(|(trace, _)| {
             let hop = trace.child();
             hop.apply(req.headers_mut());
             hop
         });
         // Built only when the access log or span export reads it.
-        let mut record = traced.filter(|_| self.records.wants_http(sampled)).map(|(trace, origin)| {
-            let mut r = AccessRecord::http(Direction::Inbound, self.mode, self.peer_addr);
+        let mut record = traced.filter(|_| records.wants_http(sampled)).map(|(trace, origin)| {
+            let mut r = AccessRecord::http(Direction::Inbound, self.shared.mode, self.caller.addr);
             r.source_identity = Some(self.metrics.labels().source_identity.clone());
             r.destination_service = Some(self.service.clone());
             r.destination_endpoint = Some(self.target);
@@ -187,14 +226,45 @@ impl Inbound {
             Box::new(r)
         });
 
-        let decision = self.policy.current(&self.peer_id, self.target);
+        // Matched and forwarded in one form, so what was authorized is what is served.
+        let normalised = match path::normalize(req.uri().path()) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(target: "mesh_agent::conn", peer_identity = %self.principal, service = %self.service,
+                    method = %req.method(), path = req.uri().path(), error = %e, "request refused: ambiguous path");
+                if let Some(r) = record.as_mut() {
+                    r.error = Some(format!("bad path: {e}"));
+                }
+                self.account(record, method, StatusCode::BAD_REQUEST, None, 0, 0, start);
+                return Ok(error_response(StatusCode::BAD_REQUEST, &format!("bad request path: {e}"), grpc));
+            }
+        };
+        if normalised != req.uri().path() {
+            match with_path(req.uri(), &normalised) {
+                Some(uri) => *req.uri_mut() = uri,
+                None => {
+                    self.account(record, method, StatusCode::BAD_REQUEST, None, 0, 0, start);
+                    return Ok(error_response(StatusCode::BAD_REQUEST, "bad request path", grpc));
+                }
+            }
+        }
+        if let Some(r) = record.as_mut() {
+            r.path = Some(normalised.clone());
+        }
+        let caller = self.caller_principal();
+        let decision = self.policy.current(caller, self.target);
         let verdict = match &*decision {
-            Ok(d) => allowed(&d.rules, &self.peer_str, req.method().as_str(), req.uri().path()),
+            Ok(d) => d.allows(caller, req.method().as_str(), &normalised),
             Err(_) => false,
         };
         if !verdict {
-            warn!(target: "mesh_agent::conn", peer_identity = %self.peer_id, service = %self.service,
-                method = %req.method(), path = req.uri().path(), "request denied by authorization policy");
+            let services = match &*decision {
+                Ok(d) => d.services(),
+                Err(e) => e.clone(),
+            };
+            warn!(target: "mesh_agent::conn", peer_identity = %self.principal, service = %self.service,
+                services = %services, method = %req.method(), path = %normalised,
+                "request denied by authorization policy");
             if let Some(r) = record.as_mut() {
                 r.error = Some("denied by authorization policy".into());
             }
@@ -208,11 +278,12 @@ impl Inbound {
         let client = req
             .headers_mut()
             .remove(CLIENT_ADDR_HEADER)
+            .filter(|_| self.caller.via_peer_proxy)
             .and_then(|v| v.to_str().ok()?.parse::<std::net::IpAddr>().ok())
             // Loopback is the eBPF redirect the sending agent saw, not the client: the
             // tunnel's peer (the client's node) says more.
             .filter(|ip| !ip.to_canonical().is_loopback())
-            .map_or(self.peer_addr, |ip| SocketAddr::new(ip, 0));
+            .map_or(self.caller.addr, |ip| SocketAddr::new(ip, 0));
         let host = req
             .uri()
             .authority()
@@ -222,14 +293,25 @@ impl Inbound {
         if let Some(r) = record.as_mut() {
             r.authority = host;
         }
-        if let Some(v) = &self.peer_header {
-            req.headers_mut().insert(X_FORWARDED_CLIENT_IDENTITY.clone(), v.clone());
+        // Only this agent says who the caller is: whatever the client sent goes.
+        let headers = req.headers_mut();
+        headers.remove(&X_FORWARDED_CLIENT_CERT);
+        headers.remove(&X_FORWARDED_CLIENT_IDENTITY);
+        if let Some((xfcc, id)) = &self.identity_headers {
+            headers.insert(X_FORWARDED_CLIENT_CERT.clone(), xfcc.clone());
+            headers.insert(X_FORWARDED_CLIENT_IDENTITY.clone(), id.clone());
         }
 
         let request_bytes = Arc::new(AtomicU64::new(0));
         let req = req.map(|b| Observed::new(b, Some(request_bytes.clone()), None).boxed_unsync());
         // Boxed for the reason `outbound` boxes its sends: most of the request's state.
-        let send = self.upstreams.send(self.target, &Dial::Plain, self.version, self.connect_timeout, req);
+        let send = self.shared.upstreams.send(
+            self.target,
+            &Dial::Plain,
+            self.version,
+            self.shared.connect_timeout,
+            req,
+        );
         let sent = Box::pin(send).await;
         let mut resp = match sent {
             Ok(resp) => resp,
@@ -257,7 +339,7 @@ impl Inbound {
                 tokio::spawn(super::outbound::splice_upgrade(
                     client_upgrade,
                     upstream_upgrade,
-                    self.downstream.idle,
+                    self.shared.downstream.idle,
                     self.shutdown.clone(),
                 ));
             }
@@ -304,13 +386,24 @@ impl Inbound {
             record.latency = Some(duration);
             record.bytes_sent = sent;
             record.bytes_received = received;
-            self.records.emit(*record);
+            self.shared.records.emit(*record);
         }
     }
 }
 
-/// What every direct connection's requests need (one per agent).
-pub struct Direct {
+/// `uri` with its path replaced (scheme, authority and query kept).
+fn with_path(uri: &http::Uri, path: &str) -> Option<http::Uri> {
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
+}
+
+/// What every stream's requests need, whichever way they came (one per agent).
+pub struct Shared {
     pub routes: Arc<RouteStore>,
     /// This node's name: only endpoints registered on it are reachable.
     pub node: String,
@@ -318,8 +411,10 @@ pub struct Direct {
     pub connect_timeout: Duration,
     pub mode: ActiveMode,
     pub records: Records,
-    /// Time limits of the connection.
+    /// Time limits of the connections served.
     pub downstream: super::DownstreamTimeouts,
+    /// This node's workload identity: the `By=` of `x-forwarded-client-cert`.
+    pub identity: IdentitySlot,
 }
 
 /// Targets one direct connection has admitted (distinct local workloads, so few).
@@ -328,7 +423,7 @@ const MAX_TARGETS_PER_CONNECTION: usize = 1024;
 /// One peer agent's direct connection: its requests, each admitted for its target
 /// and then proxied as a CONNECT stream's would be.
 struct DirectConnection {
-    shared: Arc<Direct>,
+    shared: Arc<Shared>,
     peer_id: SpiffeId,
     peer_addr: SocketAddr,
     shutdown: CancellationToken,
@@ -337,10 +432,10 @@ struct DirectConnection {
     targets: Mutex<HashMap<(SocketAddr, Version), Arc<Inbound>>>,
 }
 
-impl Direct {
+impl Shared {
     /// Serves the direct connection of the peer agent `peer_id` at `peer_addr` until
     /// it closes (or, after `shutdown`, gracefully with a GOAWAY).
-    pub async fn serve<I>(
+    pub async fn serve_direct<I>(
         self: Arc<Self>,
         peer_id: SpiffeId,
         peer_addr: SocketAddr,
@@ -405,27 +500,18 @@ impl DirectConnection {
     fn admit(&self, target: SocketAddr, version: Version) -> Result<Arc<Inbound>, String> {
         let cached = self.targets.lock().unwrap_or_else(|e| e.into_inner()).get(&(target, version)).cloned();
         if let Some(inbound) = cached {
-            if let Err(e) = &*inbound.policy.current(&self.peer_id, target) {
+            if let Err(e) = &*inbound.policy.current(inbound.caller_principal(), target) {
                 return Err(e.clone());
             }
             return Ok(inbound);
         }
         let shared = &self.shared;
-        let decision = decide(&shared.routes, &shared.node, &self.peer_id, target)?;
-        let mut inbound = Inbound::new(
-            self.peer_id.clone(),
-            self.peer_addr,
-            target,
-            MeshName::known(&decision.service),
-            Policy::new(shared.routes.clone(), shared.node.clone(), decision),
-            version,
-            shared.upstreams.clone(),
-            shared.connect_timeout,
-            shared.mode,
-            shared.records.clone(),
-            shared.downstream,
-            self.shutdown.clone(),
-        );
+        let peer = self.peer_id.to_string();
+        let decision = decide(&shared.routes, &shared.node, Principal::Authenticated(&peer), target)?;
+        let caller =
+            Caller { identity: Some(self.peer_id.clone()), addr: self.peer_addr, via_peer_proxy: true };
+        let mut inbound =
+            Inbound::new(shared.clone(), caller, target, decision, version, self.shutdown.clone());
         inbound.direct = true;
         let inbound = Arc::new(inbound);
         let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());

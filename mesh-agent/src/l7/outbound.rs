@@ -29,6 +29,7 @@ use super::pool::{Body, Dial, SendError, Version};
 use crate::balance::service::{ServiceState, target_of};
 use crate::balance::{HashKeySource, PickGuard, hash};
 use crate::discovery::table::addr_header;
+use crate::forward::Accepted;
 use crate::listener::{Direction, ProxyContext};
 use crate::observe::access_log::AccessRecord;
 use crate::observe::labels::MeshName;
@@ -86,16 +87,14 @@ pub struct Outbound {
     service: MeshName,
     /// [`CLIENT_ADDR_HEADER`]'s value, made once per connection.
     client_addr: Option<HeaderValue>,
+    /// The client dialled this meshed endpoint by its address: every request goes
+    /// to it, through its agent, never to another endpoint of the service.
+    pinned: Option<SocketAddr>,
 }
 
 impl Outbound {
-    pub fn new(
-        ctx: Arc<ProxyContext>,
-        peer: SocketAddr,
-        orig_dst: SocketAddr,
-        version: Version,
-        service: &str,
-    ) -> Self {
+    pub fn new(ctx: Arc<ProxyContext>, conn: &Accepted, version: Version, service: &str) -> Self {
+        let (peer, orig_dst) = (conn.peer, conn.orig_dst);
         let source_identity = ctx
             .identity
             .get()
@@ -109,7 +108,13 @@ impl Outbound {
             destination_service: service.clone(),
         });
         let client_addr = HeaderValue::from_str(&peer.ip().to_canonical().to_string()).ok();
-        Outbound { ctx, peer, orig_dst, version, metrics, service, client_addr }
+        Outbound { ctx, peer, orig_dst, version, metrics, service, client_addr, pinned: None }
+    }
+
+    /// Sends every request to `endpoint` (see [`crate::forward::route::Destination`]).
+    pub fn pinned(mut self, endpoint: Option<SocketAddr>) -> Self {
+        self.pinned = endpoint;
+        self
     }
 
     /// Serves the connection until the client closes it (or the agent shuts down).
@@ -127,9 +132,11 @@ impl Outbound {
         let start = Instant::now();
         let grpc = is_grpc(req.headers());
         let table = self.ctx.routes.table();
-        let Some(state) =
-            table.by_addr(self.orig_dst).and_then(|route| self.ctx.services.state(&table, route))
-        else {
+        let route = match self.pinned {
+            None => table.by_addr(self.orig_dst),
+            Some(endpoint) => table.meshed_endpoint(endpoint).map(|(route, _)| route),
+        };
+        let Some(state) = route.and_then(|route| self.ctx.services.state(&table, route)) else {
             return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, "service is no longer known", grpc));
         };
         drop(table);
@@ -313,7 +320,11 @@ impl Outbound {
     ) -> Result<(Response<Incoming>, PickGuard, Outcome), Failed> {
         let mut retry = state.policy.retry.start(&state.budget);
         loop {
-            let Some(guard) = state.pick(hash_key, self.ctx.locality.as_ref()) else {
+            let picked = match self.pinned {
+                Some(endpoint) => state.claim(endpoint),
+                None => state.pick(hash_key, self.ctx.locality.as_ref()),
+            };
+            let Some(guard) = picked else {
                 return Err(Failed::NoEndpoint(state.route.endpoints.len()));
             };
             let endpoint = guard.addr();

@@ -164,6 +164,7 @@ async fn agent_with(
         own_addrs: Vec::new(),
         stats: Default::default(),
         routes,
+        node: String::new(),
         identity: Default::default(),
         tunnels: tunnels.clone(),
         services: Default::default(),

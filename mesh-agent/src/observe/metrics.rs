@@ -65,6 +65,11 @@ pub const DISCOVERY_STALENESS_SECONDS: &str = "mesh_discovery_staleness_seconds"
 pub const DISCOVERY_APPLIED_VERSION: &str = "mesh_discovery_applied_version";
 /// Seconds until the workload certificate of an identity expires (negative once expired).
 pub const CERTIFICATE_EXPIRY_SECONDS: &str = "mesh_certificate_expiry_seconds";
+/// Plaintext inbound connections refused, by reason: `strict` (the workload's
+/// services require mutual TLS), `denied` (no rule admits unauthenticated callers),
+/// `not_a_workload` (the destination is no workload port of this node), `undecided`
+/// (stalled in what could be an HTTP request line).
+pub const INBOUND_REFUSED_TOTAL: &str = "mesh_inbound_refused_total";
 /// Protocol detection results.
 pub const SNIFF_RESULTS_TOTAL: &str = "mesh_sniff_results_total";
 /// Connections whose client sent nothing within the detection timeout (server-first).
@@ -171,6 +176,7 @@ pub fn describe() {
         "Time until the workload certificate expires."
     );
     describe_counter!(SNIFF_RESULTS_TOTAL, Unit::Count, "Protocol detection results.");
+    describe_counter!(INBOUND_REFUSED_TOTAL, Unit::Count, "Plaintext inbound connections refused.");
     describe_counter!(SNIFF_TIMEOUTS_TOTAL, Unit::Count, "Protocol detections ended by the timeout.");
     describe_counter!(
         ACCESS_LOG_DROPPED_TOTAL,
@@ -457,6 +463,13 @@ pub fn set_circuit_breaker_state(service: &MeshName, endpoint: &MeshName, state:
 pub fn outlier_ejection(service: &MeshName, endpoint: SocketAddr) {
     let labels = vec![name_label("service", service), Label::new("endpoint", endpoint.to_string())];
     counter(OUTLIER_EJECTIONS_TOTAL, labels).increment(1);
+}
+
+/// Counts a plaintext inbound connection to `service` refused for `reason` (see
+/// [`INBOUND_REFUSED_TOTAL`]).
+pub fn inbound_refused(service: &MeshName, reason: &'static str) {
+    counter(INBOUND_REFUSED_TOTAL, vec![name_label("service", service), Label::new("reason", reason)])
+        .increment(1);
 }
 
 /// Counts a retried request to `service`.

@@ -39,8 +39,14 @@ pub const CONNECT_TIMEOUT: &str = "mesh.dev/connect-timeout";
 pub const REQUEST_TIMEOUT: &str = "mesh.dev/request-timeout";
 /// Service: idle connection timeout (duration).
 pub const IDLE_TIMEOUT: &str = "mesh.dev/idle-timeout";
-/// Service: comma-separated SPIFFE IDs allowed to call the service ("*" for any peer).
+/// Service: comma-separated SPIFFE IDs allowed to call the service ("*" for any
+/// authenticated peer).
 pub const ALLOWED_PRINCIPALS: &str = "mesh.dev/allowed-principals";
+/// Service: "strict" (plaintext to its pods is refused) or "permissive" (accepted as
+/// the principal "unauthenticated"); absent: the mesh-wide default. A value that is
+/// neither is reported and taken as strict: a mistyped "strict" must not open the
+/// service.
+pub const MTLS: &str = "mesh.dev/mtls";
 /// Pod: "false" keeps the pod outside the mesh (plain traffic, no agent hop).
 pub const INJECT: &str = "mesh.dev/inject";
 /// Pod: relative weight of the pod's endpoints (0 = never selected).
@@ -61,6 +67,7 @@ const SERVICE_ANNOTATIONS: &[&str] = &[
     REQUEST_TIMEOUT,
     IDLE_TIMEOUT,
     ALLOWED_PRINCIPALS,
+    MTLS,
 ];
 
 const RETRY_CONDITIONS: &[&str] = &["connect-failure", "reset", "503", "unavailable"];
@@ -299,11 +306,24 @@ pub fn service_policy(
             ),
             None if principals.is_empty() => problems.annotation(object, &key, &v, "no principal given"),
             None => {
-                // "*" means any authenticated peer, which an empty principal list expresses.
-                let principals = if principals.iter().any(|p| p == "*") { Vec::new() } else { principals };
+                // "*" stays "*": any authenticated peer. (No principals at all would also
+                // admit plaintext callers under permissive mTLS.)
                 policy.authorization.push(api::AuthorizationRule { principals, ..Default::default() });
             }
         }
+    }
+    if let Some((key, v)) = get(MTLS) {
+        policy.mtls = match v.as_str() {
+            "strict" => api::MtlsMode::Strict,
+            "permissive" => api::MtlsMode::Permissive,
+            _ => {
+                problems.other(
+                    object,
+                    format_args!("annotation {key}={v:?}: not strict or permissive; taken as strict"),
+                );
+                api::MtlsMode::Strict
+            }
+        } as i32;
     }
     Some(policy)
 }
@@ -475,8 +495,10 @@ mod tests {
             (REQUEST_TIMEOUT, "1m"),
             (IDLE_TIMEOUT, "1h"),
             (ALLOWED_PRINCIPALS, "spiffe://td/ns/a/sa/b,spiffe://td/ns/c/sa/d"),
+            (MTLS, "strict"),
         ]);
         let p = service_policy("service default/web", &a, &mut problems).expect("policy");
+        assert_eq!(p.mtls(), api::MtlsMode::Strict);
         assert!(problems.is_empty(), "{problems:?}");
         let lb = p.load_balancer.expect("lb");
         assert_eq!(lb.algorithm, api::Algorithm::RingHash as i32);
@@ -489,6 +511,29 @@ mod tests {
         assert_eq!((t.connect_ms, t.request_ms, t.idle_ms), (2_000, 60_000, 3_600_000));
         assert_eq!(p.authorization.len(), 1);
         assert_eq!(p.authorization[0].principals.len(), 2);
+    }
+
+    #[test]
+    fn mtls_and_any_authenticated_peer() {
+        let mut problems = Problems::default();
+        let a = annotations(&[(MTLS, "permissive"), (ALLOWED_PRINCIPALS, "*")]);
+        let p = service_policy("service default/web", &a, &mut problems).expect("policy");
+        assert_eq!(p.mtls(), api::MtlsMode::Permissive);
+        // "*" is kept: no principals would also admit unauthenticated callers.
+        assert_eq!(p.authorization[0].principals, vec!["*".to_string()]);
+        assert!(problems.is_empty(), "{problems:?}");
+
+        let a = annotations(&[(MTLS, "Strict ")]);
+        let p = service_policy("service default/web", &a, &mut problems).expect("policy");
+        assert_eq!(p.mtls(), api::MtlsMode::Strict, "a value that is not exact fails closed");
+        let problems = problems.into_vec();
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].contains("annotation mesh.dev/mtls=\"Strict\": not strict or permissive"),
+            "{problems:?}"
+        );
+        let a = annotations(&[]);
+        assert_eq!(service_policy("service default/web", &a, &mut Problems::default()), None, "default");
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct IptablesConfig {
     /// must exist when the rules are installed: the kernel resolves the path
     /// then, and a cgroup that is removed and re-created needs a re-install.
     pub cgroups: Vec<String>,
+    /// The outbound listener port of cgroups that have their own (workloads of the
+    /// node's namespace with an identity of their own, `--workload`); the others go
+    /// to `outbound_port`.
+    pub cgroup_ports: std::collections::BTreeMap<String, u16>,
     /// Also program the IPv6 table with `ip6tables`.
     pub ipv6: bool,
 }
@@ -81,6 +85,7 @@ impl IptablesConfig {
             include_cidrs: Vec::new(),
             exclude_cidrs: Vec::new(),
             cgroups: Vec::new(),
+            cgroup_ports: Default::default(),
             ipv6: true,
         }
     }

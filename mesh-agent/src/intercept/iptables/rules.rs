@@ -81,10 +81,14 @@ fn output_rules(cfg: &IptablesConfig, family: Family) -> Vec<String> {
     } else {
         cfg.include_cidrs.iter().filter(|c| Family::of(&c.addr()) == family).map(Some).collect()
     };
+    // `-m cgroup --path` also matches descendants, and the first rule wins: deeper
+    // cgroups first, so a workload nested in another keeps its own listener.
     let cgroups: Vec<Option<&str>> = if cfg.cgroups.is_empty() {
         vec![None]
     } else {
-        cfg.cgroups.iter().map(|c| Some(c.as_str())).collect()
+        let mut c: Vec<&str> = cfg.cgroups.iter().map(String::as_str).collect();
+        c.sort_by_key(|p| (std::cmp::Reverse(p.matches('/').count()), *p));
+        c.into_iter().map(Some).collect()
     };
     let port_sets: Vec<Option<String>> = if cfg.include_ports.is_empty() {
         vec![None]
@@ -111,7 +115,8 @@ fn output_rules(cfg: &IptablesConfig, family: Family) -> Vec<String> {
                 if let Some(ports) = ports {
                     rule.push_str(&format!("-m multiport --dports {ports} "));
                 }
-                rule.push_str(&format!("-j REDIRECT --to-ports {}", cfg.outbound_port));
+                let port = cgroup.and_then(|c| cfg.cgroup_ports.get(c)).copied().unwrap_or(cfg.outbound_port);
+                rule.push_str(&format!("-j REDIRECT --to-ports {port}"));
                 rules.push(rule);
             }
         }

@@ -1,9 +1,13 @@
-//! The running agent: listeners first, then interception, then enrolment; and on
-//! SIGTERM/SIGINT the reverse: interception off, listeners closed, connections
-//! drained within a deadline, created cgroups removed.
+//! The running agent: listeners first, then interception, then the workloads; and on
+//! SIGTERM/SIGINT the reverse: listeners closed, connections drained within a
+//! deadline, created cgroups removed. Interception itself stays in place on purpose
+//! (pinned eBPF, iptables rules): while no agent listens, workloads' connections are
+//! refused rather than sent around the mesh; a new agent adopts it, and `mesh-agent
+//! cleanup` removes it.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -27,9 +31,13 @@ use crate::{
     identity::{RenewalConfig, signer::GrpcSigner},
     intercept::{ActiveMode, InterceptError, Interceptor, Settings},
     listener::{self, Direction, ProxyContext},
-    orig_dst::SocketOption,
     socket::SocketFactory,
-    workload_identity,
+    workload::{
+        Placement, ServiceAccount, Source, Workload, WorkloadKey,
+        netns::NetnsHandle,
+        serve::{Node, Served},
+    },
+    workload_identity::{self, Identities},
 };
 
 /// State shared between the data path's supervisor and the admin endpoint.
@@ -37,21 +45,30 @@ pub struct AgentState {
     pub mode: ActiveMode,
     pub mode_reason: String,
     pub settings: Settings,
+    /// What every workload's data path shares.
+    pub node: Arc<Node>,
+    /// The node's default workload's context (the `--cgroup`/`--identity` workload,
+    /// and connections of the admin API's enrolled cgroups).
     pub proxy: Arc<ProxyContext>,
     /// `None` once shut down. A std mutex: held only for map/attach syscalls or one
     /// iptables-restore run, never across an `.await`.
     interceptor: Mutex<Option<Interceptor>>,
+    /// The workloads served, by key. Held only to insert, remove or read.
+    workloads: Mutex<BTreeMap<WorkloadKey, Served>>,
     cgroup_mount: Option<PathBuf>,
     /// Cgroups the agent created (admin `create=true`) and removes on shutdown.
     created: Mutex<BTreeSet<CgroupPath>>,
     ready: AtomicBool,
     pub shutdown: CancellationToken,
     control_plane: Option<String>,
-    /// An identity is configured: not ready until its first certificate is loaded.
-    needs_identity: bool,
     /// Renders `/metrics`; `None` when another recorder was installed first.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The pods the CNI plugin hands the agent (set once the state exists).
+    pub cni: std::sync::OnceLock<Arc<crate::workload::cni::CniPods<crate::workload::pods::AgentPods>>>,
 }
+
+/// The node's default workload (its `--cgroup`s and `--identity`).
+pub const DEFAULT_WORKLOAD: &str = "node";
 
 /// Errors of enrol/unenrol requests.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +79,8 @@ pub enum EnrollError {
     Intercept(#[from] InterceptError),
     #[error("the agent is shutting down")]
     ShuttingDown,
+    #[error("workload {0}: {1}")]
+    Workload(String, String),
 }
 
 /// What `/config_dump` shows.
@@ -85,11 +104,32 @@ pub struct ConfigDump {
     pub discovery: DiscoveryStatus,
     /// Workload certificates in use, with expiry.
     pub certificates: Vec<crate::workload_identity::CertificateDump>,
+    /// The workloads served.
+    pub workloads: Vec<WorkloadDump>,
     /// Service ports of the applied snapshot with their endpoints and health.
     pub routes: Vec<Arc<crate::discovery::table::Route>>,
     /// What this agent learned from traffic: per service port, the balancer and each
     /// endpoint's load, ejection and circuit-breaker state.
     pub balancing: Vec<crate::balance::service::BalancingDump>,
+}
+
+/// A served workload, as `/workloads` and `/config_dump` show it.
+#[derive(Serialize)]
+pub struct WorkloadDump {
+    pub key: WorkloadKey,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: Option<String>,
+    /// Its SPIFFE ID once its certificate is issued.
+    pub identity: Option<String>,
+    /// The network namespace's path, or "host" for the node's own.
+    pub netns: String,
+    pub cgroup: Option<String>,
+    pub addresses: Vec<String>,
+    pub mode: ActiveMode,
+    pub certificate_not_after: Option<u64>,
+    pub source: Source,
+    pub listeners: Vec<SocketAddr>,
 }
 
 /// The discovery client's state, in `/stats` and `/config_dump`.
@@ -118,13 +158,55 @@ impl AgentState {
         if !self.ready.load(Ordering::Acquire) {
             missing.push("interception");
         }
-        if self.needs_identity && self.proxy.identity.get().is_none() {
+        if self.static_identity_missing() {
             missing.push("certificate");
         }
         if self.proxy.routes.is_enabled() && !self.proxy.routes.has_snapshot() {
             missing.push("discovery snapshot");
         }
         missing
+    }
+
+    /// Whether a static workload with an identity still waits for its certificate.
+    fn static_identity_missing(&self) -> bool {
+        if self.node.identities.is_none() {
+            return false;
+        }
+        self.workloads.lock().unwrap_or_else(|p| p.into_inner()).values().any(|s| {
+            s.workload.source == Source::Static
+                && s.workload.service_account.is_some()
+                && s.ctx.identity.get().is_none()
+        })
+    }
+
+    /// The workloads served, for `/workloads`.
+    pub fn workloads(&self) -> Vec<WorkloadDump> {
+        let served = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+        served
+            .values()
+            .map(|s| {
+                let w = &s.workload;
+                let cert = workload_identity::dump(&s.ctx.identity);
+                let (netns, cgroup) = match &w.placement {
+                    Placement::Host { cgroups } => ("host".to_owned(), cgroups.first().cloned()),
+                    Placement::Pod { netns, .. } => (netns.display().to_string(), None),
+                };
+                WorkloadDump {
+                    key: w.key.clone(),
+                    name: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    service_account: w.service_account.as_ref().map(|a| a.name.clone()),
+                    identity: cert.as_ref().map(|c| c.identity.clone()),
+                    netns,
+                    cgroup,
+                    addresses: w.addresses.iter().map(ToString::to_string).collect(),
+                    mode: self.mode,
+                    certificate_not_after: cert.map(|c| c.not_after),
+                    source: w.source,
+                    listeners: s.listening.clone(),
+                }
+            })
+            .collect()
     }
 
     fn mount(&self) -> Result<&PathBuf, EnrollError> {
@@ -141,7 +223,7 @@ impl AgentState {
         };
         let mut guard = self.interceptor.lock().unwrap_or_else(|p| p.into_inner());
         let interceptor = guard.as_mut().ok_or(EnrollError::ShuttingDown)?;
-        let result = interceptor.enroll(&cgroup);
+        let result = interceptor.enroll(&cgroup, None);
         drop(guard);
         if created {
             match &result {
@@ -175,9 +257,19 @@ impl AgentState {
         let routes = &self.proxy.routes;
         metrics::set_discovery_staleness(routes.staleness());
         metrics::set_discovery_applied_version(routes.table().version);
-        for c in crate::workload_identity::dump(&self.proxy.identity) {
+        for c in self.certificates() {
             metrics::set_certificate_expiry(&MeshName::known(&c.identity), c.expires_in_seconds as f64);
         }
+    }
+
+    /// Every workload's current certificate, one entry per identity.
+    pub fn certificates(&self) -> Vec<crate::workload_identity::CertificateDump> {
+        let served = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+        let mut certs: Vec<_> =
+            served.values().filter_map(|s| workload_identity::dump(&s.ctx.identity)).collect();
+        certs.sort_by(|a, b| a.identity.cmp(&b.identity));
+        certs.dedup_by(|a, b| a.identity == b.identity);
+        certs
     }
 
     pub fn discovery_status(&self) -> DiscoveryStatus {
@@ -222,7 +314,8 @@ impl AgentState {
             opaque_ports,
             detect_timeout_ms: self.proxy.detect_timeout.as_millis(),
             discovery: self.discovery_status(),
-            certificates: crate::workload_identity::dump(&self.proxy.identity),
+            certificates: self.certificates(),
+            workloads: self.workloads(),
             routes: self.proxy.routes.table().routes().to_vec(),
             balancing: self.proxy.services.dump(),
         }
@@ -233,19 +326,129 @@ impl AgentState {
         self.interceptor.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|i| i.ebpf_stats())
     }
 
-    /// Turns interception off (first, so no new connection is sent to a closing
-    /// listener) and removes what the agent created.
-    fn stop_intercepting(&self) {
+    /// Starts serving a workload: its listeners, its identity, then its interception
+    /// (listeners first, so redirected connections always find one).
+    pub fn add_workload(&self, workload: Workload) -> Result<Vec<SocketAddr>, EnrollError> {
+        let key = workload.key.clone();
+        if self.shutdown.is_cancelled() {
+            return Err(EnrollError::ShuttingDown);
+        }
+        if self.workloads.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&key) {
+            return Err(EnrollError::Workload(key.0, "is already served".into()));
+        }
+        let served = match &workload.placement {
+            Placement::Pod { netns, .. } => self.serve_pod(workload.clone(), netns.clone())?,
+            Placement::Host { .. } => {
+                return Err(EnrollError::Workload(key.0, "host workloads are added at start".into()));
+            }
+        };
+        let listening = served.listening.clone();
+        self.workloads.lock().unwrap_or_else(|p| p.into_inner()).insert(key, served);
+        Ok(listening)
+    }
+
+    /// Stops serving a workload: its interception first (new connections of it are
+    /// refused from then on), then its listeners; its open connections run to their end.
+    pub fn remove_workload(&self, key: &WorkloadKey) -> Result<bool, EnrollError> {
+        let Some(served) = self.workloads.lock().unwrap_or_else(|p| p.into_inner()).remove(key) else {
+            return Ok(false);
+        };
+        if let Some(netns) = &served.netns {
+            let mut guard = self.interceptor.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = guard.as_mut() {
+                i.remove_pod(netns)?;
+            }
+        }
+        served.stop();
+        info!(workload = %key, "workload removed");
+        Ok(true)
+    }
+
+    /// Gives a served workload the identity it lacked.
+    pub fn set_identity(&self, key: &WorkloadKey, account: &ServiceAccount) {
+        let Some(identities) = &self.node.identities else { return };
+        if let Some(served) = self.workloads.lock().unwrap_or_else(|p| p.into_inner()).get_mut(key) {
+            served.lease_identity(identities, account);
+        }
+    }
+
+    /// Whether `key` is served, and its identity if issued.
+    pub fn served_identity(&self, key: &WorkloadKey) -> Option<Option<String>> {
+        let served = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
+        served.get(key).map(|s| s.ctx.identity.get().map(|i| i.workload.id().to_string()))
+    }
+
+    /// The SPIFFE ID `account` has in this mesh's trust domain.
+    pub fn spiffe_id(&self, account: &ServiceAccount) -> String {
+        let td = self.node.routes.table().trust_domain.clone();
+        format!("spiffe://{td}/ns/{}/sa/{}", account.namespace, account.name)
+    }
+
+    /// Opens a pod's listeners inside its namespace and intercepts its traffic.
+    fn serve_pod(&self, workload: Workload, path: PathBuf) -> Result<Served, EnrollError> {
+        let key = workload.key.0.clone();
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            EnrollError::Workload(key.clone(), format!("{what}: {e}"))
+        };
+        let netns = Arc::new(NetnsHandle::open(&path).map_err(|e| fail("network namespace", &e))?);
+        let node = &self.node;
+        let sockets = node.sockets.in_netns(netns.clone());
+        let outbound = listener::bind_outbound(&sockets, node.outbound_port, node.ipv6)
+            .map_err(|e| fail("outbound listener", &e))?;
+        let inbound = listener::bind_any(&sockets, node.inbound_port, node.ipv6)
+            .map_err(|e| fail("inbound listener", &e))?;
+        let tunnel = match node.identities.is_some() {
+            true => listener::bind_any(&sockets, node.tunnel_port, node.ipv6)
+                .map_err(|e| fail("tunnel listener", &e))?,
+            false => Vec::new(),
+        };
+        let mut listening = Vec::new();
+        for l in outbound.iter().chain(&inbound).chain(&tunnel) {
+            listening.push(l.local_addr().map_err(|e| fail("listener", &e))?);
+        }
+        let slot = workload_identity::IdentitySlot::default();
+        let lease = match (&node.identities, &workload.service_account) {
+            (Some(ids), Some(account)) => Some(ids.lease(account, slot.clone())),
+            _ => None,
+        };
+        let name: Arc<str> = Arc::from(format!("{}/{}", workload.namespace, workload.name));
+        let ctx = node.context(Some(name), sockets, slot, listening.clone());
+        let stop = node.shutdown.child_token();
+        {
+            let mut guard = self.interceptor.lock().unwrap_or_else(|p| p.into_inner());
+            let interceptor = guard.as_mut().ok_or(EnrollError::ShuttingDown)?;
+            interceptor.add_pod(&netns, &workload.addresses, &inbound, node.outbound_port)?;
+        }
+        node.spawn_listeners(outbound, Direction::Outbound, &ctx, &stop);
+        node.spawn_listeners(inbound, Direction::Inbound, &ctx, &stop);
+        let tunnels = node.spawn_tunnel(tunnel, &ctx, &stop);
+        info!(workload = %workload.key, pod = %format!("{}/{}", workload.namespace, workload.name),
+            netns = %path.display(), addresses = ?workload.addresses,
+            identity = ?workload.service_account.as_ref().map(ToString::to_string), "pod served in its network namespace");
+        Ok(Served::new(workload, ctx, listening, node.outbound_port, Some(netns), stop, tunnels, lease))
+    }
+
+    /// Closes every workload's listeners, leaving interception in place (pinned eBPF
+    /// programs and iptables rules keep redirecting to the listeners now gone, so
+    /// workloads' connections are refused, never sent around the mesh, until an agent
+    /// returns or `mesh-agent cleanup` runs).
+    fn stop_serving(&self) -> Vec<tokio::task::JoinHandle<()>> {
         self.ready.store(false, Ordering::Release);
+        let mut tunnels = Vec::new();
+        for served in self.workloads.lock().unwrap_or_else(|p| p.into_inner()).values_mut() {
+            served.stop();
+            tunnels.extend(served.take_tunnels());
+        }
         let interceptor = self.interceptor.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(i) = interceptor
             && let Err(e) = i.shutdown()
         {
-            error!(error = %e, "removing interception failed; run `mesh-agent cleanup`");
+            error!(error = %e, "stopping interception failed; run `mesh-agent cleanup`");
         }
         for cgroup in std::mem::take(&mut *self.created.lock().unwrap_or_else(|p| p.into_inner())) {
             remove_cgroup(&cgroup);
         }
+        tunnels
     }
 }
 
@@ -254,6 +457,95 @@ fn remove_cgroup(cgroup: &CgroupPath) {
         warn!(%cgroup, error = %e, "could not remove cgroup the agent created (processes still in it?)");
     } else {
         info!(%cgroup, "removed cgroup the agent created");
+    }
+}
+
+/// A static workload of the node's own namespace, from the flags, with its outbound
+/// listeners (the default workload's on `--outbound-port`, others' on free ports).
+struct HostWorkload {
+    workload: Workload,
+    outbound: Vec<tokio::net::TcpListener>,
+    /// `None`: the default outbound port.
+    port: Option<u16>,
+}
+
+/// The node's static workloads: the default one (`--cgroup` with `--identity`, or no
+/// identity) and one per `--workload CGROUP=NAMESPACE/SERVICE_ACCOUNT`.
+fn host_workloads(
+    args: &RunArgs,
+    sockets: &SocketFactory,
+    settings: &Settings,
+) -> anyhow::Result<Vec<HostWorkload>> {
+    let mut out = Vec::new();
+    let account =
+        args.identity.as_deref().map(ServiceAccount::parse).transpose().map_err(anyhow::Error::msg)?;
+    let outbound = listener::bind_outbound(sockets, settings.outbound_port, settings.ipv6).map_err(|e| {
+        anyhow::anyhow!("outbound listener (--outbound-port {}): {e}", settings.outbound_port)
+    })?;
+    out.push(HostWorkload {
+        workload: Workload {
+            key: WorkloadKey(DEFAULT_WORKLOAD.into()),
+            name: account.as_ref().map_or_else(|| DEFAULT_WORKLOAD.to_owned(), |a| a.name.clone()),
+            namespace: account.as_ref().map(|a| a.namespace.clone()).unwrap_or_default(),
+            service_account: account,
+            placement: Placement::Host { cgroups: args.cgroups.clone() },
+            addresses: Vec::new(),
+            labels: Default::default(),
+            source: Source::Static,
+        },
+        outbound,
+        port: None,
+    });
+    for spec in &args.workloads {
+        let (cgroup, account) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--workload {spec:?}: not CGROUP=NAMESPACE/SERVICE_ACCOUNT"))?;
+        let account =
+            ServiceAccount::parse(account).map_err(|e| anyhow::anyhow!("--workload {spec:?}: {e}"))?;
+        let outbound = listener::bind_outbound(sockets, 0, settings.ipv6)
+            .map_err(|e| anyhow::anyhow!("outbound listener of --workload {spec}: {e}"))?;
+        let port = outbound[0].local_addr()?.port();
+        out.push(HostWorkload {
+            workload: Workload {
+                key: WorkloadKey(cgroup.to_owned()),
+                name: account.name.clone(),
+                namespace: account.namespace.clone(),
+                service_account: Some(account),
+                placement: Placement::Host { cgroups: vec![cgroup.to_owned()] },
+                addresses: Vec::new(),
+                labels: Default::default(),
+                source: Source::Static,
+            },
+            outbound,
+            port: Some(port),
+        });
+    }
+    Ok(out)
+}
+
+/// The node's own addresses (not loopback), where `--inbound-ports` are captured.
+fn node_addresses() -> Vec<std::net::IpAddr> {
+    let mut addrs: Vec<std::net::IpAddr> = nix::ifaddrs::getifaddrs()
+        .map(|it| {
+            it.filter_map(|i| {
+                let a = i.address?;
+                a.as_sockaddr_in()
+                    .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+            })
+            .filter(|ip| !ip.is_loopback() && !is_link_local(ip))
+            .collect()
+        })
+        .unwrap_or_default();
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
+
+fn is_link_local(ip: &std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
     }
 }
 
@@ -269,33 +561,42 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tcp_idle_timeout,
     } = proxy_settings;
     let downstream = crate::l7::DownstreamTimeouts { idle: downstream_idle_timeout, ..Default::default() };
+    let sockets = SocketFactory::new(settings.mark);
+
+    // The admin socket before anything is touched: an unsafe path refuses the start.
+    let admin_socket = admin::AdminSocket::bind(&args.admin_socket)?;
+    let connection_limits = connection_limits(&args);
 
     // Listeners first: once interception is on, redirected connections need somewhere
     // to land.
-    let mut outbound = listener::bind_outbound(settings.outbound_port, settings.ipv6)?;
-    let inbound = if args.mode != crate::intercept::Mode::Ebpf && !settings.inbound_ports.is_empty() {
-        listener::bind_inbound(settings.inbound_port, settings.ipv6)?
+    let mut hosts = host_workloads(&args, &sockets, &settings)?;
+    let inbound = if !settings.inbound_ports.is_empty() {
+        listener::bind_any(&sockets, settings.inbound_port, settings.ipv6).map_err(|e| {
+            anyhow::anyhow!("inbound listener (--inbound-port {}): {e}", settings.inbound_port)
+        })?
+    } else {
+        Vec::new()
+    };
+    let has_tunnel = args.control_plane.is_some() && args.bootstrap_token_file.is_some();
+    let tunnel = if has_tunnel && hosts.iter().any(|h| h.workload.service_account.is_some()) {
+        listener::bind_any(&sockets, args.tunnel_port, false).map_err(|e| {
+            anyhow::anyhow!("tunnel listener on port {} (--tunnel-port): {e}", args.tunnel_port)
+        })?
     } else {
         Vec::new()
     };
 
-    let per_cgroup = !args.cgroups.is_empty();
-    let (interceptor, mode_reason) = {
+    let per_cgroup = hosts
+        .iter()
+        .any(|h| matches!(&h.workload.placement, Placement::Host { cgroups } if !cgroups.is_empty()));
+    let (mut interceptor, mode_reason) = {
         let (mode, settings) = (args.mode, settings.clone());
         tokio::task::spawn_blocking(move || Interceptor::start(mode, &settings, per_cgroup)).await??
     };
     let mode = interceptor.mode();
     info!(%mode, reason = %mode_reason, "interception mode selected");
-    // eBPF mode has no inbound redirect; iptables mode may have been chosen by `auto`.
-    let inbound = if mode == ActiveMode::Ebpf { Vec::new() } else { inbound };
 
-    let mut own_addrs = Vec::new();
-    for l in outbound.iter().chain(&inbound) {
-        own_addrs.push(l.local_addr()?);
-    }
     let routes = Arc::new(RouteStore::new(args.control_plane.is_some()));
-    let identity_slot: crate::workload_identity::IdentitySlot = Default::default();
-    let sockets = SocketFactory::new(settings.mark);
     let (access_log, access_log_writer) = match args.access_log.as_str() {
         "off" => (None, None),
         other => {
@@ -326,30 +627,43 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let records = crate::observe::Records { access_log, spans };
-    let tunnels = crate::mtls::pool(identity_slot.clone(), sockets, connect_timeout);
-    let upstreams = Arc::new(crate::l7::pool::UpstreamPool::new(
-        sockets,
-        tunnels.clone(),
-        identity_slot.clone(),
-        args.upstream_idle_timeout,
-    ));
     // Cancelled on SIGTERM/SIGINT or /quitquitquit: background tasks stop, the tunnel
     // listener sends GOAWAY and served HTTP connections close gracefully.
     let shutdown = CancellationToken::new();
-    let proxy = Arc::new(ProxyContext {
+    let node_name = node_name(&args);
+    let identities = match (&args.control_plane, &args.bootstrap_token_file) {
+        (Some(control_plane), Some(token_file)) => {
+            let channel = crate::control_channel::lazy_channel(
+                control_plane,
+                sockets.clone(),
+                args.discovery_keepalive,
+                connect_timeout.min(std::time::Duration::from_secs(5)),
+            )
+            .map_err(|e| anyhow::anyhow!("--control-plane: {e}"))?;
+            let signer = GrpcSigner::new(channel, node_name.clone(), token_file.clone());
+            let renewal = RenewalConfig {
+                renew_fraction: args.cert_renew_fraction,
+                ttl: args.cert_ttl,
+                ..Default::default()
+            };
+            Some(Identities::start(signer, renewal, shutdown.clone()))
+        }
+        _ => None,
+    };
+    let node = Arc::new(Node {
+        name: node_name.clone(),
         mode,
-        sockets,
-        lookup: Box::new(SocketOption),
+        ipv6: settings.ipv6,
+        outbound_port: settings.outbound_port,
+        inbound_port: settings.inbound_port,
+        tunnel_port: args.tunnel_port,
+        sockets: sockets.clone(),
         detect_timeout,
         connect_timeout,
         opaque_ports,
-        own_addrs,
         stats: Default::default(),
         routes: routes.clone(),
-        identity: identity_slot.clone(),
-        tunnels,
         services: Default::default(),
-        upstreams: upstreams.clone(),
         records: records.clone(),
         locality: {
             let l = crate::balance::Locality::new(args.region.clone(), args.zone.clone());
@@ -357,20 +671,117 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         downstream,
         tcp_idle_timeout,
+        upstream_idle_timeout: args.upstream_idle_timeout,
         shutdown: shutdown.clone(),
+        stop_accepting: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        identities: identities.clone(),
+        limits: connection_limits,
+        handshakes: crate::mtls::Handshakes {
+            limits: crate::limits::HandshakeLimits::new(
+                crate::limits::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+                args.max_tunnel_handshakes,
+            ),
+            timeout: args.tunnel_handshake_timeout,
+            runtime: match args.tunnel_handshake_threads {
+                0 => None,
+                n => Some(Arc::new(
+                    crate::tunnel::HandshakeRuntime::new(n)
+                        .map_err(|e| anyhow::anyhow!("--tunnel-handshake-threads: {e}"))?,
+                )),
+            },
+        },
     });
+
+    // The node's own namespace: inbound capture of `--inbound-ports` (eBPF mode; the
+    // iptables chains do it themselves).
+    if mode == ActiveMode::Ebpf && !inbound.is_empty() {
+        let own = NetnsHandle::own()?;
+        interceptor
+            .capture_node(&own, &node_addresses(), &inbound)
+            .map_err(|e| anyhow::anyhow!("inbound capture: {e}"))?;
+    }
+
+    // Contexts, identities and cgroups of the static workloads.
+    let mut served = BTreeMap::new();
+    let mut default_ctx = None;
+    let mut tunnel_ctx: Option<Arc<ProxyContext>> = None;
+    for h in hosts.drain(..) {
+        let slot = workload_identity::IdentitySlot::default();
+        let lease = match (&identities, &h.workload.service_account) {
+            (Some(ids), Some(account)) => Some(ids.lease(account, slot.clone())),
+            _ => None,
+        };
+        let mut listening = Vec::new();
+        for l in &h.outbound {
+            listening.push(l.local_addr()?);
+        }
+        let own_addrs: Vec<SocketAddr> =
+            listening.iter().copied().chain(inbound.iter().filter_map(|l| l.local_addr().ok())).collect();
+        let label = h.workload.service_account.as_ref().map(|a| Arc::from(a.to_string()));
+        let ctx = node.context(label, sockets.clone(), slot, own_addrs);
+        if let Placement::Host { cgroups } = &h.workload.placement {
+            for cg in cgroups {
+                let mount = cgroup2_mount().map_err(|e| anyhow::anyhow!("enrolling {cg}: {e}"))?;
+                let cgroup =
+                    CgroupPath::resolve(&mount, cg).map_err(|e| anyhow::anyhow!("enrolling {cg}: {e}"))?;
+                interceptor.enroll(&cgroup, h.port).map_err(|e| anyhow::anyhow!("enrolling {cg}: {e}"))?;
+            }
+        }
+        let stop = node.shutdown.child_token();
+        node.spawn_listeners(h.outbound, Direction::Outbound, &ctx, &stop);
+        if h.workload.key.0 == DEFAULT_WORKLOAD {
+            default_ctx = Some(ctx.clone());
+        }
+        if tunnel_ctx.is_none() && h.workload.service_account.is_some() {
+            tunnel_ctx = Some(ctx.clone());
+        }
+        served.insert(
+            h.workload.key.clone(),
+            Served::new(
+                h.workload,
+                ctx,
+                listening,
+                h.port.unwrap_or(settings.outbound_port),
+                None,
+                stop,
+                Vec::new(),
+                lease,
+            ),
+        );
+    }
+    let default_ctx = default_ctx.expect("the default workload is always built");
+    // The node's inbound and tunnel listeners serve its default workload (the first
+    // static workload with an identity for the tunnel).
+    let node_stop = node.shutdown.child_token();
+    let mut listening: Vec<String> =
+        served.values().flat_map(|s: &Served| s.listening.iter().map(ToString::to_string)).collect();
+    for l in inbound.iter().chain(&tunnel) {
+        listening.push(l.local_addr()?.to_string());
+    }
+    node.spawn_listeners(inbound, Direction::Inbound, &default_ctx, &node_stop);
+    let mut node_tunnels = match &tunnel_ctx {
+        Some(ctx) if !tunnel.is_empty() => {
+            info!(port = args.tunnel_port, "mTLS tunnel listener bound");
+            node.spawn_tunnel(tunnel, ctx, &node_stop)
+        }
+        _ => Vec::new(),
+    };
+
     let state = Arc::new(AgentState {
         mode,
         mode_reason,
         settings,
-        proxy: proxy.clone(),
+        node: node.clone(),
+        proxy: default_ctx.clone(),
         interceptor: Mutex::new(Some(interceptor)),
+        workloads: Mutex::new(served),
         cgroup_mount: cgroup2_mount().ok(),
         created: Mutex::new(BTreeSet::new()),
         ready: AtomicBool::new(false),
-        shutdown,
+        shutdown: shutdown.clone(),
         control_plane: args.control_plane.clone(),
-        needs_identity: args.control_plane.is_some() && args.identity.is_some(),
+        cni: std::sync::OnceLock::new(),
         metrics: match args.metrics {
             crate::config::Switch::Off => None,
             crate::config::Switch::On => match crate::observe::metrics::install() {
@@ -386,43 +797,41 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     });
 
-    for cg in &args.cgroups {
-        if let Err(e) = state.enroll(cg, false) {
-            state.stop_intercepting();
-            return Err(anyhow::anyhow!("enrolling --cgroup {cg}: {e}"));
+    // Pods from the CNI plugin, and those it handed a previous agent: served again
+    // before the agent says it is ready, with no CNI call.
+    {
+        let pods = crate::workload::pods::AgentPods::new(&state, args.pod_identity_patience);
+        let store = crate::workload::store::WorkloadStore::new(&args.pod_state, args.max_pods);
+        let limits = crate::workload::cni::CniLimits { max_pods: args.max_pods, ..Default::default() };
+        let cni = Arc::new(crate::workload::cni::CniPods::new(pods, Some(store), limits));
+        let _ = state.cni.set(cni.clone());
+        let report = cni.restore(|p| crate::workload::store::netns_exists(p)).await;
+        if !report.restored.is_empty() || !report.failed.is_empty() || !report.dropped.is_empty() {
+            info!(restored = ?report.restored, failed = ?report.failed.iter().map(|(c, e)| format!("{c}: {e}")).collect::<Vec<_>>(),
+                dropped = report.dropped.len(), "pods from the state file served again");
+        }
+        if let Some(e) = report.error {
+            warn!(error = %e, file = %args.pod_state.display(), "pod state file unreadable; starting with no CNI pods");
         }
     }
 
-    let tracker = TaskTracker::new();
-    let stop_accepting = CancellationToken::new();
-    let mut listening = Vec::new();
-    for (l, dir) in outbound
-        .drain(..)
-        .map(|l| (l, Direction::Outbound))
-        .chain(inbound.into_iter().map(|l| (l, Direction::Inbound)))
-    {
-        listening.push(l.local_addr()?.to_string());
-        tokio::spawn(listener::serve(l, dir, proxy.clone(), stop_accepting.clone(), tracker.clone()));
-    }
-
-    let admin_addr = match admin::spawn(args.admin_addr, state.clone()).await {
+    let admin_addr = match admin::spawn_tcp(args.admin_addr, state.clone()).await {
         Ok(a) => a,
         Err(e) => {
-            state.stop_intercepting();
+            state.stop_serving();
             return Err(anyhow::anyhow!("admin endpoint on {} (--admin-addr): {e}", args.admin_addr));
         }
     };
+    let admin_socket_path = admin_socket.path().display().to_string();
+    let admin_socket = admin::spawn_socket(admin_socket, state.clone());
 
-    // The receiving side's tunnel server, drained with the listeners at shutdown.
-    let mut tunnel_server = None;
     if let Some(control_plane) = &args.control_plane {
-        let node = node_name(&args);
         let settings = ClientSettings {
             control_plane: control_plane.clone(),
-            node,
+            node: node_name.clone(),
             // Only the port: the control plane pairs it with the address it sees the
             // stream come from (the agent cannot know which of its addresses peers use).
-            agent_address: if args.identity.is_some() {
+            agent_address: if tunnel_ctx.is_some() {
                 format!(":{}", args.tunnel_port)
             } else {
                 String::new()
@@ -434,108 +843,76 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             backoff: Backoff::new(std::time::Duration::from_millis(100), args.discovery_backoff_max),
         };
         tokio::spawn(discovery::client::run(
-            settings.clone(),
-            proxy.sockets,
+            settings,
+            sockets.clone(),
             routes.clone(),
             state.shutdown.clone(),
         ));
-        if let (Some(id), Some(token_file)) = (&args.identity, &args.bootstrap_token_file) {
-            let channel = crate::control_channel::lazy_channel(
-                control_plane,
-                proxy.sockets,
-                args.discovery_keepalive,
-                settings.connect_timeout,
-            )
-            .map_err(|e| anyhow::anyhow!("--control-plane: {e}"))?;
-            let signer = GrpcSigner::new(channel, settings.node.clone(), token_file.clone());
-            let (ns, sa) = id.split_once('/').unwrap_or_default();
-            let renewal = RenewalConfig {
-                renew_fraction: args.cert_renew_fraction,
-                ttl: args.cert_ttl,
-                ..Default::default()
-            };
-            tokio::spawn(workload_identity::run(
-                signer,
-                ns.to_owned(),
-                sa.to_owned(),
-                renewal,
-                proxy.identity.clone(),
-                state.shutdown.clone(),
-            ));
-            // Peers' tunnels land here; this node's workloads are reached from it.
-            let tunnel_addr = std::net::SocketAddr::from(([0, 0, 0, 0], args.tunnel_port));
-            let listener = tokio::net::TcpListener::bind(tunnel_addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("tunnel listener on {tunnel_addr} (--tunnel-port): {e}"))?;
-            info!(addr = %tunnel_addr, "mTLS tunnel listener bound");
-            let inbound = crate::mtls::Inbound {
-                slot: proxy.identity.clone(),
-                routes: routes.clone(),
-                node: settings.node.clone(),
-                sockets: proxy.sockets,
-                connect_timeout,
-                mode,
-                upstreams: upstreams.clone(),
-                records: records.clone(),
-                downstream,
-                tcp_idle_timeout,
-            };
-            tunnel_server = Some(crate::mtls::serve_inbound(listener, inbound, state.shutdown.clone()));
-        }
     }
 
-    let _sweeper = upstreams.spawn_sweeper(std::time::Duration::from_secs(5), state.shutdown.clone());
     {
-        // Breaker states as gauges, refreshed on the metrics scrape scale.
-        let (proxy, shutdown) = (proxy.clone(), state.shutdown.clone());
+        // Upstream pools' idle connections, and breaker states as gauges.
+        let (state, shutdown) = (state.clone(), state.shutdown.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    _ = tick.tick() => proxy.services.publish_metrics(),
+                    _ = tick.tick() => {
+                        state.node.services.publish_metrics();
+                        let contexts: Vec<Arc<ProxyContext>> = state.workloads.lock().unwrap_or_else(|p| p.into_inner()).values().map(|s| s.ctx.clone()).collect();
+                        for ctx in contexts {
+                            ctx.upstreams.sweep();
+                        }
+                    }
                 }
             }
         });
     }
     state.ready.store(true, Ordering::Release);
     let enrolled: Vec<String> = state.config_dump().enrolled;
-    info!(%mode, listeners = ?listening, admin = %admin_addr, enrolled = ?enrolled, "agent ready");
+    info!(%mode, listeners = ?listening, admin = %admin_addr, admin_socket = %admin_socket_path, enrolled = ?enrolled,
+        "agent ready");
 
     wait_for_shutdown(&state.shutdown).await;
     // A signal stops everything /quitquitquit does.
     state.shutdown.cancel();
 
     let began = Instant::now();
-    info!("shutting down: removing interception, closing listeners, draining connections");
-    {
+    info!(
+        "shutting down: closing listeners, draining connections (interception stays in place: connections fail closed)"
+    );
+    node.stop_accepting.cancel();
+    let mut tunnels = {
         let state = state.clone();
-        tokio::task::spawn_blocking(move || state.stop_intercepting()).await?;
-    }
-    stop_accepting.cancel();
-    tracker.close();
-    let active = proxy.stats.snapshot().active;
+        tokio::task::spawn_blocking(move || state.stop_serving()).await?
+    };
+    tunnels.append(&mut node_tunnels);
+    node.tracker.close();
+    let active = node.stats.snapshot().active;
     // Peers' tunnel streams (already sent GOAWAY by the shutdown token) drain within
     // the same deadline as the workloads' connections.
     let tunnel_drained = async {
-        if let Some(server) = &mut tunnel_server {
-            let _ = server.await;
+        for t in &mut tunnels {
+            let _ = t.await;
         }
     };
-    let drained = async { tokio::join!(tracker.wait(), tunnel_drained) };
+    let drained = async { tokio::join!(node.tracker.wait(), tunnel_drained) };
     if tokio::time::timeout(drain_timeout, drained).await.is_ok() {
         info!(drained = active, elapsed_ms = began.elapsed().as_millis() as u64, "shutdown complete");
     } else {
         warn!(
-            still_open = proxy.stats.snapshot().active,
+            still_open = node.stats.snapshot().active,
             drain_timeout = ?drain_timeout,
             "drain deadline reached; closing remaining connections"
         );
-        if let Some(server) = &tunnel_server {
-            server.abort();
+        for t in &tunnels {
+            t.abort();
         }
     }
     drop(records);
+    // The socket task ends with the shutdown token and removes the socket file.
+    let _ = admin_socket.await;
     if let Some(exporter) = span_exporter {
         exporter.shutdown().await;
     }
@@ -558,8 +935,34 @@ async fn wait_for_shutdown(admin_drain: &CancellationToken) {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM received"),
         _ = int.recv() => info!("SIGINT received"),
-        () = admin_drain.cancelled() => info!("drain requested on the admin endpoint"),
+        () = admin_drain.cancelled() => info!("drain requested on the admin socket"),
     }
+}
+
+/// The listeners' connection limits, with the file-descriptor limit raised to its
+/// hard limit first and `--max-connections` fitted under it.
+fn connection_limits(args: &RunArgs) -> Arc<crate::limits::ConnectionLimits> {
+    let total = match crate::limits::raise_nofile() {
+        Ok(nofile) => {
+            let fitted = crate::limits::fit_to_nofile(args.max_connections, nofile);
+            if fitted < args.max_connections {
+                warn!(
+                    max_connections = args.max_connections,
+                    nofile,
+                    lowered_to = fitted,
+                    "--max-connections lowered to what RLIMIT_NOFILE can hold (two descriptors per connection)"
+                );
+            } else {
+                info!(nofile, max_connections = fitted, "file-descriptor limit raised to its hard limit");
+            }
+            fitted
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot raise RLIMIT_NOFILE; --max-connections kept as given");
+            args.max_connections
+        }
+    };
+    crate::limits::ConnectionLimits::new(args.max_connections_per_source, total)
 }
 
 /// `--node`, or the host name.

@@ -73,6 +73,17 @@ impl CgroupPath {
     /// (`/sys/fs/cgroup/mesh/web`) or a path relative to the hierarchy root (`/mesh/web`,
     /// `mesh/web`). The directory must exist.
     pub fn resolve(mount: &Path, given: &str) -> Result<Self, CgroupError> {
+        let cgroup = Self::parse(mount, given)?;
+        if !cgroup.absolute.join("cgroup.procs").exists() {
+            return Err(CgroupError::Missing(cgroup.absolute));
+        }
+        Ok(cgroup)
+    }
+
+    /// Names a cgroup under `mount` from `given` by its text alone, touching nothing:
+    /// only plain directory names may follow the mount (no `..`, no `.`), so whatever
+    /// is later created or opened stays inside the hierarchy.
+    fn parse(mount: &Path, given: &str) -> Result<Self, CgroupError> {
         let given_path = Path::new(given);
         let absolute = if given_path.starts_with(mount) {
             given_path.to_path_buf()
@@ -82,23 +93,26 @@ impl CgroupPath {
         let relative = absolute
             .strip_prefix(mount)
             .map_err(|_| CgroupError::OutsideMount(absolute.clone(), mount.to_owned()))?;
-        if relative.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-            return Err(CgroupError::OutsideMount(absolute, mount.to_owned()));
+        let mut names = Vec::new();
+        for component in relative.components() {
+            match component {
+                std::path::Component::Normal(name) => names.push(name.to_string_lossy()),
+                _ => return Err(CgroupError::OutsideMount(absolute, mount.to_owned())),
+            }
         }
-        if !absolute.join("cgroup.procs").exists() {
-            return Err(CgroupError::Missing(absolute));
-        }
-        Ok(Self { relative: format!("/{}", relative.display()), absolute })
+        let relative = names.join("/");
+        Ok(Self { absolute: mount.join(&relative), relative: format!("/{relative}") })
     }
 
     /// Creates the cgroup if it does not exist, then resolves it. Returns whether it was
-    /// created, so the caller removes only what it made.
+    /// created, so the caller removes only what it made. The path is checked before
+    /// anything is created: a path leaving the hierarchy creates nothing.
     pub fn create(mount: &Path, given: &str) -> Result<(Self, bool), CgroupError> {
-        let absolute = mount.join(given.trim_start_matches('/'));
-        let created = !absolute.exists();
+        let cgroup = Self::parse(mount, given)?;
+        let created = !cgroup.absolute.exists();
         if created {
-            fs::create_dir_all(&absolute)
-                .map_err(|source| CgroupError::Io { path: absolute.clone(), source })?;
+            fs::create_dir_all(&cgroup.absolute)
+                .map_err(|source| CgroupError::Io { path: cgroup.absolute.clone(), source })?;
         }
         Ok((Self::resolve(mount, given)?, created))
     }
@@ -159,6 +173,29 @@ mod tests {
         assert!(matches!(CgroupPath::resolve(&dir, "/mesh/nope"), Err(CgroupError::Missing(_))));
         assert!(matches!(CgroupPath::resolve(&dir, "/mesh/../../etc"), Err(CgroupError::OutsideMount(..))));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn create_refuses_paths_outside_the_hierarchy_before_creating_anything() {
+        let base = std::env::temp_dir().join(format!("mesh-cgroup-create-{}", std::process::id()));
+        let mount = base.join("cgroup");
+        fs::create_dir_all(&mount).unwrap();
+        for given in ["../escaped", "/mesh/../../escaped", "mesh/./../../escaped", "/mesh/x/.."] {
+            let e = CgroupPath::create(&mount, given).unwrap_err();
+            assert!(matches!(e, CgroupError::OutsideMount(..)), "{given}: {e}");
+        }
+        assert!(!base.join("escaped").exists(), "a refused path created a directory");
+        assert!(!mount.join("mesh").exists(), "a refused path created part of itself");
+        let (cg, created) = CgroupPath::create(&mount, "mesh/./web/").unwrap_or_else(|e| {
+            // Not a cgroup2 mount: the directory is made, but has no cgroup.procs.
+            assert!(matches!(e, CgroupError::Missing(_)), "{e}");
+            (CgroupPath::parse(&mount, "mesh/./web/").unwrap(), true)
+        });
+        assert_eq!(
+            (cg.relative(), cg.absolute(), created),
+            ("/mesh/web", mount.join("mesh/web").as_path(), true)
+        );
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

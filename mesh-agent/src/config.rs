@@ -18,6 +18,8 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 /// Default admin port.
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// Default admin socket (requests that change the agent).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/mesh/agent.sock";
 /// Default mark on the agent's own sockets ("ME" in ASCII): the one exclusion both
 /// interception modes key on.
 pub const DEFAULT_MARK: u32 = 0x4d45;
@@ -70,6 +72,9 @@ pub struct InterceptArgs {
     pub no_ipv6: bool,
 }
 
+/// Where eBPF interception is pinned by default (bpffs is mounted there if nothing is).
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";
+
 /// Output format of the agent's logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -99,10 +104,27 @@ pub struct RunArgs {
     #[arg(long = "cgroup", env = "MESH_CGROUPS", value_delimiter = ',')]
     pub cgroups: Vec<String>,
 
+    /// A workload of this node's own network namespace with its own identity,
+    /// `CGROUP=NAMESPACE/SERVICE_ACCOUNT` (repeatable): its connections land on a
+    /// listener of its own and carry its identity. Needs --control-plane and a token.
+    #[arg(long = "workload", env = "MESH_WORKLOADS", value_delimiter = ',')]
+    pub workloads: Vec<String>,
+
     /// The agent's own cgroup, where the getsockopt program attaches (default: read
-    /// from /proc/self/cgroup).
+    /// from /proc/self/cgroup). Connections made from it are never intercepted.
     #[arg(long, env = "MESH_AGENT_CGROUP")]
     pub agent_cgroup: Option<String>,
+
+    /// eBPF mode: the cgroup the connect programs attach to; workloads are enrolled
+    /// below it by map entries (default: the cgroup2 root).
+    #[arg(long, env = "MESH_CGROUP_ROOT", default_value = "/")]
+    pub cgroup_root: String,
+
+    /// eBPF mode: bpffs directory of this agent's pinned maps and links. Interception
+    /// stays pinned there when the agent stops (connections fail closed) until a new
+    /// agent adopts it or `mesh-agent cleanup --bpffs-dir DIR` removes it.
+    #[arg(long, env = "MESH_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: std::path::PathBuf,
 
     #[command(flatten)]
     pub intercept: InterceptArgs,
@@ -167,9 +189,31 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Admin HTTP endpoint (/live, /ready, /stats, /config_dump, /enroll, /unenroll).
+    /// Read-only admin HTTP endpoint (/live, /ready, /stats, /metrics, /config_dump,
+    /// GET /logging): workloads on the node can reach it, so it changes nothing.
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
+
+    /// Unix socket of the admin requests that change the agent (enroll, unenroll,
+    /// quitquitquit, POST /logging), reachable only by the agent's user: its
+    /// directory is created with mode 0700 (an existing one must already be private to
+    /// that user) and the socket is mode 0600; removed when the agent stops.
+    #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: std::path::PathBuf,
+
+    /// Where the pods the CNI plugin handed the agent are recorded, so a restarted
+    /// agent serves them again without any CNI call.
+    #[arg(long, env = "MESH_POD_STATE", default_value = crate::workload::store::DEFAULT_PATH)]
+    pub pod_state: std::path::PathBuf,
+
+    /// Most pods served at once (the CNI refuses more, naming the limit).
+    #[arg(long, env = "MESH_MAX_PODS", default_value_t = 1024)]
+    pub max_pods: usize,
+
+    /// How long a CNI ADD waits for the control plane to list a new pod before it is
+    /// refused as unknown (the runtime retries).
+    #[arg(long, env = "MESH_POD_IDENTITY_PATIENCE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub pod_identity_patience: Duration,
 
     /// iptables mode: the rules were installed by `mesh-agent iptables install` (init
     /// container); neither install nor remove them.
@@ -197,6 +241,31 @@ pub struct RunArgs {
     /// Port of the mTLS tunnel listener peers' agents connect to (with --identity).
     #[arg(long, env = "MESH_TUNNEL_PORT", default_value_t = 15008)]
     pub tunnel_port: u16,
+
+    /// Connections the agent's listeners (outbound, inbound, tunnel) hold open
+    /// together; more are reset at once. Lowered at start if the file-descriptor
+    /// limit cannot hold this many proxied connections (two descriptors each).
+    #[arg(long, env = "MESH_MAX_CONNECTIONS", default_value_t = crate::limits::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// Connections one source address may hold open on the agent's listeners. On a
+    /// node whose workloads share its network namespace, they share this budget.
+    #[arg(long, env = "MESH_MAX_CONNECTIONS_PER_SOURCE", default_value_t = crate::limits::DEFAULT_MAX_CONNECTIONS_PER_SOURCE)]
+    pub max_connections_per_source: usize,
+
+    /// TLS handshakes under way at once on the tunnel port (more wait for a slot within
+    /// their deadline); one peer address may have at most 32.
+    #[arg(long, env = "MESH_MAX_TUNNEL_HANDSHAKES", default_value_t = crate::limits::DEFAULT_MAX_HANDSHAKES)]
+    pub max_tunnel_handshakes: usize,
+
+    /// Deadline of a tunnel connection's TLS and HTTP/2 handshakes, from accept.
+    #[arg(long, env = "MESH_TUNNEL_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub tunnel_handshake_timeout: Duration,
+
+    /// Threads that run the tunnel port's TLS handshakes, away from the worker that
+    /// carries established traffic; 0 runs them on that worker.
+    #[arg(long, env = "MESH_TUNNEL_HANDSHAKE_THREADS", default_value_t = 1)]
+    pub tunnel_handshake_threads: usize,
 
     /// Lifetime to request for workload certificates (default: the CA's).
     #[arg(long, env = "MESH_CERT_TTL", value_parser = humantime::parse_duration)]
@@ -279,6 +348,17 @@ impl InterceptArgs {
         ebpf_log: bool,
         iptables_external: bool,
     ) -> Result<Settings, ConfigError> {
+        self.settings_with(agent_cgroup, ebpf_log, iptables_external, Placement::default())
+    }
+
+    /// [`InterceptArgs::settings`] with where eBPF interception lives and the tunnel port.
+    pub fn settings_with(
+        &self,
+        agent_cgroup: Option<String>,
+        ebpf_log: bool,
+        iptables_external: bool,
+        placement: Placement,
+    ) -> Result<Settings, ConfigError> {
         if self.outbound_port == 0 {
             return Err(err("--outbound-port", "MESH_OUTBOUND_PORT", "must not be 0"));
         }
@@ -343,7 +423,25 @@ impl InterceptArgs {
             ebpf_log,
             agent_cgroup,
             iptables_external,
+            bpffs_dir: placement.bpffs_dir,
+            cgroup_root: placement.cgroup_root,
+            tunnel_port: placement.tunnel_port,
         })
+    }
+}
+
+/// Where eBPF interception attaches and is pinned, and the tunnel port inbound capture
+/// leaves alone.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub bpffs_dir: std::path::PathBuf,
+    pub cgroup_root: String,
+    pub tunnel_port: u16,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self { bpffs_dir: DEFAULT_BPFFS_DIR.into(), cgroup_root: "/".into(), tunnel_port: 15008 }
     }
 }
 
@@ -369,8 +467,20 @@ pub struct ProxySettings {
 
 impl RunArgs {
     pub fn validate(&self) -> Result<(Settings, ProxySettings), ConfigError> {
-        let settings =
-            self.intercept.settings(self.agent_cgroup.clone(), self.ebpf_log, self.iptables_external)?;
+        if self.tunnel_port == 0 {
+            return Err(err("--tunnel-port", "MESH_TUNNEL_PORT", "must not be 0"));
+        }
+        let placement = Placement {
+            bpffs_dir: self.bpffs_dir.clone(),
+            cgroup_root: self.cgroup_root.clone(),
+            tunnel_port: self.tunnel_port,
+        };
+        let settings = self.intercept.settings_with(
+            self.agent_cgroup.clone(),
+            self.ebpf_log,
+            self.iptables_external,
+            placement,
+        )?;
         if self.detect_timeout.is_zero() {
             return Err(err("--detect-timeout", "MESH_DETECT_TIMEOUT", "must be more than 0"));
         }
@@ -401,6 +511,27 @@ impl RunArgs {
                 }
             }
         }
+        for spec in &self.workloads {
+            let Some((cgroup, account)) = spec.split_once('=') else {
+                return Err(err(
+                    "--workload",
+                    "MESH_WORKLOADS",
+                    format!("{spec:?} is not CGROUP=NAMESPACE/SERVICE_ACCOUNT"),
+                ));
+            };
+            if cgroup.is_empty() {
+                return Err(err("--workload", "MESH_WORKLOADS", format!("{spec:?} names no cgroup")));
+            }
+            crate::workload::ServiceAccount::parse(account)
+                .map_err(|e| err("--workload", "MESH_WORKLOADS", e))?;
+            if self.control_plane.is_none() || self.bootstrap_token_file.is_none() {
+                return Err(err(
+                    "--workload",
+                    "MESH_WORKLOADS",
+                    "needs --control-plane and --bootstrap-token-file (the CA signs its identity)",
+                ));
+            }
+        }
         if !(self.cert_renew_fraction > 0.0 && self.cert_renew_fraction <= 1.0) {
             return Err(err("--cert-renew-fraction", "MESH_CERT_RENEW_FRACTION", "must be in (0, 1]"));
         }
@@ -409,6 +540,26 @@ impl RunArgs {
                 "--discovery-backoff-max",
                 "MESH_DISCOVERY_BACKOFF_MAX",
                 "must be at least 100ms",
+            ));
+        }
+        for (flag, env, value) in [
+            ("--max-connections", "MESH_MAX_CONNECTIONS", self.max_connections),
+            (
+                "--max-connections-per-source",
+                "MESH_MAX_CONNECTIONS_PER_SOURCE",
+                self.max_connections_per_source,
+            ),
+            ("--max-tunnel-handshakes", "MESH_MAX_TUNNEL_HANDSHAKES", self.max_tunnel_handshakes),
+        ] {
+            if value == 0 {
+                return Err(err(flag, env, "must be at least 1"));
+            }
+        }
+        if self.tunnel_handshake_timeout.is_zero() {
+            return Err(err(
+                "--tunnel-handshake-timeout",
+                "MESH_TUNNEL_HANDSHAKE_TIMEOUT",
+                "must be more than 0",
             ));
         }
         if self.discovery_keepalive < Duration::from_secs(1) {
@@ -505,6 +656,10 @@ mod tests {
         assert!(e.to_string().contains("fd00::/8"), "{e}");
         let e = parse(&["--detect-timeout", "0s"]).unwrap_err();
         assert_eq!(e.flag, "--detect-timeout");
+        let e = parse(&["--max-connections-per-source", "0"]).unwrap_err();
+        assert_eq!(e.flag, "--max-connections-per-source");
+        let e = parse(&["--tunnel-handshake-timeout", "0s"]).unwrap_err();
+        assert_eq!(e.flag, "--tunnel-handshake-timeout");
     }
 
     #[test]

@@ -43,17 +43,20 @@ pub fn connector(
 > + Clone
 + Send
 + 'static {
-    tower::service_fn(move |uri: Uri| async move {
-        let host = uri.host().unwrap_or("localhost").trim_matches(|c| c == '[' || c == ']').to_string();
-        let port = uri.port_u16().unwrap_or(80);
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port)).await?.collect();
-        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host}: no address"));
-        for addr in addrs {
-            match sockets.connect(addr, connect_timeout).await {
-                Ok(s) => return Ok(TokioIo::new(s)),
-                Err(e) => last = e,
+    tower::service_fn(move |uri: Uri| {
+        let sockets = sockets.clone();
+        async move {
+            let host = uri.host().unwrap_or("localhost").trim_matches(|c| c == '[' || c == ']').to_string();
+            let port = uri.port_u16().unwrap_or(80);
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port)).await?.collect();
+            let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host}: no address"));
+            for addr in addrs {
+                match sockets.connect(addr, connect_timeout).await {
+                    Ok(s) => return Ok(TokioIo::new(s)),
+                    Err(e) => last = e,
+                }
             }
+            Err(last)
         }
-        Err(last)
     })
 }

@@ -57,7 +57,11 @@ impl Side {
 pub async fn handle(ctx: Arc<ProxyContext>, direction: Direction, mut client: TcpStream, peer: SocketAddr) {
     let start = Instant::now();
     ctx.stats.opened(direction);
-    let orig_dst = match ctx.lookup.orig_dst(&client) {
+    let lookup = match direction {
+        Direction::Outbound => &ctx.lookup,
+        Direction::Inbound => &ctx.inbound_lookup,
+    };
+    let orig_dst = match lookup.orig_dst(&client) {
         Ok(dst) => dst,
         Err(e) => {
             warn!(
@@ -586,6 +590,8 @@ mod tests {
             mode: crate::intercept::ActiveMode::Ebpf,
             sockets: crate::socket::SocketFactory::new(0),
             lookup: Box::new(crate::orig_dst::Fixed(server_addr)),
+            inbound_lookup: Box::new(crate::orig_dst::Fixed(server_addr)),
+            workload: None,
             detect_timeout: Duration::from_secs(1),
             // Far beyond anything the test waits for.
             connect_timeout: IDLE * 100,

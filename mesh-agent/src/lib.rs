@@ -19,6 +19,7 @@ pub mod forward;
 pub mod identity;
 pub mod intercept;
 pub mod l7;
+pub mod limits;
 pub mod listener;
 pub mod mtls;
 pub mod observe;

@@ -2,8 +2,12 @@
 //!
 //! Outbound: `127.0.0.1:<outbound>` and `[::1]:<outbound>`, where both the eBPF
 //! connect programs and iptables' OUTPUT REDIRECT send workload connections.
-//! Inbound (iptables mode): `0.0.0.0:<inbound>` and `[::]:<inbound>`, where PREROUTING
-//! REDIRECT sends connections arriving for the configured ports.
+//! Inbound: `0.0.0.0:<inbound>` and `[::]:<inbound>`, where iptables' PREROUTING
+//! REDIRECT or the eBPF `sk_lookup` program hands connections arriving for a
+//! workload's ports. A pod's listeners are opened inside its network namespace.
+//!
+//! Every listener is bound with `SO_REUSEPORT`, so a new agent can open the same
+//! listeners beside a draining one and take new connections with none refused.
 
 use std::{
     collections::HashSet,
@@ -17,14 +21,14 @@ use std::{
 };
 
 use serde::Serialize;
-use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+use socket2::Domain;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
 use crate::{
-    discovery::RouteStore, forward, intercept::ActiveMode, orig_dst::OrigDstLookup, sniff::Protocol,
-    socket::SocketFactory,
+    discovery::RouteStore, forward, intercept::ActiveMode, limits::ConnectionLimits, orig_dst::OrigDstLookup,
+    sniff::Protocol, socket::SocketFactory,
 };
 
 /// Which listener a connection came through.
@@ -48,13 +52,19 @@ pub struct ProxyContext {
     pub mode: ActiveMode,
     pub sockets: SocketFactory,
     pub lookup: Box<dyn OrigDstLookup>,
+    /// How the inbound listener learns a connection's destination: `SO_ORIGINAL_DST`
+    /// after iptables' REDIRECT, the socket's own local address after `sk_lookup`.
+    pub inbound_lookup: Box<dyn OrigDstLookup>,
+    /// The served workload, `namespace/name`, for metrics and records; `None` for the
+    /// node's default workload without an identity.
+    pub workload: Option<Arc<str>>,
     pub detect_timeout: Duration,
     pub connect_timeout: Duration,
     pub opaque_ports: HashSet<u16>,
     /// The agent's own listener addresses: a connection whose original destination is
     /// one of these would loop.
     pub own_addrs: Vec<SocketAddr>,
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
     /// Service routing from the control plane's snapshots.
     pub routes: Arc<RouteStore>,
     /// The node's workload identity, once its first certificate is issued.
@@ -62,7 +72,7 @@ pub struct ProxyContext {
     /// Tunnels to peer agents (mTLS + HTTP/2 CONNECT), shared by all connections.
     pub tunnels: crate::tunnel::TunnelPool,
     /// Per-service balancers, breakers, budgets and rate limits.
-    pub services: crate::balance::service::Services,
+    pub services: Arc<crate::balance::service::Services>,
     /// Kept-alive upstream HTTP connections of the L7 proxy.
     pub upstreams: Arc<crate::l7::pool::UpstreamPool>,
     /// Where request and connection records go (access log, span export).
@@ -171,30 +181,36 @@ impl Stats {
     }
 }
 
-/// Binds the outbound listeners (loopback, both families; IPv6 only if `ipv6`).
-pub fn bind_outbound(port: u16, ipv6: bool) -> io::Result<Vec<TcpListener>> {
-    let mut addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port))];
+/// Binds the outbound listeners (loopback, both families; IPv6 only if `ipv6`) in the
+/// namespace of `sockets`. Port 0 takes a free port for IPv4 and the same for IPv6.
+pub fn bind_outbound(sockets: &SocketFactory, port: u16, ipv6: bool) -> io::Result<Vec<TcpListener>> {
+    let v4 = bind(sockets, SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+    let port = v4.local_addr()?.port();
+    let mut listeners = vec![v4];
     if ipv6 {
-        addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, port)));
+        listeners.push(bind(sockets, SocketAddr::from((Ipv6Addr::LOCALHOST, port)))?);
     }
-    addrs.into_iter().map(bind).collect()
+    Ok(listeners)
 }
 
-/// Binds the inbound listeners (all addresses, both families; IPv6 only if `ipv6`).
-pub fn bind_inbound(port: u16, ipv6: bool) -> io::Result<Vec<TcpListener>> {
+/// Binds listeners on every address (both families; IPv6 only if `ipv6`) in the
+/// namespace of `sockets`: the inbound and tunnel listeners.
+pub fn bind_any(sockets: &SocketFactory, port: u16, ipv6: bool) -> io::Result<Vec<TcpListener>> {
     let mut addrs = vec![SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))];
     if ipv6 {
         addrs.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)));
     }
-    addrs.into_iter().map(bind).collect()
+    addrs.into_iter().map(|a| bind(sockets, a)).collect()
 }
 
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP))?;
+fn bind(sockets: &SocketFactory, addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = sockets.socket(Domain::for_address(addr))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;
+    // A new agent binds beside a draining one during an upgrade.
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into()).map_err(|e| io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
     socket.listen(4096)?;
@@ -202,15 +218,18 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Accepts until `shutdown`, spawning each connection on `tracker` so shutdown can
-/// wait for them to drain.
+/// wait for them to drain. A connection over `limits` (per source address, or in
+/// total) is reset at once.
 pub async fn serve(
     listener: TcpListener,
     direction: Direction,
     ctx: Arc<ProxyContext>,
+    limits: Arc<ConnectionLimits>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let local = listener.local_addr().ok();
+    let what = format!("{} listener", direction.as_str());
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -218,8 +237,17 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Some(permit) = limits.admit(peer.ip(), &what) else {
+                    forward::reset(&stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                tracker.spawn(forward::handle(ctx.clone(), direction, stream, peer));
+                let ctx = ctx.clone();
+                // Built inside the task: a future bound outside would take its room twice.
+                tracker.spawn(async move {
+                    forward::handle(ctx, direction, stream, peer).await;
+                    drop(permit);
+                });
             }
             Err(e) if is_transient_accept_error(&e) => {
                 debug!(error = %e, "transient accept error");
@@ -254,11 +282,13 @@ mod tests {
             mode: ActiveMode::Ebpf,
             sockets: SocketFactory::new(0),
             lookup: Box::new(Fixed(SocketAddr::from(([127, 0, 0, 1], 1)))),
+            inbound_lookup: Box::new(Fixed(SocketAddr::from(([127, 0, 0, 1], 1)))),
+            workload: None,
             detect_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             opaque_ports: HashSet::new(),
             own_addrs: own,
-            stats: Stats::default(),
+            stats: Default::default(),
             routes: Arc::new(RouteStore::new(false)),
             identity: Default::default(),
             tunnels: crate::mtls::pool(Default::default(), SocketFactory::new(0), Duration::from_secs(1)),

@@ -26,11 +26,16 @@ enum Command {
         #[command(subcommand)]
         action: IptablesAction,
     },
-    /// Remove anything a killed agent left behind (iptables chains and jumps).
+    /// Remove the interception an agent leaves in place on purpose when it stops (so
+    /// workloads fail closed): iptables chains and jumps, and the eBPF programs, links
+    /// and maps pinned in bpffs. Workloads' connections then go direct again.
     Cleanup {
         /// Leave ip6tables alone.
         #[arg(long)]
         no_ipv6: bool,
+        /// The agent's bpffs directory (`--bpffs-dir` of `mesh-agent run`).
+        #[arg(long, env = "MESH_BPFFS_DIR", default_value = mesh_agent::config::DEFAULT_BPFFS_DIR)]
+        bpffs_dir: std::path::PathBuf,
     },
 }
 
@@ -119,24 +124,28 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Cleanup { no_ipv6 } => {
+        Command::Cleanup { no_ipv6, bpffs_dir } => {
             init_logging(LogFormat::Text, "info")?;
             iptables::uninstall(!no_ipv6)?;
-            // eBPF attachments are bpf_links owned by the agent process: the kernel
-            // detached them when it died. Report any still loaded (a live agent).
+            let removed = mesh_agent::intercept::ebpf::pins::remove_all(&bpffs_dir).with_context(|| {
+                format!("removing pinned eBPF interception under {}", bpffs_dir.display())
+            })?;
+            // Programs still loaded belong to a running agent (its own getsockopt link).
             let live: Vec<String> = aya::programs::loaded_programs()
                 .filter_map(Result::ok)
                 .filter_map(|p| p.name_as_str().map(str::to_owned))
                 .filter(|n| n.starts_with("mesh_"))
                 .collect();
-            if live.is_empty() {
-                println!("cleanup: iptables rules removed; no mesh eBPF programs loaded");
-            } else {
-                println!(
-                    "cleanup: iptables rules removed; mesh eBPF programs still loaded by a running agent: {}",
-                    live.join(", ")
-                );
-            }
+            println!(
+                "cleanup: iptables rules removed; {} pinned eBPF object(s) removed from {}{}",
+                removed.len(),
+                bpffs_dir.display(),
+                if live.is_empty() {
+                    String::new()
+                } else {
+                    format!("; mesh eBPF programs still loaded by a running agent: {}", live.join(", "))
+                }
+            );
             Ok(())
         }
     }

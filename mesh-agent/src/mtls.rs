@@ -183,6 +183,16 @@ pub struct Inbound {
     pub tcp_idle_timeout: Option<Duration>,
 }
 
+/// How the tunnel port admits TLS handshakes.
+#[derive(Clone)]
+pub struct Handshakes {
+    pub limits: crate::limits::HandshakeLimits,
+    /// Deadline of a connection's TLS and HTTP/2 handshakes.
+    pub timeout: Duration,
+    /// Where handshakes run; `None`: on the caller's worker.
+    pub runtime: Option<Arc<crate::tunnel::HandshakeRuntime>>,
+}
+
 /// Serves peers' tunnels on `listener` until `shutdown`: TLS with this node's
 /// workload certificate, authorization from the destination service's rules, and
 /// only targets that are workloads on this node. Direct HTTP connections
@@ -199,6 +209,8 @@ pub struct Inbound {
 pub fn serve_inbound(
     listener: TcpListener,
     inbound: Inbound,
+    limits: Arc<crate::limits::ConnectionLimits>,
+    handshakes: Handshakes,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let Inbound {
@@ -231,6 +243,7 @@ pub fn serve_inbound(
         }
     });
     let connect = Arc::new(move |target: SocketAddr| {
+        let sockets = sockets.clone();
         Box::pin(async move { sockets.connect(target, connect_timeout).await })
             as std::pin::Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>
     });
@@ -353,8 +366,16 @@ pub fn serve_inbound(
             "connection closed"
         );
     });
-    let server =
-        TunnelServer::new(tls, authorize, connect).with_on_close(on_close).with_relay(relay).with_http(http);
+    let mut server = TunnelServer::new(tls, authorize, connect)
+        .with_on_close(on_close)
+        .with_relay(relay)
+        .with_http(http)
+        .with_limits(limits)
+        .with_handshake_limits(handshakes.limits)
+        .with_handshake_timeout(handshakes.timeout);
+    if let Some(runtime) = handshakes.runtime {
+        server = server.with_handshake_runtime(runtime);
+    }
     tokio::spawn(server.serve(listener, shutdown))
 }
 

@@ -55,3 +55,14 @@ impl OrigDstLookup for Fixed {
         Ok(self.0)
     }
 }
+
+/// The accepted socket's own local address: what the eBPF `sk_lookup` capture keeps
+/// (it hands the connection to the listener without rewriting its destination).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalAddr;
+
+impl OrigDstLookup for LocalAddr {
+    fn orig_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        stream.local_addr().map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+    }
+}

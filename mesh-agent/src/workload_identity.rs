@@ -1,13 +1,18 @@
-//! The node's workload identity at run time: fetch the CA's trust bundle, get the
-//! certificate signed, keep it renewed. Until the first certificate arrives the
-//! agent still intercepts and forwards; connections that need mTLS wait for it.
+//! Workload identities at run time: fetch the CA's trust bundle once, then keep one
+//! certificate per identity in use on the node, requested when a workload with that
+//! identity arrives (the key never leaves the agent), renewed at a fraction of its
+//! life, and dropped when the last workload holding it goes. Until a workload's first
+//! certificate arrives the agent still intercepts its connections; those that need
+//! mTLS wait for it (meshed traffic is never sent in plaintext).
 
 use std::{
-    sync::{Arc, OnceLock},
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -16,15 +21,16 @@ use crate::{
     identity::{
         CertManager, RenewalConfig, SpiffeId, TokioClock, TrustBundle, WorkloadIdentity, signer::GrpcSigner,
     },
+    workload::ServiceAccount,
 };
 
-/// What the data path needs for mTLS once the identity is ready.
+/// What the data path needs for one workload's mTLS once its certificate is issued.
 pub struct AgentIdentity {
-    pub manager: CertManager,
+    pub manager: Arc<CertManager>,
     pub workload: Arc<WorkloadIdentity>,
 }
 
-/// Set once, when the first certificate is installed.
+/// A workload's identity: set once, when its first certificate is installed.
 pub type IdentitySlot = Arc<OnceLock<AgentIdentity>>;
 
 /// A certificate as `/config_dump` shows it.
@@ -36,27 +42,130 @@ pub struct CertificateDump {
     pub expires_in_seconds: i64,
 }
 
-/// The installed certificate, if any.
-pub fn dump(slot: &IdentitySlot) -> Vec<CertificateDump> {
-    let Some(ident) = slot.get() else { return Vec::new() };
-    let Some(cert) = ident.workload.current() else { return Vec::new() };
+/// The installed certificate of a slot, if any.
+pub fn dump(slot: &IdentitySlot) -> Option<CertificateDump> {
+    let ident = slot.get()?;
+    let cert = ident.workload.current()?;
     let not_after = cert.not_after().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    vec![CertificateDump {
+    Some(CertificateDump {
         identity: ident.workload.id().to_string(),
         not_after,
         expires_in_seconds: not_after as i64 - now as i64,
-    }]
+    })
 }
 
-/// Obtains the identity's first certificate (retrying while the control plane is
-/// away) and fills `slot`; the manager keeps renewing it afterwards.
-pub async fn run(
+/// The node's identities: one certificate manager over the CA's trust bundle, and a
+/// count of the workloads holding each identity.
+pub struct Identities {
+    manager: watch::Receiver<Option<Arc<CertManager>>>,
+    trust_domain: watch::Receiver<Option<String>>,
+    holders: Mutex<HashMap<SpiffeId, usize>>,
+    shutdown: CancellationToken,
+}
+
+impl Identities {
+    /// Starts fetching the trust bundle (retrying while the control plane is away);
+    /// identities are issued once it is in.
+    pub fn start(signer: GrpcSigner, renewal: RenewalConfig, shutdown: CancellationToken) -> Arc<Self> {
+        let (manager_tx, manager) = watch::channel(None);
+        let (domain_tx, trust_domain) = watch::channel(None);
+        tokio::spawn(bootstrap(signer, renewal, manager_tx, domain_tx, shutdown.clone()));
+        Arc::new(Self { manager, trust_domain, holders: Mutex::new(HashMap::new()), shutdown })
+    }
+
+    /// Issues (or shares) the certificate of `account` for a workload, filling `slot`
+    /// once it is in. Dropping the lease releases it; the identity's renewals stop when
+    /// its last holder goes.
+    pub fn lease(self: &Arc<Self>, account: &ServiceAccount, slot: IdentitySlot) -> IdentityLease {
+        let hub = self.clone();
+        let account = account.clone();
+        let held: Arc<Mutex<Option<SpiffeId>>> = Arc::default();
+        let held2 = held.clone();
+        let stop = self.shutdown.child_token();
+        let task_stop = stop.clone();
+        tokio::spawn(async move {
+            let mut manager = hub.manager.clone();
+            let manager = tokio::select! {
+                () = task_stop.cancelled() => return,
+                m = manager.wait_for(Option::is_some) => match m {
+                    Ok(m) => m.clone().expect("waited for Some"),
+                    Err(_) => return,
+                },
+            };
+            let Some(domain) = hub.trust_domain.borrow().clone() else { return };
+            let id = match SpiffeId::new(&domain, &account.namespace, &account.name) {
+                Ok(id) => id,
+                Err(e) => {
+                    warn!(identity = %account, error = %e, "workload identity is not a valid SPIFFE ID; mTLS unavailable for it");
+                    return;
+                }
+            };
+            let workload = match manager.identity(&id) {
+                Ok(w) => w,
+                Err(e) => {
+                    warn!(identity = %id, error = %e, "workload identity cannot be set up; mTLS is unavailable for it");
+                    return;
+                }
+            };
+            *hub.holders.lock().unwrap_or_else(|e| e.into_inner()).entry(id.clone()).or_default() += 1;
+            *held2.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.clone());
+            let cert = tokio::select! {
+                () = task_stop.cancelled() => return,
+                c = workload.ready() => c,
+            };
+            let expires_in = cert.not_after().duration_since(SystemTime::now()).unwrap_or_default();
+            info!(identity = %workload.id(), expires_in_s = expires_in.as_secs(), "workload certificate issued");
+            let _ = slot.set(AgentIdentity { manager, workload });
+        });
+        IdentityLease { hub: self.clone(), held, stop }
+    }
+
+    fn release(&self, id: &SpiffeId) {
+        let mut holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(count) = holders.get_mut(id) else { return };
+        *count -= 1;
+        if *count == 0 {
+            holders.remove(id);
+            if let Some(manager) = self.manager.borrow().as_ref() {
+                manager.remove(id);
+                info!(identity = %id, "last workload with this identity left; its certificate is no longer renewed");
+            }
+        }
+    }
+
+    /// Identities with a certificate being kept, for the admin endpoint.
+    pub fn in_use(&self) -> Vec<SpiffeId> {
+        let mut ids: Vec<SpiffeId> =
+            self.holders.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        ids.sort_by_key(ToString::to_string);
+        ids
+    }
+}
+
+/// A workload's hold on an identity.
+pub struct IdentityLease {
+    hub: Arc<Identities>,
+    held: Arc<Mutex<Option<SpiffeId>>>,
+    stop: CancellationToken,
+}
+
+impl Drop for IdentityLease {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(id) = self.held.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            self.hub.release(&id);
+        }
+    }
+}
+
+/// Fetches the CA's trust bundle (retrying while the control plane is away), then
+/// publishes the certificate manager and keeps the bundle fresh.
+async fn bootstrap(
     signer: GrpcSigner,
-    namespace: String,
-    service_account: String,
     renewal: RenewalConfig,
-    slot: IdentitySlot,
+    manager_tx: watch::Sender<Option<Arc<CertManager>>>,
+    domain_tx: watch::Sender<Option<String>>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
@@ -73,30 +182,21 @@ pub async fn run(
             }
         }
     };
-    let result = (|| {
-        let id = SpiffeId::new(&trust_domain, &namespace, &service_account).map_err(|e| e.to_string())?;
+    let manager = (|| {
         let bundle = TrustBundle::from_pem(&trust_domain, &roots).map_err(|e| e.to_string())?;
-        let manager =
-            CertManager::new(Arc::new(signer.clone()), bundle, Arc::new(TokioClock::new()), renewal)
-                .map_err(|e| e.to_string())?;
-        let workload = manager.identity(&id).map_err(|e| e.to_string())?;
-        Ok::<_, String>((manager, workload))
+        CertManager::new(Arc::new(signer.clone()), bundle, Arc::new(TokioClock::new()), renewal)
+            .map_err(|e| e.to_string())
     })();
-    let (manager, workload) = match result {
-        Ok(v) => v,
+    let manager = match manager {
+        Ok(m) => Arc::new(m),
         Err(e) => {
-            warn!(error = %e, "workload identity cannot be set up; mTLS is unavailable");
+            warn!(error = %e, "the CA's trust bundle cannot be used; mTLS is unavailable");
             return;
         }
     };
-    let cert = tokio::select! {
-        () = shutdown.cancelled() => return,
-        c = workload.ready() => c,
-    };
-    let expires_in = cert.not_after().duration_since(SystemTime::now()).unwrap_or_default();
-    info!(identity = %workload.id(), expires_in_s = expires_in.as_secs(), "workload certificate issued");
     let bundle = manager.trust_bundle().clone();
-    let _ = slot.set(AgentIdentity { manager, workload });
+    let _ = domain_tx.send(Some(trust_domain.clone()));
+    let _ = manager_tx.send(Some(manager));
     refresh_trust_bundle(&signer, &bundle, &trust_domain, roots, shutdown).await;
 }
 

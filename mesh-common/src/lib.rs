@@ -20,8 +20,20 @@ pub const ORIG_DST_BY_TUPLE_ENTRIES: u32 = 65_536;
 pub const CIDR_RULES_ENTRIES: u32 = 1_024;
 /// Maximum include/exclude port rules.
 pub const PORT_RULES_ENTRIES: u32 = 1_024;
+/// Maximum workloads served in their own network namespace (pods) per node.
+pub const POD_NETNS_ENTRIES: u32 = 4_096;
+/// Maximum workload cgroups enrolled in the node's own network namespace.
+pub const HOST_CGROUP_ENTRIES: u32 = 1_024;
+/// Maximum local addresses whose inbound connections are captured (a pod has one
+/// per family; the node's own addresses count too).
+pub const INBOUND_ADDR_ENTRIES: u32 = 8_192;
+/// Slots of the inbound listener sockets the capture program hands connections to.
+pub const INBOUND_SOCK_ENTRIES: u32 = 8_192;
+/// Deepest cgroup level the connect programs look at for an enrolled ancestor.
+pub const MAX_CGROUP_LEVEL: i32 = 16;
 
-/// Map names, as the agent looks them up in the loaded object.
+/// Map names, as the agent looks them up in the loaded object (and as they are
+/// pinned under the agent's bpffs directory).
 pub const MAP_CONFIG: &str = "MESH_CONFIG";
 pub const MAP_CIDR_INCLUDE: &str = "MESH_CIDR_INCLUDE";
 pub const MAP_CIDR_EXCLUDE: &str = "MESH_CIDR_EXCLUDE";
@@ -29,12 +41,22 @@ pub const MAP_PORT_RULES: &str = "MESH_PORT_RULES";
 pub const MAP_ORIG_DST_BY_COOKIE: &str = "MESH_ORIG_DST_BY_COOKIE";
 pub const MAP_ORIG_DST_BY_TUPLE: &str = "MESH_ORIG_DST_BY_TUPLE";
 pub const MAP_STATS: &str = "MESH_STATS";
+pub const MAP_POD_NETNS: &str = "MESH_POD_NETNS";
+pub const MAP_HOST_CGROUPS: &str = "MESH_HOST_CGROUPS";
+pub const MAP_INBOUND_ADDRS: &str = "MESH_INBOUND_ADDRS";
+pub const MAP_INBOUND_PORTS: &str = "MESH_INBOUND_PORTS";
+pub const MAP_INBOUND_SOCKS: &str = "MESH_INBOUND_SOCKS";
 
 /// Program names, as the agent looks them up in the loaded object.
 pub const PROG_CONNECT4: &str = "mesh_connect4";
 pub const PROG_CONNECT6: &str = "mesh_connect6";
 pub const PROG_SOCKOPS: &str = "mesh_sockops";
 pub const PROG_GETSOCKOPT: &str = "mesh_getsockopt";
+pub const PROG_SK_LOOKUP: &str = "mesh_sk_lookup";
+
+/// Version of the maps' layout. Pinned maps live in a directory named after it, so
+/// an agent whose layout differs never adopts maps it would misread.
+pub const MAPS_LAYOUT_VERSION: u32 = 2;
 
 /// `SO_ORIGINAL_DST` (level `SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (level `SOL_IPV6`)
 /// share the option number 80.
@@ -60,6 +82,16 @@ pub const RULE_INTERCEPT: u32 = 1;
 /// Port rule action: never redirect connections to this port.
 pub const RULE_SKIP: u32 = 2;
 
+/// [`MAP_INBOUND_PORTS`] value: connections to this local port are captured on
+/// addresses whose [`InboundTarget`] lists its ports (a node's own address).
+pub const INBOUND_PORT_CAPTURE: u32 = 1;
+/// [`MAP_INBOUND_PORTS`] value: connections to this local port are never captured
+/// (the agent's own tunnel and listener ports, health ports).
+pub const INBOUND_PORT_SKIP: u32 = 2;
+/// [`InboundTarget::flags`]: capture every port of the address but the skipped ones
+/// (a pod's address); without it only [`INBOUND_PORT_CAPTURE`] ports are.
+pub const INBOUND_ALL_PORTS: u32 = 1 << 0;
+
 /// Global settings for the programs, a single entry in [`MAP_CONFIG`].
 ///
 /// `outbound_port == 0` means "not configured": the programs intercept nothing,
@@ -67,14 +99,50 @@ pub const RULE_SKIP: u32 = 2;
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct InterceptConfig {
-    /// The agent's outbound listener port on `127.0.0.1` and `[::1]`.
+    /// The outbound listener port on `127.0.0.1` and `[::1]` of workloads that have no
+    /// port of their own (pods; the default host workload).
     pub outbound_port: u16,
     pub _pad0: u16,
-    /// `SO_MARK` the agent puts on its own sockets; such sockets are never redirected.
-    pub mark: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
+    /// cgroup v2 id of the agent's own cgroup: connects made by its tasks are never
+    /// redirected. Unlike a socket mark, a workload cannot give itself this.
+    pub agent_cgroup_id: u64,
+}
+
+/// Where an enrolled host cgroup's connections go: its workload's own outbound
+/// listener port on loopback (workloads sharing the node's network namespace are
+/// told apart by the listener they land on). Value of [`MAP_HOST_CGROUPS`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostCgroup {
+    pub outbound_port: u16,
+    pub _pad0: u16,
     pub _pad1: u32,
+}
+
+/// A workload in a network namespace of its own (a pod), by netns cookie: its
+/// connections go to the agent's listener inside that namespace. Value of
+/// [`MAP_POD_NETNS`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodNetns {
+    pub outbound_port: u16,
+    pub _pad0: u16,
+    pub _pad1: u32,
+}
+
+/// A local address whose inbound TCP connections are handed to the agent's inbound
+/// listener (value of [`MAP_INBOUND_ADDRS`], keyed by the IPv4-mapped address).
+/// The slots index [`MAP_INBOUND_SOCKS`], one listener per family.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct InboundTarget {
+    pub v4_slot: u32,
+    pub v6_slot: u32,
+    /// `INBOUND_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
 }
 
 /// Where a redirected connection was originally going.
@@ -119,9 +187,11 @@ pub type CidrKey = [u32; 4];
 pub enum Stat {
     /// `connect()` rewritten to the agent.
     Redirected = 0,
-    /// `connect()` left alone by a rule, loopback, or the agent's mark.
+    /// `connect()` of an enrolled workload left alone by a rule, loopback, or because
+    /// the agent itself made it.
     Skipped = 1,
-    /// Original destination could not be recorded (map full or error): not redirected.
+    /// Original destination could not be recorded (map error): the connect was refused
+    /// rather than sent direct.
     RecordFailed = 2,
     /// `SO_ORIGINAL_DST` answered from the tuple map.
     SockoptAnswered = 3,
@@ -129,10 +199,15 @@ pub enum Stat {
     Established = 4,
     /// Redirected connect that closed without establishing (refused, timed out).
     ConnectFailed = 5,
+    /// Inbound connection handed to the agent's inbound listener.
+    InboundCaptured = 6,
+    /// Inbound connection dropped because no agent listener was there to take it
+    /// (agent down or restarting): interception fails closed.
+    InboundDropped = 7,
 }
 
 /// Number of [`Stat`] counters.
-pub const STATS_LEN: u32 = 6;
+pub const STATS_LEN: u32 = 8;
 
 /// The word stored in the third position of an IPv4-mapped IPv6 address
 /// (`::ffff:0:0/96`), in network byte order as it sits in memory.
@@ -169,6 +244,9 @@ mod pod {
     unsafe impl aya::Pod for super::InterceptConfig {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SockTuple {}
+    unsafe impl aya::Pod for super::HostCgroup {}
+    unsafe impl aya::Pod for super::PodNetns {}
+    unsafe impl aya::Pod for super::InboundTarget {}
 }
 
 #[cfg(test)]
@@ -178,6 +256,9 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<InterceptConfig>(), 16);
+        assert_eq!(core::mem::size_of::<HostCgroup>(), 8);
+        assert_eq!(core::mem::size_of::<PodNetns>(), 8);
+        assert_eq!(core::mem::size_of::<InboundTarget>(), 16);
         assert_eq!(core::mem::size_of::<OrigDst>(), 20);
         assert_eq!(core::mem::size_of::<SockTuple>(), 48);
     }

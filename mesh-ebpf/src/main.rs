@@ -1,21 +1,35 @@
 //! The mesh's kernel side.
 //!
-//! - `mesh_connect4` / `mesh_connect6` (`cgroup/connect4`, `cgroup/connect6`, on
-//!   enrolled workload cgroups): decide whether a TCP `connect()` is intercepted,
-//!   record its original destination under the socket cookie, and rewrite the
-//!   destination to the agent's outbound listener on loopback.
-//! - `mesh_sockops` (`sockops`, on the same cgroups): once the redirected connection
-//!   is established, move the original destination to a map keyed by the
-//!   connection's 4-tuple (and network namespace); drop the entry of a connect that
-//!   closes without ever establishing.
+//! Every program is attached once, not per workload: the cgroup programs to the cgroup
+//! root the agent is given (`--cgroup-root`), `sk_lookup` to each network namespace
+//! whose inbound connections are captured. Which sockets are a workload's is decided by
+//! map entries the agent writes, so enrolling or removing a workload is a map update
+//! that never disturbs another workload, and every map is pinned in bpffs so a
+//! restarted agent adopts them.
+//!
+//! - `mesh_connect4` / `mesh_connect6` (`cgroup/connect4`, `cgroup/connect6`): a TCP
+//!   `connect()` of a workload is rewritten to the agent's outbound listener on
+//!   loopback, after recording its original destination under the socket cookie. A
+//!   workload is a network namespace of its own (a pod, [`MESH_POD_NETNS`] by netns
+//!   cookie) or an enrolled cgroup in the node's namespace ([`MESH_HOST_CGROUPS`],
+//!   deepest enrolled ancestor wins, each with its own listener port). The agent's own
+//!   connects are recognised by its cgroup, which a workload cannot give itself (a
+//!   socket mark it can).
+//! - `mesh_sockops` (`sockops`): once a redirected connection is established, move the
+//!   original destination to a map keyed by the connection's 4-tuple and network
+//!   namespace; drop the entry of a connect that closes without establishing.
 //! - `mesh_getsockopt` (`cgroup/getsockopt`, on the agent's cgroup): answer
 //!   `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` on the agent's accepted sockets from
 //!   that map, consuming the entry, so the agent recovers the destination exactly as
-//!   under iptables. Entries for connections the agent never accepts age out of the
-//!   LRU map.
+//!   under iptables.
+//! - `mesh_sk_lookup` (`sk_lookup`, per captured network namespace): a new inbound TCP
+//!   connection to a captured local address and port is handed to the agent's inbound
+//!   listener in that namespace, keeping its destination (no NAT). Connections arriving
+//!   over loopback (the agent reaching its workload) are left alone.
 //!
-//! Every program always lets the syscall proceed: a failure to record or look up
-//! means "not intercepted" (fail open), never a refused connection.
+//! Interception fails closed: a connect whose destination cannot be recorded is
+//! refused, and an inbound connection whose listener is gone (agent down) is dropped,
+//! never delivered around the agent.
 #![no_std]
 #![no_main]
 
@@ -23,19 +37,24 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sock_ops_cb_flags_set},
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_sock_ops_cb_flags_set,
+    },
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap, lpm_trie::Key},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
     AF_INET, AF_INET6, CIDR_RULES_ENTRIES, CidrKey, FLAG_CIDRS_INCLUDE_ONLY, FLAG_DEBUG_LOG,
-    FLAG_PORTS_INCLUDE_ONLY, InterceptConfig, ORIG_DST_BY_COOKIE_ENTRIES, ORIG_DST_BY_TUPLE_ENTRIES, OrigDst,
-    PORT_RULES_ENTRIES, RULE_INTERCEPT, RULE_SKIP, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6, STATS_LEN, SockTuple,
-    Stat, is_loopback, is_v4_mapped, v4_mapped,
+    FLAG_PORTS_INCLUDE_ONLY, HOST_CGROUP_ENTRIES, HostCgroup, INBOUND_ADDR_ENTRIES, INBOUND_ALL_PORTS,
+    INBOUND_PORT_CAPTURE, INBOUND_PORT_SKIP, INBOUND_SOCK_ENTRIES, InboundTarget, InterceptConfig,
+    MAX_CGROUP_LEVEL, ORIG_DST_BY_COOKIE_ENTRIES, ORIG_DST_BY_TUPLE_ENTRIES, OrigDst, POD_NETNS_ENTRIES,
+    PORT_RULES_ENTRIES, PodNetns, RULE_INTERCEPT, RULE_SKIP, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6, STATS_LEN,
+    SockTuple, Stat, is_loopback, is_v4_mapped, v4_mapped,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -45,29 +64,49 @@ const LOOPBACK_V6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 /// `sizeof(struct sockaddr_in)` / `sizeof(struct sockaddr_in6)`.
 const SOCKADDR_IN_LEN: usize = 16;
 const SOCKADDR_IN6_LEN: usize = 28;
+/// A network namespace's loopback device always has this index.
+const LOOPBACK_IFINDEX: u32 = 1;
+/// `sk_lookup` verdicts.
+const SK_DROP: u32 = 0;
+const SK_PASS: u32 = 1;
 
 #[map(name = "MESH_CONFIG")]
-static CONFIG: Array<InterceptConfig> = Array::with_max_entries(1, 0);
+static CONFIG: Array<InterceptConfig> = Array::pinned(1, 0);
 
 #[map(name = "MESH_CIDR_INCLUDE")]
-static CIDR_INCLUDE: LpmTrie<CidrKey, u32> = LpmTrie::with_max_entries(CIDR_RULES_ENTRIES, 0);
+static CIDR_INCLUDE: LpmTrie<CidrKey, u32> = LpmTrie::pinned(CIDR_RULES_ENTRIES, 0);
 
 #[map(name = "MESH_CIDR_EXCLUDE")]
-static CIDR_EXCLUDE: LpmTrie<CidrKey, u32> = LpmTrie::with_max_entries(CIDR_RULES_ENTRIES, 0);
+static CIDR_EXCLUDE: LpmTrie<CidrKey, u32> = LpmTrie::pinned(CIDR_RULES_ENTRIES, 0);
 
 #[map(name = "MESH_PORT_RULES")]
-static PORT_RULES: HashMap<u16, u32> = HashMap::with_max_entries(PORT_RULES_ENTRIES, 0);
+static PORT_RULES: HashMap<u16, u32> = HashMap::pinned(PORT_RULES_ENTRIES, 0);
 
 #[map(name = "MESH_ORIG_DST_BY_COOKIE")]
 static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::with_max_entries(ORIG_DST_BY_COOKIE_ENTRIES, 0);
+    LruHashMap::pinned(ORIG_DST_BY_COOKIE_ENTRIES, 0);
 
 #[map(name = "MESH_ORIG_DST_BY_TUPLE")]
 static ORIG_DST_BY_TUPLE: LruHashMap<SockTuple, OrigDst> =
-    LruHashMap::with_max_entries(ORIG_DST_BY_TUPLE_ENTRIES, 0);
+    LruHashMap::pinned(ORIG_DST_BY_TUPLE_ENTRIES, 0);
 
 #[map(name = "MESH_STATS")]
-static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_LEN, 0);
+
+#[map(name = "MESH_POD_NETNS")]
+static POD_NETNS: HashMap<u64, PodNetns> = HashMap::pinned(POD_NETNS_ENTRIES, 0);
+
+#[map(name = "MESH_HOST_CGROUPS")]
+static HOST_CGROUPS: HashMap<u64, HostCgroup> = HashMap::pinned(HOST_CGROUP_ENTRIES, 0);
+
+#[map(name = "MESH_INBOUND_ADDRS")]
+static INBOUND_ADDRS: HashMap<[u32; 4], InboundTarget> = HashMap::pinned(INBOUND_ADDR_ENTRIES, 0);
+
+#[map(name = "MESH_INBOUND_PORTS")]
+static INBOUND_PORTS: HashMap<u16, u32> = HashMap::pinned(PORT_RULES_ENTRIES, 0);
+
+#[map(name = "MESH_INBOUND_SOCKS")]
+static INBOUND_SOCKS: SockMap = SockMap::pinned(INBOUND_SOCK_ENTRIES, 0);
 
 #[inline(always)]
 fn count(stat: Stat) {
@@ -110,70 +149,110 @@ fn wants_intercept(cfg: &InterceptConfig, addr: &[u32; 4], port: u16) -> bool {
     cfg.flags & FLAG_CIDRS_INCLUDE_ONLY == 0 || CIDR_INCLUDE.get(&key).is_some()
 }
 
-/// Whether the socket behind a sock_addr context carries the agent's mark.
+/// The outbound listener port of the workload making this connect, or 0 when it is
+/// not a workload's (or is the agent's own).
+///
+/// A plain integer (0 = none) rather than an Option, for the verifier (see above).
 #[inline(always)]
-fn is_agent_socket(ctx: &SockAddrContext, cfg: &InterceptConfig) -> bool {
-    // SAFETY: `sk` of a sock_addr context is a valid, non-NULL socket pointer
-    // for the program's duration (the verifier types it PTR_TO_SOCKET).
-    unsafe {
-        let sk: *mut bpf_sock = (*ctx.sock_addr).__bindgen_anon_1.sk;
-        !sk.is_null() && (*sk).mark == cfg.mark
+fn workload_port(ctx: &SockAddrContext, cfg: &InterceptConfig) -> u16 {
+    // SAFETY: helper valid for cgroup sock_addr programs, no arguments.
+    if unsafe { bpf_get_current_cgroup_id() } == cfg.agent_cgroup_id {
+        return 0;
     }
+    // SAFETY: helper valid for sock_addr programs; the context pointer is valid.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if let Some(pod) = POD_NETNS.get_ptr(&netns) {
+        // SAFETY: pointer to a live map value returned by the lookup.
+        return unsafe { (*pod).outbound_port };
+    }
+    host_cgroup_port()
 }
 
+/// The port of the deepest enrolled cgroup among the current task's ancestors
+/// (level 0, the root, is never a workload), or 0.
+#[inline(always)]
+fn host_cgroup_port() -> u16 {
+    let mut port = 0;
+    let mut level = 1;
+    while level <= MAX_CGROUP_LEVEL {
+        // SAFETY: helper valid for cgroup sock_addr programs; returns 0 past the
+        // current cgroup's own level.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            break;
+        }
+        if let Some(host) = HOST_CGROUPS.get_ptr(&id) {
+            // SAFETY: pointer to a live map value returned by the lookup.
+            port = unsafe { (*host).outbound_port };
+        }
+        level += 1;
+    }
+    port
+}
+
+/// `connect()` proceeds (1) or fails with EPERM (0).
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    try_connect4(&ctx);
-    1
+    i32::from(try_connect4(&ctx))
 }
 
 #[inline(always)]
-fn try_connect4(ctx: &SockAddrContext) {
-    let Some(cfg) = config() else { return };
+fn try_connect4(ctx: &SockAddrContext) -> bool {
+    let Some(cfg) = config() else { return true };
     // SAFETY: the context pointer is valid for the program's duration.
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
-        return;
+        return true;
+    }
+    let listener = workload_port(ctx, cfg);
+    if listener == 0 {
+        return true;
     }
     let addr = v4_mapped(sa.user_ip4);
     let port = u16::from_be(sa.user_port as u16);
-    if is_agent_socket(ctx, cfg) || !wants_intercept(cfg, &addr, port) {
+    if !wants_intercept(cfg, &addr, port) {
         count(Stat::Skipped);
-        return;
+        return true;
     }
     if !record(ctx, cfg, addr, port, AF_INET) {
-        return;
+        return false;
     }
     sa.user_ip4 = LOOPBACK_V4;
-    sa.user_port = u32::from(cfg.outbound_port.to_be());
+    sa.user_port = u32::from(listener.to_be());
+    true
 }
 
+/// `connect()` proceeds (1) or fails with EPERM (0).
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
-    try_connect6(&ctx);
-    1
+    i32::from(try_connect6(&ctx))
 }
 
 #[inline(always)]
-fn try_connect6(ctx: &SockAddrContext) {
-    let Some(cfg) = config() else { return };
+fn try_connect6(ctx: &SockAddrContext) -> bool {
+    let Some(cfg) = config() else { return true };
     // SAFETY: the context pointer is valid for the program's duration.
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
-        return;
+        return true;
+    }
+    let listener = workload_port(ctx, cfg);
+    if listener == 0 {
+        return true;
     }
     let addr = words(&sa.user_ip6);
     let port = u16::from_be(sa.user_port as u16);
-    if is_agent_socket(ctx, cfg) || !wants_intercept(cfg, &addr, port) {
+    if !wants_intercept(cfg, &addr, port) {
         count(Stat::Skipped);
-        return;
+        return true;
     }
     if !record(ctx, cfg, addr, port, AF_INET6) {
-        return;
+        return false;
     }
     // A dual-stack socket dialling an IPv4-mapped address must stay on IPv4.
     sa.user_ip6 = if is_v4_mapped(&addr) { v4_mapped(LOOPBACK_V4) } else { LOOPBACK_V6 };
-    sa.user_port = u32::from(cfg.outbound_port.to_be());
+    sa.user_port = u32::from(listener.to_be());
+    true
 }
 
 /// Copies a four-word address out of a context or socket structure one word at a
@@ -193,7 +272,8 @@ fn words(src: &[u32; 4]) -> [u32; 4] {
 }
 
 /// Records the original destination under the socket cookie. Returns false (and the
-/// connect goes to its original destination) when the entry cannot be stored.
+/// connect is refused: it never goes to its destination around the agent) when the
+/// entry cannot be stored.
 #[inline(always)]
 fn record(ctx: &SockAddrContext, cfg: &InterceptConfig, addr: [u32; 4], port: u16, family: u16) -> bool {
     // SAFETY: helper valid for sock_addr programs; the context pointer is valid.
@@ -359,6 +439,59 @@ fn try_getsockopt(ctx: &SockoptContext) {
     }
     so.retval = 0;
     count(Stat::SockoptAnswered);
+}
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    try_sk_lookup(&ctx)
+}
+
+/// Hands a new inbound TCP connection for a captured address and port to the agent's
+/// inbound listener of that namespace; drops it when the listener is gone.
+#[inline(always)]
+fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
+    // SAFETY: the context pointer is valid for the program's duration.
+    let l = unsafe { &*ctx.lookup };
+    if l.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    // The agent reaches its workloads from inside their namespace, over loopback; so
+    // does anything else local to the workload. Traffic from other hosts and
+    // namespaces arrives on a real interface, which a sender cannot change.
+    if l.ingress_ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    let (addr, v6) = if l.family == u32::from(AF_INET) {
+        (v4_mapped(l.local_ip4), false)
+    } else {
+        (words(&l.local_ip6), true)
+    };
+    let Some(target) = INBOUND_ADDRS.get_ptr(&addr) else { return SK_PASS };
+    // SAFETY: pointer to a live map value returned by the lookup.
+    let target = unsafe { *target };
+    let port = l.local_port as u16;
+    let rule = match INBOUND_PORTS.get_ptr(&port) {
+        // SAFETY: pointer to a live map value returned by the lookup.
+        Some(p) => unsafe { *p },
+        None => 0,
+    };
+    if rule == INBOUND_PORT_SKIP {
+        return SK_PASS;
+    }
+    if target.flags & INBOUND_ALL_PORTS == 0 && rule != INBOUND_PORT_CAPTURE {
+        return SK_PASS;
+    }
+    let slot = if v6 { target.v6_slot } else { target.v4_slot };
+    match INBOUND_SOCKS.redirect_sk_lookup(ctx, slot, 0) {
+        Ok(()) => {
+            count(Stat::InboundCaptured);
+            SK_PASS
+        }
+        Err(_) => {
+            count(Stat::InboundDropped);
+            SK_DROP
+        }
+    }
 }
 
 #[cfg(not(test))]

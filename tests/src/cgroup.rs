@@ -41,6 +41,14 @@ impl Cgroup {
         Ok(Self { absolute, relative: format!("/mesh-test/{leaf}") })
     }
 
+    /// A cgroup below this one (removed with it at the latest).
+    pub fn child(&self, name: &str) -> Result<Self> {
+        let leaf = format!("{}-{name}", NEXT.fetch_add(1, Ordering::Relaxed));
+        let absolute = self.absolute.join(&leaf);
+        std::fs::create_dir(&absolute).with_context(|| format!("creating {}", absolute.display()))?;
+        Ok(Self { absolute, relative: format!("{}/{leaf}", self.relative) })
+    }
+
     /// Absolute directory.
     pub fn absolute(&self) -> &Path {
         &self.absolute
@@ -63,6 +71,14 @@ impl Cgroup {
 
 fn kill_and_remove(dir: &Path) {
     let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    // Children first: a cgroup with children cannot be removed.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                kill_and_remove(&e.path());
+            }
+        }
+    }
     for _ in 0..200 {
         if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
             return;

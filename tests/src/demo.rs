@@ -268,9 +268,11 @@ pub fn run(opts: &Options) -> Result<Summary> {
              nsenter --net={frontend_ns} curl -s http://{CATALOG_VIP}/hello   # v1 or v2, over mTLS\n  \
              edit {}   # the control plane pushes changes within a second\n  \
              nsenter --net={frontend_ns} meshctl status   # also: services, endpoints, certs, explain\n  \
-             nsenter --net={frontend_ns} curl -s http://127.0.0.1:15000/config_dump\n",
+             nsenter --net={frontend_ns} curl -s http://127.0.0.1:15000/config_dump   # the admin port only reads\n  \
+             meshctl agent --agent-socket {} log-level debug   # changes go over the agent's root-only socket\n",
             m.workload.absolute().display(),
             m.registry.display(),
+            m.frontend.admin_socket.display(),
         ));
     }
 

@@ -20,7 +20,7 @@ pub mod servers;
 pub mod wait;
 pub mod websocket;
 
-pub use agent::{Agent, AgentOptions};
+pub use agent::{Agent, AgentOptions, Pins};
 pub use cgroup::Cgroup;
 pub use control::Control;
 pub use netns::{Host, Lab};

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{Agent, AgentOptions, Cgroup, Lab, agent::message, bins, eventually, servers};
+use mesh_tests::{Agent, AgentOptions, Cgroup, Lab, Pins, agent::message, bins, eventually, servers};
 use serde_json::Value;
 
 const HTTP: u16 = 8080;
@@ -97,7 +97,7 @@ mesh_tests::both_modes!(
     non_enrolled_process_is_not_intercepted,
     agent_in_enrolled_cgroup_does_not_loop,
     bad_input_is_passed_through_or_closed_without_harm,
-    graceful_shutdown_and_kill_leave_nothing_behind,
+    graceful_shutdown_and_kill_fail_closed_until_cleanup,
 );
 
 fn http1_is_intercepted_classified_and_answered(mode: &str) {
@@ -212,11 +212,15 @@ fn non_enrolled_process_is_not_intercepted(mode: &str) {
     assert_eq!(records.len(), 1, "only the enrolled connection went through the agent: {records:?}");
 }
 
+/// The agent runs inside an enrolled cgroup's subtree (a host where it was started
+/// under the workloads' slice): its own upstream connections are told apart by its
+/// cgroup and never intercepted again, while the workload beside it is.
 fn agent_in_enrolled_cgroup_does_not_loop(mode: &str) {
     let lab = Lab::new(&["client", "server"]).unwrap();
     let workload = Cgroup::new("wl").unwrap();
+    let agent_cg = workload.child("agent").unwrap();
     let opts = AgentOptions {
-        in_cgroup: Some(workload.relative().to_owned()),
+        in_cgroup: Some(agent_cg.relative().to_owned()),
         ..AgentOptions::new(mode).cgroup(&workload)
     };
     let agent = Agent::start(lab.host("client"), opts).unwrap();
@@ -232,6 +236,8 @@ fn agent_in_enrolled_cgroup_does_not_loop(mode: &str) {
     let records = agent.connections();
     assert_eq!(records.len(), 1, "the agent's upstream connection was intercepted again: {records:?}");
     assert!(agent.find(|v| message(v).contains("refusing to loop")).is_none());
+    drop(agent);
+    drop(agent_cg);
 }
 
 fn bad_input_is_passed_through_or_closed_without_harm(mode: &str) {
@@ -297,10 +303,10 @@ fn bad_input_is_passed_through_or_closed_without_harm(mode: &str) {
 }
 
 /// Programs attached to a cgroup, from bpftool.
-fn attached_programs(cgroup: &Cgroup) -> Vec<String> {
+fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
     let out = Command::new("bpftool")
         .args(["-j", "cgroup", "show"])
-        .arg(cgroup.absolute())
+        .arg(cgroup)
         .output()
         .expect("bpftool (install the bpftool package)");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -317,35 +323,87 @@ fn nat_rules(lab: &Lab) -> String {
     all
 }
 
-fn graceful_shutdown_and_kill_leave_nothing_behind(mode: &str) {
-    let s = Setup::new(mode, &[]);
-    let installed = match mode {
-        "ebpf" => !attached_programs(&s.workload).is_empty(),
-        _ => nat_rules(&s.lab).contains("MESH_OUTPUT"),
-    };
-    assert!(installed, "interception in place while running");
+/// Whether this agent's interception is in place: its pinned links (eBPF) or its
+/// chains (iptables).
+fn interception_in_place(mode: &str, lab: &Lab, pins: &Pins) -> bool {
+    match mode {
+        "ebpf" => std::fs::read_dir(pins.path()).is_ok_and(|mut d| d.next().is_some()),
+        _ => nat_rules(lab).contains("MESH_OUTPUT"),
+    }
+}
 
-    // Graceful: SIGTERM removes everything before exit.
+/// Interception fails closed: once the agent is gone (stopped or killed), the
+/// workload's connections are refused and nothing reaches the server around the
+/// agent; a new agent adopts the interception and serves them again; `mesh-agent
+/// cleanup` removes it, after which they go direct.
+fn graceful_shutdown_and_kill_fail_closed_until_cleanup(mode: &str) {
+    let s = Setup::new(mode, &[]);
+    let whoami = servers::whoami(s.server(), WHOAMI).unwrap();
+    let dst = s.server().v4_addr(WHOAMI);
+    let pins = s.agent.pins().clone();
+    assert!(interception_in_place(mode, &s.lab, &pins), "interception in place while running");
+    if mode == "ebpf" {
+        let root = mesh_tests::cgroup::mount().unwrap();
+        assert!(attached_programs(&root).iter().any(|p| p == "mesh_connect4"), "connect4 at the cgroup root");
+    }
+    let out = s.probe(dst, &["whoami"]);
+    assert_ne!(out["server_saw"], out["local"], "intercepted while the agent runs: {out}");
+
+    // Graceful stop: interception stays, so the workload's connection is refused.
     let Setup { lab, workload, agent } = s;
     let status = agent.terminate().unwrap();
     assert!(status.success(), "clean exit on SIGTERM: {status}");
-    assert!(attached_programs(&workload).is_empty());
-    assert!(!nat_rules(&lab).contains("MESH_"), "{}", nat_rules(&lab));
+    assert!(interception_in_place(mode, &lab, &pins), "interception left in place after SIGTERM");
+    let seen = whoami.seen().len();
+    let refused = |lab: &Lab| {
+        let out = run(lab.host("client").command(bins::probe(), Some(workload.absolute())).unwrap().args([
+            "--connect",
+            &dst.to_string(),
+            "whoami",
+        ]));
+        (!out.status.success()).then_some(())
+    };
+    eventually(Duration::from_secs(5), "workload refused while no agent runs", || refused(&lab));
+    assert_eq!(whoami.seen().len(), seen, "a connection reached the server around the stopped agent");
 
-    // Killed: programs go with the process; rules go with `mesh-agent cleanup`.
-    let agent = Agent::start(lab.host("client"), AgentOptions::new(mode).cgroup(&workload)).unwrap();
+    // A new agent adopts it and serves the workload again.
+    let agent =
+        Agent::start(lab.host("client"), AgentOptions::new(mode).cgroup(&workload).pins(&pins)).unwrap();
+    let out = json_out(&run(lab
+        .host("client")
+        .command(bins::probe(), Some(workload.absolute()))
+        .unwrap()
+        .args(["--connect", &dst.to_string(), "whoami"])));
+    assert_ne!(out["server_saw"], out["local"], "intercepted by the restarted agent: {out}");
+
+    // Killed: the same (nothing runs after SIGKILL, and nothing needs to).
     agent.kill().unwrap();
-    eventually(Duration::from_secs(10), "programs detached after SIGKILL", || {
-        attached_programs(&workload).is_empty().then_some(())
-    });
-    let out = run(lab.host("client").command(bins::agent(), None).unwrap().arg("cleanup"));
+    let seen = whoami.seen().len();
+    eventually(Duration::from_secs(5), "workload refused after SIGKILL", || refused(&lab));
+    assert_eq!(whoami.seen().len(), seen, "a connection reached the server around the killed agent");
+
+    // `mesh-agent cleanup` removes interception: connections go direct again.
+    let out = run(lab
+        .host("client")
+        .command(bins::agent(), None)
+        .unwrap()
+        .arg("cleanup")
+        .arg("--bpffs-dir")
+        .arg(pins.path()));
     stdout(&out);
-    assert!(!nat_rules(&lab).contains("MESH_"), "rules left after cleanup: {}", nat_rules(&lab));
-
-    // And a restart after a kill starts cleanly over whatever was left.
-    let agent = Agent::start(lab.host("client"), AgentOptions::new(mode).cgroup(&workload)).unwrap();
-    agent.kill().unwrap();
-    let agent = Agent::start(lab.host("client"), AgentOptions::new(mode).cgroup(&workload)).unwrap();
-    assert!(agent.terminate().unwrap().success());
-    assert!(!nat_rules(&lab).contains("MESH_"), "{}", nat_rules(&lab));
+    assert!(
+        !interception_in_place(mode, &lab, &pins),
+        "interception left after cleanup: {}",
+        nat_rules(&lab)
+    );
+    // Links are released asynchronously once their last pin is gone.
+    eventually(Duration::from_secs(5), "direct connection after cleanup", || {
+        let out = run(lab.host("client").command(bins::probe(), Some(workload.absolute())).unwrap().args([
+            "--connect",
+            &dst.to_string(),
+            "whoami",
+        ]));
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (out.status.success() && v["server_saw"] == v["local"]).then_some(())
+    });
 }

@@ -3,7 +3,8 @@
 //! the access log (to a file) holds one parseable JSON line per HTTP request and per
 //! TCP connection, with the fields operators need; the admin endpoint's readiness
 //! waits for certificates and a discovery snapshot, the log filter changes at run
-//! time, and `/quitquitquit` drains open connections before exiting; both agents
+//! time and `/quitquitquit` drains open connections before exiting (both on the admin
+//! socket only: the TCP port refuses them); both agents
 //! export a span per request of a sampled trace to an OTLP collector, linked into
 //! the applications' trace.
 //!
@@ -493,21 +494,28 @@ fn log_level_changes_at_run_time_and_quitquitquit_drains() {
         let set = |s: &str| s.trim().split(',').map(str::to_owned).collect::<std::collections::BTreeSet<_>>();
         set(a) == set(b)
     };
+    let agent = &mesh.client_agent;
     let (status, current) = client.http("GET", admin, "/logging").unwrap();
     assert!(status == 200 && same(&current, "info,mesh_agent=debug"), "{status} {current}");
-    let (status, body) = client.http("POST", admin, "/logging?level=not%3D%3Da%20filter").unwrap();
+    // Changes are refused on the TCP port (workloads reach it) and served on the socket.
+    let (status, body) = client.http("POST", admin, "/logging?level=warn").unwrap();
+    assert_eq!(status, 405, "{body}");
+    assert!(body.contains("--admin-socket"), "the refusal says where changes go: {body}");
+    let (status, body) = agent.post("/logging?level=not%3D%3Da%20filter").unwrap();
     assert_eq!(status, 400, "{body}");
-    let (status, body) = client.http("POST", admin, "/logging").unwrap();
+    let (status, body) = agent.post("/logging").unwrap();
     assert_eq!(status, 400, "{body}");
+    let (status, body) = agent.socket_request("GET", "/logging").unwrap();
+    assert!(status == 200 && same(&body, "info,mesh_agent=debug"), "{status} {body}");
 
     // At `warn`, a connection leaves its access record but no "connection closed" line.
-    let (status, body) = client.http("POST", admin, "/logging?level=warn").unwrap();
+    let (status, body) = agent.post("/logging?level=warn").unwrap();
     assert_eq!((status, body.trim()), (200, "warn"));
     assert_eq!(mesh.tcp_hello(), "68656c6c6f");
     eventually(Duration::from_secs(10), "access record of the quiet connection", || {
         (mesh.access_log("client").iter().filter(|v| v["kind"] == "tcp").count() == 1).then_some(())
     });
-    let (status, body) = client.http("POST", admin, "/logging?level=info,mesh_agent%3Ddebug").unwrap();
+    let (status, body) = agent.post("/logging?level=info,mesh_agent%3Ddebug").unwrap();
     assert!(status == 200 && same(&body, "info,mesh_agent=debug"), "{status} {body}");
     mesh.client_agent.wait_log("log filter changed", |v| message(v) == "log filter changed");
     assert_eq!(mesh.tcp_hello(), "68656c6c6f");
@@ -543,6 +551,9 @@ fn log_level_changes_at_run_time_and_quitquitquit_drains() {
         (v["connections"]["active"].as_u64() == Some(1)).then_some(())
     });
     let (status, body) = client.http("POST", admin, "/quitquitquit").unwrap();
+    assert_eq!(status, 404, "the TCP port does not drain the agent: {body}");
+    let socket = agent.admin_socket.clone();
+    let (status, body) = agent.post("/quitquitquit").unwrap();
     assert_eq!((status, body.trim()), (200, "draining"));
     let out = slow.wait_with_output().unwrap();
     assert!(out.status.success());
@@ -553,6 +564,7 @@ fn log_level_changes_at_run_time_and_quitquitquit_drains() {
     let Mesh { client_agent, .. } = mesh;
     let status = client_agent.terminate().unwrap();
     assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "the admin socket {} outlived the agent", socket.display());
 }
 
 /// `curl` from the workload; returns the body (the api server echoes the request

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use super::{
+    agent_socket::{self, AgentCommand},
     certs,
     client::Targets,
     error::MeshctlError,
@@ -87,6 +88,15 @@ pub enum Command {
     /// Pre-flight on this machine: kernel, BTF, cgroup v2, capabilities, iptables
     /// backend; whether eBPF mode will work and why not, and what `auto` will pick.
     Check,
+    /// Change this node's agent (enrol a cgroup, set the log level, drain) through its
+    /// root-only admin socket; the agent's TCP admin port only reads.
+    Agent {
+        /// The agent's admin socket (mesh-agent --admin-socket).
+        #[arg(long, env = "MESHCTL_AGENT_SOCKET", default_value = agent_socket::DEFAULT_SOCKET)]
+        agent_socket: std::path::PathBuf,
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
 }
 
 /// Where `endpoints` reads from.
@@ -120,8 +130,11 @@ fn emit<T: Serialize>(output: Output, value: &T, human: impl FnOnce(&T) -> Strin
 
 /// Runs a command; `now` (Unix seconds) dates "ago" and "expires in" figures.
 pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
-    if let Command::Check = cli.command {
-        return Ok(preflight(cli.output));
+    match &cli.command {
+        Command::Check => return Ok(preflight(cli.output)),
+        // Neither needs the control plane's or agents' URLs.
+        Command::Agent { agent_socket, command } => return agent(cli, agent_socket, command).await,
+        _ => {}
     }
     let targets = Targets::new(&cli.control_plane, &cli.control_admin, &cli.agents, cli.timeout)?;
     let out = cli.output;
@@ -275,7 +288,18 @@ pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
             Ok(Rendered { text: emit(out, &agents, |a| workloads::render(a)), complete })
         }
         Command::Check => Ok(preflight(out)),
+        Command::Agent { agent_socket, command } => agent(cli, agent_socket, command).await,
     }
+}
+
+/// `agent ...`: one request on the local agent's admin socket.
+async fn agent(
+    cli: &Cli,
+    socket: &std::path::PathBuf,
+    command: &AgentCommand,
+) -> Result<Rendered, MeshctlError> {
+    let answer = agent_socket::send(socket, command, cli.timeout).await?;
+    Ok(Rendered { text: emit(cli.output, &answer, agent_socket::render), complete: true })
 }
 
 /// `check`: local facts only, no control plane or agent is contacted. Incomplete
@@ -368,6 +392,27 @@ mod tests {
         let cli = Cli::try_parse_from(["meshctl", "workloads", "--agent", &old]).unwrap();
         let e = run(&cli, 0).await.unwrap_err();
         assert!(e.to_string().contains("/workloads with 404"), "{e}");
+    }
+
+    #[test]
+    fn agent_commands_take_the_socket_and_their_arguments() {
+        let cli = Cli::try_parse_from([
+            "meshctl",
+            "agent",
+            "--agent-socket",
+            "/x/a.sock",
+            "enroll",
+            "/mesh/web",
+            "--create",
+        ])
+        .unwrap();
+        let Command::Agent { agent_socket, command } = cli.command else { panic!("not agent") };
+        assert_eq!(agent_socket, std::path::PathBuf::from("/x/a.sock"));
+        assert_eq!(command, AgentCommand::Enroll { cgroup: "/mesh/web".into(), create: true });
+        let cli = Cli::try_parse_from(["meshctl", "agent", "log-level"]).unwrap();
+        let Command::Agent { agent_socket, command } = cli.command else { panic!("not agent") };
+        assert_eq!(agent_socket, std::path::PathBuf::from(agent_socket::DEFAULT_SOCKET));
+        assert_eq!(command, AgentCommand::LogLevel { filter: None });
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub enum Target {
     ControlAdmin,
     /// A node agent's admin endpoint (`--agent`).
     Agent,
+    /// A node agent's admin socket (`meshctl agent --agent-socket`).
+    AgentSocket,
 }
 
 impl Target {
@@ -29,6 +31,10 @@ impl Target {
                 "is mesh-agent running there with that --admin-addr? pass --agent URL (repeatable, \
                  or MESHCTL_AGENTS=url,url)"
             }
+            Self::AgentSocket => {
+                "is mesh-agent running on this node with that --admin-socket? pass --agent-socket PATH \
+                 (or MESHCTL_AGENT_SOCKET); only root may use the socket"
+            }
         }
     }
 }
@@ -39,6 +45,7 @@ impl fmt::Display for Target {
             Self::ControlPlane => "control plane",
             Self::ControlAdmin => "control plane's admin endpoint",
             Self::Agent => "agent",
+            Self::AgentSocket => "agent's admin socket",
         })
     }
 }
@@ -95,6 +102,8 @@ pub fn io_reason(e: &std::io::Error) -> String {
         K::TimedOut => "no answer (timed out)".into(),
         K::ConnectionReset => "connection reset".into(),
         K::HostUnreachable | K::NetworkUnreachable => "no route to host".into(),
+        K::NotFound => "no such socket".into(),
+        K::PermissionDenied => "permission denied".into(),
         _ => e.to_string(),
     }
 }

@@ -2,10 +2,13 @@
 //!
 //! Reads the control plane's gRPC `Discovery.Agents` call and the admin endpoints of
 //! the control plane (`/config_dump`) and of the agents (`/stats`, `/ready`,
-//! `/config_dump`, `/workloads`); it never changes anything. Each command gathers a serialisable
+//! `/config_dump`, `/workloads`); it changes nothing there. `meshctl agent ...` is the
+//! exception: it sends the requests that change a node's agent (enrol, log level,
+//! drain) over the agent's root-only admin socket ([`agent_socket`]). Each command gathers a serialisable
 //! report ([`status::StatusReport`], [`explain::Explanation`], ...) and renders it
 //! as aligned text or JSON, so rendering is tested from fixture JSON without a mesh.
 
+pub mod agent_socket;
 pub mod certs;
 pub mod check;
 pub mod cli;

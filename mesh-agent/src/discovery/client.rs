@@ -132,10 +132,10 @@ async fn session(
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     // The agent's own sockets carry its mark so interception never loops them back.
-    let sockets = *sockets;
+    let sockets = sockets.clone();
     let connect_timeout = settings.connect_timeout;
     let connector = tower::service_fn(move |uri: Uri| {
-        let sockets = sockets;
+        let sockets = sockets.clone();
         async move {
             let host = uri.host().unwrap_or("localhost").trim_matches(|c| c == '[' || c == ']').to_string();
             let port = uri.port_u16().unwrap_or(80);

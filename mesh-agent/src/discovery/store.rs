@@ -28,6 +28,9 @@ pub struct RouteStore {
     connected: AtomicBool,
     /// Whether a control plane is configured at all.
     enabled: bool,
+    /// The applied table's version, for those who wait for news (a pod the snapshot
+    /// does not know yet).
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl RouteStore {
@@ -39,6 +42,7 @@ impl RouteStore {
             contact_ms: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             enabled,
+            applied: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -53,7 +57,9 @@ impl RouteStore {
 
     /// Installs a validated table.
     pub fn apply(&self, table: RouteTable) {
+        let version = table.version;
         self.table.store(Arc::new(table));
+        self.applied.send_replace(version);
         let now = self.now_ms().max(1);
         self.applied_at_ms.store(now, Ordering::Release);
         self.contact_ms.store(now, Ordering::Release);
@@ -66,6 +72,11 @@ impl RouteStore {
         if connected || was {
             self.contact_ms.store(self.now_ms().max(1), Ordering::Release);
         }
+    }
+
+    /// Changes whenever a table is applied.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     pub fn is_enabled(&self) -> bool {

@@ -86,6 +86,13 @@ pub struct Settings {
     /// iptables mode: rules were installed by an init container (`mesh-agent iptables
     /// install`); the agent neither installs nor removes them.
     pub iptables_external: bool,
+    /// eBPF mode: the bpffs directory holding this agent's pinned maps and links.
+    pub bpffs_dir: std::path::PathBuf,
+    /// eBPF mode: the cgroup the connect and sockops programs attach to (the cgroup2
+    /// root by default, so every workload below it can be enrolled by a map entry).
+    pub cgroup_root: String,
+    /// The mTLS tunnel port peers' agents dial: never captured inbound.
+    pub tunnel_port: u16,
 }
 
 impl Settings {
@@ -94,6 +101,15 @@ impl Settings {
             Some(c) => Ok(c.clone()),
             None => crate::cgroup::own_cgroup(),
         }
+    }
+
+    /// The agent's own ports, which inbound capture never takes: its listeners and the
+    /// tunnel port peers dial.
+    pub fn agent_ports(&self) -> Vec<u16> {
+        let mut ports = vec![self.outbound_port, self.inbound_port, self.tunnel_port];
+        ports.sort_unstable();
+        ports.dedup();
+        ports
     }
 
     /// The iptables rules for these settings and enrolled cgroups.
@@ -125,6 +141,27 @@ pub enum InterceptError {
     Iptables(#[from] IptablesError),
     #[error("no interception mode is usable: eBPF: {ebpf}; iptables: {iptables}")]
     NoMode { ebpf: String, iptables: String },
+    #[error("no IPv4 inbound listener to capture connections into")]
+    NoInboundListener,
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// The IPv4 and IPv6 listeners among `listeners`.
+fn families(
+    listeners: &[tokio::net::TcpListener],
+) -> (Option<std::os::fd::BorrowedFd<'_>>, Option<std::os::fd::BorrowedFd<'_>>) {
+    use std::os::fd::AsFd;
+    let mut v4 = None;
+    let mut v6 = None;
+    for l in listeners {
+        match l.local_addr() {
+            Ok(a) if a.is_ipv4() => v4 = Some(l.as_fd()),
+            Ok(_) => v6 = Some(l.as_fd()),
+            Err(_) => {}
+        }
+    }
+    (v4, v6)
 }
 
 /// The interception in use.
@@ -217,10 +254,11 @@ impl Interceptor {
         }
     }
 
-    /// Starts intercepting a workload cgroup's connections.
-    pub fn enroll(&mut self, cgroup: &CgroupPath) -> Result<(), InterceptError> {
+    /// Starts intercepting a workload cgroup's connections, towards the outbound
+    /// listener on `port` (the default one when `None`).
+    pub fn enroll(&mut self, cgroup: &CgroupPath, port: Option<u16>) -> Result<(), InterceptError> {
         match self {
-            Self::Ebpf(e) => e.enroll(cgroup)?,
+            Self::Ebpf(e) => e.enroll(cgroup, port)?,
             Self::Iptables(i) => {
                 if !i.cgroups.contains(cgroup) {
                     i.cgroups.push(cgroup.clone());
@@ -233,6 +271,61 @@ impl Interceptor {
                 }
                 info!(%cgroup, "cgroup enrolled (iptables rules updated)");
             }
+        }
+        Ok(())
+    }
+
+    /// Intercepts a pod's connections (towards the agent's listener on `port` in its
+    /// namespace) and captures inbound connections to its `addrs` (handed to the
+    /// `inbound` listeners in its namespace).
+    pub fn add_pod(
+        &mut self,
+        netns: &crate::workload::netns::NetnsHandle,
+        addrs: &[std::net::IpAddr],
+        inbound: &[tokio::net::TcpListener],
+        port: u16,
+    ) -> Result<(), InterceptError> {
+        match self {
+            Self::Ebpf(e) => {
+                e.add_pod(netns.cookie(), port)?;
+                let (v4, v6) = families(inbound);
+                let v4 = v4.ok_or(InterceptError::NoInboundListener)?;
+                if let Err(err) = e.capture_inbound(netns.fd(), netns.cookie(), addrs, true, v4, v6) {
+                    let _ = e.remove_pod(netns.cookie());
+                    return Err(err.into());
+                }
+                Ok(())
+            }
+            Self::Iptables(_) => Err(InterceptError::Unsupported(
+                "serving pods in their own network namespace needs eBPF mode in this version".into(),
+            )),
+        }
+    }
+
+    /// Stops intercepting a pod.
+    pub fn remove_pod(&mut self, netns: &crate::workload::netns::NetnsHandle) -> Result<(), InterceptError> {
+        match self {
+            Self::Ebpf(e) => {
+                e.release_inbound(netns.cookie())?;
+                e.remove_pod(netns.cookie())?;
+                Ok(())
+            }
+            Self::Iptables(_) => Ok(()),
+        }
+    }
+
+    /// eBPF mode: captures `--inbound-ports` on the node's own addresses, handing them
+    /// to the node's inbound listeners (iptables mode's chains do this themselves).
+    pub fn capture_node(
+        &mut self,
+        netns: &crate::workload::netns::NetnsHandle,
+        addrs: &[std::net::IpAddr],
+        inbound: &[tokio::net::TcpListener],
+    ) -> Result<(), InterceptError> {
+        if let Self::Ebpf(e) = self {
+            let (v4, v6) = families(inbound);
+            let v4 = v4.ok_or(InterceptError::NoInboundListener)?;
+            e.capture_inbound(netns.fd(), netns.cookie(), addrs, false, v4, v6)?;
         }
         Ok(())
     }
@@ -269,13 +362,18 @@ impl Interceptor {
         }
     }
 
-    /// Removes everything this interceptor put in place.
+    /// Stops this agent's part of interception. What redirects workloads (pinned eBPF
+    /// links and maps, iptables rules) stays in place on purpose: while no agent
+    /// listens, redirected connections are refused, never sent around the mesh; a new
+    /// agent adopts it, and `mesh-agent cleanup` removes it.
     pub fn shutdown(self) -> Result<(), InterceptError> {
         match self {
             Self::Ebpf(e) => e.shutdown()?,
             Self::Iptables(i) => {
                 if !i.settings.iptables_external {
-                    iptables::uninstall(i.settings.ipv6)?;
+                    info!(
+                        "iptables rules left in place (connections fail closed until an agent returns or `mesh-agent cleanup`)"
+                    );
                 }
             }
         }

@@ -116,7 +116,7 @@ async fn peers(kind: Peer) -> Peers {
         Peer::Legacy => {}
         Peer::Real(routes) => {
             let sockets = SocketFactory::new(0);
-            let tunnels = crate::mtls::pool(IdentitySlot::default(), sockets, PATIENCE);
+            let tunnels = crate::mtls::pool(IdentitySlot::default(), sockets.clone(), PATIENCE);
             let direct = Arc::new(super::inbound::Direct {
                 routes: routes.clone(),
                 node: "server".into(),
@@ -145,9 +145,9 @@ async fn peers(kind: Peer) -> Peers {
     let workload = manager.identity(&cart).unwrap();
     within("cart's certificate", workload.ready()).await;
     let slot = IdentitySlot::default();
-    assert!(slot.set(AgentIdentity { manager, workload }).is_ok());
+    assert!(slot.set(AgentIdentity { manager: Arc::new(manager), workload }).is_ok());
     let sockets = SocketFactory::new(0);
-    let tunnels = crate::mtls::pool(slot.clone(), sockets, PATIENCE);
+    let tunnels = crate::mtls::pool(slot.clone(), sockets.clone(), PATIENCE);
     let pool = Arc::new(UpstreamPool::new(sockets, tunnels, slot, Duration::from_secs(30)));
     Peers { payments, agent, accepted, seen, pool, _shutdown: shutdown.drop_guard() }
 }

@@ -151,11 +151,13 @@ async fn agent_with(
     let version = VERSION.fetch_add(1, Ordering::Relaxed).into();
     routes.apply(RouteTable::build(version, snapshot, 1000).unwrap());
     let sockets = SocketFactory::new(0);
-    let tunnels = crate::mtls::pool(Default::default(), sockets, Duration::from_secs(1));
+    let tunnels = crate::mtls::pool(Default::default(), sockets.clone(), Duration::from_secs(1));
     let ctx = Arc::new(ProxyContext {
         mode: ActiveMode::Ebpf,
-        sockets,
+        sockets: sockets.clone(),
         lookup: Box::new(Fixed(VIP.parse().unwrap())),
+        inbound_lookup: Box::new(Fixed(VIP.parse().unwrap())),
+        workload: None,
         detect_timeout: Duration::from_secs(1),
         connect_timeout: Duration::from_secs(1),
         opaque_ports: Default::default(),

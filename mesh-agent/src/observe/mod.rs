@@ -1,6 +1,7 @@
 //! Observability building blocks: Prometheus [`metrics`] with bounded [`labels`],
 //! a non-blocking structured [`access_log`], W3C [`trace`] context propagation and
-//! OTLP [`spans`] export.
+//! OTLP [`spans`] export, and the [`limits`] the agent enforces (each hit counted
+//! and logged, throttled).
 //!
 //! Each is usable on its own; the data path hands its finished records to
 //! [`Records`], which feeds the access log and the span exporter; the admin server
@@ -8,6 +9,7 @@
 
 pub mod access_log;
 pub mod labels;
+pub mod limits;
 pub mod metrics;
 pub mod spans;
 pub mod trace;

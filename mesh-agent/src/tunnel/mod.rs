@@ -19,6 +19,7 @@
 //! carry a short reason in the [`REASON_HEADER`] header.
 
 mod client;
+pub mod handshake;
 mod io;
 mod server;
 
@@ -30,6 +31,7 @@ use std::net::SocketAddr;
 use crate::identity::{IdentityError, SpiffeId, identity_error_of};
 
 pub use client::{ClientTls, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, TunnelPool};
+pub use handshake::{HandshakeRuntime, TunnelIo};
 pub use io::TunnelStream;
 pub use server::{
     Authorize, ConnectTarget, HttpServe, OnClose, Relay, ServerTls, StreamInfo, TunnelRecord, TunnelServer,
@@ -126,6 +128,8 @@ mod h2_settings {
     const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
     /// Streams one client may have open at once on one connection.
     const MAX_CONCURRENT_STREAMS: u32 = 1024;
+    /// Largest header list (a CONNECT's head) a peer may send; h2's default is 16 MiB.
+    pub const MAX_HEADER_LIST_SIZE: u32 = crate::l7::MAX_HEADER_BYTES as u32;
 
     pub fn client() -> h2::client::Builder {
         let mut builder = h2::client::Builder::new();
@@ -141,7 +145,8 @@ mod h2_settings {
         builder
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE);
         builder
     }
 }

@@ -24,9 +24,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::handshake::{HandshakeRuntime, TunnelIo};
 use super::io::TunnelStream;
 use super::{REASON_HEADER, h2_settings};
 use crate::identity::{ALPN_MESH_HTTP, SpiffeId, peer_identity_of_stream};
+use crate::limits::{ConnectionLimits, ConnectionPermit, HandshakeLimits};
+use crate::observe::limits::{self as limit_metrics, Limit};
 
 /// The server configuration to present on a connection accepted at the given local
 /// address (the identity of the workloads behind it); `None` closes the connection.
@@ -74,7 +77,7 @@ pub type HttpServe = Arc<
     dyn Fn(
             SpiffeId,
             SocketAddr,
-            tokio_rustls::server::TlsStream<TcpStream>,
+            tokio_rustls::server::TlsStream<TunnelIo>,
             CancellationToken,
         ) -> Pin<Box<dyn Future<Output = ()> + Send>>
         + Send
@@ -108,6 +111,11 @@ pub struct TunnelRecord {
 /// Buffer per relay direction; bounds a stream's memory on this side.
 const RELAY_BUFFER: usize = 64 * 1024;
 
+/// Default deadline of a connection's TLS and HTTP/2 handshakes
+/// (`--tunnel-handshake-timeout`): far above a handshake between agents, short
+/// enough that idle connections cannot hold handshake slots for long.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Accepts tunnel connections from peer agents and serves their CONNECT streams.
 pub struct TunnelServer {
     tls: ServerTls,
@@ -117,6 +125,9 @@ pub struct TunnelServer {
     relay: Option<Relay>,
     http: Option<HttpServe>,
     handshake_timeout: Duration,
+    limits: Arc<ConnectionLimits>,
+    handshakes: HandshakeLimits,
+    handshake_runtime: Option<Arc<HandshakeRuntime>>,
 }
 
 impl std::fmt::Debug for TunnelServer {
@@ -130,7 +141,9 @@ impl std::fmt::Debug for TunnelServer {
 impl TunnelServer {
     /// A server presenting `tls`'s configuration, admitting streams `authorize`
     /// allows, reaching targets through `connect`. TLS and HTTP/2 handshakes must
-    /// finish within 10 s (see [`TunnelServer::with_handshake_timeout`]).
+    /// finish within [`DEFAULT_HANDSHAKE_TIMEOUT`] (see
+    /// [`TunnelServer::with_handshake_timeout`]), at most [`HandshakeLimits::default`]
+    /// at once, on the caller's runtime; connections are not limited otherwise.
     pub fn new(tls: ServerTls, authorize: Authorize, connect: ConnectTarget) -> TunnelServer {
         TunnelServer {
             tls,
@@ -139,8 +152,31 @@ impl TunnelServer {
             on_close: None,
             relay: None,
             http: None,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            limits: ConnectionLimits::unlimited(),
+            handshakes: HandshakeLimits::default(),
+            handshake_runtime: None,
         }
+    }
+
+    /// Counts this port's connections in `limits` (shared with the agent's other
+    /// listeners); one over them is reset at once.
+    pub fn with_limits(mut self, limits: Arc<ConnectionLimits>) -> TunnelServer {
+        self.limits = limits;
+        self
+    }
+
+    /// Bounds the TLS handshakes under way (per peer address and in all).
+    pub fn with_handshake_limits(mut self, handshakes: HandshakeLimits) -> TunnelServer {
+        self.handshakes = handshakes;
+        self
+    }
+
+    /// Runs TLS handshakes on `runtime`'s threads instead of the caller's, so their
+    /// CPU does not delay established connections.
+    pub fn with_handshake_runtime(mut self, runtime: Arc<HandshakeRuntime>) -> TunnelServer {
+        self.handshake_runtime = Some(runtime);
+        self
     }
 
     /// A [`ServerTls`] presenting the same configuration on every connection.
@@ -186,10 +222,14 @@ impl TunnelServer {
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
+                        let Some(permit) = server.limits.admit(peer.ip(), "tunnel listener") else {
+                            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                            continue;
+                        };
                         // Small TLS records (request heads, window updates) must not
                         // wait for the peer's delayed ACK.
                         let _ = tcp.set_nodelay(true);
-                        connections.spawn(server.clone().serve_connection(tcp, peer, shutdown.clone()));
+                        connections.spawn(server.clone().serve_connection(tcp, peer, permit, shutdown.clone()));
                     }
                     Err(e) => {
                         // Out of file descriptors, most likely: pause instead of spinning.
@@ -212,8 +252,10 @@ impl TunnelServer {
         self: Arc<Self>,
         tcp: TcpStream,
         peer_addr: SocketAddr,
+        permit: ConnectionPermit,
         shutdown: CancellationToken,
     ) {
+        let _permit = permit;
         let local = match tcp.local_addr() {
             Ok(local) => local,
             Err(e) => return debug!(peer = %peer_addr, error = %e, "tunnel connection gone before TLS"),
@@ -222,15 +264,9 @@ impl TunnelServer {
             return warn!(peer = %peer_addr, local = %local, "no tunnel identity for this address; closing");
         };
         let deadline = Instant::now() + self.handshake_timeout;
-        let accepted = tokio::time::timeout_at(deadline, async {
-            let tls = TlsAcceptor::from(config).accept(tcp).await.map_err(|e| format!("TLS: {e}"))?;
-            let peer_id = peer_identity_of_stream(&tls).map_err(|e| format!("peer identity: {e}"))?;
-            Ok::<_, String>((peer_id, tls))
-        });
-        let (peer_id, tls) = match accepted.await {
-            Ok(Ok(accepted)) => accepted,
-            Ok(Err(e)) => return debug!(peer = %peer_addr, error = %e, "tunnel handshake failed"),
-            Err(_) => return debug!(peer = %peer_addr, "tunnel handshake timed out"),
+        let (peer_id, tls) = match self.tls_handshake(tcp, peer_addr, config, deadline).await {
+            Ok(accepted) => accepted,
+            Err(e) => return debug!(peer = %peer_addr, error = %e, "tunnel handshake failed"),
         };
         if tls.get_ref().1.alpn_protocol() == Some(ALPN_MESH_HTTP) {
             let Some(http) = &self.http else {
@@ -242,7 +278,16 @@ impl TunnelServer {
         let mut conn = match tokio::time::timeout_at(deadline, h2_settings::server().handshake(tls)).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return debug!(peer = %peer_addr, error = %e, "tunnel handshake failed: HTTP/2"),
-            Err(_) => return debug!(peer = %peer_addr, "tunnel handshake timed out"),
+            Err(_) => {
+                let timeout = self.handshake_timeout;
+                limit_metrics::hit(
+                    Limit::TunnelHandshakeTimeout,
+                    format_args!(
+                        "tunnel port: {peer_addr} sent no HTTP/2 preface within {timeout:?}; closed"
+                    ),
+                );
+                return;
+            }
         };
         debug!(peer = %peer_addr, peer_id = %peer_id, "tunnel connection accepted");
         let mut streams = JoinSet::new();
@@ -268,6 +313,57 @@ impl TunnelServer {
             }
         }
         while streams.join_next().await.is_some() {}
+    }
+
+    /// The TLS handshake of a connection from `peer_addr`, within the handshake
+    /// limits and `deadline`, on the handshake runtime when there is one: the peer's
+    /// proven identity and the TLS stream, ready for this runtime.
+    async fn tls_handshake(
+        &self,
+        tcp: TcpStream,
+        peer_addr: SocketAddr,
+        config: Arc<ServerConfig>,
+        deadline: Instant,
+    ) -> Result<(SpiffeId, tokio_rustls::server::TlsStream<TunnelIo>), String> {
+        let timed_out = |what: &str| {
+            let timeout = self.handshake_timeout;
+            limit_metrics::hit(
+                Limit::TunnelHandshakeTimeout,
+                format_args!("tunnel port: {peer_addr} {what} within {timeout:?}; closed"),
+            );
+            format!("{what} within {timeout:?}")
+        };
+        let Ok(admitted) = tokio::time::timeout_at(deadline, self.handshakes.admit(peer_addr.ip())).await
+        else {
+            return Err(timed_out("found no handshake slot"));
+        };
+        let Some(_slot) = admitted else {
+            // Too many from this address: reset, as over any connection limit.
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            return Err("too many handshakes under way from this address".into());
+        };
+        metrics::gauge!(limit_metrics::TUNNEL_HANDSHAKES_IN_PROGRESS)
+            .set(self.handshakes.in_progress() as f64);
+        let handshake = move |io: TunnelIo| async move {
+            let accept = TlsAcceptor::from(config).accept(io);
+            let tls = match tokio::time::timeout_at(deadline, accept).await {
+                Ok(tls) => tls?,
+                Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")),
+            };
+            let peer_id =
+                peer_identity_of_stream(&tls).map_err(|e| io::Error::other(format!("peer identity: {e}")))?;
+            Ok((peer_id, tls))
+        };
+        let result = match &self.handshake_runtime {
+            Some(runtime) => runtime.run(tcp, handshake).await,
+            None => handshake(TunnelIo::new(tcp)).await,
+        };
+        metrics::gauge!(limit_metrics::TUNNEL_HANDSHAKES_IN_PROGRESS)
+            .set(self.handshakes.in_progress().saturating_sub(1) as f64);
+        result.map_err(|e| match e.kind() {
+            io::ErrorKind::TimedOut => timed_out("did not finish the TLS handshake"),
+            _ => format!("TLS: {e}"),
+        })
     }
 
     async fn serve_stream(

@@ -1,0 +1,289 @@
+//! Bounds on what the agent's listeners hold open: connections per source address
+//! and in total (outbound, inbound and tunnel listeners share one
+//! [`ConnectionLimits`]), and TLS handshakes under way on the tunnel port
+//! ([`HandshakeLimits`]: per peer address, and a semaphore for all).
+//!
+//! A connection over a limit is refused at once (reset), counted and logged through
+//! [`crate::observe::limits`]; nothing queues without bound.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::observe::limits::{self, Limit};
+
+/// Default of `--max-connections`: connections on all listeners together.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// Default of `--max-connections-per-source`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 4_096;
+/// Default of `--max-tunnel-handshakes`: TLS handshakes under way on the tunnel port.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
+/// Handshakes one peer address may have under way at once (a peer agent opens a
+/// handful of pooled connections; more is a flood).
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 32;
+/// File descriptors kept free of connections (listeners, pools, the control plane,
+/// logs) when `--max-connections` is fitted to `RLIMIT_NOFILE`.
+pub const RESERVED_FDS: u64 = 1024;
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("{from} already has {limit} connections open (--max-connections-per-source)")]
+    PerSource { from: IpAddr, limit: usize },
+    #[error("{limit} connections are open (--max-connections)")]
+    Total { limit: usize },
+}
+
+impl Refused {
+    /// Which limit it was.
+    pub fn limit(self) -> Limit {
+        match self {
+            Refused::PerSource { .. } => Limit::ConnectionsPerSource,
+            Refused::Total { .. } => Limit::ConnectionsTotal,
+        }
+    }
+}
+
+/// Counts of open connections per source address and in total.
+#[derive(Debug)]
+pub struct ConnectionLimits {
+    per_source: usize,
+    total: usize,
+    /// Open connections per source; the total is the sum, kept beside it.
+    open: Mutex<(HashMap<IpAddr, usize>, usize)>,
+}
+
+impl ConnectionLimits {
+    /// At most `per_source` connections from one address and `total` in all.
+    pub fn new(per_source: usize, total: usize) -> Arc<Self> {
+        Arc::new(ConnectionLimits { per_source, total, open: Mutex::new((HashMap::new(), 0)) })
+    }
+
+    /// No limit at all (tests, embedders).
+    pub fn unlimited() -> Arc<Self> {
+        Self::new(usize::MAX, usize::MAX)
+    }
+
+    /// Admits one more connection from `source`, or says which limit refuses it.
+    /// The connection counts until its [`ConnectionPermit`] is dropped.
+    pub fn try_admit(self: &Arc<Self>, source: IpAddr) -> Result<ConnectionPermit, Refused> {
+        let source = source.to_canonical();
+        let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (by_source, total) = &mut *guard;
+        if *total >= self.total {
+            return Err(Refused::Total { limit: self.total });
+        }
+        let count = by_source.entry(source).or_insert(0);
+        if *count >= self.per_source {
+            return Err(Refused::PerSource { from: source, limit: self.per_source });
+        }
+        *count += 1;
+        *total += 1;
+        Ok(ConnectionPermit { limits: self.clone(), source })
+    }
+
+    /// [`Self::try_admit`], counting and logging a refusal (`what` names the listener).
+    pub fn admit(self: &Arc<Self>, source: IpAddr, what: &str) -> Option<ConnectionPermit> {
+        match self.try_admit(source) {
+            Ok(permit) => Some(permit),
+            Err(refused) => {
+                limits::hit(refused.limit(), format_args!("{what}: refused a connection: {refused}"));
+                None
+            }
+        }
+    }
+
+    /// Connections open now (all sources).
+    pub fn open(&self) -> usize {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    /// Sources with a connection open now (the map's size, which the per-source
+    /// entries never outgrow).
+    pub fn sources(&self) -> usize {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).0.len()
+    }
+}
+
+/// One admitted connection; releases its count when dropped.
+#[derive(Debug)]
+pub struct ConnectionPermit {
+    limits: Arc<ConnectionLimits>,
+    source: IpAddr,
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        let mut guard = self.limits.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (by_source, total) = &mut *guard;
+        *total = total.saturating_sub(1);
+        if let Some(count) = by_source.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Handshakes under way on the tunnel port: a peer address may have a few (more are
+/// refused at once), all together at most a semaphore's worth (more wait for a slot
+/// within their handshake deadline).
+#[derive(Debug, Clone)]
+pub struct HandshakeLimits {
+    per_source: Arc<ConnectionLimits>,
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+/// A handshake's admission: held while the handshake runs.
+#[derive(Debug)]
+pub struct HandshakePermit {
+    _source: ConnectionPermit,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl HandshakeLimits {
+    /// At most `per_source` handshakes from one address and `max` in all.
+    pub fn new(per_source: usize, max: usize) -> Self {
+        HandshakeLimits {
+            per_source: ConnectionLimits::new(per_source, usize::MAX),
+            slots: Arc::new(Semaphore::new(max.max(1))),
+            max: max.max(1),
+        }
+    }
+
+    /// Admits a handshake from `source`: `None` (counted and logged) if that address
+    /// has too many under way; otherwise waits for a slot, which the caller bounds
+    /// with the handshake's deadline.
+    pub async fn admit(&self, source: IpAddr) -> Option<HandshakePermit> {
+        let source_permit = match self.per_source.try_admit(source) {
+            Ok(p) => p,
+            Err(_) => {
+                limits::hit(
+                    Limit::TunnelHandshakes,
+                    format_args!(
+                        "tunnel port: refused a connection from {source}: it already has {} TLS handshakes under way",
+                        self.per_source.per_source
+                    ),
+                );
+                return None;
+            }
+        };
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                limits::hit(
+                    Limit::TunnelHandshakes,
+                    format_args!(
+                        "tunnel port: {} TLS handshakes under way; new ones wait for a slot",
+                        self.max
+                    ),
+                );
+                self.slots.clone().acquire_owned().await.ok()?
+            }
+        };
+        Some(HandshakePermit { _source: source_permit, _slot: slot })
+    }
+
+    /// Handshakes under way now.
+    pub fn in_progress(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_MAX_HANDSHAKES)
+    }
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit (connections are
+/// file descriptors: the usual soft limit of 1024 would cap the agent long before
+/// its own limits) and returns the limit now in effect.
+pub fn raise_nofile() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
+    }
+    Ok(hard)
+}
+
+/// `wanted` connections, or fewer if `nofile` descriptors cannot hold them (two per
+/// proxied connection, plus [`RESERVED_FDS`]).
+pub fn fit_to_nofile(wanted: usize, nofile: u64) -> usize {
+    let room = nofile.saturating_sub(RESERVED_FDS) / 2;
+    wanted.min(usize::try_from(room).unwrap_or(usize::MAX)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    #[test]
+    fn counts_per_source_and_in_total_and_releases_on_drop() {
+        let limits = ConnectionLimits::new(2, 3);
+        let a1 = limits.try_admit(ip(1)).unwrap();
+        let _a2 = limits.try_admit(ip(1)).unwrap();
+        assert_eq!(limits.try_admit(ip(1)).unwrap_err(), Refused::PerSource { from: ip(1), limit: 2 });
+        let _b1 = limits.try_admit(ip(2)).unwrap();
+        assert_eq!(limits.try_admit(ip(3)).unwrap_err(), Refused::Total { limit: 3 });
+        drop(a1);
+        assert_eq!(limits.open(), 2);
+        let _c1 = limits.try_admit(ip(3)).expect("a closed connection frees its place");
+        assert_eq!(limits.sources(), 3);
+    }
+
+    #[test]
+    fn v4_mapped_sources_count_as_their_v4_address() {
+        let limits = ConnectionLimits::new(1, 10);
+        let _v4 = limits.try_admit(ip(9)).unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.9".parse().unwrap();
+        assert!(matches!(limits.try_admit(mapped), Err(Refused::PerSource { .. })));
+    }
+
+    #[test]
+    fn sources_without_connections_are_forgotten() {
+        let limits = ConnectionLimits::new(5, 100_000);
+        for i in 0..=255u8 {
+            drop(limits.try_admit(ip(i)).unwrap());
+        }
+        assert_eq!(
+            (limits.open(), limits.sources()),
+            (0, 0),
+            "the per-source map is bounded by open connections"
+        );
+    }
+
+    #[tokio::test]
+    async fn handshakes_are_capped_per_source_and_wait_for_a_slot_overall() {
+        let hs = HandshakeLimits::new(1, 2);
+        let a = hs.admit(ip(1)).await.unwrap();
+        assert!(hs.admit(ip(1)).await.is_none(), "a second handshake from the same address is refused");
+        let _b = hs.admit(ip(2)).await.unwrap();
+        assert_eq!(hs.in_progress(), 2);
+        let waiting = tokio::time::timeout(Duration::from_millis(50), hs.admit(ip(3))).await;
+        assert!(waiting.is_err(), "a third waits for a slot");
+        drop(a);
+        let c = tokio::time::timeout(Duration::from_secs(5), hs.admit(ip(3))).await.unwrap();
+        assert!(c.is_some(), "a finished handshake frees its slot");
+    }
+
+    #[test]
+    fn connections_fit_the_descriptor_limit() {
+        assert_eq!(fit_to_nofile(16_384, 1_048_576), 16_384);
+        assert_eq!(fit_to_nofile(16_384, 4_096), 1_536);
+        assert_eq!(fit_to_nofile(16_384, 100), 1);
+    }
+}

@@ -85,16 +85,17 @@ pub const AGENT_DUMP: &str = r#"{
   ]
 }"#;
 
-/// Shaped like the agent's `GET /workloads`: pods from the CNI in both modes (one
-/// expired certificate, one identity not known yet) and a static host workload.
+/// Shaped like the agent's `GET /workloads` (`mesh_agent::agent::WorkloadDump`): pods
+/// from the CNI in both modes (one expired certificate, one without a service account
+/// yet) and a static host workload.
 pub const WORKLOADS: &str = r#"[
   {"name": "web-0", "namespace": "shop", "service_account": "web",
    "identity": "spiffe://cluster.local/ns/shop/sa/web",
    "netns": "/var/run/netns/cni-4a9b2c7e-1f0d-4f7e-9a43-0e7c2b1d5f60", "cgroup": null,
    "addresses": ["10.88.0.2", "fd88::2"], "mode": "ebpf", "certificate_not_after": 1700072000, "source": "cni"},
-  {"name": "coredns-7d", "namespace": "kube-system", "service_account": "coredns", "identity": null,
+  {"key": "0c1d55", "name": "coredns-7d", "namespace": "kube-system", "service_account": null, "identity": null,
    "netns": "/var/run/netns/cni-0c1d", "cgroup": null, "addresses": ["10.88.0.4"], "mode": "iptables",
-   "certificate_not_after": null, "source": "cni"},
+   "certificate_not_after": null, "source": "cni", "listeners": ["127.0.0.1:15001"]},
   {"name": "web-0", "namespace": "shop", "service_account": "web",
    "identity": "spiffe://cluster.local/ns/shop/sa/web", "netns": "host", "cgroup": "/sys/fs/cgroup/mesh/web",
    "addresses": ["10.77.0.1"], "mode": "ebpf", "certificate_not_after": null, "source": "static"},

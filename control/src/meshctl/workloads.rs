@@ -18,7 +18,8 @@ pub const PATH: &str = "/workloads";
 pub struct WorkloadView {
     pub name: String,
     pub namespace: String,
-    pub service_account: String,
+    /// `None` while the control plane has not named the pod's service account.
+    pub service_account: Option<String>,
     /// SPIFFE ID; `None` until the control plane names the pod's service account.
     pub identity: Option<String>,
     /// A pod's network namespace path, or `host` for the agent's own.

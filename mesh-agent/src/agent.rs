@@ -391,6 +391,9 @@ impl AgentState {
             EnrollError::Workload(key.clone(), format!("{what}: {e}"))
         };
         let netns = Arc::new(NetnsHandle::open(&path).map_err(|e| fail("network namespace", &e))?);
+        if let Err(e) = netns.migrate_requests() {
+            warn!(workload = %key, error = %e, "net.ipv4.tcp_migrate_req not set: an upgrade may reset connections queued on the old agent");
+        }
         let node = &self.node;
         let sockets = node.sockets.in_netns(netns.clone());
         let outbound = listener::bind_outbound(&sockets, node.outbound_port, node.ipv6)
@@ -425,7 +428,7 @@ impl AgentState {
         info!(workload = %workload.key, pod = %format!("{}/{}", workload.namespace, workload.name),
             netns = %path.display(), addresses = ?workload.addresses,
             identity = ?workload.service_account.as_ref().map(ToString::to_string), "pod served in its network namespace");
-        Ok(Served::new(workload, ctx, listening, node.outbound_port, Some(netns), stop, tunnels, lease))
+        Ok(Served::new(workload, ctx, listening, stop).in_netns(netns).with_tunnels(tunnels).with_lease(lease))
     }
 
     /// Closes every workload's listeners, leaving interception in place (pinned eBPF
@@ -568,7 +571,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let connection_limits = connection_limits(&args);
 
     // Listeners first: once interception is on, redirected connections need somewhere
-    // to land.
+    // to land. Connections queued on a draining agent's listeners move to this one's.
+    if let Err(e) = crate::workload::netns::migrate_requests_here() {
+        warn!(error = %e, "net.ipv4.tcp_migrate_req not set: an upgrade may reset connections queued on the old agent");
+    }
     let mut hosts = host_workloads(&args, &sockets, &settings)?;
     let inbound = if !settings.inbound_ports.is_empty() {
         listener::bind_any(&sockets, settings.inbound_port, settings.ipv6).map_err(|e| {
@@ -738,16 +744,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         served.insert(
             h.workload.key.clone(),
-            Served::new(
-                h.workload,
-                ctx,
-                listening,
-                h.port.unwrap_or(settings.outbound_port),
-                None,
-                stop,
-                Vec::new(),
-                lease,
-            ),
+            Served::new(h.workload, ctx, listening, stop).with_lease(lease),
         );
     }
     let default_ctx = default_ctx.expect("the default workload is always built");
@@ -805,7 +802,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let limits = crate::workload::cni::CniLimits { max_pods: args.max_pods, ..Default::default() };
         let cni = Arc::new(crate::workload::cni::CniPods::new(pods, Some(store), limits));
         let _ = state.cni.set(cni.clone());
-        let report = cni.restore(|p| crate::workload::store::netns_exists(p)).await;
+        let report = cni.restore(crate::workload::store::netns_exists).await;
         if !report.restored.is_empty() || !report.failed.is_empty() || !report.dropped.is_empty() {
             info!(restored = ?report.restored, failed = ?report.failed.iter().map(|(c, e)| format!("{c}: {e}")).collect::<Vec<_>>(),
                 dropped = report.dropped.len(), "pods from the state file served again");

@@ -66,7 +66,12 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds the read-only TCP endpoint and serves it until the agent shuts down.
 pub async fn spawn_tcp(addr: SocketAddr, state: Arc<AgentState>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
+    // SO_REUSEPORT: a new agent binds the port beside a draining one during an upgrade.
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(128)?;
     let local = listener.local_addr()?;
     let shutdown = state.shutdown.clone();
     let router = Arc::new(routes::read_only());

@@ -30,8 +30,6 @@ pub enum SocketError {
     UnsafeDir { path: PathBuf, mode: u32, owner: u32, uid: u32 },
     #[error("--admin-socket (MESH_ADMIN_SOCKET): {path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
-    #[error("--admin-socket (MESH_ADMIN_SOCKET): another process serves {path} (another agent running?)")]
-    InUse { path: PathBuf },
     #[error("--admin-socket (MESH_ADMIN_SOCKET) {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -59,9 +57,12 @@ impl AdminSocket {
         match fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_socket() => {
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(SocketError::InUse { path: path.to_owned() });
+                    // An upgrade: the new agent starts beside the draining one and takes
+                    // the socket over (the old one removes only the file it made).
+                    warn!(path = %path.display(), "another agent serves this admin socket; taking it over (upgrade)");
+                } else {
+                    info!(path = %path.display(), "removing the stale admin socket of an earlier agent");
                 }
-                info!(path = %path.display(), "removing the stale admin socket of an earlier agent");
                 fs::remove_file(path).map_err(io_err)?;
             }
             Ok(_) => return Err(SocketError::NotASocket { path: path.to_owned() }),
@@ -153,10 +154,13 @@ mod tests {
         let dir_mode = fs::metadata(base.join("run/mesh")).unwrap().mode() & 0o777;
         let sock_mode = fs::symlink_metadata(&path).unwrap().mode() & 0o777;
         assert_eq!((dir_mode, sock_mode), (0o700, 0o600));
-        // Served: a second agent on the same path is refused.
-        let e = AdminSocket::bind(&path).unwrap_err();
-        assert!(matches!(e, SocketError::InUse { .. }), "{e}");
+        // Served: a second agent on the same path (an upgrade) takes it over, and the
+        // first, when it stops, leaves the new one's socket alone.
+        let next = AdminSocket::bind(&path).expect("the new agent takes the socket over");
         drop(socket);
+        assert!(path.exists(), "the old agent removed the new agent's socket");
+        assert!(tokio::net::UnixStream::connect(&path).await.is_ok(), "the new agent's socket answers");
+        drop(next);
         assert!(!path.exists(), "the socket file outlived the agent");
         fs::remove_dir_all(&base).unwrap();
     }

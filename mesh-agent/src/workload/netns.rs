@@ -67,6 +67,14 @@ impl NetnsHandle {
         Ok(f())
     }
 
+    /// Lets connections waiting in a closing listener's accept queue move to another
+    /// listener of the same `SO_REUSEPORT` group (`net.ipv4.tcp_migrate_req`, 5.14+),
+    /// so an agent that stops listening during an upgrade drops none: the new agent's
+    /// listener takes them.
+    pub fn migrate_requests(&self) -> io::Result<()> {
+        self.run(migrate_requests_here)?
+    }
+
     /// Whether the namespace behind `path` is this one (same inode).
     pub fn is(&self, path: &Path) -> bool {
         use std::os::unix::fs::MetadataExt;
@@ -88,4 +96,9 @@ impl Drop for Restore {
             std::process::abort();
         }
     }
+}
+
+/// [`NetnsHandle::migrate_requests`] for the current thread's namespace.
+pub fn migrate_requests_here() -> io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", b"1")
 }

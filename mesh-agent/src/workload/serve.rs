@@ -187,8 +187,6 @@ pub struct Served {
     pub ctx: Arc<ProxyContext>,
     /// Where its listeners are.
     pub listening: Vec<SocketAddr>,
-    /// Its outbound listener port (in its own namespace for a pod).
-    pub outbound_port: u16,
     pub netns: Option<Arc<NetnsHandle>>,
     stop: CancellationToken,
     tunnels: Vec<tokio::task::JoinHandle<()>>,
@@ -196,26 +194,27 @@ pub struct Served {
 }
 
 impl Served {
-    pub fn new(
-        workload: Workload,
-        ctx: Arc<ProxyContext>,
-        listening: Vec<SocketAddr>,
-        outbound_port: u16,
-        netns: Option<Arc<NetnsHandle>>,
-        stop: CancellationToken,
-        tunnels: Vec<tokio::task::JoinHandle<()>>,
-        lease: Option<IdentityLease>,
-    ) -> Self {
-        Self {
-            workload,
-            ctx,
-            listening,
-            outbound_port,
-            netns,
-            stop,
-            tunnels,
-            lease: std::sync::Mutex::new(lease),
-        }
+    /// A workload served through `ctx` on `listening`, stopped by `stop`.
+    pub fn new(workload: Workload, ctx: Arc<ProxyContext>, listening: Vec<SocketAddr>, stop: CancellationToken) -> Self {
+        Self { workload, ctx, listening, netns: None, stop, tunnels: Vec::new(), lease: Default::default() }
+    }
+
+    /// It lives in `netns`, a network namespace of its own.
+    pub fn in_netns(mut self, netns: Arc<NetnsHandle>) -> Self {
+        self.netns = Some(netns);
+        self
+    }
+
+    /// Its tunnel servers, drained with the agent.
+    pub fn with_tunnels(mut self, tunnels: Vec<tokio::task::JoinHandle<()>>) -> Self {
+        self.tunnels = tunnels;
+        self
+    }
+
+    /// Its hold on its identity.
+    pub fn with_lease(self, lease: Option<IdentityLease>) -> Self {
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
+        self
     }
 
     /// Gives the workload an identity it did not have (a restored pod whose identity

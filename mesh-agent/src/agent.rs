@@ -428,7 +428,10 @@ impl AgentState {
         info!(workload = %workload.key, pod = %format!("{}/{}", workload.namespace, workload.name),
             netns = %path.display(), addresses = ?workload.addresses,
             identity = ?workload.service_account.as_ref().map(ToString::to_string), "pod served in its network namespace");
-        Ok(Served::new(workload, ctx, listening, stop).in_netns(netns).with_tunnels(tunnels).with_lease(lease))
+        Ok(Served::new(workload, ctx, listening, stop)
+            .in_netns(netns)
+            .with_tunnels(tunnels)
+            .with_lease(lease))
     }
 
     /// Closes every workload's listeners, leaving interception in place (pinned eBPF
@@ -592,9 +595,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Vec::new()
     };
 
-    let per_cgroup = hosts
-        .iter()
-        .any(|h| matches!(&h.workload.placement, Placement::Host { cgroups } if !cgroups.is_empty()));
+    // Without --intercept-all, only enrolled cgroups of the node's namespace are
+    // intercepted (none at all for a node agent that serves pods only).
+    let per_cgroup = !args.intercept_all;
     let (mut interceptor, mode_reason) = {
         let (mode, settings) = (args.mode, settings.clone());
         tokio::task::spawn_blocking(move || Interceptor::start(mode, &settings, per_cgroup)).await??
@@ -742,10 +745,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         if tunnel_ctx.is_none() && h.workload.service_account.is_some() {
             tunnel_ctx = Some(ctx.clone());
         }
-        served.insert(
-            h.workload.key.clone(),
-            Served::new(h.workload, ctx, listening, stop).with_lease(lease),
-        );
+        served
+            .insert(h.workload.key.clone(), Served::new(h.workload, ctx, listening, stop).with_lease(lease));
     }
     let default_ctx = default_ctx.expect("the default workload is always built");
     // The node's inbound and tunnel listeners serve its default workload (the first

@@ -241,6 +241,14 @@ pub struct RunArgs {
     #[arg(long = "cgroup", env = "MESH_CGROUPS", value_delimiter = ',')]
     pub cgroups: Vec<String>,
 
+    /// iptables mode: redirect every process of this network namespace, not only
+    /// enrolled cgroups (an agent alone in a pod's namespace, such as the pod-level
+    /// sidecar whose rules are not installed by an init container). Without it, and
+    /// without `--cgroup`, nothing of the agent's own namespace is intercepted: a node
+    /// agent serves pods in their own namespaces.
+    #[arg(long, env = "MESH_INTERCEPT_ALL")]
+    pub intercept_all: bool,
+
     /// A workload of this node's own network namespace with its own identity,
     /// `CGROUP=NAMESPACE/SERVICE_ACCOUNT` (repeatable): its connections land on a
     /// listener of its own and carry its identity. Needs --control-plane and a token.

@@ -91,11 +91,18 @@ impl Drop for Netns {
 /// A command that runs inside the network namespace at `ns_path` (a host's, a
 /// pod's), optionally inside `cgroup`. The namespace switch happens in the child
 /// between fork and exec, so threads of the test process never change namespace.
-pub fn command_in(ns_path: &str, program: impl AsRef<std::ffi::OsStr>, cgroup: Option<&Path>) -> Result<Command> {
+pub fn command_in(
+    ns_path: &str,
+    program: impl AsRef<std::ffi::OsStr>,
+    cgroup: Option<&Path>,
+) -> Result<Command> {
     let ns = File::open(ns_path).with_context(|| format!("opening {ns_path}"))?;
     let procs = match cgroup {
         Some(cg) => Some(
-            std::fs::OpenOptions::new().write(true).open(cg.join("cgroup.procs")).context("opening cgroup.procs")?,
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(cg.join("cgroup.procs"))
+                .context("opening cgroup.procs")?,
         ),
         None => None,
     };

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::{
     bins,
-    cni::{CniChain, ChainRun, DEBIAN_PLUGINS, Sandbox, require_debian_plugins},
+    cni::{ChainRun, CniChain, DEBIAN_PLUGINS, Sandbox, require_debian_plugins},
     netns::{Host, Netns, command_in},
 };
 

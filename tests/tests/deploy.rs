@@ -18,19 +18,21 @@ use serde_json::Value;
 /// place they are documented for the test (reasons in the manifests' comments). A
 /// container not listed may add none, and every mesh container drops ALL.
 const CAPABILITIES: &[(&str, &str, &[&str])] = &[
-    // BPF: load programs and maps; NET_ADMIN: attach cgroup socket programs, SO_MARK.
-    ("DaemonSet/mesh-agent", "mesh-agent", &["BPF", "NET_ADMIN"]),
+    // BPF: load programs and maps; NET_ADMIN: attach cgroup socket and sk_lookup
+    // programs, pods' iptables rules, SO_MARK; SYS_ADMIN: setns into pods' namespaces.
+    ("DaemonSet/mesh-agent", "mesh-agent", &["BPF", "NET_ADMIN", "SYS_ADMIN"]),
     // Installs the pod's iptables rules, then exits.
     ("Deployment/echo", "mesh-iptables", &["NET_ADMIN"]),
     // SO_MARK on the sidecar's own sockets (CAP_NET_ADMIN before Linux 5.17).
     ("Deployment/echo", "mesh-agent", &["NET_ADMIN"]),
 ];
 
-/// Host paths each workload may mount: the cgroup tree, the agent's socket and state
-/// dir, the pods' network namespaces, and the CNI dirs the installer writes.
+/// Host paths each workload may mount: the cgroup tree, bpffs (pinned interception),
+/// the agent's socket and state dir, the pods' network namespaces, and the CNI dirs the
+/// installer writes.
 const HOST_PATHS: &[(&str, &[&str])] = &[(
     "DaemonSet/mesh-agent",
-    &["/sys/fs/cgroup", "/run/mesh", "/run/netns", "/opt/cni/bin", "/etc/cni/net.d"],
+    &["/sys/fs/cgroup", "/sys/fs/bpf", "/run/mesh", "/run/netns", "/opt/cni/bin", "/etc/cni/net.d"],
 )];
 
 /// Workloads that share the node's network namespace.

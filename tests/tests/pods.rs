@@ -17,7 +17,9 @@ use std::{
 };
 
 use mesh_tests::{
-    Agent, Cgroup, Control, Lab, agent::message, eventually,
+    Agent, Cgroup, Control, Lab,
+    agent::message,
+    eventually,
     pods::{Pod, PodNode, pod_ip},
     servers,
 };
@@ -78,9 +80,11 @@ impl PodLab {
             .expect("control plane");
         let api = servers::http(lab.host("server"), 8080, "api").unwrap();
         let server_cg = Cgroup::new("srv").unwrap();
-        let server_agent =
-            Agent::start(lab.host("server"), control.agent_options(mode, "server", "shop/api").cgroup(&server_cg))
-                .expect("server agent");
+        let server_agent = Agent::start(
+            lab.host("server"),
+            control.agent_options(mode, "server", "shop/api").cgroup(&server_cg),
+        )
+        .expect("server agent");
         server_agent.wait_enrolled();
         let cni = PodNode::new(lab.host("node"), std::path::Path::new("/nonexistent")).expect("cni");
         let mut pl = Self {
@@ -133,11 +137,24 @@ fn call(pod: &Pod, path: &str) -> Result<u16, String> {
     let out = pod
         .command("curl")
         .unwrap()
-        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", &format!("http://{VIP}{path}")])
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            &format!("http://{VIP}{path}"),
+        ])
         .output()
         .unwrap();
     let code = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
-    if out.status.success() && code != 0 { Ok(code) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
+    if out.status.success() && code != 0 {
+        Ok(code)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
 /// Two pods of one node with different identities: the destination's policy tells
@@ -149,7 +166,9 @@ fn pods_carry_their_own_identity(mode: &str) {
     let beta = pl.add("beta-pod");
     assert_eq!((alpha.ip, beta.ip), (pod_ip(0), pod_ip(1)));
 
-    eventually(Duration::from_secs(10), "alpha's certificate and call", || (call(&alpha, "/a") == Ok(200)).then_some(()));
+    eventually(Duration::from_secs(10), "alpha's certificate and call", || {
+        (call(&alpha, "/a") == Ok(200)).then_some(())
+    });
     assert_eq!(call(&beta, "/b"), Ok(403), "beta is not allowed by api's policy");
     let inbound = pl._server_agent.wait_log("inbound record of alpha", |v| {
         v["kind"] == "http" && v["direction"] == "inbound" && v["path"] == "/a"
@@ -173,7 +192,16 @@ fn pods_carry_their_own_identity(mode: &str) {
                 }
                 let out = mesh_tests::netns::command_in(&cmd_ns, "curl", None)
                     .unwrap()
-                    .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", &format!("http://{VIP}/loop")])
+                    .args([
+                        "-sS",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "--max-time",
+                        "5",
+                        &format!("http://{VIP}/loop"),
+                    ])
                     .output()
                     .unwrap();
                 if String::from_utf8_lossy(&out.stdout).trim() == "200" {
@@ -184,7 +212,9 @@ fn pods_carry_their_own_identity(mode: &str) {
             }
         })
     };
-    eventually(Duration::from_secs(10), "alpha's load running", || (ok.load(Ordering::SeqCst) > 3).then_some(()));
+    eventually(Duration::from_secs(10), "alpha's load running", || {
+        (ok.load(Ordering::SeqCst) > 3).then_some(())
+    });
     let gamma = pl.add("gamma-pod");
     assert_eq!(gamma.ip, pod_ip(2));
     assert_eq!(call(&gamma, "/g"), Ok(403), "gamma is served by the mesh (and refused by api's policy)");
@@ -205,16 +235,24 @@ fn pods_carry_their_own_identity(mode: &str) {
 fn restarted_agent_serves_its_pods_again(mode: &str) {
     let mut pl = PodLab::new(mode);
     let alpha = pl.add("alpha-pod");
-    eventually(Duration::from_secs(10), "alpha's call", || (call(&alpha, "/before") == Ok(200)).then_some(()));
+    eventually(Duration::from_secs(10), "alpha's call", || {
+        (call(&alpha, "/before") == Ok(200)).then_some(())
+    });
     let agent = pl.node_agent.take().unwrap();
     let pins = agent.pins().clone();
     agent.kill().unwrap();
     eventually(Duration::from_secs(5), "alpha refused while no agent runs", || call(&alpha, "/down").err());
 
     pl.start_node_agent(Some(&pins));
-    let restored = pl.agent().wait_log("pods served again", |v| message(v) == "pods from the state file served again");
-    assert!(restored["restored"].as_str().unwrap_or_default().contains(&alpha.sandbox.container_id), "{restored}");
-    eventually(Duration::from_secs(10), "alpha served again", || (call(&alpha, "/after") == Ok(200)).then_some(()));
+    let restored =
+        pl.agent().wait_log("pods served again", |v| message(v) == "pods from the state file served again");
+    assert!(
+        restored["restored"].as_str().unwrap_or_default().contains(&alpha.sandbox.container_id),
+        "{restored}"
+    );
+    eventually(Duration::from_secs(10), "alpha served again", || {
+        (call(&alpha, "/after") == Ok(200)).then_some(())
+    });
 }
 
 /// Bad CNI calls get a CNI error naming the problem, and disturb no served pod.

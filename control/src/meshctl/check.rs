@@ -8,9 +8,11 @@ use std::process::Command;
 
 use serde::Serialize;
 
-/// Oldest kernel with everything eBPF mode attaches: cgroup connect4/6 and
-/// getsockopt programs, sockops with the socket cookie, BTF.
-pub const MIN_EBPF_KERNEL: (u32, u32) = (5, 8);
+/// Oldest kernel with everything eBPF mode uses: cgroup connect4/6 and getsockopt
+/// programs, netns cookies in sockops (5.15), `SO_NETNS_COOKIE` (5.14) and
+/// `sk_lookup`'s ingress interface (5.17, how inbound capture tells the agent's own
+/// loopback connections apart). The agent checks the same floor.
+pub const MIN_EBPF_KERNEL: (u32, u32) = (5, 17);
 
 /// One fact and whether it satisfies what the agent needs.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -217,7 +219,8 @@ mod tests {
     #[test]
     fn an_old_kernel_or_missing_btf_rules_out_ebpf() {
         assert!(!check(&Inputs { kernel_release: "5.4.0-150-generic".into(), ..ready() }).ebpf);
-        assert!(check(&Inputs { kernel_release: "5.8.0".into(), ..ready() }).ebpf);
+        assert!(!check(&Inputs { kernel_release: "5.15.0-91-generic".into(), ..ready() }).ebpf);
+        assert!(check(&Inputs { kernel_release: "5.17.0".into(), ..ready() }).ebpf);
         assert!(!check(&Inputs { btf: false, ..ready() }).ebpf);
         assert!(!check(&Inputs { cgroup2_mount: None, ..ready() }).ebpf);
     }

@@ -37,7 +37,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::{Request, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -67,7 +67,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Binds the read-only TCP endpoint and serves it until the agent shuts down.
 pub async fn spawn_tcp(addr: SocketAddr, state: Arc<AgentState>) -> std::io::Result<SocketAddr> {
     // SO_REUSEPORT: a new agent binds the port beside a draining one during an upgrade.
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;

@@ -133,6 +133,14 @@ async fn enrollment(state: Arc<AgentState>, req: Request<Bytes>, enroll: bool) -
     }
 }
 
+/// A CNI plugin's request (`mesh-cni` over the socket).
+async fn cni(state: Arc<AgentState>, req: Request<Bytes>) -> Response<Body> {
+    match state.cni.get() {
+        Some(pods) => crate::workload::cni_http::handle(pods, req.map(Body::new)).await,
+        None => text(StatusCode::SERVICE_UNAVAILABLE, "the agent is starting\n"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,13 +164,5 @@ mod tests {
         for path in ["/live", "/ready", "/stats", "/metrics", "/config_dump", "/logging"] {
             assert!(tcp.serves(&Method::GET, path) && socket.serves(&Method::GET, path), "GET {path}");
         }
-    }
-}
-
-/// A CNI plugin's request (`mesh-cni` over the socket).
-async fn cni(state: Arc<AgentState>, req: Request<Bytes>) -> Response<Body> {
-    match state.cni.get() {
-        Some(pods) => crate::workload::cni_http::handle(pods, req.map(Body::new)).await,
-        None => text(StatusCode::SERVICE_UNAVAILABLE, "the agent is starting\n"),
     }
 }

@@ -279,7 +279,7 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        let snapshot = api::Snapshot { services, trust_domain: "cluster.local".into() };
+        let snapshot = api::Snapshot { services, trust_domain: "cluster.local".into(), ..Default::default() };
         snapshot.encode_to_vec().into()
     }
 

@@ -130,7 +130,11 @@ impl Settings {
 
     /// The iptables rules for these settings and enrolled cgroups; `agent_cgroup`
     /// as in [`Settings::agent_sockets`].
-    pub fn iptables_config(&self, cgroups: &[(CgroupPath, Option<u16>)], agent_cgroup: Option<String>) -> IptablesConfig {
+    pub fn iptables_config(
+        &self,
+        cgroups: &[(CgroupPath, Option<u16>)],
+        agent_cgroup: Option<String>,
+    ) -> IptablesConfig {
         IptablesConfig {
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
@@ -142,7 +146,10 @@ impl Settings {
             include_cidrs: self.include_cidrs.clone(),
             exclude_cidrs: self.exclude_cidrs.clone(),
             cgroups: cgroups.iter().map(|(c, _)| c.relative().to_owned()).collect(),
-            cgroup_ports: cgroups.iter().filter_map(|(c, p)| p.map(|p| (c.relative().to_owned(), p))).collect(),
+            cgroup_ports: cgroups
+                .iter()
+                .filter_map(|(c, p)| p.map(|p| (c.relative().to_owned(), p)))
+                .collect(),
             ipv6: self.ipv6,
         }
     }

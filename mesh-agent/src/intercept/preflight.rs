@@ -58,17 +58,32 @@ fn missing_caps(needed: &[Capability]) -> Vec<Capability> {
         .collect()
 }
 
-/// eBPF mode: CAP_BPF to load, CAP_NET_ADMIN to attach cgroup socket programs, and a
-/// mounted cgroup v2 hierarchy.
+/// The oldest kernel eBPF mode runs on (`meshctl check` states the same floor).
+pub const MIN_KERNEL: (u32, u32) = (5, 17);
+
+/// `Some(release)` when `release` (`6.1.0-13-amd64`) is older than `floor`; `None` when
+/// it is as new or cannot be read (the loader then says what fails).
+fn kernel_below(release: &str, floor: (u32, u32)) -> Option<String> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let major: u32 = parts.next()?.parse().ok()?;
+    let minor: u32 = parts.next()?.parse().ok()?;
+    ((major, minor) < floor).then(|| release.to_owned())
+}
+
+/// eBPF mode: CAP_BPF to load, CAP_NET_ADMIN to attach cgroup socket programs, a
+/// mounted cgroup v2 hierarchy, and a kernel from [`MIN_KERNEL`] on.
 pub fn ebpf() -> Result<(), Missing> {
     let mut other = Vec::new();
     if let Err(e) = crate::cgroup::cgroup2_mount() {
         other.push(e.to_string());
     }
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        // Not needed by our programs today; reported because the kernel is then likely
-        // too old for netns cookies in sockops (5.15+).
-        tracing::debug!("kernel has no BTF (/sys/kernel/btf/vmlinux)");
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if let Some(found) = kernel_below(release.trim(), MIN_KERNEL) {
+        other.push(format!(
+            "kernel {found} is older than {}.{}, the oldest with everything eBPF mode uses (netns cookies in \
+             sockops 5.15, SO_NETNS_COOKIE 5.14, sk_lookup's ingress interface 5.17)",
+            MIN_KERNEL.0, MIN_KERNEL.1
+        ));
     }
     Missing {
         mode: "ebpf",
@@ -121,5 +136,14 @@ mod tests {
         assert!(s.contains("--cap-add BPF"), "{s}");
         assert!(s.contains("--mode iptables"), "{s}");
         assert!(Missing { mode: "ebpf", capabilities: vec![], other: vec![] }.into_result().is_ok());
+    }
+
+    #[test]
+    fn kernels_below_the_floor_are_named() {
+        assert_eq!(kernel_below("5.15.0-91-generic", (5, 17)), Some("5.15.0-91-generic".into()));
+        assert_eq!(kernel_below("4.19.0", (5, 17)), Some("4.19.0".into()));
+        assert_eq!(kernel_below("5.17.0", (5, 17)), None);
+        assert_eq!(kernel_below("6.18.44-fc-v1147", (5, 17)), None);
+        assert_eq!(kernel_below("garbage", (5, 17)), None);
     }
 }

@@ -122,7 +122,7 @@ async fn peers(kind: Peer) -> Peers {
             let own = manager.identity(&payments).unwrap();
             within("payments' certificate", own.ready()).await;
             let identity = IdentitySlot::default();
-            assert!(identity.set(AgentIdentity { manager, workload: own }).is_ok());
+            assert!(identity.set(AgentIdentity { manager: Arc::new(manager), workload: own }).is_ok());
             let sockets = SocketFactory::new(0);
             let tunnels = crate::mtls::pool(IdentitySlot::default(), sockets.clone(), PATIENCE);
             let direct = Arc::new(super::inbound::Shared {

@@ -195,7 +195,12 @@ pub struct Served {
 
 impl Served {
     /// A workload served through `ctx` on `listening`, stopped by `stop`.
-    pub fn new(workload: Workload, ctx: Arc<ProxyContext>, listening: Vec<SocketAddr>, stop: CancellationToken) -> Self {
+    pub fn new(
+        workload: Workload,
+        ctx: Arc<ProxyContext>,
+        listening: Vec<SocketAddr>,
+        stop: CancellationToken,
+    ) -> Self {
         Self { workload, ctx, listening, netns: None, stop, tunnels: Vec::new(), lease: Default::default() }
     }
 

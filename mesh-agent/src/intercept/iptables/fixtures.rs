@@ -21,6 +21,7 @@ pub(crate) fn sample() -> IptablesConfig {
         include_cidrs: vec![cidr("10.0.0.0/8"), cidr("fd00::/64")],
         exclude_cidrs: vec![cidr("10.1.0.0/16"), cidr("fd00::1")],
         cgroups: vec![],
+        cgroup_ports: Default::default(),
         ipv6: true,
     }
 }

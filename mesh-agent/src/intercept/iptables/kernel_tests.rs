@@ -107,6 +107,7 @@ fn install_replace_uninstall_restores_the_table_exactly() {
             include_cidrs: vec![],
             exclude_cidrs: vec![cidr("172.16.0.0/12"), cidr("fd12::/16")],
             cgroups: vec![],
+            cgroup_ports: Default::default(),
             ipv6: true,
         };
         install(&b).unwrap();

@@ -118,6 +118,7 @@ impl PodRules {
             include_cidrs: Vec::new(),
             exclude_cidrs: self.exclude_cidrs.clone(),
             cgroups: Vec::new(),
+            cgroup_ports: Default::default(),
             ipv6: self.ipv6,
         };
         cfg.validate()?;

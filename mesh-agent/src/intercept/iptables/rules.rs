@@ -444,6 +444,7 @@ COMMIT
                     include_cidrs,
                     exclude_cidrs,
                     cgroups,
+                    cgroup_ports: Default::default(),
                     ipv6,
                 },
             )

@@ -3,6 +3,8 @@
 //!
 //! A snapshot is encoded once per version; streams send the same reference-counted
 //! buffer, so a thousand agents cost one encoding of the state, not a thousand.
+//! Beside it, each version holds the workloads placed on each node
+//! ([`Placements`]); a stream adds only its own node's to the shared buffer.
 //! Versions increase strictly; a restarted control plane seeds them from the wall
 //! clock (ms since the epoch), so its first version is above anything it sent
 //! before the restart.
@@ -24,14 +26,21 @@ use crate::{
     registry::SourceView,
 };
 
+/// The workloads placed on each node, by node name; each list sorted by namespace then
+/// name.
+pub type Placements = BTreeMap<String, Vec<api::Workload>>;
+
 /// One published version of the mesh's state.
 #[derive(Debug)]
 pub struct Versioned {
     pub version: u64,
     /// The decoded snapshot, for the admin endpoint and tools.
     pub snapshot: Arc<api::Snapshot>,
-    /// The message every stream sends: its snapshot is a shared buffer.
+    /// What every stream sends: the snapshot is a shared buffer; no workloads (see
+    /// [`Versioned::response_for`]).
     pub response: api::DiscoveryResponse,
+    /// The workloads of every node; each agent receives its own node's only.
+    pub placements: Arc<Placements>,
     /// Errors the sources currently report (the state served is their last good one).
     pub source_errors: Vec<(String, String)>,
     /// Whether every source finished its first load.
@@ -60,6 +69,7 @@ impl SnapshotBuilder {
             version: 0,
             snapshot: Arc::default(),
             response: api::DiscoveryResponse::default(),
+            placements: Arc::default(),
             source_errors: Vec::new(),
             ready: false,
         });
@@ -67,10 +77,11 @@ impl SnapshotBuilder {
         (Self { sources, trust_domain, tx, targets, failing }, rx)
     }
 
-    /// Merges the current views (first source wins on a namespace/name clash) and
-    /// marks endpoints failing their checks unhealthy.
-    fn merge(&self) -> (api::Snapshot, Vec<(String, String)>, bool, Targets) {
+    /// Merges the current views (first source wins on a namespace/name clash of a
+    /// service or a workload) and marks endpoints failing their checks unhealthy.
+    fn merge(&self) -> (api::Snapshot, Placements, Vec<(String, String)>, bool, Targets) {
         let mut merged: BTreeMap<(String, String), api::Service> = BTreeMap::new();
+        let mut workloads: BTreeMap<(String, String), api::Workload> = BTreeMap::new();
         let mut errors = Vec::new();
         let mut ready = true;
         for (name, rx) in &self.sources {
@@ -90,6 +101,21 @@ impl SnapshotBuilder {
                 }
                 merged.insert(key, s.clone());
             }
+            for w in view.workloads.iter() {
+                let key = (w.namespace.clone(), w.name.clone());
+                if workloads.contains_key(&key) {
+                    errors.push((
+                        name.clone(),
+                        format!("workload {}/{} also defined by another source", key.0, key.1),
+                    ));
+                    continue;
+                }
+                workloads.insert(key, w.clone());
+            }
+        }
+        let mut placements = Placements::new();
+        for w in workloads.into_values() {
+            placements.entry(w.node.clone()).or_default().push(w);
         }
         let failing = self.failing.borrow().clone();
         let mut targets = Targets::new();
@@ -112,7 +138,7 @@ impl SnapshotBuilder {
             services: merged.into_values().collect(),
             trust_domain: self.trust_domain.clone(),
         };
-        (snapshot, errors, ready, targets)
+        (snapshot, placements, errors, ready, targets)
     }
 
     /// Publishes a new version whenever a source or a health verdict changes, until
@@ -139,14 +165,15 @@ impl SnapshotBuilder {
                 }
                 self.failing.mark_unchanged();
             }
-            let (snapshot, source_errors, ready, targets) = self.merge();
+            let (snapshot, placements, source_errors, ready, targets) = self.merge();
             self.targets.send_if_modified(|t| {
                 let changed = *t != targets;
                 *t = targets;
                 changed
             });
             let current = self.tx.borrow().clone();
-            let same = !first && *current.snapshot == snapshot;
+            let same_services = !first && *current.snapshot == snapshot;
+            let same = same_services && *current.placements == placements;
             if same && current.source_errors == source_errors && current.ready == ready {
                 continue;
             }
@@ -155,6 +182,7 @@ impl SnapshotBuilder {
                     version: current.version,
                     snapshot: current.snapshot.clone(),
                     response: current.response.clone(),
+                    placements: current.placements.clone(),
                     source_errors,
                     ready,
                 }
@@ -162,12 +190,20 @@ impl SnapshotBuilder {
                 if !first {
                     version = (version + 1).max(epoch_ms());
                 }
-                tracing::info!(version, services = snapshot.services.len(), "new snapshot");
-                let encoded = Bytes::from(snapshot.encode_to_vec());
+                let workloads: usize = placements.values().map(Vec::len).sum();
+                tracing::info!(version, services = snapshot.services.len(), workloads, "new snapshot");
+                // Only placements changed: the shared buffer is the same, not re-encoded.
+                let (snapshot, encoded) = if same_services {
+                    (current.snapshot.clone(), current.response.snapshot.clone())
+                } else {
+                    let encoded = Bytes::from(snapshot.encode_to_vec());
+                    (Arc::new(snapshot), encoded)
+                };
                 Versioned {
                     version,
-                    snapshot: Arc::new(snapshot),
-                    response: api::DiscoveryResponse { version, snapshot: encoded },
+                    snapshot,
+                    response: api::DiscoveryResponse { version, snapshot: encoded, workloads: Vec::new() },
+                    placements: Arc::new(placements),
                     source_errors,
                     ready,
                 }
@@ -178,6 +214,24 @@ impl SnapshotBuilder {
             first = false;
             self.tx.send_replace(Arc::new(next));
         }
+    }
+}
+
+impl Versioned {
+    /// The response for `node`'s agent: the shared snapshot and the workloads placed on
+    /// that node, and no other node's.
+    pub fn response_for(&self, node: &str) -> api::DiscoveryResponse {
+        api::DiscoveryResponse {
+            workloads: self.placements.get(node).cloned().unwrap_or_default(),
+            ..self.response.clone()
+        }
+    }
+
+    /// Whether `node` hosts a workload running as `namespace`/`service_account`.
+    pub fn places(&self, node: &str, namespace: &str, service_account: &str) -> bool {
+        self.placements.get(node).is_some_and(|ws| {
+            ws.iter().any(|w| w.namespace == namespace && w.service_account == service_account)
+        })
     }
 }
 

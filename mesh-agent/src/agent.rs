@@ -20,11 +20,12 @@ use crate::{
     admin,
     cgroup::{CgroupPath, cgroup2_mount},
     config::{ProxySettings, RunArgs},
+    control_channel::{ControlPlane, ControlPlaneSettings},
     discovery::{
         self, RouteStore,
         client::{Backoff, ClientSettings},
     },
-    identity::{RenewalConfig, signer::GrpcSigner},
+    identity::{RenewalConfig, TrustAnchor, signer::GrpcSigner},
     intercept::{ActiveMode, InterceptError, Interceptor, Settings},
     listener::{self, Direction, ProxyContext},
     orig_dst::SocketOption,
@@ -269,6 +270,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tcp_idle_timeout,
     } = proxy_settings;
     let downstream = crate::l7::DownstreamTimeouts { idle: downstream_idle_timeout, ..Default::default() };
+    // Before interception: an unusable anchor or URL is a start-up error that leaves
+    // nothing behind.
+    let control = match &args.control_plane {
+        Some(url) => {
+            let sockets = SocketFactory::new(settings.mark);
+            Some(connect_control_plane(&args, url, sockets, connect_timeout)?)
+        }
+        None => None,
+    };
 
     // Listeners first: once interception is on, redirected connections need somewhere
     // to land.
@@ -415,10 +425,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // The receiving side's tunnel server, drained with the listeners at shutdown.
     let mut tunnel_server = None;
-    if let Some(control_plane) = &args.control_plane {
+    if let Some(control) = control {
         let node = node_name(&args);
         let settings = ClientSettings {
-            control_plane: control_plane.clone(),
             node,
             // Only the port: the control plane pairs it with the address it sees the
             // stream come from (the agent cannot know which of its addresses peers use).
@@ -429,25 +438,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             mode: mode.as_str().to_string(),
             max_endpoints: args.max_endpoints,
-            keepalive: args.discovery_keepalive,
-            connect_timeout: connect_timeout.min(std::time::Duration::from_secs(5)),
             backoff: Backoff::new(std::time::Duration::from_millis(100), args.discovery_backoff_max),
         };
         tokio::spawn(discovery::client::run(
             settings.clone(),
-            proxy.sockets,
+            control.clone(),
             routes.clone(),
             state.shutdown.clone(),
         ));
-        if let (Some(id), Some(token_file)) = (&args.identity, &args.bootstrap_token_file) {
-            let channel = crate::control_channel::lazy_channel(
-                control_plane,
-                proxy.sockets,
-                args.discovery_keepalive,
-                settings.connect_timeout,
-            )
-            .map_err(|e| anyhow::anyhow!("--control-plane: {e}"))?;
-            let signer = GrpcSigner::new(channel, settings.node.clone(), token_file.clone());
+        if let Some(id) = &args.identity {
+            let channel = control.lazy_channel().map_err(|e| anyhow::anyhow!("--control-plane: {e}"))?;
+            let signer = GrpcSigner::new(channel, control.clone(), settings.node.clone());
             let (ns, sa) = id.split_once('/').unwrap_or_default();
             let renewal = RenewalConfig {
                 renew_fraction: args.cert_renew_fraction,
@@ -560,6 +561,39 @@ async fn wait_for_shutdown(admin_drain: &CancellationToken) {
         _ = int.recv() => info!("SIGINT received"),
         () = admin_drain.cancelled() => info!("drain requested on the admin endpoint"),
     }
+}
+
+/// The control channel from the flags: the trust anchor (`--control-plane-ca`, or
+/// trust on first use with `--insecure-control-plane` alone) and the node credential.
+fn connect_control_plane(
+    args: &RunArgs,
+    url: &str,
+    sockets: SocketFactory,
+    connect_timeout: std::time::Duration,
+) -> anyhow::Result<Arc<ControlPlane>> {
+    let anchor = match &args.control_plane_ca {
+        Some(path) => TrustAnchor::from_file(path)?,
+        None => TrustAnchor::first_use(),
+    };
+    let token_file = args
+        .bootstrap_token_file
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--control-plane needs --bootstrap-token-file"))?;
+    let settings = ControlPlaneSettings {
+        url: url.to_owned(),
+        token_file,
+        insecure: args.insecure_control_plane,
+        keepalive: args.discovery_keepalive,
+        connect_timeout: connect_timeout.min(std::time::Duration::from_secs(5)),
+    };
+    let control =
+        ControlPlane::new(settings, anchor, sockets).map_err(|e| anyhow::anyhow!("--control-plane: {e}"))?;
+    if control.is_tls() {
+        info!(control_plane = %url, anchor = %control.anchor().describe(), "control plane over TLS");
+    } else {
+        warn!(control_plane = %url, "control plane in plaintext (--insecure-control-plane): its answers and the node credential are not protected");
+    }
+    Ok(control)
 }
 
 /// `--node`, or the host name.

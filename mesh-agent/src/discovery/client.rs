@@ -1,35 +1,30 @@
-//! The discovery client: one stream to the control plane, snapshots applied
-//! atomically and acknowledged, reconnects with capped, jittered exponential
-//! backoff, and HTTP/2 keepalive so a dead control plane is noticed even when no
-//! update is due.
+//! The discovery client: one stream to the control plane (TLS, the node's
+//! credential), snapshots applied atomically and acknowledged, this node's
+//! workload placements kept beside them, reconnects with capped, jittered
+//! exponential backoff, and HTTP/2 keepalive so a dead control plane is noticed
+//! even when no update is due.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use hyper_util::rt::TokioIo;
 use mesh_api as api;
 use mesh_api::discovery_client::DiscoveryClient;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Endpoint, Uri};
 use tracing::{info, warn};
 
 use super::{store::RouteStore, table::RouteTable};
-use crate::socket::SocketFactory;
+use crate::control_channel::{ChannelError, ControlPlane};
 
 /// Discovery client settings.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
-    /// `http://host:port` of the control plane's gRPC listener.
-    pub control_plane: String,
     pub node: String,
     /// Where other agents reach this one (empty until mTLS inbound exists).
     pub agent_address: String,
     pub mode: String,
     pub max_endpoints: usize,
-    pub keepalive: Duration,
-    pub connect_timeout: Duration,
     pub backoff: Backoff,
 }
 
@@ -72,11 +67,11 @@ impl Backoff {
 /// Errors of one stream session (all lead to a reconnect).
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("invalid control plane address {0:?}: {1}")]
-    Address(String, String),
     #[error("cannot connect: {0}")]
-    Connect(#[source] tonic::transport::Error),
-    #[error("stream failed: {0}")]
+    Connect(String),
+    #[error("{0}")]
+    Credential(#[from] ChannelError),
+    #[error("stream failed: {:?}: {}", .0.code(), .0.message())]
     Stream(#[from] tonic::Status),
     #[error("stream closed by the control plane")]
     Closed,
@@ -85,7 +80,7 @@ enum SessionError {
 /// Runs the client until `shutdown`, keeping `store` up to date.
 pub async fn run(
     settings: ClientSettings,
-    sockets: SocketFactory,
+    control: Arc<ControlPlane>,
     store: Arc<RouteStore>,
     shutdown: CancellationToken,
 ) {
@@ -93,7 +88,7 @@ pub async fn run(
     loop {
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = session(&settings, &sockets, &store, &mut backoff) => r,
+            r = session(&settings, &control, &store, &mut backoff) => r,
         };
         let was_connected = store.is_connected();
         store.set_connected(false);
@@ -103,10 +98,10 @@ pub async fn run(
             Err(e) => e.to_string(),
         };
         if was_connected {
-            warn!(control_plane = %settings.control_plane, error = %err, retry_in_ms = delay.as_millis() as u64,
+            warn!(control_plane = %control.url(), error = %err, retry_in_ms = delay.as_millis() as u64,
                 "lost the control plane; routing from the last snapshot");
         } else {
-            warn!(control_plane = %settings.control_plane, error = %err, retry_in_ms = delay.as_millis() as u64,
+            warn!(control_plane = %control.url(), error = %err, retry_in_ms = delay.as_millis() as u64,
                 staleness_s = store.staleness().as_secs(), "control plane unreachable");
         }
         tokio::select! {
@@ -118,39 +113,11 @@ pub async fn run(
 
 async fn session(
     settings: &ClientSettings,
-    sockets: &SocketFactory,
+    control: &ControlPlane,
     store: &RouteStore,
     backoff: &mut Backoff,
 ) -> Result<(), SessionError> {
-    let uri: Uri = settings.control_plane.parse().map_err(|e: http::uri::InvalidUri| {
-        SessionError::Address(settings.control_plane.clone(), e.to_string())
-    })?;
-    let endpoint = Endpoint::from(uri)
-        .connect_timeout(settings.connect_timeout)
-        .http2_keep_alive_interval(settings.keepalive)
-        .keep_alive_timeout(settings.keepalive)
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true);
-    // The agent's own sockets carry its mark so interception never loops them back.
-    let sockets = *sockets;
-    let connect_timeout = settings.connect_timeout;
-    let connector = tower::service_fn(move |uri: Uri| {
-        let sockets = sockets;
-        async move {
-            let host = uri.host().unwrap_or("localhost").trim_matches(|c| c == '[' || c == ']').to_string();
-            let port = uri.port_u16().unwrap_or(80);
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port)).await?.collect();
-            let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host}: no address"));
-            for addr in addrs {
-                match sockets.connect(addr, connect_timeout).await {
-                    Ok(s) => return Ok::<_, std::io::Error>(TokioIo::new(s)),
-                    Err(e) => last = e,
-                }
-            }
-            Err(last)
-        }
-    });
-    let channel = endpoint.connect_with_connector(connector).await.map_err(SessionError::Connect)?;
+    let channel = control.connect().await.map_err(SessionError::Connect)?;
     let mut client = DiscoveryClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
     let subscribe = api::Subscribe {
@@ -162,9 +129,9 @@ async fn session(
     };
     let _ =
         tx.try_send(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Subscribe(subscribe)) });
-    let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    let mut responses = client.stream(control.authorize(ReceiverStream::new(rx))?).await?.into_inner();
     store.set_connected(true);
-    info!(control_plane = %settings.control_plane, node = %settings.node, "connected to the control plane");
+    info!(control_plane = %control.url(), node = %settings.node, tls = control.is_tls(), "connected to the control plane");
     while let Some(msg) = responses.message().await? {
         backoff.reset();
         let version = msg.version;
@@ -176,7 +143,9 @@ async fn session(
             Ok(table) => {
                 let (routes, endpoints) = (table.routes().len(), table.endpoint_count());
                 store.apply(table);
-                info!(version, routes, endpoints, "snapshot applied");
+                let workloads = msg.workloads.len();
+                store.set_placements(msg.workloads);
+                info!(version, routes, endpoints, workloads, "snapshot applied");
                 api::discovery_request::Kind::Ack(api::Ack { version })
             }
             Err(e) => {

@@ -1,8 +1,10 @@
-//! The routing table the data path reads, swapped whole on every applied snapshot.
+//! The routing table the data path reads, swapped whole on every applied snapshot,
+//! and the workloads the control plane places on this node.
 //!
 //! Readers load an `Arc` of the current table without locking (arc-swap), so a
 //! connection sees either the old or the new table, never a mix, and an update
-//! never waits for readers.
+//! never waits for readers. Placements are published on a watch channel, so what
+//! serves workloads learns of each change.
 
 use std::{
     sync::{
@@ -13,6 +15,8 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use mesh_api::Workload;
+use tokio::sync::watch;
 
 use super::table::RouteTable;
 
@@ -28,6 +32,8 @@ pub struct RouteStore {
     connected: AtomicBool,
     /// Whether a control plane is configured at all.
     enabled: bool,
+    /// This node's workloads (sorted by namespace then name), as last received.
+    placements: watch::Sender<Arc<Vec<Workload>>>,
 }
 
 impl RouteStore {
@@ -39,7 +45,25 @@ impl RouteStore {
             contact_ms: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             enabled,
+            placements: watch::Sender::new(Arc::default()),
         }
+    }
+
+    /// The workloads the control plane places on this node, and their changes: only
+    /// this node's, as the control plane sends no other node's.
+    pub fn placements(&self) -> watch::Receiver<Arc<Vec<Workload>>> {
+        self.placements.subscribe()
+    }
+
+    /// Records the placements of the latest snapshot (subscribers wake only on change).
+    pub(crate) fn set_placements(&self, workloads: Vec<Workload>) {
+        self.placements.send_if_modified(|current| {
+            if **current == workloads {
+                return false;
+            }
+            *current = Arc::new(workloads);
+            true
+        });
     }
 
     fn now_ms(&self) -> u64 {

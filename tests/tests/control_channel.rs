@@ -44,19 +44,45 @@ fn unreachable(agent: &Agent) -> Value {
     agent.wait_log("control plane unreachable", |v| message(v) == "control plane unreachable")
 }
 
+/// The node token. HTTP/2 sends header values Huffman-coded (HPACK), so searching a
+/// capture for the token's text alone would prove nothing: its characters have 5-bit
+/// codes and come 8 at a time, so after "Bearer " (40 bits) its Huffman form is whole
+/// bytes, searched for too ([`huffman`]).
+const TOKEN: &str = "taste1202coasties2010toe";
+
+/// `text`'s HPACK Huffman code (RFC 7541, Appendix B), for the symbols with 5-bit codes.
+fn huffman(text: &str) -> Vec<u8> {
+    // The symbols of codes 0b00000, 0b00001, ... 0b01001.
+    const FIVE_BIT: &[u8] = b"012aceiost";
+    let (mut out, mut acc, mut bits) = (Vec::new(), 0u32, 0);
+    for b in text.bytes() {
+        let code = FIVE_BIT.iter().position(|c| *c == b).expect("a symbol with a 5-bit code");
+        acc = (acc << 5) | code as u32;
+        bits += 5;
+        while bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    assert_eq!(bits, 0, "a whole number of bytes");
+    out
+}
+
 fn the_node_token_never_crosses_the_control_link_in_clear(mode: &str) {
     let lab = Lab::new(&["control", "client"]).expect("lab");
     let dir = tempfile::tempdir().unwrap();
     let registry = write_registry(dir.path());
-    let control = Control::start_with_ca(lab.host("control"), &registry, dir.path(), &["client"], &[])
-        .expect("control plane");
+    std::fs::write(dir.path().join("tokens"), format!("{TOKEN} client\n")).unwrap();
+    std::fs::write(dir.path().join("client.token"), TOKEN).unwrap();
+    let coded = huffman(TOKEN);
+    let control =
+        Control::start_with_ca(lab.host("control"), &registry, dir.path(), &[], &[]).expect("control plane");
     assert!(control.url.starts_with("https://"), "{}", control.url);
     let workload = Cgroup::new("wl").unwrap();
-    let token = b"tok-client";
-    let identity = b"spiffe://cluster.local/ns/shop/sa/frontend";
+    // What enrolment sends besides the token: a CSR, and a certificate back.
+    let (csr, cert) = (b"BEGIN CERTIFICATE REQUEST", b"BEGIN CERTIFICATE-----");
 
-    // Enrolment sends the token on every call and a CSR naming the identity; the
-    // certificate comes back naming it too.
     let (stop, cap) = capture(lab.host("control"));
     let agent = Agent::start(
         lab.host("client"),
@@ -67,13 +93,14 @@ fn the_node_token_never_crosses_the_control_link_in_clear(mode: &str) {
     stop.store(true, Ordering::SeqCst);
     let wire = cap.join().expect("capture");
     assert!(wire.len() > 2000, "the capture saw the enrolment ({} bytes)", wire.len());
-    assert!(!contains(&wire, token), "the node token crossed the link in clear");
-    assert!(!contains(&wire, identity), "the CSR or certificate crossed the link in clear");
+    assert!(!contains(&wire, TOKEN.as_bytes()), "the node token crossed the link in clear");
+    assert!(!contains(&wire, &coded), "the node token crossed the link Huffman-coded");
+    assert!(!contains(&wire, csr) && !contains(&wire, cert), "the CSR or certificate crossed in clear");
     drop(agent);
     control.terminate().expect("control plane stops");
 
-    // The same capture does see them when plaintext is asked for explicitly, and the
-    // agent says what that costs.
+    // The same capture does see all three when plaintext is asked for explicitly,
+    // and the agent says what that costs.
     let control =
         Control::start_with_ca(lab.host("control"), &registry, dir.path(), &[], &["--insecure-plaintext"])
             .expect("plaintext control plane");
@@ -96,7 +123,11 @@ fn the_node_token_never_crosses_the_control_link_in_clear(mode: &str) {
     agent.wait_enrolled();
     stop.store(true, Ordering::SeqCst);
     let wire = cap.join().expect("capture");
-    assert!(contains(&wire, token), "plaintext: the capture shows the token");
+    assert!(contains(&wire, &coded), "plaintext: the capture shows the token (Huffman-coded)");
+    assert!(
+        contains(&wire, csr) && contains(&wire, cert),
+        "plaintext: the capture shows CSR and certificate"
+    );
     agent.wait_log("plaintext warning", |v| {
         message(v).starts_with("sending the node credential over plaintext")
     });

@@ -238,3 +238,68 @@ impl Versioned {
 fn epoch_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, node: &str) -> api::Workload {
+        api::Workload {
+            namespace: "shop".into(),
+            name: name.into(),
+            service_account: name.into(),
+            node: node.into(),
+            ..Default::default()
+        }
+    }
+
+    fn view(workloads: Vec<api::Workload>) -> SourceView {
+        let service = api::Service { name: "cart".into(), namespace: "shop".into(), ..Default::default() };
+        SourceView {
+            services: Arc::new(vec![service]),
+            workloads: Arc::new(workloads),
+            ready: true,
+            last_error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn each_node_gets_its_placements_and_the_shared_part_is_encoded_once() {
+        let (file_tx, file_rx) =
+            watch::channel(view(vec![workload("a-1", "node-a"), workload("b-1", "node-b")]));
+        // A second source placing a workload the first already placed: first wins, reported.
+        let (_kube_tx, kube_rx) = watch::channel(SourceView {
+            workloads: Arc::new(vec![workload("a-1", "node-b")]),
+            ready: true,
+            ..Default::default()
+        });
+        let (targets, _targets_rx) = watch::channel(Targets::new());
+        let (_failing_tx, failing) = watch::channel(Failing::default());
+        let sources = vec![("file".to_owned(), file_rx), ("kubernetes".to_owned(), kube_rx)];
+        let (builder, mut rx) = SnapshotBuilder::new(sources, "cluster.local".into(), targets, failing);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(builder.run(Duration::from_millis(1), stop.clone()));
+
+        let first = rx.wait_for(|v| v.version > 0).await.unwrap().clone();
+        let names = |node: &str| -> Vec<String> {
+            first.response_for(node).workloads.iter().map(|w| w.name.clone()).collect()
+        };
+        assert_eq!(names("node-a"), ["a-1"]);
+        assert_eq!(names("node-b"), ["b-1"], "the clashing a-1 of the second source is not placed");
+        assert!(names("node-c").is_empty());
+        assert!(first.places("node-b", "shop", "b-1") && !first.places("node-a", "shop", "b-1"));
+        assert!(
+            first.source_errors.iter().any(|(s, e)| s == "kubernetes" && e.contains("workload shop/a-1"))
+        );
+        assert!(first.response.workloads.is_empty(), "the shared response carries no node's workloads");
+
+        // Only placements change: a new version, the same encoded buffer.
+        file_tx.send_replace(view(vec![workload("a-1", "node-a"), workload("a-2", "node-a")]));
+        let second = rx.wait_for(|v| v.version > first.version).await.unwrap().clone();
+        assert_eq!(second.response_for("node-a").workloads.len(), 2);
+        assert!(second.response_for("node-b").workloads.is_empty(), "b-1 is gone");
+        assert_eq!(second.response.snapshot.as_ptr(), first.response.snapshot.as_ptr(), "not re-encoded");
+        stop.cancel();
+        task.await.unwrap();
+    }
+}

@@ -121,3 +121,24 @@ impl RouteStore {
         (at != 0).then(|| Duration::from_millis(self.now_ms().saturating_sub(at)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placements_wake_subscribers_only_when_they_change() {
+        let store = RouteStore::new(true);
+        let mut rx = store.placements();
+        assert!(rx.borrow_and_update().is_empty());
+        let web = Workload { namespace: "shop".into(), name: "web-1".into(), ..Default::default() };
+        store.set_placements(vec![web.clone()]);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), Arc::new(vec![web.clone()]));
+        // The next snapshot places the same: nothing to do for subscribers.
+        store.set_placements(vec![web]);
+        assert!(!rx.has_changed().unwrap());
+        store.set_placements(Vec::new());
+        assert!(rx.has_changed().unwrap());
+    }
+}

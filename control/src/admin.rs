@@ -6,7 +6,7 @@
 //! | `/ready` | 200 once every registry source finished its first load |
 //! | `/metrics` | Prometheus text: agents, versions, pushes, ACK/NACK, certificates |
 //! | `/agents` | per-agent sent/applied/refused versions (JSON) |
-//! | `/config_dump` | the current snapshot and source errors (JSON) |
+//! | `/config_dump` | the current snapshot, each node's workloads and source errors (JSON) |
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -90,11 +90,17 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let errors: Vec<_> =
                 current.source_errors.iter().map(|(s, e)| json!({"source": s, "error": e})).collect();
             let snapshot = crate::json::snapshot(&current.snapshot);
+            let placements: serde_json::Map<String, serde_json::Value> = current
+                .placements
+                .iter()
+                .map(|(node, ws)| (node.clone(), ws.iter().map(crate::json::workload).collect()))
+                .collect();
             let body = json!({
                 "version": current.version,
                 "ready": current.ready,
                 "source_errors": errors,
                 "snapshot": snapshot,
+                "placements": placements,
                 "connected_agents": state.agents.connected(),
             });
             respond(StatusCode::OK, "application/json", body.to_string())

@@ -1,9 +1,12 @@
 //! The discovery stream: one long-lived bidirectional gRPC stream per agent.
 //!
-//! The agent subscribes, receives the current snapshot and then every newer one,
-//! and answers each with an ACK or a NACK. The control plane records, per agent,
-//! what it sent, what was applied and what was refused (and why), and serves that
-//! through `Agents`.
+//! The agent authenticates with its node's credential (the same bearer token as
+//! for certificates), subscribes as that node, receives the current snapshot and
+//! then every newer one, and answers each with an ACK or a NACK. Each response
+//! carries the shared routing snapshot and the workloads placed on the agent's
+//! own node, never another node's. The control plane records, per agent, what it
+//! sent, what was applied and what was refused (and why), and serves that on its
+//! admin endpoint; `Agents` answers a node about itself only.
 
 use std::{pin::Pin, sync::Arc};
 
@@ -16,18 +19,36 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub use crate::agent_book::AgentBook;
 use crate::agent_book::now_secs;
-use crate::snapshot::Versioned;
+use crate::{
+    ca::{NodeAuthenticator, authenticate_request},
+    snapshot::Versioned,
+};
 
 /// The tonic service.
 #[derive(Clone)]
 pub struct DiscoveryService {
     snapshots: watch::Receiver<Arc<Versioned>>,
     agents: AgentBook,
+    /// Who is calling: every call must carry a node credential.
+    authenticator: Arc<dyn NodeAuthenticator>,
 }
 
 impl DiscoveryService {
-    pub fn new(snapshots: watch::Receiver<Arc<Versioned>>, agents: AgentBook) -> Self {
-        Self { snapshots, agents }
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Versioned>>,
+        agents: AgentBook,
+        authenticator: Arc<dyn NodeAuthenticator>,
+    ) -> Self {
+        Self { snapshots, agents, authenticator }
+    }
+
+    /// The calling node, or the refusal (counted and logged with the peer's address).
+    async fn caller<T>(&self, request: &Request<T>, call: &str) -> Result<String, Status> {
+        authenticate_request(self.authenticator.as_ref(), request).await.inspect_err(|status| {
+            crate::metrics::discovery_refused();
+            tracing::warn!(call, peer = ?request.remote_addr(), code = ?status.code(), reason = status.message(),
+                "refused a discovery call");
+        })
     }
 }
 
@@ -42,16 +63,23 @@ impl Discovery for DiscoveryService {
         request: Request<Streaming<api::DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let peer = request.remote_addr();
+        // Before reading anything: an unauthenticated caller learns nothing.
+        let node = self.caller(&request, "Stream").await?;
         let mut inbound = request.into_inner();
         let first = match inbound.message().await? {
             Some(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Subscribe(s)) }) => s,
             Some(_) => return Err(Status::invalid_argument("the first message must be a Subscribe")),
             None => return Err(Status::cancelled("stream closed before Subscribe")),
         };
-        if first.node.is_empty() {
-            return Err(Status::invalid_argument("Subscribe.node must not be empty"));
+        if first.node != node {
+            crate::metrics::discovery_refused();
+            tracing::warn!(credential = %node, subscribe = %first.node, peer = ?peer,
+                "refused a subscription for another node than the credential's");
+            return Err(Status::permission_denied(format!(
+                "the credential belongs to node {node:?}, the Subscribe names {:?}",
+                first.node
+            )));
         }
-        let node = first.node.clone();
         tracing::info!(node = %node, peer = ?peer, have_version = first.have_version, mode = %first.mode, "agent subscribed");
         // Bounded per node and in all (see `agent_book`); dropping the slot records
         // the disconnect however the stream ends.
@@ -93,8 +121,9 @@ impl Discovery for DiscoveryService {
                         sent = current.version;
                         agents.update(&node, |a| a.sent_version = sent);
                         crate::metrics::snapshot_sent();
-                        // The snapshot is a shared buffer: this clone is a reference count.
-                        if tx.send(Ok(current.response.clone())).await.is_err() { return }
+                        // The snapshot is a shared buffer (this clone is a reference count);
+                        // only this node's workloads are added to it.
+                        if tx.send(Ok(current.response_for(&node))).await.is_err() { return }
                     }
                     msg = inbound.next() => match msg {
                         Some(Ok(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Ack(a)) })) => {
@@ -125,10 +154,14 @@ impl Discovery for DiscoveryService {
 
     async fn agents(
         &self,
-        _request: Request<api::AgentsRequest>,
+        request: Request<api::AgentsRequest>,
     ) -> Result<Response<api::AgentsResponse>, Status> {
+        let node = self.caller(&request, "Agents").await?;
         let current_version = self.snapshots.borrow().version;
-        Ok(Response::new(api::AgentsResponse { agents: self.agents.list(), current_version }))
+        // A node learns about itself, not about the others (their addresses and
+        // workloads): the whole book is the operator's, on the admin endpoint.
+        let agents = self.agents.list().into_iter().filter(|a| a.node == node).collect();
+        Ok(Response::new(api::AgentsResponse { agents, current_version }))
     }
 }
 

@@ -21,6 +21,19 @@ pub fn agent(a: &api::AgentStatus) -> Value {
     })
 }
 
+/// A workload placed on a node.
+pub fn workload(w: &api::Workload) -> Value {
+    let labels: std::collections::BTreeMap<_, _> = w.labels.iter().collect();
+    json!({
+        "namespace": w.namespace,
+        "name": w.name,
+        "service_account": w.service_account,
+        "addresses": w.addresses,
+        "node": w.node,
+        "labels": labels,
+    })
+}
+
 /// A snapshot: services with ports, policy summary and endpoints.
 pub fn snapshot(s: &api::Snapshot) -> Value {
     json!({

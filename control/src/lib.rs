@@ -3,8 +3,9 @@
 //!
 //! Data flow: each [`registry::Source`] publishes its complete view ->
 //! [`snapshot::SnapshotBuilder`] merges them into one versioned snapshot ->
-//! [`discovery::DiscoveryService`] streams it to every agent and records their
-//! ACKs/NACKs -> [`admin`] shows it all.
+//! [`discovery::DiscoveryService`] streams it to every authenticated agent (over
+//! [`tls`], with a certificate from the [`ca`]) and records their ACKs/NACKs ->
+//! [`admin`] shows it all.
 
 pub mod admin;
 pub mod agent_book;
@@ -18,3 +19,4 @@ pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod snapshot;
+pub mod tls;

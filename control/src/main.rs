@@ -3,18 +3,20 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use control::{
     ca::{
-        Ca, CaConfig, CaMode, CaStore, FileStore, FirstOf, NodeAuthenticator, SecretStore,
-        TokenFileAuthenticator, TokenReviewAuthenticator, TokenReviewConfig,
+        Ca, CaConfig, CaMode, CaStore, DEFAULT_ROOT_VALIDITY, FileStore, FirstOf, NodeAuthenticator,
+        SecretStore, TokenFileAuthenticator, TokenReviewAuthenticator, TokenReviewConfig,
+        publish::ConfigMapPublisher, rotation,
     },
     registry::{
         Source,
         file::FileSource,
         kubernetes::{KubernetesConfig, KubernetesSource},
     },
-    server::{self, CaSettings, Settings},
+    server::{self, CaSettings, Settings, Transport},
+    tls::names::{self, InCluster},
 };
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, fmt};
@@ -28,7 +30,45 @@ enum MtlsDefault {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "mesh-control", version)]
+#[command(name = "mesh-control", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Replace the CA's root with a new one and exit: the old root stays in the trust
+    /// bundle, and the new one is cross-signed by it, so agents anchored on the old root
+    /// accept the new one and mutual TLS keeps working. Restart the control plane to
+    /// serve with the new root.
+    RotateRoot(RotateArgs),
+}
+
+/// Flags of `rotate-root`.
+#[derive(clap::Args, Debug)]
+struct RotateArgs {
+    /// Directory of the CA (as for serving).
+    #[arg(long, env = "MESH_CA_DIR", default_value = "/var/lib/mesh/ca")]
+    ca_dir: PathBuf,
+
+    /// The CA's Kubernetes Secret, `NAMESPACE/NAME`, instead of --ca-dir.
+    #[arg(long, env = "MESH_CA_SECRET", conflicts_with = "ca_dir", value_parser = parse_secret_ref)]
+    ca_secret: Option<(String, String)>,
+
+    /// SPIFFE trust domain of the mesh (must be the stored root's).
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+
+    /// Lifetime of the new root.
+    #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
+    root_validity: Duration,
+}
+
+#[derive(clap::Args, Debug)]
 struct Args {
     /// YAML registry file (the embedded default source); watched for changes.
     #[arg(long, env = "MESH_REGISTRY")]
@@ -47,9 +87,25 @@ struct Args {
     #[arg(long, env = "MESH_AGENT_INBOUND_PORT", default_value_t = 15008)]
     agent_inbound_port: u16,
 
-    /// gRPC listen address for agents (discovery, certificates).
+    /// gRPC listen address for agents (discovery, certificates), served over TLS.
     #[arg(long, env = "MESH_CONTROL_LISTEN", default_value = "0.0.0.0:15010")]
     listen: SocketAddr,
+
+    /// Further DNS names or IP addresses for the gRPC serving certificate (repeatable,
+    /// or comma-separated). It always names the host name, localhost, the listen
+    /// address (every interface's address when listening on all), and with
+    /// --kubernetes the Service `mesh-control` in this pod's namespace.
+    #[arg(long = "tls-san", env = "MESH_CONTROL_TLS_SANS", value_delimiter = ',', value_parser = names::parse_san)]
+    tls_sans: Vec<String>,
+
+    /// Lifetime of the gRPC serving certificate; it is renewed at two thirds of it.
+    #[arg(long, env = "MESH_CONTROL_SERVING_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    serving_cert_ttl: Duration,
+
+    /// Serve gRPC without TLS: node credentials and routing data travel in clear.
+    /// Only for agents started with --insecure-control-plane; never in production.
+    #[arg(long, env = "MESH_CONTROL_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
 
     /// Admin endpoint (/live /ready /agents /config_dump).
     #[arg(long, env = "MESH_CONTROL_ADMIN_ADDR", default_value = "127.0.0.1:15011")]
@@ -85,15 +141,22 @@ struct Args {
     #[arg(long, env = "MESH_CA_ROOT_KEY", requires = "ca_root_cert")]
     ca_root_key: Option<PathBuf>,
 
+    /// Publish the CA's roots (public certificates only) in this Kubernetes ConfigMap,
+    /// `NAMESPACE/NAME`, key `ca.pem`: the trust anchor agents mount as their
+    /// --control-plane-ca. Needs get/update on it and create on configmaps.
+    #[arg(long, env = "MESH_CA_CONFIGMAP", value_parser = parse_secret_ref)]
+    ca_configmap: Option<(String, String)>,
+
     /// File of agent bootstrap tokens, one `TOKEN NODE` per line (re-read on change).
-    /// Agents present theirs as `authorization: Bearer TOKEN` to get certificates.
+    /// Agents present theirs as `authorization: Bearer TOKEN` on every call (discovery
+    /// and certificates).
     #[arg(long, env = "MESH_BOOTSTRAP_TOKENS")]
     bootstrap_tokens: Option<PathBuf>,
 
     /// Authenticate agents by their Kubernetes service-account token (TokenReview):
     /// accepted when valid for --token-review-audience, owned by
     /// --agent-service-account and bound to a pod on a node, which is the agent's node.
-    /// Alone or with --bootstrap-tokens; either turns the CA on.
+    /// Alone or with --bootstrap-tokens; one of them is required.
     #[arg(long, env = "MESH_TOKEN_REVIEW")]
     token_review: bool,
 
@@ -150,7 +213,8 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    let args = cli.args;
     let filter = EnvFilter::try_new(&args.log).with_context(|| format!("--log {:?}", args.log))?;
     if args.log_json {
         fmt().json().flatten_event(true).with_env_filter(filter).with_current_span(false).init();
@@ -171,7 +235,10 @@ fn main() -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let result = rt.block_on(run(args));
+    let result = match cli.command {
+        Some(Command::RotateRoot(rotate)) => rt.block_on(rotate_root(rotate)),
+        None => rt.block_on(run(args)),
+    };
     if let Err(e) = &result {
         tracing::error!("{e:#}");
     }
@@ -196,13 +263,40 @@ fn parse_service_account(value: &str) -> Result<(String, String), String> {
     TokenReviewConfig::parse_service_account(value)
 }
 
-/// The CA (from --ca-dir or --ca-secret) and the authenticators the flags ask for.
+/// `rotate-root`: a new root, cross-signed by the current one, saved to the store.
+async fn rotate_root(args: RotateArgs) -> anyhow::Result<()> {
+    let (store, flag): (Box<dyn CaStore>, String) = match &args.ca_secret {
+        Some((ns, name)) => {
+            let client =
+                kube::Client::try_default().await.context("connecting to Kubernetes (for --ca-secret)")?;
+            (Box::new(SecretStore::new(client, ns, name)), format!("--ca-secret {ns}/{name}"))
+        }
+        None => (Box::new(FileStore::new(&args.ca_dir)), format!("--ca-dir {}", args.ca_dir.display())),
+    };
+    let validity = if args.root_validity.is_zero() { DEFAULT_ROOT_VALIDITY } else { args.root_validity };
+    rotation::rotate(store.as_ref(), &args.trust_domain, validity)
+        .await
+        .with_context(|| format!("rotating the root in {flag}"))?;
+    tracing::info!(store = %store.describe(),
+        "rotated the root: the new one is cross-signed by the old one, which stays trusted; restart the \
+         control plane to serve with it");
+    Ok(())
+}
+
+/// The CA (from --ca-dir or --ca-secret) and the authenticators the flags ask for;
+/// its roots are published to --ca-configmap.
 async fn open_ca(args: &Args) -> anyhow::Result<CaSettings> {
-    let needs_kube = args.token_review || args.ca_secret.is_some();
+    if args.bootstrap_tokens.is_none() && !args.token_review {
+        bail!(
+            "no --bootstrap-tokens (MESH_BOOTSTRAP_TOKENS) or --token-review (MESH_TOKEN_REVIEW): every agent \
+             call (discovery, certificates) needs a node credential, and none could be checked"
+        );
+    }
+    let needs_kube = args.token_review || args.ca_secret.is_some() || args.ca_configmap.is_some();
     let client = if needs_kube {
         let client = kube::Client::try_default()
             .await
-            .context("connecting to Kubernetes (for --ca-secret / --token-review)")?;
+            .context("connecting to Kubernetes (for --ca-secret / --ca-configmap / --token-review)")?;
         Some(client)
     } else {
         None
@@ -241,7 +335,13 @@ async fn open_ca(args: &Args) -> anyhow::Result<CaSettings> {
         _ => (Box::new(FileStore::new(&args.ca_dir)), format!("--ca-dir {}", args.ca_dir.display())),
     };
     let ca = Ca::open(config, store.as_ref()).await.with_context(|| format!("opening the CA in {flag}"))?;
-    tracing::info!(store = %store.describe(), trust_domain = %args.trust_domain, "CA ready");
+    tracing::info!(store = %store.describe(), trust_domain = %args.trust_domain,
+        roots = ca.trust_bundle_pem().len(), cross_signed = ca.cross_signed_pem().len(), "CA ready");
+    if let (Some((ns, name)), Some(client)) = (&args.ca_configmap, &client) {
+        let publisher = ConfigMapPublisher::new(client.clone(), ns, name);
+        let wrote = publisher.publish(&ca.trust_bundle_pem().concat()).await.context("--ca-configmap")?;
+        tracing::info!(configmap = %publisher.configmap(), updated = wrote, "CA roots published");
+    }
     Ok(CaSettings { ca: Arc::new(ca), authenticator })
 }
 
@@ -249,8 +349,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sources: Vec<Box<dyn Source>> = Vec::new();
     if let Some(path) = &args.registry {
         // Fail fast on a bad file at start; later bad edits keep the last good state.
-        let services = FileSource::load(path, &args.trust_domain).context("--registry")?;
-        tracing::info!(file = %path.display(), services = services.len(), "registry file valid");
+        let registry = FileSource::load(path, &args.trust_domain).context("--registry")?;
+        tracing::info!(file = %path.display(), services = registry.services.len(),
+            workloads = registry.workloads.len(), "registry file valid");
         sources.push(Box::new(FileSource::new(path, &args.trust_domain)));
     }
     if args.kubernetes {
@@ -268,6 +369,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "no registry source: pass --registry FILE (MESH_REGISTRY) and/or --kubernetes (MESH_KUBERNETES)"
         );
     }
+    let transport = if args.insecure_plaintext {
+        Transport::InsecurePlaintext
+    } else {
+        let cluster = args.kubernetes.then(|| InCluster::from_environment(&args.cluster_domain));
+        let names = names::serving_names(
+            args.listen,
+            &args.tls_sans,
+            names::host_name(),
+            &names::interface_addresses(),
+            cluster.as_ref(),
+        );
+        Transport::Tls { names, ttl: args.serving_cert_ttl, limits: Default::default() }
+    };
+    if args.serving_cert_ttl < Duration::from_secs(60) {
+        bail!("--serving-cert-ttl {:?} is too short: at least 1m", args.serving_cert_ttl);
+    }
     let settings = Settings {
         grpc_addr: args.listen,
         admin_addr: args.admin_addr,
@@ -283,15 +400,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_agents: args.max_agents,
             retention: args.agent_retention,
         },
+        transport,
     };
-    let ca = if args.bootstrap_tokens.is_none() && !args.token_review {
-        tracing::warn!(
-            "no --bootstrap-tokens or --token-review: the CA is off and agents cannot get certificates"
-        );
-        None
-    } else {
-        Some(open_ca(&args).await?)
-    };
+    let ca = open_ca(&args).await?;
     let shutdown = CancellationToken::new();
     let mut running = server::start(&settings, sources, ca, shutdown.clone()).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -26,6 +26,13 @@ pub const CERTIFICATES_TOTAL: &str = "mesh_control_certificate_requests_total";
 pub const REGISTRY_ERRORS_TOTAL: &str = "mesh_control_registry_errors_total";
 /// Services in each registry source's current view, by `source`.
 pub const REGISTRY_SERVICES: &str = "mesh_control_registry_services";
+/// Discovery calls refused: no or a bad credential, or a Subscribe for another node.
+pub const DISCOVERY_REFUSED_TOTAL: &str = "mesh_control_discovery_refused_total";
+/// Renewals of the control plane's TLS serving certificate, by `result` (`ok`, `failed`).
+pub const SERVING_CERT_RENEWALS_TOTAL: &str = "mesh_control_serving_certificate_renewals_total";
+/// TLS handshakes on the gRPC listener that failed or timed out, or that were turned
+/// away because too many were already in progress.
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "mesh_control_tls_handshake_failures_total";
 
 /// Times a resource limit refused or closed something, by `limit` (a fixed set).
 pub const LIMIT_HITS_TOTAL: &str = "mesh_control_limit_hits_total";
@@ -73,6 +80,13 @@ pub fn describe() {
     describe_counter!(REGISTRY_ERRORS_TOTAL, Unit::Count, "Errors reported by registry sources.");
     describe_gauge!(REGISTRY_SERVICES, Unit::Count, "Services in each registry source's view.");
     describe_counter!(LIMIT_HITS_TOTAL, Unit::Count, "Times a resource limit refused or closed something.");
+    describe_counter!(DISCOVERY_REFUSED_TOTAL, Unit::Count, "Discovery calls refused (credential, node).");
+    describe_counter!(SERVING_CERT_RENEWALS_TOTAL, Unit::Count, "Renewals of the gRPC serving certificate.");
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES_TOTAL,
+        Unit::Count,
+        "TLS handshakes on the gRPC listener that failed, timed out or were turned away."
+    );
 }
 
 /// Counts a hit of `limit` and logs `detail` at warn, at most once per 10 s per
@@ -129,6 +143,21 @@ pub fn registry_error(source: &str) {
 /// Publishes how many services a registry source currently has.
 pub fn set_registry_services(source: &str, services: usize) {
     gauge!(REGISTRY_SERVICES, "source" => source.to_owned()).set(services as f64);
+}
+
+/// Counts a refused discovery call.
+pub fn discovery_refused() {
+    counter!(DISCOVERY_REFUSED_TOTAL).increment(1);
+}
+
+/// Counts a renewal of the serving certificate, successful or not.
+pub fn serving_cert_renewal(ok: bool) {
+    counter!(SERVING_CERT_RENEWALS_TOTAL, "result" => if ok { "ok" } else { "failed" }).increment(1);
+}
+
+/// Counts a failed, timed-out or turned-away TLS handshake on the gRPC listener.
+pub fn tls_handshake_failed() {
+    counter!(TLS_HANDSHAKE_FAILURES_TOTAL).increment(1);
 }
 
 #[cfg(test)]

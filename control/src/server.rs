@@ -1,5 +1,5 @@
 //! Wires the control plane together: sources -> snapshot builder -> gRPC server
-//! and admin endpoint, with one shutdown token.
+//! (TLS, every call authenticated) and admin endpoint, with one shutdown token.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -9,10 +9,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     admin::{self, AdminState},
+    ca::serving::ServingNames,
     discovery::{AgentBook, DiscoveryService},
     registry::{Source, SourceView},
     snapshot::{SnapshotBuilder, Versioned},
+    tls::{
+        ServingCert, TlsError,
+        accept::{self, AcceptLimits},
+    },
 };
+
+/// How agents' connections are carried.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// TLS with a certificate from the mesh CA for `names`, valid for `ttl` and renewed
+    /// before it expires.
+    Tls { names: ServingNames, ttl: Duration, limits: AcceptLimits },
+    /// Plain HTTP/2: credentials and routing data in clear. Only for agents started
+    /// with `--insecure-control-plane`.
+    InsecurePlaintext,
+}
 
 /// Control-plane settings the library needs (the binary maps flags onto this).
 #[derive(Debug, Clone)]
@@ -28,6 +44,7 @@ pub struct Settings {
     pub settle: Duration,
     /// Bounds on agents' discovery streams and the book of agents.
     pub book: crate::agent_book::BookLimits,
+    pub transport: Transport,
 }
 
 /// Largest header list an agent's gRPC request may carry (h2's default is 16 MiB).
@@ -36,7 +53,7 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 /// the odd certificate request open; meshctl one call.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
-/// The CA and how callers authenticate, when certificates are served.
+/// The CA and how callers authenticate (for certificates and discovery alike).
 pub struct CaSettings {
     pub ca: Arc<crate::ca::Ca>,
     pub authenticator: Arc<dyn crate::ca::NodeAuthenticator>,
@@ -49,8 +66,10 @@ pub struct Running {
     pub snapshots: watch::Receiver<Arc<Versioned>>,
     pub agents: AgentBook,
     pub tasks: tokio::task::JoinSet<()>,
-    /// The certificate service (for its counters), when the CA is on.
-    pub certificates: Option<crate::ca::CertificatesService>,
+    /// The certificate service (for its counters).
+    pub certificates: crate::ca::CertificatesService,
+    /// The certificate the gRPC listener presents (None in plaintext).
+    pub serving: Option<Arc<ServingCert>>,
 }
 
 /// Errors starting the control plane.
@@ -60,13 +79,15 @@ pub enum StartError {
     Grpc { addr: SocketAddr, source: std::io::Error },
     #[error("cannot listen for admin on {addr}: {source}")]
     Admin { addr: SocketAddr, source: std::io::Error },
+    #[error("TLS on the gRPC listener: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// Starts sources, the snapshot builder and both listeners.
 pub async fn start(
     settings: &Settings,
     sources: Vec<Box<dyn Source>>,
-    ca: Option<CaSettings>,
+    ca: CaSettings,
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
     let mut tasks = tokio::task::JoinSet::new();
@@ -93,30 +114,48 @@ pub async fn start(
         .map_err(|source| StartError::Grpc { addr: settings.grpc_addr, source })?;
     let grpc_addr =
         listener.local_addr().map_err(|source| StartError::Grpc { addr: settings.grpc_addr, source })?;
-    let service = DiscoveryServer::new(DiscoveryService::new(snapshots.clone(), agents.clone()));
-    let certificates = ca.map(|c| {
-        let authorizer = Arc::new(crate::identity::RegistryAuthorizer::new(snapshots.clone()));
-        crate::ca::CertificatesService::new(c.ca, c.authenticator, authorizer)
-    });
-    let cert_counts = certificates.clone();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let keepalive = settings.keepalive;
+    let service = DiscoveryServer::new(DiscoveryService::new(
+        snapshots.clone(),
+        agents.clone(),
+        ca.authenticator.clone(),
+    ));
+    let authorizer = Arc::new(crate::identity::RegistryAuthorizer::new(snapshots.clone()));
+    let certificates = crate::ca::CertificatesService::new(ca.ca.clone(), ca.authenticator, authorizer);
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(settings.keepalive))
+        .http2_keepalive_timeout(Some(settings.keepalive))
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .tcp_nodelay(true)
+        .add_service(service)
+        .add_service(certificates.clone().into_server());
     let stop = shutdown.clone();
-    tasks.spawn(async move {
-        let result = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(keepalive))
-            .http2_keepalive_timeout(Some(keepalive))
-            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-            .tcp_nodelay(true)
-            .add_service(service)
-            .add_optional_service(certificates.map(|c| c.into_server()))
-            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "gRPC server failed");
+    let serving = match &settings.transport {
+        Transport::Tls { names, ttl, limits } => {
+            let cert = ServingCert::issue(&ca.ca, names, *ttl)?;
+            let config = crate::tls::server_config(cert.clone())?;
+            tracing::info!(dns = ?names.dns, ips = ?names.ips, not_after = ?cert.not_after(),
+                "TLS serving certificate issued");
+            tasks.spawn(cert.clone().keep_renewed(ca.ca.clone(), names.clone(), *ttl, shutdown.clone()));
+            let incoming = accept::incoming(listener, config, *limits, shutdown.clone());
+            tasks.spawn(async move {
+                if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
+                    tracing::error!(error = %e, "gRPC server failed");
+                }
+            });
+            Some(cert)
         }
-    });
+        Transport::InsecurePlaintext => {
+            tracing::warn!("serving gRPC in plaintext: node credentials and routing data travel in clear");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            tasks.spawn(async move {
+                if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop.cancelled_owned()).await {
+                    tracing::error!(error = %e, "gRPC server failed");
+                }
+            });
+            None
+        }
+    };
     let admin_addr = admin::spawn(
         settings.admin_addr,
         AdminState {
@@ -134,6 +173,6 @@ pub async fn start(
     )
     .await
     .map_err(|source| StartError::Admin { addr: settings.admin_addr, source })?;
-    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "control plane serving");
-    Ok(Running { grpc_addr, admin_addr, snapshots, agents, tasks, certificates: cert_counts })
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, tls = serving.is_some(), "control plane serving");
+    Ok(Running { grpc_addr, admin_addr, snapshots, agents, tasks, certificates, serving })
 }

@@ -3,6 +3,8 @@
 //!
 //! A snapshot is encoded once per version; streams send the same reference-counted
 //! buffer, so a thousand agents cost one encoding of the state, not a thousand.
+//! Beside it, each version holds the workloads placed on each node
+//! ([`Placements`]); a stream adds only its own node's to the shared buffer.
 //! Versions increase strictly; a restarted control plane seeds them from the wall
 //! clock (ms since the epoch), so its first version is above anything it sent
 //! before the restart.
@@ -24,14 +26,21 @@ use crate::{
     registry::SourceView,
 };
 
+/// The workloads placed on each node, by node name; each list sorted by namespace then
+/// name.
+pub type Placements = BTreeMap<String, Vec<api::Workload>>;
+
 /// One published version of the mesh's state.
 #[derive(Debug)]
 pub struct Versioned {
     pub version: u64,
     /// The decoded snapshot, for the admin endpoint and tools.
     pub snapshot: Arc<api::Snapshot>,
-    /// The message every stream sends: its snapshot is a shared buffer.
+    /// What every stream sends: the snapshot is a shared buffer; no workloads (see
+    /// [`Versioned::response_for`]).
     pub response: api::DiscoveryResponse,
+    /// The workloads of every node; each agent receives its own node's only.
+    pub placements: Arc<Placements>,
     /// Errors the sources currently report (the state served is their last good one).
     pub source_errors: Vec<(String, String)>,
     /// Whether every source finished its first load.
@@ -62,6 +71,7 @@ impl SnapshotBuilder {
             version: 0,
             snapshot: Arc::default(),
             response: api::DiscoveryResponse::default(),
+            placements: Arc::default(),
             source_errors: Vec::new(),
             ready: false,
         });
@@ -69,10 +79,11 @@ impl SnapshotBuilder {
         (Self { sources, trust_domain, default_mtls, tx, targets, failing }, rx)
     }
 
-    /// Merges the current views (first source wins on a namespace/name clash) and
-    /// marks endpoints failing their checks unhealthy.
-    fn merge(&self) -> (api::Snapshot, Vec<(String, String)>, bool, Targets) {
+    /// Merges the current views (first source wins on a namespace/name clash of a
+    /// service or a workload) and marks endpoints failing their checks unhealthy.
+    fn merge(&self) -> (api::Snapshot, Placements, Vec<(String, String)>, bool, Targets) {
         let mut merged: BTreeMap<(String, String), api::Service> = BTreeMap::new();
+        let mut workloads: BTreeMap<(String, String), api::Workload> = BTreeMap::new();
         let mut errors = Vec::new();
         let mut ready = true;
         for (name, rx) in &self.sources {
@@ -92,6 +103,21 @@ impl SnapshotBuilder {
                 }
                 merged.insert(key, s.clone());
             }
+            for w in view.workloads.iter() {
+                let key = (w.namespace.clone(), w.name.clone());
+                if workloads.contains_key(&key) {
+                    errors.push((
+                        name.clone(),
+                        format!("workload {}/{} also defined by another source", key.0, key.1),
+                    ));
+                    continue;
+                }
+                workloads.insert(key, w.clone());
+            }
+        }
+        let mut placements = Placements::new();
+        for w in workloads.into_values() {
+            placements.entry(w.node.clone()).or_default().push(w);
         }
         let failing = self.failing.borrow().clone();
         let mut targets = Targets::new();
@@ -115,7 +141,7 @@ impl SnapshotBuilder {
             trust_domain: self.trust_domain.clone(),
             default_mtls: self.default_mtls as i32,
         };
-        (snapshot, errors, ready, targets)
+        (snapshot, placements, errors, ready, targets)
     }
 
     /// Publishes a new version whenever a source or a health verdict changes, until
@@ -142,14 +168,15 @@ impl SnapshotBuilder {
                 }
                 self.failing.mark_unchanged();
             }
-            let (snapshot, source_errors, ready, targets) = self.merge();
+            let (snapshot, placements, source_errors, ready, targets) = self.merge();
             self.targets.send_if_modified(|t| {
                 let changed = *t != targets;
                 *t = targets;
                 changed
             });
             let current = self.tx.borrow().clone();
-            let same = !first && *current.snapshot == snapshot;
+            let same_services = !first && *current.snapshot == snapshot;
+            let same = same_services && *current.placements == placements;
             if same && current.source_errors == source_errors && current.ready == ready {
                 continue;
             }
@@ -158,6 +185,7 @@ impl SnapshotBuilder {
                     version: current.version,
                     snapshot: current.snapshot.clone(),
                     response: current.response.clone(),
+                    placements: current.placements.clone(),
                     source_errors,
                     ready,
                 }
@@ -165,12 +193,20 @@ impl SnapshotBuilder {
                 if !first {
                     version = (version + 1).max(epoch_ms());
                 }
-                tracing::info!(version, services = snapshot.services.len(), "new snapshot");
-                let encoded = Bytes::from(snapshot.encode_to_vec());
+                let workloads: usize = placements.values().map(Vec::len).sum();
+                tracing::info!(version, services = snapshot.services.len(), workloads, "new snapshot");
+                // Only placements changed: the shared buffer is the same, not re-encoded.
+                let (snapshot, encoded) = if same_services {
+                    (current.snapshot.clone(), current.response.snapshot.clone())
+                } else {
+                    let encoded = Bytes::from(snapshot.encode_to_vec());
+                    (Arc::new(snapshot), encoded)
+                };
                 Versioned {
                     version,
-                    snapshot: Arc::new(snapshot),
-                    response: api::DiscoveryResponse { version, snapshot: encoded },
+                    snapshot,
+                    response: api::DiscoveryResponse { version, snapshot: encoded, workloads: Vec::new() },
+                    placements: Arc::new(placements),
                     source_errors,
                     ready,
                 }
@@ -184,6 +220,94 @@ impl SnapshotBuilder {
     }
 }
 
+impl Versioned {
+    /// The response for `node`'s agent: the shared snapshot and the workloads placed on
+    /// that node, and no other node's.
+    pub fn response_for(&self, node: &str) -> api::DiscoveryResponse {
+        api::DiscoveryResponse {
+            workloads: self.placements.get(node).cloned().unwrap_or_default(),
+            ..self.response.clone()
+        }
+    }
+
+    /// Whether `node` hosts a workload running as `namespace`/`service_account`.
+    pub fn places(&self, node: &str, namespace: &str, service_account: &str) -> bool {
+        self.placements.get(node).is_some_and(|ws| {
+            ws.iter().any(|w| w.namespace == namespace && w.service_account == service_account)
+        })
+    }
+}
+
 fn epoch_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, node: &str) -> api::Workload {
+        api::Workload {
+            namespace: "shop".into(),
+            name: name.into(),
+            service_account: name.into(),
+            node: node.into(),
+            ..Default::default()
+        }
+    }
+
+    fn view(workloads: Vec<api::Workload>) -> SourceView {
+        let service = api::Service { name: "cart".into(), namespace: "shop".into(), ..Default::default() };
+        SourceView {
+            services: Arc::new(vec![service]),
+            workloads: Arc::new(workloads),
+            ready: true,
+            last_error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn each_node_gets_its_placements_and_the_shared_part_is_encoded_once() {
+        let (file_tx, file_rx) =
+            watch::channel(view(vec![workload("a-1", "node-a"), workload("b-1", "node-b")]));
+        // A second source placing a workload the first already placed: first wins, reported.
+        let (_kube_tx, kube_rx) = watch::channel(SourceView {
+            workloads: Arc::new(vec![workload("a-1", "node-b")]),
+            ready: true,
+            ..Default::default()
+        });
+        let (targets, _targets_rx) = watch::channel(Targets::new());
+        let (_failing_tx, failing) = watch::channel(Failing::default());
+        let sources = vec![("file".to_owned(), file_rx), ("kubernetes".to_owned(), kube_rx)];
+        let (builder, mut rx) = SnapshotBuilder::new(
+            sources,
+            ("cluster.local".into(), api::MtlsMode::Permissive),
+            targets,
+            failing,
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(builder.run(Duration::from_millis(1), stop.clone()));
+
+        let first = rx.wait_for(|v| v.version > 0).await.unwrap().clone();
+        let names = |node: &str| -> Vec<String> {
+            first.response_for(node).workloads.iter().map(|w| w.name.clone()).collect()
+        };
+        assert_eq!(names("node-a"), ["a-1"]);
+        assert_eq!(names("node-b"), ["b-1"], "the clashing a-1 of the second source is not placed");
+        assert!(names("node-c").is_empty());
+        assert!(first.places("node-b", "shop", "b-1") && !first.places("node-a", "shop", "b-1"));
+        assert!(
+            first.source_errors.iter().any(|(s, e)| s == "kubernetes" && e.contains("workload shop/a-1"))
+        );
+        assert!(first.response.workloads.is_empty(), "the shared response carries no node's workloads");
+
+        // Only placements change: a new version, the same encoded buffer.
+        file_tx.send_replace(view(vec![workload("a-1", "node-a"), workload("a-2", "node-a")]));
+        let second = rx.wait_for(|v| v.version > first.version).await.unwrap().clone();
+        assert_eq!(second.response_for("node-a").workloads.len(), 2);
+        assert!(second.response_for("node-b").workloads.is_empty(), "b-1 is gone");
+        assert_eq!(second.response.snapshot.as_ptr(), first.response.snapshot.as_ptr(), "not re-encoded");
+        stop.cancel();
+        task.await.unwrap();
+    }
 }

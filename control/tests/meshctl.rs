@@ -1,15 +1,17 @@
 //! meshctl against a real `mesh-control` (registry file, ephemeral loopback ports),
-//! one agent simulated on the gRPC stream (subscribe + ACK) and an agent admin
-//! endpoint serving `/stats`, `/ready` and `/config_dump` in the agent's JSON shape.
-//! Needs no root.
+//! one agent simulated on the gRPC stream (TLS, its node's token, subscribe + ACK)
+//! and an agent admin endpoint serving `/stats`, `/ready` and `/config_dump` in the
+//! agent's JSON shape. Needs no root.
+
+mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Output, Stdio},
-    sync::mpsc,
+    process::Output,
     time::{Duration, Instant},
 };
+
+use common::{ControlPlane, authorized, start_control, tls_channel, token};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -39,56 +41,10 @@ services:
       - {address: 10.1.0.9, service_account: productpage, node: node-a, agent_address: 127.0.0.1:15008}
 ";
 
-/// `mesh-control`, killed on drop.
-struct ControlPlane {
-    child: Child,
-    grpc: SocketAddr,
-    admin: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `mesh-control` on ephemeral ports and reads them from its "serving" log line.
-fn start_control() -> ControlPlane {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = dir.path().join("registry.yaml");
-    std::fs::write(&registry, REGISTRY).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-control"))
-        .arg("--registry")
-        .arg(&registry)
-        .args(["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--log-json", "--settle", "10ms"])
-        .env_remove("MESH_KUBERNETES")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn mesh-control");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["message"] == "control plane serving"
-            {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    let serving = rx.recv_timeout(Duration::from_secs(30)).expect("mesh-control logs that it serves");
-    let addr = |k: &str| serving[k].as_str().and_then(|s| s.parse().ok()).expect(k);
-    ControlPlane { grpc: addr("grpc"), admin: addr("admin"), child, _dir: dir }
-}
-
 /// Runs meshctl with only the given flags (no MESHCTL_* from the environment).
 async fn meshctl(args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshctl"));
-    for var in ["MESHCTL_CONTROL_PLANE", "MESHCTL_CONTROL_ADMIN", "MESHCTL_AGENTS"] {
+    for var in ["MESHCTL_CONTROL_ADMIN", "MESHCTL_AGENTS"] {
         cmd.env_remove(var);
     }
     cmd.args(args).output().await.expect("run meshctl")
@@ -107,9 +63,9 @@ fn json_of(o: &Output) -> Value {
 /// A node agent on the discovery stream: subscribes, ACKs the first snapshot and
 /// keeps the stream open (until dropped). Returns the version it applied.
 async fn subscribe_agent(
-    grpc: SocketAddr,
+    cp: &ControlPlane,
 ) -> (u64, tokio::sync::mpsc::Sender<api::DiscoveryRequest>, tonic::Streaming<api::DiscoveryResponse>) {
-    let mut client = DiscoveryClient::connect(format!("http://{grpc}")).await.expect("connect");
+    let mut client = DiscoveryClient::new(tls_channel(cp.grpc, &cp.ca_pem).await.expect("connect"));
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let subscribe = api::Subscribe {
         node: "node-a".into(),
@@ -120,7 +76,11 @@ async fn subscribe_agent(
     tx.send(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Subscribe(subscribe)) })
         .await
         .unwrap();
-    let mut responses = client.stream(ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    let mut responses = client
+        .stream(authorized(ReceiverStream::new(rx), &token("node-a")))
+        .await
+        .expect("stream")
+        .into_inner();
     // The first answer may precede the registry's first load; wait for the snapshot with services.
     let version = loop {
         let r = tokio::time::timeout(Duration::from_secs(10), responses.message())
@@ -192,13 +152,11 @@ async fn fake_agent_admin(applied_version: u64) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshctl_reports_a_running_control_plane_and_agent() {
-    let cp = start_control();
-    let (version, _tx, _responses) = subscribe_agent(cp.grpc).await;
+    let cp = start_control(REGISTRY, &[]);
+    let (version, _tx, _responses) = subscribe_agent(&cp).await;
     let agent = fake_agent_admin(version).await;
-    let (grpc, admin, agent) =
-        (format!("http://{}", cp.grpc), format!("http://{}", cp.admin), format!("http://{agent}"));
-    let base =
-        ["--control-plane", grpc.as_str(), "--control-admin", admin.as_str(), "--agent", agent.as_str()];
+    let (admin, agent) = (format!("http://{}", cp.admin), format!("http://{agent}"));
+    let base = ["--control-admin", admin.as_str(), "--agent", agent.as_str()];
     let with = |extra: &[&'static str]| [&base[..], extra].concat();
 
     // The ACK is asynchronous: wait until the control plane records it.
@@ -232,7 +190,7 @@ async fn meshctl_reports_a_running_control_plane_and_agent() {
     let human = meshctl(&with(&["status"])).await;
     let text = stdout(&human);
     assert!(human.status.success(), "{text}");
-    assert!(text.contains(&format!("CONTROL PLANE  {grpc} (admin {admin})")), "{text}");
+    assert!(text.contains(&format!("CONTROL PLANE  {admin}")), "{text}");
     assert!(text.lines().any(|l| l.starts_with("node-a") && l.ends_with("in sync")), "{text}");
 
     let services = meshctl(&with(&["services"])).await;
@@ -284,20 +242,20 @@ async fn meshctl_reports_a_running_control_plane_and_agent() {
 async fn unreachable_components_fail_with_what_to_do() {
     // Bind then drop: nothing listens on these ports while the test runs.
     let closed = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let (grpc, admin, agent) = (closed(), closed(), closed());
-    let (grpc, admin, agent) =
-        (format!("http://{grpc}"), format!("http://{admin}"), format!("http://{agent}"));
-    let base = ["--control-plane", grpc.as_str(), "--control-admin", admin.as_str(), "--timeout", "3s"];
+    let (admin, agent) = (closed(), closed());
+    let (admin, agent) = (format!("http://{admin}"), format!("http://{agent}"));
+    let base = ["--control-admin", admin.as_str(), "--timeout", "3s"];
 
     let out = meshctl(&[&base[..], &["--agent", agent.as_str(), "status"]].concat()).await;
     assert_eq!(out.status.code(), Some(1));
     let text = stdout(&out);
     assert!(
         text.contains(&format!(
-            "cannot reach the control plane at {grpc}: connection refused — is mesh-control running? pass --control-plane"
+            "cannot reach the control plane's admin endpoint at {admin}: connection refused — is mesh-control running"
         )),
         "{text}"
     );
+    assert_eq!(text.matches("cannot reach the control plane").count(), 1, "said once: {text}");
     assert!(text.contains(&format!("cannot reach the agent at {agent}: connection refused")), "{text}");
 
     let out = meshctl(&[&base[..], &["services"]].concat()).await;

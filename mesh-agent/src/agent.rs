@@ -24,11 +24,12 @@ use crate::{
     admin,
     cgroup::{CgroupPath, cgroup2_mount},
     config::{ProxySettings, RunArgs},
+    control_channel::{ControlPlane, ControlPlaneSettings},
     discovery::{
         self, RouteStore,
         client::{Backoff, ClientSettings},
     },
-    identity::{RenewalConfig, signer::GrpcSigner},
+    identity::{RenewalConfig, TrustAnchor, signer::GrpcSigner},
     intercept::{ActiveMode, InterceptError, Interceptor, Settings},
     listener::{self, Direction, ProxyContext},
     socket::SocketFactory,
@@ -569,7 +570,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let downstream = crate::l7::DownstreamTimeouts { idle: downstream_idle_timeout, ..Default::default() };
     let sockets = SocketFactory::new(settings.mark);
 
-    // The admin socket before anything is touched: an unsafe path refuses the start.
+    // Before interception: an unusable anchor, URL or admin socket path is a start-up
+    // error that leaves nothing behind.
+    let control = match &args.control_plane {
+        Some(url) => Some(connect_control_plane(&args, url, sockets.clone(), connect_timeout)?),
+        None => None,
+    };
     let admin_socket = admin::AdminSocket::bind(&args.admin_socket)?;
     let connection_limits = connection_limits(&args);
 
@@ -586,7 +592,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let has_tunnel = args.control_plane.is_some() && args.bootstrap_token_file.is_some();
+    let has_tunnel = control.is_some();
     let tunnel = if has_tunnel && hosts.iter().any(|h| h.workload.service_account.is_some()) {
         listener::bind_any(&sockets, args.tunnel_port, false).map_err(|e| {
             anyhow::anyhow!("tunnel listener on port {} (--tunnel-port): {e}", args.tunnel_port)
@@ -640,16 +646,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // listener sends GOAWAY and served HTTP connections close gracefully.
     let shutdown = CancellationToken::new();
     let node_name = node_name(&args);
-    let identities = match (&args.control_plane, &args.bootstrap_token_file) {
-        (Some(control_plane), Some(token_file)) => {
-            let channel = crate::control_channel::lazy_channel(
-                control_plane,
-                sockets.clone(),
-                args.discovery_keepalive,
-                connect_timeout.min(std::time::Duration::from_secs(5)),
-            )
-            .map_err(|e| anyhow::anyhow!("--control-plane: {e}"))?;
-            let signer = GrpcSigner::new(channel, node_name.clone(), token_file.clone());
+    let identities = match &control {
+        Some(control) => {
+            let channel = control.lazy_channel().map_err(|e| anyhow::anyhow!("--control-plane: {e}"))?;
+            let signer = GrpcSigner::new(channel, control.clone(), node_name.clone());
             let renewal = RenewalConfig {
                 renew_fraction: args.cert_renew_fraction,
                 ttl: args.cert_ttl,
@@ -657,7 +657,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             };
             Some(Identities::start(signer, renewal, shutdown.clone()))
         }
-        _ => None,
+        None => None,
     };
     let node = Arc::new(Node {
         name: node_name.clone(),
@@ -823,9 +823,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin_socket_path = admin_socket.path().display().to_string();
     let admin_socket = admin::spawn_socket(admin_socket, state.clone());
 
-    if let Some(control_plane) = &args.control_plane {
+    if let Some(control) = &control {
         let settings = ClientSettings {
-            control_plane: control_plane.clone(),
             node: node_name.clone(),
             // Only the port: the control plane pairs it with the address it sees the
             // stream come from (the agent cannot know which of its addresses peers use).
@@ -836,13 +835,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
             mode: mode.as_str().to_string(),
             max_endpoints: args.max_endpoints,
-            keepalive: args.discovery_keepalive,
-            connect_timeout: connect_timeout.min(std::time::Duration::from_secs(5)),
             backoff: Backoff::new(std::time::Duration::from_millis(100), args.discovery_backoff_max),
         };
         tokio::spawn(discovery::client::run(
             settings,
-            sockets.clone(),
+            control.clone(),
             routes.clone(),
             state.shutdown.clone(),
         ));
@@ -961,6 +958,39 @@ fn connection_limits(args: &RunArgs) -> Arc<crate::limits::ConnectionLimits> {
         }
     };
     crate::limits::ConnectionLimits::new(args.max_connections_per_source, total)
+}
+
+/// The control channel from the flags: the trust anchor (`--control-plane-ca`, or
+/// trust on first use with `--insecure-control-plane` alone) and the node credential.
+fn connect_control_plane(
+    args: &RunArgs,
+    url: &str,
+    sockets: SocketFactory,
+    connect_timeout: std::time::Duration,
+) -> anyhow::Result<Arc<ControlPlane>> {
+    let anchor = match &args.control_plane_ca {
+        Some(path) => TrustAnchor::from_file(path)?,
+        None => TrustAnchor::first_use(),
+    };
+    let token_file = args
+        .bootstrap_token_file
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--control-plane needs --bootstrap-token-file"))?;
+    let settings = ControlPlaneSettings {
+        url: url.to_owned(),
+        token_file,
+        insecure: args.insecure_control_plane,
+        keepalive: args.discovery_keepalive,
+        connect_timeout: connect_timeout.min(std::time::Duration::from_secs(5)),
+    };
+    let control =
+        ControlPlane::new(settings, anchor, sockets).map_err(|e| anyhow::anyhow!("--control-plane: {e}"))?;
+    if control.is_tls() {
+        info!(control_plane = %url, anchor = %control.anchor().describe(), "control plane over TLS");
+    } else {
+        warn!(control_plane = %url, "control plane in plaintext (--insecure-control-plane): its answers and the node credential are not protected");
+    }
+    Ok(control)
 }
 
 /// `--node`, or the host name.

@@ -365,10 +365,24 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_IPTABLES_EXTERNAL")]
     pub iptables_external: bool,
 
-    /// Control plane gRPC address (`http://host:port`). Without it the agent forwards
-    /// every connection to its original destination.
+    /// Control plane gRPC address (`https://host:port`), verified against
+    /// --control-plane-ca. Without it the agent forwards every connection to its
+    /// original destination.
     #[arg(long, env = "MESH_CONTROL_PLANE")]
     pub control_plane: Option<String>,
+
+    /// PEM file of the mesh CA's root(s), given out of band (on Kubernetes the
+    /// ConfigMap the control plane publishes): the control plane's certificate must
+    /// chain to it, and a trust bundle from the control plane is accepted only when
+    /// it vouches for every root in it. Re-read at every bundle check.
+    #[arg(long, env = "MESH_CONTROL_PLANE_CA")]
+    pub control_plane_ca: Option<std::path::PathBuf>,
+
+    /// Allow an `http://` (plaintext) --control-plane: the node credential and routing
+    /// data then travel in clear, and without --control-plane-ca the first trust
+    /// bundle is taken as it comes. For tests and debugging only.
+    #[arg(long, env = "MESH_INSECURE_CONTROL_PLANE")]
+    pub insecure_control_plane: bool,
 
     /// This node's name as the control plane knows it (default: the host name).
     #[arg(long, env = "MESH_NODE")]
@@ -379,7 +393,9 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_IDENTITY", requires = "bootstrap_token_file")]
     pub identity: Option<String>,
 
-    /// File holding this node's bootstrap token for the CA (re-read on every request).
+    /// File holding this node's credential for the control plane: a bootstrap token,
+    /// or on Kubernetes a projected service-account token. Sent on every call
+    /// (discovery and certificates), over TLS only; re-read every time.
     #[arg(long, env = "MESH_BOOTSTRAP_TOKEN_FILE")]
     pub bootstrap_token_file: Option<std::path::PathBuf>,
 
@@ -613,6 +629,48 @@ pub struct ProxySettings {
 }
 
 impl RunArgs {
+    /// TLS unless plaintext is explicitly allowed, an anchor for TLS, a credential.
+    fn validate_control_plane(&self, cp: &str) -> Result<(), ConfigError> {
+        if cp.starts_with("https://") {
+            if self.control_plane_ca.is_none() {
+                return Err(err(
+                    "--control-plane-ca",
+                    "MESH_CONTROL_PLANE_CA",
+                    format!(
+                        "missing: the PEM root the control plane {cp} must prove itself against (the mesh \
+                         CA's root, given out of band)"
+                    ),
+                ));
+            }
+        } else if cp.starts_with("http://") {
+            if !self.insecure_control_plane {
+                return Err(err(
+                    "--control-plane",
+                    "MESH_CONTROL_PLANE",
+                    format!(
+                        "{cp:?} is plaintext: the node credential and routing data would travel in clear, \
+                         and anyone on the path could answer; use https:// with --control-plane-ca, or pass \
+                         --insecure-control-plane to accept it"
+                    ),
+                ));
+            }
+        } else {
+            return Err(err(
+                "--control-plane",
+                "MESH_CONTROL_PLANE",
+                format!("{cp:?} must be a URL like https://10.0.0.1:15010"),
+            ));
+        }
+        if self.bootstrap_token_file.is_none() {
+            return Err(err(
+                "--bootstrap-token-file",
+                "MESH_BOOTSTRAP_TOKEN_FILE",
+                "missing: the control plane answers only calls carrying the node's credential",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(Settings, ProxySettings), ConfigError> {
         if self.tunnel_port == 0 {
             return Err(err("--tunnel-port", "MESH_TUNNEL_PORT", "must not be 0"));
@@ -634,14 +692,10 @@ impl RunArgs {
         if self.connect_timeout.is_zero() {
             return Err(err("--connect-timeout", "MESH_CONNECT_TIMEOUT", "must be more than 0"));
         }
-        if let Some(cp) = &self.control_plane
-            && !(cp.starts_with("http://") || cp.starts_with("https://"))
-        {
-            return Err(err(
-                "--control-plane",
-                "MESH_CONTROL_PLANE",
-                format!("{cp:?} must be a URL like http://10.0.0.1:15010"),
-            ));
+        if let Some(cp) = &self.control_plane {
+            self.validate_control_plane(cp)?;
+        } else if self.control_plane_ca.is_some() {
+            return Err(err("--control-plane-ca", "MESH_CONTROL_PLANE_CA", "needs --control-plane"));
         }
         if let Some(id) = &self.identity {
             if self.control_plane.is_none() {
@@ -807,6 +861,28 @@ mod tests {
         assert_eq!(e.flag, "--max-connections-per-source");
         let e = parse(&["--tunnel-handshake-timeout", "0s"]).unwrap_err();
         assert_eq!(e.flag, "--tunnel-handshake-timeout");
+    }
+
+    #[test]
+    fn the_control_plane_is_tls_with_an_anchor_and_a_credential_unless_insecure_is_explicit() {
+        let tls = ["--control-plane", "https://cp:15010", "--bootstrap-token-file", "/t"];
+        let e = parse(&tls).unwrap_err();
+        assert_eq!(e.flag, "--control-plane-ca", "{e}");
+        assert!(e.to_string().contains("MESH_CONTROL_PLANE_CA"), "{e}");
+        parse(&[&tls[..], &["--control-plane-ca", "/ca.pem"]].concat()).expect("TLS with an anchor");
+
+        let plain = ["--control-plane", "http://cp:15010", "--bootstrap-token-file", "/t"];
+        let e = parse(&plain).unwrap_err();
+        assert_eq!(e.flag, "--control-plane");
+        assert!(e.to_string().contains("--insecure-control-plane"), "{e}");
+        parse(&[&plain[..], &["--insecure-control-plane"]].concat()).expect("plaintext only when explicit");
+
+        let e = parse(&["--control-plane", "https://cp:15010", "--control-plane-ca", "/ca.pem"]).unwrap_err();
+        assert_eq!(e.flag, "--bootstrap-token-file", "{e}");
+        let e = parse(&["--control-plane", "cp:15010", "--bootstrap-token-file", "/t"]).unwrap_err();
+        assert!(e.to_string().contains("https://"), "{e}");
+        let e = parse(&["--control-plane-ca", "/ca.pem"]).unwrap_err();
+        assert_eq!(e.flag, "--control-plane-ca");
     }
 
     #[test]

@@ -1,4 +1,9 @@
 //! A running `mesh-control` in a test host, with its JSON log captured.
+//!
+//! As in production, agents reach it over TLS (`https://`), verify it against the
+//! CA's root it wrote (their `--control-plane-ca`), and authenticate with their
+//! node's bootstrap token, which [`Control`] writes on demand for each node an
+//! agent is started for.
 
 use std::{
     net::SocketAddr,
@@ -7,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -21,19 +26,54 @@ pub const ADMIN_PORT: u16 = 15011;
 /// A control-plane process; SIGTERM on drop.
 pub struct Control {
     process: LoggedChild,
-    /// Where agents reach it: `http://<host v4>:15010`.
+    /// Where agents reach it: `https://<host v4>:15010`.
     pub url: String,
     pub admin: SocketAddr,
-    /// Where [`Control::start_with_ca`] wrote each node's bootstrap token.
-    tokens: Option<PathBuf>,
+    /// Its CA's root: the agents' trust anchor (`--control-plane-ca`).
+    pub ca_pem: PathBuf,
+    /// The tokens file, the CA's directory (`ca/`) and each node's token file.
+    dir: PathBuf,
+    /// Owned when [`Control::start`] made the directory itself.
+    _own_dir: Option<tempfile::TempDir>,
 }
 
 impl Control {
-    /// Starts `mesh-control --registry <registry>` in `host` and waits until it serves.
+    /// Starts `mesh-control --registry <registry>` in `host` with its CA and bootstrap
+    /// tokens in a fresh temporary directory, and waits until it serves; `args` are
+    /// further flags.
     pub fn start(host: &Host, registry: &Path, args: &[&str]) -> Result<Self> {
+        let own = tempfile::tempdir()?;
+        let mut control = Self::start_with_ca(host, registry, own.path(), &[], args)?;
+        control._own_dir = Some(own);
+        Ok(control)
+    }
+
+    /// [`Control::start`] with the CA in `dir/ca` and the tokens in `dir/tokens`, each
+    /// node's also in `dir/<node>.token` (written for `nodes` now, for other nodes when
+    /// an agent is started for them). A later start in the same `dir` is the same
+    /// control plane restarted: same root, same tokens.
+    pub fn start_with_ca(
+        host: &Host,
+        registry: &Path,
+        dir: &Path,
+        nodes: &[&str],
+        args: &[&str],
+    ) -> Result<Self> {
+        let tokens = dir.join("tokens");
+        if !tokens.exists() {
+            std::fs::write(&tokens, "")?;
+        }
+        for n in nodes {
+            add_token(dir, n)?;
+        }
+        let ca = dir.join("ca");
         let mut cmd = host.command(bins::control(), None)?;
         cmd.args(["--registry"])
             .arg(registry)
+            .arg("--bootstrap-tokens")
+            .arg(&tokens)
+            .arg("--ca-dir")
+            .arg(&ca)
             .args([
                 "--listen",
                 &format!("0.0.0.0:{GRPC_PORT}"),
@@ -46,68 +86,46 @@ impl Control {
         process.wait_ready("control plane serving", Duration::from_secs(30))?;
         Ok(Self {
             process,
-            url: format!("http://{}:{GRPC_PORT}", host.v4),
+            url: format!("https://{}:{GRPC_PORT}", host.v4),
             admin: SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
-            tokens: None,
+            ca_pem: ca.join("ca.pem"),
+            dir: dir.to_owned(),
+            _own_dir: None,
         })
     }
 
-    /// [`Control::start`] with the control plane's CA in `dir/ca` and one bootstrap
-    /// token per node of `nodes`, each also written to `dir/<node>.token` for that
-    /// node's agent (see [`Control::agent_options`]); `args` are further flags.
-    pub fn start_with_ca(
-        host: &Host,
-        registry: &Path,
-        dir: &Path,
-        nodes: &[&str],
-        args: &[&str],
-    ) -> Result<Self> {
-        let table: String = nodes.iter().map(|n| format!("tok-{n} {n}\n")).collect();
-        std::fs::write(dir.join("tokens"), table)?;
-        for n in nodes {
-            std::fs::write(dir.join(format!("{n}.token")), format!("tok-{n}\n"))?;
-        }
-        let (tokens, ca) = (dir.join("tokens").display().to_string(), dir.join("ca").display().to_string());
-        let mut all = vec!["--bootstrap-tokens", &tokens, "--ca-dir", &ca];
-        all.extend_from_slice(args);
-        let mut control = Self::start(host, registry, &all)?;
-        control.tokens = Some(dir.to_owned());
-        Ok(control)
+    /// The directory of the CA and the tokens.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file holding `node`'s bootstrap token (made, and known to the control plane,
+    /// on first use).
+    ///
+    /// # Panics
+    /// If the files cannot be written.
+    pub fn token_file(&self, node: &str) -> PathBuf {
+        add_token(&self.dir, node).expect("write the node's bootstrap token")
+    }
+
+    /// Options for an agent on `node` subscribed to this control plane (TLS, the CA's
+    /// root as anchor, the node's token), without a workload identity.
+    pub fn discovery_options(&self, mode: &str, node: &str) -> AgentOptions {
+        AgentOptions::new(mode)
+            .arg("--control-plane")
+            .arg(self.url.clone())
+            .arg("--control-plane-ca")
+            .arg(self.ca_pem.display().to_string())
+            .arg("--node")
+            .arg(node)
+            .arg("--bootstrap-token-file")
+            .arg(self.token_file(node).display().to_string())
     }
 
     /// Options for an agent on `node` with `identity` (`namespace/service-account`),
     /// enrolled with this control plane through the node's bootstrap token.
-    ///
-    /// # Panics
-    /// If the control plane was not started with [`Control::start_with_ca`].
     pub fn agent_options(&self, mode: &str, node: &str, identity: &str) -> AgentOptions {
-        let tokens = self.tokens.as_ref().expect("agent_options needs a control plane from start_with_ca");
-        AgentOptions::new(mode)
-            .arg("--control-plane")
-            .arg(self.url.clone())
-            .arg("--node")
-            .arg(node)
-            .arg("--identity")
-            .arg(identity)
-            .arg("--bootstrap-token-file")
-            .arg(tokens.join(format!("{node}.token")).display().to_string())
-    }
-
-    /// Options for an agent on `node` enrolled with this control plane through the
-    /// node's bootstrap token, with no static workload identity: one that serves pods
-    /// (their identities come from the control plane).
-    ///
-    /// # Panics
-    /// If the control plane was not started with [`Control::start_with_ca`].
-    pub fn node_options(&self, mode: &str, node: &str) -> AgentOptions {
-        let tokens = self.tokens.as_ref().expect("node_options needs a control plane from start_with_ca");
-        AgentOptions::new(mode)
-            .arg("--control-plane")
-            .arg(self.url.clone())
-            .arg("--node")
-            .arg(node)
-            .arg("--bootstrap-token-file")
-            .arg(tokens.join(format!("{node}.token")).display().to_string())
+        self.discovery_options(mode, node).arg("--identity").arg(identity)
     }
 
     pub fn log_text(&self) -> String {
@@ -127,4 +145,24 @@ impl Control {
     pub fn terminate(mut self) -> Result<ExitStatus> {
         self.process.stop(Signal::SIGTERM)
     }
+}
+
+/// Makes sure `dir/tokens` lists `node` (as `tok-<node> <node>`) and `dir/<node>.token`
+/// holds its token; returns the latter. The control plane re-reads the list on every
+/// call, so a node added while it runs is known at once.
+fn add_token(dir: &Path, node: &str) -> Result<PathBuf> {
+    let tokens = dir.join("tokens");
+    let line = format!("tok-{node} {node}");
+    let known = std::fs::read_to_string(&tokens).unwrap_or_default();
+    if !known.lines().any(|l| l.trim() == line) {
+        use std::io::Write as _;
+        let mut f =
+            std::fs::OpenOptions::new().create(true).append(true).open(&tokens).context("tokens file")?;
+        writeln!(f, "{line}")?;
+    }
+    let file = dir.join(format!("{node}.token"));
+    if !file.exists() {
+        std::fs::write(&file, format!("tok-{node}\n"))?;
+    }
+    Ok(file)
 }

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod bins;
+pub mod capture;
 pub mod cgroup;
 pub mod cni;
 pub mod control;

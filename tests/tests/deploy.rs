@@ -401,17 +401,95 @@ fn control_plane_probes_and_service_match_its_listeners() {
         "the Service must select the control plane's pods"
     );
 
-    // Every agent dials the Service's gRPC port by its cluster DNS name.
+    // Every agent dials the Service's gRPC port by its cluster DNS name, over TLS; the
+    // control plane's serving certificate names it (the Service's default names, in
+    // the namespace the Deployment tells it).
+    let namespace = svc.value["metadata"]["namespace"].as_str().unwrap();
+    assert_eq!(svc.name(), control::tls::names::SERVICE_NAME, "the name the serving certificate covers");
+    assert_eq!(d.value["metadata"]["namespace"], namespace);
+    let env = c["env"].as_array().expect("mesh-control env");
+    assert!(
+        env.iter().any(|e| e["name"] == "POD_NAMESPACE"
+            && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"),
+        "mesh-control learns its namespace (POD_NAMESPACE) for its certificate's names"
+    );
     for (w, c, _) in mesh_containers() {
         let Some(url) = flags(&args_of(c)).get("control-plane").cloned() else { continue };
-        let want = format!(
-            "http://{}.{}.svc:{}",
-            svc.name(),
-            svc.value["metadata"]["namespace"].as_str().unwrap(),
-            grpc["port"]
-        );
+        let want = format!("https://{}.{namespace}.svc:{}", svc.name(), grpc["port"]);
         assert_eq!(url, want, "{}/{}", w.id(), c["name"]);
     }
+}
+
+/// The Role letting the control plane publish its roots (--ca-configmap).
+const CA_ROOT_ROLE: &str = "Role/mesh-control-ca-root";
+
+#[test]
+fn agents_anchor_on_the_roots_the_control_plane_publishes() {
+    let control = flags(&args_of(container(doc("Deployment/mesh-control"), "mesh-control")));
+    let published =
+        control.get("ca-configmap").expect("the control plane publishes its roots (--ca-configmap)");
+    let (namespace, name) = published.split_once('/').expect("--ca-configmap NAMESPACE/NAME");
+    // Written by the control plane, never declared: applying the manifests must not
+    // blank the anchor every agent mounts.
+    assert!(
+        !docs().iter().any(|x| x.kind() == "ConfigMap" && x.name() == name),
+        "ConfigMap/{name} must not be in the manifests"
+    );
+    let role = doc(CA_ROOT_ROLE);
+    assert_eq!(role.value["metadata"]["namespace"], namespace);
+    let mut grants = BTreeSet::new();
+    for rule in role.value["rules"].as_array().unwrap() {
+        assert_eq!(strs(&rule["apiGroups"]), [""]);
+        assert_eq!(strs(&rule["resources"]), ["configmaps"]);
+        let names = strs(&rule["resourceNames"]);
+        for verb in strs(&rule["verbs"]) {
+            if verb == "create" {
+                assert!(names.is_empty(), "create with resourceNames never matches");
+            } else {
+                assert_eq!(names, [name], "{verb} is limited to the published ConfigMap");
+            }
+            grants.insert(verb);
+        }
+    }
+    assert_eq!(grants, BTreeSet::from(["create".into(), "get".into(), "update".into()]));
+    let binding = doc("RoleBinding/mesh-control-ca-root");
+    assert_eq!(binding.value["roleRef"]["name"], role.name());
+    assert_eq!(binding.value["metadata"]["namespace"], namespace);
+    assert_eq!(
+        binding.value["subjects"][0]["name"],
+        doc("Deployment/mesh-control").pod().unwrap()["serviceAccountName"]
+    );
+
+    // Every agent that talks to the control plane reads its anchor from that
+    // ConfigMap's key, mounted read-only, and a credential from a mounted file.
+    let mut agents = 0;
+    for (d, c, _) in mesh_containers() {
+        let args = flags(&args_of(c));
+        if !args.contains_key("control-plane") {
+            continue;
+        }
+        agents += 1;
+        let id = format!("{}/{}", d.id(), c["name"].as_str().unwrap_or_default());
+        let mounted = |flag: &str| {
+            let path = args.get(flag).unwrap_or_else(|| panic!("{id}: --{flag} missing"));
+            let (dir, file) = path.rsplit_once('/').unwrap();
+            let mount = c["volumeMounts"].as_array().into_iter().flatten().find(|m| m["mountPath"] == dir);
+            let mount = mount.unwrap_or_else(|| panic!("{id}: {dir} (--{flag}) is not mounted"));
+            assert_eq!(mount["readOnly"], true, "{id}: {dir} read-only");
+            let volume =
+                d.pod().unwrap()["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]);
+            (volume.unwrap_or_else(|| panic!("{id}: no volume {}", mount["name"])).clone(), file.to_owned())
+        };
+        let (volume, file) = mounted("control-plane-ca");
+        assert_eq!(volume["configMap"]["name"], name, "{id}: the anchor is the published ConfigMap");
+        let item = volume["configMap"]["items"]
+            .as_array()
+            .and_then(|i| i.iter().find(|i| i["path"] == file.as_str()));
+        let key = item.map_or(file.as_str(), |i| i["key"].as_str().unwrap());
+        assert_eq!(key, control::ca::publish::BUNDLE_KEY, "{id}: the key the control plane writes");
+        mounted("bootstrap-token-file");
+    }
+    assert!(agents >= 2, "the DaemonSet and the pod-level sidecar talk to the control plane");
 }
 
 /// The Role letting the control plane keep its CA root in a Secret (--ca-secret).
@@ -521,10 +599,13 @@ fn rule_set(rules: &Value) -> BTreeSet<(String, String, String)> {
 
 #[test]
 fn rbac_grants_reads_and_token_reviews_only() {
-    // The CA's Secret Role is checked by control_plane_keeps_its_ca_in_one_secret_it_may_create.
+    // The CA's Roles are checked by control_plane_keeps_its_ca_in_one_secret_it_may_create
+    // and agents_anchor_on_the_roots_the_control_plane_publishes.
     let roles: Vec<_> = docs()
         .iter()
-        .filter(|d| matches!(d.kind(), "Role" | "ClusterRole") && d.id() != CA_SECRET_ROLE)
+        .filter(|d| {
+            matches!(d.kind(), "Role" | "ClusterRole") && d.id() != CA_SECRET_ROLE && d.id() != CA_ROOT_ROLE
+        })
         .collect();
     assert!(!roles.is_empty());
     let token_review = (TOKEN_REVIEW.0.to_owned(), TOKEN_REVIEW.1.to_owned(), TOKEN_REVIEW.2.to_owned());

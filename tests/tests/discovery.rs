@@ -8,9 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::{
-    Agent, AgentOptions, Cgroup, Control, Lab, agent::message, eventually, require_root, servers,
-};
+use mesh_tests::{Agent, Cgroup, Control, Lab, agent::message, eventually, servers};
 use serde_json::Value;
 
 const VIP: &str = "10.96.0.10";
@@ -64,14 +62,10 @@ impl Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
         let registry = dir.path().join("registry.yaml");
         std::fs::write(&registry, registry_with(endpoints, service_extra)).expect("write registry");
-        let control = Control::start(lab.host("control"), &registry, &[]).expect("control plane starts");
+        let control = Control::start_with_ca(lab.host("control"), &registry, dir.path(), &[], &[])
+            .expect("control plane starts");
         let workload = Cgroup::new("wl").expect("cgroup");
-        let mut opts = AgentOptions::new(mode)
-            .cgroup(&workload)
-            .arg("--control-plane")
-            .arg(control.url.clone())
-            .arg("--node")
-            .arg("client");
+        let mut opts = control.discovery_options(mode, "client").cgroup(&workload);
         for a in agent_args {
             opts = opts.arg(*a);
         }
@@ -215,7 +209,9 @@ fn agent_keeps_routing_while_control_plane_is_down_and_catches_up_after(mode: &s
     // Restart with a changed registry: the agent reconnects and applies it within 5 s.
     m.write_registry(&[endpoint("b2", ""), endpoint("b3", "")]);
     let restarted = Instant::now();
-    let control = Control::start(m.lab.host("control"), &m.registry, &[]).expect("control plane restarts");
+    // The same control plane restarted: same CA (the agent's anchor) and tokens.
+    let control = Control::start_with_ca(m.lab.host("control"), &m.registry, m._dir.path(), &[], &[])
+        .expect("control plane restarts");
     m.control = Some(control);
     eventually(
         PROPAGATION.saturating_sub(restarted.elapsed()),
@@ -290,19 +286,7 @@ fn control_plane_health_checks_mark_a_dead_endpoint_unhealthy(mode: &str) {
 
 mesh_tests::both_modes!(
     vip_reaches_every_backend_and_follows_registry_edits,
-    refused_update_leaves_agent_on_last_good_version
+    refused_update_leaves_agent_on_last_good_version,
+    control_plane_health_checks_mark_a_dead_endpoint_unhealthy,
+    agent_keeps_routing_while_control_plane_is_down_and_catches_up_after
 );
-
-#[test]
-fn control_plane_health_checks_ebpf() {
-    if require_root("control_plane_health_checks_ebpf") {
-        control_plane_health_checks_mark_a_dead_endpoint_unhealthy("ebpf");
-    }
-}
-
-#[test]
-fn control_plane_outage_ebpf() {
-    if require_root("control_plane_outage_ebpf") {
-        agent_keeps_routing_while_control_plane_is_down_and_catches_up_after("ebpf");
-    }
-}

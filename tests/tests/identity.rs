@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mesh_tests::{Agent, AgentOptions, Cgroup, Control, Lab, agent::message, eventually, require_root};
+use mesh_tests::{Agent, Cgroup, Control, Lab, agent::message, eventually};
 use serde_json::Value;
 
 const REGISTRY: &str = "services:
@@ -17,6 +17,7 @@ const REGISTRY: &str = "services:
 ";
 
 struct Setup {
+    mode: &'static str,
     lab: Lab,
     _dir: tempfile::TempDir,
     control: Control,
@@ -25,40 +26,19 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(control_args: &[&str]) -> Self {
+    fn new(mode: &'static str) -> Self {
         let lab = Lab::new(&["control", "client"]).expect("lab");
         let dir = tempfile::tempdir().expect("tempdir");
         let registry = dir.path().join("registry.yaml");
         std::fs::write(&registry, REGISTRY).unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::write(&tokens, "s3cret-client client\n").unwrap();
-        let token_file = dir.path().join("client.token");
-        std::fs::write(&token_file, "s3cret-client\n").unwrap();
-        let ca_dir = dir.path().join("ca");
-        let mut args = vec![
-            "--bootstrap-tokens".to_owned(),
-            tokens.display().to_string(),
-            "--ca-dir".to_owned(),
-            ca_dir.display().to_string(),
-        ];
-        args.extend(control_args.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let control = Control::start(lab.host("control"), &registry, &args).expect("control plane");
+        let control = Control::start(lab.host("control"), &registry, &[]).expect("control plane");
+        let token_file = control.token_file("client");
         let workload = Cgroup::new("wl").expect("cgroup");
-        Self { lab, _dir: dir, control, token_file, workload }
+        Self { mode, lab, _dir: dir, control, token_file, workload }
     }
 
     fn agent(&self, identity: &str, extra: &[&str]) -> Agent {
-        let mut opts = AgentOptions::new("ebpf")
-            .cgroup(&self.workload)
-            .arg("--control-plane")
-            .arg(self.control.url.clone())
-            .arg("--node")
-            .arg("client")
-            .arg("--identity")
-            .arg(identity)
-            .arg("--bootstrap-token-file")
-            .arg(self.token_file.display().to_string());
+        let mut opts = self.control.agent_options(self.mode, "client", identity).cgroup(&self.workload);
         for a in extra {
             opts = opts.arg(*a);
         }
@@ -71,12 +51,8 @@ impl Setup {
     }
 }
 
-#[test]
-fn agent_gets_its_workload_certificate_and_renews_it() {
-    if !require_root("agent_gets_its_workload_certificate_and_renews_it") {
-        return;
-    }
-    let s = Setup::new(&[]);
+fn agent_gets_its_workload_certificate_and_renews_it(mode: &'static str) {
+    let s = Setup::new(mode);
     // 30 s certificates renewed at 80%: a renewal every ~24 s.
     let agent = s.agent("shop/frontend", &["--cert-ttl", "30s"]);
     let issued = agent.wait_log("certificate issued", |v| message(v) == "workload certificate issued");
@@ -95,12 +71,8 @@ fn agent_gets_its_workload_certificate_and_renews_it() {
     assert!(renewed[0]["expires_in_seconds"].as_i64().unwrap() > 20, "{renewed}");
 }
 
-#[test]
-fn identities_not_hosted_on_the_node_or_bad_tokens_are_refused() {
-    if !require_root("identities_not_hosted_on_the_node_or_bad_tokens_are_refused") {
-        return;
-    }
-    let s = Setup::new(&[]);
+fn identities_not_hosted_on_the_node_or_bad_tokens_are_refused(mode: &'static str) {
+    let s = Setup::new(mode);
     // The registry places shop/frontend on node `client`, not shop/payments.
     let agent = s.agent("shop/payments", &[]);
     let line = agent.wait_log("refusal", |v| {
@@ -120,8 +92,13 @@ fn identities_not_hosted_on_the_node_or_bad_tokens_are_refused() {
     assert_eq!(s.certificates(&agent), Value::Array(vec![]));
 
     // The token file is re-read: fixing it lets the agent in without a restart.
-    std::fs::write(&s.token_file, "s3cret-client\n").unwrap();
+    std::fs::write(&s.token_file, "tok-client\n").unwrap();
     agent.wait_log("certificate issued after the token is fixed", |v| {
         message(v) == "workload certificate issued"
     });
 }
+
+mesh_tests::both_modes!(
+    agent_gets_its_workload_certificate_and_renews_it,
+    identities_not_hosted_on_the_node_or_bad_tokens_are_refused
+);

@@ -17,8 +17,7 @@ use std::{
 };
 
 use mesh_tests::{
-    Agent, AgentOptions, Cgroup, Control, Lab, agent::message, bins, eventually, process::LoggedChild,
-    servers,
+    Agent, Cgroup, Control, Lab, agent::message, bins, eventually, process::LoggedChild, servers,
 };
 use serde_json::Value;
 
@@ -74,12 +73,7 @@ impl Mesh {
         std::fs::write(&reg, registry_yaml).expect("write registry");
         let control = Control::start(lab.host("control"), &reg, &[]).expect("control plane starts");
         let workload = Cgroup::new("wl").expect("cgroup");
-        let opts = AgentOptions::new(mode)
-            .cgroup(&workload)
-            .arg("--control-plane")
-            .arg(control.url.clone())
-            .arg("--node")
-            .arg("client");
+        let opts = control.discovery_options(mode, "client").cgroup(&workload);
         let agent = Agent::start(lab.host("client"), opts).expect("agent starts");
         agent.wait_log("first snapshot", |v| message(v) == "snapshot applied");
         Self {

@@ -54,42 +54,20 @@ fn registry() -> String {
     )
 }
 
-/// Writes the registry and bootstrap tokens into `dir`; returns the registry path.
+/// Writes the registry into `dir`; returns its path.
 fn write_config(dir: &Path) -> PathBuf {
     let reg = dir.join("registry.yaml");
     std::fs::write(&reg, registry()).unwrap();
-    std::fs::write(dir.join("tokens"), "tok-client client\ntok-server server\n").unwrap();
-    std::fs::write(dir.join("client.token"), "tok-client").unwrap();
-    std::fs::write(dir.join("server.token"), "tok-server").unwrap();
     reg
 }
 
 fn start_control(lab: &Lab, dir: &Path) -> Control {
     let reg = write_config(dir);
-    Control::start(
-        lab.host("control"),
-        &reg,
-        &[
-            "--bootstrap-tokens",
-            &dir.join("tokens").display().to_string(),
-            "--ca-dir",
-            &dir.join("ca").display().to_string(),
-        ],
-    )
-    .expect("control plane")
+    Control::start_with_ca(lab.host("control"), &reg, dir, &["client", "server"], &[]).expect("control plane")
 }
 
-fn agent_options(host: &str, cg: &Cgroup, control_url: &str, identity: &str, dir: &Path) -> AgentOptions {
-    AgentOptions::new("ebpf")
-        .cgroup(cg)
-        .arg("--control-plane")
-        .arg(control_url)
-        .arg("--node")
-        .arg(host)
-        .arg("--identity")
-        .arg(identity)
-        .arg("--bootstrap-token-file")
-        .arg(dir.join(format!("{host}.token")).display().to_string())
+fn agent_options(host: &str, cg: &Cgroup, control: &Control, identity: &str) -> AgentOptions {
+    control.agent_options("ebpf", host, identity).cgroup(cg)
 }
 
 struct Mesh {
@@ -121,7 +99,7 @@ impl Mesh {
         let server_cg = Cgroup::new("obs-srv").unwrap();
         let start = |host: &str, cg: &Cgroup, identity: &str| {
             let log = dir.path().join(format!("{host}.access.log"));
-            let opts = agent_options(host, cg, &control.url, identity, dir.path())
+            let opts = agent_options(host, cg, &control, identity)
                 .arg("--access-log")
                 .arg(log.display().to_string())
                 .arg("--drain-timeout")
@@ -457,13 +435,13 @@ fn ready_waits_for_certificate_and_snapshot() {
     let lab = Lab::new(&["control", "client"]).expect("lab");
     let dir = tempfile::tempdir().unwrap();
     let workload = Cgroup::new("obs-ready").unwrap();
-    let url = format!("http://{}:{}", lab.host("control").v4, mesh_tests::control::GRPC_PORT);
-    write_config(dir.path());
-    // The control plane is not running yet: interception is attached, but there is
-    // neither a certificate nor a snapshot.
-    let opts = agent_options("client", &workload, &url, "shop/frontend", dir.path())
+    // The control plane has run once (its CA, the agent's anchor, exists) and is down:
+    // interception is attached, but there is neither a certificate nor a snapshot.
+    let first = start_control(&lab, dir.path());
+    let opts = agent_options("client", &workload, &first, "shop/frontend")
         .arg("--discovery-backoff-max")
         .arg("300ms");
+    first.terminate().expect("control plane stops");
     let agent = Agent::start(lab.host("client"), opts).expect("agent starts");
     let client = lab.host("client");
     let (status, body) = client.http("GET", agent.admin, "/ready").unwrap();

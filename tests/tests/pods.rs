@@ -106,7 +106,7 @@ impl PodLab {
     fn start_node_agent(&mut self, pins: Option<&Arc<mesh_tests::Pins>>) {
         let mut opts = self
             .control
-            .node_options(&self.mode, "node")
+            .discovery_options(&self.mode, "node")
             .arg("--pod-state")
             .arg(self.dir.path().join("pods.json").display().to_string())
             .arg("--pod-identity-patience")

@@ -13,6 +13,8 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 
+use tonic::{Request, Status};
+
 /// The future a [`NodeAuthenticator`] returns: the authenticated node's name.
 pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<String, AuthError>> + Send + 'a>>;
 
@@ -137,6 +139,45 @@ impl NodeAuthenticator for FirstOf {
             Err(worst)
         })
     }
+}
+
+/// The node behind `request`'s `authorization: Bearer <token>`, as every authenticated
+/// call of the control plane (certificates, discovery) needs it; the error is the status
+/// the caller gets: `Unauthenticated` for a missing or refused credential, `Unavailable`
+/// when the verifier cannot be asked.
+pub async fn authenticate_request<T>(
+    authenticator: &dyn NodeAuthenticator,
+    request: &Request<T>,
+) -> Result<String, Status> {
+    let token = bearer_token(request)?;
+    authenticator.authenticate(token).await.map_err(|e| match e {
+        AuthError::InvalidToken => Status::unauthenticated("invalid node token"),
+        AuthError::Refused(reason) => Status::unauthenticated(reason),
+        AuthError::Unavailable(reason) => {
+            tracing::error!(%reason, "cannot verify node credentials");
+            Status::unavailable("cannot verify the node token now; retry later")
+        }
+        AuthError::TokenFile { .. } => {
+            tracing::error!(error = %e, "node credentials unavailable");
+            Status::unavailable("node credentials unavailable")
+        }
+    })
+}
+
+/// The token of `authorization: Bearer <token>` (scheme case-insensitive).
+fn bearer_token<T>(request: &Request<T>) -> Result<&str, Status> {
+    let missing = || {
+        Status::unauthenticated(
+            "missing \"authorization: Bearer <token>\" metadata: the node's credential is required",
+        )
+    };
+    let value = request.metadata().get("authorization").ok_or_else(missing)?;
+    let value = value.to_str().map_err(|_| missing())?;
+    let (scheme, token) = value.split_once(' ').ok_or_else(missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(missing());
+    }
+    Ok(token.trim())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

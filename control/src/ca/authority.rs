@@ -80,6 +80,8 @@ pub struct IssuedCertificate {
     pub chain_pem: Vec<String>,
     /// PEM roots that verify the chain.
     pub trust_bundle_pem: Vec<String>,
+    /// After a root rotation, the certificates chaining the newer roots to older ones.
+    pub cross_signed_pem: Vec<String>,
     /// Start of validity (already backdated).
     pub not_before: SystemTime,
     /// End of validity.
@@ -87,20 +89,24 @@ pub struct IssuedCertificate {
 }
 
 /// The signing certificate and key in use.
-struct SigningKey {
-    issuer: Issuer<'static, KeyPair>,
-    not_after: SystemTime,
+pub(super) struct SigningKey {
+    pub(super) issuer: Issuer<'static, KeyPair>,
+    pub(super) not_after: SystemTime,
 }
 
 /// The mesh's certificate authority. Cheap to share behind an `Arc`; signing takes `&self`.
 pub struct Ca {
-    trust_domain: String,
+    pub(super) trust_domain: String,
     default_ttl: Duration,
     max_ttl: Duration,
-    signing: SigningKey,
+    pub(super) signing: SigningKey,
     /// Intermediates sent after every leaf.
     intermediates_pem: Vec<String>,
+    /// The current root first, then the previous roots a rotation left trusted.
     roots_pem: Vec<String>,
+    /// After a rotation: the current root signed by the previous one(s), sent after every
+    /// leaf too, so that a peer still anchored on an older root can verify it.
+    cross_signed_pem: Vec<String>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -129,7 +135,7 @@ impl Ca {
         }
         let td = config.trust_domain.as_str();
         let now = SystemTime::now();
-        let (material, intermediates_pem, roots_pem) = match &config.mode {
+        let (material, intermediates_pem, roots_pem, cross_signed_pem) = match &config.mode {
             CaMode::SelfSignedRoot => {
                 let material = match store.load().await? {
                     Some(material) => material,
@@ -144,8 +150,10 @@ impl Ca {
                         stored
                     }
                 };
-                let roots = vec![material.cert_pem.clone()];
-                (material, vec![], roots)
+                let rotated = super::rotation::published(&material, now);
+                let mut roots = vec![material.cert_pem.clone()];
+                roots.extend(rotated.previous_roots);
+                (material, vec![], roots, rotated.cross_signed)
             }
             CaMode::Intermediate { root_cert, root_key } => {
                 let root_pem = read(root_cert)?;
@@ -192,7 +200,7 @@ impl Ca {
                 };
                 let roots = vec![pem_encode(&root_der)];
                 let intermediates = vec![material.cert_pem.clone()];
-                (material, intermediates, roots)
+                (material, intermediates, roots, vec![])
             }
         };
         let signing = load_signing_key(&material, td)?;
@@ -203,6 +211,7 @@ impl Ca {
             signing,
             intermediates_pem,
             roots_pem,
+            cross_signed_pem,
         })
     }
 
@@ -214,6 +223,22 @@ impl Ca {
     /// The PEM roots agents must trust.
     pub fn trust_bundle_pem(&self) -> &[String] {
         &self.roots_pem
+    }
+
+    /// After a root rotation, the certificates that chain the current root to the
+    /// previous ones (empty otherwise). Agents accept a new root only through these.
+    pub fn cross_signed_pem(&self) -> &[String] {
+        &self.cross_signed_pem
+    }
+
+    /// What follows a leaf this CA signed: intermediates, then cross-signed roots.
+    pub(super) fn chain_after_leaf(&self) -> impl Iterator<Item = &String> {
+        self.intermediates_pem.iter().chain(&self.cross_signed_pem)
+    }
+
+    /// The latest instant a certificate this CA signs may be valid until.
+    pub(super) fn signing_not_after(&self) -> SystemTime {
+        self.signing.not_after
     }
 
     /// Signs `csr_pem` for `expected`, valid for `ttl` (default when `None` or zero,
@@ -262,16 +287,26 @@ impl Ca {
         let public_key = rcgen::SubjectPublicKeyInfo::from_der(&checked.spki_der)?;
         let leaf = params.signed_by(&public_key, &self.signing.issuer)?;
         let mut chain_pem = vec![leaf.pem()];
-        chain_pem.extend(self.intermediates_pem.iter().cloned());
-        Ok(IssuedCertificate { chain_pem, trust_bundle_pem: self.roots_pem.clone(), not_before, not_after })
+        chain_pem.extend(self.chain_after_leaf().cloned());
+        Ok(IssuedCertificate {
+            chain_pem,
+            trust_bundle_pem: self.roots_pem.clone(),
+            cross_signed_pem: self.cross_signed_pem.clone(),
+            not_before,
+            not_after,
+        })
     }
 }
 
+/// The common name of the first root; rotated roots add their creation time, so that
+/// the roots a rotation leaves side by side are told apart by name.
+pub(super) const ROOT_NAME: &str = "mesh root CA";
+
 fn generate_root(td: &str, now: SystemTime, validity: Duration) -> Result<CaKeyMaterial, CaError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let params = ca_params(td, "mesh root CA", BasicConstraints::Unconstrained, now, later(now, validity))?;
+    let params = ca_params(td, ROOT_NAME, BasicConstraints::Unconstrained, now, later(now, validity))?;
     let cert = params.self_signed(&key)?;
-    Ok(CaKeyMaterial { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    Ok(CaKeyMaterial { cert_pem: cert.pem(), key_pem: key.serialize_pem(), ..Default::default() })
 }
 
 fn generate_intermediate(
@@ -293,10 +328,10 @@ fn generate_intermediate(
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let params = ca_params(td, "mesh intermediate CA", BasicConstraints::Constrained(0), now, not_after)?;
     let cert = params.signed_by(&key, &root_issuer)?;
-    Ok(CaKeyMaterial { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    Ok(CaKeyMaterial { cert_pem: cert.pem(), key_pem: key.serialize_pem(), ..Default::default() })
 }
 
-fn ca_params(
+pub(super) fn ca_params(
     td: &str,
     name: &str,
     constraints: BasicConstraints,
@@ -340,7 +375,7 @@ fn check_intermediate(
 }
 
 /// Parses stored material and checks it is a CA for `td` whose key matches.
-fn load_signing_key(material: &CaKeyMaterial, td: &str) -> Result<SigningKey, CaError> {
+pub(super) fn load_signing_key(material: &CaKeyMaterial, td: &str) -> Result<SigningKey, CaError> {
     let what = "stored CA certificate";
     let der = parse_pem_cert(&material.cert_pem, what)?;
     let cert = parse_cert(&der, what)?;
@@ -359,7 +394,7 @@ fn load_signing_key(material: &CaKeyMaterial, td: &str) -> Result<SigningKey, Ca
     Ok(SigningKey { issuer, not_after })
 }
 
-fn bad(what: &str, reason: String) -> CaError {
+pub(super) fn bad(what: &str, reason: String) -> CaError {
     CaError::BadMaterial { what: what.to_owned(), reason }
 }
 
@@ -367,7 +402,7 @@ fn read(path: &PathBuf) -> Result<String, CaError> {
     std::fs::read_to_string(path).map_err(|source| CaError::ReadRoot { path: path.clone(), source })
 }
 
-fn parse_pem_cert(pem: &str, what: &str) -> Result<Vec<u8>, CaError> {
+pub(super) fn parse_pem_cert(pem: &str, what: &str) -> Result<Vec<u8>, CaError> {
     let (_, block) =
         x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(what, e.to_string()))?;
     if block.label != "CERTIFICATE" {
@@ -376,24 +411,24 @@ fn parse_pem_cert(pem: &str, what: &str) -> Result<Vec<u8>, CaError> {
     Ok(block.contents)
 }
 
-fn parse_cert<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, CaError> {
+pub(super) fn parse_cert<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, CaError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| bad(what, e.to_string()))?;
     Ok(cert)
 }
 
-fn require_ca(cert: &X509Certificate<'_>, what: &str) -> Result<(), CaError> {
+pub(super) fn require_ca(cert: &X509Certificate<'_>, what: &str) -> Result<(), CaError> {
     match cert.basic_constraints() {
         Ok(Some(bc)) if bc.value.ca => Ok(()),
         _ => Err(bad(what, "is not a CA certificate (basicConstraints CA:TRUE missing)".into())),
     }
 }
 
-fn cert_not_after(cert: &X509Certificate<'_>) -> SystemTime {
+pub(super) fn cert_not_after(cert: &X509Certificate<'_>) -> SystemTime {
     let secs = cert.validity().not_after.timestamp();
     UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0))
 }
 
-fn cert_trust_domain(cert: &X509Certificate<'_>) -> Option<String> {
+pub(super) fn cert_trust_domain(cert: &X509Certificate<'_>) -> Option<String> {
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|name| match name {
         GeneralName::URI(uri) => {
@@ -403,29 +438,32 @@ fn cert_trust_domain(cert: &X509Certificate<'_>) -> Option<String> {
     })
 }
 
-fn uri_san(uri: &str) -> Result<SanType, rcgen::Error> {
+pub(super) fn uri_san(uri: &str) -> Result<SanType, rcgen::Error> {
     Ok(SanType::URI(uri.try_into()?))
 }
 
-fn pem_encode(der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new("CERTIFICATE", der))
+/// PEM with LF line endings, as rcgen writes them (so the same certificate is the
+/// same text whichever way it was made).
+pub(super) fn pem_encode(der: &[u8]) -> String {
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new("CERTIFICATE", der), config)
 }
 
 /// `t + d`, saturating at the last instant X.509 can express (9999-12-31T23:59:59Z).
-fn later(t: SystemTime, d: Duration) -> SystemTime {
+pub(super) fn later(t: SystemTime, d: Duration) -> SystemTime {
     let last = UNIX_EPOCH + Duration::from_secs(253_402_300_799);
     t.checked_add(d).map_or(last, |t| t.min(last))
 }
 
 /// X.509 carries seconds only; rounding here keeps reported times equal to the certificate's.
-fn whole_seconds(t: SystemTime) -> SystemTime {
+pub(super) fn whole_seconds(t: SystemTime) -> SystemTime {
     let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     UNIX_EPOCH + Duration::from_secs(secs)
 }
 
 /// 128 bits from the system CSPRNG, top bit clear (a positive INTEGER), second bit set
 /// (constant 16-byte encoding): unpredictable serials as RFC 5280 and CA/B ask.
-fn random_serial() -> SerialNumber {
+pub(super) fn random_serial() -> SerialNumber {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 16];
     // The system generator failing is not recoverable; a time-derived fallback keeps the

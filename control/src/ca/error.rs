@@ -42,6 +42,9 @@ pub enum CaError {
     /// Generating a key or certificate failed.
     #[error("generating CA material: {0}")]
     Generate(#[from] rcgen::Error),
+    /// The root cannot be rotated as asked.
+    #[error("root rotation: {0}")]
+    Rotation(String),
 }
 
 /// Why the CA refused to sign a request. Nothing is signed when any of these is returned.

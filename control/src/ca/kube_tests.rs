@@ -11,6 +11,8 @@ use serde_json::{Value, json};
 use super::*;
 use crate::registry::kubernetes::fake_api::FakeApi;
 
+const DEFAULT_TRUST_DOMAIN_FOR_TESTS: &str = mesh_api::spiffe::DEFAULT_TRUST_DOMAIN;
+
 const NS: &str = "mesh-system";
 const NAME: &str = "mesh-ca";
 
@@ -76,6 +78,21 @@ async fn a_present_secret_is_used() {
     assert_eq!(ca.trust_bundle_pem(), std::slice::from_ref(&material.cert_pem));
     assert_eq!(api.secret_calls(), [format!("GET {NS}/{NAME}")]);
     assert_eq!(stored(&api, KEY_FILE), Some(material.key_pem));
+}
+
+#[tokio::test]
+async fn a_rotation_in_the_secret_keeps_the_old_root_and_its_cross_signature() {
+    let api = FakeApi::start().await;
+    let old = open(&api).await.unwrap().trust_bundle_pem()[0].clone();
+    let store = SecretStore::new(api.client(), NS, NAME);
+    rotation::rotate(&store, DEFAULT_TRUST_DOMAIN_FOR_TESTS, DEFAULT_ROOT_VALIDITY).await.unwrap();
+    assert_eq!(stored(&api, PREVIOUS_ROOTS_FILE), Some(old.clone()), "the old root, under its own key");
+    assert!(stored(&api, CROSS_SIGNED_FILE).is_some_and(|c| c.contains("BEGIN CERTIFICATE")));
+    let ca = open(&api).await.unwrap();
+    assert_eq!(ca.trust_bundle_pem().len(), 2);
+    assert_eq!(ca.trust_bundle_pem()[1], old);
+    assert_eq!(ca.trust_bundle_pem()[0], stored(&api, CERT_FILE).unwrap());
+    assert_eq!(ca.cross_signed_pem().len(), 1);
 }
 
 #[tokio::test]

@@ -8,19 +8,25 @@
 //! [`CertificatesService`] exposes it over gRPC after authenticating the node
 //! ([`NodeAuthenticator`]: bootstrap tokens, or service-account tokens through
 //! a Kubernetes TokenReview) and authorizing the identity ([`IdentityAuthorizer`]).
+//! The CA also issues the control plane's own serving certificate ([`serving`]),
+//! rotates its root with a cross-signature agents can check ([`rotation`]), and
+//! publishes its roots for agents to anchor on ([`publish`]).
 
 mod auth;
 mod authority;
 mod csr;
 mod error;
+pub mod publish;
+pub mod rotation;
 mod secret_store;
 mod service;
+pub mod serving;
 mod store;
 mod token_review;
 
 pub use auth::{
     AuthError, AuthFuture, FirstOf, IdentityAuthorizer, NodeAuthenticator, StaticAuthorizer,
-    TokenFileAuthenticator,
+    TokenFileAuthenticator, authenticate_request,
 };
 pub use authority::{
     BACKDATE, Ca, CaConfig, CaMode, DEFAULT_INTERMEDIATE_VALIDITY, DEFAULT_MAX_TTL, DEFAULT_ROOT_VALIDITY,
@@ -31,7 +37,10 @@ pub use error::{CaError, SignError};
 pub use mesh_api::spiffe::SpiffeId;
 pub use secret_store::SecretStore;
 pub use service::{CertificatesService, SignCounts};
-pub use store::{CERT_FILE, CaKeyMaterial, CaStore, FileStore, KEY_FILE, StoreError, StoreFuture};
+pub use store::{
+    CERT_FILE, CROSS_SIGNED_FILE, CaKeyMaterial, CaStore, FileStore, KEY_FILE, PREVIOUS_ROOTS_FILE,
+    StoreError, StoreFuture,
+};
 pub use token_review::{
     DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, NODE_NAME_EXTRA, TokenReviewAuthenticator, TokenReviewConfig,
 };

@@ -1,8 +1,9 @@
 //! The CA's key material in a Kubernetes Secret, for a control plane running in
 //! a cluster (possibly several replicas, none with a persistent disk).
 //!
-//! The Secret holds the same two entries as [`FileStore`](super::FileStore)'s
-//! directory: `ca.pem` and `ca-key.pem`. On first start nothing is stored and
+//! The Secret holds the same entries as [`FileStore`](super::FileStore)'s
+//! directory: `ca.pem` and `ca-key.pem`, and after a root rotation
+//! `ca-previous.pem` and `ca-cross.pem`. On first start nothing is stored and
 //! the CA creates the Secret with a *create*, never a replace: when two replicas
 //! start together only one create succeeds, and the other, told 409, re-reads the
 //! Secret and uses the winner's root, so the mesh never has two roots.
@@ -14,7 +15,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 
-use super::store::{CERT_FILE, CaKeyMaterial, CaStore, KEY_FILE, StoreError, StoreFuture};
+use super::store::{
+    CERT_FILE, CROSS_SIGNED_FILE, CaKeyMaterial, CaStore, KEY_FILE, PREVIOUS_ROOTS_FILE, StoreError,
+    StoreFuture,
+};
 
 /// How often [`SecretStore::create`] re-reads after losing a race before giving up.
 const CREATE_ATTEMPTS: usize = 3;
@@ -117,7 +121,12 @@ impl SecretStore {
         let empty = BTreeMap::new();
         let data = secret.data.as_ref().unwrap_or(&empty);
         match (self.data_text(data, CERT_FILE)?, self.data_text(data, KEY_FILE)?) {
-            (Some(cert_pem), Some(key_pem)) => Ok(Found::Material(CaKeyMaterial { cert_pem, key_pem })),
+            (Some(cert_pem), Some(key_pem)) => Ok(Found::Material(CaKeyMaterial {
+                cert_pem,
+                key_pem,
+                previous_roots_pem: self.data_text(data, PREVIOUS_ROOTS_FILE)?.unwrap_or_default(),
+                cross_signed_pem: self.data_text(data, CROSS_SIGNED_FILE)?.unwrap_or_default(),
+            })),
             (Some(_), None) => Err(StoreError::SecretKeyMissing {
                 secret: self.secret(),
                 cert_key: CERT_FILE,
@@ -132,6 +141,16 @@ impl SecretStore {
         let data = secret.data.get_or_insert_with(BTreeMap::new);
         data.insert(CERT_FILE.to_owned(), ByteString(material.cert_pem.clone().into_bytes()));
         data.insert(KEY_FILE.to_owned(), ByteString(material.key_pem.clone().into_bytes()));
+        for (key, pem) in [
+            (PREVIOUS_ROOTS_FILE, &material.previous_roots_pem),
+            (CROSS_SIGNED_FILE, &material.cross_signed_pem),
+        ] {
+            if pem.trim().is_empty() {
+                data.remove(key);
+            } else {
+                data.insert(key.to_owned(), ByteString(pem.clone().into_bytes()));
+            }
+        }
         secret.string_data = None;
         secret
     }

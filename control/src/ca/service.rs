@@ -10,7 +10,7 @@ use mesh_api::spiffe::SpiffeId;
 use mesh_api::{SignRequest, SignResponse, TrustBundleRequest, TrustBundleResponse};
 use tonic::{Request, Response, Status};
 
-use super::auth::{AuthError, IdentityAuthorizer, NodeAuthenticator};
+use super::auth::{IdentityAuthorizer, NodeAuthenticator, authenticate_request};
 use super::authority::Ca;
 
 /// How many certificates were issued and how many requests were refused (for any
@@ -71,19 +71,7 @@ impl CertificatesService {
 
     /// The node name behind the request's bearer token.
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        let token = bearer_token(request)?;
-        self.authenticator.authenticate(token).await.map_err(|e| match e {
-            AuthError::InvalidToken => Status::unauthenticated("invalid node token"),
-            AuthError::Refused(reason) => Status::unauthenticated(reason),
-            AuthError::Unavailable(reason) => {
-                tracing::error!(%reason, "cannot verify node credentials");
-                Status::unavailable("cannot verify the node token now; retry later")
-            }
-            AuthError::TokenFile { .. } => {
-                tracing::error!(error = %e, "node credentials unavailable");
-                Status::unavailable("node credentials unavailable")
-            }
-        })
+        authenticate_request(self.authenticator.as_ref(), request).await
     }
 
     async fn sign_checked(&self, request: Request<SignRequest>) -> Result<SignResponse, Status> {
@@ -107,6 +95,7 @@ impl CertificatesService {
         Ok(SignResponse {
             cert_chain_pem: issued.chain_pem,
             trust_bundle_pem: issued.trust_bundle_pem,
+            cross_signed_pem: issued.cross_signed_pem,
             not_after: i64::try_from(not_after).unwrap_or(i64::MAX),
         })
     }
@@ -138,18 +127,7 @@ impl Certificates for CertificatesService {
         Ok(Response::new(TrustBundleResponse {
             trust_domain: self.ca.trust_domain().to_owned(),
             roots_pem: self.ca.trust_bundle_pem().to_vec(),
+            cross_signed_pem: self.ca.cross_signed_pem().to_vec(),
         }))
     }
-}
-
-/// The token of `authorization: Bearer <token>` (scheme case-insensitive).
-fn bearer_token<T>(request: &Request<T>) -> Result<&str, Status> {
-    let missing = || Status::unauthenticated("missing \"authorization: Bearer <token>\" metadata");
-    let value = request.metadata().get("authorization").ok_or_else(missing)?;
-    let value = value.to_str().map_err(|_| missing())?;
-    let (scheme, token) = value.split_once(' ').ok_or_else(missing)?;
-    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-        return Err(missing());
-    }
-    Ok(token.trim())
 }

@@ -14,19 +14,31 @@ use std::pin::Pin;
 /// The future a [`CaStore`] method returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
-/// The CA's signing certificate and private key, both PEM.
-#[derive(Clone, PartialEq, Eq)]
+/// The CA's signing certificate and private key, both PEM, and what a root rotation
+/// left behind.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct CaKeyMaterial {
     /// The signing certificate (the root itself, or the intermediate).
     pub cert_pem: String,
     /// The PKCS#8 private key matching `cert_pem`.
     pub key_pem: String,
+    /// Roots that came before the current one and are still trusted (PEM, any number
+    /// of certificates; empty when the root was never rotated). Agents keep accepting
+    /// certificates issued under them until the operator retires them.
+    pub previous_roots_pem: String,
+    /// Certificates of newer roots signed by older ones (PEM, any number): what lets an
+    /// agent anchored on an older root accept a newer one. See `ca::rotation`.
+    pub cross_signed_pem: String,
 }
 
 impl fmt::Debug for CaKeyMaterial {
     /// Never prints the key.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CaKeyMaterial").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
+        f.debug_struct("CaKeyMaterial")
+            .field("cert_pem", &self.cert_pem)
+            .field("previous_roots_pem", &self.previous_roots_pem)
+            .field("cross_signed_pem", &self.cross_signed_pem)
+            .finish_non_exhaustive()
     }
 }
 
@@ -114,7 +126,8 @@ pub enum StoreError {
     Task(String),
 }
 
-/// Stores the material as `ca.pem` and `ca-key.pem` in one directory (created 0700).
+/// Stores the material as `ca.pem` and `ca-key.pem` in one directory (created 0700),
+/// with `ca-previous.pem` and `ca-cross.pem` after a root rotation.
 ///
 /// The key file is written with mode 0600. Each file goes to a temporary file in the same
 /// directory, is synced, then renamed over the old one, and the directory is synced, so a
@@ -130,6 +143,10 @@ pub struct FileStore {
 pub const CERT_FILE: &str = "ca.pem";
 /// The key file name inside the store directory.
 pub const KEY_FILE: &str = "ca-key.pem";
+/// The file of previous roots still trusted after a rotation.
+pub const PREVIOUS_ROOTS_FILE: &str = "ca-previous.pem";
+/// The file of cross-signed root certificates after a rotation.
+pub const CROSS_SIGNED_FILE: &str = "ca-cross.pem";
 
 impl FileStore {
     /// A store in `dir` (created on first save).
@@ -152,7 +169,12 @@ impl FileStore {
         let cert_pem = read_if_exists(&cert_path)?;
         let key_pem = read_if_exists(&key_path)?;
         match (cert_pem, key_pem) {
-            (Some(cert_pem), Some(key_pem)) => Ok(Some(CaKeyMaterial { cert_pem, key_pem })),
+            (Some(cert_pem), Some(key_pem)) => Ok(Some(CaKeyMaterial {
+                cert_pem,
+                key_pem,
+                previous_roots_pem: read_if_exists(&self.dir.join(PREVIOUS_ROOTS_FILE))?.unwrap_or_default(),
+                cross_signed_pem: read_if_exists(&self.dir.join(CROSS_SIGNED_FILE))?.unwrap_or_default(),
+            })),
             (Some(_), None) => Err(StoreError::KeyMissing { cert: cert_path, key: key_path }),
             // No certificate was ever published: whatever key is there is unused.
             (None, _) => Ok(None),
@@ -161,6 +183,23 @@ impl FileStore {
 
     fn save_blocking(&self, material: &CaKeyMaterial) -> Result<(), StoreError> {
         create_private_dir(&self.dir)?;
+        // The rotation's files first: a crash before the new root lands leaves them
+        // next to the old root, which ignores what does not fit it (`ca::rotation`).
+        for (file, pem) in [
+            (PREVIOUS_ROOTS_FILE, &material.previous_roots_pem),
+            (CROSS_SIGNED_FILE, &material.cross_signed_pem),
+        ] {
+            let path = self.dir.join(file);
+            if pem.trim().is_empty() {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("remove", &path)(e)),
+                }
+            } else {
+                write_atomically(&path, pem.as_bytes(), 0o644)?;
+            }
+        }
         write_atomically(&self.key_path(), material.key_pem.as_bytes(), 0o600)?;
         write_atomically(&self.cert_path(), material.cert_pem.as_bytes(), 0o644)?;
         let dir = std::fs::File::open(&self.dir).map_err(io_err("open", &self.dir))?;
@@ -244,7 +283,27 @@ mod tests {
     use super::*;
 
     fn material(n: u8) -> CaKeyMaterial {
-        CaKeyMaterial { cert_pem: format!("cert {n}"), key_pem: format!("key {n}") }
+        CaKeyMaterial { cert_pem: format!("cert {n}"), key_pem: format!("key {n}"), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn a_rotation_s_files_are_kept_and_removed_with_the_material() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        let rotated = CaKeyMaterial {
+            previous_roots_pem: "old root".into(),
+            cross_signed_pem: "cross".into(),
+            ..material(1)
+        };
+        store.save(rotated.clone()).await.unwrap();
+        assert_eq!(store.load().await.unwrap(), Some(rotated));
+        assert!(dir.path().join(PREVIOUS_ROOTS_FILE).exists());
+
+        // Retired: saving without them removes the files.
+        store.save(material(2)).await.unwrap();
+        assert_eq!(store.load().await.unwrap(), Some(material(2)));
+        assert!(!dir.path().join(PREVIOUS_ROOTS_FILE).exists());
+        assert!(!dir.path().join(CROSS_SIGNED_FILE).exists());
     }
 
     #[tokio::test]

@@ -19,11 +19,8 @@ use super::{
 #[derive(Parser, Debug)]
 #[command(name = "meshctl", version)]
 pub struct Cli {
-    /// Control plane gRPC address.
-    #[arg(long, env = "MESHCTL_CONTROL_PLANE", default_value = "http://127.0.0.1:15010", global = true)]
-    pub control_plane: String,
-
-    /// Control plane admin endpoint (mesh-control --admin-addr).
+    /// Control plane admin endpoint (mesh-control --admin-addr): its snapshot and the
+    /// agents it has seen.
     #[arg(long, env = "MESHCTL_CONTROL_ADMIN", default_value = "http://127.0.0.1:15011", global = true)]
     pub control_admin: String,
 
@@ -136,7 +133,7 @@ pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
         Command::Agent { agent_socket, command } => return agent(cli, agent_socket, command).await,
         _ => {}
     }
-    let targets = Targets::new(&cli.control_plane, &cli.control_admin, &cli.agents, cli.timeout)?;
+    let targets = Targets::new(&cli.control_admin, &cli.agents, cli.timeout)?;
     let out = cli.output;
     match &cli.command {
         Command::Status => {

@@ -1,15 +1,16 @@
-//! Where meshctl's data comes from: the control plane's gRPC `Agents` call and the
-//! admin endpoints of the control plane and the agents.
+//! Where meshctl's data comes from: the admin endpoints of the control plane and
+//! of the agents. meshctl holds no node credential and needs none: the control
+//! plane's gRPC API answers each agent about itself only, while its admin endpoint
+//! (loopback by default; a port-forward in a cluster) is the operator's view.
 
 use std::time::Duration;
 
 use hyper::StatusCode;
-use mesh_api::{AgentsRequest, discovery_client::DiscoveryClient};
 
 use super::{
-    error::{MeshctlError, Target, connect_reason},
+    error::{MeshctlError, Target},
     http::BaseUrl,
-    views::{AgentDump, AgentRecord, AgentStats, ControlDump},
+    views::{AgentDump, AgentRecord, AgentStats, AgentsDump, ControlDump},
 };
 
 /// The agent queried when none is named: the one on this node, at its default admin address.
@@ -18,8 +19,6 @@ pub const DEFAULT_AGENT: &str = "http://127.0.0.1:15000";
 /// The components meshctl talks to.
 #[derive(Debug, Clone)]
 pub struct Targets {
-    /// Control plane gRPC (`http://host:15010`).
-    pub control_plane: String,
     pub control_admin: BaseUrl,
     pub agents: Vec<BaseUrl>,
     /// False when `agents` is only [`DEFAULT_AGENT`] because none was named; then an
@@ -31,14 +30,7 @@ pub struct Targets {
 
 impl Targets {
     /// Checks the URLs; with no agents named, uses [`DEFAULT_AGENT`].
-    pub fn new(
-        control_plane: &str,
-        control_admin: &str,
-        agents: &[String],
-        timeout: Duration,
-    ) -> Result<Self, MeshctlError> {
-        // Checked like the admin URLs, so a typo fails before any call.
-        BaseUrl::parse("--control-plane", control_plane)?;
+    pub fn new(control_admin: &str, agents: &[String], timeout: Duration) -> Result<Self, MeshctlError> {
         let control_admin = BaseUrl::parse("--control-admin", control_admin)?;
         let agents_named = !agents.is_empty();
         let agents = if agents_named {
@@ -46,46 +38,14 @@ impl Targets {
         } else {
             vec![BaseUrl::parse("--agent", DEFAULT_AGENT)?]
         };
-        Ok(Self {
-            control_plane: control_plane.trim_end_matches('/').to_owned(),
-            control_admin,
-            agents,
-            agents_named,
-            timeout,
-        })
+        Ok(Self { control_admin, agents, agents_named, timeout })
     }
 
-    /// Every agent the control plane has seen, and its newest version (`Discovery.Agents`).
+    /// Every agent the control plane has seen, and its newest version (admin `/agents`).
     pub async fn control_agents(&self) -> Result<(u64, Vec<AgentRecord>), MeshctlError> {
-        let unreachable = |reason: String| MeshctlError::Unreachable {
-            target: Target::ControlPlane,
-            url: self.control_plane.clone(),
-            reason,
-        };
-        let endpoint = tonic::transport::Endpoint::from_shared(self.control_plane.clone())
-            .map_err(|e| MeshctlError::BadUrl {
-                flag: "--control-plane",
-                value: self.control_plane.clone(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(self.timeout)
-            .timeout(self.timeout);
-        let channel = endpoint.connect().await.map_err(|e| unreachable(connect_reason(&e)))?;
-        let response = DiscoveryClient::new(channel).agents(AgentsRequest {}).await.map_err(|status| {
-            if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::DeadlineExceeded {
-                unreachable(status.message().to_owned())
-            } else {
-                MeshctlError::Status {
-                    target: Target::ControlPlane,
-                    url: self.control_plane.clone(),
-                    path: "Discovery.Agents".into(),
-                    status: format!("{:?}", status.code()),
-                    body: status.message().to_owned(),
-                }
-            }
-        })?;
-        let r = response.into_inner();
-        Ok((r.current_version, r.agents.iter().map(AgentRecord::from).collect()))
+        let dump: AgentsDump =
+            self.control_admin.get_json(Target::ControlAdmin, "/agents", self.timeout).await?;
+        Ok((dump.current_version, dump.agents))
     }
 
     /// The control plane's `/config_dump`.

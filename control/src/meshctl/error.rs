@@ -5,8 +5,6 @@ use std::fmt;
 /// Which component a call went to; decides the hint in error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
-    /// The control plane's gRPC API (`--control-plane`).
-    ControlPlane,
     /// The control plane's admin endpoint (`--control-admin`).
     ControlAdmin,
     /// A node agent's admin endpoint (`--agent`).
@@ -19,13 +17,10 @@ impl Target {
     /// What to check or pass when this component cannot be reached.
     pub fn hint(self) -> &'static str {
         match self {
-            Self::ControlPlane => {
-                "is mesh-control running? pass --control-plane URL (or MESHCTL_CONTROL_PLANE); \
-                 in Kubernetes: kubectl -n mesh-system port-forward deploy/mesh-control 15010 15011"
-            }
             Self::ControlAdmin => {
                 "is mesh-control running with its --admin-addr reachable from here? pass \
-                 --control-admin URL (or MESHCTL_CONTROL_ADMIN)"
+                 --control-admin URL (or MESHCTL_CONTROL_ADMIN); in Kubernetes: \
+                 kubectl -n mesh-system port-forward deploy/mesh-control 15011"
             }
             Self::Agent => {
                 "is mesh-agent running there with that --admin-addr? pass --agent URL (repeatable, \
@@ -42,7 +37,6 @@ impl Target {
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Self::ControlPlane => "control plane",
             Self::ControlAdmin => "control plane's admin endpoint",
             Self::Agent => "agent",
             Self::AgentSocket => "agent's admin socket",
@@ -115,13 +109,13 @@ mod tests {
     #[test]
     fn unreachable_says_what_to_do() {
         let e = MeshctlError::Unreachable {
-            target: Target::ControlPlane,
-            url: "http://127.0.0.1:15010".into(),
+            target: Target::ControlAdmin,
+            url: "http://127.0.0.1:15011".into(),
             reason: io_reason(&std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
         };
         let s = e.to_string();
         assert!(
-            s.starts_with("cannot reach the control plane at http://127.0.0.1:15010: connection refused — is mesh-control running? pass --control-plane"),
+            s.starts_with("cannot reach the control plane's admin endpoint at http://127.0.0.1:15011: connection refused — is mesh-control running with its --admin-addr reachable from here? pass --control-admin"),
             "{s}"
         );
     }

@@ -18,13 +18,12 @@ pub struct StatusReport {
     pub agents: Vec<AgentHealth>,
 }
 
-/// The control plane, from its gRPC API and its admin endpoint.
+/// The control plane, from its admin endpoint.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ControlStatus {
-    pub grpc: String,
     pub admin: String,
-    /// Why the gRPC `Agents` call failed.
-    pub grpc_error: Option<String>,
+    /// Why the admin `/agents` call failed.
+    pub agents_error: Option<String>,
     /// Why the admin `/config_dump` call failed.
     pub admin_error: Option<String>,
     pub ready: Option<bool>,
@@ -56,10 +55,10 @@ pub struct AgentHealth {
 }
 
 impl StatusReport {
-    /// Whether everything asked about answered: the control plane (both APIs) and
+    /// Whether everything asked about answered: the control plane (both calls) and
     /// every agent named with `--agent`.
     pub fn all_reachable(&self) -> bool {
-        self.control_plane.grpc_error.is_none()
+        self.control_plane.agents_error.is_none()
             && self.control_plane.admin_error.is_none()
             && self.agents.iter().all(|a| a.error.is_none() || !a.named)
     }
@@ -97,12 +96,8 @@ pub async fn gather(targets: &Targets) -> StatusReport {
         }
         health
     }));
-    let (grpc, dump, agents) = tokio::join!(targets.control_agents(), targets.control_dump(), agents);
-    let mut control = ControlStatus {
-        grpc: targets.control_plane.clone(),
-        admin: targets.control_admin.url.clone(),
-        ..Default::default()
-    };
+    let (listed, dump, agents) = tokio::join!(targets.control_agents(), targets.control_dump(), agents);
+    let mut control = ControlStatus { admin: targets.control_admin.url.clone(), ..Default::default() };
     match dump {
         Ok(d) => {
             control.ready = Some(d.ready);
@@ -112,7 +107,7 @@ pub async fn gather(targets: &Targets) -> StatusReport {
         }
         Err(e) => control.admin_error = Some(e.to_string()),
     }
-    match grpc {
+    match listed {
         Ok((current, records)) => {
             control.current_version = Some(current);
             control.agents = records
@@ -120,7 +115,11 @@ pub async fn gather(targets: &Targets) -> StatusReport {
                 .map(|record| AgentRow { state: agent_state(&record, current), record })
                 .collect();
         }
-        Err(e) => control.grpc_error = Some(e.to_string()),
+        // The same endpoint as /config_dump: one unreachable endpoint is one line.
+        Err(e) if control.admin_error.as_deref() == Some(&e.to_string()) => {
+            control.agents_error = Some("(see above)".into())
+        }
+        Err(e) => control.agents_error = Some(e.to_string()),
     }
     StatusReport { control_plane: control, agents }
 }
@@ -129,7 +128,7 @@ pub async fn gather(targets: &Targets) -> StatusReport {
 pub fn render(report: &StatusReport, now: i64) -> String {
     let c = &report.control_plane;
     let mut out = String::new();
-    let _ = writeln!(out, "CONTROL PLANE  {} (admin {})", c.grpc, c.admin);
+    let _ = writeln!(out, "CONTROL PLANE  {}", c.admin);
     if let Some(ready) = c.ready {
         let _ = writeln!(out, "  ready        {}", if ready { "yes" } else { "no: registry not loaded yet" });
     }
@@ -142,10 +141,10 @@ pub fn render(report: &StatusReport, now: i64) -> String {
     for e in &c.source_errors {
         let _ = writeln!(out, "  source error {}: {} (serving its last good state)", e.source, e.error);
     }
-    for e in c.grpc_error.iter().chain(&c.admin_error) {
+    for e in c.admin_error.iter().chain(c.agents_error.iter().filter(|e| !e.starts_with('('))) {
         let _ = writeln!(out, "  ! {e}");
     }
-    if c.grpc_error.is_none() {
+    if c.agents_error.is_none() {
         out.push('\n');
         if c.agents.is_empty() {
             out.push_str("No agent has connected to this control plane.\n");
@@ -258,7 +257,6 @@ mod tests {
         ];
         StatusReport {
             control_plane: ControlStatus {
-                grpc: "http://cp:15010".into(),
                 admin: "http://cp:15011".into(),
                 ready: Some(true),
                 current_version: Some(7),
@@ -295,7 +293,7 @@ mod tests {
     fn human_status_shows_versions_modes_and_staleness_aligned() {
         let text = render(&report(), 1000);
         let expected = "\
-CONTROL PLANE  http://cp:15010 (admin http://cp:15011)
+CONTROL PLANE  http://cp:15011
   ready        yes
   version      7
   services     2

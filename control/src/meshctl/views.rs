@@ -104,7 +104,15 @@ pub struct AuthorizationRule {
     pub path_prefixes: Vec<String>,
 }
 
-/// What the control plane knows about one agent (`Discovery.Agents`).
+/// The control plane's admin `/agents`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct AgentsDump {
+    pub current_version: u64,
+    pub agents: Vec<AgentRecord>,
+}
+
+/// What the control plane knows about one agent (admin `/agents`).
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct AgentRecord {
@@ -120,7 +128,23 @@ pub struct AgentRecord {
     pub connected_at: i64,
     /// Unix seconds of the agent's last message.
     pub last_seen: i64,
+    /// How many workloads the agent said it hosts (the control plane lists them).
+    #[serde(deserialize_with = "count")]
     pub workloads: usize,
+}
+
+/// The length of a JSON array, or a number as is.
+fn count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Count {
+        Items(Vec<serde_json::Value>),
+        Number(usize),
+    }
+    Ok(match Count::deserialize(d)? {
+        Count::Items(v) => v.len(),
+        Count::Number(n) => n,
+    })
 }
 
 impl From<&mesh_api::AgentStatus> for AgentRecord {

@@ -1,4 +1,6 @@
-//! The YAML file registry: the embedded default source.
+//! The YAML file registry: the embedded default source. Services with their
+//! endpoints and policy, and (`workloads:`, see [`workloads`]) which workloads run
+//! on which node.
 //!
 //! The file is re-read when its contents change (checked every
 //! [`FileSource::POLL`]; polling the contents rather than relying on inotify also
@@ -21,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Source, SourceView};
 
+pub mod workloads;
+
 /// Why a registry file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -38,6 +42,16 @@ pub enum FileError {
 pub struct RegistryFile {
     #[serde(default)]
     pub services: Vec<ServiceEntry>,
+    #[serde(default)]
+    pub workloads: Vec<workloads::WorkloadEntry>,
+}
+
+/// A valid registry file's contents.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Registry {
+    pub services: Vec<api::Service>,
+    /// Sorted by namespace then name.
+    pub workloads: Vec<api::Workload>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,8 +256,8 @@ pub struct RateLimitEntry {
     pub burst: u32,
 }
 
-/// Turns the file's text into services, or says exactly what is wrong.
-pub fn parse(file: &str, text: &str, trust_domain: &str) -> Result<Vec<api::Service>, FileError> {
+/// Turns the file's text into services and workloads, or says exactly what is wrong.
+pub fn parse(file: &str, text: &str, trust_domain: &str) -> Result<Registry, FileError> {
     let raw: RegistryFile = if text.trim().is_empty() {
         RegistryFile::default()
     } else {
@@ -420,7 +434,10 @@ pub fn parse(file: &str, text: &str, trust_domain: &str) -> Result<Vec<api::Serv
             endpoints,
         });
     }
-    Ok(out)
+    let workloads = workloads::parse(&raw.workloads).map_err(|(entry, field, message)| {
+        FileError::Invalid { file: file.to_string(), entry, field, message }
+    })?;
+    Ok(Registry { services: out, workloads })
 }
 
 fn ms(d: Option<Duration>) -> u32 {
@@ -595,6 +612,11 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// Dot-separated DNS labels, 253 characters at most (Kubernetes object and node names).
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
 /// Watches one YAML registry file.
 pub struct FileSource {
     path: PathBuf,
@@ -611,7 +633,7 @@ impl FileSource {
     }
 
     /// Reads and validates the file once (used at start-up so a bad file fails fast).
-    pub fn load(path: &Path, trust_domain: &str) -> Result<Vec<api::Service>, FileError> {
+    pub fn load(path: &Path, trust_domain: &str) -> Result<Registry, FileError> {
         let file = path.display().to_string();
         let text =
             std::fs::read_to_string(path).map_err(|source| FileError::Read { file: file.clone(), source })?;
@@ -652,10 +674,12 @@ impl Source for FileSource {
                     continue;
                 }
                 match parse(&file, &text, &self.trust_domain) {
-                    Ok(services) => {
-                        tracing::info!(file = %file, services = services.len(), "registry file loaded");
+                    Ok(registry) => {
+                        tracing::info!(file = %file, services = registry.services.len(),
+                            workloads = registry.workloads.len(), "registry file loaded");
                         tx.send_replace(SourceView {
-                            services: Arc::new(services),
+                            services: Arc::new(registry.services),
+                            workloads: Arc::new(registry.workloads),
                             ready: true,
                             last_error: None,
                         });
@@ -704,7 +728,7 @@ services:
 
     #[test]
     fn parses_services_endpoints_and_policy() {
-        let s = parse("r.yaml", GOOD, "cluster.local").unwrap();
+        let s = parse("r.yaml", GOOD, "cluster.local").unwrap().services;
         assert_eq!(s.len(), 1);
         let svc = &s[0];
         assert_eq!(svc.namespace, "default");
@@ -724,7 +748,11 @@ services:
         assert_eq!(p.authorization[0].principals, ["*"]);
         let unset =
             parse("r.yaml", "services:\n  - {name: a, ports: [{port: 80}], policy: {}}\n", "td").unwrap();
-        assert_eq!(unset[0].policy.as_ref().unwrap().mtls(), api::MtlsMode::Unspecified, "the mesh default");
+        assert_eq!(
+            unset.services[0].policy.as_ref().unwrap().mtls(),
+            api::MtlsMode::Unspecified,
+            "the mesh default"
+        );
     }
 
     fn err(text: &str) -> String {
@@ -794,8 +822,8 @@ services:
 
     #[test]
     fn empty_file_is_an_empty_registry() {
-        assert!(parse("r.yaml", "", "td").unwrap().is_empty());
-        assert!(parse("r.yaml", "services: []", "td").unwrap().is_empty());
+        assert_eq!(parse("r.yaml", "", "td").unwrap(), Registry::default());
+        assert_eq!(parse("r.yaml", "services: []\nworkloads: []", "td").unwrap(), Registry::default());
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,7 +2,8 @@
 //!
 //! Three kube-rs watchers keep reflector stores of the objects; whenever any of
 //! them changes, the whole mesh view is rebuilt from the stores (see `mapping.rs`
-//! for the rules) and published. Rebuilding from the stores rather than patching
+//! for the services, `placements.rs` for which workload runs on which node) and
+//! published. Rebuilding from the stores rather than patching
 //! per event keeps the view a pure function of the cluster state, and a short
 //! debounce turns a burst of events (a rollout touches many slices and pods) into
 //! one update for the agents.
@@ -20,6 +21,7 @@
 
 pub mod annotations;
 mod mapping;
+mod placements;
 
 #[cfg(test)]
 pub(crate) mod fake_api;
@@ -255,18 +257,23 @@ fn publish(tx: &watch::Sender<SourceView>, stores: &Stores, progress: &Progress,
         .filter_map(|k| progress.errors[k as usize].as_ref().map(|e| format!("watching {}: {e}", k.plural())))
         .collect();
     let ready = progress.ready();
-    let services = if ready {
+    let (services, workloads) = if ready {
         let pod = |ns: &str, name: &str| stores.pods.get(&ObjectRef::new(name).within(ns));
         let mapped = mapping::map_services(&stores.services.state(), &stores.slices.state(), &pod, config);
-        errors.extend(mapped.problems);
-        mapped.services
+        let placed = placements::map_workloads(&stores.pods.state());
+        // A pod's bad annotation is met by both mappings; report it once.
+        let problems: std::collections::BTreeSet<String> =
+            mapped.problems.into_iter().chain(placed.problems).collect();
+        errors.extend(problems);
+        (mapped.services, placed.workloads)
     } else {
         // Until every list is in, a partial view (services without their
         // endpoints) would look like an outage to the agents.
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     let view = SourceView {
         services: Arc::new(services),
+        workloads: Arc::new(workloads),
         ready,
         last_error: (!errors.is_empty()).then(|| errors.join("; ")),
     };
@@ -392,20 +399,22 @@ fn strip_slice(slice: &mut EndpointSlice) {
     slice.metadata.annotations = None;
 }
 
-/// Pods are the largest and most numerous objects; keep only what the mapping
-/// reads (annotations, service account, node, host IP).
+/// Pods are the largest and most numerous objects; keep only what the mappings
+/// read (annotations, labels, service account, node, host network, host and pod IPs).
 fn strip_pod(pod: &mut Pod) {
     mesh_annotations(&mut pod.metadata);
-    pod.metadata.labels = None;
     pod.metadata.owner_references = None;
     pod.spec = pod.spec.take().map(|s| PodSpec {
         service_account_name: s.service_account_name,
         node_name: s.node_name,
+        host_network: s.host_network,
         ..Default::default()
     });
     pod.status = pod.status.take().map(|s| PodStatus {
         host_ip: s.host_ip,
         host_ips: s.host_ips,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
         ..Default::default()
     });
 }

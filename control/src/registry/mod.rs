@@ -1,4 +1,5 @@
-//! Registry sources: where the control plane learns about services and endpoints.
+//! Registry sources: where the control plane learns about services and endpoints,
+//! and which workloads run on which node.
 //!
 //! Every source (the YAML file, Kubernetes) runs on its own and publishes its
 //! complete current view through a [`tokio::sync::watch`] channel; the snapshot
@@ -10,7 +11,7 @@ pub mod kubernetes;
 
 use std::sync::Arc;
 
-use mesh_api::Service;
+use mesh_api::{Service, Workload};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 pub struct SourceView {
     /// Services with their endpoints and policy, as the source sees them.
     pub services: Arc<Vec<Service>>,
+    /// Workloads placed on nodes (pods; `workloads:` entries of the file), sorted by
+    /// namespace then name.
+    pub workloads: Arc<Vec<Workload>>,
     /// Whether the source has completed its first load (lists synced, file read).
     pub ready: bool,
     /// The last error the source hit (kept until a good update replaces it).

@@ -1,35 +1,30 @@
-//! The discovery client: one stream to the control plane, snapshots applied
-//! atomically and acknowledged, reconnects with capped, jittered exponential
-//! backoff, and HTTP/2 keepalive so a dead control plane is noticed even when no
-//! update is due.
+//! The discovery client: one stream to the control plane (TLS, the node's
+//! credential), snapshots applied atomically and acknowledged, this node's
+//! workload placements kept beside them, reconnects with capped, jittered
+//! exponential backoff, and HTTP/2 keepalive so a dead control plane is noticed
+//! even when no update is due.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use hyper_util::rt::TokioIo;
 use mesh_api as api;
 use mesh_api::discovery_client::DiscoveryClient;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Endpoint, Uri};
 use tracing::{info, warn};
 
 use super::{store::RouteStore, table::RouteTable};
-use crate::socket::SocketFactory;
+use crate::control_channel::{ChannelError, ControlPlane};
 
 /// Discovery client settings.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
-    /// `http://host:port` of the control plane's gRPC listener.
-    pub control_plane: String,
     pub node: String,
     /// Where other agents reach this one (empty until mTLS inbound exists).
     pub agent_address: String,
     pub mode: String,
     pub max_endpoints: usize,
-    pub keepalive: Duration,
-    pub connect_timeout: Duration,
     pub backoff: Backoff,
 }
 
@@ -72,11 +67,11 @@ impl Backoff {
 /// Errors of one stream session (all lead to a reconnect).
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("invalid control plane address {0:?}: {1}")]
-    Address(String, String),
     #[error("cannot connect: {0}")]
-    Connect(#[source] tonic::transport::Error),
-    #[error("stream failed: {0}")]
+    Connect(String),
+    #[error("{0}")]
+    Credential(#[from] ChannelError),
+    #[error("stream failed: {:?}: {}", .0.code(), .0.message())]
     Stream(#[from] tonic::Status),
     #[error(
         "the control plane sent a message larger than this agent accepts ({limit} bytes for --max-endpoints \
@@ -90,7 +85,7 @@ enum SessionError {
 /// Runs the client until `shutdown`, keeping `store` up to date.
 pub async fn run(
     settings: ClientSettings,
-    sockets: SocketFactory,
+    control: Arc<ControlPlane>,
     store: Arc<RouteStore>,
     shutdown: CancellationToken,
 ) {
@@ -98,7 +93,7 @@ pub async fn run(
     loop {
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = session(&settings, &sockets, &store, &mut backoff) => r,
+            r = session(&settings, &control, &store, &mut backoff) => r,
         };
         let was_connected = store.is_connected();
         store.set_connected(false);
@@ -108,10 +103,10 @@ pub async fn run(
             Err(e) => e.to_string(),
         };
         if was_connected {
-            warn!(control_plane = %settings.control_plane, error = %err, retry_in_ms = delay.as_millis() as u64,
+            warn!(control_plane = %control.url(), error = %err, retry_in_ms = delay.as_millis() as u64,
                 "lost the control plane; routing from the last snapshot");
         } else {
-            warn!(control_plane = %settings.control_plane, error = %err, retry_in_ms = delay.as_millis() as u64,
+            warn!(control_plane = %control.url(), error = %err, retry_in_ms = delay.as_millis() as u64,
                 staleness_s = store.staleness().as_secs(), "control plane unreachable");
         }
         tokio::select! {
@@ -123,39 +118,11 @@ pub async fn run(
 
 async fn session(
     settings: &ClientSettings,
-    sockets: &SocketFactory,
+    control: &ControlPlane,
     store: &RouteStore,
     backoff: &mut Backoff,
 ) -> Result<(), SessionError> {
-    let uri: Uri = settings.control_plane.parse().map_err(|e: http::uri::InvalidUri| {
-        SessionError::Address(settings.control_plane.clone(), e.to_string())
-    })?;
-    let endpoint = Endpoint::from(uri)
-        .connect_timeout(settings.connect_timeout)
-        .http2_keep_alive_interval(settings.keepalive)
-        .keep_alive_timeout(settings.keepalive)
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true);
-    // The agent's own sockets carry its mark so interception never loops them back.
-    let sockets = sockets.clone();
-    let connect_timeout = settings.connect_timeout;
-    let connector = tower::service_fn(move |uri: Uri| {
-        let sockets = sockets.clone();
-        async move {
-            let host = uri.host().unwrap_or("localhost").trim_matches(|c| c == '[' || c == ']').to_string();
-            let port = uri.port_u16().unwrap_or(80);
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port)).await?.collect();
-            let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host}: no address"));
-            for addr in addrs {
-                match sockets.connect(addr, connect_timeout).await {
-                    Ok(s) => return Ok::<_, std::io::Error>(TokioIo::new(s)),
-                    Err(e) => last = e,
-                }
-            }
-            Err(last)
-        }
-    });
-    let channel = endpoint.connect_with_connector(connector).await.map_err(SessionError::Connect)?;
+    let channel = control.connect().await.map_err(SessionError::Connect)?;
     // A snapshot within --max-endpoints must never be cut off by the message size.
     let mut client = DiscoveryClient::new(channel)
         .max_decoding_message_size(api::limits::snapshot_message_limit(settings.max_endpoints));
@@ -169,9 +136,9 @@ async fn session(
     };
     let _ =
         tx.try_send(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Subscribe(subscribe)) });
-    let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    let mut responses = client.stream(control.authorize(ReceiverStream::new(rx))?).await?.into_inner();
     store.set_connected(true);
-    info!(control_plane = %settings.control_plane, node = %settings.node, "connected to the control plane");
+    info!(control_plane = %control.url(), node = %settings.node, tls = control.is_tls(), "connected to the control plane");
     let too_large = |status: tonic::Status| match status.code() {
         tonic::Code::OutOfRange => SessionError::TooLarge {
             limit: api::limits::snapshot_message_limit(settings.max_endpoints),
@@ -191,7 +158,9 @@ async fn session(
             Ok(table) => {
                 let (routes, endpoints) = (table.routes().len(), table.endpoint_count());
                 store.apply(table);
-                info!(version, routes, endpoints, "snapshot applied");
+                let workloads = msg.workloads.len();
+                store.set_placements(msg.workloads);
+                info!(version, routes, endpoints, workloads, "snapshot applied");
                 api::discovery_request::Kind::Ack(api::Ack { version })
             }
             Err(e) => {
@@ -239,7 +208,8 @@ mod tests {
             &self,
             _request: tonic::Request<tonic::Streaming<api::DiscoveryRequest>>,
         ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
-            let response = api::DiscoveryResponse { version: 1, snapshot: self.0.clone() };
+            let response =
+                api::DiscoveryResponse { version: 1, snapshot: self.0.clone(), ..Default::default() };
             Ok(tonic::Response::new(tokio_stream::iter(vec![Ok(response)])))
         }
 
@@ -297,17 +267,29 @@ mod tests {
         format!("http://{addr}")
     }
 
-    fn settings(control_plane: String, max_endpoints: usize) -> ClientSettings {
+    fn settings(max_endpoints: usize) -> ClientSettings {
         ClientSettings {
-            control_plane,
             node: "node-a".into(),
             agent_address: String::new(),
             mode: "ebpf".into(),
             max_endpoints,
-            keepalive: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(5),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
         }
+    }
+
+    /// A plaintext channel to the test control plane at `url`, with a token in `dir`.
+    fn control(url: String, dir: &tempfile::TempDir) -> Arc<ControlPlane> {
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "tok-node-a\n").unwrap();
+        let settings = crate::control_channel::ControlPlaneSettings {
+            url,
+            token_file,
+            insecure: true,
+            keepalive: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+        };
+        let anchor = crate::identity::TrustAnchor::first_use();
+        ControlPlane::new(settings, anchor, crate::socket::SocketFactory::new(0)).unwrap()
     }
 
     #[tokio::test]
@@ -322,7 +304,8 @@ mod tests {
         let store = RouteStore::new(true);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         // The test control plane ends the stream after its one snapshot.
-        let ended = session(&settings(url, 100_000), &SocketFactory::new(0), &store, &mut backoff).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ended = session(&settings(100_000), &control(url, &dir), &store, &mut backoff).await;
         assert!(matches!(ended, Err(SessionError::Closed)), "{ended:?}");
         assert_eq!(store.table().endpoint_count(), 40_000, "the snapshot was applied");
     }
@@ -332,8 +315,8 @@ mod tests {
         let url = serve(large_snapshot(40_000)).await;
         let store = RouteStore::new(true);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let e =
-            session(&settings(url, 1_000), &SocketFactory::new(0), &store, &mut backoff).await.unwrap_err();
+        let dir = tempfile::tempdir().unwrap();
+        let e = session(&settings(1_000), &control(url, &dir), &store, &mut backoff).await.unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, SessionError::TooLarge { max_endpoints: 1_000, .. }), "{msg}");
         assert!(msg.contains("--max-endpoints 1000"), "{msg}");

@@ -1,8 +1,10 @@
-//! The routing table the data path reads, swapped whole on every applied snapshot.
+//! The routing table the data path reads, swapped whole on every applied snapshot,
+//! and the workloads the control plane places on this node.
 //!
 //! Readers load an `Arc` of the current table without locking (arc-swap), so a
 //! connection sees either the old or the new table, never a mix, and an update
-//! never waits for readers.
+//! never waits for readers. Placements are published on a watch channel, so what
+//! serves workloads learns of each change.
 
 use std::{
     sync::{
@@ -13,6 +15,8 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use mesh_api::Workload;
+use tokio::sync::watch;
 
 use super::table::RouteTable;
 
@@ -31,6 +35,8 @@ pub struct RouteStore {
     /// The applied table's version, for those who wait for news (a pod the snapshot
     /// does not know yet).
     applied: tokio::sync::watch::Sender<u64>,
+    /// This node's workloads (sorted by namespace then name), as last received.
+    placements: watch::Sender<Arc<Vec<Workload>>>,
 }
 
 impl RouteStore {
@@ -43,7 +49,25 @@ impl RouteStore {
             connected: AtomicBool::new(false),
             enabled,
             applied: tokio::sync::watch::Sender::new(0),
+            placements: watch::Sender::new(Arc::default()),
         }
+    }
+
+    /// The workloads the control plane places on this node, and their changes: only
+    /// this node's, as the control plane sends no other node's.
+    pub fn placements(&self) -> watch::Receiver<Arc<Vec<Workload>>> {
+        self.placements.subscribe()
+    }
+
+    /// Records the placements of the latest snapshot (subscribers wake only on change).
+    pub(crate) fn set_placements(&self, workloads: Vec<Workload>) {
+        self.placements.send_if_modified(|current| {
+            if **current == workloads {
+                return false;
+            }
+            *current = Arc::new(workloads);
+            true
+        });
     }
 
     fn now_ms(&self) -> u64 {
@@ -106,5 +130,26 @@ impl RouteStore {
     pub fn since_last_update(&self) -> Option<Duration> {
         let at = self.applied_at_ms.load(Ordering::Acquire);
         (at != 0).then(|| Duration::from_millis(self.now_ms().saturating_sub(at)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placements_wake_subscribers_only_when_they_change() {
+        let store = RouteStore::new(true);
+        let mut rx = store.placements();
+        assert!(rx.borrow_and_update().is_empty());
+        let web = Workload { namespace: "shop".into(), name: "web-1".into(), ..Default::default() };
+        store.set_placements(vec![web.clone()]);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), Arc::new(vec![web.clone()]));
+        // The next snapshot places the same: nothing to do for subscribers.
+        store.set_placements(vec![web]);
+        assert!(!rx.has_changed().unwrap());
+        store.set_placements(Vec::new());
+        assert!(rx.has_changed().unwrap());
     }
 }

@@ -9,10 +9,13 @@
 //!   renews it at a fraction of its lifetime, retries with backoff.
 //! - [`WorkloadIdentity`]: the identity's current certificate, swapped atomically.
 //! - [`TrustBundle`]: the roots peers must chain to, swappable at run time.
+//! - [`TrustAnchor`]: the root given out of band; the control plane's certificate
+//!   and every new trust bundle must chain to it (no trust on first use).
 //! - [`TlsConfigs`]: TLS 1.3 client/server configurations that check SPIFFE IDs,
 //!   not DNS names; [`peer_identity`] reads the peer's ID after the handshake.
 //! - [`Clock`]: time, injectable so tests run renewals under paused tokio time.
 
+pub mod anchor;
 mod cert;
 mod clock;
 mod error;
@@ -24,6 +27,7 @@ mod tls;
 mod trust;
 mod verify;
 
+pub use anchor::{AnchorError, TrustAnchor};
 pub use cert::{WorkloadCert, WorkloadIdentity};
 pub use clock::{Clock, TokioClock};
 pub use error::IdentityError;

@@ -84,10 +84,9 @@ impl PodSink for AgentPods {
     async fn add(&self, pod: &PodAnnounce) -> Result<PodServed, CniError> {
         let state = self.state()?;
         let account = if state.node.identities.is_some() {
-            let found =
-                identify::wait_for_account(&state.node.routes, &state.node.name, &pod.ips, self.patience)
-                    .await
-                    .map_err(|e| CniError::new(code::INVALID_CONFIG, e))?;
+            let found = identify::wait_for_account(&state.node.routes, lookup(&state, pod), self.patience)
+                .await
+                .map_err(|e| CniError::new(code::INVALID_CONFIG, e))?;
             match found {
                 Some(a) => Some(a),
                 None => return Err(CniError::pod_unknown(pod)),
@@ -102,8 +101,7 @@ impl PodSink for AgentPods {
     /// intercepted) at once, and its identity follows when the control plane lists it.
     async fn restore(&self, pod: &PodAnnounce) -> Result<PodServed, CniError> {
         let state = self.state()?;
-        let known =
-            identify::account_of(&state.node.routes.table(), &state.node.name, &pod.ips).ok().flatten();
+        let known = identify::account_now(&state.node.routes, lookup(&state, pod)).ok().flatten();
         let served = Self::serve(&state, pod, Self::workload(pod, known.clone()))?;
         if known.is_none() && state.node.identities.is_some() {
             let (weak, pod) = (self.state.clone(), pod.clone());
@@ -111,13 +109,8 @@ impl PodSink for AgentPods {
                 let Some(state) = weak.upgrade() else { return };
                 let routes = state.node.routes.clone();
                 loop {
-                    match identify::wait_for_account(
-                        &routes,
-                        &state.node.name,
-                        &pod.ips,
-                        Duration::from_secs(3600),
-                    )
-                    .await
+                    match identify::wait_for_account(&routes, lookup(&state, &pod), Duration::from_secs(3600))
+                        .await
                     {
                         Ok(Some(account)) => {
                             info!(pod = %pod.describe(), identity = %account, "restored pod's identity now known");
@@ -150,5 +143,14 @@ impl PodSink for AgentPods {
             Some(identity) => Ok(PodServed { identity, detail: format!("{} mode", state.mode) }),
             None => Err(CniError::new(code::NOT_SERVED, format!("{} is not served", pod.describe()))),
         }
+    }
+}
+
+/// What the snapshot is searched for: the pod's name from the runtime, its addresses.
+fn lookup<'a>(state: &'a AgentState, pod: &'a PodAnnounce) -> identify::PodLookup<'a> {
+    identify::PodLookup {
+        node: &state.node.name,
+        pod: pod.pod.as_ref().map(|p| (p.namespace.as_str(), p.name.as_str())),
+        addresses: &pod.ips,
     }
 }

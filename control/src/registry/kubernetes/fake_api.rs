@@ -9,8 +9,9 @@
 //! as an HTTP 410 response).
 //!
 //! For the CA it also serves Secrets (get, create, replace with resource-version
-//! conflicts, and a lost create race on demand) and TokenReviews (answered
-//! from statuses the test registers per token).
+//! conflicts, and a lost create race on demand), ConfigMaps (the same calls, for
+//! the published roots) and TokenReviews (answered from statuses the test
+//! registers per token).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -95,6 +96,8 @@ struct State {
     rv_tx: watch::Sender<u64>,
     /// Secrets by (namespace, name).
     secrets: BTreeMap<(String, String), Value>,
+    /// ConfigMaps by (namespace, name).
+    configmaps: BTreeMap<(String, String), Value>,
     /// "GET ns/name", "POST ns/name", "PUT ns/name", in order.
     secret_calls: Vec<String>,
     /// Stored just before the next create of the same Secret, which then fails with 409.
@@ -131,6 +134,7 @@ impl FakeApi {
             refuse_lists: HashMap::new(),
             rv_tx,
             secrets: BTreeMap::new(),
+            configmaps: BTreeMap::new(),
             secret_calls: Vec::new(),
             secret_races: HashMap::new(),
             refuse_secrets: None,
@@ -250,6 +254,11 @@ impl FakeApi {
         self.lock().secret_calls.clone()
     }
 
+    /// The stored ConfigMap `namespace/name`.
+    pub fn configmap(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.lock().configmaps.get(&(namespace.to_owned(), name.to_owned())).cloned()
+    }
+
     /// Answers TokenReviews of `token` with `status` (a TokenReviewStatus).
     pub fn review_token(&self, token: &str, status: Value) {
         self.lock().token_statuses.insert(token.to_owned(), status);
@@ -267,13 +276,24 @@ fn secret_key(secret: &Value) -> (String, String) {
 }
 
 impl State {
-    fn store_secret(&mut self, mut secret: Value) -> Value {
+    fn store_secret(&mut self, secret: Value) -> Value {
+        self.store(Resource::Secrets, secret)
+    }
+
+    fn objects(&mut self, resource: Resource) -> &mut BTreeMap<(String, String), Value> {
+        match resource {
+            Resource::Secrets => &mut self.secrets,
+            Resource::ConfigMaps => &mut self.configmaps,
+        }
+    }
+
+    fn store(&mut self, resource: Resource, mut object: Value) -> Value {
         self.rv += 1;
-        secret["apiVersion"] = json!("v1");
-        secret["kind"] = json!("Secret");
-        secret["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        self.secrets.insert(secret_key(&secret), secret.clone());
-        secret
+        object["apiVersion"] = json!("v1");
+        object["kind"] = json!(resource.kind());
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.objects(resource).insert(secret_key(&object), object.clone());
+        object
     }
 
     fn apply(&mut self, kind: Kind, mut object: Value) {
@@ -326,13 +346,40 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
     })
 }
 
-/// Secret paths: `(namespace, Some(name))` for one Secret, `(namespace, None)` for the collection.
-fn secret_path(path: &str) -> Option<(String, Option<String>)> {
+/// The namespaced core objects the fake stores whole (no watches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resource {
+    Secrets,
+    ConfigMaps,
+}
+
+impl Resource {
+    fn kind(self) -> &'static str {
+        match self {
+            Resource::Secrets => "Secret",
+            Resource::ConfigMaps => "ConfigMap",
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            Resource::Secrets => "secrets",
+            Resource::ConfigMaps => "configmaps",
+        }
+    }
+}
+
+/// Secret and ConfigMap paths: `(resource, namespace, Some(name))` for one object,
+/// `(resource, namespace, None)` for the collection.
+fn object_path(path: &str) -> Option<(Resource, String, Option<String>)> {
     let rest = path.strip_prefix("/api/v1/namespaces/")?;
     let (namespace, rest) = rest.split_once('/')?;
-    match rest.strip_prefix("secrets")? {
-        "" => Some((namespace.to_owned(), None)),
-        name => Some((namespace.to_owned(), Some(name.strip_prefix('/')?.to_owned()))),
+    let (resource, rest) = [Resource::Secrets, Resource::ConfigMaps]
+        .into_iter()
+        .find_map(|r| rest.strip_prefix(r.plural()).map(|rest| (r, rest)))?;
+    match rest {
+        "" => Some((resource, namespace.to_owned(), None)),
+        name => Some((resource, namespace.to_owned(), Some(name.strip_prefix('/')?.to_owned()))),
     }
 }
 
@@ -341,9 +388,10 @@ async fn body_json(req: Request<Incoming>) -> Value {
     serde_json::from_slice(&bytes).unwrap_or(Value::Null)
 }
 
-async fn handle_secret(
+async fn handle_object(
     state: Arc<Mutex<State>>,
     req: Request<Incoming>,
+    resource: Resource,
     namespace: String,
     name: Option<String>,
 ) -> Response<Body> {
@@ -351,42 +399,47 @@ async fn handle_secret(
     let body = if method == hyper::Method::GET { Value::Null } else { body_json(req).await };
     let name = name.unwrap_or_else(|| body["metadata"]["name"].as_str().unwrap_or_default().to_owned());
     let key = (namespace.clone(), name.clone());
+    let plural = resource.plural();
     let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-    state.secret_calls.push(format!("{method} {namespace}/{name}"));
-    if let Some(code) = state.refuse_secrets {
-        let message = format!("secrets \"{name}\" is forbidden by the test");
-        return full(
-            StatusCode::from_u16(code).unwrap_or(StatusCode::FORBIDDEN),
-            status(code, "Forbidden", &message),
-        );
+    if resource == Resource::Secrets {
+        state.secret_calls.push(format!("{method} {namespace}/{name}"));
+        if let Some(code) = state.refuse_secrets {
+            let message = format!("secrets \"{name}\" is forbidden by the test");
+            return full(
+                StatusCode::from_u16(code).unwrap_or(StatusCode::FORBIDDEN),
+                status(code, "Forbidden", &message),
+            );
+        }
     }
     let not_found =
-        || full(StatusCode::NOT_FOUND, status(404, "NotFound", &format!("secrets \"{name}\" not found")));
+        || full(StatusCode::NOT_FOUND, status(404, "NotFound", &format!("{plural} \"{name}\" not found")));
     match method {
-        hyper::Method::GET => match state.secrets.get(&key) {
-            Some(secret) => full(StatusCode::OK, secret.clone()),
+        hyper::Method::GET => match state.objects(resource).get(&key) {
+            Some(object) => full(StatusCode::OK, object.clone()),
             None => not_found(),
         },
         hyper::Method::POST => {
-            if let Some(winner) = state.secret_races.remove(&key) {
+            if resource == Resource::Secrets
+                && let Some(winner) = state.secret_races.remove(&key)
+            {
                 state.store_secret(winner);
             }
-            if state.secrets.contains_key(&key) {
-                let message = format!("secrets \"{name}\" already exists");
+            if state.objects(resource).contains_key(&key) {
+                let message = format!("{plural} \"{name}\" already exists");
                 return full(StatusCode::CONFLICT, status(409, "AlreadyExists", &message));
             }
-            let mut secret = body;
-            secret["metadata"]["namespace"] = json!(namespace);
-            full(StatusCode::CREATED, state.store_secret(secret))
+            let mut object = body;
+            object["metadata"]["namespace"] = json!(namespace);
+            full(StatusCode::CREATED, state.store(resource, object))
         }
         hyper::Method::PUT => {
-            let Some(current) = state.secrets.get(&key) else { return not_found() };
+            let Some(current) = state.objects(resource).get(&key) else { return not_found() };
             let sent = &body["metadata"]["resourceVersion"];
             if !sent.is_null() && *sent != current["metadata"]["resourceVersion"] {
-                let message = format!("the object has been modified; secrets \"{name}\"");
+                let message = format!("the object has been modified; {plural} \"{name}\"");
                 return full(StatusCode::CONFLICT, status(409, "Conflict", &message));
             }
-            full(StatusCode::OK, state.store_secret(body))
+            full(StatusCode::OK, state.store(resource, body))
         }
         _ => full(StatusCode::METHOD_NOT_ALLOWED, status(405, "MethodNotAllowed", "not served by the fake")),
     }
@@ -405,8 +458,8 @@ async fn handle_token_review(state: Arc<Mutex<State>>, req: Request<Incoming>) -
 }
 
 async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    if let Some((namespace, name)) = secret_path(req.uri().path()) {
-        return Ok(handle_secret(state, req, namespace, name).await);
+    if let Some((resource, namespace, name)) = object_path(req.uri().path()) {
+        return Ok(handle_object(state, req, resource, namespace, name).await);
     }
     if req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews"
         && req.method() == hyper::Method::POST

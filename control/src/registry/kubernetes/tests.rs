@@ -192,6 +192,35 @@ async fn initial_view_has_vips_ports_endpoints_identity_and_agent() {
 }
 
 #[tokio::test]
+async fn meshed_pods_are_placed_on_their_nodes_and_follow_changes() {
+    let mut h = Harness::start(cluster(json!({})).await, Duration::from_millis(20)).await;
+    let view = h.wait_for("ready view", |v| v.ready).await;
+    // reviews-2 opted out of the mesh: not a workload of its node.
+    let placed: Vec<_> = view.workloads.iter().map(|w| (w.name.as_str(), w.node.as_str())).collect();
+    assert_eq!(placed, [("reviews-1", "node-a")]);
+    let w = &view.workloads[0];
+    assert_eq!((w.namespace.as_str(), w.service_account.as_str()), ("shop", "reviews"));
+    assert_eq!(w.addresses, ["10.1.0.5"], "the pod's address, not its host's");
+
+    // A new pod on another node, with labels; the view follows.
+    let mut other = pod("ratings-1", "192.168.0.13", json!({}));
+    other["metadata"]["name"] = json!("ratings-1");
+    other["metadata"]["labels"] = json!({"app": "ratings"});
+    other["spec"]["nodeName"] = json!("node-b");
+    other["spec"]["serviceAccountName"] = json!("ratings");
+    other["status"]["podIPs"] = json!([{"ip": "10.1.1.7"}, {"ip": "fd01::7"}]);
+    h.api.apply(Kind::Pod, other);
+    let view = h.wait_for("the new pod placed", |v| v.workloads.len() == 2).await;
+    let ratings = view.workloads.iter().find(|w| w.name == "ratings-1").expect("ratings-1");
+    assert_eq!((ratings.node.as_str(), ratings.service_account.as_str()), ("node-b", "ratings"));
+    assert_eq!(ratings.addresses, ["10.1.1.7", "fd01::7"]);
+    assert_eq!(ratings.labels.get("app").map(String::as_str), Some("ratings"));
+    h.api.delete(Kind::Pod, "shop", "ratings-1");
+    h.wait_for("the deleted pod gone", |v| v.workloads.len() == 1).await;
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn endpoints_turning_not_ready_or_terminating_stay_as_unhealthy() {
     let mut h = Harness::start(cluster(json!({})).await, Duration::from_millis(20)).await;
     h.wait_for("ready view", |v| v.ready && endpoint(v, "10.1.0.5").is_some()).await;

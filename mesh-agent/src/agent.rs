@@ -415,8 +415,8 @@ impl AgentState {
             (Some(ids), Some(account)) => Some(ids.lease(account, slot.clone())),
             _ => None,
         };
-        let name: Arc<str> = Arc::from(format!("{}/{}", workload.namespace, workload.name));
-        let ctx = node.context(Some(name), sockets, slot, listening.clone());
+        let name = crate::observe::labels::MeshName::known(&format!("{}/{}", workload.namespace, workload.name));
+        let ctx = node.context(name, sockets, slot, listening.clone());
         let stop = node.shutdown.child_token();
         {
             let mut guard = self.interceptor.lock().unwrap_or_else(|p| p.into_inner());
@@ -727,7 +727,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         let own_addrs: Vec<SocketAddr> =
             listening.iter().copied().chain(inbound.iter().filter_map(|l| l.local_addr().ok())).collect();
-        let label = h.workload.service_account.as_ref().map(|a| Arc::from(a.to_string()));
+        let label = h
+            .workload
+            .service_account
+            .as_ref()
+            .map_or_else(crate::observe::labels::MeshName::unknown, |a| crate::observe::labels::MeshName::known(&a.to_string()));
         let ctx = node.context(label, sockets.clone(), slot, own_addrs);
         if let Placement::Host { cgroups } = &h.workload.placement {
             for cg in cgroups {

@@ -55,9 +55,10 @@ pub struct ProxyContext {
     /// How the inbound listener learns a connection's destination: `SO_ORIGINAL_DST`
     /// after iptables' REDIRECT, the socket's own local address after `sk_lookup`.
     pub inbound_lookup: Box<dyn OrigDstLookup>,
-    /// The served workload, `namespace/name`, for metrics and records; `None` for the
+    /// The served workload, `namespace/name` (a pod's name, or a host workload's
+    /// service account), as metrics and records name the source; unknown for the
     /// node's default workload without an identity.
-    pub workload: Option<Arc<str>>,
+    pub workload: crate::observe::labels::MeshName,
     pub detect_timeout: Duration,
     pub connect_timeout: Duration,
     pub opaque_ports: HashSet<u16>,
@@ -93,6 +94,15 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
+    /// The source workload of a connection in `direction`: this context's workload for
+    /// what it sends; unknown for what it receives (the caller is known by identity).
+    pub fn source_workload(&self, direction: Direction) -> crate::observe::labels::MeshName {
+        match direction {
+            Direction::Outbound => self.workload.clone(),
+            Direction::Inbound => crate::observe::labels::MeshName::unknown(),
+        }
+    }
+
     /// Queues an access-log record (dropped and counted if the log is behind).
     pub fn log_access(&self, record: crate::observe::access_log::AccessRecord) {
         self.records.emit(record);
@@ -286,7 +296,7 @@ mod tests {
             sockets: SocketFactory::new(0),
             lookup: Box::new(Fixed(SocketAddr::from(([127, 0, 0, 1], 1)))),
             inbound_lookup: Box::new(Fixed(SocketAddr::from(([127, 0, 0, 1], 1)))),
-            workload: None,
+            workload: crate::observe::labels::MeshName::unknown(),
             detect_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             opaque_ports: HashSet::new(),

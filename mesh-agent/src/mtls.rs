@@ -145,6 +145,7 @@ pub async fn forward(
     if ctx.records.wants_tcp() {
         let mut r = AccessRecord::tcp(Direction::Outbound, ctx.mode, peer);
         r.source_identity = Some(MeshName::known(&source.to_string()));
+        r.source_workload = Some(ctx.workload.clone());
         r.destination_service = Some(MeshName::known(service));
         r.destination_endpoint = Some(endpoint);
         r.destination_identity = Some(MeshName::known(&expected.to_string()));

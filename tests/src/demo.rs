@@ -340,13 +340,31 @@ pub fn run(opts: &Options) -> Result<Summary> {
     Ok(summary)
 }
 
-/// Stops the agents (collecting their final records), checks their rules and BPF
-/// attachments are gone, removes hosts and cgroups and checks those are gone too.
+/// Stops the agents (collecting their final records), runs `mesh-agent cleanup`,
+/// checks their rules and BPF attachments are gone, removes hosts and cgroups and checks those are gone too.
 fn teardown(m: Running, summary: &mut Summary) -> Result<()> {
     let Running { lab, control, frontend, backend, workload, backend_cg, _servers: servers, .. } = m;
     drop(servers);
+    let pins = [("frontend", frontend.pins().clone()), ("backend", backend.pins().clone())];
     let fe_status = frontend.terminate_with_log()?;
     let be_status = backend.terminate_with_log()?;
+    // Interception outlives a stopped agent on purpose (connections fail closed until
+    // one serves again); the operator's `mesh-agent cleanup` removes it.
+    for (host, pins) in &pins {
+        let out = lab
+            .host(host)
+            .command(crate::bins::agent(), None)?
+            .arg("cleanup")
+            .arg("--bpffs-dir")
+            .arg(pins.path())
+            .output()
+            .context("running mesh-agent cleanup")?;
+        ensure!(
+            out.status.success(),
+            "mesh-agent cleanup in {host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     summary.rows = rows_of(&fe_status.1);
     summary.inbound_mtls_requests = be_status
         .1

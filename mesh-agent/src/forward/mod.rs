@@ -143,7 +143,7 @@ async fn tunnel(
     sniffed: Sniffed,
 ) -> bool {
     let metrics =
-        ConnectionMetrics::open(conn.direction, &MeshName::unknown(), &MeshName::known(meshed.service));
+        ConnectionMetrics::open(conn.direction, &ctx.source_workload(conn.direction), &MeshName::known(meshed.service));
     let (service, endpoint, agent) = (meshed.service, meshed.endpoint, meshed.agent);
     match crate::mtls::forward(ctx, conn, client, meshed, sniffed).await {
         Ok((up, down, _)) => {
@@ -190,7 +190,7 @@ mod tests {
             sockets: crate::socket::SocketFactory::new(0),
             lookup: Box::new(crate::orig_dst::Fixed(server_addr)),
             inbound_lookup: Box::new(crate::orig_dst::Fixed(server_addr)),
-            workload: None,
+            workload: crate::observe::labels::MeshName::unknown(),
             detect_timeout: Duration::from_secs(1),
             // Far beyond anything the test waits for.
             connect_timeout: IDLE * 100,

@@ -45,7 +45,7 @@ pub async fn plain(
     let service = target.service_name();
     let metrics = ConnectionMetrics::open(
         conn.direction,
-        &MeshName::unknown(),
+        &ctx.source_workload(conn.direction),
         &MeshName::from_option(service.as_deref()),
     );
     let info = |endpoint: Option<SocketAddr>| ConnInfo { conn, service: service.as_deref(), endpoint };
@@ -272,6 +272,7 @@ fn log_close(ctx: &ProxyContext, info: &ConnInfo<'_>, protocol: Option<&Protocol
     if ctx.records.wants_tcp() {
         let mut r = crate::observe::access_log::AccessRecord::tcp(conn.direction, ctx.mode, conn.peer);
         r.destination_service = service.map(MeshName::known);
+        r.source_workload = Some(ctx.source_workload(conn.direction));
         r.destination_endpoint = *endpoint;
         r.original_destination = Some(conn.orig_dst);
         r.protocol = protocol.map(Protocol::name);

@@ -103,7 +103,7 @@ impl Outbound {
         let service = MeshName::known(service);
         let metrics = RequestMetrics::new(RequestLabels {
             direction: Direction::Outbound,
-            source_workload: MeshName::unknown(),
+            source_workload: ctx.workload.clone(),
             source_identity,
             destination_service: service.clone(),
         });
@@ -163,6 +163,7 @@ impl Outbound {
             r.trace_id = Some(hop.trace_id());
             r.request_id = Some(hop.request_id().to_owned());
             r.source_identity = Some(self.metrics.labels().source_identity.clone());
+            r.source_workload = Some(self.metrics.labels().source_workload.clone());
             if self.ctx.records.exports_span(hop.sampled()) {
                 r.span = Some(HopSpan {
                     span_id: hop.parent_id(),

@@ -157,7 +157,7 @@ async fn agent_with(
         sockets: sockets.clone(),
         lookup: Box::new(Fixed(VIP.parse().unwrap())),
         inbound_lookup: Box::new(Fixed(VIP.parse().unwrap())),
-        workload: None,
+        workload: crate::observe::labels::MeshName::unknown(),
         detect_timeout: Duration::from_secs(1),
         connect_timeout: Duration::from_secs(1),
         opaque_ports: Default::default(),

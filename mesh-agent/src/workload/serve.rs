@@ -70,7 +70,7 @@ impl Node {
     /// A data-path context for a workload dialling through `sockets` as `slot`.
     pub fn context(
         &self,
-        workload: Option<Arc<str>>,
+        workload: crate::observe::labels::MeshName,
         sockets: SocketFactory,
         slot: IdentitySlot,
         own_addrs: Vec<SocketAddr>,

@@ -12,6 +12,7 @@ use std::{
 };
 
 use mesh_api as api;
+use prost::Message as _;
 use serde::Serialize;
 
 use crate::{balance::service::ServicePolicy, identity::SpiffeId};
@@ -121,6 +122,14 @@ fn port(service: &str, field: String, v: u32) -> Result<u16, TableError> {
 }
 
 impl RouteTable {
+    /// Decodes a snapshot as it arrives on the discovery stream and builds its table:
+    /// the one way from the control plane's bytes to what the data path reads, so a
+    /// snapshot that does not decode is refused like one that does not validate.
+    pub fn decode(version: u64, encoded: impl bytes::Buf, max_endpoints: usize) -> Result<Self, TableError> {
+        let snapshot = api::Snapshot::decode(encoded).map_err(|e| TableError::Decode(e.to_string()))?;
+        Self::build(version, &snapshot, max_endpoints)
+    }
+
     /// Builds and validates the table for `version`; `max_endpoints` bounds memory.
     pub fn build(version: u64, snapshot: &api::Snapshot, max_endpoints: usize) -> Result<Self, TableError> {
         let count: usize = snapshot.services.iter().map(|s| s.endpoints.len()).sum();

@@ -14,15 +14,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::body::{BodyEnd, Observed, grpc_status};
-use super::headers::{add_forwarded, is_upgrade, strip_hop_by_hop};
-use super::outbound::{CLIENT_ADDR_HEADER, error_response, is_grpc};
+use super::headers::{Arrival, is_upgrade, rewrite_inbound, strip_hop_by_hop};
+use super::outbound::{error_response, is_grpc};
 use super::pool::{Body, Dial, UpstreamPool, Version};
 use crate::authz::{Decision, allowed, decide};
 use crate::discovery::RouteStore;
@@ -67,11 +67,6 @@ impl Policy {
         decision
     }
 }
-
-/// The verified SPIFFE ID of the calling workload, for the workload behind this
-/// agent (a name made once: a string key would be parsed on every request).
-static X_FORWARDED_CLIENT_IDENTITY: http::HeaderName =
-    http::HeaderName::from_static("x-forwarded-client-identity");
 
 /// One tunnel stream's HTTP requests to one local workload.
 pub struct Inbound {
@@ -204,26 +199,16 @@ impl Inbound {
 
         let upgrade = self.version == Version::Http1 && is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        strip_hop_by_hop(req.headers_mut(), upgrade);
-        let client = req
-            .headers_mut()
-            .remove(CLIENT_ADDR_HEADER)
-            .and_then(|v| v.to_str().ok()?.parse::<std::net::IpAddr>().ok())
-            // Loopback is the eBPF redirect the sending agent saw, not the client: the
-            // tunnel's peer (the client's node) says more.
-            .filter(|ip| !ip.to_canonical().is_loopback())
-            .map_or(self.peer_addr, |ip| SocketAddr::new(ip, 0));
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
-        add_forwarded(req.headers_mut(), client, host.as_deref());
+        // A reference-counted copy, not a new string: the head is rewritten meanwhile.
+        let uri_authority = req.uri().authority().cloned();
+        let arrival = Arrival {
+            peer_addr: self.peer_addr,
+            identity: self.peer_header.as_ref(),
+            authority: uri_authority.as_ref().map(|a| a.as_str()),
+        };
+        let host = rewrite_inbound(req.headers_mut(), upgrade, arrival);
         if let Some(r) = record.as_mut() {
             r.authority = host;
-        }
-        if let Some(v) = &self.peer_header {
-            req.headers_mut().insert(X_FORWARDED_CLIENT_IDENTITY.clone(), v.clone());
         }
 
         let request_bytes = Arc::new(AtomicU64::new(0));

@@ -415,7 +415,8 @@ impl AgentState {
             (Some(ids), Some(account)) => Some(ids.lease(account, slot.clone())),
             _ => None,
         };
-        let name = crate::observe::labels::MeshName::known(&format!("{}/{}", workload.namespace, workload.name));
+        let name =
+            crate::observe::labels::MeshName::known(&format!("{}/{}", workload.namespace, workload.name));
         let ctx = node.context(name, sockets, slot, listening.clone());
         let stop = node.shutdown.child_token();
         {
@@ -727,11 +728,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         let own_addrs: Vec<SocketAddr> =
             listening.iter().copied().chain(inbound.iter().filter_map(|l| l.local_addr().ok())).collect();
-        let label = h
-            .workload
-            .service_account
-            .as_ref()
-            .map_or_else(crate::observe::labels::MeshName::unknown, |a| crate::observe::labels::MeshName::known(&a.to_string()));
+        let label =
+            h.workload.service_account.as_ref().map_or_else(crate::observe::labels::MeshName::unknown, |a| {
+                crate::observe::labels::MeshName::known(&a.to_string())
+            });
         let ctx = node.context(label, sockets.clone(), slot, own_addrs);
         if let Placement::Host { cgroups } = &h.workload.placement {
             for cg in cgroups {

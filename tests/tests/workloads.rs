@@ -56,8 +56,11 @@ fn static_workloads_carry_their_own_identities(mode: &str) {
         .expect("control plane");
     let _api = servers::http(lab.host("server"), 8080, "api").unwrap();
     let server_cg = Cgroup::new("srv").unwrap();
-    let server = Agent::start(lab.host("server"), control.agent_options(mode, "server", "shop/api").cgroup(&server_cg))
-        .expect("server agent");
+    let server = Agent::start(
+        lab.host("server"),
+        control.agent_options(mode, "server", "shop/api").cgroup(&server_cg),
+    )
+    .expect("server agent");
     server.wait_enrolled();
 
     let (frontend, batch) = (Cgroup::new("frontend").unwrap(), Cgroup::new("batch").unwrap());
@@ -74,15 +77,19 @@ fn static_workloads_carry_their_own_identities(mode: &str) {
 
     // Each workload's certificate is requested when it is first served; until both are
     // in, a call may fail, but never succeed as the wrong identity.
-    eventually(Duration::from_secs(15), "frontend admitted", || (get(&lab, &frontend, "/f") == Ok(200)).then_some(()));
+    eventually(Duration::from_secs(15), "frontend admitted", || {
+        (get(&lab, &frontend, "/f") == Ok(200)).then_some(())
+    });
     eventually(Duration::from_secs(15), "batch refused by policy", || {
         (get(&lab, &batch, "/b") == Ok(403)).then_some(())
     });
     assert_eq!(get(&lab, &frontend, "/f2"), Ok(200), "frontend still admitted after batch's refusal");
 
-    let admitted = server.wait_log("frontend's request at the server", |v| v["kind"] == "http" && v["path"] == "/f2");
+    let admitted =
+        server.wait_log("frontend's request at the server", |v| v["kind"] == "http" && v["path"] == "/f2");
     assert_eq!(admitted["source_identity"], FRONTEND, "{admitted}");
-    let refused = server.wait_log("batch's request at the server", |v| v["kind"] == "http" && v["path"] == "/b");
+    let refused =
+        server.wait_log("batch's request at the server", |v| v["kind"] == "http" && v["path"] == "/b");
     assert_eq!(refused["source_identity"], BATCH, "{refused}");
 
     for (path, workload, identity) in [("/f2", "shop/frontend", FRONTEND), ("/b", "shop/batch", BATCH)] {

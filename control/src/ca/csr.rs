@@ -58,6 +58,13 @@ pub(crate) fn check(csr_pem: &str, expected: &SpiffeId) -> Result<CheckedCsr, Si
         return Err(SignError::UnsupportedKey(key));
     }
 
+    // The key is certified exactly as the signature check read it, in the one DER form
+    // a P-256 key has: a request that encodes it any other way (x509-parser reads some
+    // wrong tags leniently) is refused rather than re-read by another parser.
+    let spki_der = p256_spki(point);
+    if spki.raw != spki_der.as_slice() {
+        return Err(SignError::MalformedCsr("the public key is not in DER form".into()));
+    }
     csr.verify_signature().map_err(|_| SignError::BadSignature)?;
 
     let mut found = Vec::new();
@@ -77,7 +84,23 @@ pub(crate) fn check(csr_pem: &str, expected: &SpiffeId) -> Result<CheckedCsr, Si
     if found != [wanted] {
         return Err(SignError::IdentityMismatch { expected: expected.to_string(), found });
     }
-    Ok(CheckedCsr { spki_der: spki.raw.to_vec() })
+    Ok(CheckedCsr { spki_der })
+}
+
+/// DER `SubjectPublicKeyInfo` of the P-256 key with uncompressed point `point`
+/// (RFC 5480): id-ecPublicKey, the prime256v1 curve, then the point as a BIT STRING.
+fn p256_spki(point: &[u8]) -> Vec<u8> {
+    const PREFIX: [u8; 26] = [
+        0x30, 0x59, // SEQUENCE, 89 bytes
+        0x30, 0x13, // AlgorithmIdentifier
+        0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, // id-ecPublicKey
+        0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, // prime256v1
+        0x03, 0x42, 0x00, // BIT STRING, 66 bytes, no unused bits
+    ];
+    let mut der = Vec::with_capacity(PREFIX.len() + point.len());
+    der.extend_from_slice(&PREFIX);
+    der.extend_from_slice(point);
+    der
 }
 
 /// Names a general name the way `openssl` prints it, so refusals are easy to read.

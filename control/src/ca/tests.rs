@@ -29,7 +29,11 @@ fn p256() -> KeyPair {
 }
 
 fn csr_for(id: &SpiffeId) -> String {
-    csr_with(&p256(), vec![SanType::URI(id.to_string().try_into().unwrap())])
+    csr_for_key(&p256(), id)
+}
+
+fn csr_for_key(key: &KeyPair, id: &SpiffeId) -> String {
+    csr_with(key, vec![SanType::URI(id.to_string().try_into().unwrap())])
 }
 
 async fn root_ca(dir: &Path, config: CaConfig) -> Ca {
@@ -419,6 +423,76 @@ async fn bad_requests_are_refused_each_with_its_own_error() {
         None,
     )
     .unwrap();
+}
+
+/// A DER length (definite form).
+fn der_len(len: usize) -> Vec<u8> {
+    match u8::try_from(len) {
+        Ok(short) if short < 0x80 => vec![short],
+        _ => {
+            let bytes = len.to_be_bytes();
+            let skip = bytes.iter().take_while(|&&b| b == 0).count();
+            let mut out = vec![0x80 | u8::try_from(bytes.len() - skip).unwrap()];
+            out.extend(&bytes[skip..]);
+            out
+        }
+    }
+}
+
+/// The whole TLV at the start of `der`.
+fn first_tlv(der: &[u8]) -> &[u8] {
+    let (header, len) = match der[1] {
+        short @ 0..=0x7f => (2, usize::from(short)),
+        long => {
+            let n = usize::from(long & 0x7f);
+            (2 + n, der[2..2 + n].iter().fold(0, |len, &b| len << 8 | usize::from(b)))
+        }
+    };
+    &der[..header + len]
+}
+
+/// A request around `info`, signed (ECDSA P-256 with SHA-256) with `key`.
+fn signed_request(key: &KeyPair, info: &[u8]) -> String {
+    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let signer =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &key.serialize_der(), &rng).unwrap();
+    let signature = signer.sign(&rng, info).unwrap();
+    let mut body = info.to_vec();
+    body.extend([0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]);
+    body.push(0x03);
+    body.extend(der_len(signature.as_ref().len() + 1));
+    body.push(0);
+    body.extend(signature.as_ref());
+    let mut der = vec![0x30];
+    der.extend(der_len(body.len()));
+    der.extend(body);
+    pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der))
+}
+
+/// Found by the `ca_csr` fuzz target: a request whose key is tagged as something other
+/// than a SEQUENCE is read anyway by x509-parser, and its signature verifies; the CA
+/// used to pass those bytes on to be parsed again when certifying. It now certifies the
+/// key only in its one DER form, and refuses any other encoding.
+#[tokio::test]
+async fn a_request_whose_key_is_not_der_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = root_ca(dir.path(), CaConfig::default()).await;
+    let cart = id("shop", "cart");
+    let key = p256();
+    let good = csr_for_key(&key, &cart);
+    let outer = pem::parse(&good).unwrap().contents().to_vec();
+    // The request is SEQUENCE { info, algorithm, signature }: info follows the header.
+    let header = if outer[1] < 0x80 { 2 } else { 2 + usize::from(outer[1] & 0x7f) };
+    let info = first_tlv(&outer[header..]).to_vec();
+    // Re-signed as is, the request is still fine: the refusal below is about the tag.
+    ca.sign(&signed_request(&key, &info), &cart, None).expect("the re-signed request");
+
+    let mut bad = info.clone();
+    let at = bad.windows(4).position(|w| w == [0x30, 0x59, 0x30, 0x13]).expect("the P-256 key");
+    bad[at] = 0x70;
+    let err = ca.sign(&signed_request(&key, &bad), &cart, None).unwrap_err();
+    assert!(matches!(&err, SignError::MalformedCsr(m) if m.contains("public key")), "{err:?}");
 }
 
 /// A CA service on 127.0.0.1:0 where `node-a` (token `token-a`) hosts shop/cart and

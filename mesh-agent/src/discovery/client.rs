@@ -8,7 +8,6 @@ use std::{sync::Arc, time::Duration};
 
 use mesh_api as api;
 use mesh_api::discovery_client::DiscoveryClient;
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -150,11 +149,7 @@ async fn session(
     while let Some(msg) = responses.message().await.map_err(too_large)? {
         backoff.reset();
         let version = msg.version;
-        let built = match api::Snapshot::decode(msg.snapshot) {
-            Ok(s) => RouteTable::build(version, &s, settings.max_endpoints),
-            Err(e) => Err(super::table::TableError::Decode(e.to_string())),
-        };
-        let reply = match built {
+        let reply = match RouteTable::decode(version, msg.snapshot, settings.max_endpoints) {
             Ok(table) => {
                 let (routes, endpoints) = (table.routes().len(), table.endpoint_count());
                 store.apply(table);
@@ -178,6 +173,7 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
 
     #[test]
     fn backoff_grows_is_capped_jittered_and_resets() {

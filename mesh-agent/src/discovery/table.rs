@@ -12,6 +12,7 @@ use std::{
 };
 
 use mesh_api as api;
+use prost::Message as _;
 use serde::Serialize;
 
 use crate::{authz::MtlsMode, balance::service::ServicePolicy, identity::SpiffeId};
@@ -138,6 +139,14 @@ fn port(service: &str, field: String, v: u32) -> Result<u16, TableError> {
 }
 
 impl RouteTable {
+    /// Decodes a snapshot as it arrives on the discovery stream and builds its table:
+    /// the one way from the control plane's bytes to what the data path reads, so a
+    /// snapshot that does not decode is refused like one that does not validate.
+    pub fn decode(version: u64, encoded: impl bytes::Buf, max_endpoints: usize) -> Result<Self, TableError> {
+        let snapshot = api::Snapshot::decode(encoded).map_err(|e| TableError::Decode(e.to_string()))?;
+        Self::build(version, &snapshot, max_endpoints)
+    }
+
     /// Builds and validates the table for `version`; `max_endpoints` bounds memory.
     pub fn build(version: u64, snapshot: &api::Snapshot, max_endpoints: usize) -> Result<Self, TableError> {
         let count: usize = snapshot.services.iter().map(|s| s.endpoints.len()).sum();
@@ -163,6 +172,10 @@ impl RouteTable {
                 let ip: IpAddr = v
                     .parse()
                     .map_err(|_| invalid(format!("vips[{i}]"), format!("{v:?} is not an IP address")))?;
+                // An IPv4-mapped VIP is its IPv4 address: intercepted destinations are
+                // looked up in that form, so kept mapped it would match nothing (and
+                // could shadow another service's VIP unnoticed).
+                let ip = ip.to_canonical();
                 if ip.is_loopback() || ip.is_unspecified() {
                     return Err(invalid(format!("vips[{i}]"), format!("{ip} cannot be a service address")));
                 }
@@ -270,7 +283,9 @@ impl RouteTable {
                     }
                 }
                 for h in &s.hostnames {
-                    table.by_host.insert((h.to_ascii_lowercase(), svc_port), route.clone());
+                    // As `by_host` reads names: case-insensitive, without the root's dot.
+                    let host = h.trim_end_matches('.').to_ascii_lowercase();
+                    table.by_host.insert((host, svc_port), route.clone());
                 }
                 table.routes.push(route);
             }
@@ -425,5 +440,40 @@ mod tests {
         );
         assert_eq!(meshed.addr_header, "10.77.0.5:8080");
         assert!(route.endpoints[0].spiffe_id.is_none(), "no identity: not meshed");
+    }
+
+    /// Found by the `snapshot_table` fuzz target: a VIP written IPv4-mapped
+    /// (`::ffff:10.96.0.10`) was stored in that form, which no lookup ever uses, so its
+    /// service was unreachable and the same VIP could be claimed twice unnoticed.
+    #[test]
+    fn an_ipv4_mapped_vip_is_its_ipv4_address() {
+        let mut s = snapshot();
+        s.services[0].vips = vec!["::ffff:10.96.0.10".into()];
+        let t = RouteTable::build(1, &s, 100).unwrap();
+        assert!(t.by_addr("10.96.0.10:80".parse().unwrap()).is_some());
+        assert!(t.by_addr("[::ffff:10.96.0.10]:80".parse().unwrap()).is_some());
+
+        s.services.push(api::Service {
+            name: "other".into(),
+            vips: vec!["10.96.0.10".into()],
+            ..s.services[0].clone()
+        });
+        assert!(matches!(RouteTable::build(1, &s, 100), Err(TableError::Conflict { .. })));
+        let mut s = snapshot();
+        s.services[0].vips = vec!["::ffff:127.0.0.1".into()];
+        let err = RouteTable::build(1, &s, 100).unwrap_err().to_string();
+        assert!(err.contains("vips[0]: 127.0.0.1 cannot be a service address"), "{err}");
+    }
+
+    /// A hostname is stored as lookups read names (lower case, no trailing dot), so one
+    /// sent as `Echo.default.` is found too (the `snapshot_table` target's hostname
+    /// check).
+    #[test]
+    fn hostnames_are_stored_as_they_are_looked_up() {
+        let mut s = snapshot();
+        s.services[0].hostnames = vec!["Echo.default.".into()];
+        let t = RouteTable::build(1, &s, 100).unwrap();
+        assert!(t.by_host("echo.default", 80).is_some());
+        assert!(t.by_host("Echo.default.", 80).is_some());
     }
 }

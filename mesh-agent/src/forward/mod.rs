@@ -142,8 +142,11 @@ async fn tunnel(
     guard: PickGuard,
     sniffed: Sniffed,
 ) -> bool {
-    let metrics =
-        ConnectionMetrics::open(conn.direction, &ctx.source_workload(conn.direction), &MeshName::known(meshed.service));
+    let metrics = ConnectionMetrics::open(
+        conn.direction,
+        &ctx.source_workload(conn.direction),
+        &MeshName::known(meshed.service),
+    );
     let (service, endpoint, agent) = (meshed.service, meshed.endpoint, meshed.agent);
     match crate::mtls::forward(ctx, conn, client, meshed, sniffed).await {
         Ok((up, down, _)) => {

@@ -1,9 +1,11 @@
 //! Header rules of a proxy (RFC 9110 §7.6.1): hop-by-hop headers end at each hop,
 //! upgrades pass through, and the receiving side says who the client was.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderName, HeaderValue, header};
+
+use super::outbound::CLIENT_ADDR_HEADER;
 
 /// Headers that describe one connection, never the message.
 const HOP_BY_HOP: [HeaderName; 6] = [
@@ -20,6 +22,13 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Envoy's header for the caller's certificate identity: `By=<this workload's SPIFFE
+/// ID>;URI=<caller's SPIFFE ID>` (names made once: a string key would be parsed on
+/// every request).
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+/// The caller's verified SPIFFE ID alone, for apps that do not parse
+/// `x-forwarded-client-cert`.
+pub static X_FORWARDED_CLIENT_IDENTITY: HeaderName = HeaderName::from_static("x-forwarded-client-identity");
 
 /// Whether the request asks to switch protocols on this connection (WebSocket).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -94,6 +103,53 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, authority: Opt
     }
 }
 
+/// What the receiving agent knows about a request besides its head.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival<'a> {
+    /// The tunnel's peer (the client's node), or the plaintext client.
+    pub peer_addr: SocketAddr,
+    /// The requests were written by a peer agent's L7 proxy, whose client-address
+    /// header names the original client; otherwise the client wrote that header and
+    /// it is dropped like any forgery.
+    pub via_peer_proxy: bool,
+    /// What this agent verified about the caller, as the values of
+    /// `x-forwarded-client-cert` and `x-forwarded-client-identity`; `None` for a
+    /// caller it verified nothing of (plaintext).
+    pub identity: Option<(&'a HeaderValue, &'a HeaderValue)>,
+    /// The request target's authority (absolute form, or HTTP/2's `:authority`).
+    pub authority: Option<&'a str>,
+}
+
+/// The receiving agent's rewrite of a request head before the local workload sees
+/// it: hop-by-hop headers go (an upgrade's excepted), the client address a peer
+/// agent wrote becomes `x-forwarded-for` (loopback, the eBPF redirect, or none: the
+/// peer), and the identity headers say only what this agent verified, so whatever a
+/// client wrote there never reaches the workload. Returns the authority the request
+/// named, for the access log.
+pub fn rewrite_inbound(headers: &mut HeaderMap, upgrade: bool, arrival: Arrival<'_>) -> Option<String> {
+    strip_hop_by_hop(headers, upgrade);
+    let client = headers
+        .remove(CLIENT_ADDR_HEADER)
+        .filter(|_| arrival.via_peer_proxy)
+        .and_then(|v| v.to_str().ok()?.parse::<IpAddr>().ok())
+        // Loopback is the eBPF redirect the sending agent saw, not the client: the
+        // tunnel's peer (the client's node) says more.
+        .filter(|ip| !ip.to_canonical().is_loopback())
+        .map_or(arrival.peer_addr, |ip| SocketAddr::new(ip, 0));
+    let host = arrival
+        .authority
+        .map(str::to_owned)
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+    add_forwarded(headers, client, host.as_deref());
+    headers.remove(&X_FORWARDED_CLIENT_CERT);
+    headers.remove(&X_FORWARDED_CLIENT_IDENTITY);
+    if let Some((xfcc, id)) = arrival.identity {
+        headers.insert(X_FORWARDED_CLIENT_CERT.clone(), xfcc.clone());
+        headers.insert(X_FORWARDED_CLIENT_IDENTITY.clone(), id.clone());
+    }
+    host
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +196,50 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.0.0.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "web.default:80");
+    }
+
+    /// A client cannot speak for the receiving agent: the identity it claims and the
+    /// client address it forges are replaced by what the agent knows.
+    #[test]
+    fn inbound_rewrite_replaces_forged_identity_and_client_address() {
+        let peer: SocketAddr = "10.0.0.9:41000".parse().unwrap();
+        let verified = HeaderValue::from_static("spiffe://td/ns/a/sa/web");
+        let xfcc = HeaderValue::from_static("By=spiffe://td/ns/a/sa/api;URI=spiffe://td/ns/a/sa/web");
+        let forged = [
+            ("x-forwarded-client-identity", "spiffe://td/ns/a/sa/admin"),
+            ("x-forwarded-client-identity", "spiffe://td/ns/b/sa/root"),
+            ("x-forwarded-client-cert", "URI=spiffe://td/ns/b/sa/root"),
+            ("x-mesh-client-addr", "127.0.0.1"),
+            ("host", "web.default"),
+        ];
+        let mut h = map(&forged);
+        let arrival = Arrival {
+            peer_addr: peer,
+            via_peer_proxy: true,
+            identity: Some((&xfcc, &verified)),
+            authority: None,
+        };
+        assert_eq!(rewrite_inbound(&mut h, false, arrival).as_deref(), Some("web.default"));
+        let ids: Vec<_> = h.get_all(&X_FORWARDED_CLIENT_IDENTITY).iter().collect();
+        assert_eq!(ids, [&verified]);
+        let certs: Vec<_> = h.get_all(&X_FORWARDED_CLIENT_CERT).iter().collect();
+        assert_eq!(certs, [&xfcc]);
+        assert!(!h.contains_key(CLIENT_ADDR_HEADER));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9", "loopback is not a client: the peer is");
+
+        let mut h = map(&forged);
+        let arrival =
+            Arrival { peer_addr: peer, via_peer_proxy: false, identity: None, authority: Some("web:80") };
+        assert_eq!(rewrite_inbound(&mut h, false, arrival).as_deref(), Some("web:80"));
+        assert!(!h.contains_key(&X_FORWARDED_CLIENT_IDENTITY), "no verified identity: none at all");
+        assert!(!h.contains_key(&X_FORWARDED_CLIENT_CERT));
+
+        let mut h = map(&[("x-mesh-client-addr", "192.0.2.7")]);
+        let via_peer = Arrival { peer_addr: peer, via_peer_proxy: true, identity: None, authority: None };
+        rewrite_inbound(&mut h, false, via_peer);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7", "a peer agent's proxy names the client");
+        let mut h = map(&[("x-mesh-client-addr", "192.0.2.7")]);
+        rewrite_inbound(&mut h, false, Arrival { via_peer_proxy: false, ..via_peer });
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9", "a client cannot name itself");
     }
 }

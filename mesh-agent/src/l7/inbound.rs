@@ -27,15 +27,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::body::{BodyEnd, Observed, grpc_status};
-use super::headers::{add_forwarded, is_upgrade, strip_hop_by_hop};
-use super::outbound::{CLIENT_ADDR_HEADER, error_response, is_grpc};
+use super::headers::{Arrival, is_upgrade, rewrite_inbound, strip_hop_by_hop};
+use super::outbound::{error_response, is_grpc};
 use super::pool::{Body, Dial, UpstreamPool, Version};
 use crate::authz::{Decision, Principal, UNAUTHENTICATED, decide, path};
 use crate::discovery::RouteStore;
@@ -82,16 +82,7 @@ impl Policy {
     }
 }
 
-/// Envoy's header for the caller's certificate identity: `By=<this workload's
-/// SPIFFE ID>;URI=<caller's SPIFFE ID>` (names made once: a string key would be
-/// parsed on every request).
-pub static X_FORWARDED_CLIENT_CERT: http::HeaderName =
-    http::HeaderName::from_static("x-forwarded-client-cert");
-
-/// The caller's verified SPIFFE ID alone, for apps that do not parse
-/// `x-forwarded-client-cert`.
-pub static X_FORWARDED_CLIENT_IDENTITY: http::HeaderName =
-    http::HeaderName::from_static("x-forwarded-client-identity");
+pub use super::headers::{X_FORWARDED_CLIENT_CERT, X_FORWARDED_CLIENT_IDENTITY};
 
 /// Who sends a stream's requests, which says what in them to trust.
 #[derive(Debug, Clone)]
@@ -274,32 +265,17 @@ impl Inbound {
 
         let upgrade = self.version == Version::Http1 && is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        strip_hop_by_hop(req.headers_mut(), upgrade);
-        let client = req
-            .headers_mut()
-            .remove(CLIENT_ADDR_HEADER)
-            .filter(|_| self.caller.via_peer_proxy)
-            .and_then(|v| v.to_str().ok()?.parse::<std::net::IpAddr>().ok())
-            // Loopback is the eBPF redirect the sending agent saw, not the client: the
-            // tunnel's peer (the client's node) says more.
-            .filter(|ip| !ip.to_canonical().is_loopback())
-            .map_or(self.caller.addr, |ip| SocketAddr::new(ip, 0));
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
-        add_forwarded(req.headers_mut(), client, host.as_deref());
+        // A reference-counted copy, not a new string: the head is rewritten meanwhile.
+        let uri_authority = req.uri().authority().cloned();
+        let arrival = Arrival {
+            peer_addr: self.caller.addr,
+            via_peer_proxy: self.caller.via_peer_proxy,
+            identity: self.identity_headers.as_ref().map(|(xfcc, id)| (xfcc, id)),
+            authority: uri_authority.as_ref().map(|a| a.as_str()),
+        };
+        let host = rewrite_inbound(req.headers_mut(), upgrade, arrival);
         if let Some(r) = record.as_mut() {
             r.authority = host;
-        }
-        // Only this agent says who the caller is: whatever the client sent goes.
-        let headers = req.headers_mut();
-        headers.remove(&X_FORWARDED_CLIENT_CERT);
-        headers.remove(&X_FORWARDED_CLIENT_IDENTITY);
-        if let Some((xfcc, id)) = &self.identity_headers {
-            headers.insert(X_FORWARDED_CLIENT_CERT.clone(), xfcc.clone());
-            headers.insert(X_FORWARDED_CLIENT_IDENTITY.clone(), id.clone());
         }
 
         let request_bytes = Arc::new(AtomicU64::new(0));

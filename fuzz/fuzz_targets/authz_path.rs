@@ -1,0 +1,83 @@
+//! Per-request authorization on the receiving agent (`mesh_agent::authz`): allow
+//! rules against the peer, the method and the request target's path, the path taken
+//! from the request target as hyper parses it.
+//!
+//! Input, as text lines: the peer, the method, the request target, then one rule per
+//! line: `principals|methods|path prefixes`, each a comma-separated list (empty for
+//! none). The last rule is also tried on its own and added to the others.
+//!
+//! Asserts, beyond "no panic": no rules allow everything; a rule without conditions
+//! allows everything; adding a rule to others never takes an allow away; methods compare
+//! without regard to case; a rule naming only principals admits exactly those; for a
+//! path and a prefix that need no normalisation (plain segments, no dots, escapes or
+//! doubled slashes) a prefix rule allows exactly the paths under it.
+//!
+//! [`verdict`] is the one call into the agent: when the path is normalised before
+//! matching, point it at the new entry and keep the properties.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mesh_agent::authz::{HttpRule, allowed};
+
+fn list(field: &str) -> Vec<String> {
+    if field.is_empty() { Vec::new() } else { field.split(',').map(str::to_owned).collect() }
+}
+
+fn rule(line: &str) -> HttpRule {
+    let mut fields = line.splitn(3, '|');
+    let mut next = || list(fields.next().unwrap_or_default());
+    HttpRule { principals: next(), methods: next(), path_prefixes: next() }
+}
+
+/// The agent's decision for one request: the path as hyper gives it to the proxy.
+fn verdict(rules: &[HttpRule], peer: &str, method: &str, uri: &http::Uri) -> bool {
+    allowed(rules, peer, method, uri.path())
+}
+
+/// Segments of unreserved characters only, single slashes, no dot segments: a path
+/// every normalisation leaves as it is.
+fn plain(path: &str) -> bool {
+    path.starts_with('/')
+        && !path.contains("//")
+        && path
+            .split('/')
+            .skip(1)
+            .all(|seg| seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let mut lines = text.split('\n');
+    let (Some(peer), Some(method), Some(target)) = (lines.next(), lines.next(), lines.next()) else { return };
+    let Ok(uri) = target.parse::<http::Uri>() else { return };
+    let mut rules: Vec<HttpRule> = lines.map(rule).collect();
+    let extra = rules.pop().unwrap_or_default();
+    let verdict_now = verdict(&rules, peer, method, &uri);
+
+    assert!(verdict(&[], peer, method, &uri), "no rules must allow everything");
+    assert!(verdict(&[HttpRule::default()], peer, method, &uri), "an empty rule must allow everything");
+
+    let mut more = rules.clone();
+    more.push(extra.clone());
+    // (No rules at all is the one list that allows everything by itself.)
+    if verdict_now && !rules.is_empty() {
+        assert!(verdict(&more, peer, method, &uri), "adding a rule took an allow away");
+    }
+
+    let upper = method.to_ascii_uppercase();
+    let lower = method.to_ascii_lowercase();
+    assert_eq!(verdict(&rules, peer, &upper, &uri), verdict_now, "method case changed the verdict");
+    assert_eq!(verdict(&rules, peer, &lower, &uri), verdict_now, "method case changed the verdict");
+
+    let principals = HttpRule { principals: extra.principals.clone(), ..Default::default() };
+    let named = extra.principals.is_empty() || extra.principals.iter().any(|p| p == "*" || p == peer);
+    assert_eq!(verdict(&[principals], peer, method, &uri), named, "principals {:?}", extra.principals);
+
+    let path = uri.path();
+    for prefix in extra.path_prefixes.iter().filter(|p| plain(p)) {
+        if plain(path) {
+            let rule = HttpRule { path_prefixes: vec![prefix.clone()], ..Default::default() };
+            assert_eq!(verdict(&[rule], peer, method, &uri), path.starts_with(prefix.as_str()), "{prefix:?}");
+        }
+    }
+});

@@ -99,7 +99,42 @@ mesh_tests::both_modes!(
     bad_input_is_passed_through_or_closed_without_harm,
     graceful_shutdown_and_kill_fail_closed_until_cleanup,
     workload_setting_the_agents_mark_is_still_intercepted,
+    admin_requests_from_a_workload_change_nothing,
 );
+
+/// A workload shares the node's network namespace, so it reaches the admin port:
+/// every request there that would change the agent is refused, and afterwards the
+/// agent still runs, at its log level, with the workload still intercepted.
+fn admin_requests_from_a_workload_change_nothing(mode: &str) {
+    let s = Setup::new(mode, &[]);
+    let _http = servers::http(s.server(), HTTP, "s1").unwrap();
+    let admin = s.agent.admin;
+    let cgroup = s.workload.relative().to_owned();
+    for path in [
+        "/quitquitquit".to_owned(),
+        format!("/unenroll?cgroup={cgroup}"),
+        "/enroll?cgroup=/mesh-test/elsewhere&create=true".to_owned(),
+        "/logging?level=off".to_owned(),
+    ] {
+        let args =
+            curl(&["-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", &format!("http://{admin}{path}")]);
+        let code = stdout(&s.workload("curl", &as_strs(&args)));
+        assert!(code.trim().starts_with('4'), "POST {path} from a workload answered {code}");
+    }
+    assert!(!cgroup_exists("mesh-test/elsewhere"), "an admin request from a workload created a cgroup");
+    let (status, level) = s.agent.socket_request("GET", "/logging").expect("admin socket");
+    assert_eq!(status, 200);
+    assert!(!level.contains("off"), "the log level changed: {level}");
+    let dst = s.server().v4_addr(HTTP);
+    let body = stdout(&s.workload("curl", &as_strs(&curl(&[&format!("http://{dst}/still")]))));
+    assert_eq!(body.trim(), "server=s1 HTTP/1.1 GET /still");
+    let rec = s.agent.wait_conn(dst);
+    assert_eq!(rec["direction"], "outbound", "the workload is still intercepted: {rec}");
+}
+
+fn cgroup_exists(relative: &str) -> bool {
+    mesh_tests::cgroup::mount().map(|m| m.join(relative).exists()).unwrap_or(false)
+}
 
 fn http1_is_intercepted_classified_and_answered(mode: &str) {
     let s = Setup::new(mode, &[]);

@@ -1,23 +1,23 @@
 //! Per-request authorization on the receiving agent (`mesh_agent::authz`): allow
 //! rules against the peer, the method and the request target's path, the path taken
-//! from the request target as hyper parses it.
+//! from the request target as hyper parses it and normalised (`authz::path`) as the
+//! receiving agent does before matching and forwarding.
 //!
 //! Input, as text lines: the peer, the method, the request target, then one rule per
 //! line: `principals|methods|path prefixes`, each a comma-separated list (empty for
 //! none). The last rule is also tried on its own and added to the others.
 //!
-//! Asserts, beyond "no panic": no rules allow everything; a rule without conditions
-//! allows everything; adding a rule to others never takes an allow away; methods compare
-//! without regard to case; a rule naming only principals admits exactly those; for a
-//! path and a prefix that need no normalisation (plain segments, no dots, escapes or
-//! doubled slashes) a prefix rule allows exactly the paths under it.
-//!
-//! [`verdict`] is the one call into the agent: when the path is normalised before
-//! matching, point it at the new entry and keep the properties.
+//! Asserts, beyond "no panic": normalising is idempotent and leaves no doubled slash
+//! and no dot segment; a path that does not normalise is refused whatever the rules;
+//! otherwise no rules allow everything, a rule without conditions allows everything,
+//! adding a rule to others never takes an allow away, methods compare without regard
+//! to case, a rule naming only principals admits exactly those; for a path and a
+//! prefix that need no normalisation (plain segments) a prefix rule allows exactly
+//! the paths under it, segment by segment (`/api` never covers `/api-internal`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::authz::{HttpRule, allowed};
+use mesh_agent::authz::{HttpRule, Principal, path};
 
 fn list(field: &str) -> Vec<String> {
     if field.is_empty() { Vec::new() } else { field.split(',').map(str::to_owned).collect() }
@@ -29,9 +29,22 @@ fn rule(line: &str) -> HttpRule {
     HttpRule { principals: next(), methods: next(), path_prefixes: next() }
 }
 
-/// The agent's decision for one request: the path as hyper gives it to the proxy.
+/// The agent's decision for one request to one service's rules: the path as hyper
+/// gives it to the proxy, normalised first (refused when it does not normalise).
 fn verdict(rules: &[HttpRule], peer: &str, method: &str, uri: &http::Uri) -> bool {
-    allowed(rules, peer, method, uri.path())
+    let Ok(normalised) = path::normalize(uri.path()) else { return false };
+    let caller = Principal::Authenticated(peer);
+    rules.is_empty() || rules.iter().any(|r| r.allows(caller, method, &normalised))
+}
+
+/// As the agent builds a rule from the snapshot: prefixes normalised.
+fn built(r: HttpRule) -> HttpRule {
+    let api = mesh_api::AuthorizationRule {
+        principals: r.principals,
+        methods: r.methods,
+        path_prefixes: r.path_prefixes,
+    };
+    HttpRule::from_api(&api)
 }
 
 /// Segments of unreserved characters only, single slashes, no dot segments: a path
@@ -50,9 +63,20 @@ fuzz_target!(|data: &[u8]| {
     let mut lines = text.split('\n');
     let (Some(peer), Some(method), Some(target)) = (lines.next(), lines.next(), lines.next()) else { return };
     let Ok(uri) = target.parse::<http::Uri>() else { return };
-    let mut rules: Vec<HttpRule> = lines.map(rule).collect();
+    let mut rules: Vec<HttpRule> = lines.map(|l| built(rule(l))).collect();
     let extra = rules.pop().unwrap_or_default();
     let verdict_now = verdict(&rules, peer, method, &uri);
+
+    let Ok(normalised) = path::normalize(uri.path()) else {
+        assert!(!verdict(&[], peer, method, &uri), "a path that does not normalise was allowed");
+        return;
+    };
+    assert_eq!(path::normalize(&normalised).as_deref(), Ok(normalised.as_str()), "normalising twice changed it");
+    assert!(!normalised.contains("//"), "{normalised:?} keeps a doubled slash");
+    assert!(
+        !normalised.split('/').any(|seg| seg == "." || seg == ".."),
+        "{normalised:?} keeps a dot segment"
+    );
 
     assert!(verdict(&[], peer, method, &uri), "no rules must allow everything");
     assert!(verdict(&[HttpRule::default()], peer, method, &uri), "an empty rule must allow everything");
@@ -77,7 +101,11 @@ fuzz_target!(|data: &[u8]| {
     for prefix in extra.path_prefixes.iter().filter(|p| plain(p)) {
         if plain(path) {
             let rule = HttpRule { path_prefixes: vec![prefix.clone()], ..Default::default() };
-            assert_eq!(verdict(&[rule], peer, method, &uri), path.starts_with(prefix.as_str()), "{prefix:?}");
+            let under = match prefix.ends_with('/') {
+                true => path.starts_with(prefix.as_str()),
+                false => path == prefix.as_str() || path.starts_with(&format!("{prefix}/")),
+            };
+            assert_eq!(verdict(&[rule], peer, method, &uri), under, "{prefix:?} and {path:?}");
         }
     }
 });

@@ -6,7 +6,7 @@
 //! accepts, every agent accepts (the services, as a snapshot, build an agent's route
 //! table, and each VIP:port finds its service there), since a file that agents refuse
 //! would freeze every agent's routes; and the accepted services, printed back as a
-//! registry file, parse to the same services.
+//! registry file, parse to the same services and workloads.
 #![no_main]
 
 use std::net::{IpAddr, SocketAddr};
@@ -21,18 +21,20 @@ const TRUST_DOMAIN: &str = "cluster.local";
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let services = match control::registry::file::parse(FILE, text, TRUST_DOMAIN) {
-        Ok(services) => services,
+    let registry = match control::registry::file::parse(FILE, text, TRUST_DOMAIN) {
+        Ok(registry) => registry,
         Err(e) => {
             assert!(e.to_string().starts_with(&format!("{FILE}: ")), "{e}");
             return;
         }
     };
 
-    let snapshot = api::Snapshot { services: services.clone(), trust_domain: TRUST_DOMAIN.into() };
+    let services = &registry.services;
+    let snapshot =
+        api::Snapshot { services: services.clone(), trust_domain: TRUST_DOMAIN.into(), ..Default::default() };
     let table = RouteTable::build(1, &snapshot, usize::MAX)
         .unwrap_or_else(|e| panic!("the control plane accepted a registry agents refuse: {e}"));
-    for s in &services {
+    for s in services {
         for vip in &s.vips {
             let ip: IpAddr = vip.parse().expect("a VIP the agent accepted");
             for p in &s.ports {
@@ -45,15 +47,23 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let printed = serde_yaml_ng::to_string(&render(&services)).expect("printing YAML");
+    let printed = serde_yaml_ng::to_string(&render(services, &registry.workloads)).expect("printing YAML");
     let reparsed = control::registry::file::parse(FILE, &printed, TRUST_DOMAIN)
         .unwrap_or_else(|e| panic!("the printed registry is refused: {e}\n{printed}"));
-    assert_eq!(reparsed, services, "printed and parsed again, the registry differs:\n{printed}");
+    assert_eq!(reparsed.services, registry.services, "printed and parsed again, the services differ:\n{printed}");
+    assert_eq!(reparsed.workloads, registry.workloads, "printed and parsed again, the workloads differ:\n{printed}");
 });
 
-/// The registry file that says what `services` say.
-fn render(services: &[api::Service]) -> Value {
-    json!({ "services": services.iter().map(service).collect::<Vec<_>>() })
+/// The registry file that says what `services` and `workloads` say.
+fn render(services: &[api::Service], workloads: &[api::Workload]) -> Value {
+    let workloads: Vec<Value> = workloads
+        .iter()
+        .map(|w| {
+            json!({"name": w.name, "namespace": w.namespace, "service_account": w.service_account,
+                "node": w.node, "addresses": w.addresses, "labels": w.labels})
+        })
+        .collect();
+    json!({ "services": services.iter().map(service).collect::<Vec<_>>(), "workloads": workloads })
 }
 
 fn service(s: &api::Service) -> Value {
@@ -186,6 +196,15 @@ fn policy(p: &api::Policy) -> Value {
         .map(|a| json!({"principals": a.principals, "methods": a.methods, "path_prefixes": a.path_prefixes}))
         .collect();
     out.insert("authorization".into(), rules.into());
+    match p.mtls() {
+        api::MtlsMode::Unspecified => {}
+        api::MtlsMode::Strict => {
+            out.insert("mtls".into(), json!("strict"));
+        }
+        api::MtlsMode::Permissive => {
+            out.insert("mtls".into(), json!("permissive"));
+        }
+    }
     if let Some(r) = &p.rate_limit {
         out.insert(
             "rate_limit".into(),

@@ -264,21 +264,33 @@ impl PodAnnounce {
     /// The fields in which `other` differs from `self` (addresses compared as sets).
     /// Empty means a repeated ADD of the same pod, which the agent answers as the first.
     pub fn differences(&self, other: &PodAnnounce) -> Vec<&'static str> {
+        self.differences_shown(other).into_iter().map(|(field, _)| field).collect()
+    }
+
+    /// [`Self::differences`], each with both values (`self`'s first), for error
+    /// messages that say what differs, not only where.
+    pub fn differences_shown(&self, other: &PodAnnounce) -> Vec<(&'static str, String)> {
+        let shown = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?} vs {b:?}");
         let mut out = Vec::new();
         if self.container_id != other.container_id {
-            out.push("container_id");
+            out.push(("container_id", shown(&self.container_id, &other.container_id)));
         }
         if self.netns != other.netns {
-            out.push("netns");
+            out.push(("netns", shown(&self.netns, &other.netns)));
         }
         if self.ifname != other.ifname {
-            out.push("ifname");
+            out.push(("ifname", shown(&self.ifname, &other.ifname)));
         }
         if self.pod != other.pod {
-            out.push("pod");
+            let name = |p: &Option<PodRef>| p.as_ref().map_or_else(|| "none".to_owned(), ToString::to_string);
+            out.push(("pod", format!("{} vs {}", name(&self.pod), name(&other.pod))));
         }
-        if self.ips.iter().collect::<BTreeSet<_>>() != other.ips.iter().collect::<BTreeSet<_>>() {
-            out.push("ips");
+        let (mine, theirs): (BTreeSet<_>, BTreeSet<_>) =
+            (self.ips.iter().collect(), other.ips.iter().collect());
+        if mine != theirs {
+            let list =
+                |ips: &BTreeSet<&IpAddr>| ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+            out.push(("ips", format!("{} vs {}", list(&mine), list(&theirs))));
         }
         out
     }

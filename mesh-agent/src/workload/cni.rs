@@ -225,15 +225,15 @@ impl<S: PodSink> CniPods<S> {
     async fn add_in(&self, slot: &Slot, pod: PodAnnounce) -> Result<PodServed, CniError> {
         let mut record = slot.lock().await;
         if let Some(existing) = record.as_ref() {
-            let diffs = existing.pod.differences(&pod);
+            let diffs = shown(&existing.pod, &pod);
             if !diffs.is_empty() {
                 return Err(CniError::new(
                     code::CONFLICT,
                     format!(
-                        "container {} is already served as {} with a different {}; DEL it before adding it again",
+                        "container {} is already served as {} with a different {} (served vs this ADD); DEL it before adding it again",
                         pod.container_id,
                         existing.pod.describe(),
-                        diffs.join(", ")
+                        diffs
                     ),
                 ));
             }
@@ -331,12 +331,11 @@ impl<S: PodSink> CniPods<S> {
                     pod.container_id
                 )));
             };
-            let diffs = existing.pod.differences(&pod);
+            let diffs = shown(&existing.pod, &pod);
             if !diffs.is_empty() {
                 return Err(not_served(format!(
-                    "container {} is served with a different {} than the runtime has",
-                    pod.container_id,
-                    diffs.join(", ")
+                    "container {} is served with a different {} than the runtime has (served vs runtime)",
+                    pod.container_id, diffs
                 )));
             }
             if existing.served.is_none() {
@@ -395,6 +394,13 @@ impl<S: PodSink> CniPods<S> {
         }
         report
     }
+}
+
+/// The fields in which two announcements of one container differ, with both values:
+/// `ips: 10.88.0.10 vs 10.88.0.99`.
+fn shown(served: &PodAnnounce, announced: &PodAnnounce) -> String {
+    let diffs = served.differences_shown(announced);
+    diffs.iter().map(|(field, values)| format!("{field}: {values}")).collect::<Vec<_>>().join("; ")
 }
 
 #[cfg(test)]

@@ -74,7 +74,7 @@ pub async fn forward(
     let Accepted { peer, orig_dst, start, .. } = *conn;
     let Meshed { service, endpoint, agent, dest_id } = meshed;
     let Sniffed { bytes: mut sniffed, protocol } = sniffed;
-    let Some(ident) = ctx.identity.get() else {
+    let Some(ident) = ctx.identity.wait(ctx.connect_timeout).await else {
         crate::forward::reset(&client);
         return Err("no workload certificate yet: meshed traffic is never sent in plaintext".into());
     };

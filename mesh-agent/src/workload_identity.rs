@@ -30,8 +30,62 @@ pub struct AgentIdentity {
     pub workload: Arc<WorkloadIdentity>,
 }
 
-/// A workload's identity: set once, when its first certificate is installed.
-pub type IdentitySlot = Arc<OnceLock<AgentIdentity>>;
+/// A workload's identity: set once, when its first certificate is installed. A
+/// connection that needs it while its certificate is on the way waits for it (a pod's
+/// first connections follow its CNI ADD at once) instead of failing.
+#[derive(Clone, Default)]
+pub struct IdentitySlot(Arc<SlotInner>);
+
+#[derive(Default)]
+struct SlotInner {
+    identity: OnceLock<AgentIdentity>,
+    /// A lease is fetching the certificate: waiting makes sense.
+    pending: std::sync::atomic::AtomicBool,
+    installed: tokio::sync::Notify,
+}
+
+impl IdentitySlot {
+    /// The identity, if its certificate is installed.
+    pub fn get(&self) -> Option<&AgentIdentity> {
+        self.0.identity.get()
+    }
+
+    /// Installs the identity (once; a second one is handed back).
+    pub fn set(&self, identity: AgentIdentity) -> Result<(), AgentIdentity> {
+        self.0.identity.set(identity)?;
+        self.0.installed.notify_waiters();
+        Ok(())
+    }
+
+    /// The identity, waiting up to `patience` for a certificate a lease is fetching;
+    /// `None` at once when no lease is (the workload has no identity).
+    pub async fn wait(&self, patience: Duration) -> Option<&AgentIdentity> {
+        if let Some(identity) = self.get() {
+            return Some(identity);
+        }
+        if !self.0.pending.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let _ = tokio::time::timeout(patience, async {
+            loop {
+                // Registered before the check, so an install in between still wakes it.
+                let installed = self.0.installed.notified();
+                let mut installed = std::pin::pin!(installed);
+                installed.as_mut().enable();
+                if self.get().is_some() {
+                    return;
+                }
+                installed.await;
+            }
+        })
+        .await;
+        self.get()
+    }
+
+    fn expect(&self) {
+        self.0.pending.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
 
 /// A certificate as `/config_dump` shows it.
 #[derive(Serialize)]
@@ -78,6 +132,7 @@ impl Identities {
     /// once it is in. Dropping the lease releases it; the identity's renewals stop when
     /// its last holder goes.
     pub fn lease(self: &Arc<Self>, account: &ServiceAccount, slot: IdentitySlot) -> IdentityLease {
+        slot.expect();
         let hub = self.clone();
         let account = account.clone();
         let held: Arc<Mutex<Option<SpiffeId>>> = Arc::default();
@@ -235,5 +290,21 @@ async fn refresh_trust_bundle(
             Ok(_) => {}
             Err(e) => warn!(error = %e, "trust bundle refresh failed; keeping the current one"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_without_a_lease_does_not_wait_and_a_pending_one_waits_its_patience() {
+        let slot = IdentitySlot::default();
+        let start = tokio::time::Instant::now();
+        assert!(slot.wait(Duration::from_secs(10)).await.is_none());
+        assert_eq!(start.elapsed(), Duration::ZERO, "no certificate is coming: no wait");
+        slot.expect();
+        assert!(slot.wait(Duration::from_secs(3)).await.is_none());
+        assert_eq!(start.elapsed(), Duration::from_secs(3), "a pending certificate is waited for");
     }
 }

@@ -56,7 +56,7 @@ pub const PROG_SK_LOOKUP: &str = "mesh_sk_lookup";
 
 /// Version of the maps' layout. Pinned maps live in a directory named after it, so
 /// an agent whose layout differs never adopts maps it would misread.
-pub const MAPS_LAYOUT_VERSION: u32 = 2;
+pub const MAPS_LAYOUT_VERSION: u32 = 3;
 
 /// `SO_ORIGINAL_DST` (level `SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (level `SOL_IPV6`)
 /// share the option number 80.
@@ -108,6 +108,11 @@ pub struct InterceptConfig {
     /// cgroup v2 id of the agent's own cgroup: connects made by its tasks are never
     /// redirected. Unlike a socket mark, a workload cannot give itself this.
     pub agent_cgroup_id: u64,
+    /// The cgroup id of the agent that configured the maps before this one (0: none):
+    /// during an upgrade the old agent drains in its own cgroup, and its upstream
+    /// connects must not be redirected while it does. cgroup ids are not reused
+    /// while the system runs, so a stale one matches nothing.
+    pub previous_agent_cgroup_id: u64,
 }
 
 /// Where an enrolled host cgroup's connections go: its workload's own outbound
@@ -255,7 +260,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<InterceptConfig>(), 16);
+        assert_eq!(core::mem::size_of::<InterceptConfig>(), 24);
         assert_eq!(core::mem::size_of::<HostCgroup>(), 8);
         assert_eq!(core::mem::size_of::<PodNetns>(), 8);
         assert_eq!(core::mem::size_of::<InboundTarget>(), 16);

@@ -156,7 +156,8 @@ fn wants_intercept(cfg: &InterceptConfig, addr: &[u32; 4], port: u16) -> bool {
 #[inline(always)]
 fn workload_port(ctx: &SockAddrContext, cfg: &InterceptConfig) -> u16 {
     // SAFETY: helper valid for cgroup sock_addr programs, no arguments.
-    if unsafe { bpf_get_current_cgroup_id() } == cfg.agent_cgroup_id {
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if cgroup == cfg.agent_cgroup_id || cgroup == cfg.previous_agent_cgroup_id {
         return 0;
     }
     // SAFETY: helper valid for sock_addr programs; the context pointer is valid.

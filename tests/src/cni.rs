@@ -59,6 +59,8 @@ pub struct PluginRun {
     pub stdout: String,
     pub stderr: String,
     pub exit_code: Option<i32>,
+    /// From spawning the plugin to its exit (for the pods benchmark).
+    pub elapsed: std::time::Duration,
 }
 
 impl PluginRun {
@@ -182,6 +184,7 @@ impl CniChain {
                 });
             }
         }
+        let started = std::time::Instant::now();
         let mut child = cmd.spawn().with_context(|| format!("running {}", program.display()))?;
         child.stdin.take().context("stdin")?.write_all(stdin)?;
         let out = child.wait_with_output()?;
@@ -191,6 +194,7 @@ impl CniChain {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             exit_code: out.status.code(),
+            elapsed: started.elapsed(),
         })
     }
 

@@ -90,13 +90,22 @@ impl PodNode {
     /// Makes a pod sandbox and runs the chain's ADD for it, as a runtime does; on a
     /// failed ADD the runtime's DEL runs too and the failed run is returned.
     pub fn add(&self, namespace: &str, name: &str) -> Result<std::result::Result<Pod, ChainRun>> {
+        Ok(self.add_timed(namespace, name)?.0)
+    }
+
+    /// [`PodNode::add`], with the ADD's chain run (each plugin's time in it).
+    pub fn add_timed(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(std::result::Result<Pod, ChainRun>, ChainRun)> {
         let netns = Netns::new("pod")?;
         let id = format!("{}{}", netns.name(), "-sandbox");
         let sandbox = Sandbox::k8s(&id, &netns.path(), namespace, name, &format!("uid-{name}"));
         let run = self.chain.add(&sandbox)?;
         if !run.succeeded() {
             let _ = self.chain.del(&sandbox, None);
-            return Ok(Err(run));
+            return Ok((Err(run.clone()), run));
         }
         let added = run.result();
         let ip = added["ips"][0]["address"]
@@ -104,7 +113,7 @@ impl PodNode {
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse().ok())
             .with_context(|| format!("no address in the chain's result {added}"))?;
-        Ok(Ok(Pod { namespace: namespace.into(), name: name.into(), netns, sandbox, added, ip }))
+        Ok((Ok(Pod { namespace: namespace.into(), name: name.into(), netns, sandbox, added, ip }), run))
     }
 
     /// DEL for `pod`, then its namespace goes.

@@ -100,6 +100,7 @@ mesh_tests::both_modes!(
     graceful_shutdown_and_kill_fail_closed_until_cleanup,
     workload_setting_the_agents_mark_is_still_intercepted,
     admin_requests_from_a_workload_change_nothing,
+    an_upgrade_under_load_loses_no_connection,
 );
 
 /// A workload shares the node's network namespace, so it reaches the admin port:
@@ -130,6 +131,83 @@ fn admin_requests_from_a_workload_change_nothing(mode: &str) {
     assert_eq!(body.trim(), "server=s1 HTTP/1.1 GET /still");
     let rec = s.agent.wait_conn(dst);
     assert_eq!(rec["direction"], "outbound", "the workload is still intercepted: {rec}");
+}
+
+/// A new agent started beside the running one (as a DaemonSet with maxSurge 1 does),
+/// then the old one stopped: a workload calling all the while sees every connection
+/// answered, through the old agent, both, then the new one. Both intercept the whole
+/// namespace, as in a pod's, so the draining agent's own connections are at stake too.
+fn an_upgrade_under_load_loses_no_connection(mode: &str) {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    };
+    let Setup { lab, workload, agent: old } = Setup::new(mode, &["--intercept-all"]);
+    let _http = servers::http(lab.host("server"), HTTP, "s1").unwrap();
+    let dst = lab.host("server").v4_addr(HTTP);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let load = {
+        let (stop, ok, failed, errors) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
+        let mut curl = lab.host("client").command("curl", Some(workload.absolute())).unwrap();
+        curl.args(["-sS", "--max-time", "5", &format!("http://{dst}/load")]);
+        std::thread::spawn(move || {
+            for _ in 0..5000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let out = curl.output().expect("curl runs");
+                if String::from_utf8_lossy(&out.stdout).trim() == "server=s1 HTTP/1.1 GET /load" {
+                    ok.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                    errors.lock().unwrap().push(String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+            }
+        })
+    };
+    let progress = |what: &str| {
+        let before = ok.load(Ordering::SeqCst);
+        eventually(Duration::from_secs(20), what, || {
+            (ok.load(Ordering::SeqCst) >= before + 20).then_some(())
+        });
+    };
+    progress("calls through the old agent");
+
+    let opts = AgentOptions::new(mode).cgroup(&workload).pins(old.pins()).arg("--intercept-all");
+    let new = Agent::start(lab.host("client"), opts).expect("the new agent starts beside the old one");
+    progress("calls with both agents running");
+    let (status, old_log) = old.terminate_with_log().expect("the old agent stops");
+    assert!(status.success(), "the old agent exited with {status}");
+    progress("calls through the new agent alone");
+    stop.store(true, Ordering::SeqCst);
+    load.join().unwrap();
+
+    // Each call is one connection, carried by one agent: an agent's own upstream
+    // connection taken again by interception (the old agent's, once the new one
+    // configured it) would show as a second record of the same call.
+    let calls = ok.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst);
+    let carried = |log: &[Value]| {
+        log.iter()
+            .filter(|v| message(v) == "connection closed" && v["orig_dst"] == dst.to_string().as_str())
+            .count()
+    };
+    let by_old = carried(&old_log);
+    eventually(Duration::from_secs(10), "every call's record", || {
+        (by_old + carried(&new.connections()) >= calls).then_some(())
+    });
+    assert_eq!(by_old + carried(&new.connections()), calls, "calls carried twice (old agent's: {by_old})");
+
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "calls failed during the upgrade ({} answered): {:?}\nnew agent:\n{}",
+        ok.load(Ordering::SeqCst),
+        errors.lock().unwrap(),
+        new.log_text()
+    );
+    assert_eq!(new.wait_conn(dst)["direction"], "outbound", "the new agent carries the workload's calls");
 }
 
 fn cgroup_exists(relative: &str) -> bool {

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_l7;
 mod bench_observe;
+mod bench_pods;
 mod demo;
 mod ebpf;
 mod release;
@@ -110,6 +111,13 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Pods on one node through the real CNI chain, each with its own identity: time
+    /// from CNI ADD to the pod being served, and the agent's memory, both modes.
+    Pods {
+        /// Pods to add (one identity each).
+        #[arg(long, default_value_t = 50)]
+        pods: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -129,6 +137,7 @@ fn main() -> Result<()> {
         Task::Bench { which: Bench::Observe { duration, connections, rounds } } => {
             bench_observe::run(&root, &bench_observe::Options { duration, connections, rounds })
         }
+        Task::Bench { which: Bench::Pods { pods } } => bench_pods::run(&root, &bench_pods::Options { pods }),
     }
 }
 

@@ -9,13 +9,14 @@ use std::{
 use anyhow::{Context, Result, ensure};
 
 /// Each binary and the variable that points the harness at it.
-const BINS: [(&str, &str); 3] = [
+const BINS: [(&str, &str); 4] = [
     ("mesh-agent", "MESH_MESH_AGENT_BIN"),
+    ("mesh-cni", "MESH_MESH_CNI_BIN"),
     ("mesh-probe", "MESH_MESH_PROBE_BIN"),
     ("mesh-control", "MESH_MESH_CONTROL_BIN"),
 ];
 
-/// Builds the agent, the control plane (with `meshctl`) and the probe in release
+/// Builds the agent, the CNI plugin, the control plane (with `meshctl`) and the probe in release
 /// mode; returns the directory that holds them (`CARGO_TARGET_DIR` respected).
 pub fn build(root: &Path) -> Result<PathBuf> {
     let status = Command::new(env!("CARGO"))
@@ -23,6 +24,7 @@ pub fn build(root: &Path) -> Result<PathBuf> {
         .args(["build", "--release", "--quiet", "-p", "mesh-agent", "--bin", "mesh-agent"])
         .args(["-p", "control", "--bin", "mesh-control", "--bin", "meshctl"])
         .args(["-p", "mesh-tests", "--bin", "mesh-probe"])
+        .args(["-p", "mesh-cni", "--bin", "mesh-cni"])
         .status()
         .context("running cargo build")?;
     ensure!(status.success(), "release build failed");

@@ -250,6 +250,21 @@ impl IptablesInterceptor {
     }
 }
 
+/// eBPF mode with `--intercept-all`: every connect of the agent's own network
+/// namespace (but the agent's) goes to its outbound listener, as a pod's do: the
+/// namespace is entered in the pods' map. Without it the entry is removed, since the
+/// maps outlive the agent that wrote them.
+fn intercept_own_netns(i: &mut EbpfInterceptor, all: bool, port: u16) -> Result<(), InterceptError> {
+    let probe = std::net::UdpSocket::bind(("127.0.0.1", 0)).map_err(EbpfError::Netns)?;
+    let cookie = ebpf::netns_cookie(std::os::fd::AsFd::as_fd(&probe)).map_err(EbpfError::Netns)?;
+    if all {
+        i.add_pod(cookie, port)?;
+    } else {
+        i.remove_pod(cookie)?;
+    }
+    Ok(())
+}
+
 impl Interceptor {
     /// Starts interception in `mode`. `per_cgroup` says whether workloads are enrolled
     /// by cgroup (with `--cgroup` or the admin API); without it, iptables mode
@@ -263,7 +278,8 @@ impl Interceptor {
         match mode {
             Mode::Ebpf => {
                 preflight::ebpf().map_err(InterceptError::Missing)?;
-                let i = EbpfInterceptor::load(settings)?;
+                let mut i = EbpfInterceptor::load(settings)?;
+                intercept_own_netns(&mut i, !per_cgroup, settings.outbound_port)?;
                 Ok((Self::Ebpf(Box::new(i)), "requested with --mode ebpf".into()))
             }
             Mode::Iptables => {
@@ -277,7 +293,8 @@ impl Interceptor {
                 let ebpf_failure = match preflight::ebpf() {
                     Err(missing) => missing.to_string(),
                     Ok(()) => match EbpfInterceptor::load(settings) {
-                        Ok(i) => {
+                        Ok(mut i) => {
+                            intercept_own_netns(&mut i, !per_cgroup, settings.outbound_port)?;
                             return Ok((
                                 Self::Ebpf(Box::new(i)),
                                 "auto: capabilities present, cgroup v2 mounted, programs verified and loaded"

@@ -368,7 +368,7 @@ impl UpstreamPool {
         idle: Duration,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
-        let Some(ident) = self.identity.get() else {
+        let Some(ident) = self.identity.wait(connect_timeout).await else {
             return Err(SendError::Connect {
                 endpoint,
                 message: "no workload certificate yet: meshed traffic is never sent in plaintext".into(),
@@ -535,7 +535,7 @@ impl UpstreamPool {
                 .map(UpstreamIo::Tcp)
                 .map_err(|e| fail(e.to_string())),
             Dial::Meshed { agent, identity } => {
-                let Some(ident) = self.identity.get() else {
+                let Some(ident) = self.identity.wait(timeout).await else {
                     return Err(fail(
                         "no workload certificate yet: meshed traffic is never sent in plaintext".into(),
                     ));

@@ -230,7 +230,7 @@ impl<S: PodSink> CniPods<S> {
                 return Err(CniError::new(
                     code::CONFLICT,
                     format!(
-                        "container {} is already served as {} with a different {} (served vs this ADD); DEL it before adding it again",
+                        "container {} is already served as {} with a different {}; DEL it before adding it again",
                         pod.container_id,
                         existing.pod.describe(),
                         diffs
@@ -334,7 +334,7 @@ impl<S: PodSink> CniPods<S> {
             let diffs = shown(&existing.pod, &pod);
             if !diffs.is_empty() {
                 return Err(not_served(format!(
-                    "container {} is served with a different {} than the runtime has (served vs runtime)",
+                    "container {} is served with a different {} than the runtime has",
                     pod.container_id, diffs
                 )));
             }
@@ -396,11 +396,16 @@ impl<S: PodSink> CniPods<S> {
     }
 }
 
-/// The fields in which two announcements of one container differ, with both values:
-/// `ips: 10.88.0.10 vs 10.88.0.99`.
+/// The fields in which two announcements of one container differ, then both values of
+/// each: `ips (served 10.88.0.10 vs now 10.88.0.99)`; empty when they agree.
 fn shown(served: &PodAnnounce, announced: &PodAnnounce) -> String {
     let diffs = served.differences_shown(announced);
-    diffs.iter().map(|(field, values)| format!("{field}: {values}")).collect::<Vec<_>>().join("; ")
+    if diffs.is_empty() {
+        return String::new();
+    }
+    let fields: Vec<&str> = diffs.iter().map(|(field, _)| *field).collect();
+    let values: Vec<String> = diffs.iter().map(|(field, values)| format!("{field} {values}")).collect();
+    format!("{} (served vs now: {})", fields.join(", "), values.join("; "))
 }
 
 #[cfg(test)]

@@ -313,6 +313,8 @@ impl EbpfInterceptor {
             BpfHashMap::try_from(map_mut(&mut self.bpf, MAP_POD_NETNS)?).map_err(map_err(MAP_POD_NETNS))?;
         match map.remove(&cookie) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            // The kernel's "no such key", as some aya versions report it.
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(map_err(MAP_POD_NETNS)(e)),
         }
     }
@@ -510,8 +512,21 @@ fn configure(bpf: &mut Ebpf, s: &Settings, agent_cgroup_id: u64) -> Result<(), E
     // Written last: `outbound_port != 0` is what switches the programs on.
     let mut config: Array<_, InterceptConfig> =
         Array::try_from(map_mut(bpf, MAP_CONFIG)?).map_err(map_err(MAP_CONFIG))?;
-    let value =
-        InterceptConfig { outbound_port: s.outbound_port, flags, agent_cgroup_id, ..Default::default() };
+    // The agent that configured the maps before (their pins outlive it) may still be
+    // draining: its own connects stay unredirected too.
+    let before = config.get(&0, 0).unwrap_or_default();
+    let previous_agent_cgroup_id = match before.agent_cgroup_id {
+        0 => before.previous_agent_cgroup_id,
+        id if id == agent_cgroup_id => before.previous_agent_cgroup_id,
+        id => id,
+    };
+    let value = InterceptConfig {
+        outbound_port: s.outbound_port,
+        flags,
+        agent_cgroup_id,
+        previous_agent_cgroup_id,
+        ..Default::default()
+    };
     config.set(0, value, 0).map_err(map_err(MAP_CONFIG))?;
     debug!(?value, "eBPF configuration written");
     Ok(())

@@ -145,6 +145,41 @@ pub(super) fn check_cgroup_path(field: &'static str, cgroup: &str) -> Result<(),
     Ok(())
 }
 
+/// The cgroups of other agents that `existing` rules (the outbound chain, `-S` form)
+/// let through by `agent`'s mark, which still hold processes: during an upgrade the
+/// old agent drains its connections, and its upstream sockets must not be redirected
+/// to the new agent's listener (nor, by `SO_REUSEPORT`, back to its own) while it
+/// does. An agent that has exited leaves an empty or removed cgroup and is dropped.
+pub fn running_predecessors(existing: &[String], agent: &AgentSockets) -> Vec<String> {
+    let Ok(mount) = crate::cgroup::cgroup2_mount() else { return Vec::new() };
+    let mark = format!("--mark 0x{:x}", agent.mark);
+    let mut out: Vec<String> = Vec::new();
+    for rule in existing.iter().filter(|r| r.ends_with("-j RETURN") && r.contains(&mark)) {
+        let Some(path) = cgroup_path_of(rule) else { continue };
+        if agent.cgroups.iter().any(|c| c == path) || out.iter().any(|c| c == path) {
+            continue;
+        }
+        if check_cgroup_path("agent_cgroups", path).is_err() {
+            continue;
+        }
+        let procs = mount.join(path.trim_start_matches('/')).join("cgroup.procs");
+        let running = std::fs::read_to_string(&procs).is_ok_and(|p| !p.trim().is_empty());
+        if running {
+            out.push(path.to_owned());
+        }
+    }
+    out
+}
+
+/// The `--path` of a `-m cgroup` match, quoted or not.
+fn cgroup_path_of(rule: &str) -> Option<&str> {
+    let rest = rule.split_once("--path ")?.1;
+    match rest.strip_prefix('"') {
+        Some(quoted) => quoted.split_once('"').map(|(p, _)| p),
+        None => rest.split_whitespace().next(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,5 +210,26 @@ mod tests {
         let owner = AgentSockets { gid: Some(1337), ..with_cgroups(&["/"]) };
         assert_eq!(owner.weakness(&workloads), None);
         assert_eq!(AgentSockets { uid: Some(1337), ..AgentSockets::mark_only(7) }.weakness(&workloads), None);
+    }
+
+    #[test]
+    fn a_rules_cgroup_path_is_read_quoted_or_not() {
+        let quoted = r#"-A MESH_OUTPUT -m mark --mark 0x4d45 -m cgroup --path "/a b/agent" -j RETURN"#;
+        assert_eq!(cgroup_path_of(quoted), Some("/a b/agent"));
+        let bare = "-A MESH_OUTPUT -m mark --mark 0x4d45 -m cgroup --path /kubepods/agent -j RETURN";
+        assert_eq!(cgroup_path_of(bare), Some("/kubepods/agent"));
+        assert_eq!(cgroup_path_of("-A MESH_OUTPUT -m mark --mark 0x4d45 -j RETURN"), None);
+    }
+
+    #[test]
+    fn an_agent_whose_cgroup_is_gone_is_not_kept() {
+        let agent =
+            AgentSockets { cgroups: vec!["/mesh/new-agent".into()], ..AgentSockets::mark_only(0x4d45) };
+        let existing = [
+            r#"-A MESH_OUTPUT -m mark --mark 0x4d45 -m cgroup --path "/mesh/new-agent" -j RETURN"#.to_owned(),
+            r#"-A MESH_OUTPUT -m mark --mark 0x4d45 -m cgroup --path "/no/such/cgroup-7f3a" -j RETURN"#
+                .to_owned(),
+        ];
+        assert!(running_predecessors(&existing, &agent).is_empty());
     }
 }

@@ -28,6 +28,16 @@ impl Tables {
             output: !self.jump_exists("OUTPUT", OUTPUT_CHAIN)?,
             prerouting: !self.jump_exists("PREROUTING", INBOUND_CHAIN)?,
         };
+        let mut cfg = cfg.clone();
+        if !cfg.agent.cgroups.is_empty() {
+            let existing = self.chain_rules(OUTPUT_CHAIN)?.unwrap_or_default();
+            for cgroup in super::agent_sockets::running_predecessors(&existing, &cfg.agent) {
+                info!(family = %self.family, cgroup = %cgroup,
+                    "the agent these rules were installed for still runs (an upgrade): its sockets stay unredirected too");
+                cfg.agent.cgroups.push(cgroup);
+            }
+        }
+        let cfg = &cfg;
         let text = render_restore(cfg, self.family, jumps);
         self.restore(&text)?;
         let rules: Vec<&str> = text.lines().filter(|l| l.starts_with("-A ")).collect();

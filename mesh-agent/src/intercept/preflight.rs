@@ -58,7 +58,11 @@ fn missing_caps(needed: &[Capability]) -> Vec<Capability> {
         .collect()
 }
 
-/// The oldest kernel eBPF mode runs on (`meshctl check` states the same floor).
+/// The oldest kernel eBPF mode runs on (`meshctl check` states the same floor): the
+/// newest kernel feature the programs use is `bpf_get_netns_cookie` in
+/// `cgroup/getsockopt` (5.17), which keys original destinations by network namespace
+/// so pods' identical 4-tuples never collide; before it came the same helper in
+/// sockops (5.15), `SO_NETNS_COOKIE` (5.14) and `sk_lookup` (5.9).
 pub const MIN_KERNEL: (u32, u32) = (5, 17);
 
 /// `Some(release)` when `release` (`6.1.0-13-amd64`) is older than `floor`; `None` when

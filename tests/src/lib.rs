@@ -7,11 +7,13 @@
 
 pub mod agent;
 pub mod bins;
+pub mod capture;
 pub mod cgroup;
 pub mod control;
 pub mod demo;
 pub mod load;
 pub mod netns;
+pub mod nginx;
 pub mod otlp;
 pub mod privilege;
 pub mod process;

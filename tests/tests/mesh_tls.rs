@@ -4,16 +4,14 @@
 //! authorization rules and connects to the local workload. Nothing crosses the wire
 //! in plaintext.
 
-use std::{
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use mesh_tests::{Agent, Cgroup, Control, Host, Lab, agent::message, eventually, require_root, servers};
+use mesh_tests::{
+    Agent, Cgroup, Control, Host, Lab,
+    agent::message,
+    capture::{Capture, contains},
+    eventually, require_root, servers,
+};
 
 const VIP: &str = "10.96.0.40";
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -122,65 +120,10 @@ impl Mesh {
     }
 }
 
-/// Captures every frame on the host's eth0 (an AF_PACKET socket in its namespace)
-/// until stopped; returns the raw bytes.
-fn capture(host: &Host) -> (Arc<AtomicBool>, std::thread::JoinHandle<Vec<u8>>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let handle = host
-        .spawn_in(move || {
-            // SAFETY: plain socket(2)/bind(2)/setsockopt(2)/recv(2) calls on a socket this
-            // function owns; buffers are valid for the lengths passed.
-            unsafe {
-                let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
-                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto);
-                assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-                let fd = OwnedFd::from_raw_fd(fd);
-                let ifindex = libc::if_nametoindex(c"eth0".as_ptr());
-                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-                sll.sll_family = libc::AF_PACKET as u16;
-                sll.sll_protocol = proto as u16;
-                sll.sll_ifindex = ifindex as i32;
-                let rc = libc::bind(
-                    fd.as_raw_fd(),
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                assert_eq!(rc, 0, "bind eth0: {}", std::io::Error::last_os_error());
-                let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32,
-                );
-                let _ = ready_tx.send(());
-                let mut all = Vec::new();
-                let mut buf = vec![0u8; 65536];
-                while !stop2.load(Ordering::SeqCst) {
-                    let n = libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0);
-                    if n > 0 {
-                        all.extend_from_slice(&buf[..n as usize]);
-                    }
-                }
-                all
-            }
-        })
-        .expect("capture thread");
-    ready_rx.recv_timeout(Duration::from_secs(5)).expect("capture ready");
-    (stop, handle)
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
 fn meshed_call_carries_identity_over_mtls_and_policy_is_enforced(mode: &str) {
     let m = Mesh::new(mode);
     let marker = "/plaintext-marker-7f3a9c";
-    let (stop, cap) = capture(m.lab.host("server"));
+    let cap = Capture::start(m.lab.host("server")).expect("capture");
     let body = m.curl(marker).unwrap_or_else(|e| {
         panic!(
             "meshed call failed: {e}\nclient agent:\n{}\nserver agent:\n{}",
@@ -188,8 +131,7 @@ fn meshed_call_carries_identity_over_mtls_and_policy_is_enforced(mode: &str) {
             m.server_agent.log_text()
         )
     });
-    stop.store(true, Ordering::SeqCst);
-    let wire = cap.join().expect("capture");
+    let wire = cap.stop();
     assert!(body.starts_with("server=api HTTP/1.1 GET /plaintext-marker-7f3a9c"), "{body}");
 
     // The client agent proxied the request through the tunnel as frontend, to the api

@@ -1,4 +1,5 @@
-//! A packet capture on a test host's link, to show what crosses the wire in clear.
+//! A packet capture on a test host's `eth0`: every frame, raw, to look for bytes
+//! that must never cross the wire in plaintext.
 
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -6,21 +7,30 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    thread::JoinHandle,
     time::Duration,
 };
 
-use crate::Host;
+use anyhow::{Context, Result};
 
-/// Captures every frame on the host's eth0 (an AF_PACKET socket in its namespace)
-/// until stopped; returns the raw bytes.
-pub fn capture(host: &Host) -> (Arc<AtomicBool>, std::thread::JoinHandle<Vec<u8>>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let handle = host
-        .spawn_in(move || {
-            // SAFETY: plain socket(2)/bind(2)/setsockopt(2)/recv(2) calls on a socket this
-            // function owns; buffers are valid for the lengths passed.
+use crate::netns::Host;
+
+/// A running capture; [`Capture::stop`] returns what it saw.
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Vec<u8>>,
+}
+
+impl Capture {
+    /// Starts capturing every frame on `host`'s eth0 (an AF_PACKET socket in its
+    /// namespace); returns once the socket is bound, so nothing sent after is missed.
+    pub fn start(host: &Host) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = host.spawn_in(move || {
+            // SAFETY: plain socket(2)/bind(2)/setsockopt(2)/recv(2) calls on a socket
+            // this function owns; buffers are valid for the lengths passed.
             unsafe {
                 let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
                 let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto);
@@ -56,13 +66,29 @@ pub fn capture(host: &Host) -> (Arc<AtomicBool>, std::thread::JoinHandle<Vec<u8>
                 }
                 all
             }
-        })
-        .expect("capture thread");
-    ready_rx.recv_timeout(Duration::from_secs(5)).expect("capture ready");
-    (stop, handle)
+        })?;
+        ready_rx.recv_timeout(Duration::from_secs(5)).context("capture did not start")?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops and returns every frame's bytes, concatenated.
+    pub fn stop(self) -> Vec<u8> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().expect("capture thread")
+    }
 }
 
-/// Whether `needle` occurs anywhere in `hay` (a capture).
+/// Whether `needle` occurs in `hay`.
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// [`Capture::start`] as a stop flag and the thread that returns the bytes (set the
+/// flag, then join), for tests that hold the two apart.
+///
+/// # Panics
+/// If the capture cannot start.
+pub fn capture(host: &Host) -> (Arc<AtomicBool>, JoinHandle<Vec<u8>>) {
+    let c = Capture::start(host).expect("packet capture starts");
+    (c.stop, c.thread)
 }

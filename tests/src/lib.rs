@@ -14,6 +14,7 @@ pub mod control;
 pub mod demo;
 pub mod load;
 pub mod netns;
+pub mod nginx;
 pub mod otlp;
 pub mod pods;
 pub mod privilege;

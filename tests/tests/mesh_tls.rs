@@ -4,15 +4,12 @@
 //! authorization rules and connects to the local workload. Nothing crosses the wire
 //! in plaintext.
 
-use std::{
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use mesh_tests::{
     Agent, Cgroup, Control, Host, Lab,
     agent::message,
-    capture::{capture, contains},
+    capture::{Capture, contains},
     eventually, require_root, servers,
 };
 
@@ -126,7 +123,7 @@ impl Mesh {
 fn meshed_call_carries_identity_over_mtls_and_policy_is_enforced(mode: &str) {
     let m = Mesh::new(mode);
     let marker = "/plaintext-marker-7f3a9c";
-    let (stop, cap) = capture(m.lab.host("server"));
+    let cap = Capture::start(m.lab.host("server")).expect("capture");
     let body = m.curl(marker).unwrap_or_else(|e| {
         panic!(
             "meshed call failed: {e}\nclient agent:\n{}\nserver agent:\n{}",
@@ -134,8 +131,7 @@ fn meshed_call_carries_identity_over_mtls_and_policy_is_enforced(mode: &str) {
             m.server_agent.log_text()
         )
     });
-    stop.store(true, Ordering::SeqCst);
-    let wire = cap.join().expect("capture");
+    let wire = cap.stop();
     assert!(body.starts_with("server=api HTTP/1.1 GET /plaintext-marker-7f3a9c"), "{body}");
 
     // The client agent proxied the request through the tunnel as frontend, to the api

@@ -10,8 +10,9 @@
 //! - Under `permissive` the caller is the principal `unauthenticated`, which only
 //!   rules without `principals` match ([`crate::authz`]). HTTP is served per request
 //!   ([`crate::l7::inbound`]: method and path authorized, identity headers the client
-//!   sent removed, none set since no certificate was shown); anything else is decided
-//!   once per connection and relayed as bytes.
+//!   sent removed, none set since no certificate was shown; a request no rule allows
+//!   gets a 403); anything else is decided once per connection and relayed as
+//!   bytes, or refused (`reason="denied"`).
 //!
 //! Without a control plane there are no workloads or policy to check: the connection
 //! is passed through to its destination, as everything else is then.
@@ -55,9 +56,6 @@ pub async fn serve(ctx: &Arc<ProxyContext>, mut client: TcpStream, conn: &Accept
     if decision.mtls == MtlsMode::Strict {
         return refuse(&client, conn, Some(&service), "strict", "mtls strict: plaintext is refused");
     }
-    if !decision.admits() {
-        return refuse(&client, conn, Some(&service), "denied", "no rule admits unauthenticated callers");
-    }
     // A workload connection only when raw TCP may be relayed: to see a server-first
     // protocol speak, and to relay to.
     let mut workload = None;
@@ -72,8 +70,10 @@ pub async fn serve(ctx: &Arc<ProxyContext>, mut client: TcpStream, conn: &Accept
             }
         }
     }
-    let first =
-        first_bytes::detect(&mut client, workload.as_ref(), ctx.detect_timeout, ctx.tcp_idle_timeout).await;
+    // HTTP is served even when no request can be allowed, so the client gets a 403
+    // saying why; a caller nothing admits is not waited for longer than detection.
+    let wait = if decision.admits() { ctx.tcp_idle_timeout } else { Some(ctx.detect_timeout) };
+    let first = first_bytes::detect(&mut client, workload.as_ref(), ctx.detect_timeout, wait).await;
     match (first, workload) {
         (Ok(First::Http(version, bytes)), _) => {
             let caller = Caller { identity: None, addr: conn.peer, via_peer_proxy: false };
@@ -118,9 +118,13 @@ pub async fn serve(ctx: &Arc<ProxyContext>, mut client: TcpStream, conn: &Accept
             }
             matches!(relayed.error, Some(super::RelayEnd::Failed(_)))
         }
-        (Ok(First::Opaque(..)), None) => {
-            refuse(&client, conn, Some(&service), "denied", "its rules allow only HTTP requests")
-        }
+        (Ok(First::Opaque(..)), None) => refuse(
+            &client,
+            conn,
+            Some(&service),
+            "denied",
+            "no rule allows raw TCP from unauthenticated callers",
+        ),
         (Ok(First::Undecided(_)), workload) => {
             if let Some(w) = &workload {
                 crate::forward::reset(w);
@@ -137,7 +141,13 @@ pub async fn serve(ctx: &Arc<ProxyContext>, mut client: TcpStream, conn: &Accept
             crate::forward::idle::close(&mut client, &mut workload).await;
             false
         }
-        (Ok(First::Idle), None) => false,
+        (Ok(First::Idle), None) => refuse(
+            &client,
+            conn,
+            Some(&service),
+            "denied",
+            "silent, and no rule admits unauthenticated callers",
+        ),
         (Err(e), _) => {
             info!(target: "mesh_agent::conn", direction = "inbound", src = %conn.peer, orig_dst = %conn.orig_dst,
                 error = %e, "plaintext connection failed before its protocol was known");

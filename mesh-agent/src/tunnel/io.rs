@@ -21,8 +21,10 @@ const MAX_WRITE: usize = 256 * 1024;
 
 /// A bidirectional byte stream over one HTTP/2 CONNECT stream, on either side of the
 /// tunnel. Shutting down the write half sends END_STREAM (the peer reads EOF); a
-/// RST_STREAM from the peer surfaces as an `io::ErrorKind::ConnectionReset` error.
-/// Dropping it before both ends closed resets the stream.
+/// RST_STREAM from the peer surfaces as an `io::ErrorKind::ConnectionReset` error,
+/// except RST_STREAM(NO_ERROR) after the peer's END_STREAM was read: the peer sent
+/// its whole answer and wants no more (RFC 9113 §8.1), so what is still written is
+/// dropped without error. Dropping it before both ends closed resets the stream.
 #[derive(Debug)]
 pub struct TunnelStream {
     send: SendStream<Bytes>,
@@ -30,13 +32,23 @@ pub struct TunnelStream {
     /// Received bytes not yet read by the caller.
     pending: Bytes,
     write_closed: bool,
+    /// The peer's END_STREAM was read.
+    read_eof: bool,
     received: u64,
     sent: u64,
 }
 
 impl TunnelStream {
     pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> TunnelStream {
-        TunnelStream { send, recv, pending: Bytes::new(), write_closed: false, received: 0, sent: 0 }
+        TunnelStream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            write_closed: false,
+            read_eof: false,
+            received: 0,
+            sent: 0,
+        }
     }
 
     /// Bytes read from the peer so far.
@@ -53,6 +65,12 @@ impl TunnelStream {
     /// seen are not the whole story (an EOF would claim they were).
     pub fn reset(&mut self) {
         self.send.send_reset(h2::Reason::CANCEL);
+    }
+
+    /// Whether the peer finished the stream: its END_STREAM read, then a reset
+    /// with NO_ERROR (a server done answering, asking the client to stop sending).
+    fn finished_by_peer(&mut self, cx: &mut Context<'_>) -> bool {
+        self.read_eof && matches!(self.send.poll_reset(cx), Poll::Ready(Ok(h2::Reason::NO_ERROR)))
     }
 
     /// The error to report after h2 refused a send: the peer's reset reason if it
@@ -89,7 +107,10 @@ impl AsyncRead for TunnelStream {
             match ready!(this.recv.poll_data(cx)) {
                 Some(Ok(data)) => this.pending = data,
                 Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => return Poll::Ready(Ok(())),
+                None => {
+                    this.read_eof = true;
+                    return Poll::Ready(Ok(()));
+                }
             }
         }
         let n = this.pending.len().min(buf.remaining());
@@ -119,13 +140,13 @@ impl AsyncWrite for TunnelStream {
         let granted = match this.send.capacity() {
             0 => match ready!(this.send.poll_capacity(cx)) {
                 Some(Ok(n)) => n.min(want),
-                Some(Err(e)) => return Poll::Ready(Err(this.send_error(cx, Some(e)))),
-                None => return Poll::Ready(Err(this.send_error(cx, None))),
+                Some(Err(e)) => return Poll::Ready(this.refused_write(cx, Some(e), buf.len())),
+                None => return Poll::Ready(this.refused_write(cx, None, buf.len())),
             },
             n => n.min(want),
         };
         if let Err(e) = this.send.send_data(Bytes::copy_from_slice(&buf[..granted]), false) {
-            return Poll::Ready(Err(this.send_error(cx, Some(e))));
+            return Poll::Ready(this.refused_write(cx, Some(e), buf.len()));
         }
         this.sent += granted as u64;
         Poll::Ready(Ok(granted))
@@ -146,7 +167,24 @@ impl AsyncWrite for TunnelStream {
         this.send.reserve_capacity(0);
         match this.send.send_data(Bytes::new(), true) {
             Ok(()) => Poll::Ready(Ok(())),
+            Err(_) if this.finished_by_peer(cx) => Poll::Ready(Ok(())),
             Err(e) => Poll::Ready(Err(this.send_error(cx, Some(e)))),
         }
+    }
+}
+
+impl TunnelStream {
+    /// The result of a write h2 refused: dropped as written if the peer finished the
+    /// stream (see [`TunnelStream::finished_by_peer`]), else the error.
+    fn refused_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        err: Option<h2::Error>,
+        len: usize,
+    ) -> io::Result<usize> {
+        if self.finished_by_peer(cx) {
+            return Ok(len);
+        }
+        Err(self.send_error(cx, err))
     }
 }

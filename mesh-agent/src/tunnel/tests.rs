@@ -47,6 +47,10 @@ impl Fixture {
     }
 
     async fn start_with(handshake_timeout: Duration) -> Fixture {
+        Fixture::start_relaying(handshake_timeout, None).await
+    }
+
+    async fn start_relaying(handshake_timeout: Duration, relay: Option<Relay>) -> Fixture {
         let ca = TestCa::new("cluster.local");
         let (cart, payments) = (ca.id("cart"), ca.id("payments"));
         let tls = TlsConfigs::new(ca.bundle(), Arc::new(TokioClock::new()));
@@ -66,11 +70,14 @@ impl Fixture {
         });
         let connect: ConnectTarget = Arc::new(|target| Box::pin(TcpStream::connect(target)));
         let (record_tx, records) = mpsc::unbounded_channel();
-        let server = TunnelServer::new(server_tls, authorize, connect)
+        let mut server = TunnelServer::new(server_tls, authorize, connect)
             .with_handshake_timeout(handshake_timeout)
             .with_on_close(Arc::new(move |record| {
                 let _ = record_tx.send(record);
             }));
+        if let Some(relay) = relay {
+            server = server.with_relay(relay);
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server_addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -129,6 +136,61 @@ async fn round_trip(stream: &mut TunnelStream, message: &[u8]) {
     let mut back = vec![0; message.len()];
     within("echo", stream.read_exact(&mut back)).await.unwrap();
     assert_eq!(back, message);
+}
+
+/// A server that answers, ends its side and drops the stream (RST_STREAM(NO_ERROR))
+/// while the client still has its side open, as a receiving agent serving HTTP
+/// with `Connection: close` does: once the answer was read to its end, the client's
+/// later writes and shutdown are no error (RFC 9113 §8.1).
+#[tokio::test]
+async fn a_peer_that_answered_and_reset_with_no_error_ends_the_stream_cleanly() {
+    let relay: Relay = Arc::new(|_info, mut tunnel, _target| {
+        Box::pin(async move {
+            tunnel.write_all(b"whole answer").await.unwrap();
+            tunnel.shutdown().await.unwrap();
+            (0, 12, None)
+        })
+    });
+    let f = Fixture::start_relaying(Duration::from_secs(10), Some(relay)).await;
+    let echo = echo_server().await;
+    let pool = f.pool();
+    let mut stream = f.open(&pool, echo).await.unwrap();
+    let mut answer = Vec::new();
+    within("the answer", stream.read_to_end(&mut answer)).await.unwrap();
+    assert_eq!(answer, b"whole answer");
+    // The reset may take a moment to arrive; writes and the shutdown stay clean.
+    for _ in 0..20 {
+        within("write", stream.write_all(b"more")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    within("shutdown", stream.shutdown()).await.unwrap();
+
+    // A reset that is an error still is one, answer read or not.
+    let relay: Relay = Arc::new(|_info, mut tunnel, _target| {
+        Box::pin(async move {
+            let mut first = [0u8; 1];
+            tunnel.read_exact(&mut first).await.unwrap();
+            tunnel.write_all(b"part").await.unwrap();
+            tunnel.shutdown().await.unwrap();
+            tunnel.reset();
+            (0, 4, None)
+        })
+    });
+    let f = Fixture::start_relaying(Duration::from_secs(10), Some(relay)).await;
+    let pool = f.pool();
+    let mut stream = f.open(&pool, echo).await.unwrap();
+    stream.write_all(b"x").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = within("the answer", stream.read_to_end(&mut answer)).await;
+    let mut failed = false;
+    for _ in 0..200 {
+        if stream.write_all(b"more").await.is_err() {
+            failed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(failed, "a CANCEL reset must surface as an error");
 }
 
 #[tokio::test]

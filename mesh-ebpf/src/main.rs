@@ -456,15 +456,24 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     if l.protocol != IPPROTO_TCP {
         return SK_PASS;
     }
-    // The agent reaches its workloads from inside their namespace, over loopback; so
-    // does anything else local to the workload. Traffic from other hosts and
-    // namespaces arrives on a real interface, which a sender cannot change.
+    // The agent reaches its workloads from inside their namespace: over loopback, or
+    // from the workload's own address to itself (a local route, whose packets do not
+    // always say loopback here); so does anything else local to the workload. Traffic
+    // from other hosts and namespaces arrives on a real interface, and one carrying
+    // a local address as its source is dropped by the kernel as a martian before it
+    // gets here, so a sender cannot pass for either.
     if l.ingress_ifindex == LOOPBACK_IFINDEX {
         return SK_PASS;
     }
     let (addr, v6) = if l.family == u32::from(AF_INET) {
+        if l.remote_ip4 == l.local_ip4 {
+            return SK_PASS;
+        }
         (v4_mapped(l.local_ip4), false)
     } else {
+        if l.remote_ip6 == l.local_ip6 {
+            return SK_PASS;
+        }
         (words(&l.local_ip6), true)
     };
     let Some(target) = INBOUND_ADDRS.get_ptr(&addr) else { return SK_PASS };

@@ -226,7 +226,7 @@ fn plaintext_from_outside_is_refused_under_strict_and_unauthenticated_under_perm
         "the refusal is counted"
     );
     let meshed = m.curl(&[&format!("http://{VIP}/public/meshed")]);
-    assert_eq!(meshed.status, 200, "strict does not touch callers over mutual TLS: {meshed:?}");
+    assert_eq!(meshed.status, 200, "strict does not touch callers over mutual TLS: {meshed:?}\n{}", m.logs());
     assert!(meshed.body.starts_with("public uri=/public/meshed"), "{meshed:?}");
     assert!(
         !m.nginx.requests().iter().any(|l| l.contains("from-outside")),

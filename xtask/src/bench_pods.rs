@@ -79,7 +79,8 @@ fn measure(mode: &'static str, pods: usize) -> Result<Figures> {
         .discovery_options(mode, "node")
         .arg("--pod-state")
         .arg(dir.path().join("pods.json").display().to_string());
-    let agent = Agent::start(lab.host("node"), mesh_tests::AgentOptions { log: Some("info".into()), ..opts })?;
+    let agent =
+        Agent::start(lab.host("node"), mesh_tests::AgentOptions { log: Some("info".into()), ..opts })?;
     agent.wait_log("first discovery snapshot", |v| message(v) == "snapshot applied");
     let rss_empty_kib = rss_kib(agent.pid())?;
     let node = PodNode::new(lab.host("node"), &agent.admin_socket)?;
@@ -175,7 +176,8 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     for f in &all {
         let net = percentile(&f.network_ms, 0.5);
         let served = percentile(&f.served_ms, 0.5);
-        let per_pod = f.rss_full_kib.saturating_sub(f.rss_half_kib) as f64 / (opts.pods - f.half).max(1) as f64;
+        let per_pod =
+            f.rss_full_kib.saturating_sub(f.rss_half_kib) as f64 / (opts.pods - f.half).max(1) as f64;
         let _ = writeln!(
             md,
             "| {} | {} | {:.1} / {:.1} / {:.1} | {:.1} | {:.2}x | {:.1} MiB | {:.1} MiB ({}) | {:.1} MiB | {:.0} KiB | {:.1} MiB |",
@@ -196,7 +198,8 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     }
     let _ = writeln!(md, "\nRSS (MiB) after every fifth pod's ADD:\n");
     for f in &all {
-        let series: Vec<String> = f.rss_series_kib.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect();
+        let series: Vec<String> =
+            f.rss_series_kib.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect();
         let _ = writeln!(md, "- {}: {}", f.mode, series.join(", "));
     }
     println!("{md}");

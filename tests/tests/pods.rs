@@ -26,6 +26,10 @@ use mesh_tests::{
 
 const VIP: &str = "10.96.0.60";
 const ALPHA: &str = "spiffe://cluster.local/ns/shop/sa/alpha";
+const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+/// Service `alpha-web`: the alpha pod's own server (port 8080 in its namespace),
+/// strict mTLS, only `shop/api` (the server host's workload) may call it.
+const POD_VIP: &str = "10.96.0.61";
 
 /// Pods get addresses in the order they are added: alpha .10, beta .11, gamma .12,
 /// then .13 for one the registry does not list.
@@ -43,6 +47,15 @@ fn registry() -> String {
     };
     format!(
         "services:
+  - name: alpha-web
+    namespace: shop
+    vips: [{POD_VIP}]
+    ports: [{{port: 80, target_port: 8080, protocol: http}}]
+    policy:
+      mtls: strict
+      authorization: [{{principals: [\"{API}\"]}}]
+    endpoints:
+      - {{address: {alpha}, node: node, service_account: alpha, agent_address: \"{alpha}:15008\"}}
   - name: api
     namespace: shop
     vips: [{VIP}]
@@ -54,7 +67,8 @@ fn registry() -> String {
 {}{}{}",
         pod(0, "alpha"),
         pod(1, "beta"),
-        pod(2, "gamma")
+        pod(2, "gamma"),
+        alpha = pod_ip(0),
     )
 }
 
@@ -289,7 +303,119 @@ fn bad_cni_calls_are_refused_and_harm_no_pod(mode: &str) {
     assert_eq!(call(&alpha, "/still"), Ok(200), "alpha disturbed by the bad calls");
 }
 
+/// A pod as the destination: its agent's tunnel listener in the pod's namespace
+/// presents the pod's identity and applies its service's policy; plaintext from
+/// outside the mesh to the pod's address is refused (strict), and while no agent runs
+/// the pod is unreachable rather than open.
+fn a_pod_serves_over_mtls_and_refuses_plaintext(mode: &str) {
+    let mut pl = PodLab::new(mode);
+    let alpha = pl.add("alpha-pod");
+    let _server = PodServer::start(&alpha, 8080);
+    let server_host = pl.lab.host("server");
+    let node_v4 = pl.lab.host("node").v4.to_string();
+    let out = server_host
+        .command("ip", None)
+        .unwrap()
+        .args(["route", "add", "10.88.0.0/24", "via", &node_v4])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "route to the pods: {}", String::from_utf8_lossy(&out.stderr));
+
+    // From the server host's enrolled workload (shop/api), through both agents.
+    let meshed = || {
+        let out = server_host
+            .command("curl", Some(pl._server_cg.absolute()))
+            .unwrap()
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"])
+            .arg(format!("http://{POD_VIP}/"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse::<u16>().unwrap_or(0)
+    };
+    eventually(Duration::from_secs(15), "the meshed call to the pod", || (meshed() == 200).then_some(()));
+    let inbound = pl.agent().wait_log("the pod's inbound record", |v| {
+        v["kind"] == "http" && v["direction"] == "inbound" && v["source_identity"] == API
+    });
+    assert_eq!(inbound["destination_service"], "shop/alpha-web", "{inbound}");
+    let sent = pl._server_agent.wait_log("the caller's record", |v| {
+        v["kind"] == "http" && v["direction"] == "outbound" && v["destination_service"] == "shop/alpha-web"
+    });
+    assert_eq!(sent["destination_identity"], ALPHA, "the pod presented its own identity: {sent}");
+
+    // Plaintext straight to the pod's address, from a process no agent intercepts.
+    let plain = || {
+        let out = server_host
+            .command("curl", None)
+            .unwrap()
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3"])
+            .arg(format!("http://{}:8080/", alpha.ip))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse::<u16>().unwrap_or(0)
+    };
+    assert_ne!(plain(), 200, "plaintext from outside the mesh reached the strict pod");
+    pl.agent().wait_log("the strict refusal", |v| message(v) == "plaintext inbound connection refused");
+
+    // No agent: neither path reaches the pod's server. (Its pins are kept, as on a
+    // node: interception outlives the agent.)
+    let agent = pl.node_agent.take().unwrap();
+    let _pins = agent.pins().clone();
+    agent.kill().unwrap();
+    eventually(Duration::from_secs(5), "meshed calls fail while no agent runs", || {
+        (meshed() != 200).then_some(())
+    });
+    assert_ne!(plain(), 200, "the pod was open to plaintext while its agent was down");
+    assert_eq!(_server.served(), 1, "the pod's server saw only the one admitted request");
+}
+
+/// A `python3 -m http.server` in a pod's namespace (its containers' view), killed on drop.
+struct PodServer {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl PodServer {
+    fn start(pod: &Pod, port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("requests.log");
+        let child = pod
+            .command("python3")
+            .unwrap()
+            .args(["-m", "http.server", &port.to_string(), "--bind", "0.0.0.0", "--directory"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("python3 http.server");
+        eventually(Duration::from_secs(10), "the pod's server listening", || {
+            let ok = pod
+                .command("curl")
+                .unwrap()
+                .args(["-s", "-o", "/dev/null", "--max-time", "1", &format!("http://127.0.0.1:{port}/ready")])
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then_some(())
+        });
+        Self { child, log, _dir: dir }
+    }
+
+    /// Requests it answered, the readiness probes over loopback left out.
+    fn served(&self) -> usize {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines().filter(|l| l.contains("\"GET ") && !l.contains("/ready")).count()
+    }
+}
+
+impl Drop for PodServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 mesh_tests::both_modes!(
+    a_pod_serves_over_mtls_and_refuses_plaintext,
     pods_carry_their_own_identity,
     restarted_agent_serves_its_pods_again,
     bad_cni_calls_are_refused_and_harm_no_pod,

@@ -19,6 +19,7 @@ use std::{
 use mesh_tests::{
     Agent, Cgroup, Control, Lab,
     agent::message,
+    capture::{Capture, contains},
     eventually,
     pods::{Pod, PodNode, pod_ip},
     servers,
@@ -310,7 +311,8 @@ fn bad_cni_calls_are_refused_and_harm_no_pod(mode: &str) {
 fn a_pod_serves_over_mtls_and_refuses_plaintext(mode: &str) {
     let mut pl = PodLab::new(mode);
     let alpha = pl.add("alpha-pod");
-    let _server = PodServer::start(&alpha, 8080);
+    let marker = "plaintext-marker-5d1e";
+    let _server = PodServer::start(&alpha, 8080, &[&format!("{marker}-meshed")]);
     let server_host = pl.lab.host("server");
     let node_v4 = pl.lab.host("node").v4.to_string();
     let out = server_host
@@ -320,20 +322,22 @@ fn a_pod_serves_over_mtls_and_refuses_plaintext(mode: &str) {
         .output()
         .unwrap();
     assert!(out.status.success(), "route to the pods: {}", String::from_utf8_lossy(&out.stderr));
+    let agent = pl.node_agent.take().unwrap();
+    let pins = agent.pins().clone();
 
     // From the server host's enrolled workload (shop/api), through both agents.
-    let meshed = || {
+    let meshed = |path: &str| {
         let out = server_host
             .command("curl", Some(pl._server_cg.absolute()))
             .unwrap()
             .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"])
-            .arg(format!("http://{POD_VIP}/"))
+            .arg(format!("http://{POD_VIP}{path}"))
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().parse::<u16>().unwrap_or(0)
     };
-    eventually(Duration::from_secs(15), "the meshed call to the pod", || (meshed() == 200).then_some(()));
-    let inbound = pl.agent().wait_log("the pod's inbound record", |v| {
+    eventually(Duration::from_secs(15), "the meshed call to the pod", || (meshed("/") == 200).then_some(()));
+    let inbound = agent.wait_log("the pod's inbound record", |v| {
         v["kind"] == "http" && v["direction"] == "inbound" && v["source_identity"] == API
     });
     assert_eq!(inbound["destination_service"], "shop/alpha-web", "{inbound}");
@@ -343,29 +347,61 @@ fn a_pod_serves_over_mtls_and_refuses_plaintext(mode: &str) {
     assert_eq!(sent["destination_identity"], ALPHA, "the pod presented its own identity: {sent}");
 
     // Plaintext straight to the pod's address, from a process no agent intercepts.
-    let plain = || {
+    let plain = |path: &str| {
         let out = server_host
             .command("curl", None)
             .unwrap()
             .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3"])
-            .arg(format!("http://{}:8080/", alpha.ip))
+            .arg(format!("http://{}:8080{path}", alpha.ip))
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().parse::<u16>().unwrap_or(0)
     };
-    assert_ne!(plain(), 200, "plaintext from outside the mesh reached the strict pod");
-    pl.agent().wait_log("the strict refusal", |v| message(v) == "plaintext inbound connection refused");
+    assert_ne!(plain("/"), 200, "plaintext from outside the mesh reached the strict pod");
+    agent.wait_log("the strict refusal", |v| message(v) == "plaintext inbound connection refused");
 
-    // No agent: neither path reaches the pod's server. (Its pins are kept, as on a
-    // node: interception outlives the agent.)
-    let agent = pl.node_agent.take().unwrap();
-    let _pins = agent.pins().clone();
-    agent.kill().unwrap();
-    eventually(Duration::from_secs(5), "meshed calls fail while no agent runs", || {
-        (meshed() != 200).then_some(())
+    // The pod's agent killed while calls are under way: no call reaches the pod's
+    // server but through the mesh, and nothing crosses the node's link in clear. (Its
+    // pins are kept, as on a node: interception outlives the agent.)
+    let capture = Capture::start(pl.lab.host("node")).expect("capture");
+    let answered = AtomicUsize::new(1);
+    let (stop, refused) = (AtomicBool::new(false), AtomicUsize::new(0));
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for _ in 0..500 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                match meshed(&format!("/{marker}-meshed")) {
+                    200 => answered.fetch_add(1, Ordering::SeqCst),
+                    _ => refused.fetch_add(1, Ordering::SeqCst),
+                };
+            }
+        });
+        eventually(Duration::from_secs(10), "calls under way", || {
+            (answered.load(Ordering::SeqCst) > 3).then_some(())
+        });
+        agent.kill().unwrap();
+        eventually(Duration::from_secs(10), "meshed calls fail while no agent runs", || {
+            (refused.load(Ordering::SeqCst) > 3).then_some(())
+        });
+        for _ in 0..3 {
+            assert_ne!(
+                plain(&format!("/{marker}-plain")),
+                200,
+                "the pod was open to plaintext while its agent was down"
+            );
+        }
+        stop.store(true, Ordering::SeqCst);
     });
-    assert_ne!(plain(), 200, "the pod was open to plaintext while its agent was down");
-    assert_eq!(_server.served(), 1, "the pod's server saw only the one admitted request");
+    let wire = capture.stop();
+    drop(pins);
+    assert!(!contains(&wire, marker.as_bytes()), "a request crossed the node's link in plaintext");
+    assert_eq!(
+        _server.served(),
+        answered.load(Ordering::SeqCst),
+        "the pod's server answered requests the mesh did not admit"
+    );
 }
 
 /// A `python3 -m http.server` in a pod's namespace (its containers' view), killed on drop.
@@ -376,8 +412,12 @@ struct PodServer {
 }
 
 impl PodServer {
-    fn start(pod: &Pod, port: u16) -> Self {
+    /// Serves `files` (each holding its own name) from a fresh directory.
+    fn start(pod: &Pod, port: u16, files: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        for f in files {
+            std::fs::write(dir.path().join(f), f).unwrap();
+        }
         let log = dir.path().join("requests.log");
         let child = pod
             .command("python3")

@@ -21,7 +21,7 @@ const SERVICE: &str = "service fuzz/web";
 const POD: &str = "pod fuzz/web-0";
 
 /// Every annotation a Service's policy is read from.
-const POLICY_ANNOTATIONS: [&str; 14] = [
+const POLICY_ANNOTATIONS: [&str; 15] = [
     a::LB_ALGORITHM,
     a::HASH_HEADER,
     a::HASH_COOKIE,
@@ -36,6 +36,7 @@ const POLICY_ANNOTATIONS: [&str; 14] = [
     a::REQUEST_TIMEOUT,
     a::IDLE_TIMEOUT,
     a::ALLOWED_PRINCIPALS,
+    a::MTLS,
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -122,6 +123,11 @@ fn render(policy: &api::Policy) -> BTreeMap<String, String> {
     for rule in &policy.authorization {
         let principals = if rule.principals.is_empty() { "*".to_owned() } else { rule.principals.join(",") };
         put(a::ALLOWED_PRINCIPALS, principals);
+    }
+    match policy.mtls() {
+        api::MtlsMode::Unspecified => {}
+        api::MtlsMode::Strict => put(a::MTLS, "strict".into()),
+        api::MtlsMode::Permissive => put(a::MTLS, "permissive".into()),
     }
     out
 }

@@ -77,9 +77,34 @@ pub(crate) fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream
     socket::setsockopt(&fd, sockopt::Mark, &mark)?;
     // Bounds a connect that is never answered.
     socket::setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(2, 0))?;
-    match dst {
-        SocketAddr::V4(a) => socket::connect(fd.as_raw_fd(), &SockaddrIn::from(a))?,
-        SocketAddr::V6(a) => socket::connect(fd.as_raw_fd(), &SockaddrIn6::from(a))?,
+    let connected = match dst {
+        SocketAddr::V4(a) => socket::connect(fd.as_raw_fd(), &SockaddrIn::from(a)),
+        SocketAddr::V6(a) => socket::connect(fd.as_raw_fd(), &SockaddrIn6::from(a)),
+    };
+    match connected {
+        Ok(()) => {}
+        // A signal to this (test) process interrupted the wait, not the connect, which
+        // goes on in the kernel: wait for its outcome.
+        Err(nix::errno::Errno::EINTR) => {
+            let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+            let ready = loop {
+                // SAFETY: one valid pollfd for the duration of the call.
+                let n = unsafe { libc::poll(&mut pfd, 1, 2000) };
+                match n {
+                    -1 if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
+                    -1 => return Err(io::Error::last_os_error()),
+                    n => break n,
+                }
+            };
+            if ready == 0 {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+            }
+            let error = socket::getsockopt(&fd, sockopt::SocketError)?;
+            if error != 0 {
+                return Err(io::Error::from_raw_os_error(error));
+            }
+        }
+        Err(e) => return Err(e.into()),
     }
     Ok(TcpStream::from(fd))
 }

@@ -72,7 +72,8 @@ impl IdentitySlot {
                 let installed = self.0.installed.notified();
                 let mut installed = std::pin::pin!(installed);
                 installed.as_mut().enable();
-                if self.get().is_some() {
+                let given_up = !self.0.pending.load(std::sync::atomic::Ordering::Acquire);
+                if self.get().is_some() || given_up {
                     return;
                 }
                 installed.await;
@@ -84,6 +85,12 @@ impl IdentitySlot {
 
     fn expect(&self) {
         self.0.pending.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// No certificate is coming (the identity cannot be set up): waiters stop waiting.
+    fn give_up(&self) {
+        self.0.pending.store(false, std::sync::atomic::Ordering::Release);
+        self.0.installed.notify_waiters();
     }
 }
 
@@ -148,11 +155,15 @@ impl Identities {
                     Err(_) => return,
                 },
             };
-            let Some(domain) = hub.trust_domain.borrow().clone() else { return };
+            let Some(domain) = hub.trust_domain.borrow().clone() else {
+                slot.give_up();
+                return;
+            };
             let id = match SpiffeId::new(&domain, &account.namespace, &account.name) {
                 Ok(id) => id,
                 Err(e) => {
                     warn!(identity = %account, error = %e, "workload identity is not a valid SPIFFE ID; mTLS unavailable for it");
+                    slot.give_up();
                     return;
                 }
             };
@@ -160,6 +171,7 @@ impl Identities {
                 Ok(w) => w,
                 Err(e) => {
                     warn!(identity = %id, error = %e, "workload identity cannot be set up; mTLS is unavailable for it");
+                    slot.give_up();
                     return;
                 }
             };
@@ -306,5 +318,16 @@ mod tests {
         slot.expect();
         assert!(slot.wait(Duration::from_secs(3)).await.is_none());
         assert_eq!(start.elapsed(), Duration::from_secs(3), "a pending certificate is waited for");
+
+        // A lease that gives up wakes its waiters at once.
+        let waiter = {
+            let slot = slot.clone();
+            tokio::spawn(async move { slot.wait(Duration::from_secs(60)).await.is_none() })
+        };
+        tokio::task::yield_now().await;
+        let before = tokio::time::Instant::now();
+        slot.give_up();
+        assert!(waiter.await.unwrap());
+        assert_eq!(before.elapsed(), Duration::ZERO, "no wait once the certificate is known not to come");
     }
 }

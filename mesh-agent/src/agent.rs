@@ -566,9 +566,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         connect_timeout,
         drain_timeout,
         downstream_idle_timeout,
+        request_header_timeout,
         tcp_idle_timeout,
     } = proxy_settings;
-    let downstream = crate::l7::DownstreamTimeouts { idle: downstream_idle_timeout, ..Default::default() };
+    let downstream = crate::l7::DownstreamTimeouts {
+        idle: downstream_idle_timeout,
+        header: request_header_timeout,
+        ..Default::default()
+    };
     let sockets = SocketFactory::new(settings.mark);
 
     // Before interception: an unusable anchor, URL or admin socket path is a start-up

@@ -325,6 +325,11 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_DOWNSTREAM_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration_or_off)]
     pub downstream_idle_timeout: Duration,
 
+    /// Time an HTTP/1 request head may take from its first byte to its end: a client
+    /// sending its headers byte by byte (slowloris) is dropped after it.
+    #[arg(long, env = "MESH_REQUEST_HEADER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_header_timeout: Duration,
+
     /// Time after which a relayed opaque or TLS connection that moved no byte in
     /// either direction is closed (both sides); `off` or 0 never closes it.
     #[arg(long, env = "MESH_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration_or_off)]
@@ -624,6 +629,8 @@ pub struct ProxySettings {
     pub drain_timeout: Duration,
     /// Idle time that closes a served HTTP connection; `None`: never.
     pub downstream_idle_timeout: Option<Duration>,
+    /// Time an HTTP/1 request head may take from its first byte.
+    pub request_header_timeout: Duration,
     /// Time without a byte that closes an opaque relay; `None`: never.
     pub tcp_idle_timeout: Option<Duration>,
 }
@@ -691,6 +698,13 @@ impl RunArgs {
         }
         if self.connect_timeout.is_zero() {
             return Err(err("--connect-timeout", "MESH_CONNECT_TIMEOUT", "must be more than 0"));
+        }
+        if self.request_header_timeout.is_zero() {
+            return Err(err(
+                "--request-header-timeout",
+                "MESH_REQUEST_HEADER_TIMEOUT",
+                "must be more than 0",
+            ));
         }
         if let Some(cp) = &self.control_plane {
             self.validate_control_plane(cp)?;
@@ -782,6 +796,7 @@ impl RunArgs {
                 drain_timeout: self.drain_timeout,
                 downstream_idle_timeout: (!self.downstream_idle_timeout.is_zero())
                     .then_some(self.downstream_idle_timeout),
+                request_header_timeout: self.request_header_timeout,
                 tcp_idle_timeout: (!self.tcp_idle_timeout.is_zero()).then_some(self.tcp_idle_timeout),
             },
         ))
@@ -840,6 +855,17 @@ mod tests {
         assert_eq!(p.downstream_idle_timeout, Some(Duration::from_secs(300)));
         let e = Cli::try_parse_from(["x", "--downstream-idle-timeout", "soon"]).err().unwrap().to_string();
         assert!(e.contains("--downstream-idle-timeout"), "{e}");
+    }
+
+    #[test]
+    fn request_header_timeout_defaults_to_30s_and_refuses_zero() {
+        assert_eq!(parse(&[]).unwrap().1.request_header_timeout, Duration::from_secs(30));
+        assert_eq!(
+            parse(&["--request-header-timeout", "2s"]).unwrap().1.request_header_timeout,
+            Duration::from_secs(2)
+        );
+        let e = parse(&["--request-header-timeout", "0s"]).unwrap_err().to_string();
+        assert!(e.contains("--request-header-timeout"), "{e}");
     }
 
     #[test]

@@ -50,3 +50,9 @@ pub fn meshctl() -> &'static PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| build("control", "meshctl"))
 }
+
+/// The `mesh-flood` hostile clients.
+pub fn flood() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build("mesh-tests", "mesh-flood"))
+}

@@ -94,6 +94,11 @@ impl Control {
         })
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// The directory of the CA and the tokens.
     pub fn dir(&self) -> &Path {
         &self.dir

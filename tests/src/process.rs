@@ -139,3 +139,25 @@ impl Drop for LoggedChild {
         }
     }
 }
+
+/// Memory of a running process, from `/proc/PID/status`: resident now (`VmRSS`) and
+/// the most it has been resident since it started (`VmHWM`), in KiB.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Memory {
+    pub rss_kib: u64,
+    pub peak_kib: u64,
+}
+
+impl Memory {
+    /// Reads `pid`'s figures; `None` once the process is gone.
+    pub fn of(pid: u32) -> Option<Self> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        };
+        Some(Self { rss_kib: field("VmRSS:")?, peak_kib: field("VmHWM:")? })
+    }
+}

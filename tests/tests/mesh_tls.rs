@@ -7,10 +7,10 @@
 use std::{sync::Arc, time::Duration};
 
 use mesh_tests::{
-    Agent, Cgroup, Control, Host, Lab,
+    Agent, Host, MeshLab,
     agent::message,
     capture::{Capture, contains},
-    eventually, require_root, servers,
+    eventually, servers,
 };
 
 const VIP: &str = "10.96.0.40";
@@ -42,33 +42,18 @@ fn registry(allowed: &str) -> String {
     )
 }
 
+/// The lab with `api` (HTTP on 8080) and `echo` (TCP on 7000) served on `server`.
 struct Mesh {
-    lab: Lab,
-    dir: tempfile::TempDir,
-    _control: Control,
-    client_agent: Agent,
-    server_agent: Agent,
-    workload: Cgroup,
-    _server_cg: Cgroup,
+    lab: MeshLab,
     _api: servers::Server,
     _echo: servers::Server,
 }
 
-fn agent(
-    lab: &Lab,
-    control: &Control,
-    mode: &str,
-    (host, identity): (&str, &str),
-    cg: &Cgroup,
-    extra: &[&str],
-) -> Agent {
-    let mut opts = control.agent_options(mode, host, identity).cgroup(cg);
-    for a in extra {
-        opts = opts.arg(*a);
+impl std::ops::Deref for Mesh {
+    type Target = MeshLab;
+    fn deref(&self) -> &MeshLab {
+        &self.lab
     }
-    let a = Agent::start(lab.host(host), opts).expect("agent starts");
-    a.wait_enrolled();
-    a
 }
 
 impl Mesh {
@@ -77,38 +62,16 @@ impl Mesh {
     }
 
     fn with_agent_args(mode: &str, extra: &[&str]) -> Self {
-        let lab = Lab::new(&["control", "client", "server"]).expect("lab");
-        let dir = tempfile::tempdir().unwrap();
-        let reg = dir.path().join("registry.yaml");
-        std::fs::write(&reg, registry(FRONTEND)).unwrap();
-        let control =
-            Control::start_with_ca(lab.host("control"), &reg, dir.path(), &["client", "server"], &[])
-                .expect("control plane");
+        let lab =
+            extra.iter().fold(MeshLab::builder(mode, registry(FRONTEND)), |b, a| b.agent_arg(*a)).start();
         let api = servers::http(lab.host("server"), 8080, "api").unwrap();
         let echo = servers::echo(lab.host("server"), 7000).unwrap();
-        let workload = Cgroup::new("wl").unwrap();
-        let server_cg = Cgroup::new("srv").unwrap();
-        let client_agent = agent(&lab, &control, mode, ("client", "shop/frontend"), &workload, extra);
-        let server_agent = agent(&lab, &control, mode, ("server", "shop/api"), &server_cg, extra);
-        Self {
-            lab,
-            dir,
-            _control: control,
-            client_agent,
-            server_agent,
-            workload,
-            _server_cg: server_cg,
-            _api: api,
-            _echo: echo,
-        }
+        Self { lab, _api: api, _echo: echo }
     }
 
     fn curl(&self, path: &str) -> Result<String, String> {
         let out = self
-            .lab
-            .host("client")
-            .command("curl", Some(self.workload.absolute()))
-            .unwrap()
+            .workload_command("curl")
             .args(["-fsS", "--max-time", "5", &format!("http://{VIP}{path}")])
             .output()
             .unwrap();
@@ -123,12 +86,12 @@ impl Mesh {
 fn meshed_call_carries_identity_over_mtls_and_policy_is_enforced(mode: &str) {
     let m = Mesh::new(mode);
     let marker = "/plaintext-marker-7f3a9c";
-    let cap = Capture::start(m.lab.host("server")).expect("capture");
+    let cap = Capture::start(m.host("server")).expect("capture");
     let body = m.curl(marker).unwrap_or_else(|e| {
         panic!(
             "meshed call failed: {e}\nclient agent:\n{}\nserver agent:\n{}",
-            m.client_agent.log_text(),
-            m.server_agent.log_text()
+            m.client.log_text(),
+            m.server.log_text()
         )
     });
     let wire = cap.stop();
@@ -136,7 +99,7 @@ fn meshed_call_carries_identity_over_mtls_and_policy_is_enforced(mode: &str) {
 
     // The client agent proxied the request through the tunnel as frontend, to the api
     // identity (an HTTP access record: the L7 proxy handles HTTP per request).
-    let out = m.client_agent.wait_log("outbound access record", |v| {
+    let out = m.client.wait_log("outbound access record", |v| {
         v["kind"] == "http" && v["direction"] == "outbound" && v["path"] == marker
     });
     assert_eq!(out["source_identity"], FRONTEND);
@@ -145,7 +108,7 @@ fn meshed_call_carries_identity_over_mtls_and_policy_is_enforced(mode: &str) {
     assert_eq!(out["protocol"], "http1");
     assert_eq!(out["response_code"], 200);
     // The server agent saw the caller's proven identity.
-    let inbound = m.server_agent.wait_log("inbound access record", |v| {
+    let inbound = m.server.wait_log("inbound access record", |v| {
         v["kind"] == "http" && v["direction"] == "inbound" && v["path"] == marker
     });
     assert_eq!(inbound["source_identity"], FRONTEND);
@@ -162,17 +125,12 @@ fn meshed_call_carries_identity_over_mtls_and_policy_is_enforced(mode: &str) {
     assert!(!contains(&wire, b"server=api"), "the response crossed the wire in plaintext");
 
     // Policy change: only `payments` may call api now; frontend is refused within 5 s.
-    std::fs::write(
-        m.dir.path().join("registry.yaml"),
-        registry("spiffe://cluster.local/ns/shop/sa/payments"),
-    )
-    .unwrap();
+    m.set_registry(&registry("spiffe://cluster.local/ns/shop/sa/payments"));
     eventually(Duration::from_secs(5), "frontend denied after the policy change", || m.curl("/again").err());
     // The pooled tunnel stream admitted under the old policy is re-checked per request.
-    let denied =
-        m.server_agent.wait_log("denial", |v| message(v) == "request denied by authorization policy");
+    let denied = m.server.wait_log("denial", |v| message(v) == "request denied by authorization policy");
     assert_eq!(denied["peer_identity"], FRONTEND);
-    m.client_agent.wait_log("client side refusal", |v| {
+    m.client.wait_log("client side refusal", |v| {
         v["kind"] == "http" && v["direction"] == "outbound" && v["response_code"] == 403
     });
 }
@@ -181,19 +139,16 @@ fn traffic_crosses_certificate_rotations_without_failures(mode: &str) {
     // 30 s certificates renewed at 80%: a new certificate every ~24 s on both agents.
     let m = Mesh::with_agent_args(mode, &["--cert-ttl", "30s"]);
     let cert = |a: &Agent, host: &str| -> u64 {
-        let (_, body) = m.lab.host(host).http("GET", a.admin, "/config_dump").unwrap();
+        let (_, body) = m.host(host).http("GET", a.admin, "/config_dump").unwrap();
         serde_json::from_str::<serde_json::Value>(&body).unwrap()["certificates"][0]["not_after"]
             .as_u64()
             .unwrap()
     };
-    let first = (cert(&m.client_agent, "client"), cert(&m.server_agent, "server"));
+    let first = (cert(&m.client, "client"), cert(&m.server, "server"));
 
     // A long-lived TCP connection through the tunnel: one echoed line a second for 65 s.
     let long = m
-        .lab
-        .host("client")
-        .command("bash", Some(m.workload.absolute()))
-        .unwrap()
+        .workload_command("bash")
         .args([
             "-c",
             "exec 3<>/dev/tcp/10.96.0.41/7000 || exit 2; for i in $(seq 65); do echo ping$i >&3; \
@@ -216,7 +171,7 @@ fn traffic_crosses_certificate_rotations_without_failures(mode: &str) {
     let status = eventually(Duration::from_secs(15), "long-lived client finishes", || {
         long.lock().unwrap().try_wait().ok().flatten()
     });
-    let last = (cert(&m.client_agent, "client"), cert(&m.server_agent, "server"));
+    let last = (cert(&m.client, "client"), cert(&m.server, "server"));
     assert!(
         last.0 >= first.0 + 40 && last.1 >= first.1 + 40,
         "both agents rotated at least twice: {first:?} -> {last:?}"
@@ -322,12 +277,8 @@ fn present(
 /// The server agent's tunnel port refuses, at the TLS layer, clients whose
 /// certificate comes from another CA, names another trust domain, or has expired;
 /// the same client with a valid certificate of the mesh's CA is answered.
-#[test]
-fn certificates_of_another_ca_trust_domain_or_expired_are_refused() {
-    if !require_root("certificates_of_another_ca_trust_domain_or_expired_are_refused") {
-        return;
-    }
-    let m = Mesh::new("ebpf");
+fn certificates_of_another_ca_trust_domain_or_expired_are_refused(mode: &str) {
+    let m = Mesh::new(mode);
     let ca = m.dir.path().join("ca");
     let ca_cert = std::fs::read_to_string(ca.join("ca.pem")).unwrap();
     let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.join("ca-key.pem")).unwrap()).unwrap();
@@ -335,7 +286,7 @@ fn certificates_of_another_ca_trust_domain_or_expired_are_refused() {
     let mut other = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let other_ca = rcgen::Issuer::new(other, rcgen::KeyPair::generate().unwrap());
-    let client = m.lab.host("client");
+    let client = m.host("client");
     // The current year, near enough for validity windows of whole years.
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let now = 1970 + (secs / 31_556_952) as i32;
@@ -363,13 +314,13 @@ fn certificates_of_another_ca_trust_domain_or_expired_are_refused() {
     }
     // The agent logged why (no silent drops).
     eventually(Duration::from_secs(5), "refusals logged", || {
-        let n =
-            m.server_agent.find_all(|v| v["error"].as_str().is_some_and(|e| e.contains("ertificate"))).len();
+        let n = m.server.find_all(|v| v["error"].as_str().is_some_and(|e| e.contains("ertificate"))).len();
         (n >= 3).then_some(())
     });
 }
 
 mesh_tests::both_modes!(
     meshed_call_carries_identity_over_mtls_and_policy_is_enforced,
-    traffic_crosses_certificate_rotations_without_failures
+    traffic_crosses_certificate_rotations_without_failures,
+    certificates_of_another_ca_trust_domain_or_expired_are_refused,
 );

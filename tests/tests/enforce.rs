@@ -23,7 +23,7 @@
 use std::{process::Output, time::Duration};
 
 use mesh_tests::{
-    Agent, Cgroup, Control, Lab,
+    MeshLab,
     agent::message,
     capture::{Capture, contains},
     eventually,
@@ -73,15 +73,18 @@ fn registry(policy: &str, extra: &str) -> String {
 /// A policy allowing any authenticated caller below `/public/` (and nothing else).
 const PUBLIC_ONLY: &str = "{authorization: [{principals: [\"*\"], path_prefixes: [/public/]}]}";
 
+/// The lab with nginx (`web`) behind the server agent. nginx comes first so it
+/// stops before the lab removes the directory holding its files.
 struct Mesh {
-    lab: Lab,
-    dir: tempfile::TempDir,
-    _control: Control,
-    client_agent: Agent,
-    server_agent: Agent,
-    workload: Cgroup,
-    _server_cg: Cgroup,
     nginx: Nginx,
+    lab: MeshLab,
+}
+
+impl std::ops::Deref for Mesh {
+    type Target = MeshLab;
+    fn deref(&self) -> &MeshLab {
+        &self.lab
+    }
 }
 
 /// What one HTTP exchange gave.
@@ -108,53 +111,27 @@ fn reply(out: &Output) -> Reply {
 
 impl Mesh {
     fn new(mode: &str, registry_yaml: &str, server_args: &[&str]) -> Self {
-        let lab = Lab::new(&["control", "client", "server", "outsider"]).expect("lab");
-        let dir = tempfile::tempdir().unwrap();
-        let reg = dir.path().join("registry.yaml");
-        std::fs::write(&reg, registry_yaml).unwrap();
-        let control =
-            Control::start_with_ca(lab.host("control"), &reg, dir.path(), &["client", "server"], &[])
-                .expect("control plane");
-        let nginx = Nginx::start(lab.host("server"), dir.path(), 8080, LOCATIONS).expect("nginx");
-        let workload = Cgroup::new("wl").unwrap();
-        let server_cg = Cgroup::new("srv").unwrap();
         // A short detection window, so the late-first-byte case outwaits it quickly.
-        let agent = |host: &str, identity: &str, cg: &Cgroup, extra: &[&str]| {
-            let mut opts =
-                control.agent_options(mode, host, identity).cgroup(cg).arg("--detect-timeout").arg("1s");
-            for a in extra {
-                opts = opts.arg(*a);
-            }
-            let a = Agent::start(lab.host(host), opts).expect("agent starts");
-            a.wait_enrolled();
-            a
-        };
-        let client_agent = agent("client", "shop/frontend", &workload, &[]);
-        let server_agent = agent("server", "shop/web", &server_cg, server_args);
-        Self {
-            lab,
-            dir,
-            _control: control,
-            client_agent,
-            server_agent,
-            workload,
-            _server_cg: server_cg,
-            nginx,
-        }
-    }
-
-    fn set_registry(&self, yaml: &str) {
-        std::fs::write(self.dir.path().join("registry.yaml"), yaml).unwrap();
+        let lab = server_args
+            .iter()
+            .fold(
+                MeshLab::builder(mode, registry_yaml)
+                    .hosts(&["outsider"])
+                    .identities("shop/frontend", "shop/web")
+                    .agent_arg("--detect-timeout")
+                    .agent_arg("1s"),
+                |b, a| b.server_arg(*a),
+            )
+            .start();
+        let nginx = Nginx::start(lab.host("server"), lab.dir.path(), 8080, LOCATIONS).expect("nginx");
+        Self { nginx, lab }
     }
 
     /// curl from the workload (through both agents) with `args`; `-i` so the head
     /// comes back too.
     fn curl(&self, args: &[&str]) -> Reply {
         let out = self
-            .lab
-            .host("client")
-            .command("curl", Some(self.workload.absolute()))
-            .unwrap()
+            .workload_command("curl")
             .args(["-sS", "-i", "--max-time", "10"])
             .args(args)
             .output()
@@ -165,7 +142,6 @@ impl Mesh {
     /// curl from the outsider host, which has no agent: plaintext straight to `url`.
     fn outsider_curl(&self, args: &[&str]) -> Reply {
         let out = self
-            .lab
             .host("outsider")
             .command("curl", None)
             .unwrap()
@@ -179,15 +155,15 @@ impl Mesh {
     fn logs(&self) -> String {
         format!(
             "client agent:\n{}\nserver agent:\n{}\nnginx saw:\n{}",
-            self.client_agent.log_text(),
-            self.server_agent.log_text(),
+            self.client.log_text(),
+            self.server.log_text(),
             self.nginx.requests().join("\n")
         )
     }
 
     /// The server agent's Prometheus exposition.
     fn server_metrics(&self) -> String {
-        self.lab.host("server").http("GET", self.server_agent.admin, "/metrics").unwrap().1
+        self.host("server").http("GET", self.server.admin, "/metrics").unwrap().1
     }
 }
 
@@ -215,7 +191,7 @@ fn plaintext_from_outside_is_refused_under_strict_and_unauthenticated_under_perm
     if r.status != 0 {
         panic!("strict mode answered plaintext from outside the mesh: {r:?}\n{}", m.logs());
     }
-    let refused = m.server_agent.wait_log("the strict refusal", |v| {
+    let refused = m.server.wait_log("the strict refusal", |v| {
         message(v) == "plaintext inbound connection refused" && v["reason"] == "strict"
     });
     assert_eq!(refused["src"].as_str().map(|s| s.starts_with("10.77.0.4:")), Some(true), "{refused}");
@@ -267,7 +243,7 @@ fn plaintext_from_outside_is_refused_under_strict_and_unauthenticated_under_perm
 fn a_meshed_endpoint_called_by_ip_goes_over_mtls(mode: &str) {
     let m = Mesh::new(mode, &registry(PUBLIC_ONLY, ""), &[]);
     let marker = "/public/by-ip-marker-5d1e";
-    let cap = Capture::start(m.lab.host("server")).expect("capture");
+    let cap = Capture::start(m.host("server")).expect("capture");
     let r = m.curl(&[&format!("http://{ENDPOINT}{marker}")]);
     let wire = cap.stop();
     if r.status != 200 {
@@ -275,7 +251,7 @@ fn a_meshed_endpoint_called_by_ip_goes_over_mtls(mode: &str) {
     }
     // The server saw the caller's proven identity: it came through both agents.
     assert_eq!(r.body.trim(), format!("public uri={marker} {}", proven()), "{r:?}");
-    let out = m.client_agent.wait_log("outbound access record", |v| {
+    let out = m.client.wait_log("outbound access record", |v| {
         v["kind"] == "http" && v["direction"] == "outbound" && v["path"] == marker
     });
     assert_eq!(out["destination_identity"], WEB, "{out}");
@@ -288,11 +264,7 @@ fn a_meshed_endpoint_called_by_ip_goes_over_mtls(mode: &str) {
     assert_eq!((r.status, r.by_agent), (403, true), "{r:?}");
     // Raw TCP to the endpoint's IP is tunnelled as well; the receiving agent finds the
     // HTTP in it and applies the same rules.
-    let out = m
-        .lab
-        .host("client")
-        .command("bash", Some(m.workload.absolute()))
-        .unwrap()
+    let out = m.workload_command("bash")
         .args([
             "-c",
             "exec 3<>/dev/tcp/10.77.0.3/8080 && printf 'GET /secret HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n\\r\\n' >&3 && timeout 5 cat <&3",
@@ -330,7 +302,7 @@ fn a_shadow_service_does_not_open_a_protected_workload(mode: &str) {
         );
         assert!(!r.body.contains("public uri="), "{url}: {r:?}");
     }
-    let denied = m.server_agent.wait_log("the denial naming both services", |v| {
+    let denied = m.server.wait_log("the denial naming both services", |v| {
         message(v) == "request denied by authorization policy"
     });
     assert_eq!(denied["services"], "shop/aaa-shadow,shop/web", "{denied}");
@@ -464,32 +436,18 @@ fn forged_identity_headers_never_reach_the_app(mode: &str) {
     );
     let script =
         format!("exec 3<>/dev/tcp/{VIP}/80 && sleep 1.5 && printf '{request}' >&3 && timeout 10 cat <&3");
-    let out = m
-        .lab
-        .host("client")
-        .command("bash", Some(m.workload.absolute()))
-        .unwrap()
-        .args(["-c", &script])
-        .output()
-        .unwrap();
+    let out = m.workload_command("bash").args(["-c", &script]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("HTTP/1.1 200"), "late first byte: {text}\n{}", m.logs());
     assert!(text.trim_end().ends_with(&want("/public/late")), "late first byte: {text}");
-    m.client_agent.wait_log("the late client's connection sent as bytes", |v| {
+    m.client.wait_log("the late client's connection sent as bytes", |v| {
         message(v) == "connection closed" && v["direction"] == "outbound" && v["protocol"] == "opaque"
     });
     // And the rules held on that path too.
     let script = format!(
         "exec 3<>/dev/tcp/{VIP}/80 && sleep 1.5 && printf 'GET /secret HTTP/1.1\\r\\nHost: web\\r\\nConnection: close\\r\\n\\r\\n' >&3 && timeout 10 cat <&3"
     );
-    let out = m
-        .lab
-        .host("client")
-        .command("bash", Some(m.workload.absolute()))
-        .unwrap()
-        .args(["-c", &script])
-        .output()
-        .unwrap();
+    let out = m.workload_command("bash").args(["-c", &script]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("HTTP/1.1 403"), "{out:?}");
     assert!(!m.nginx.requests().iter().any(|l| l.contains("/secret")));
 }

@@ -141,3 +141,6 @@ mod tests;
 
 #[cfg(test)]
 mod direct_tests;
+
+#[cfg(test)]
+mod pool_tests;

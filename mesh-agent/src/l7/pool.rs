@@ -72,8 +72,20 @@ pub enum SendError {
     Request(#[from] hyper::Error),
 }
 
-/// HTTP/1 connections kept per endpoint, busy or idle.
-const MAX_H1_PER_ENDPOINT: usize = 256;
+/// HTTP/1 connections open to one endpoint at once, busy or idle. A request that
+/// finds them all busy waits (within its connect timeout) for one to come free or to
+/// close: without the bound, requests a client resets while their upstream
+/// connection still works (an HTTP/2 rapid reset, bodies cut short) would leave
+/// connections behind faster than they close.
+pub(crate) const MAX_H1_PER_ENDPOINT: usize = 256;
+
+/// HTTP/2 connections open to one endpoint at once. Requests share the first with a
+/// free stream; another is opened only when every open one is at the endpoint's
+/// stream limit, and past this bound a request waits for a free stream.
+pub(crate) const MAX_H2_PER_ENDPOINT: usize = 8;
+
+/// Longest pause between looks for a freed HTTP/1 connection while at the bound.
+const H1_WAIT_STEP_MAX: Duration = Duration::from_millis(50);
 
 /// How long a peer agent that answered without direct HTTP is served through
 /// CONNECT streams before it is asked again (it may have been upgraded).
@@ -86,6 +98,55 @@ pub(crate) const DIRECT_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Requests one sending agent may have in flight at once on one direct connection;
 /// more wait for a free stream.
 pub(crate) const DIRECT_MAX_STREAMS: u32 = 1024;
+
+/// The HTTP/2 connections of one endpoint.
+#[derive(Default)]
+struct H2Conns {
+    open: Vec<Idle<http2::SendRequest<Body>>>,
+    /// Slots taken by dials under way.
+    dialing: usize,
+}
+
+/// What [`UpstreamPool::checkout_h2`] found.
+enum H2Checkout<'a> {
+    Ready(http2::SendRequest<Body>),
+    Dial(H2Reserved<'a>),
+    /// No stream free and no dial to make now: a connection to wait on for a free
+    /// stream (`None` while the first one is being dialed), and whether the bound
+    /// is what stops another dial.
+    Full {
+        busy: Option<http2::SendRequest<Body>>,
+        at_bound: bool,
+    },
+}
+
+/// A slot reserved for a dial; given back if the dial fails or is abandoned.
+struct H2Reserved<'a> {
+    pool: &'a UpstreamPool,
+    endpoint: SocketAddr,
+    filled: bool,
+}
+
+impl H2Reserved<'_> {
+    fn fill(mut self, conn: Idle<http2::SendRequest<Body>>) {
+        let mut pool = self.pool.h2.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = pool.entry(self.endpoint).or_default();
+        conns.dialing -= 1;
+        conns.open.push(conn);
+        self.filled = true;
+    }
+}
+
+impl Drop for H2Reserved<'_> {
+    fn drop(&mut self) {
+        if !self.filled {
+            let mut pool = self.pool.h2.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(conns) = pool.get_mut(&self.endpoint) {
+                conns.dialing -= 1;
+            }
+        }
+    }
+}
 
 /// Who is talking to whom over a direct connection: the client certificate and the
 /// server identity checked belong to the whole connection.
@@ -142,7 +203,11 @@ pub struct UpstreamPool {
     identity: IdentitySlot,
     idle_timeout: Duration,
     h1: Mutex<HashMap<SocketAddr, Vec<Idle<http1::SendRequest<Body>>>>>,
-    h2: Mutex<HashMap<SocketAddr, Idle<http2::SendRequest<Body>>>>,
+    /// Per endpoint, one permit per open HTTP/1 connection ([`MAX_H1_PER_ENDPOINT`]);
+    /// each connection's task holds its permit until the connection ends.
+    h1_open: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Semaphore>>>,
+    /// Per endpoint, at most [`MAX_H2_PER_ENDPOINT`] multiplexed connections.
+    h2: Mutex<HashMap<SocketAddr, H2Conns>>,
     /// Per peer agent (almost always one identity pair each).
     direct: Mutex<HashMap<SocketAddr, Vec<(MeshKey, Direct)>>>,
     /// Held while dialing a key, so that concurrent requests wait for one dial.
@@ -168,6 +233,7 @@ impl UpstreamPool {
             identity,
             idle_timeout,
             h1: Mutex::new(HashMap::new()),
+            h1_open: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
             direct: Mutex::new(HashMap::new()),
             dialing: Mutex::new(HashMap::new()),
@@ -229,36 +295,82 @@ impl UpstreamPool {
         idle: Duration,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
-        // A pooled connection the server closed while idle fails before the request
-        // is written; hyper hands the request back and it goes to the next one.
-        while let Some(mut sender) = self.checkout_h1(endpoint) {
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    self.checkin_h1(endpoint, sender, idle);
-                    return Ok(resp);
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => {
-                        debug!(endpoint = %endpoint, error = %e.error(), "pooled connection unusable; trying another");
-                        req = unsent;
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let mut step = Duration::from_millis(1);
+        let mut counted = false;
+        loop {
+            // A pooled connection the server closed while idle fails before the request
+            // is written; hyper hands the request back and it goes to the next one.
+            while let Some(mut sender) = self.checkout_h1(endpoint) {
+                match sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        self.checkin_h1(endpoint, sender, idle);
+                        return Ok(resp);
                     }
-                    None => return Err(SendError::Request(e.into_error())),
-                },
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => {
+                            debug!(endpoint = %endpoint, error = %e.error(), "pooled connection unusable; trying another");
+                            req = unsent;
+                        }
+                        None => return Err(SendError::Request(e.into_error())),
+                    },
+                }
             }
+            let open = self.h1_open(endpoint);
+            let permit = match open.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    if !counted {
+                        counted = true;
+                        crate::observe::limits::hit(
+                            crate::observe::limits::Limit::UpstreamConnections,
+                            format_args!(
+                                "{MAX_H1_PER_ENDPOINT} HTTP/1 connections to {endpoint} are open; a request waits"
+                            ),
+                        );
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(SendError::Connect {
+                            endpoint,
+                            message: format!(
+                                "all {MAX_H1_PER_ENDPOINT} HTTP/1 connections to it stayed busy for {connect_timeout:?}"
+                            ),
+                        });
+                    }
+                    // A connection that closes frees a permit at once; one that turns
+                    // ready in the pool is seen at the next look, backing off.
+                    let wake = (tokio::time::Instant::now() + step).min(deadline);
+                    step = (step * 2).min(H1_WAIT_STEP_MAX);
+                    match tokio::time::timeout_at(wake, open.acquire_owned()).await {
+                        Ok(Ok(permit)) => permit,
+                        _ => continue,
+                    }
+                }
+            };
+            // Dialing is boxed: its futures (TCP, TLS, handshakes) are large and rare,
+            // and would otherwise grow every request's future (moved on each spawn).
+            let mut sender = Box::pin(self.new_h1(endpoint, dial, connect_timeout, permit)).await?;
+            let resp = sender.send_request(req).await?;
+            self.checkin_h1(endpoint, sender, idle);
+            return Ok(resp);
         }
-        // Dialing is boxed: its futures (TCP, TLS, handshakes) are large and rare,
-        // and would otherwise grow every request's future (moved on each spawn).
-        let mut sender = Box::pin(self.new_h1(endpoint, dial, connect_timeout)).await?;
-        let resp = sender.send_request(req).await?;
-        self.checkin_h1(endpoint, sender, idle);
-        Ok(resp)
     }
 
+    /// The permits of `endpoint`'s HTTP/1 connections.
+    fn h1_open(&self, endpoint: SocketAddr) -> Arc<tokio::sync::Semaphore> {
+        let mut open = self.h1_open.lock().unwrap_or_else(|e| e.into_inner());
+        open.entry(endpoint)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_H1_PER_ENDPOINT)))
+            .clone()
+    }
+
+    /// A new HTTP/1 connection; its task holds `permit` until the connection ends.
     async fn new_h1(
         &self,
         endpoint: SocketAddr,
         dial: &Dial,
         connect_timeout: Duration,
+        permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<http1::SendRequest<Body>, SendError> {
         let io = self.connect(endpoint, dial, Version::Http1, connect_timeout).await?;
         let (sender, conn) = http1::Builder::new()
@@ -266,6 +378,7 @@ impl UpstreamPool {
             .await
             .map_err(|e| SendError::Connect { endpoint, message: e.to_string() })?;
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = conn.with_upgrades().await {
                 debug!(endpoint = %endpoint, error = %e, "upstream HTTP/1 connection ended");
             }
@@ -315,44 +428,96 @@ impl UpstreamPool {
         dial: &Dial,
         connect_timeout: Duration,
         idle_timeout: Duration,
-        req: Request<Body>,
+        mut req: Request<Body>,
     ) -> Result<Response<Incoming>, SendError> {
-        let pooled = {
-            let mut pool = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-            match pool.get_mut(&endpoint) {
-                Some(i) if !i.sender.is_closed() && i.sender.is_ready() => {
-                    i.since = Instant::now();
-                    i.idle_timeout = idle_timeout;
-                    Some(i.sender.clone())
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let mut counted = false;
+        let mut step = Duration::from_millis(1);
+        // A connection that closes between the look and the send hands the request
+        // back; a few such races in a row mean the endpoint keeps dropping us.
+        let mut handed_back = 0;
+        loop {
+            let mut sender = match self.checkout_h2(endpoint, idle_timeout) {
+                H2Checkout::Ready(sender) => sender,
+                H2Checkout::Dial(reserved) => {
+                    let sender = Box::pin(self.new_h2(endpoint, dial, connect_timeout)).await?;
+                    reserved.fill(Idle { sender: sender.clone(), since: Instant::now(), idle_timeout });
+                    sender
                 }
-                Some(_) => {
-                    pool.remove(&endpoint);
-                    None
+                H2Checkout::Full { busy, at_bound } => {
+                    if !counted && at_bound {
+                        counted = true;
+                        crate::observe::limits::hit(
+                            crate::observe::limits::Limit::UpstreamConnections,
+                            format_args!(
+                                "{MAX_H2_PER_ENDPOINT} HTTP/2 connections to {endpoint} have no free stream; a request waits"
+                            ),
+                        );
+                    }
+                    // A dial under way may bring a connection with free streams: look
+                    // again shortly rather than wait on a busy one to the deadline.
+                    let wake = (tokio::time::Instant::now() + step).min(deadline);
+                    step = (step * 2).min(H1_WAIT_STEP_MAX);
+                    let waited = match busy {
+                        Some(mut busy) => {
+                            tokio::time::timeout_at(wake, busy.ready()).await.map(|r| r.map(|()| busy))
+                        }
+                        None => tokio::time::timeout_at(wake, std::future::pending()).await,
+                    };
+                    match waited {
+                        Ok(Ok(sender)) => sender,
+                        _ if tokio::time::Instant::now() >= deadline => {
+                            return Err(SendError::Connect {
+                                endpoint,
+                                message: format!(
+                                    "no HTTP/2 stream to it came free within {connect_timeout:?}"
+                                ),
+                            });
+                        }
+                        // Closed meanwhile, or dials still under way: look again.
+                        _ => continue,
+                    }
                 }
-                None => None,
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    // The connection went away before the stream opened.
+                    Some(unsent) if handed_back < 3 => {
+                        handed_back += 1;
+                        req = unsent;
+                    }
+                    _ => return Err(SendError::Request(e.into_error())),
+                },
             }
-        };
-        let mut sender = match pooled {
-            Some(s) => s,
-            None => {
-                let sender = Box::pin(self.new_h2(endpoint, dial, connect_timeout)).await?;
-                let mut pool = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-                pool.insert(endpoint, Idle { sender: sender.clone(), since: Instant::now(), idle_timeout });
-                sender
-            }
-        };
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok(resp),
-            Err(mut e) => match e.take_message() {
-                // The shared connection went away before the stream opened.
-                Some(unsent) => {
-                    self.h2.lock().unwrap_or_else(|e| e.into_inner()).remove(&endpoint);
-                    let mut sender = Box::pin(self.new_h2(endpoint, dial, connect_timeout)).await?;
-                    Ok(sender.send_request(unsent).await?)
-                }
-                None => Err(SendError::Request(e.into_error())),
-            },
         }
+    }
+
+    /// A pooled HTTP/2 connection of `endpoint` with a free stream; else a reserved
+    /// slot to dial one into, while fewer than [`MAX_H2_PER_ENDPOINT`] are open and
+    /// no dial is under way; else one to wait on (the least recently used).
+    fn checkout_h2(&self, endpoint: SocketAddr, idle_timeout: Duration) -> H2Checkout<'_> {
+        let mut pool = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = pool.entry(endpoint).or_default();
+        let now = Instant::now();
+        conns.open.retain(|i| !i.sender.is_closed() && i.fresh(now));
+        if let Some(i) = conns.open.iter_mut().find(|i| i.sender.is_ready()) {
+            i.since = now;
+            i.idle_timeout = idle_timeout;
+            return H2Checkout::Ready(i.sender.clone());
+        }
+        // One dial at a time: requests arriving together share the first connection
+        // rather than each opening one; another is dialed only once the open ones
+        // are out of streams.
+        if conns.dialing == 0 && conns.open.len() < MAX_H2_PER_ENDPOINT {
+            conns.dialing += 1;
+            return H2Checkout::Dial(H2Reserved { pool: self, endpoint, filled: false });
+        }
+        let busy = conns.open.iter_mut().min_by_key(|i| i.since).map(|i| {
+            i.since = now;
+            i.sender.clone()
+        });
+        H2Checkout::Full { busy, at_bound: conns.open.len() >= MAX_H2_PER_ENDPOINT }
     }
 
     /// Sends `req` to the meshed `endpoint` as a stream of the direct connection to
@@ -563,8 +728,16 @@ impl UpstreamPool {
             !list.is_empty()
         });
         drop(h1);
+        // An endpoint with no connection open and nobody waiting.
+        let mut h1_open = self.h1_open.lock().unwrap_or_else(|e| e.into_inner());
+        h1_open
+            .retain(|_, open| Arc::strong_count(open) > 1 || open.available_permits() < MAX_H1_PER_ENDPOINT);
+        drop(h1_open);
         let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        h2.retain(|_, i| !i.sender.is_closed() && i.fresh(now));
+        h2.retain(|_, conns| {
+            conns.open.retain(|i| !i.sender.is_closed() && i.fresh(now));
+            !conns.open.is_empty() || conns.dialing > 0
+        });
         drop(h2);
         let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
         direct.retain(|_, list| {
@@ -584,7 +757,9 @@ impl UpstreamPool {
     /// tests and metrics.
     pub fn connection_count(&self) -> usize {
         let h1: usize = self.h1.lock().unwrap_or_else(|e| e.into_inner()).values().map(Vec::len).sum();
-        h1 + self.h2.lock().unwrap_or_else(|e| e.into_inner()).len() + self.direct_count()
+        let h2: usize =
+            self.h2.lock().unwrap_or_else(|e| e.into_inner()).values().map(|c| c.open.len()).sum();
+        h1 + h2 + self.direct_count()
     }
 
     /// Open direct HTTP connections to peer agents.

@@ -41,9 +41,11 @@ pub enum Limit {
     AdminConnections,
     /// Request bodies held for retries, all requests together.
     RetryBuffer,
+    /// HTTP/1 connections open to one upstream endpoint, busy or idle.
+    UpstreamConnections,
 }
 
-const ALL: [Limit; 7] = [
+const ALL: [Limit; 8] = [
     Limit::ConnectionsPerSource,
     Limit::ConnectionsTotal,
     Limit::TunnelHandshakes,
@@ -51,6 +53,7 @@ const ALL: [Limit; 7] = [
     Limit::TunnelStreams,
     Limit::AdminConnections,
     Limit::RetryBuffer,
+    Limit::UpstreamConnections,
 ];
 
 impl Limit {
@@ -63,6 +66,7 @@ impl Limit {
             Limit::TunnelStreams => "tunnel_streams",
             Limit::AdminConnections => "admin_connections",
             Limit::RetryBuffer => "retry_buffer",
+            Limit::UpstreamConnections => "upstream_connections",
         }
     }
 

@@ -10,7 +10,7 @@
 //!
 //! Lab as in `mesh_tls.rs`: a control plane on `control`, workload A and its agent on
 //! `client`, the `api` (HTTP) and `echo` (TCP) servers and their agent on `server`,
-//! both agents in eBPF mode with identities.
+//! both agents with identities, in each interception mode.
 
 use std::{
     path::{Path, PathBuf},
@@ -20,7 +20,7 @@ use std::{
 
 use mesh_tests::{
     Agent, AgentOptions, Cgroup, Control, Lab, agent::message, bins, eventually, otlp, process::LoggedChild,
-    require_root, servers,
+    servers,
 };
 use serde_json::Value;
 
@@ -66,8 +66,8 @@ fn start_control(lab: &Lab, dir: &Path) -> Control {
     Control::start_with_ca(lab.host("control"), &reg, dir, &["client", "server"], &[]).expect("control plane")
 }
 
-fn agent_options(host: &str, cg: &Cgroup, control: &Control, identity: &str) -> AgentOptions {
-    control.agent_options("ebpf", host, identity).cgroup(cg)
+fn agent_options(mode: &str, host: &str, cg: &Cgroup, control: &Control, identity: &str) -> AgentOptions {
+    control.agent_options(mode, host, identity).cgroup(cg)
 }
 
 struct Mesh {
@@ -87,7 +87,7 @@ struct Mesh {
 impl Mesh {
     /// Both agents write their access logs to `client.access.log` / `server.access.log`
     /// in the test's temporary directory.
-    fn new() -> Self {
+    fn new(mode: &str) -> Self {
         let lab = Lab::new(&["control", "client", "server"]).expect("lab");
         let dir = tempfile::tempdir().unwrap();
         let control = start_control(&lab, dir.path());
@@ -99,7 +99,7 @@ impl Mesh {
         let server_cg = Cgroup::new("obs-srv").unwrap();
         let start = |host: &str, cg: &Cgroup, identity: &str| {
             let log = dir.path().join(format!("{host}.access.log"));
-            let opts = agent_options(host, cg, &control, identity)
+            let opts = agent_options(mode, host, cg, &control, identity)
                 .arg("--access-log")
                 .arg(log.display().to_string())
                 .arg("--drain-timeout")
@@ -260,15 +260,11 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-#[test]
-fn prometheus_counts_requests_and_connections() {
-    if !require_root("prometheus_counts_requests_and_connections") {
-        return;
-    }
+fn prometheus_counts_requests_and_connections(mode: &str) {
     let Some(prometheus) = prometheus_binary("prometheus_counts_requests_and_connections") else {
         return;
     };
-    let mesh = Mesh::new();
+    let mesh = Mesh::new(mode);
     let client = mesh.lab.host("client");
     let prom = Prometheus::start(&prometheus, client, mesh.client_agent.admin);
     // The scrape works before any traffic: the agent's own series are there.
@@ -349,12 +345,8 @@ fn find(records: &[Value], pred: impl Fn(&Value) -> bool) -> Option<&Value> {
     records.iter().find(|v| pred(v))
 }
 
-#[test]
-fn access_log_records_requests_and_connections() {
-    if !require_root("access_log_records_requests_and_connections") {
-        return;
-    }
-    let mesh = Mesh::new();
+fn access_log_records_requests_and_connections(mode: &str) {
+    let mesh = Mesh::new(mode);
     let traceparent = format!("traceparent: 00-{TRACE_ID}-00f067aa0ba902b7-01");
     let codes = mesh.requests(3, "/logged", &["-H", &traceparent]);
     assert_eq!(codes, ["200", "200", "200"]);
@@ -376,9 +368,9 @@ fn access_log_records_requests_and_connections() {
     let ts = h["timestamp"].as_str().expect("timestamp");
     assert!(ts.ends_with('Z') && ts.len() >= 20, "{h}");
     assert_eq!(h["direction"], "outbound", "{h}");
-    assert_eq!(h["mode"], "ebpf", "{h}");
-    // eBPF mode redirects the workload's connect to the agent's loopback listener; the
-    // agent reports the address the workload would have used, as in iptables mode.
+    assert_eq!(h["mode"], mode, "{h}");
+    // Both modes redirect the workload's connection to the agent (eBPF to its loopback
+    // listener); the agent reports the address the workload would have used.
     assert_eq!(source_ip(h), "10.77.0.2", "{h}");
     assert_eq!(h["source_identity"], FRONTEND, "{h}");
     assert_eq!(h["destination_service"], "shop/api", "{h}");
@@ -408,7 +400,7 @@ fn access_log_records_requests_and_connections() {
     // The TCP connection, on both sides.
     let t = find(&client, is_tcp).unwrap();
     assert_eq!(t["direction"], "outbound", "{t}");
-    assert_eq!(t["mode"], "ebpf", "{t}");
+    assert_eq!(t["mode"], mode, "{t}");
     assert!(t["timestamp"].is_string() && t["protocol"].is_string(), "{t}");
     assert_eq!(source_ip(t), "10.77.0.2", "{t}");
     assert_eq!(t["source_identity"], FRONTEND, "{t}");
@@ -427,18 +419,14 @@ fn access_log_records_requests_and_connections() {
     assert_eq!(t["bytes_received"], 5, "{t}");
 }
 
-#[test]
-fn ready_waits_for_certificate_and_snapshot() {
-    if !require_root("ready_waits_for_certificate_and_snapshot") {
-        return;
-    }
+fn ready_waits_for_certificate_and_snapshot(mode: &str) {
     let lab = Lab::new(&["control", "client"]).expect("lab");
     let dir = tempfile::tempdir().unwrap();
     let workload = Cgroup::new("obs-ready").unwrap();
     // The control plane has run once (its CA, the agent's anchor, exists) and is down:
     // interception is attached, but there is neither a certificate nor a snapshot.
     let first = start_control(&lab, dir.path());
-    let opts = agent_options("client", &workload, &first, "shop/frontend")
+    let opts = agent_options(mode, "client", &workload, &first, "shop/frontend")
         .arg("--discovery-backoff-max")
         .arg("300ms");
     first.terminate().expect("control plane stops");
@@ -459,12 +447,8 @@ fn ready_waits_for_certificate_and_snapshot() {
     assert!(agent.find(|v| message(v) == "snapshot applied").is_some());
 }
 
-#[test]
-fn log_level_changes_at_run_time_and_quitquitquit_drains() {
-    if !require_root("log_level_changes_at_run_time_and_quitquitquit_drains") {
-        return;
-    }
-    let mesh = Mesh::new();
+fn log_level_changes_at_run_time_and_quitquitquit_drains(mode: &str) {
+    let mesh = Mesh::new(mode);
     let client = mesh.lab.host("client");
     let admin = mesh.client_agent.admin;
     // EnvFilter prints its directives in its own order.
@@ -567,12 +551,8 @@ fn received_traceparent(body: &str) -> (String, String, String) {
     (parts[1].to_owned(), parts[2].to_owned(), parts[3].to_owned())
 }
 
-#[test]
-fn spans_are_exported_over_otlp_and_linked_into_the_callers_trace() {
-    if !require_root("spans_are_exported_over_otlp_and_linked_into_the_callers_trace") {
-        return;
-    }
-    let mesh = Mesh::new();
+fn spans_are_exported_over_otlp_and_linked_into_the_callers_trace(mode: &str) {
+    let mesh = Mesh::new(mode);
     // Not sampled by the caller: neither agent exports it. Sent first, so that once
     // the later requests' spans have arrived, this one's would have too.
     let unsampled = "0af7651916cd43dd8448eb211c80319c";
@@ -611,7 +591,7 @@ fn spans_are_exported_over_otlp_and_linked_into_the_callers_trace() {
         assert_eq!(s.attributes["http.response.status_code"], "200", "{s:?}");
         assert_eq!(s.attributes["mesh.source.identity"], FRONTEND, "{s:?}");
         assert_eq!(s.attributes["mesh.destination.service"], "shop/api", "{s:?}");
-        assert_eq!(s.attributes["mesh.interception_mode"], "ebpf", "{s:?}");
+        assert_eq!(s.attributes["mesh.interception_mode"], mode, "{s:?}");
         assert_eq!(s.status, 0, "unset: the request succeeded {s:?}");
         assert_eq!(s.flags & 0xff, 1, "sampled {s:?}");
         assert!(s.end_unix_nano > s.start_unix_nano, "{s:?}");
@@ -631,3 +611,11 @@ fn spans_are_exported_over_otlp_and_linked_into_the_callers_trace() {
 
     assert!(mesh.collector.trace(unsampled).is_empty(), "an unsampled trace was exported");
 }
+
+mesh_tests::both_modes!(
+    prometheus_counts_requests_and_connections,
+    access_log_records_requests_and_connections,
+    ready_waits_for_certificate_and_snapshot,
+    log_level_changes_at_run_time_and_quitquitquit_drains,
+    spans_are_exported_over_otlp_and_linked_into_the_callers_trace,
+);

@@ -147,6 +147,11 @@ pub struct HandshakePermit {
     _slot: OwnedSemaphorePermit,
 }
 
+/// A handshake's place among its peer address's, held from accept until the
+/// handshake ends (while it waits for a slot, too).
+#[derive(Debug)]
+pub struct SourcePermit(ConnectionPermit);
+
 impl HandshakeLimits {
     /// At most `per_source` handshakes from one address and `max` in all.
     pub fn new(per_source: usize, max: usize) -> Self {
@@ -157,12 +162,12 @@ impl HandshakeLimits {
         }
     }
 
-    /// Admits a handshake from `source`: `None` (counted and logged) if that address
-    /// has too many under way; otherwise waits for a slot, which the caller bounds
-    /// with the handshake's deadline.
-    pub async fn admit(&self, source: IpAddr) -> Option<HandshakePermit> {
-        let source_permit = match self.per_source.try_admit(source) {
-            Ok(p) => p,
+    /// A place for a handshake from `source`, or `None` (counted and logged) if that
+    /// address has too many under way. Synchronous, so the accept loop can refuse a
+    /// flood from one address before spending a task or a TLS configuration on it.
+    pub fn admit_source(&self, source: IpAddr) -> Option<SourcePermit> {
+        match self.per_source.try_admit(source) {
+            Ok(p) => Some(SourcePermit(p)),
             Err(_) => {
                 limits::hit(
                     Limit::TunnelHandshakes,
@@ -171,9 +176,14 @@ impl HandshakeLimits {
                         self.per_source.per_source
                     ),
                 );
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// Waits for one of the `max` slots for an admitted source; the caller bounds
+    /// the wait with the handshake's deadline. `None` only if the slots are gone.
+    pub async fn slot(&self, source: SourcePermit) -> Option<HandshakePermit> {
         let slot = match self.slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
@@ -187,7 +197,12 @@ impl HandshakeLimits {
                 self.slots.clone().acquire_owned().await.ok()?
             }
         };
-        Some(HandshakePermit { _source: source_permit, _slot: slot })
+        Some(HandshakePermit { _source: source.0, _slot: slot })
+    }
+
+    /// [`Self::admit_source`], then [`Self::slot`].
+    pub async fn admit(&self, source: IpAddr) -> Option<HandshakePermit> {
+        self.slot(self.admit_source(source)?).await
     }
 
     /// Handshakes under way now.
@@ -278,6 +293,17 @@ mod tests {
         drop(a);
         let c = tokio::time::timeout(Duration::from_secs(5), hs.admit(ip(3))).await.unwrap();
         assert!(c.is_some(), "a finished handshake frees its slot");
+    }
+
+    #[tokio::test]
+    async fn a_source_waiting_for_a_slot_keeps_its_place_in_the_per_source_cap() {
+        let hs = HandshakeLimits::new(1, 1);
+        let running = hs.admit(ip(1)).await.unwrap();
+        let waiting = hs.admit_source(ip(2)).expect("another address is admitted");
+        assert!(hs.admit_source(ip(2)).is_none(), "its place is taken while it waits for a slot");
+        drop(running);
+        let _slot = tokio::time::timeout(Duration::from_secs(5), hs.slot(waiting)).await.unwrap().unwrap();
+        assert!(hs.admit_source(ip(2)).is_none(), "and while its handshake runs");
     }
 
     #[test]

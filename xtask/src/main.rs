@@ -1,11 +1,13 @@
 //! Developer tasks for the mesh workspace: `cargo xtask <task>`.
 
 mod bench;
+mod bench_handshakes;
 mod bench_l7;
 mod bench_observe;
 mod bench_pods;
 mod demo;
 mod ebpf;
+mod handshake_flood;
 mod release;
 mod setup;
 
@@ -111,6 +113,20 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Idle TLS handshakes flooding the server agent's tunnel port (from one and from
+    /// 32 source addresses) vs quiet: HTTP/1.1 through the mesh at 1k requests/s and
+    /// at the maximum rate, a newcomer's handshake wait, limit hits and RSS, one run.
+    Handshakes {
+        /// Duration of each load point.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Rounds of quiet and both floods (rotating order; medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Idle handshakes kept open during a flooded run.
+        #[arg(long, default_value_t = 1000)]
+        flood: usize,
+    },
     /// Pods on one node through the real CNI chain, each with its own identity: time
     /// from CNI ADD to the pod being served, and the agent's memory, both modes.
     Pods {
@@ -136,6 +152,9 @@ fn main() -> Result<()> {
         }
         Task::Bench { which: Bench::Observe { duration, connections, rounds } } => {
             bench_observe::run(&root, &bench_observe::Options { duration, connections, rounds })
+        }
+        Task::Bench { which: Bench::Handshakes { duration, rounds, flood } } => {
+            bench_handshakes::run(&root, &bench_handshakes::Options { duration, rounds, flood })
         }
         Task::Bench { which: Bench::Pods { pods } } => bench_pods::run(&root, &bench_pods::Options { pods }),
     }

@@ -28,7 +28,7 @@ use super::handshake::{HandshakeRuntime, TunnelIo};
 use super::io::TunnelStream;
 use super::{REASON_HEADER, h2_settings};
 use crate::identity::{ALPN_MESH_HTTP, SpiffeId, peer_identity_of_stream};
-use crate::limits::{ConnectionLimits, ConnectionPermit, HandshakeLimits};
+use crate::limits::{ConnectionLimits, ConnectionPermit, HandshakeLimits, SourcePermit};
 use crate::observe::limits::{self as limit_metrics, Limit};
 
 /// The server configuration to present on a connection accepted at the given local
@@ -231,10 +231,19 @@ impl TunnelServer {
                             let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
                             continue;
                         };
+                        // Over its address's handshake cap: reset here, before a task
+                        // or a TLS configuration is spent on it. This loop runs on the
+                        // data path's worker, and a flood from one address is mostly
+                        // such connections.
+                        let Some(source) = server.handshakes.admit_source(peer.ip()) else {
+                            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                            continue;
+                        };
                         // Small TLS records (request heads, window updates) must not
                         // wait for the peer's delayed ACK.
                         let _ = tcp.set_nodelay(true);
-                        connections.spawn(server.clone().serve_connection(tcp, peer, permit, shutdown.clone()));
+                        let conn = server.clone().serve_connection(tcp, peer, permit, source, shutdown.clone());
+                        connections.spawn(conn);
                     }
                     Err(e) => {
                         // Out of file descriptors, most likely: pause instead of spinning.
@@ -258,6 +267,7 @@ impl TunnelServer {
         tcp: TcpStream,
         peer_addr: SocketAddr,
         permit: ConnectionPermit,
+        source: SourcePermit,
         shutdown: CancellationToken,
     ) {
         let _permit = permit;
@@ -269,7 +279,7 @@ impl TunnelServer {
             return warn!(peer = %peer_addr, local = %local, "no tunnel identity for this address; closing");
         };
         let deadline = Instant::now() + self.handshake_timeout;
-        let (peer_id, tls) = match self.tls_handshake(tcp, peer_addr, config, deadline).await {
+        let (peer_id, tls) = match self.tls_handshake(tcp, peer_addr, source, config, deadline).await {
             Ok(accepted) => accepted,
             Err(e) => return debug!(peer = %peer_addr, error = %e, "tunnel handshake failed"),
         };
@@ -330,13 +340,15 @@ impl TunnelServer {
         while streams.join_next().await.is_some() {}
     }
 
-    /// The TLS handshake of a connection from `peer_addr`, within the handshake
-    /// limits and `deadline`, on the handshake runtime when there is one: the peer's
-    /// proven identity and the TLS stream, ready for this runtime.
+    /// The TLS handshake of a connection from `peer_addr` (admitted by its
+    /// address's cap: `source`), within the total cap and `deadline`, on the
+    /// handshake runtime when there is one: the peer's proven identity and the TLS
+    /// stream, ready for this runtime.
     async fn tls_handshake(
         &self,
         tcp: TcpStream,
         peer_addr: SocketAddr,
+        source: SourcePermit,
         config: Arc<ServerConfig>,
         deadline: Instant,
     ) -> Result<(SpiffeId, tokio_rustls::server::TlsStream<TunnelIo>), String> {
@@ -348,14 +360,11 @@ impl TunnelServer {
             );
             format!("{what} within {timeout:?}")
         };
-        let Ok(admitted) = tokio::time::timeout_at(deadline, self.handshakes.admit(peer_addr.ip())).await
-        else {
+        let Ok(admitted) = tokio::time::timeout_at(deadline, self.handshakes.slot(source)).await else {
             return Err(timed_out("found no handshake slot"));
         };
         let Some(_slot) = admitted else {
-            // Too many from this address: reset, as over any connection limit.
-            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-            return Err("too many handshakes under way from this address".into());
+            return Err("handshake slots closed".into());
         };
         metrics::gauge!(limit_metrics::TUNNEL_HANDSHAKES_IN_PROGRESS)
             .set(self.handshakes.in_progress() as f64);

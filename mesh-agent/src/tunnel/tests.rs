@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::identity::test_ca::TestCa;
 use crate::identity::{IdentityError, TlsConfigs, TokioClock, WorkloadIdentity};
+use crate::limits::HandshakeLimits;
 use crate::socket::SocketFactory;
 
 /// Guards waits on the network so a broken test fails instead of hanging.
@@ -51,6 +52,14 @@ impl Fixture {
     }
 
     async fn start_relaying(handshake_timeout: Duration, relay: Option<Relay>) -> Fixture {
+        Fixture::start_full(handshake_timeout, relay, HandshakeLimits::default()).await
+    }
+
+    async fn start_full(
+        handshake_timeout: Duration,
+        relay: Option<Relay>,
+        handshakes: HandshakeLimits,
+    ) -> Fixture {
         let ca = TestCa::new("cluster.local");
         let (cart, payments) = (ca.id("cart"), ca.id("payments"));
         let tls = TlsConfigs::new(ca.bundle(), Arc::new(TokioClock::new()));
@@ -72,6 +81,7 @@ impl Fixture {
         let (record_tx, records) = mpsc::unbounded_channel();
         let mut server = TunnelServer::new(server_tls, authorize, connect)
             .with_handshake_timeout(handshake_timeout)
+            .with_handshake_limits(handshakes)
             .with_on_close(Arc::new(move |record| {
                 let _ = record_tx.send(record);
             }));
@@ -316,6 +326,37 @@ async fn eight_mebibytes_cross_both_ways_intact() {
     within("writer", writer).await.unwrap();
     assert_eq!(received.len(), payload.len());
     assert!(received == payload, "echoed bytes differ");
+}
+
+/// A flood from one address costs the server the accept and the reset: connections
+/// over the address's handshake cap never reach the TLS setup (the accept loop runs
+/// on the data path's worker).
+#[tokio::test]
+async fn connections_over_an_address_handshake_cap_are_reset_before_tls_setup() {
+    let f = Fixture::start_full(PATIENCE, None, HandshakeLimits::new(2, 256)).await;
+    // Two silent connections hold the address's places.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(TcpStream::connect(f.server_addr).await.unwrap());
+    }
+    within("both at the TLS setup", async {
+        while f.accepted.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    for _ in 0..5 {
+        let mut over = TcpStream::connect(f.server_addr).await.unwrap();
+        let mut sink = Vec::new();
+        let read = within("the reset", over.read_to_end(&mut sink)).await;
+        assert!(read.is_err() || sink.is_empty(), "refused at once: {read:?}");
+    }
+    assert_eq!(f.accepted.load(Ordering::SeqCst), 2, "no TLS setup for the refused connections");
+    // Once they go, the address is admitted again.
+    drop(silent);
+    let pool = f.pool();
+    let mut stream = f.open(&pool, echo_server().await).await.unwrap();
+    round_trip(&mut stream, b"after the flood").await;
 }
 
 #[tokio::test]

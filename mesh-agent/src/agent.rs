@@ -693,10 +693,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         identities: identities.clone(),
         limits: connection_limits,
         handshakes: crate::mtls::Handshakes {
-            limits: crate::limits::HandshakeLimits::new(
-                crate::limits::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
-                args.max_tunnel_handshakes,
-            ),
+            limits: {
+                // Peer agents dial from their workloads' (or their own) addresses,
+                // which the routing table lists: they may use the reserved slots.
+                let table = routes.clone();
+                crate::limits::HandshakeLimits::new(
+                    crate::limits::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+                    args.max_tunnel_handshakes,
+                )
+                .with_known_peers(Arc::new(move |ip| table.table().is_mesh_peer(ip)))
+            },
             timeout: args.tunnel_handshake_timeout,
             runtime: match args.tunnel_handshake_threads {
                 0 => None,

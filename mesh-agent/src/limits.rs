@@ -132,12 +132,29 @@ impl Drop for ConnectionPermit {
 
 /// Handshakes under way on the tunnel port: a peer address may have a few (more are
 /// refused at once), all together at most a semaphore's worth (more wait for a slot
-/// within their handshake deadline).
-#[derive(Debug, Clone)]
+/// within their handshake deadline), plus a reserve that only addresses known as
+/// mesh peers may take, so that a flood of handshakes from elsewhere cannot keep a
+/// peer agent from opening a new tunnel connection.
+#[derive(Clone)]
 pub struct HandshakeLimits {
     per_source: Arc<ConnectionLimits>,
     slots: Arc<Semaphore>,
     max: usize,
+    reserve: Arc<Semaphore>,
+    reserved: usize,
+    known: KnownPeers,
+}
+
+/// Tells addresses of mesh peers (from the routing table) from others.
+pub type KnownPeers = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for HandshakeLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandshakeLimits")
+            .field("max", &self.max)
+            .field("reserved", &self.reserved)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A handshake's admission: held while the handshake runs.
@@ -150,16 +167,28 @@ pub struct HandshakePermit {
 /// A handshake's place among its peer address's, held from accept until the
 /// handshake ends (while it waits for a slot, too).
 #[derive(Debug)]
-pub struct SourcePermit(ConnectionPermit);
+pub struct SourcePermit(ConnectionPermit, IpAddr);
 
 impl HandshakeLimits {
-    /// At most `per_source` handshakes from one address and `max` in all.
+    /// At most `per_source` handshakes from one address and `max` in all, and a
+    /// quarter of `max` more for known peers (none are known until
+    /// [`HandshakeLimits::with_known_peers`]).
     pub fn new(per_source: usize, max: usize) -> Self {
+        let reserved = (max / 4).max(1);
         HandshakeLimits {
             per_source: ConnectionLimits::new(per_source, usize::MAX),
             slots: Arc::new(Semaphore::new(max.max(1))),
             max: max.max(1),
+            reserve: Arc::new(Semaphore::new(reserved)),
+            reserved,
+            known: Arc::new(|_| false),
         }
+    }
+
+    /// Addresses `known` says are mesh peers may also take the reserve.
+    pub fn with_known_peers(mut self, known: KnownPeers) -> Self {
+        self.known = known;
+        self
     }
 
     /// A place for a handshake from `source`, or `None` (counted and logged) if that
@@ -167,7 +196,7 @@ impl HandshakeLimits {
     /// flood from one address before spending a task or a TLS configuration on it.
     pub fn admit_source(&self, source: IpAddr) -> Option<SourcePermit> {
         match self.per_source.try_admit(source) {
-            Ok(p) => Some(SourcePermit(p)),
+            Ok(p) => Some(SourcePermit(p, source)),
             Err(_) => {
                 limits::hit(
                     Limit::TunnelHandshakes,
@@ -181,23 +210,31 @@ impl HandshakeLimits {
         }
     }
 
-    /// Waits for one of the `max` slots for an admitted source; the caller bounds
-    /// the wait with the handshake's deadline. `None` only if the slots are gone.
+    /// Waits for one of the `max` slots (or, for a known peer, of the reserve) for
+    /// an admitted source; the caller bounds the wait with the handshake's deadline.
+    /// `None` only if the slots are gone.
     pub async fn slot(&self, source: SourcePermit) -> Option<HandshakePermit> {
-        let slot = match self.slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
-            Err(_) => {
-                limits::hit(
-                    Limit::TunnelHandshakes,
-                    format_args!(
-                        "tunnel port: {} TLS handshakes under way; new ones wait for a slot",
-                        self.max
-                    ),
-                );
-                self.slots.clone().acquire_owned().await.ok()?
+        let SourcePermit(permit, ip) = source;
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Some(HandshakePermit { _source: permit, _slot: slot });
+        }
+        let known = (self.known)(ip);
+        if known && let Ok(slot) = self.reserve.clone().try_acquire_owned() {
+            return Some(HandshakePermit { _source: permit, _slot: slot });
+        }
+        limits::hit(
+            Limit::TunnelHandshakes,
+            format_args!("tunnel port: {} TLS handshakes under way; new ones wait for a slot", self.max),
+        );
+        let slot = if known {
+            tokio::select! {
+                s = self.slots.clone().acquire_owned() => s.ok()?,
+                s = self.reserve.clone().acquire_owned() => s.ok()?,
             }
+        } else {
+            self.slots.clone().acquire_owned().await.ok()?
         };
-        Some(HandshakePermit { _source: source.0, _slot: slot })
+        Some(HandshakePermit { _source: permit, _slot: slot })
     }
 
     /// [`Self::admit_source`], then [`Self::slot`].
@@ -207,7 +244,7 @@ impl HandshakeLimits {
 
     /// Handshakes under way now.
     pub fn in_progress(&self) -> usize {
-        self.max - self.slots.available_permits()
+        self.max - self.slots.available_permits() + self.reserved - self.reserve.available_permits()
     }
 }
 
@@ -304,6 +341,26 @@ mod tests {
         drop(running);
         let _slot = tokio::time::timeout(Duration::from_secs(5), hs.slot(waiting)).await.unwrap().unwrap();
         assert!(hs.admit_source(ip(2)).is_none(), "and while its handshake runs");
+    }
+
+    #[tokio::test]
+    async fn a_known_peer_gets_a_reserved_slot_when_a_flood_holds_the_others() {
+        let known = ip(9);
+        let hs = HandshakeLimits::new(8, 4).with_known_peers(Arc::new(move |a| a == known));
+        // A flood from other addresses holds every ordinary slot.
+        let mut flood = Vec::new();
+        for i in 0..4 {
+            flood.push(hs.admit(ip(i)).await.unwrap());
+        }
+        let stranger = tokio::time::timeout(Duration::from_millis(50), hs.admit(ip(7))).await;
+        assert!(stranger.is_err(), "an unknown address waits for an ordinary slot");
+        let _peer = tokio::time::timeout(Duration::from_millis(50), hs.admit(known))
+            .await
+            .expect("the known peer takes the reserve at once")
+            .expect("a slot");
+        assert_eq!(hs.in_progress(), 5);
+        let second = tokio::time::timeout(Duration::from_millis(50), hs.admit(known)).await;
+        assert!(second.is_err(), "the reserve (a quarter of 4: one) is bounded too");
     }
 
     #[test]

@@ -117,6 +117,10 @@ pub struct RouteTable {
     by_endpoint: HashMap<SocketAddr, Vec<(Arc<Route>, usize)>>,
     routes: Vec<Arc<Route>>,
     endpoint_count: usize,
+    /// Addresses tunnel connections from other agents come from: endpoints placed on
+    /// a node or behind an agent (an agent dials from its workload's address) and
+    /// the agents' own.
+    peer_ips: std::collections::HashSet<IpAddr>,
 }
 
 fn protocol_name(p: api::Protocol) -> &'static str {
@@ -211,7 +215,7 @@ impl RouteTable {
                         _ if e.port != 0 => port(&name, format!("endpoints[{ei}].port"), e.port)?,
                         _ => target_default,
                     };
-                    let agent_address = if e.agent_address.is_empty() {
+                    let agent_address: Option<SocketAddr> = if e.agent_address.is_empty() {
                         None
                     } else {
                         Some(e.agent_address.parse().map_err(|_| {
@@ -240,6 +244,13 @@ impl RouteTable {
                         })?))
                     };
                     let addr = SocketAddr::new(ip, target);
+                    // Workloads on the cluster's nodes: their agents dial from them.
+                    if agent_address.is_some() || !e.node.is_empty() {
+                        table.peer_ips.insert(ip.to_canonical());
+                    }
+                    if let Some(agent) = agent_address {
+                        table.peer_ips.insert(agent.ip().to_canonical());
+                    }
                     let locality = e.locality.clone().unwrap_or_default();
                     endpoints.push(EndpointTarget {
                         addr,
@@ -294,6 +305,13 @@ impl RouteTable {
             selecting.sort_by(|(a, _), (b, _)| a.service.cmp(&b.service).then(a.port.cmp(&b.port)));
         }
         Ok(table)
+    }
+
+    /// Whether `ip` is where a peer agent's tunnel connections come from (an endpoint
+    /// on a node or behind an agent, or an agent): the tunnel port keeps handshake
+    /// slots for these.
+    pub fn is_mesh_peer(&self, ip: IpAddr) -> bool {
+        self.peer_ips.contains(&ip.to_canonical())
     }
 
     /// The service port an intercepted connection to `dst` was meant for.
@@ -376,6 +394,20 @@ mod tests {
         assert!(t.by_addr("10.96.0.10:81".parse().unwrap()).is_none());
         assert!(t.by_host("Echo.default.svc.cluster.local.", 80).is_some());
         assert!(t.by_host("other", 80).is_none());
+    }
+
+    #[test]
+    fn mesh_peers_are_meshed_endpoints_and_their_agents() {
+        let mut s = snapshot();
+        s.services[0].endpoints[0].agent_address = "10.88.0.3:15008".into();
+        s.services[0].endpoints[0].identity = "spiffe://cluster.local/ns/default/sa/echo".into();
+        s.services[0].endpoints[1].node = "client".into();
+        let t = RouteTable::build(1, &s, 100).unwrap();
+        assert!(t.is_mesh_peer("10.77.0.3".parse().unwrap()), "the meshed endpoint");
+        assert!(t.is_mesh_peer("::ffff:10.88.0.3".parse().unwrap()), "its agent, in any form");
+        assert!(t.is_mesh_peer("10.77.0.4".parse().unwrap()), "a workload placed on a node");
+        assert!(!t.is_mesh_peer("10.77.0.5".parse().unwrap()), "an endpoint outside the cluster's nodes");
+        assert!(!t.is_mesh_peer("10.99.0.1".parse().unwrap()), "a stranger");
     }
 
     #[test]

@@ -120,6 +120,18 @@ impl HandshakeRuntime {
         Ok(HandshakeRuntime { runtime: Some(runtime) })
     }
 
+    /// Runs a tunnel listener's accept loop on this runtime; `false` if it has
+    /// stopped. The loop registers its listener when first polled, so it is this
+    /// runtime's reactor that wakes it.
+    pub fn spawn_acceptor<F>(&self, acceptor: F) -> bool
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let Some(runtime) = self.runtime.as_ref() else { return false };
+        runtime.spawn(acceptor);
+        true
+    }
+
     /// Runs `handshake` over `tcp` on this runtime and hands the result back rebound
     /// to the caller's runtime: `handshake` gets the socket registered here, and
     /// whatever [`TunnelIo`] it returns (inside a TLS stream) is rebound by `rebind`.

@@ -31,6 +31,18 @@ use crate::identity::{ALPN_MESH_HTTP, SpiffeId, peer_identity_of_stream};
 use crate::limits::{ConnectionLimits, ConnectionPermit, HandshakeLimits, SourcePermit};
 use crate::observe::limits::{self as limit_metrics, Limit};
 
+/// Admitted connections waiting for the serving side to take them; the acceptor
+/// waits (and the kernel's backlog holds further connections) when it is full.
+const ACCEPT_QUEUE: usize = 64;
+
+/// A connection the acceptor let in, with its places under the caps.
+struct Admitted {
+    tcp: std::net::TcpStream,
+    peer: SocketAddr,
+    permit: ConnectionPermit,
+    source: SourcePermit,
+}
+
 /// The server configuration to present on a connection accepted at the given local
 /// address (the identity of the workloads behind it); `None` closes the connection.
 pub type ServerTls = Arc<dyn Fn(SocketAddr) -> Option<Arc<ServerConfig>> + Send + Sync>;
@@ -219,47 +231,101 @@ impl TunnelServer {
     /// Serves `listener` until `shutdown` is cancelled; then stops accepting, sends
     /// GOAWAY on every connection and returns once their streams have finished.
     /// Bound the drain by dropping the future (it aborts what is left).
+    ///
+    /// With a handshake runtime, connections are accepted (and floods refused) on
+    /// it too, so a flood of connections to the tunnel port never reaches the data
+    /// path's worker: only admitted ones come over, through a short queue.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
         let server = Arc::new(self);
+        let (admitted_tx, mut admitted) = tokio::sync::mpsc::channel::<Admitted>(ACCEPT_QUEUE);
+        let listener = match listener.into_std() {
+            Ok(listener) => listener,
+            Err(e) => return warn!(error = %e, "tunnel listener unusable; not serving"),
+        };
+        let acceptor = server.clone().accept(listener, admitted_tx, shutdown.clone());
+        let on_handshake_runtime = match &server.handshake_runtime {
+            Some(runtime) => runtime.spawn_acceptor(acceptor),
+            None => {
+                tokio::spawn(acceptor);
+                true
+            }
+        };
+        if !on_handshake_runtime {
+            return warn!("tunnel listener could not move to the handshake runtime; not serving");
+        }
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        let Some(permit) = server.limits.admit(peer.ip(), "tunnel listener") else {
-                            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-                            continue;
-                        };
-                        // Over its address's handshake cap: reset here, before a task
-                        // or a TLS configuration is spent on it. This loop runs on the
-                        // data path's worker, and a flood from one address is mostly
-                        // such connections.
-                        let Some(source) = server.handshakes.admit_source(peer.ip()) else {
-                            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-                            continue;
-                        };
-                        // Small TLS records (request heads, window updates) must not
-                        // wait for the peer's delayed ACK.
-                        let _ = tcp.set_nodelay(true);
-                        let conn = server.clone().serve_connection(tcp, peer, permit, source, shutdown.clone());
-                        connections.spawn(conn);
-                    }
-                    Err(e) => {
-                        // Out of file descriptors, most likely: pause instead of spinning.
-                        warn!(error = %e, "tunnel listener accept failed");
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                next = admitted.recv() => match next {
+                    Some(a) => match TcpStream::from_std(a.tcp) {
+                        Ok(tcp) => {
+                            let conn = server.clone().serve_connection(tcp, a.peer, a.permit, a.source, shutdown.clone());
+                            connections.spawn(conn);
                         }
-                    }
+                        Err(e) => debug!(peer = %a.peer, error = %e, "tunnel connection lost between runtimes"),
+                    },
+                    None => break,
                 },
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
             }
         }
-        drop(listener);
+        drop(admitted);
         info!(connections = connections.len(), "tunnel server draining");
         while connections.join_next().await.is_some() {}
+    }
+
+    /// Accepts connections until `shutdown` (then drops the listener, closing the
+    /// port), refusing those over the connection or handshake caps at once and
+    /// passing the others on.
+    async fn accept(
+        self: Arc<Self>,
+        listener: std::net::TcpListener,
+        admitted: tokio::sync::mpsc::Sender<Admitted>,
+        shutdown: CancellationToken,
+    ) {
+        // Registered with the reactor of the runtime this runs on.
+        let listener = match TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(e) => return warn!(error = %e, "tunnel listener unusable; not serving"),
+        };
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = admitted.closed() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, most likely: pause instead of spinning.
+                    warn!(error = %e, "tunnel listener accept failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                    continue;
+                }
+            };
+            let Some(permit) = self.limits.admit(peer.ip(), "tunnel listener") else {
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                continue;
+            };
+            // Over its address's handshake cap: reset here, before a task or a TLS
+            // configuration is spent on it (a flood from one address is mostly such
+            // connections).
+            let Some(source) = self.handshakes.admit_source(peer.ip()) else {
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                continue;
+            };
+            // Small TLS records (request heads, window updates) must not wait for the
+            // peer's delayed ACK.
+            let _ = tcp.set_nodelay(true);
+            let Ok(tcp) = tcp.into_std() else { continue };
+            if admitted.send(Admitted { tcp, peer, permit, source }).await.is_err() {
+                break;
+            }
+        }
     }
 
     async fn serve_connection(

@@ -52,13 +52,14 @@ impl Fixture {
     }
 
     async fn start_relaying(handshake_timeout: Duration, relay: Option<Relay>) -> Fixture {
-        Fixture::start_full(handshake_timeout, relay, HandshakeLimits::default()).await
+        Fixture::start_full(handshake_timeout, relay, HandshakeLimits::default(), None).await
     }
 
     async fn start_full(
         handshake_timeout: Duration,
         relay: Option<Relay>,
         handshakes: HandshakeLimits,
+        runtime: Option<Arc<super::HandshakeRuntime>>,
     ) -> Fixture {
         let ca = TestCa::new("cluster.local");
         let (cart, payments) = (ca.id("cart"), ca.id("payments"));
@@ -87,6 +88,9 @@ impl Fixture {
             }));
         if let Some(relay) = relay {
             server = server.with_relay(relay);
+        }
+        if let Some(runtime) = runtime {
+            server = server.with_handshake_runtime(runtime);
         }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server_addr = listener.local_addr().unwrap();
@@ -201,6 +205,32 @@ async fn a_peer_that_answered_and_reset_with_no_error_ends_the_stream_cleanly() 
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(failed, "a CANCEL reset must surface as an error");
+}
+
+/// With a handshake runtime the listener's accept loop runs there too: streams are
+/// served as without one, and shutdown still closes the port.
+#[tokio::test]
+async fn a_server_accepting_on_the_handshake_runtime_serves_and_closes_its_port_at_shutdown() {
+    let runtime = Arc::new(super::HandshakeRuntime::new(1).unwrap());
+    let f =
+        Fixture::start_full(Duration::from_secs(10), None, HandshakeLimits::default(), Some(runtime)).await;
+    let echo = echo_server().await;
+    let pool = f.pool();
+    let mut stream = f.open(&pool, echo).await.unwrap();
+    round_trip(&mut stream, b"accepted on the handshake runtime").await;
+    drop(stream);
+    f.shutdown.cancel();
+    within("drain", f.served).await.unwrap();
+    let closed = within("port closed", async {
+        loop {
+            match TcpStream::connect(f.server_addr).await {
+                Err(e) => break e,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed.kind(), std::io::ErrorKind::ConnectionRefused, "{closed}");
 }
 
 #[tokio::test]
@@ -333,7 +363,7 @@ async fn eight_mebibytes_cross_both_ways_intact() {
 /// on the data path's worker).
 #[tokio::test]
 async fn connections_over_an_address_handshake_cap_are_reset_before_tls_setup() {
-    let f = Fixture::start_full(PATIENCE, None, HandshakeLimits::new(2, 256)).await;
+    let f = Fixture::start_full(PATIENCE, None, HandshakeLimits::new(2, 256), None).await;
     // Two silent connections hold the address's places.
     let mut silent = Vec::new();
     for _ in 0..2 {

@@ -309,7 +309,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     println!("[2/3] starting the control plane, two agents (eBPF mode, mTLS) and the server");
     let bench = Bench::start("l7bench")?;
     let agents = bench.agents(|_| Vec::new())?;
-    let haproxies = haproxies(&bench.lab, bench.dir.path())?;
+    let haproxies = haproxies(&bench.lab, bench.dir.path(), None)?;
     let load = |host: &str, http2: bool, rps: u32, duration: Duration| {
         bench.load(host, http2, rps, duration, opts.connections)
     };
@@ -459,7 +459,7 @@ const HAPROXY_H1: u16 = 18080;
 const HAPROXY_H2: u16 = 18081;
 /// HAProxy's mutual-TLS listeners on `server` (this port for nginx's HTTP/1.1, the
 /// next for its HTTP/2).
-const HAPROXY_TLS: u16 = 18443;
+pub(crate) const HAPROXY_TLS: u16 = 18443;
 /// The plain TCP relays' listeners on `client` (to nginx's HTTP/1.1 and HTTP/2),
 /// and on `server` (this port and the next).
 const RELAY_H1: u16 = 19080;
@@ -530,7 +530,13 @@ fn relay_conf(name: &str, routes: [(u16, String); 2]) -> String {
 /// `server` over mutual TLS with HTTP/2; `server` sends to nginx over kept-alive
 /// connections in the client's HTTP version. One thread each, no logs. The same
 /// processes also relay plain TCP on the `RELAY_*` ports: the hops' own cost.
-fn haproxies(lab: &Lab, dir: &Path) -> Result<(KillOnDrop, KillOnDrop)> {
+/// `handshake_timeout`: the `server` side's `timeout client` on its mutual-TLS
+/// listeners (HAProxy 2.6 bounds a TLS handshake by it; default 60 s).
+pub(crate) fn haproxies(
+    lab: &Lab,
+    dir: &Path,
+    handshake_timeout: Option<Duration>,
+) -> Result<(KillOnDrop, KillOnDrop)> {
     let dir = dir.join("haproxy");
     std::fs::create_dir_all(&dir)?;
     haproxy_certs(&dir)?;
@@ -548,9 +554,11 @@ fn haproxies(lab: &Lab, dir: &Path) -> Result<(KillOnDrop, KillOnDrop)> {
          {}",
         relay_conf("relay_out", [(RELAY_H1, relay_h1.to_string()), (RELAY_H2, relay_h2.to_string())])
     );
+    let tunnel_timeout =
+        handshake_timeout.map(|t| format!("  timeout client {}ms\n", t.as_millis())).unwrap_or_default();
     let server_conf = format!(
-        "{common}frontend tunnel_h1\n  bind :{HAPROXY_TLS} ssl crt {d}/server.pem ca-file {d}/ca.crt verify required alpn h2\n  default_backend app_h1\n\n\
-         frontend tunnel_h2\n  bind :{} ssl crt {d}/server.pem ca-file {d}/ca.crt verify required alpn h2\n  default_backend app_h2\n\n\
+        "{common}frontend tunnel_h1\n  bind :{HAPROXY_TLS} ssl crt {d}/server.pem ca-file {d}/ca.crt verify required alpn h2\n{tunnel_timeout}  default_backend app_h1\n\n\
+         frontend tunnel_h2\n  bind :{} ssl crt {d}/server.pem ca-file {d}/ca.crt verify required alpn h2\n{tunnel_timeout}  default_backend app_h2\n\n\
          backend app_h1\n  server nginx 127.0.0.1:{HTTP}\n\n\
          backend app_h2\n  server nginx 127.0.0.1:{H2} proto h2\n\n\
          {}",
@@ -613,6 +621,13 @@ fn nginx(host: &mesh_tests::Host, dir: &Path) -> Result<KillOnDrop> {
 
 /// A child process killed when the benchmark ends, however it ends.
 pub(crate) struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    /// The child's process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

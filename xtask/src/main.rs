@@ -116,11 +116,13 @@ enum Bench {
     /// Idle TLS handshakes flooding the server agent's tunnel port (from one and from
     /// 32 source addresses) vs quiet: HTTP/1.1 through the mesh at 1k requests/s and
     /// at the maximum rate, a newcomer's handshake wait, limit hits and RSS, one run.
+    /// Controls in the same run: the flood on a bystander (a HAProxy's TLS port on the
+    /// server host), and the load through a HAProxy pair, quiet and flooded.
     Handshakes {
         /// Duration of each load point.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
-        /// Rounds of quiet and both floods (rotating order; medians are reported).
+        /// Rounds of every run (rotating order; medians are reported).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
         /// Idle handshakes kept open during a flooded run.

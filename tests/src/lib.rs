@@ -6,6 +6,7 @@
 //! and every name carries the test process id so parallel tests never collide.
 
 pub mod agent;
+pub mod attacker;
 pub mod bins;
 pub mod capture;
 pub mod cgroup;

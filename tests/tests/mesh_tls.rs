@@ -9,6 +9,7 @@ use std::{sync::Arc, time::Duration};
 use mesh_tests::{
     Agent, Host, MeshLab,
     agent::message,
+    attacker::AnyServer,
     capture::{Capture, contains},
     eventually, servers,
 };
@@ -203,42 +204,6 @@ fn leaf(
     (vec![cert.der().clone()], der)
 }
 
-/// Accepts any server: these tests are about what the *server* agent refuses.
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// Connects from `host` to the tunnel port presenting `chain`, sends the HTTP/2
 /// preface and reads: `Ok(n)` bytes of the server's answer, or the error (a TLS
 /// alert) that ended the connection.
@@ -249,12 +214,13 @@ fn present(
 ) -> Result<usize, String> {
     use std::io::{Read, Write};
     host.run_in(move || {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        // Any server: these tests are about what the *server* agent refuses.
+        let verifier = AnyServer::new();
+        let mut config = rustls::ClientConfig::builder_with_provider(verifier.provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+            .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(chain, key)
             .unwrap();
         config.alpn_protocols = vec![b"h2".to_vec()];

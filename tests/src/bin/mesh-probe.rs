@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use mesh_tests::attacker::pseudo_random;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -138,19 +139,6 @@ fn connect(cli: &Cli) -> Result<TcpStream> {
     s.set_write_timeout(Some(cli.timeout))?;
     s.set_nodelay(true)?;
     Ok(s)
-}
-
-/// xorshift64*: deterministic bytes without a dependency.
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.max(1);
-    (0..len)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
-        })
-        .collect()
 }
 
 fn hex(bytes: &[u8]) -> String {

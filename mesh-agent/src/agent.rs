@@ -707,7 +707,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             runtime: match args.tunnel_handshake_threads {
                 0 => None,
                 n => Some(Arc::new(
-                    crate::tunnel::HandshakeRuntime::new(n)
+                    crate::tunnel::HandshakeRuntime::new(n, args.tunnel_handshake_nice)
                         .map_err(|e| anyhow::anyhow!("--tunnel-handshake-threads: {e}"))?,
                 )),
             },

@@ -433,6 +433,13 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_TUNNEL_HANDSHAKE_THREADS", default_value_t = 1)]
     pub tunnel_handshake_threads: usize,
 
+    /// How much lower the handshake threads' CPU priority is than the agent's, in nice
+    /// steps (0 to 19): when the node's CPU is busy, a
+    /// flood of handshakes yields it to established traffic instead of sharing it
+    /// equally; on an idle CPU handshakes run at full speed all the same.
+    #[arg(long, env = "MESH_TUNNEL_HANDSHAKE_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub tunnel_handshake_nice: i32,
+
     /// Lifetime to request for workload certificates (default: the CA's).
     #[arg(long, env = "MESH_CERT_TTL", value_parser = humantime::parse_duration)]
     pub cert_ttl: Option<Duration>,

@@ -110,11 +110,22 @@ pub struct HandshakeRuntime {
 }
 
 impl HandshakeRuntime {
-    /// A runtime with `threads` workers named `mesh-handshake`.
-    pub fn new(threads: usize) -> io::Result<HandshakeRuntime> {
+    /// A runtime with `threads` workers named `mesh-handshake`, each `nice` steps
+    /// below the agent's CPU priority (0 keeps it). A higher nice value lets established traffic
+    /// take the CPU first while a flood keeps the handshake threads busy: the
+    /// scheduler weighs a nice-10 thread at about a tenth of a nice-0 one, so
+    /// handshakes still progress under full load, and use all the CPU that is idle.
+    pub fn new(threads: usize, nice: i32) -> io::Result<HandshakeRuntime> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("mesh-handshake")
+            .on_thread_start(move || {
+                if nice != 0
+                    && let Err(e) = lower_this_thread(nice)
+                {
+                    tracing::warn!(nice, error = %e, "handshake thread keeps the agent's CPU priority");
+                }
+            })
             .enable_all()
             .build()?;
         Ok(HandshakeRuntime { runtime: Some(runtime) })
@@ -162,6 +173,27 @@ impl Drop for HandshakeRuntime {
     }
 }
 
+/// Raises the calling thread's nice value by `by` (to at most 19). Linux keeps nice
+/// per thread, so the agent's other threads are left as they are; raising it needs
+/// no privilege.
+fn lower_this_thread(by: i32) -> io::Result<()> {
+    // SAFETY: gettid, getpriority and setpriority take plain integers and touch no
+    // memory of ours; errno is read right after the call that may set it.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        // -1 is a valid nice value: only errno tells a failure apart.
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if now == -1 && *libc::__errno_location() != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::setpriority(libc::PRIO_PROCESS, tid, (now + by).min(19)) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// What a handshake on a [`HandshakeRuntime`] returns: it holds the [`TunnelIo`]
 /// to rebind.
 pub trait Rebind {
@@ -192,6 +224,23 @@ mod tests {
 
     use super::*;
 
+    fn this_thread_nice() -> i32 {
+        // SAFETY: plain integers in and out.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[tokio::test]
+    async fn handshake_threads_run_at_their_nice_value_and_the_callers_keep_theirs() {
+        let before = this_thread_nice();
+        let pool = HandshakeRuntime::new(2, 7).unwrap();
+        let rt = pool.runtime.as_ref().unwrap();
+        let on_pool = rt.spawn(async { this_thread_nice() }).await.unwrap();
+        let blocking = rt.spawn_blocking(this_thread_nice).await.unwrap();
+        assert_eq!(on_pool, (before + 7).min(19), "a handshake worker's nice value");
+        assert_eq!(blocking, (before + 7).min(19), "a handshake blocking thread's nice value");
+        assert_eq!(this_thread_nice(), before, "the caller's thread is left as it was");
+    }
+
     #[tokio::test]
     async fn a_socket_moved_to_the_handshake_runtime_and_back_keeps_its_bytes() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -205,7 +254,7 @@ mod tests {
             back
         });
         let (tcp, _) = listener.accept().await.unwrap();
-        let pool = HandshakeRuntime::new(1).unwrap();
+        let pool = HandshakeRuntime::new(1, 0).unwrap();
         let main_thread = std::thread::current().id();
         let (thread, mut io) = pool
             .run(tcp, |mut io| async move {

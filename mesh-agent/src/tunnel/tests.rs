@@ -211,7 +211,7 @@ async fn a_peer_that_answered_and_reset_with_no_error_ends_the_stream_cleanly() 
 /// served as without one, and shutdown still closes the port.
 #[tokio::test]
 async fn a_server_accepting_on_the_handshake_runtime_serves_and_closes_its_port_at_shutdown() {
-    let runtime = Arc::new(super::HandshakeRuntime::new(1).unwrap());
+    let runtime = Arc::new(super::HandshakeRuntime::new(1, 0).unwrap());
     let f =
         Fixture::start_full(Duration::from_secs(10), None, HandshakeLimits::default(), Some(runtime)).await;
     let echo = echo_server().await;

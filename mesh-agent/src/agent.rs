@@ -612,7 +612,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let per_cgroup = !args.intercept_all;
     let (mut interceptor, mode_reason) = {
         let (mode, settings) = (args.mode, settings.clone());
-        tokio::task::spawn_blocking(move || Interceptor::start(mode, &settings, per_cgroup)).await??
+        tokio::task::spawn_blocking(move || {
+            let started = Interceptor::start(mode, &settings, per_cgroup);
+            // Loading the eBPF object parsed the kernel's BTF: return that burst now
+            // rather than when this blocking thread retires (see memory.rs).
+            crate::memory::return_freed();
+            started
+        })
+        .await??
     };
     let mode = interceptor.mode();
     info!(%mode, reason = %mode_reason, "interception mode selected");

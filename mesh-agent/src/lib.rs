@@ -22,6 +22,7 @@ pub mod intercept;
 pub mod l7;
 pub mod limits;
 pub mod listener;
+pub mod memory;
 pub mod mtls;
 pub mod observe;
 pub mod orig_dst;

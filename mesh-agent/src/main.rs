@@ -141,11 +141,33 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `errno` of [`mesh_agent::memory::keep_small`] when it ran before `main`; 0 if it
+/// succeeded.
+static KEEP_SMALL_ERRNO: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Runs `keep_small` as a constructor, before anything in the process allocates
+/// (by `main`, the allocator's first pages would already be huge).
+#[used]
+#[unsafe(link_section = ".init_array")]
+static KEEP_SMALL: extern "C" fn() = {
+    extern "C" fn keep_small() {
+        KEEP_SMALL_ERRNO.store(mesh_agent::memory::keep_small(), std::sync::atomic::Ordering::Relaxed);
+    }
+    keep_small
+};
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
             init_logging(args.log_format, &args.log)?;
+            match KEEP_SMALL_ERRNO.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => {}
+                errno => tracing::warn!(
+                    error = %std::io::Error::from_raw_os_error(errno),
+                    "transparent huge pages stay on for the agent (a few MiB more resident)"
+                ),
+            }
             // One worker: the current-thread scheduler, which wakes tasks without the
             // work-stealing machinery (atomics, cross-thread notifications) a single
             // worker never uses. Blocking work still goes to the blocking pool.

@@ -417,7 +417,7 @@ fn render(samples: &[Sample], opts: &Options, rss_start: u64, rss_end: u64) -> S
         "`cargo xtask bench handshakes --duration {}s --rounds {} --flood {}` on {} ({} CPUs). The `bench l7` lab: \
          client agent -> mTLS tunnel -> server agent -> nginx, both agents in eBPF mode with the default limits \
          (`--max-tunnel-handshakes 256`, 32 per peer address, `--tunnel-handshake-timeout 5s`, \
-         `--tunnel-handshake-threads 1`). Agent flooded: {} connections to the server agent's port {TUNNEL_PORT} from \
+         `--tunnel-handshake-threads 1` at `--tunnel-handshake-nice 10`). Agent flooded: {} connections to the server agent's port {TUNNEL_PORT} from \
          the `direct` host (no agent), each sends a TLS 1.3 ClientHello and then nothing; a connection the server \
          closes is opened again (at most once a second per connection). The same agents serve every run; rounds \
          rotate the order. HTTP/1.1, {CONNECTIONS} connections; 1k rps is open loop (latency from each request's \

@@ -217,13 +217,9 @@ impl ThreadCpu {
     }
 }
 
+/// The process's resident memory, read by the test crate's reader.
 fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS in /proc/PID/status")
+    mesh_tests::process::Memory::of(pid).map(|m| m.rss_kib).context("VmRSS in /proc/PID/status")
 }
 
 /// The server agent's `/metrics`: limit hits by limit, and the handshakes in progress.

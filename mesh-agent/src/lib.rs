@@ -14,6 +14,7 @@ pub mod cgroup;
 pub mod cidr;
 pub mod config;
 pub mod control_channel;
+pub mod copy;
 pub mod discovery;
 pub mod forward;
 pub mod identity;

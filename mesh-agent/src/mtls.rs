@@ -11,7 +11,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncWriteExt, copy_bidirectional},
+    io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
 };
 use tokio_util::sync::CancellationToken;
@@ -109,7 +109,7 @@ pub async fn forward(
             tunnel.write_all(&sniffed).await?;
         }
         // Every byte relayed goes through the client's socket.
-        copy_bidirectional(&mut idle::Marked::new(&mut client, &activity), &mut tunnel).await
+        crate::copy::bidirectional(&mut idle::Marked::new(&mut client, &activity), &mut tunnel).await
     };
     let (up, down, idle_timeout) = match idle::watch(relay, &activity, ctx.tcp_idle_timeout).await {
         Some(Ok((up, down))) => (up + sniffed.len() as u64, down, false),

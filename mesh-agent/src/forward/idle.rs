@@ -55,6 +55,8 @@ impl<'a, T> Marked<'a, T> {
     }
 }
 
+impl<T: AsyncRead + AsyncWrite + Unpin> crate::copy::Chunked for Marked<'_, T> {}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Marked<'_, T> {
     fn poll_read(
         mut self: Pin<&mut Self>,

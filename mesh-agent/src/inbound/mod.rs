@@ -29,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, copy_bidirectional};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::forward::idle;
@@ -73,7 +73,7 @@ pub async fn relay<C>(
     idle_timeout: Option<Duration>,
 ) -> Relayed
 where
-    C: AsyncRead + AsyncWrite + Unpin,
+    C: crate::copy::Chunked,
 {
     let activity = idle::Activity::default();
     // Every byte relayed goes through the workload's socket: marked there, counted there.
@@ -84,7 +84,7 @@ where
             if !prefix.is_empty() {
                 counted.write_all(prefix).await?;
             }
-            copy_bidirectional(caller, &mut counted).await
+            crate::copy::bidirectional(caller, &mut counted).await
         };
         idle::watch(relay, &activity, idle_timeout).await
     };
@@ -120,6 +120,8 @@ impl<T> Counted<T> {
     }
 }
 
+impl<T: AsyncRead + AsyncWrite + Unpin> crate::copy::Chunked for Counted<T> {}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -144,6 +146,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
             self.written.fetch_add(*n as u64, Ordering::Relaxed);
         }
         r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -133,23 +133,54 @@ impl AsyncWrite for TunnelStream {
         if this.write_closed {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel write half is shut")));
         }
-        let want = buf.len().min(MAX_WRITE);
-        this.send.reserve_capacity(want);
-        // Capacity left over from an earlier grant is usable at once; poll_capacity
-        // wakes only when the grant grows.
-        let granted = match this.send.capacity() {
-            0 => match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(n)) => n.min(want),
-                Some(Err(e)) => return Poll::Ready(this.refused_write(cx, Some(e), buf.len())),
-                None => return Poll::Ready(this.refused_write(cx, None, buf.len())),
-            },
-            n => n.min(want),
+        let granted = match ready!(this.poll_grant(cx, buf.len())) {
+            Ok(n) => n,
+            Err(e) => return Poll::Ready(this.refused_write(cx, e, buf.len())),
         };
         if let Err(e) = this.send.send_data(Bytes::copy_from_slice(&buf[..granted]), false) {
             return Poll::Ready(this.refused_write(cx, Some(e), buf.len()));
         }
         this.sent += granted as u64;
         Poll::Ready(Ok(granted))
+    }
+
+    /// hyper hands a response's head and body chunks over as one vectored write; taking
+    /// them so (one copy into one DATA chunk) spares hyper from first flattening them
+    /// into a buffer of its own, a copy of every body byte.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        if this.write_closed {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel write half is shut")));
+        }
+        let granted = match ready!(this.poll_grant(cx, total)) {
+            Ok(n) => n,
+            Err(e) => return Poll::Ready(this.refused_write(cx, e, total)),
+        };
+        let mut data = bytes::BytesMut::with_capacity(granted);
+        for b in bufs {
+            let room = granted - data.len();
+            if room == 0 {
+                break;
+            }
+            data.extend_from_slice(&b[..b.len().min(room)]);
+        }
+        if let Err(e) = this.send.send_data(data.freeze(), false) {
+            return Poll::Ready(this.refused_write(cx, Some(e), total));
+        }
+        this.sent += granted as u64;
+        Poll::Ready(Ok(granted))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     /// h2's connection task writes and flushes frames as soon as they are queued.
@@ -174,6 +205,23 @@ impl AsyncWrite for TunnelStream {
 }
 
 impl TunnelStream {
+    /// Waits until the peer's window lets at least one of `len` bytes go, and says
+    /// how many may (at most [`MAX_WRITE`]). `Err` carries h2's refusal, if it gave one.
+    fn poll_grant(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<Result<usize, Option<h2::Error>>> {
+        let want = len.min(MAX_WRITE);
+        self.send.reserve_capacity(want);
+        // Capacity left over from an earlier grant is usable at once; poll_capacity
+        // wakes only when the grant grows.
+        Poll::Ready(match self.send.capacity() {
+            0 => match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(n)) => Ok(n.min(want)),
+                Some(Err(e)) => Err(Some(e)),
+                None => Err(None),
+            },
+            n => Ok(n.min(want)),
+        })
+    }
+
     /// The result of a write h2 refused: dropped as written if the peer finished the
     /// stream (see [`TunnelStream::finished_by_peer`]), else the error.
     fn refused_write(
@@ -186,5 +234,50 @@ impl TunnelStream {
             return Ok(len);
         }
         Err(self.send_error(cx, err))
+    }
+}
+
+/// The tunnel hands out h2's own chunks and sends the relay's as they are: no copy
+/// on either side of a relay through it (see [`crate::copy`]).
+impl crate::copy::Chunked for TunnelStream {
+    fn poll_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        _buf: &mut bytes::BytesMut,
+        _want: usize,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        let chunk = if self.pending.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => data,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => {
+                    self.read_eof = true;
+                    return Poll::Ready(Ok(None));
+                }
+            }
+        } else {
+            std::mem::take(&mut self.pending)
+        };
+        self.received += chunk.len() as u64;
+        // The relay writes this chunk out before it asks for the next one, so at most
+        // one chunk per stream is held beyond the window.
+        let _ = self.recv.flow_control().release_capacity(chunk.len());
+        Poll::Ready(Ok(Some(chunk)))
+    }
+
+    fn poll_send_chunk(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel write half is shut")));
+        }
+        let len = chunk.len();
+        let granted = match ready!(self.poll_grant(cx, len)) {
+            Ok(n) => n,
+            Err(e) => return Poll::Ready(self.refused_write(cx, e, len).map(|_| chunk.clear())),
+        };
+        if let Err(e) = self.send.send_data(chunk.split_to(granted), false) {
+            return Poll::Ready(self.refused_write(cx, Some(e), len).map(|_| chunk.clear()));
+        }
+        self.sent += granted as u64;
+        Poll::Ready(Ok(()))
     }
 }

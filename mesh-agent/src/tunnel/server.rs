@@ -121,9 +121,6 @@ pub struct TunnelRecord {
     pub error: Option<String>,
 }
 
-/// Buffer per relay direction; bounds a stream's memory on this side.
-const RELAY_BUFFER: usize = 64 * 1024;
-
 /// The status a [`TunnelRecord`] carries for a stream the peer reset before it was
 /// answered (nothing was sent; as nginx's 499, "client closed request").
 pub const RESET_BY_PEER: u16 = 499;
@@ -519,9 +516,7 @@ impl TunnelServer {
             let (bytes_in, bytes_out, error) = relay(info, tunnel, upstream).await;
             return self.closed(record(StatusCode::OK, bytes_in, bytes_out, error));
         }
-        let relayed =
-            tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut upstream, RELAY_BUFFER, RELAY_BUFFER)
-                .await;
+        let relayed = crate::copy::bidirectional(&mut tunnel, &mut upstream).await;
         let error = match relayed {
             Ok(_) => None,
             Err(e) => {

@@ -66,9 +66,9 @@ pub async fn serve(
         _ => None,
     };
     if let Some(version) = marked {
-        // Requests go through the pool; the connection made to admit the stream is
-        // not needed.
-        drop(workload);
+        // Requests go through the pool, which takes the connection made to admit the
+        // stream.
+        adopt(streams, info.target, version, workload).await;
         return http(streams, &info, decision, version, bytes::Bytes::new(), tunnel, true).await;
     }
     let start = Instant::now();
@@ -80,7 +80,7 @@ pub async fn serve(
     match first {
         Ok(First::Http(version, bytes)) => {
             debug!(peer_identity = %peer, target = %info.target, "HTTP in a stream sent as bytes: served per request");
-            drop(workload);
+            adopt(streams, info.target, version, workload).await;
             http(streams, &info, decision, version, bytes.freeze(), tunnel, false).await
         }
         Ok(First::Opaque(bytes, protocol)) => {
@@ -108,6 +108,16 @@ pub async fn serve(
             tunnel.reset();
             (0, 0, Some(format!("reading the stream: {e}")))
         }
+    }
+}
+
+/// Hands the connection made to admit a stream that carries HTTP/1 to the upstream
+/// pool, so its first request does not connect again (a `Connection: close` client
+/// through a TCP port would otherwise cost the workload two connections per request).
+/// HTTP/2 upstreams are multiplexed: the pool has its own, and this one closes.
+async fn adopt(streams: &Streams, target: SocketAddr, version: Version, workload: TcpStream) {
+    if version == Version::Http1 {
+        streams.shared.upstreams.adopt_h1(target, workload).await;
     }
 }
 

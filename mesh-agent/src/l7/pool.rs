@@ -196,6 +196,25 @@ impl<S> Idle<S> {
     }
 }
 
+/// An HTTP/1 client connection over `io`; its task holds `permit` until it ends.
+async fn h1_over(
+    endpoint: SocketAddr,
+    io: UpstreamIo,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<http1::SendRequest<Body>, SendError> {
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| SendError::Connect { endpoint, message: e.to_string() })?;
+    tokio::spawn(async move {
+        let _permit = permit;
+        if let Err(e) = conn.with_upgrades().await {
+            debug!(endpoint = %endpoint, error = %e, "upstream HTTP/1 connection ended");
+        }
+    });
+    Ok(sender)
+}
+
 /// Upstream connections of one agent, shared by all client connections.
 pub struct UpstreamPool {
     sockets: SocketFactory,
@@ -373,17 +392,21 @@ impl UpstreamPool {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<http1::SendRequest<Body>, SendError> {
         let io = self.connect(endpoint, dial, Version::Http1, connect_timeout).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| SendError::Connect { endpoint, message: e.to_string() })?;
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = conn.with_upgrades().await {
-                debug!(endpoint = %endpoint, error = %e, "upstream HTTP/1 connection ended");
-            }
-        });
-        Ok(sender)
+        h1_over(endpoint, io, permit).await
+    }
+
+    /// Takes `tcp`, a connection to the local workload `endpoint` opened for another
+    /// reason (the tunnel server connects before it answers a CONNECT, and the stream
+    /// then turned out to carry HTTP/1), as a pooled HTTP/1 connection: the stream's
+    /// first request uses it instead of connecting again. Dropped when the endpoint's
+    /// connections are all open already.
+    pub async fn adopt_h1(&self, endpoint: SocketAddr, tcp: tokio::net::TcpStream) {
+        let Ok(permit) = self.h1_open(endpoint).try_acquire_owned() else { return };
+        let Ok(mut sender) = h1_over(endpoint, UpstreamIo::Tcp(tcp), permit).await else { return };
+        // Ready once its task ran: a checkout looks only at ready connections.
+        if sender.ready().await.is_ok() {
+            self.checkin_h1(endpoint, sender, self.idle_timeout);
+        }
     }
 
     async fn new_h2(

@@ -593,13 +593,30 @@ pub(crate) fn haproxies(
 
 /// nginx answering every request with a 6-byte body: one worker, no access log.
 fn nginx(host: &mesh_tests::Host, dir: &Path) -> Result<KillOnDrop> {
+    start_nginx(
+        host,
+        dir,
+        &format!("listen {HTTP}; listen {H2} http2; location / {{ return 200 \"bench\\n\"; }}"),
+        HTTP,
+    )
+}
+
+/// nginx in `host`, one worker, with one `server { .. }` block of `server` (its
+/// pid and temp files in `dir`); returns once it accepts on `port`.
+pub(crate) fn start_nginx(
+    host: &mesh_tests::Host,
+    dir: &Path,
+    server: &str,
+    port: u16,
+) -> Result<KillOnDrop> {
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
         format!(
-            "daemon off;\nworker_processes 1;\npid {pid};\nerror_log stderr warn;\nevents {{ worker_connections 4096; }}\n\
+            "daemon off;\nworker_processes 1;\nworker_rlimit_nofile 20000;\npid {pid};\nerror_log stderr warn;\n\
+             events {{ worker_connections 16384; }}\n\
              http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {tmp};\n  \
-             server {{ listen {HTTP}; listen {H2} http2; location / {{ return 200 \"bench\\n\"; }} }}\n}}\n",
+             server {{ {server} }}\n}}\n",
             pid = dir.join("nginx.pid").display(),
             tmp = dir.display(),
         ),
@@ -610,7 +627,7 @@ fn nginx(host: &mesh_tests::Host, dir: &Path) -> Result<KillOnDrop> {
         .spawn()
         .context("starting nginx")?;
     let guard = KillOnDrop(child);
-    let addr = host.v4_addr(HTTP);
+    let addr = host.v4_addr(port);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while host.run_in(move || std::net::TcpStream::connect(addr).is_err())? {
         ensure!(std::time::Instant::now() < deadline, "nginx did not listen on {addr} within 10s");

@@ -4,6 +4,7 @@ mod bench;
 mod bench_handshakes;
 mod bench_l7;
 mod bench_observe;
+mod bench_peers;
 mod bench_pods;
 mod demo;
 mod ebpf;
@@ -129,6 +130,26 @@ enum Bench {
         #[arg(long, default_value_t = 1000)]
         flood: usize,
     },
+    /// The mesh beside Istio's ztunnel, one run: keep-alive, 1 MiB, `Connection:
+    /// close` and one-stream 16 MiB loads with wrk through each pair (the mesh's L4
+    /// and L7 ports) as ratios to each lab's direct path, and each proxy's memory idle,
+    /// after load and holding connections open. ztunnel runs when `ZTUNNEL_BIN` names
+    /// its binary (../shared/anchors/ztunnel/README.md builds it); without it, the
+    /// mesh's columns alone.
+    Peers {
+        /// Rounds over every workload and path (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Duration of each wrk run.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// ztunnel's binary.
+        #[arg(long, env = "ZTUNNEL_BIN")]
+        ztunnel: Option<PathBuf>,
+        /// Connections held open through each pair for the memory figures.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        held: Vec<usize>,
+    },
     /// Pods on one node through the real CNI chain, each with its own identity: time
     /// from CNI ADD to the pod being served, and the agent's memory, both modes.
     Pods {
@@ -157,6 +178,9 @@ fn main() -> Result<()> {
         }
         Task::Bench { which: Bench::Handshakes { duration, rounds, flood } } => {
             bench_handshakes::run(&root, &bench_handshakes::Options { duration, rounds, flood })
+        }
+        Task::Bench { which: Bench::Peers { rounds, duration, ztunnel, held } } => {
+            bench_peers::run(&root, &bench_peers::Options { rounds, duration, ztunnel, held })
         }
         Task::Bench { which: Bench::Pods { pods } } => bench_pods::run(&root, &bench_pods::Options { pods }),
     }

@@ -91,6 +91,13 @@ enum Cmd {
         #[arg(long)]
         http2: bool,
     },
+    /// Open `count` connections one after another, answer one HTTP/1.1 keep-alive
+    /// GET on each, print how many are held, then hold them all open until stdin
+    /// closes: what an agent's memory is like with that many connections open.
+    Hold {
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
     /// WebSocket client by hand: HTTP/1.1 Upgrade to `path`, check the accept key,
     /// send `count` masked text frames and read each echo, then close.
     Websocket {
@@ -139,6 +146,45 @@ fn connect(cli: &Cli) -> Result<TcpStream> {
     s.set_write_timeout(Some(cli.timeout))?;
     s.set_nodelay(true)?;
     Ok(s)
+}
+
+/// Soft `RLIMIT_NOFILE` up to the hard limit: `hold` keeps thousands of sockets.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body (nginx's answers).
+fn read_http_response(s: &mut TcpStream) -> Result<()> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            bail!("closed before a whole response");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            if buf.len() > 16 * 1024 {
+                bail!("response head over 16 KiB");
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        if !head.starts_with("http/1.1 200") {
+            bail!("not a 200: {}", head.lines().next().unwrap_or_default());
+        }
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .context("no content-length")?;
+        if buf.len() >= end + 4 + length {
+            return Ok(());
+        }
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -207,6 +253,23 @@ fn main() -> Result<()> {
                 let res = s.read_to_end(&mut got);
                 json!({"local": local.to_string(), "reply_hex": hex(&got), "error": res.err().map(|e| e.to_string())})
             }
+        }
+        Cmd::Hold { count } => {
+            raise_nofile_limit();
+            let start = Instant::now();
+            let mut held = Vec::with_capacity(*count);
+            for i in 0..*count {
+                let mut s = connect(&cli).with_context(|| format!("connection {} of {count}", i + 1))?;
+                s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+                read_http_response(&mut s).with_context(|| format!("answer on connection {}", i + 1))?;
+                held.push(s);
+            }
+            let line = json!({"held": held.len(), "open_ms": start.elapsed().as_secs_f64() * 1000.0});
+            println!("{line}");
+            std::io::stdout().flush()?;
+            // Until the caller closes our stdin (or goes away).
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            return Ok(());
         }
         Cmd::Whoami => {
             let mut s = connect(&cli)?;

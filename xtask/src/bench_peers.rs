@@ -40,6 +40,8 @@ pub struct Options {
     pub ztunnel: Option<PathBuf>,
     /// Connection counts held open for the memory figures.
     pub held: Vec<usize>,
+    /// Only these workloads (their keys); empty: all, and the results are written.
+    pub workloads: Vec<String>,
 }
 
 const VIP: &str = "10.96.0.60";
@@ -55,6 +57,8 @@ const ZT_MARK: &str = "0x539";
 /// One `wrk` workload.
 #[derive(Clone, Copy, Debug, Serialize)]
 struct Workload {
+    /// What `--workloads` calls it.
+    key: &'static str,
     name: &'static str,
     connections: u32,
     path: &'static str,
@@ -62,10 +66,23 @@ struct Workload {
 }
 
 const WORKLOADS: [Workload; 4] = [
-    Workload { name: "keep-alive, 32 connections, 18 B answers", connections: 32, path: "/", close: false },
-    Workload { name: "1 MiB answers, 4 connections", connections: 4, path: "/1m", close: false },
-    Workload { name: "Connection: close, 16 connections", connections: 16, path: "/", close: true },
     Workload {
+        key: "keepalive",
+        name: "keep-alive, 32 connections, 18 B answers",
+        connections: 32,
+        path: "/",
+        close: false,
+    },
+    Workload { key: "bulk", name: "1 MiB answers, 4 connections", connections: 4, path: "/1m", close: false },
+    Workload {
+        key: "close",
+        name: "Connection: close, 16 connections",
+        connections: 16,
+        path: "/",
+        close: true,
+    },
+    Workload {
+        key: "stream",
         name: "one 16 MiB stream at a time, 1 connection",
         connections: 1,
         path: "/16m",
@@ -140,6 +157,16 @@ struct Ztunnel {
 
 pub fn run(root: &Path, opts: &Options) -> Result<()> {
     ensure!(nix::unistd::geteuid().is_root(), "the benchmark needs root (namespaces, cgroups, BPF)");
+    for w in &opts.workloads {
+        ensure!(
+            WORKLOADS.iter().any(|k| k.key == w),
+            "--workloads: unknown workload {w:?} (keepalive, bulk, close or stream)"
+        );
+    }
+    let workloads: Vec<Workload> = WORKLOADS
+        .into_iter()
+        .filter(|w| opts.workloads.is_empty() || opts.workloads.iter().any(|k| k == w.key))
+        .collect();
     crate::setup::system_packages()?;
     if let Some(bin) = &opts.ztunnel {
         ensure!(bin.is_file(), "ZTUNNEL_BIN={} is not a file", bin.display());
@@ -185,13 +212,13 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     println!(
         "[3/4] measuring: {} round(s) x {} workloads x {} paths, {:?} each (wrk -t1)",
         opts.rounds,
-        WORKLOADS.len(),
+        workloads.len(),
         routes.len(),
         opts.duration
     );
-    let mut samples: Vec<Vec<Vec<Figures>>> = vec![vec![Vec::new(); routes.len()]; WORKLOADS.len()];
+    let mut samples: Vec<Vec<Vec<Figures>>> = vec![vec![Vec::new(); routes.len()]; workloads.len()];
     for round in 1..=opts.rounds.max(1) {
-        for (w, workload) in WORKLOADS.iter().enumerate() {
+        for (w, workload) in workloads.iter().enumerate() {
             for (r, &route) in routes.iter().enumerate() {
                 let fig = wrk(&lab, &mesh, route, workload, opts.duration)?;
                 println!(
@@ -233,7 +260,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         row.peak_kib = Memory::of(pid).map_or(0, |m| m.peak_kib);
     }
 
-    let rows: Vec<Row> = WORKLOADS
+    let rows: Vec<Row> = workloads
         .iter()
         .zip(&samples)
         .map(|(w, per_route)| Row {
@@ -252,6 +279,10 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
 
     let report = render(&rows, &memory, opts);
     println!("\n{report}");
+    if !opts.workloads.is_empty() {
+        println!("(a partial run: bench-results/peers.md keeps the last full run)");
+        return Ok(());
+    }
     let out = root.join("bench-results");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("peers.md"), &report)?;

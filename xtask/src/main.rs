@@ -149,6 +149,10 @@ enum Bench {
         /// Connections held open through each pair for the memory figures.
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
         held: Vec<usize>,
+        /// Only these workloads (`keepalive`, `bulk`, `close`, `stream`); all when not
+        /// given. A partial run leaves bench-results/peers.md alone.
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<String>,
     },
     /// Pods on one node through the real CNI chain, each with its own identity: time
     /// from CNI ADD to the pod being served, and the agent's memory, both modes.
@@ -179,8 +183,8 @@ fn main() -> Result<()> {
         Task::Bench { which: Bench::Handshakes { duration, rounds, flood } } => {
             bench_handshakes::run(&root, &bench_handshakes::Options { duration, rounds, flood })
         }
-        Task::Bench { which: Bench::Peers { rounds, duration, ztunnel, held } } => {
-            bench_peers::run(&root, &bench_peers::Options { rounds, duration, ztunnel, held })
+        Task::Bench { which: Bench::Peers { rounds, duration, ztunnel, held, workloads } } => {
+            bench_peers::run(&root, &bench_peers::Options { rounds, duration, ztunnel, held, workloads })
         }
         Task::Bench { which: Bench::Pods { pods } } => bench_pods::run(&root, &bench_pods::Options { pods }),
     }

@@ -4,12 +4,15 @@
 //! A connection belongs to one (peer agent, source identity, expected destination
 //! identity): the client certificate it presented and the server identity it checked
 //! are properties of the whole connection, so streams of another workload pair must
-//! not ride on it. Within that key one connection carries every stream; h2 makes a
-//! new stream wait when the peer's `max_concurrent_streams` is reached.
+//! not ride on it. Within that key a connection carries up to
+//! [`STREAMS_PER_CONNECTION`] streams at once, and the pool dials another when every
+//! connection is that full: long-lived streams (a database session, a WebSocket)
+//! never wait for one another to end, and a busy peer's load spreads over several
+//! connections (h2 serialises each connection's frames on one task).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,33 +74,65 @@ struct PoolKey {
     expected: SpiffeId,
 }
 
-/// One pooled connection: a handle for new streams and a flag its driver task sets
-/// when the connection ends.
+/// Streams one pooled connection carries at once before the pool dials another
+/// (ztunnel's client uses 100; the receiving agent accepts up to
+/// `h2_settings::MAX_CONCURRENT_STREAMS`).
+pub const STREAMS_PER_CONNECTION: usize = 100;
+
+/// One pooled connection: a handle for new streams, a flag its driver task sets
+/// when the connection ends, and how many of its streams are open.
 #[derive(Clone)]
 struct Connection {
     id: u64,
     send: SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    streams: Arc<AtomicUsize>,
 }
 
 impl Connection {
     fn is_open(&self) -> bool {
         !self.closed.load(Ordering::Acquire)
     }
+
+    /// A place for one more stream, if fewer than `limit` are open.
+    fn lease(&self, limit: usize) -> Option<StreamLease> {
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| StreamLease(self.streams.clone()))
+    }
 }
 
-/// The connection of one key, and a lock held while dialing it so that concurrent
+/// One open stream's place on its connection, given back when the stream (which
+/// holds it) is dropped.
+#[derive(Debug)]
+pub(crate) struct StreamLease(Arc<AtomicUsize>);
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The connections of one key, and a lock held while dialing so that concurrent
 /// opens wait for one dial instead of each making a connection.
 #[derive(Default)]
 struct Slot {
     dialing: tokio::sync::Mutex<()>,
-    current: Mutex<Option<Connection>>,
+    connections: Mutex<Vec<Connection>>,
 }
 
 impl Slot {
-    fn open_connection(&self) -> Option<Connection> {
-        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        current.as_ref().filter(|c| c.is_open()).cloned()
+    /// An open connection with room for a stream, and the stream's lease on it.
+    fn with_room(&self, limit: usize) -> Option<(Connection, StreamLease)> {
+        let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        connections.retain(Connection::is_open);
+        connections.iter().find_map(|c| c.lease(limit).map(|lease| (c.clone(), lease)))
+    }
+
+    fn open_count(&self) -> usize {
+        let connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        connections.iter().filter(|c| c.is_open()).count()
     }
 }
 
@@ -113,6 +148,7 @@ struct Shared {
     sockets: SocketFactory,
     connect_timeout: Duration,
     keepalive: (Duration, Duration),
+    streams_per_connection: usize,
     slots: Mutex<HashMap<PoolKey, Arc<Slot>>>,
     next_id: AtomicU64,
 }
@@ -143,6 +179,7 @@ impl TunnelPool {
                 sockets,
                 connect_timeout,
                 keepalive: (KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT),
+                streams_per_connection: STREAMS_PER_CONNECTION,
                 slots: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
             }),
@@ -160,9 +197,18 @@ impl TunnelPool {
         self
     }
 
+    /// The same pool with at most `n` streams per connection (default
+    /// [`STREAMS_PER_CONNECTION`]). Call before the pool is cloned or used.
+    pub fn with_streams_per_connection(mut self, n: usize) -> TunnelPool {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.streams_per_connection = n.max(1);
+        }
+        self
+    }
+
     pub fn connection_count(&self) -> usize {
         let slots = self.shared.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.values().filter(|slot| slot.open_connection().is_some()).count()
+        slots.values().map(|slot| slot.open_count()).sum()
     }
 
     /// Opens a stream through the agent at `peer_agent` to `target` (the address the
@@ -182,7 +228,7 @@ impl TunnelPool {
             let mut slots = self.shared.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots.entry(key.clone()).or_default().clone()
         };
-        let (connection, reused) = self.connection(&key, &slot).await?;
+        let (connection, lease, reused) = self.connection(&key, &slot).await?;
         match send_connect(connection.send.clone(), target, &extra_headers).await {
             // A pooled connection may have been closed by the peer (GOAWAY, idle
             // timeout) since it was last used; the CONNECT never reached a target,
@@ -190,32 +236,41 @@ impl TunnelPool {
             Err(TunnelError::H2(e)) if reused && retryable(&e) => {
                 debug!(peer = %peer_agent, error = %e, "pooled tunnel connection is gone; dialing again");
                 connection.closed.store(true, Ordering::Release);
-                let (connection, _) = self.connection(&key, &slot).await?;
-                send_connect(connection.send, target, &extra_headers).await
+                drop(lease);
+                let (connection, lease, _) = self.connection(&key, &slot).await?;
+                send_connect(connection.send, target, &extra_headers).await.map(|s| s.with_lease(lease))
             }
-            other => other,
+            other => other.map(|s| s.with_lease(lease)),
         }
     }
 
-    /// The open connection of `key`, dialing one if needed; says whether it was reused.
-    async fn connection(&self, key: &PoolKey, slot: &Arc<Slot>) -> Result<(Connection, bool), TunnelError> {
-        if let Some(connection) = slot.open_connection() {
-            return Ok((connection, true));
+    /// An open connection of `key` with room for a stream, dialing one if every
+    /// connection is full or gone; says whether it was reused.
+    async fn connection(
+        &self,
+        key: &PoolKey,
+        slot: &Arc<Slot>,
+    ) -> Result<(Connection, StreamLease, bool), TunnelError> {
+        let limit = self.shared.streams_per_connection;
+        if let Some((connection, lease)) = slot.with_room(limit) {
+            return Ok((connection, lease, true));
         }
         let _dialing = slot.dialing.lock().await;
-        if let Some(connection) = slot.open_connection() {
-            return Ok((connection, true));
+        if let Some((connection, lease)) = slot.with_room(limit) {
+            return Ok((connection, lease, true));
         }
         match self.dial(key, slot).await {
             Ok(connection) => {
-                *slot.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(connection.clone());
-                Ok((connection, false))
+                let lease = connection.lease(limit).ok_or_else(|| {
+                    TunnelError::Request("a new tunnel connection had no room for a stream".into())
+                })?;
+                slot.connections.lock().unwrap_or_else(|e| e.into_inner()).push(connection.clone());
+                Ok((connection, lease, false))
             }
             Err(e) => {
                 // Leave no empty slot behind for a peer that cannot be reached.
                 let mut slots = self.shared.slots.lock().unwrap_or_else(|e| e.into_inner());
-                let empty = slot.current.lock().unwrap_or_else(|e| e.into_inner()).is_none();
-                if empty && slots.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                if slot.open_count() == 0 && slots.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
                     slots.remove(key);
                 }
                 Err(e)
@@ -301,7 +356,7 @@ impl TunnelPool {
             }
         });
         debug!(peer = %peer, source = %key.source, dest = %key.expected, "tunnel connection established");
-        Ok(Connection { id, send, closed })
+        Ok(Connection { id, send, closed, streams: Arc::new(AtomicUsize::new(0)) })
     }
 }
 
@@ -323,12 +378,10 @@ async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Dura
 /// so peers that went away leave nothing behind.
 fn forget(shared: &Shared, key: &PoolKey, slot: &Arc<Slot>, id: u64) {
     let mut slots = shared.slots.lock().unwrap_or_else(|e| e.into_inner());
-    let mut current = slot.current.lock().unwrap_or_else(|e| e.into_inner());
-    if current.as_ref().is_some_and(|c| c.id == id) {
-        *current = None;
-        if slots.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-            slots.remove(key);
-        }
+    let mut connections = slot.connections.lock().unwrap_or_else(|e| e.into_inner());
+    connections.retain(|c| c.id != id);
+    if connections.is_empty() && slots.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+        slots.remove(key);
     }
 }
 

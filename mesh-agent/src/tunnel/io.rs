@@ -36,6 +36,8 @@ pub struct TunnelStream {
     read_eof: bool,
     received: u64,
     sent: u64,
+    /// The stream's place on its pooled connection (sending side only).
+    _lease: Option<super::client::StreamLease>,
 }
 
 impl TunnelStream {
@@ -48,7 +50,14 @@ impl TunnelStream {
             read_eof: false,
             received: 0,
             sent: 0,
+            _lease: None,
         }
+    }
+
+    /// The same stream holding `lease` until it is dropped.
+    pub(crate) fn with_lease(mut self, lease: super::client::StreamLease) -> TunnelStream {
+        self._lease = Some(lease);
+        self
     }
 
     /// Bytes read from the peer so far.

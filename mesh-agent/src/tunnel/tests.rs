@@ -267,6 +267,27 @@ async fn streams_to_the_same_peer_share_one_connection() {
 }
 
 #[tokio::test]
+async fn a_full_connection_makes_the_pool_dial_another_instead_of_queueing_the_stream() {
+    let f = Fixture::start().await;
+    let echo = echo_server().await;
+    let pool = f.pool().with_streams_per_connection(2);
+    // Three long-lived streams at once: the third must not wait for one to end.
+    let mut a = f.open(&pool, echo).await.unwrap();
+    let mut b = f.open(&pool, echo).await.unwrap();
+    let mut c = f.open(&pool, echo).await.unwrap();
+    round_trip(&mut a, b"first").await;
+    round_trip(&mut b, b"second").await;
+    round_trip(&mut c, b"third").await;
+    assert_eq!(f.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(pool.connection_count(), 2);
+    // A stream that ends gives its place back: the next one rides an open connection.
+    drop(a);
+    let mut d = f.open(&pool, echo).await.unwrap();
+    round_trip(&mut d, b"fourth").await;
+    assert_eq!(f.accepted.load(Ordering::SeqCst), 2, "a freed place is reused, not dialed anew");
+}
+
+#[tokio::test]
 async fn a_principal_the_policy_denies_is_refused_with_403() {
     let mut f = Fixture::start().await;
     let echo = echo_server().await;

@@ -175,6 +175,10 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
             "ZTUNNEL_BIN is not set: ztunnel's columns are left out (../shared/anchors/ztunnel/README.md builds it)"
         );
     }
+    // Every held connection is a descriptor in the workload, in each proxy and in
+    // nginx: the agents fit --max-connections to half their RLIMIT_NOFILE, and they,
+    // nginx and the probe inherit this one.
+    let held = held_counts(&opts.held)?;
     println!("[1/4] building release binaries");
     let _bins = crate::release::build_aside(root)?;
 
@@ -238,11 +242,11 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         row.after_load_kib = rss(pid);
     }
 
-    println!("[4/4] memory: holding {:?} connections open through each pair (L4)", opts.held);
+    println!("[4/4] memory: holding {held:?} connections open through each pair (L4)");
     let servers: Vec<&str> = if ztunnel.is_some() { vec!["server", "zt-server"] } else { vec!["server"] };
     let baseline =
         servers.iter().map(|h| Ok((*h, nginx_connections(&lab, h)?))).collect::<Result<Vec<_>>>()?;
-    for &count in &opts.held {
+    for &count in &held {
         let mut holders = vec![hold(&lab, &mesh, Route::MeshL4, count)?];
         if ztunnel.is_some() {
             holders.push(hold(&lab, &mesh, Route::Ztunnel, count)?);
@@ -292,6 +296,35 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     )?;
     println!("wrote bench-results/peers.md and bench-results/peers.json");
     Ok(())
+}
+
+/// Raises `RLIMIT_NOFILE` (inherited by the agents, nginx and the probe) for the
+/// held connections, and returns the counts that fit: an agent fits its
+/// `--max-connections` to half its descriptors, so where the hard limit cannot be
+/// raised (no CAP_SYS_RESOURCE) a count above that is lowered, and says so.
+fn held_counts(wanted: &[usize]) -> Result<Vec<usize>> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let want = 65_536;
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let limit = if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        want
+    } else {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+        hard
+    };
+    // Half for each agent's two sockets per connection, less its reserve and margin.
+    let fits = usize::try_from(limit / 2).unwrap_or(usize::MAX).saturating_sub(1024);
+    Ok(wanted
+        .iter()
+        .map(|&n| {
+            if n > fits {
+                println!(
+                    "      RLIMIT_NOFILE is {limit} and cannot be raised here: holding {fits} instead of {n}"
+                );
+            }
+            n.min(fits)
+        })
+        .collect())
 }
 
 fn rss(pid: u32) -> u64 {

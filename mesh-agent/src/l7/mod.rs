@@ -106,6 +106,7 @@ where
                 builder
                     .initial_stream_window_size(pool::DIRECT_STREAM_WINDOW)
                     .initial_connection_window_size(pool::DIRECT_CONNECTION_WINDOW)
+                    .max_frame_size(pool::DIRECT_MAX_FRAME_SIZE)
                     .max_concurrent_streams(pool::DIRECT_MAX_STREAMS);
             }
             let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);

@@ -95,6 +95,10 @@ const LEGACY_RECHECK: Duration = Duration::from_secs(60);
 /// fill a fast link, all of them together stay bounded.
 pub(crate) const DIRECT_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub(crate) const DIRECT_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest DATA frame on a direct connection, as the tunnel's
+/// (`tunnel::h2_settings`): fewer frames, and no 9-byte frame header spilling into a
+/// TLS record of its own after every full 16 KiB frame.
+pub(crate) const DIRECT_MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// Requests one sending agent may have in flight at once on one direct connection;
 /// more wait for a free stream.
 pub(crate) const DIRECT_MAX_STREAMS: u32 = 1024;
@@ -691,6 +695,7 @@ impl UpstreamPool {
             .timer(TokioTimer::new())
             .initial_stream_window_size(DIRECT_STREAM_WINDOW)
             .initial_connection_window_size(DIRECT_CONNECTION_WINDOW)
+            .max_frame_size(DIRECT_MAX_FRAME_SIZE)
             .keep_alive_interval(crate::tunnel::KEEPALIVE_INTERVAL)
             .keep_alive_timeout(crate::tunnel::KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)

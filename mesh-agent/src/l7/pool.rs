@@ -402,15 +402,33 @@ impl UpstreamPool {
     /// Takes `tcp`, a connection to the local workload `endpoint` opened for another
     /// reason (the tunnel server connects before it answers a CONNECT, and the stream
     /// then turned out to carry HTTP/1), as a pooled HTTP/1 connection: the stream's
-    /// first request uses it instead of connecting again. Dropped when the endpoint's
-    /// connections are all open already.
-    pub async fn adopt_h1(&self, endpoint: SocketAddr, tcp: tokio::net::TcpStream) {
-        let Ok(permit) = self.h1_open(endpoint).try_acquire_owned() else { return };
-        let Ok(mut sender) = h1_over(endpoint, UpstreamIo::Tcp(tcp), permit).await else { return };
+    /// first request uses it instead of connecting again. Hands it back when the pool
+    /// has an idle connection to `endpoint` already (adopting every one would fill
+    /// the pool with connections nobody uses) or no room for another.
+    pub async fn adopt_h1(
+        &self,
+        endpoint: SocketAddr,
+        tcp: tokio::net::TcpStream,
+    ) -> Option<tokio::net::TcpStream> {
+        if self.has_idle_h1(endpoint) {
+            return Some(tcp);
+        }
+        let Ok(permit) = self.h1_open(endpoint).try_acquire_owned() else { return Some(tcp) };
+        let Ok(mut sender) = h1_over(endpoint, UpstreamIo::Tcp(tcp), permit).await else { return None };
         // Ready once its task ran: a checkout looks only at ready connections.
         if sender.ready().await.is_ok() {
             self.checkin_h1(endpoint, sender, self.idle_timeout);
         }
+        None
+    }
+
+    /// Whether a pooled HTTP/1 connection to `endpoint` is free for a request now.
+    fn has_idle_h1(&self, endpoint: SocketAddr) -> bool {
+        let pool = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        pool.get(&endpoint).is_some_and(|list| {
+            list.iter().any(|i| !i.sender.is_closed() && i.fresh(now) && i.sender.is_ready())
+        })
     }
 
     async fn new_h2(

@@ -217,11 +217,7 @@ fn measure(
 
 /// Per-metric median over rounds.
 fn median(rounds: &[ModeResult]) -> ModeResult {
-    fn med(mut v: Vec<f64>) -> f64 {
-        v.sort_by(f64::total_cmp);
-        if v.is_empty() { 0.0 } else { v[v.len() / 2] }
-    }
-    let m = |f: fn(&ModeResult) -> f64| med(rounds.iter().map(f).collect());
+    let m = |f: fn(&ModeResult) -> f64| crate::bench_observe::median(rounds.iter().map(f).collect());
     ModeResult {
         mode: rounds.first().map(|r| r.mode.clone()).unwrap_or_default(),
         connect_p50_us: m(|r| r.connect_p50_us),

@@ -412,14 +412,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
 /// One point per protocol and load: the median of each figure over its rounds
 /// (errors summed), in first-seen order.
 fn medians(points: &[Point]) -> Vec<Point> {
-    fn median(mut v: Vec<f64>) -> f64 {
-        v.sort_by(f64::total_cmp);
-        match v.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
-    }
+    use crate::bench_observe::median;
     let run = |group: &[&Point], pick: fn(&Point) -> &Value| {
         let m = |k: &str| median(group.iter().map(|p| f(pick(p), k)).collect());
         let errors: u64 = group.iter().map(|p| pick(p)["errors"].as_u64().unwrap_or(0)).sum();

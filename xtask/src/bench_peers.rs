@@ -590,15 +590,7 @@ fn wait_closed(lab: &Lab, baseline: &[(&str, usize)]) -> Result<()> {
 }
 
 fn median(s: &[Figures]) -> Figures {
-    fn med(mut v: Vec<f64>) -> f64 {
-        v.sort_by(f64::total_cmp);
-        match v.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
-    }
-    let m = |f: fn(&Figures) -> f64| med(s.iter().map(f).collect());
+    let m = |f: fn(&Figures) -> f64| crate::bench_observe::median(s.iter().map(f).collect());
     Figures { rps: m(|f| f.rps), mib_s: m(|f| f.mib_s), p50_ms: m(|f| f.p50_ms), p99_ms: m(|f| f.p99_ms) }
 }
 

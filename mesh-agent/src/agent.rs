@@ -686,6 +686,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stats: Default::default(),
         routes: routes.clone(),
         services: Default::default(),
+        rate_limits: Default::default(),
         records: records.clone(),
         locality: {
             let l = crate::balance::Locality::new(args.region.clone(), args.zone.clone());

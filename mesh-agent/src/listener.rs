@@ -75,8 +75,12 @@ pub struct ProxyContext {
     pub identity: crate::workload_identity::IdentitySlot,
     /// Tunnels to peer agents (mTLS + HTTP/2 CONNECT), shared by all connections.
     pub tunnels: crate::tunnel::TunnelPool,
-    /// Per-service balancers, breakers, budgets and rate limits.
+    /// Per-service balancers, breakers, budgets and the calling side's rate limits
+    /// (for endpoints outside the mesh).
     pub services: Arc<crate::balance::service::Services>,
+    /// Services' rate limits for this node's workloads, enforced on receipt (one set
+    /// per agent, shared by every workload's context).
+    pub rate_limits: Arc<crate::inbound::rate_limit::DestinationLimits>,
     /// Kept-alive upstream HTTP connections of the L7 proxy.
     pub upstreams: Arc<crate::l7::pool::UpstreamPool>,
     /// Where request and connection records go (access log, span export).
@@ -307,6 +311,7 @@ mod tests {
             identity: Default::default(),
             tunnels: crate::mtls::pool(Default::default(), SocketFactory::new(0), Duration::from_secs(1)),
             services: Default::default(),
+            rate_limits: Default::default(),
             upstreams: Arc::new(crate::l7::pool::UpstreamPool::new(
                 SocketFactory::new(0),
                 crate::mtls::pool(Default::default(), SocketFactory::new(0), Duration::from_secs(1)),

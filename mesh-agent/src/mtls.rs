@@ -178,6 +178,8 @@ pub struct Inbound {
     pub records: Records,
     /// Time limits of HTTP streams' connections (`--downstream-idle-timeout`).
     pub downstream: crate::l7::DownstreamTimeouts,
+    /// Services' rate limits for this node's workloads (the agent's one set).
+    pub rate_limits: Arc<crate::inbound::rate_limit::DestinationLimits>,
     /// Idle timeout of streams relayed as bytes (`--tcp-idle-timeout`); this side
     /// waits twice as long, see [`serve_inbound`].
     pub tcp_idle_timeout: Option<Duration>,
@@ -225,6 +227,7 @@ pub fn serve_inbound(
         upstreams,
         records,
         downstream,
+        rate_limits,
         tcp_idle_timeout,
     } = inbound;
     let tls_slot = slot.clone();
@@ -258,6 +261,7 @@ pub fn serve_inbound(
         records,
         downstream,
         identity: slot,
+        rate_limits,
     });
     let direct = shared.clone();
     let http: HttpServe = Arc::new(move |peer_id, peer_addr, tls, shutdown| {

@@ -206,6 +206,7 @@ mod tests {
             identity: Default::default(),
             tunnels: tunnels.clone(),
             services: Default::default(),
+            rate_limits: Default::default(),
             upstreams: Arc::new(crate::l7::pool::UpstreamPool::new(
                 crate::socket::SocketFactory::new(0),
                 tunnels,

@@ -13,10 +13,12 @@
 //!   sending side's word.
 //!
 //! Authorization is [`crate::authz`]'s: every service selecting the workload port
-//! must allow.
+//! must allow. Services' rate limits are [`rate_limit`]'s, applied here too, per
+//! calling identity, to every HTTP request that authorization allowed.
 
 pub mod first_bytes;
 pub mod plain;
+pub mod rate_limit;
 pub mod stream;
 
 use std::{

@@ -167,6 +167,7 @@ fn shared(ctx: &ProxyContext) -> Shared {
         records: ctx.records.clone(),
         downstream: ctx.downstream,
         identity: ctx.identity.clone(),
+        rate_limits: ctx.rate_limits.clone(),
     }
 }
 

@@ -134,6 +134,7 @@ async fn peers(kind: Peer) -> Peers {
                 records: Default::default(),
                 downstream: Default::default(),
                 identity,
+                rate_limits: Default::default(),
             });
             server = server.with_http(Arc::new(move |peer, addr, tls, shutdown| {
                 let direct = direct.clone();
@@ -326,6 +327,11 @@ async fn workload() -> SocketAddr {
 
 /// Routes with one service whose endpoint `at` runs on node `server`.
 fn routes_with(at: SocketAddr) -> Arc<RouteStore> {
+    routes_with_policy(at, None)
+}
+
+/// [`routes_with`], the service having `policy`.
+fn routes_with_policy(at: SocketAddr, policy: Option<mesh_api::Policy>) -> Arc<RouteStore> {
     let snapshot = mesh_api::Snapshot {
         services: vec![mesh_api::Service {
             name: "payments".into(),
@@ -341,6 +347,7 @@ fn routes_with(at: SocketAddr) -> Arc<RouteStore> {
                 identity: "spiffe://cluster.local/ns/shop/sa/payments".into(),
                 ..Default::default()
             }],
+            policy,
             ..Default::default()
         }],
         ..Default::default()
@@ -383,4 +390,31 @@ async fn the_receiving_agent_serves_its_workloads_as_the_client_sent_and_turns_o
         Err(SendError::Connect { message, .. }) => assert!(message.contains("421"), "{message}"),
         other => panic!("expected a connect failure, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn the_receiving_agent_rate_limits_its_caller_with_429_and_retry_after() {
+    let at = workload().await;
+    let policy = mesh_api::Policy {
+        rate_limit: Some(mesh_api::RateLimit { requests_per_second: 1, burst: 2 }),
+        ..Default::default()
+    };
+    let peers = peers(Peer::Real(routes_with_policy(at, Some(policy)))).await;
+    for _ in 0..2 {
+        let resp = peers.send(at, Version::Http1, get("/pay", Some("payments.shop"))).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let resp = peers.send(at, Version::Http1, get("/pay", Some("payments.shop"))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS, "cart's burst of 2 is spent");
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(resp.headers()["x-mesh-error"], "agent");
+    assert!(resp.headers().get(REASON_HEADER).is_none(), "not a refusal another endpoint could serve");
+
+    // gRPC callers read grpc-status: trailers-only RESOURCE_EXHAUSTED.
+    let mut grpc = get("/pkg.Svc/Call", Some("payments.shop"));
+    grpc.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
+    let resp = peers.send(at, Version::Http1, grpc).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["grpc-status"], "8");
+    assert_eq!(resp.headers()["retry-after"], "1");
 }

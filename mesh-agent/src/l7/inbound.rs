@@ -12,13 +12,16 @@
 //! 1. has its path normalised ([`crate::authz::path`]; an ambiguous one is answered
 //!    400), and is authorized on that path, against every service selecting the
 //!    workload ([`crate::authz`]);
-//! 2. loses every identity header the client sent (`x-forwarded-client-cert`,
+//! 2. takes a token from the rate limit of every service selecting the workload, in
+//!    the caller's bucket ([`crate::inbound::rate_limit`]), or is answered 429 with
+//!    `Retry-After` (gRPC: RESOURCE_EXHAUSTED);
+//! 3. loses every identity header the client sent (`x-forwarded-client-cert`,
 //!    `x-forwarded-client-identity`) and, from a caller over mutual TLS, gets its
 //!    proven identity in Envoy's `x-forwarded-client-cert` format
 //!    (`By=<this workload's SPIFFE ID>;URI=<caller's SPIFFE ID>`) and, for
 //!    convenience, the bare caller's ID in `x-forwarded-client-identity`; a plaintext
 //!    caller gets neither;
-//! 3. reaches the workload with the normalised path, the one that was authorized.
+//! 4. reaches the workload with the normalised path, the one that was authorized.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -27,11 +30,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::body::{BodyEnd, Observed, grpc_status};
 use super::headers::{Arrival, is_upgrade, rewrite_inbound, strip_hop_by_hop};
@@ -40,6 +43,7 @@ use super::pool::{Body, Dial, UpstreamPool, Version};
 use crate::authz::{Decision, Principal, UNAUTHENTICATED, decide, path};
 use crate::discovery::RouteStore;
 use crate::identity::SpiffeId;
+use crate::inbound::rate_limit::{CallerKey, DestinationLimits, TargetLimits, caller_key};
 use crate::intercept::ActiveMode;
 use crate::listener::Direction;
 use crate::observe::Records;
@@ -51,24 +55,44 @@ use crate::observe::trace::{Origin, TraceContext};
 use crate::tunnel::{PROTOCOL_HEADER, REASON_HEADER, TARGET_HEADER};
 use crate::workload_identity::IdentitySlot;
 
-/// The destination's authorization rules as of the route table in force: a policy
-/// change reaches streams that were admitted before it, at their next request.
+/// The destination's authorization rules and rate limits as of the route table in
+/// force: a policy change reaches streams that were admitted before it, at their
+/// next request.
 pub struct Policy {
     routes: Arc<RouteStore>,
     node: String,
-    /// Table version and the decision made for it.
-    current: Mutex<(u64, Arc<Result<Decision, String>>)>,
+    limits: Arc<DestinationLimits>,
+    /// Table version, and the decision and limits for it.
+    current: Mutex<(u64, Current)>,
+}
+
+/// What the policy says for one stream under one table.
+#[derive(Clone)]
+struct Current {
+    decision: Arc<Result<Decision, String>>,
+    limits: Arc<TargetLimits>,
 }
 
 impl Policy {
-    /// Starts from the decision that admitted the stream.
-    pub fn new(routes: Arc<RouteStore>, node: String, admitted: Decision) -> Self {
-        let version = routes.table().version;
-        Policy { routes, node, current: Mutex::new((version, Arc::new(Ok(admitted)))) }
+    /// Starts from the decision that admitted the stream to `target`.
+    pub fn new(
+        routes: Arc<RouteStore>,
+        node: String,
+        limits: Arc<DestinationLimits>,
+        target: SocketAddr,
+        admitted: Decision,
+    ) -> Self {
+        let table = routes.table();
+        let current = Current {
+            decision: Arc::new(Ok(admitted)),
+            limits: Arc::new(limits.for_target(&table, &node, target)),
+        };
+        Policy { routes, node, limits, current: Mutex::new((table.version, current)) }
     }
 
-    /// The decision for `caller` and `target` under the current table.
-    fn current(&self, caller: Principal<'_>, target: SocketAddr) -> Arc<Result<Decision, String>> {
+    /// The decision for `caller` and `target`, and `target`'s limits, under the
+    /// current table.
+    fn current(&self, caller: Principal<'_>, target: SocketAddr) -> Current {
         let table = self.routes.table();
         {
             let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
@@ -76,9 +100,12 @@ impl Policy {
                 return current.1.clone();
             }
         }
-        let decision = Arc::new(decide(&self.routes, &self.node, caller, target));
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = (table.version, decision.clone());
-        decision
+        let current = Current {
+            decision: Arc::new(decide(&self.routes, &self.node, caller, target)),
+            limits: Arc::new(self.limits.for_target(&table, &self.node, target)),
+        };
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = (table.version, current.clone());
+        current
     }
 }
 
@@ -117,6 +144,8 @@ pub struct Inbound {
     direct: bool,
     /// The identity headers' values for a caller over mutual TLS, made once per stream.
     identity_headers: Option<(HeaderValue, HeaderValue)>,
+    /// The caller's rate-limit bucket at `target`, made once per stream.
+    limit_key: CallerKey,
 }
 
 impl Inbound {
@@ -147,7 +176,14 @@ impl Inbound {
             };
             Some((HeaderValue::from_str(&xfcc).ok()?, HeaderValue::from_str(&principal).ok()?))
         });
-        let policy = Policy::new(shared.routes.clone(), shared.node.clone(), decision);
+        let policy = Policy::new(
+            shared.routes.clone(),
+            shared.node.clone(),
+            shared.rate_limits.clone(),
+            target,
+            decision,
+        );
+        let limit_key = caller_key(target, caller.identity.as_ref().map(|_| principal.as_str()), caller.addr);
         Inbound {
             caller,
             principal,
@@ -160,6 +196,7 @@ impl Inbound {
             metrics,
             direct: false,
             identity_headers,
+            limit_key,
         }
     }
 
@@ -243,7 +280,7 @@ impl Inbound {
             r.path = Some(normalised.clone());
         }
         let caller = self.caller_principal();
-        let decision = self.policy.current(caller, self.target);
+        let Current { decision, limits } = self.policy.current(caller, self.target);
         let verdict = match &*decision {
             Ok(d) => d.allows(caller, req.method().as_str(), &normalised),
             Err(_) => false,
@@ -261,6 +298,20 @@ impl Inbound {
             }
             self.account(record, method, StatusCode::FORBIDDEN, None, 0, 0, start);
             return Ok(error_response(StatusCode::FORBIDDEN, "denied by authorization policy", grpc));
+        }
+        // After authorization: a request refused anyway spends no token.
+        if let Err(limited) = limits.check(&self.limit_key) {
+            // Debug, not warn: a caller over its limit may send thousands a second.
+            debug!(target: "mesh_agent::conn", peer_identity = %self.principal, peer = %self.caller.addr,
+                service = %limited.service, retry_after_ms = limited.retry_after.as_millis() as u64,
+                "request rate limited");
+            if let Some(r) = record.as_mut() {
+                r.error = Some(format!("rate limited by {}", limited.service));
+            }
+            self.account(record, method, StatusCode::TOO_MANY_REQUESTS, None, 0, 0, start);
+            let mut resp = error_response(StatusCode::TOO_MANY_REQUESTS, "rate limited", grpc);
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(limited.retry_after_secs()));
+            return Ok(resp);
         }
 
         let upgrade = self.version == Version::Http1 && is_upgrade(req.headers());
@@ -391,6 +442,9 @@ pub struct Shared {
     pub downstream: super::DownstreamTimeouts,
     /// This node's workload identity: the `By=` of `x-forwarded-client-cert`.
     pub identity: IdentitySlot,
+    /// Services' rate limits, one set per agent: a caller's bucket is the same
+    /// whichever way (and connection) its requests come.
+    pub rate_limits: Arc<DestinationLimits>,
 }
 
 /// Targets one direct connection has admitted (distinct local workloads, so few).
@@ -476,7 +530,7 @@ impl DirectConnection {
     fn admit(&self, target: SocketAddr, version: Version) -> Result<Arc<Inbound>, String> {
         let cached = self.targets.lock().unwrap_or_else(|e| e.into_inner()).get(&(target, version)).cloned();
         if let Some(inbound) = cached {
-            if let Err(e) = &*inbound.policy.current(inbound.caller_principal(), target) {
+            if let Err(e) = &*inbound.policy.current(inbound.caller_principal(), target).decision {
                 return Err(e.clone());
             }
             return Ok(inbound);

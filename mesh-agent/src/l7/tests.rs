@@ -168,6 +168,7 @@ async fn agent_with(
         identity: Default::default(),
         tunnels: tunnels.clone(),
         services: Default::default(),
+        rate_limits: Default::default(),
         upstreams: Arc::new(super::pool::UpstreamPool::new(
             sockets,
             tunnels,

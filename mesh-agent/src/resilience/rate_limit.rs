@@ -3,6 +3,9 @@
 //! Each client (by identity or IP, see [`ClientKey`]) has a bucket of `burst` tokens that
 //! refills at `requests_per_second`; a request takes one token or is answered
 //! [`Decision::Limited`] with the time until a token is back, for a 429 with Retry-After.
+//! The receiving agent keeps a limiter per service for its workloads, keyed by caller
+//! identity ([`crate::inbound::rate_limit`]); the calling agent one per service port
+//! for endpoints outside the mesh ([`crate::l7::outbound`]).
 //!
 //! The key map is bounded so a flood of distinct clients cannot grow memory without
 //! limit. It is split into shards (less lock contention), and each shard keeps two
@@ -169,6 +172,20 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         }
     }
 
+    /// Returns the token a request of `client` took, for a request that another
+    /// limit then refused: a request held to several limits takes a token from each
+    /// or from none. Nothing happens when the bucket is gone, and a bucket never
+    /// holds more than `burst`.
+    pub fn give_back(&self, client: &K) {
+        let burst = f64::from(self.config.burst.max(1));
+        let shard_index = (self.hasher.hash_one(client) % SHARDS as u64) as usize;
+        let mut shard = self.shards[shard_index].lock().unwrap_or_else(PoisonError::into_inner);
+        let shard = &mut *shard;
+        if let Some(bucket) = shard.current.get_mut(client).or_else(|| shard.previous.get_mut(client)) {
+            bucket.tokens = (bucket.tokens + 1.0).min(burst);
+        }
+    }
+
     fn rotate_if_idle(&self, shard: &mut Shard<K>, now: Instant) {
         if now.saturating_duration_since(shard.generation_started) >= self.config.idle_timeout {
             shard.previous = std::mem::take(&mut shard.current);
@@ -244,6 +261,40 @@ mod tests {
         assert!(matches!(rl.check(&ip(1)), Decision::Limited { .. }));
         assert_eq!(rl.check(&ip(2)), Decision::Allowed);
         assert_eq!(rl.check(&ClientKey::Identity("spiffe://td/ns/a/sa/b".into())), Decision::Allowed);
+    }
+
+    #[test]
+    fn identities_have_their_own_buckets() {
+        let (_clock, rl) = limiter(1, 2);
+        let (frontend, batch) = (
+            ClientKey::Identity("spiffe://cluster.local/ns/shop/sa/frontend".into()),
+            ClientKey::Identity("spiffe://cluster.local/ns/shop/sa/batch".into()),
+        );
+        let frontend_again = ClientKey::Identity("spiffe://cluster.local/ns/shop/sa/frontend".into());
+        assert_eq!(rl.check(&frontend), Decision::Allowed);
+        assert_eq!(rl.check(&frontend_again), Decision::Allowed, "the same identity, wherever it calls from");
+        assert!(matches!(rl.check(&frontend), Decision::Limited { .. }), "one bucket for both");
+        assert_eq!(rl.check(&batch), Decision::Allowed, "another identity has its own");
+        assert_eq!(rl.check(&batch), Decision::Allowed);
+        assert!(matches!(rl.check(&batch), Decision::Limited { .. }));
+    }
+
+    #[test]
+    fn a_token_given_back_is_there_again_but_never_above_the_burst() {
+        let (_clock, rl) = limiter(1, 2);
+        let me = ip(1);
+        assert_eq!(rl.check(&me), Decision::Allowed);
+        assert_eq!(rl.check(&me), Decision::Allowed);
+        rl.give_back(&me);
+        assert_eq!(rl.check(&me), Decision::Allowed);
+        assert!(matches!(rl.check(&me), Decision::Limited { .. }));
+        for _ in 0..5 {
+            rl.give_back(&me);
+        }
+        let allowed = (0..5).filter(|_| rl.check(&me) == Decision::Allowed).count();
+        assert_eq!(allowed, 2, "capped at the burst");
+        rl.give_back(&ip(2));
+        assert_eq!(rl.tracked_clients(), 1, "giving back to an unknown client makes no bucket");
     }
 
     #[test]

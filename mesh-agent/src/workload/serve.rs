@@ -47,6 +47,8 @@ pub struct Node {
     pub stats: Arc<Stats>,
     pub routes: Arc<RouteStore>,
     pub services: Arc<crate::balance::service::Services>,
+    /// Services' rate limits at this node's workloads, for every workload's inbound.
+    pub rate_limits: Arc<crate::inbound::rate_limit::DestinationLimits>,
     pub records: Records,
     pub locality: Option<crate::balance::Locality>,
     pub downstream: crate::l7::DownstreamTimeouts,
@@ -102,6 +104,7 @@ impl Node {
             identity: slot,
             tunnels,
             services: self.services.clone(),
+            rate_limits: self.rate_limits.clone(),
             upstreams,
             records: self.records.clone(),
             locality: self.locality.clone(),
@@ -165,6 +168,7 @@ impl Node {
                     upstreams: ctx.upstreams.clone(),
                     records: self.records.clone(),
                     downstream: self.downstream,
+                    rate_limits: self.rate_limits.clone(),
                     tcp_idle_timeout: self.tcp_idle_timeout,
                 };
                 // The tunnel server sends GOAWAY and drains on this token.

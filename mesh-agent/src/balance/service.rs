@@ -97,6 +97,9 @@ pub struct ServiceState {
     pub policy: Arc<ServicePolicy>,
     balancer: Arc<dyn Balancer>,
     pub budget: Arc<RetryBudget>,
+    /// The service's rate limit on the calling side, which applies only to endpoints
+    /// outside the mesh: meshed ones are limited by their own agent
+    /// ([`crate::inbound::rate_limit`]).
     pub rate_limiter: Option<Arc<RateLimiter>>,
     pub random: SharedRandom,
 }

@@ -1,10 +1,11 @@
 //! The client side of L7: an intercepted HTTP/1.1 or HTTP/2 connection to a service
 //! is served by hyper, and every request is balanced, retried and timed on its own.
 //!
-//! Per request: trace context and request id (continued or started), the service's
-//! rate limit, hop-by-hop headers removed, then tries: pick an endpoint (skipping
-//! unhealthy, ejected and circuit-open ones), send on a pooled connection (plain or
-//! through the tunnel), classify the result (5xx, gRPC UNAVAILABLE, reset, timeout)
+//! Per request: trace context and request id (continued or started), hop-by-hop
+//! headers removed, then tries: pick an endpoint (skipping unhealthy, ejected and
+//! circuit-open ones), for an endpoint outside the mesh the service's rate limit
+//! (`Outbound::calling_side_limit`), send on a pooled connection (plain or through
+//! the tunnel), classify the result (5xx, gRPC UNAVAILABLE, reset, timeout)
 //! for the endpoint's breaker and outlier detection, and retry what the policy and
 //! the retry budget allow. The response body streams back; when it ends the request
 //! is counted, logged and its endpoint claim released.
@@ -176,15 +177,6 @@ impl Outbound {
         });
         let method_label = crate::observe::labels::method(req.method());
 
-        let limited = state.rate_limiter.as_ref().map(|l| l.check(&ClientKey::Ip(self.peer.ip())));
-        if let Some(decision @ Decision::Limited { .. }) = limited {
-            let secs = decision.retry_after_secs().unwrap_or(1);
-            let mut resp = error_response(StatusCode::TOO_MANY_REQUESTS, "rate limited", grpc);
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            self.finish_local(record, method_label, StatusCode::TOO_MANY_REQUESTS, start);
-            return Ok(resp);
-        }
-
         let upgrade = self.version == Version::Http1 && is_upgrade(req.headers());
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);
@@ -293,6 +285,17 @@ impl Outbound {
                 });
                 Ok(resp.map(|b| Observed::new(b, None, Some(on_end)).boxed_unsync()))
             }
+            Err(Failed::RateLimited(decision)) => {
+                // Not logged: a client over its limit may send thousands a second.
+                let secs = decision.retry_after_secs().unwrap_or(1);
+                let mut resp = error_response(StatusCode::TOO_MANY_REQUESTS, "rate limited", grpc);
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                if let Some(r) = record.as_mut() {
+                    r.error = Some("rate limited".into());
+                }
+                self.finish_local(record, method_label, StatusCode::TOO_MANY_REQUESTS, start);
+                Ok(resp)
+            }
             Err(failed) => {
                 let (status, message) = failed.status();
                 if let Some(r) = record.as_mut() {
@@ -330,6 +333,13 @@ impl Outbound {
             };
             let endpoint = guard.addr();
             let dial = dial_for(state, endpoint);
+            if retry.attempts() == 1
+                && let Some(decision @ Decision::Limited { .. }) = self.calling_side_limit(state, &dial)
+            {
+                // Dropped without a report: the endpoint was never tried.
+                drop(guard);
+                return Err(Failed::RateLimited(decision));
+            }
             let Some(mut req) = body.request(parts, request_bytes) else {
                 return Err(Failed::Upstream("request body already sent".into()));
             };
@@ -402,6 +412,28 @@ impl Outbound {
                 }
             }
         }
+    }
+
+    /// The service's rate limit as the calling side applies it, to a request whose
+    /// first try goes to `dial`; `None` when it does not apply here.
+    ///
+    /// A meshed endpoint is limited by its own agent, per calling identity
+    /// ([`crate::inbound::rate_limit`]): limiting here too would be per calling node,
+    /// N nodes getting N times the limit, and a second bucket for the same request.
+    /// An endpoint outside the mesh has no agent to do it, so its requests are
+    /// limited here, still per calling node but at least per caller: by the calling
+    /// workload's identity when it has one (all its clients, whatever their
+    /// address, share one bucket), else by the client's address.
+    fn calling_side_limit(&self, state: &ServiceState, dial: &Dial) -> Option<Decision> {
+        let limiter = state.rate_limiter.as_ref()?;
+        if !matches!(dial, Dial::Plain) {
+            return None;
+        }
+        let client = match self.ctx.identity.get() {
+            Some(ident) => ClientKey::Identity(ident.workload.id().to_string()),
+            None => ClientKey::Ip(self.peer.ip().to_canonical()),
+        };
+        Some(limiter.check(&client))
     }
 
     /// Accounts a request answered by the agent itself (rate limit, no endpoint, all
@@ -514,6 +546,8 @@ impl RequestBody {
 /// Why a request got no usable response.
 #[derive(Debug)]
 enum Failed {
+    /// Refused by the service's rate limit on this side (answered 429 with Retry-After).
+    RateLimited(Decision),
     NoEndpoint(usize),
     Connect(String),
     Upstream(String),
@@ -523,6 +557,7 @@ enum Failed {
 impl Failed {
     fn status(&self) -> (StatusCode, String) {
         match self {
+            Failed::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate limited".to_owned()),
             Failed::NoEndpoint(n) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("no available endpoint (of {n}): unhealthy, ejected or circuit open"),

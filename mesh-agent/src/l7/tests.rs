@@ -370,6 +370,32 @@ async fn rate_limited_clients_get_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn the_calling_side_leaves_a_meshed_endpoints_limit_to_its_agent() {
+    // A meshed endpoint (behind an agent) that this agent cannot reach: it has no
+    // workload certificate, so every request fails, but none on the rate limit.
+    let mut s = snapshot(&[], None);
+    s.services[0].endpoints = vec![api::Endpoint {
+        address: "127.0.0.1".into(),
+        port: 9,
+        weight: 1,
+        agent_address: "127.0.0.1:9".into(),
+        identity: "spiffe://cluster.local/ns/default/sa/web".into(),
+        ..Default::default()
+    }];
+    s.services[0].policy = Some(api::Policy {
+        rate_limit: Some(api::RateLimit { requests_per_second: 1, burst: 1 }),
+        ..Default::default()
+    });
+    let (agent, _ctx) = agent(&s).await;
+    let mut client = h1_client(agent).await;
+    for _ in 0..2 {
+        let (status, _, body) = get(&mut client, &[]).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "tried, not limited here: {body:?}");
+        assert!(String::from_utf8_lossy(&body).contains("no workload certificate"), "{body:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_slow_endpoint_meets_the_request_timeout() {
     let a = Backend::start("a").await;
     a.set(Behaviour::Slow(Duration::from_secs(30)));

@@ -1,12 +1,12 @@
 //! End to end, the agent's HTTP-aware proxying (`mesh-agent/src/l7`): per-request
 //! balancing over one kept-alive client connection, retries across a backend that
 //! dies, the circuit breaker, gRPC (real grpcio client and server), WebSocket
-//! upgrades, trace context, and the receiving agent's `x-forwarded-for` and
-//! method/path authorization on the meshed path.
+//! upgrades, trace context, and the receiving agent's `x-forwarded-for`,
+//! method/path authorization and rate limit per calling identity on the meshed path.
 //!
 //! Lab: a control plane on host `control`, the workload and its agent on `client`,
-//! backends on `b1`..`b3` (10.77.0.3..5). The meshed test uses `client` and `server`
-//! agents with identities, as `mesh_tls.rs` does.
+//! backends on `b1`..`b3` (10.77.0.3..5). The meshed tests use `client` (or `c1`..`c3`)
+//! and `server` agents with identities, as `mesh_tls.rs` does.
 
 use std::{
     collections::BTreeMap,
@@ -645,6 +645,152 @@ fn meshed_request_gets_forwarded_for_and_method_path_authorization(mode: &str) {
     });
 }
 
+// 8. Meshed path: the service's rate limit, kept by the receiving agent per calling
+// identity.
+const LIMITED_VIP: &str = "10.96.0.61";
+const BURST: usize = 10;
+/// Requests each caller sends at once: past the burst, with room for the tokens
+/// that come back (1 a second) while they are sent.
+const SENT: usize = 25;
+
+/// `api` on `server` (10.77.0.5) limited to 1 request a second and a burst of
+/// [`BURST`]; `frontend` running on `c1` and `c2`, `batch` on `c3`.
+fn limited_registry() -> String {
+    format!(
+        "services:
+  - name: api
+    namespace: shop
+    vips: [{LIMITED_VIP}]
+    ports: [{{port: 80, target_port: 8080, protocol: http}}]
+    policy:
+      rate_limit: {{requests_per_second: 1, burst: {BURST}}}
+    endpoints:
+      - {{address: 10.77.0.5, node: server, service_account: api, agent_address: \"10.77.0.5:15008\"}}
+  - name: frontend
+    namespace: shop
+    ports: [{{port: 80}}]
+    endpoints:
+      - {{address: 10.77.0.2, node: c1, service_account: frontend}}
+      - {{address: 10.77.0.3, node: c2, service_account: frontend}}
+  - name: batch
+    namespace: shop
+    ports: [{{port: 80}}]
+    endpoints:
+      - {{address: 10.77.0.4, node: c3, service_account: batch}}
+"
+    )
+}
+
+/// The attacker's way around a limit kept by the calling agent is more calling
+/// nodes: `frontend` on two nodes would get twice the burst. Kept at the
+/// destination per identity, both together get one burst (plus what refills while
+/// they send), another identity (`batch`) still gets its own, and a refused request
+/// gets 429 with Retry-After from the receiving agent, never reaching the app.
+fn rate_limit_is_kept_at_the_destination_per_calling_identity(mode: &str) {
+    let lab = Lab::new(&["control", "c1", "c2", "c3", "server"]).expect("lab");
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("registry.yaml");
+    std::fs::write(&reg, limited_registry()).unwrap();
+    let nodes = ["c1", "c2", "c3", "server"];
+    let control =
+        Control::start_with_ca(lab.host("control"), &reg, dir.path(), &nodes, &[]).expect("control");
+    let api = servers::http_echo_headers(lab.host("server"), 8080, "api", 200).unwrap();
+    let agent = |host: &str, identity: &str| {
+        let cg = Cgroup::new(host).unwrap();
+        let opts = control.agent_options(mode, host, identity).cgroup(&cg);
+        let a = Agent::start(lab.host(host), opts).expect("agent starts");
+        a.wait_enrolled();
+        (a, cg)
+    };
+    let callers = [
+        ("c1", agent("c1", "shop/frontend")),
+        ("c2", agent("c2", "shop/frontend")),
+        ("c3", agent("c3", "shop/batch")),
+    ];
+    let (server_agent, _server_cg) = agent("server", "shop/api");
+    let logs = || {
+        let mut all = format!("server agent:\n{}\n", server_agent.log_text());
+        for (host, (a, _)) in &callers {
+            all.push_str(&format!("{host} agent:\n{}\n", a.log_text()));
+        }
+        all
+    };
+    // SENT requests from `host`'s workload over one connection, in one curl: the
+    // status and Retry-After of each.
+    let burst_from = |host: &str| -> Vec<(u16, String)> {
+        let (_, (_, cg)) = callers.iter().find(|(h, _)| *h == host).unwrap();
+        let out = lab
+            .host(host)
+            .command("curl", Some(cg.absolute()))
+            .unwrap()
+            .args(["-sS", "--max-time", "30", "-w", "\n@@ %{http_code} %header{retry-after}\n"])
+            .arg(format!("http://{LIMITED_VIP}/api/[1-{SENT}]"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let results: Vec<(u16, String)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("@@ "))
+            .map(|l| {
+                let (code, retry_after) = l.split_once(' ').unwrap_or((l, ""));
+                (code.parse().unwrap_or(0), retry_after.trim().to_owned())
+            })
+            .collect();
+        if results.len() != SENT || results.iter().any(|(code, _)| ![200, 429].contains(code)) {
+            panic!(
+                "{host}: want {SENT} answers, each 200 or 429: {results:?}\n{text}\n{}\n{}",
+                stderr(&out),
+                logs()
+            );
+        }
+        results
+    };
+    let ok = |results: &[(u16, String)]| results.iter().filter(|(code, _)| *code == 200).count();
+
+    let start = Instant::now();
+    let c1 = burst_from("c1");
+    let c2 = burst_from("c2");
+    let elapsed = start.elapsed();
+    let (ok1, ok2) = (ok(&c1), ok(&c2));
+    // What a token bucket admits in `elapsed`, at 1 a second.
+    let admissible = BURST + elapsed.as_secs_f64().ceil() as usize;
+    assert!(ok1 >= BURST, "c1 gets frontend's whole burst: {ok1} of {c1:?}");
+    assert!(
+        ok1 + ok2 <= admissible,
+        "frontend from two nodes gets one identity's limit: {ok1} + {ok2} in {elapsed:?}, at most {admissible}"
+    );
+    assert!(ok2 < BURST, "c2 shares c1's bucket, not a burst of its own: {ok2} of {c2:?}");
+    let (code, retry_after) =
+        c1.iter().find(|(code, _)| *code == 429).unwrap_or_else(|| panic!("c1 limited: {c1:?}"));
+    assert_eq!((*code, retry_after.as_str()), (429, "1"), "429 with Retry-After");
+
+    let c3 = burst_from("c3");
+    let ok3 = ok(&c3);
+    assert!(ok3 >= BURST, "batch has its own bucket: {ok3} of {c3:?}");
+    assert!(c3.iter().any(|(code, _)| *code == 429), "and its own limit: {c3:?}");
+
+    eprintln!(
+        "admitted of {SENT} each: frontend on c1 {ok1}, on c2 {ok2} (in {elapsed:?}), batch on c3 {ok3}"
+    );
+    assert_eq!(api.seen().len(), ok1 + ok2 + ok3, "limited requests never reached the app");
+    // Refused by the receiving agent, as each caller's identity.
+    for (who, want) in [("frontend", SENT * 2 - ok1 - ok2), ("batch", SENT - ok3)] {
+        let id = format!("spiffe://cluster.local/ns/shop/sa/{who}");
+        let limited = || {
+            server_agent.find_all(|v| {
+                v["direction"] == "inbound"
+                    && v["response_code"] == 429
+                    && v["source_identity"] == id.as_str()
+            })
+        };
+        eventually(
+            Duration::from_secs(10),
+            &format!("the receiving agent logged {want} 429s for {who}"),
+            || (limited().len() == want).then_some(()),
+        );
+    }
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -657,4 +803,5 @@ mesh_tests::both_modes!(
     websocket_upgrade_echoes_frames,
     trace_context_is_continued_or_started,
     meshed_request_gets_forwarded_for_and_method_path_authorization,
+    rate_limit_is_kept_at_the_destination_per_calling_identity,
 );

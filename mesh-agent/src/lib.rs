@@ -28,6 +28,7 @@ pub mod mtls;
 pub mod observe;
 pub mod orig_dst;
 pub mod resilience;
+pub mod routing;
 pub mod sniff;
 pub mod socket;
 pub mod source_addr;

@@ -306,6 +306,17 @@ impl EndpointSet {
         &self.shared.outlier
     }
 
+    /// A view of the endpoints `keep` selects, for a balancer over a route's subset:
+    /// the same endpoints (state and all), not copies.
+    pub fn subset(&self, keep: impl Fn(SocketAddr) -> bool) -> EndpointSet {
+        EndpointSet {
+            shared: self.shared.clone(),
+            breaker: self.breaker.clone(),
+            endpoints: self.endpoints.iter().filter(|e| keep(e.addr)).cloned().collect(),
+            updated: self.updated,
+        }
+    }
+
     pub(crate) fn shared(&self) -> &Arc<SetShared> {
         &self.shared
     }

@@ -23,6 +23,7 @@ use crate::resilience::outlier::OutlierConfig;
 use crate::resilience::random::{SharedRandom, ThreadRandom};
 use crate::resilience::rate_limit::{RateLimitConfig, RateLimiter};
 use crate::resilience::retry::{RetryBudget, RetryPolicy};
+use crate::routing::{Backend, BackendRef, Routes};
 
 /// A service's policy as the data path applies it, validated when the snapshot is
 /// (an invalid field NACKs the whole snapshot, naming the field).
@@ -96,6 +97,9 @@ pub struct ServiceState {
     pub route: Arc<Route>,
     pub policy: Arc<ServicePolicy>,
     balancer: Arc<dyn Balancer>,
+    /// The service itself as a route backend: where requests no route takes go.
+    pub own: Backend,
+    pub routes: Routes,
     pub budget: Arc<RetryBudget>,
     /// The service's rate limit on the calling side, which applies only to endpoints
     /// outside the mesh: meshed ones are limited by their own agent
@@ -197,7 +201,7 @@ impl Services {
         if current.table == id && current.version == table.version {
             return current;
         }
-        let mut states = HashMap::with_capacity(table.routes().len());
+        let mut defaults = HashMap::with_capacity(table.routes().len());
         let mut keep = HashMap::with_capacity(table.routes().len());
         for route in table.routes() {
             let key: Key = (route.service.clone(), route.port);
@@ -229,19 +233,30 @@ impl Services {
                 locality: Locality::new(e.region.clone(), e.zone.clone()),
                 healthy: e.healthy,
             }));
-            let balancer = super::build(&policy.lb, &entry.set);
+            defaults.insert(key.clone(), super::build(&policy.lb, &entry.set));
+            keep.insert(key, entry);
+        }
+        // Routes second: a backend may name any service port of the table.
+        let mut states = HashMap::with_capacity(table.routes().len());
+        for route in table.routes() {
+            let key: Key = (route.service.clone(), route.port);
+            let (Some(entry), Some(balancer)) = (keep.get(&key), defaults.get(&key)) else { continue };
+            let own = Backend::new(route.clone(), balancer.clone(), 1);
+            let lookup = |b: &BackendRef| backend(table, route, b, &keep, &defaults);
+            let routes = crate::routing::resolve(route, &own, &lookup);
             states.insert(
-                key.clone(),
+                key,
                 Arc::new(ServiceState {
                     route: route.clone(),
-                    policy,
-                    balancer,
+                    policy: entry.policy.clone(),
+                    balancer: balancer.clone(),
+                    own,
+                    routes,
                     budget: entry.budget.clone(),
                     rate_limiter: entry.rate_limiter.clone(),
                     random: self.random.clone(),
                 }),
             );
-            keep.insert(key, entry);
         }
         *carried = keep;
         let built = Arc::new(Built { version: table.version, table: id, states });
@@ -253,6 +268,36 @@ impl Services {
     pub fn snapshot(&self) -> Vec<Arc<ServiceState>> {
         self.built.load().states.values().cloned().collect()
     }
+}
+
+/// Resolves a route backend of `route` against the table being built: a balancer
+/// over the named service port's endpoints in the subset (sharing their state), or
+/// why there is none.
+fn backend(
+    table: &RouteTable,
+    route: &Route,
+    b: &BackendRef,
+    sets: &HashMap<Key, Carried>,
+    defaults: &HashMap<Key, Arc<dyn Balancer>>,
+) -> Backend {
+    let (service, port) = b.target(route);
+    let Some(target) = table.service_port(service, port) else {
+        return Backend::unknown(
+            format!("backend {} is not a known service port", b.describe(route)),
+            b.weight,
+        );
+    };
+    let key: Key = (target.service.clone(), target.port);
+    let (Some(entry), Some(whole)) = (sets.get(&key), defaults.get(&key)) else {
+        return Backend::unknown(format!("backend {} has no balancing state", b.describe(route)), b.weight);
+    };
+    if b.subset.is_empty() {
+        return Backend::new(target.clone(), whole.clone(), b.weight);
+    }
+    let members: std::collections::HashSet<SocketAddr> =
+        target.endpoints.iter().filter(|e| b.selects(&e.labels)).map(|e| e.addr).collect();
+    let balancer = super::build(&entry.policy.lb, &entry.set.subset(|a| members.contains(&a)));
+    Backend::new(target.clone(), balancer, b.weight)
 }
 
 /// One service port's balancing state, for `/config_dump`.

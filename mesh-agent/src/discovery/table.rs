@@ -6,7 +6,7 @@
 //! round robin is one atomic increment over a precomputed list of healthy endpoints.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -24,6 +24,8 @@ pub enum TableError {
     Decode(String),
     #[error("service {service}: {field}: {message}")]
     Invalid { service: String, field: String, message: String },
+    #[error("service {service}: {error}")]
+    Route { service: String, error: mesh_api::routes::RouteError },
     #[error("service {service}: VIP {vip} is also claimed by service {other}")]
     Conflict { service: String, vip: SocketAddr, other: String },
     #[error("snapshot has {count} endpoints, over this agent's limit of {limit} (--max-endpoints)")]
@@ -51,6 +53,9 @@ pub struct EndpointTarget {
     pub agent_address: Option<SocketAddr>,
     pub zone: String,
     pub region: String,
+    /// The workload's labels: route subsets select endpoints by them.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A service port: what a VIP:port or hostname:port resolves to.
@@ -69,6 +74,9 @@ pub struct Route {
     /// Whether the service accepts plaintext at its workloads (the policy's `mtls`,
     /// else the snapshot's default).
     pub mtls: MtlsMode,
+    /// The service's HTTP routes that apply to this port, compiled, in order.
+    #[serde(skip)]
+    pub http_routes: Arc<[Arc<crate::routing::HttpRoute>]>,
     /// Where each address first appears in `endpoints`: a picked endpoint's details
     /// are looked up on every request, and a service may have thousands.
     #[serde(skip)]
@@ -112,6 +120,8 @@ pub struct RouteTable {
     pub trust_domain: String,
     by_addr: HashMap<SocketAddr, Arc<Route>>,
     by_host: HashMap<(String, u16), Arc<Route>>,
+    /// `namespace/name` and port -> the service port: what route backends name.
+    by_service: HashMap<(Arc<str>, u16), Arc<Route>>,
     /// Endpoint address (and target port) -> every service port listing it, by
     /// service name: the services selecting a workload port.
     by_endpoint: HashMap<SocketAddr, Vec<(Arc<Route>, usize)>>,
@@ -264,12 +274,15 @@ impl RouteTable {
                         agent_address,
                         zone: locality.zone,
                         region: locality.region,
+                        labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     });
                 }
                 let mut by_endpoint = HashMap::with_capacity(endpoints.len());
                 for (i, e) in endpoints.iter().enumerate() {
                     by_endpoint.entry(e.addr).or_insert(i);
                 }
+                let http_routes = crate::routing::compile(&s.routes, &s.ports, svc_port)
+                    .map_err(|error| TableError::Route { service: name.to_string(), error })?;
                 let route = Arc::new(Route {
                     service: name.clone(),
                     port: svc_port,
@@ -278,8 +291,10 @@ impl RouteTable {
                     policy: s.policy.clone(),
                     service_policy: service_policy.clone(),
                     mtls,
+                    http_routes,
                     by_endpoint,
                 });
+                table.by_service.insert((name.clone(), svc_port), route.clone());
                 for (&addr, &i) in &route.by_endpoint {
                     table.by_endpoint.entry(addr).or_default().push((route.clone(), i));
                 }
@@ -312,6 +327,11 @@ impl RouteTable {
     /// slots for these.
     pub fn is_mesh_peer(&self, ip: IpAddr) -> bool {
         self.peer_ips.contains(&ip.to_canonical())
+    }
+
+    /// The port `port` of service `service` (`namespace/name`).
+    pub fn service_port(&self, service: &str, port: u16) -> Option<&Arc<Route>> {
+        self.by_service.get(&(Arc::<str>::from(service), port))
     }
 
     /// The service port an intercepted connection to `dst` was meant for.
@@ -371,6 +391,7 @@ mod tests {
             trust_domain: "cluster.local".into(),
             services: vec![api::Service {
                 health_check: None,
+                routes: Vec::new(),
                 name: "echo".into(),
                 namespace: "default".into(),
                 vips: vec!["10.96.0.10".into(), "fd96::10".into()],

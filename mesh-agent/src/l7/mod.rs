@@ -17,6 +17,7 @@ pub mod downstream;
 pub mod headers;
 pub mod inbound;
 pub mod io;
+pub mod mirror;
 pub mod outbound;
 pub mod pool;
 
@@ -145,3 +146,6 @@ mod direct_tests;
 
 #[cfg(test)]
 mod pool_tests;
+
+#[cfg(test)]
+mod route_tests;

@@ -29,7 +29,7 @@ use super::headers::{is_upgrade, strip_hop_by_hop};
 use super::pool::{Body, Dial, SendError, Version};
 use crate::balance::service::{ServiceState, target_of};
 use crate::balance::{HashKeySource, PickGuard, hash};
-use crate::discovery::table::addr_header;
+use crate::discovery::table::{Route, addr_header};
 use crate::forward::Accepted;
 use crate::listener::{Direction, ProxyContext};
 use crate::observe::access_log::AccessRecord;
@@ -40,6 +40,8 @@ use crate::observe::trace::{Origin, TraceContext};
 use crate::resilience::outcome::{FailureKind, GRPC_UNAVAILABLE, Outcome};
 use crate::resilience::rate_limit::{ClientKey, Decision};
 use crate::resilience::retry::{BodyLength, RetryDecision, is_replayable};
+use crate::routing::RouteState;
+use crate::routing::matching::RequestView;
 
 /// Request bodies up to this size are buffered so a failed try can be sent again.
 pub const REPLAY_BUFFER: u64 = 64 * 1024;
@@ -177,6 +179,15 @@ impl Outbound {
         });
         let method_label = crate::observe::labels::method(req.method());
 
+        let (routed, target_route, target_balancer, mirror) =
+            match self.route(&state, &req, &mut record, grpc).await {
+                Routed::Send { route, target: (r, b), mirror } => (route, r, b, mirror),
+                Routed::Answered(status, resp) => {
+                    self.finish_local(record, method_label, status, start);
+                    return Ok(resp);
+                }
+            };
+
         let upgrade = self.version == Version::Http1 && is_upgrade(req.headers());
         let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);
@@ -189,10 +200,12 @@ impl Outbound {
         let (parts, body) = req.into_parts();
         let length = body_length(&parts.headers, &body);
         let policy = &state.policy;
+        let retry_policy = routed.and_then(|r| r.rule.retry.as_ref()).unwrap_or(&policy.retry);
+        let request_timeout = routed.and_then(|r| r.rule.timeout).or(policy.request_timeout);
         // A replayable body is read whole first (bounded by REPLAY_BUFFER, by
-        // REPLAY_READ_TIMEOUT, and by the agent's total for bodies held for retries);
-        // any other streams through once.
-        let reservation = (policy.retry.max_attempts > 1
+        // REPLAY_READ_TIMEOUT, and by the agent's total for bodies held for retries
+        // and mirrors); any other streams through once.
+        let reservation = ((retry_policy.max_attempts > 1 || mirror.is_some())
             && !upgrade
             && is_replayable(parts.method.as_str(), length, REPLAY_BUFFER))
         .then(|| reserve_replay(length))
@@ -222,13 +235,18 @@ impl Outbound {
             }
             None => RequestBody::Stream(Some(body)),
         };
+        if let Some((route, mirror_backend)) = mirror {
+            self.mirror(route, mirror_backend, &parts, &body, length, hash_key);
+        }
         let connect_timeout = policy.connect_timeout.unwrap_or(self.ctx.connect_timeout);
+        let target = Target { route: target_route, balancer: &**target_balancer, retry: retry_policy };
         // Built inside the call (not bound first): a bound future would take room in
         // this future's state twice (see `deadline`).
         let result = super::deadline::within(
-            policy.request_timeout,
+            request_timeout,
             self.tries(
                 &state,
+                &target,
                 &parts,
                 &mut body,
                 replayable,
@@ -257,7 +275,7 @@ impl Outbound {
                 }
                 let status = resp.status();
                 // One lookup of the answering endpoint for the record and the header.
-                let target = target_of(&state.route, guard.addr());
+                let target = target_of(target_route, guard.addr());
                 if let Some(r) = record.as_mut() {
                     r.response_code = Some(status.as_u16());
                     r.destination_endpoint = Some(guard.addr());
@@ -309,11 +327,88 @@ impl Outbound {
         }
     }
 
+    /// Applies the service's routes to a request: the route it takes (recorded), that
+    /// route's faults (the delay waited here), and the backend drawn by weight; the
+    /// service itself when no route takes it, or when the client dialled one endpoint
+    /// by its address (routes are for the service, not for a pinned endpoint).
+    async fn route<'s, B>(
+        &self,
+        state: &'s ServiceState,
+        req: &Request<B>,
+        record: &mut Option<Box<AccessRecord>>,
+        grpc: bool,
+    ) -> Routed<'s> {
+        let routed = match self.pinned {
+            None if !state.routes.is_empty() => select_route(state, req),
+            _ => None,
+        };
+        let backend = routed.map_or(&state.own, |r| r.backend(&*state.random));
+        if let Some(route) = routed {
+            if let Some(r) = record.as_mut() {
+                r.route = Some(route.rule.name.clone());
+            }
+            if let Some(delay) = route.rule.fault.delay(&*state.random) {
+                crate::observe::metrics::fault_injected(&self.service, &route.rule.name, "delay");
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(abort) = route.rule.fault.abort(&*state.random) {
+                crate::observe::metrics::fault_injected(&self.service, &route.rule.name, "abort");
+                return Routed::Answered(abort.status, aborted(abort, grpc));
+            }
+        }
+        let target = match &backend.target {
+            Ok(resolved) => resolved,
+            Err(why) => {
+                // As Gateway API asks of a backend that cannot be resolved.
+                if let Some(r) = record.as_mut() {
+                    r.error = Some(why.to_string());
+                }
+                let status = StatusCode::INTERNAL_SERVER_ERROR;
+                return Routed::Answered(status, error_response(status, why, grpc));
+            }
+        };
+        let mirror = routed.and_then(|r| {
+            let percent = r.rule.mirror.as_ref()?.percent;
+            let backend = r.mirror.as_ref()?;
+            crate::routing::chosen(percent, &*state.random).then_some((r, backend))
+        });
+        Routed::Send { route: routed, target, mirror }
+    }
+
+    /// Sends a copy of the request to the route's mirror, when its body is in hand
+    /// (empty, or held whole for retries and mirrors); otherwise counts it dropped.
+    fn mirror(
+        &self,
+        route: &RouteState,
+        backend: &crate::routing::Backend,
+        parts: &http::request::Parts,
+        body: &RequestBody,
+        length: BodyLength,
+        hash_key: Option<u64>,
+    ) {
+        let held = match body {
+            RequestBody::Buffered { bytes, .. } => Some(bytes.clone()),
+            RequestBody::Stream(_) if length == BodyLength::Empty => Some(Bytes::new()),
+            RequestBody::Stream(_) => None,
+        };
+        match held {
+            Some(body) => super::mirror::spawn(
+                &self.ctx,
+                &self.service,
+                &route.rule.name,
+                backend,
+                super::mirror::Copy { parts, body, version: self.version, hash_key },
+            ),
+            None => crate::observe::metrics::mirrored(&self.service, &route.rule.name, "dropped"),
+        }
+    }
+
     /// Every try of one request, up to the response headers of the last.
     #[allow(clippy::too_many_arguments)]
     async fn tries(
         &self,
         state: &ServiceState,
+        target: &Target<'_>,
         parts: &http::request::Parts,
         body: &mut RequestBody,
         replayable: bool,
@@ -322,17 +417,19 @@ impl Outbound {
         request_bytes: &Arc<AtomicU64>,
         record: &mut Option<Box<AccessRecord>>,
     ) -> Result<(Response<Incoming>, PickGuard, Outcome), Failed> {
-        let mut retry = state.policy.retry.start(&state.budget);
+        let mut retry = target.retry.start(&state.budget);
         loop {
             let picked = match self.pinned {
                 Some(endpoint) => state.claim(endpoint),
-                None => state.pick(hash_key, self.ctx.locality.as_ref()),
+                None => target
+                    .balancer
+                    .pick(&crate::balance::PickContext { hash_key, locality: self.ctx.locality.as_ref() }),
             };
             let Some(guard) = picked else {
-                return Err(Failed::NoEndpoint(state.route.endpoints.len()));
+                return Err(Failed::NoEndpoint(target.balancer.endpoints().len()));
             };
             let endpoint = guard.addr();
-            let dial = dial_for(state, endpoint);
+            let dial = dial_for(target.route, endpoint);
             if retry.attempts() == 1
                 && let Some(decision @ Decision::Limited { .. }) = self.calling_side_limit(state, &dial)
             {
@@ -512,6 +609,54 @@ impl Outbound {
     }
 }
 
+/// What a service's routes made of a request.
+enum Routed<'s> {
+    /// Send it: the route that took it (if any), the service port and balancer of the
+    /// backend drawn, and the mirror to copy it to.
+    Send {
+        route: Option<&'s RouteState>,
+        target: &'s crate::routing::Resolved,
+        mirror: Option<(&'s RouteState, &'s crate::routing::Backend)>,
+    },
+    /// Answered by the agent (an injected abort, a backend that cannot be resolved).
+    Answered(StatusCode, Response<Body>),
+}
+
+/// Where a request's tries go: the chosen backend's service port and balancer, and
+/// the retry policy in force (the route's, else the service's).
+struct Target<'a> {
+    route: &'a Route,
+    balancer: &'a dyn crate::balance::Balancer,
+    retry: &'a crate::resilience::retry::RetryPolicy,
+}
+
+/// The first of the service's routes the request meets. The path is normalised
+/// only when some route matches on it.
+fn select_route<'s, B>(state: &'s ServiceState, req: &Request<B>) -> Option<&'s RouteState> {
+    let normalized =
+        state.routes.needs_path().then(|| crate::authz::path::normalize(req.uri().path()).ok()).flatten();
+    let view = RequestView {
+        path: normalized.as_deref(),
+        method: req.method(),
+        headers: req.headers(),
+        query: req.uri().query().unwrap_or(""),
+    };
+    state.routes.select(&view)
+}
+
+/// The answer to a request a route's fault aborts: a gRPC request gets the gRPC
+/// status when one is set, else the HTTP status.
+fn aborted(abort: crate::routing::Abort, grpc: bool) -> Response<Body> {
+    match abort.grpc_status {
+        Some(code) if grpc => {
+            let mut resp = error_response(StatusCode::OK, "fault injected", true);
+            resp.headers_mut().insert("grpc-status", HeaderValue::from(code));
+            resp
+        }
+        _ => error_response(abort.status, "fault injected", false),
+    }
+}
+
 /// The request body across tries: buffered (replayable) or streamed once.
 enum RequestBody {
     /// The whole body, and its share of the agent's budget for bodies held for retries.
@@ -569,9 +714,9 @@ impl Failed {
     }
 }
 
-/// How an endpoint of `state` is reached: through its agent when it is meshed.
-fn dial_for(state: &ServiceState, endpoint: SocketAddr) -> Dial {
-    target_of(&state.route, endpoint)
+/// How an endpoint of `route` is reached: through its agent when it is meshed.
+pub(crate) fn dial_for(route: &Route, endpoint: SocketAddr) -> Dial {
+    target_of(route, endpoint)
         .and_then(crate::mtls::meshed)
         .map(|(agent, id)| Dial::Meshed { agent, identity: id.clone() })
         .unwrap_or(Dial::Plain)

@@ -27,16 +27,18 @@ const VIP: &str = "10.96.0.10:80";
 
 /// How a test backend answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Behaviour {
+pub(super) enum Behaviour {
     Ok,
     Status(u16),
     GrpcUnavailable,
     Slow(Duration),
 }
 
-struct Backend {
-    addr: SocketAddr,
+pub(super) struct Backend {
+    pub(super) addr: SocketAddr,
     hits: Arc<AtomicUsize>,
+    /// The `host` header of the last request (HTTP/1.1), for mirror tests.
+    pub(super) last_host: Arc<std::sync::Mutex<Option<String>>>,
     behaviour: Arc<std::sync::Mutex<Behaviour>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -44,18 +46,21 @@ struct Backend {
 impl Backend {
     /// A backend speaking HTTP/1.1 and HTTP/2 (prior knowledge) that answers with its
     /// name and echoes `traceparent` and `x-request-id` as response headers.
-    async fn start(name: &'static str) -> Backend {
+    pub(super) async fn start(name: &'static str) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let behaviour = Arc::new(std::sync::Mutex::new(Behaviour::Ok));
-        let (h, b) = (hits.clone(), behaviour.clone());
+        let last_host = Arc::new(std::sync::Mutex::new(None));
+        let (h, b, lh) = (hits.clone(), behaviour.clone(), last_host.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { return };
-                let (h, b) = (h.clone(), b.clone());
+                let (h, b, lh) = (h.clone(), b.clone(), lh.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        *lh.lock().unwrap() =
+                            req.headers().get("host").and_then(|v| v.to_str().ok()).map(str::to_owned);
                         h.fetch_add(1, Ordering::SeqCst);
                         let behaviour = *b.lock().unwrap();
                         async move { Ok::<_, Infallible>(answer(name, behaviour, req).await) }
@@ -66,7 +71,7 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, hits, behaviour, task: Some(task) }
+        Backend { addr, hits, last_host, behaviour, task: Some(task) }
     }
 
     /// Stops accepting and closes the listening socket.
@@ -77,11 +82,11 @@ impl Backend {
         }
     }
 
-    fn set(&self, b: Behaviour) {
+    pub(super) fn set(&self, b: Behaviour) {
         *self.behaviour.lock().unwrap() = b;
     }
 
-    fn hits(&self) -> usize {
+    pub(super) fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
 }
@@ -106,7 +111,7 @@ async fn answer(name: &str, behaviour: Behaviour, req: Request<Incoming>) -> Res
     resp
 }
 
-fn snapshot(backends: &[&Backend], policy: Option<api::Policy>) -> api::Snapshot {
+pub(super) fn snapshot(backends: &[&Backend], policy: Option<api::Policy>) -> api::Snapshot {
     api::Snapshot {
         services: vec![api::Service {
             name: "web".into(),
@@ -130,7 +135,7 @@ fn snapshot(backends: &[&Backend], policy: Option<api::Policy>) -> api::Snapshot
 }
 
 /// The agent's outbound listener with `snapshot` applied; returns its address.
-async fn agent(snapshot: &api::Snapshot) -> (SocketAddr, Arc<ProxyContext>) {
+pub(super) async fn agent(snapshot: &api::Snapshot) -> (SocketAddr, Arc<ProxyContext>) {
     agent_in(snapshot, None).await
 }
 
@@ -194,7 +199,7 @@ async fn agent_with(
 }
 
 /// One HTTP/1.1 keep-alive connection to the agent.
-async fn h1_client(agent: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+pub(super) async fn h1_client(agent: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
     let tcp = TcpStream::connect(agent).await.unwrap();
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
     tokio::spawn(conn);
@@ -630,7 +635,13 @@ async fn upgrade_echo_backend() -> Backend {
             });
         }
     });
-    Backend { addr, hits, behaviour: Arc::new(std::sync::Mutex::new(Behaviour::Ok)), task: Some(task) }
+    Backend {
+        addr,
+        hits,
+        last_host: Default::default(),
+        behaviour: Arc::new(std::sync::Mutex::new(Behaviour::Ok)),
+        task: Some(task),
+    }
 }
 
 /// Upgrades a fresh connection to the agent and checks that bytes are relayed

@@ -115,6 +115,9 @@ pub struct AccessRecord {
     pub request_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retries: Option<u32>,
+    /// The service route that took the request, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<std::sync::Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "bounded_opt")]
     pub error: Option<String>,
     /// This hop's span, set only when the request's trace is sampled and span export
@@ -161,6 +164,7 @@ impl AccessRecord {
             request_id: None,
             // An HTTP request was retried zero times until the proxy says otherwise.
             retries: (kind == Kind::Http).then_some(0),
+            route: None,
             error: None,
             span: None,
         }

@@ -59,6 +59,10 @@ pub const CIRCUIT_BREAKER_STATE: &str = "mesh_circuit_breaker_state";
 pub const OUTLIER_EJECTIONS_TOTAL: &str = "mesh_outlier_ejections_total";
 /// Requests retried.
 pub const RETRIES_TOTAL: &str = "mesh_retries_total";
+/// Copies of requests a route mirrored, by outcome (`sent`, `failed`, `dropped`).
+pub const MIRRORED_REQUESTS_TOTAL: &str = "mesh_mirrored_requests_total";
+/// Faults a route injected, by kind (`delay`, `abort`).
+pub const FAULTS_INJECTED_TOTAL: &str = "mesh_faults_injected_total";
 /// Seconds since the last configuration update was applied from the control plane.
 pub const DISCOVERY_STALENESS_SECONDS: &str = "mesh_discovery_staleness_seconds";
 /// Version of the configuration snapshot applied last.
@@ -168,6 +172,12 @@ pub fn describe() {
     describe_gauge!(CIRCUIT_BREAKER_STATE, "Circuit breaker state: 0 closed, 1 open, 2 half-open.");
     describe_counter!(OUTLIER_EJECTIONS_TOTAL, Unit::Count, "Endpoints ejected by outlier detection.");
     describe_counter!(RETRIES_TOTAL, Unit::Count, "Requests retried.");
+    describe_counter!(
+        MIRRORED_REQUESTS_TOTAL,
+        Unit::Count,
+        "Copies of requests sent to a route's mirror: sent (answered), failed, or dropped (body not held, or too many in flight)."
+    );
+    describe_counter!(FAULTS_INJECTED_TOTAL, Unit::Count, "Delays and aborts injected by routes.");
     describe_gauge!(DISCOVERY_STALENESS_SECONDS, Unit::Seconds, "Time since configuration was last applied.");
     describe_gauge!(DISCOVERY_APPLIED_VERSION, "Version of the configuration snapshot applied last.");
     describe_gauge!(
@@ -475,6 +485,32 @@ pub fn inbound_refused(service: &MeshName, reason: &'static str) {
 /// Counts a retried request to `service`.
 pub fn retry(service: &MeshName) {
     counter(RETRIES_TOTAL, vec![name_label("service", service)]).increment(1);
+}
+
+/// Counts a mirrored copy of a request to `service` by route `route`.
+pub fn mirrored(service: &MeshName, route: &str, outcome: &'static str) {
+    counter(
+        MIRRORED_REQUESTS_TOTAL,
+        vec![
+            name_label("service", service),
+            Label::new("route", route.to_owned()),
+            Label::from_static_parts("outcome", outcome),
+        ],
+    )
+    .increment(1);
+}
+
+/// Counts a fault (`delay` or `abort`) route `route` injected into a request to `service`.
+pub fn fault_injected(service: &MeshName, route: &str, kind: &'static str) {
+    counter(
+        FAULTS_INJECTED_TOTAL,
+        vec![
+            name_label("service", service),
+            Label::new("route", route.to_owned()),
+            Label::from_static_parts("kind", kind),
+        ],
+    )
+    .increment(1);
 }
 
 /// Publishes how long ago configuration was last applied.

@@ -46,3 +46,13 @@ pub(crate) fn sh(cmd: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Awaits `cond` (checked every 10 ms) until it holds; panics when `patience` runs
+/// out first. For effects that happen on another task, in place of a fixed sleep.
+pub(crate) async fn eventually(patience: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + patience;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "condition not met within {patience:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

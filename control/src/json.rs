@@ -71,6 +71,66 @@ fn service(s: &api::Service) -> Value {
             "identity": e.identity,
             "node": e.node,
             "agent_address": e.agent_address,
+            "labels": e.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
         })).collect::<Vec<_>>(),
+        // HTTP routes, for `meshctl routes`.
+        "routes": s.routes.iter().map(route).collect::<Vec<_>>(),
     })
+}
+
+fn route(r: &api::HttpRoute) -> Value {
+    let backend = |b: &api::RouteBackend| {
+        json!({
+            "service": b.service,
+            "port": b.port,
+            "subset": b.subset.iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "weight": b.weight,
+        })
+    };
+    json!({
+        "name": r.name,
+        "ports": r.ports,
+        "matches": r.matches.iter().map(route_match).collect::<Vec<_>>(),
+        "backends": r.backends.iter().map(backend).collect::<Vec<_>>(),
+        "timeout_ms": r.timeout_ms,
+        "retry_attempts": r.retries.as_ref().map(|x| x.attempts),
+        "fault": r.fault.as_ref().map(|f| json!({
+            "delay_ms": f.delay_ms,
+            "delay_percent": f.delay_percent,
+            "abort_http_status": f.abort_http_status,
+            "abort_grpc_status": f.abort_grpc_status,
+            "abort_percent": f.abort_percent,
+        })),
+        "mirror": r.mirror.as_ref().map(|m| json!({
+            "backend": m.backend.as_ref().map(backend),
+            "percent": m.percent,
+        })),
+    })
+}
+
+/// A match as one readable condition list (`path prefix /api`, `header x-canary = 1`).
+fn route_match(m: &api::RouteMatch) -> Value {
+    fn value(v: Option<&api::StringMatch>) -> String {
+        use api::string_match::Kind;
+        match v.and_then(|v| v.kind.as_ref()) {
+            None => "present".into(),
+            Some(Kind::Exact(s)) => format!("= {s}"),
+            Some(Kind::Prefix(s)) => format!("prefix {s}"),
+            Some(Kind::Regex(s)) => format!("~ {s}"),
+        }
+    }
+    let mut conditions = Vec::new();
+    if let Some(p) = &m.path {
+        conditions.push(format!("path {}", value(Some(p))));
+    }
+    if !m.method.is_empty() {
+        conditions.push(format!("method {}", m.method));
+    }
+    for h in &m.headers {
+        conditions.push(format!("header {} {}", h.name, value(h.value.as_ref())));
+    }
+    for q in &m.query_params {
+        conditions.push(format!("query {} {}", q.name, value(q.value.as_ref())));
+    }
+    json!(conditions)
 }

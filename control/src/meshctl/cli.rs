@@ -64,6 +64,12 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = EndpointSource::Agent)]
         from: EndpointSource,
     },
+    /// HTTP routes per service, in the order agents try them: matches, backends with
+    /// their shares and usable endpoints, timeouts, retries, faults and mirrors.
+    Routes {
+        /// Only this service (namespace/name, or a name in any namespace).
+        service: Option<String>,
+    },
     /// The raw configuration of the control plane, the agents, or both (JSON).
     ConfigDump {
         /// Which component; both when omitted.
@@ -154,6 +160,11 @@ pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
                 Output::Human => services::render_services(&dump),
             };
             Ok(Rendered { text, complete: true })
+        }
+        Command::Routes { service } => {
+            let dump = targets.control_dump().await?;
+            let report = super::routes::gather(&dump, service.as_deref())?;
+            Ok(Rendered { text: emit(out, &report, super::routes::render), complete: true })
         }
         Command::Endpoints { service, from: EndpointSource::Control } => {
             let dump = targets.control_dump().await?;

@@ -54,6 +54,50 @@ pub struct ServiceView {
     pub endpoints: Vec<ControlEndpoint>,
     /// Allow rules; `None` when the control plane does not report them.
     pub authorization: Option<Vec<AuthorizationRule>>,
+    /// HTTP routes, in order.
+    pub routes: Vec<HttpRouteView>,
+}
+
+/// One of a service's HTTP routes (the control plane's `/config_dump`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct HttpRouteView {
+    pub name: String,
+    pub ports: Vec<u32>,
+    /// Each match as its conditions (`path prefix /api`, `header x-canary = 1`).
+    pub matches: Vec<Vec<String>>,
+    pub backends: Vec<BackendView>,
+    pub timeout_ms: u32,
+    pub retry_attempts: Option<u32>,
+    pub fault: Option<FaultView>,
+    pub mirror: Option<MirrorView>,
+}
+
+/// A route backend: a service (empty: the route's own) and a label subset.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct BackendView {
+    pub service: String,
+    pub port: u32,
+    pub subset: std::collections::BTreeMap<String, String>,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FaultView {
+    pub delay_ms: u32,
+    pub delay_percent: f64,
+    pub abort_http_status: u32,
+    pub abort_grpc_status: u32,
+    pub abort_percent: f64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct MirrorView {
+    pub backend: Option<BackendView>,
+    pub percent: f64,
 }
 
 impl ServiceView {
@@ -86,6 +130,7 @@ pub struct ControlEndpoint {
     pub identity: String,
     pub node: String,
     pub agent_address: String,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl ControlEndpoint {

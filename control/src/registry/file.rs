@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Source, SourceView};
 
+pub mod routes;
 pub mod workloads;
 
 /// Why a registry file was refused.
@@ -73,6 +74,9 @@ pub struct ServiceEntry {
     /// Active TCP checks by the control plane.
     #[serde(default)]
     pub health_check: Option<HealthCheckEntry>,
+    /// HTTP routes, in order (see [`routes`]).
+    #[serde(default)]
+    pub routes: Vec<routes::RouteEntry>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -132,6 +136,9 @@ pub struct EndpointEntry {
     pub agent_address: String,
     #[serde(default)]
     pub workload: String,
+    /// The workload's labels; route subsets select endpoints by them.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -400,6 +407,7 @@ pub fn parse(file: &str, text: &str, trust_domain: &str) -> Result<Registry, Fil
                 node: e.node.clone(),
                 agent_address: e.agent_address.clone(),
                 workload: e.workload.clone(),
+                labels: e.labels.clone().into_iter().collect(),
             });
         }
         let policy = match &s.policy {
@@ -423,7 +431,9 @@ pub fn parse(file: &str, text: &str, trust_domain: &str) -> Result<Registry, Fil
                 })
             }
         };
+        let routes = routes::parse(&s.routes, &ports).map_err(|(f, m)| invalid(&f, m))?;
         out.push(api::Service {
+            routes,
             health_check,
             name: s.name,
             namespace: s.namespace,
@@ -508,27 +518,7 @@ fn policy(p: &PolicyEntry) -> Result<api::Policy, (String, String)> {
             })
         }
     };
-    let retries = match &p.retries {
-        None => None,
-        Some(r) => {
-            for (k, cond) in r.retry_on.iter().enumerate() {
-                if !["connect-failure", "reset", "503", "unavailable"].contains(&cond.as_str()) {
-                    return Err((
-                        format!("retries.retry_on[{k}]"),
-                        format!("{cond:?} is not one of connect-failure, reset, 503, unavailable"),
-                    ));
-                }
-            }
-            Some(api::RetryPolicy {
-                attempts: r.attempts,
-                per_try_timeout_ms: ms(r.per_try_timeout),
-                retry_on: r.retry_on.clone(),
-                backoff_base_ms: ms(r.backoff_base),
-                backoff_max_ms: ms(r.backoff_max),
-                budget_ratio: ratio("retries.budget_ratio", r.budget_ratio)?,
-            })
-        }
-    };
+    let retries = p.retries.as_ref().map(|r| retries(r, "retries")).transpose()?;
     let timeouts = p.timeouts.as_ref().map(|t| api::Timeouts {
         connect_ms: ms(t.connect),
         request_ms: ms(t.request),
@@ -591,6 +581,27 @@ fn policy(p: &PolicyEntry) -> Result<api::Policy, (String, String)> {
         authorization,
         rate_limit,
         mtls: mtls_mode(p.mtls.as_deref())? as i32,
+    })
+}
+
+/// A `retries:` block (a service's policy, or a route's), checked; `at` prefixes the
+/// field names of errors.
+fn retries(r: &RetryEntry, at: &str) -> Result<api::RetryPolicy, (String, String)> {
+    for (k, cond) in r.retry_on.iter().enumerate() {
+        if !api::routes::RETRY_ON.contains(&cond.as_str()) {
+            return Err((
+                format!("{at}.retry_on[{k}]"),
+                format!("{cond:?} is not one of {}", api::routes::RETRY_ON.join(", ")),
+            ));
+        }
+    }
+    Ok(api::RetryPolicy {
+        attempts: r.attempts,
+        per_try_timeout_ms: ms(r.per_try_timeout),
+        retry_on: r.retry_on.clone(),
+        backoff_base_ms: ms(r.backoff_base),
+        backoff_max_ms: ms(r.backoff_max),
+        budget_ratio: ratio(&format!("{at}.budget_ratio"), r.budget_ratio)?,
     })
 }
 

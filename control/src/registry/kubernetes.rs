@@ -20,6 +20,7 @@
 //! the middle and 410s are routine and only logged.
 
 pub mod annotations;
+mod http_routes;
 mod mapping;
 mod placements;
 
@@ -50,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Source, SourceView};
 pub use mapping::{SERVICE_NAME_LABEL, protocol_hint};
 
-/// The ClusterRole rules this source needs: read-only access to the three
+/// The ClusterRole rules this source needs: read-only access to the four
 /// kinds it watches, nothing else (the deploy manifests embed these).
 pub const RBAC_RULES: &str = "\
 # Read-only access for the mesh control plane's Kubernetes registry source.
@@ -60,6 +61,9 @@ rules:
     verbs: [\"get\", \"list\", \"watch\"]
   - apiGroups: [\"discovery.k8s.io\"]
     resources: [\"endpointslices\"]
+    verbs: [\"get\", \"list\", \"watch\"]
+  - apiGroups: [\"gateway.networking.k8s.io\"]
+    resources: [\"httproutes\"]
     verbs: [\"get\", \"list\", \"watch\"]
 ";
 
@@ -134,7 +138,12 @@ enum Kind {
     Services = 0,
     EndpointSlices = 1,
     Pods = 2,
+    /// Gateway API HTTPRoutes: optional, as the Gateway API CRDs may not be
+    /// installed (see [`Signal::Absent`]).
+    HttpRoutes = 3,
 }
+
+const KINDS: [Kind; 4] = [Kind::Services, Kind::EndpointSlices, Kind::Pods, Kind::HttpRoutes];
 
 impl Kind {
     fn plural(self) -> &'static str {
@@ -142,6 +151,7 @@ impl Kind {
             Kind::Services => "services",
             Kind::EndpointSlices => "endpointslices",
             Kind::Pods => "pods",
+            Kind::HttpRoutes => "httproutes.gateway.networking.k8s.io",
         }
     }
 }
@@ -155,13 +165,17 @@ enum Signal {
     Synced(Kind),
     /// The watcher hit an error; it backs off and retries by itself.
     Failed(Kind, String),
+    /// The API does not know the kind (HTTPRoute without the Gateway API CRDs):
+    /// nothing to wait for or report; the watcher keeps retrying, so routes are
+    /// read once the CRDs are installed.
+    Absent(Kind),
 }
 
 /// Which kinds have synced and which are failing.
 #[derive(Debug, Default)]
 struct Progress {
-    synced: [bool; 3],
-    errors: [Option<String>; 3],
+    synced: [bool; 4],
+    errors: [Option<String>; 4],
 }
 
 impl Progress {
@@ -173,6 +187,10 @@ impl Progress {
                 self.synced[kind as usize] = true;
             }
             Signal::Failed(kind, error) => self.errors[kind as usize] = Some(error),
+            Signal::Absent(kind) => {
+                self.errors[kind as usize] = None;
+                self.synced[kind as usize] = true;
+            }
         }
     }
 
@@ -185,6 +203,7 @@ struct Stores {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     pods: Store<Pod>,
+    routes: Store<http_routes::HttpRoute>,
 }
 
 async fn run(
@@ -196,7 +215,9 @@ async fn run(
     let (services, services_writer) = reflector::store();
     let (slices, slices_writer) = reflector::store();
     let (pods, pods_writer) = reflector::store();
-    let stores = Stores { services, slices, pods };
+    let (routes, routes_writer) = reflector::store();
+    let stores = Stores { services, slices, pods, routes };
+    let mut memory = http_routes::Memory::default();
 
     let signals = stream::select_all([
         watch_kind(
@@ -214,6 +235,14 @@ async fn run(
             strip_slice,
             slices_writer,
             Kind::EndpointSlices,
+        )
+        .boxed(),
+        watch_kind(
+            Api::<http_routes::HttpRoute>::all(client.clone()),
+            watcher::Config::default(),
+            strip_route,
+            routes_writer,
+            Kind::HttpRoutes,
         )
         .boxed(),
         watch_kind(
@@ -236,7 +265,7 @@ async fn run(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep_until(deadline), if due.is_some() => {
                 due = None;
-                publish(&tx, &stores, &progress, &config);
+                publish(&tx, &stores, &progress, &config, &mut memory);
             }
             signal = signals.next() => match signal {
                 Some(signal) => {
@@ -251,19 +280,33 @@ async fn run(
 }
 
 /// Rebuilds the view from the stores and publishes it if it differs.
-fn publish(tx: &watch::Sender<SourceView>, stores: &Stores, progress: &Progress, config: &KubernetesConfig) {
-    let mut errors: Vec<String> = [Kind::Services, Kind::EndpointSlices, Kind::Pods]
+fn publish(
+    tx: &watch::Sender<SourceView>,
+    stores: &Stores,
+    progress: &Progress,
+    config: &KubernetesConfig,
+    memory: &mut http_routes::Memory,
+) {
+    let mut errors: Vec<String> = KINDS
         .into_iter()
         .filter_map(|k| progress.errors[k as usize].as_ref().map(|e| format!("watching {}: {e}", k.plural())))
         .collect();
     let ready = progress.ready();
     let (services, workloads) = if ready {
         let pod = |ns: &str, name: &str| stores.pods.get(&ObjectRef::new(name).within(ns));
-        let mapped = mapping::map_services(&stores.services.state(), &stores.slices.state(), &pod, config);
+        let mut mapped =
+            mapping::map_services(&stores.services.state(), &stores.slices.state(), &pod, config);
+        let mut route_problems = annotations::Problems::default();
+        let mut routes = stores.routes.state();
+        // Store order is arbitrary; the output must not be.
+        routes.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+        http_routes::attach(&mut mapped.services, &routes, memory, &mut route_problems);
         let placed = placements::map_workloads(&stores.pods.state());
         // A pod's bad annotation is met by both mappings; report it once.
         let problems: std::collections::BTreeSet<String> =
-            mapped.problems.into_iter().chain(placed.problems).collect();
+            mapped.problems.into_iter().chain(placed.problems).chain(route_problems.into_vec()).collect();
         errors.extend(problems);
         (mapped.services, placed.workloads)
     } else {
@@ -315,6 +358,13 @@ where
                     _ => Some(Signal::Changed(kind)),
                 }
             }
+            Err(e) if kind == Kind::HttpRoutes && is_not_found(&e) => {
+                tracing::debug!(
+                    kind = kind.plural(),
+                    "not served by this API server (Gateway API CRDs not installed)"
+                );
+                Some(Signal::Absent(kind))
+            }
             Err(e) if is_gone(&e) => {
                 tracing::debug!(kind = kind.plural(), "watch expired (410 Gone); relisting");
                 None
@@ -355,6 +405,14 @@ where
     })
 }
 
+fn is_not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        _ => false,
+    }
+}
+
 fn is_gone(e: &watcher::Error) -> bool {
     match e {
         watcher::Error::WatchError(status) => status.code == 410,
@@ -392,6 +450,11 @@ fn mesh_annotations(meta: &mut ObjectMeta) {
 fn strip_service(svc: &mut Service) {
     mesh_annotations(&mut svc.metadata);
     svc.status = None;
+}
+
+fn strip_route(route: &mut http_routes::HttpRoute) {
+    route.metadata.managed_fields = None;
+    route.metadata.annotations = None;
 }
 
 fn strip_slice(slice: &mut EndpointSlice) {

@@ -30,18 +30,20 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-/// The three kinds the source watches.
+/// The kinds the source watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Service,
     EndpointSlice,
     Pod,
+    HttpRoute,
 }
 
 impl Kind {
     fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::HttpRoute => "gateway.networking.k8s.io/v1",
             Kind::Service | Kind::Pod => "v1",
         }
     }
@@ -51,6 +53,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
+            Kind::HttpRoute => "HTTPRoute",
         }
     }
 
@@ -59,6 +62,7 @@ impl Kind {
             "/api/v1/services" => Some(Kind::Service),
             "/api/v1/pods" => Some(Kind::Pod),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
+            "/apis/gateway.networking.k8s.io/v1/httproutes" => Some(Kind::HttpRoute),
             _ => None,
         }
     }

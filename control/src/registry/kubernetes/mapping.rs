@@ -140,6 +140,8 @@ fn map_service(
         ports,
         policy,
         endpoints: endpoints.into_values().collect(),
+        // HTTPRoutes naming the Service are added by the source (see `http_routes`).
+        routes: Vec::new(),
     })
 }
 
@@ -253,6 +255,9 @@ fn map_endpoint(
                 let annotations = p.metadata.annotations.clone().unwrap_or_default();
                 let settings = annotations::pod_settings(&object, &annotations, problems);
                 out.weight = settings.weight;
+                // Route subsets (an HTTPRoute's backend Services are themselves
+                // label selections; the registry file's subsets read these).
+                out.labels = p.metadata.labels.clone().unwrap_or_default().into_iter().collect();
                 let spec = p.spec.as_ref();
                 if out.node.is_empty() {
                     out.node = spec.and_then(|s| s.node_name.clone()).unwrap_or_default();

@@ -400,3 +400,67 @@ async fn burst_of_events_yields_one_view() {
     );
     h.stop().await;
 }
+
+fn http_route(weights: (u32, u32), path_type: &str) -> Value {
+    json!({
+        "metadata": {"name": "reviews-canary", "namespace": "shop", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "reviews", "port": 80}],
+            "rules": [{
+                "matches": [{"path": {"type": path_type, "value": "/api"}}],
+                "backendRefs": [
+                    {"name": "reviews", "port": 80, "weight": weights.0},
+                    {"name": "db", "port": 5432, "weight": weights.1},
+                ],
+            }],
+        },
+    })
+}
+
+fn route_weights(view: &SourceView) -> Option<Vec<u32>> {
+    let routes = &reviews(view)?.routes;
+    Some(routes.first()?.backends.iter().map(|b| b.weight).collect())
+}
+
+#[tokio::test]
+async fn http_routes_are_created_updated_refused_and_deleted_through_the_api() {
+    let api = cluster(json!({})).await;
+    api.apply(Kind::HttpRoute, http_route((90, 10), "PathPrefix"));
+    let mut h = Harness::start(api, Duration::from_millis(20)).await;
+    let view = h.wait_for("the route attached", |v| route_weights(v).is_some()).await;
+    assert_eq!(view.last_error, None);
+    let route = &reviews(&view).expect("reviews").routes[0];
+    assert_eq!(route.name, "shop.reviews-canary.0.0");
+    assert_eq!(route.ports, vec![80]);
+    assert_eq!(route_weights(&view), Some(vec![90, 10]));
+
+    // New weights reach the view.
+    h.api.apply(Kind::HttpRoute, http_route((0, 100), "PathPrefix"));
+    h.wait_for("the weights changed", |v| route_weights(v) == Some(vec![0, 100])).await;
+
+    // An invalid edit is reported by object and field; the last valid version stays.
+    h.api.apply(Kind::HttpRoute, http_route((50, 50), "Glob"));
+    let view = h.wait_for("the bad edit reported", |v| v.last_error.is_some()).await;
+    let error = view.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("httproute shop/reviews-canary: spec.rules[0].matches[0].path.type: \"Glob\""),
+        "{error}"
+    );
+    assert_eq!(route_weights(&view), Some(vec![0, 100]), "the last valid version stays");
+
+    h.api.delete(Kind::HttpRoute, "shop", "reviews-canary");
+    let view = h.wait_for("the route removed", |v| reviews(v).is_some_and(|s| s.routes.is_empty())).await;
+    assert_eq!(view.last_error, None, "the deleted route's problem went with it");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn without_the_gateway_api_the_source_is_ready_without_routes_or_errors() {
+    let api = cluster(json!({})).await;
+    api.refuse_lists(Kind::HttpRoute, Some(404));
+    let mut h = Harness::start(api, Duration::from_millis(20)).await;
+    let view = h.wait_for("ready view", |v| v.ready).await;
+    assert_eq!(view.last_error, None);
+    assert!(reviews(&view).expect("reviews").routes.is_empty());
+    h.stop().await;
+}

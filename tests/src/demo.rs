@@ -69,8 +69,11 @@ const REGISTRY: &str = "services:
     hostnames: [catalog.shop.svc.cluster.local]
     ports: [{port: 80, protocol: http}]
     endpoints:
-      - {address: BACKEND, port: 8080, workload: catalog-v1, node: backend, service_account: backend, agent_address: \"BACKEND:15008\"}
-      - {address: BACKEND, port: 8081, workload: catalog-v2, node: backend, service_account: backend, agent_address: \"BACKEND:15008\"}
+      - {address: BACKEND, port: 8080, workload: catalog-v1, node: backend, service_account: backend, agent_address: \"BACKEND:15008\", labels: {version: v1}}
+      - {address: BACKEND, port: 8081, workload: catalog-v2, node: backend, service_account: backend, agent_address: \"BACKEND:15008\", labels: {version: v2}}
+    routes:
+      - name: canary
+        backends: [{subset: {version: v1}, weight: V1_WEIGHT}, {subset: {version: v2}, weight: V2_WEIGHT}]
   - name: reviews
     namespace: shop
     vips: [10.96.0.21]
@@ -90,6 +93,32 @@ const REGISTRY: &str = "services:
     endpoints:
       - {address: FRONTEND, port: 8080, node: frontend, service_account: frontend}
 ";
+
+/// The canary shift the demo walks `catalog` through, v1's and v2's weights: it
+/// starts at 90/10, goes to 50/50, and ends with every request on v2, each step an
+/// edit of the registry file that the control plane pushes to the agents.
+pub const CANARY_STEPS: [(u32, u32); 3] = [(90, 10), (50, 50), (0, 100)];
+
+/// How long each canary step lasts when the demo runs until stopped.
+const CANARY_STEP_UNBOUNDED: Duration = Duration::from_secs(20);
+
+/// The registry with `catalog`'s canary route at `weights` (v1, v2).
+fn registry_text(backend: std::net::Ipv4Addr, frontend: std::net::Ipv4Addr, weights: (u32, u32)) -> String {
+    REGISTRY
+        .replace("BACKEND", &backend.to_string())
+        .replace("FRONTEND", &frontend.to_string())
+        .replace("V1_WEIGHT", &weights.0.to_string())
+        .replace("V2_WEIGHT", &weights.1.to_string())
+}
+
+/// One step of the canary shift and the requests each version got during it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CanaryStep {
+    pub v1_weight: u32,
+    pub v2_weight: u32,
+    pub v1_requests: u64,
+    pub v2_requests: u64,
+}
 
 /// One row of the table: a service endpoint (or a passed-through destination).
 #[derive(Clone, Debug, Default, Serialize)]
@@ -131,6 +160,8 @@ pub struct Summary {
     /// Requests the backend's agent admitted from the frontend's identity over mTLS.
     pub inbound_mtls_requests: u64,
     pub rows: Vec<Row>,
+    /// The canary shift of `catalog`, step by step (see [`CANARY_STEPS`]).
+    pub canary: Vec<CanaryStep>,
     /// What teardown found left behind (empty: clean).
     pub leftovers: Vec<String>,
 }
@@ -152,10 +183,7 @@ fn start(mode: &str) -> Result<Running> {
     let (fe, be) = (lab.host("frontend"), lab.host("backend"));
     let dir = tempfile::tempdir()?;
     let registry = dir.path().join("registry.yaml");
-    std::fs::write(
-        &registry,
-        REGISTRY.replace("BACKEND", &be.v4.to_string()).replace("FRONTEND", &fe.v4.to_string()),
-    )?;
+    std::fs::write(&registry, registry_text(be.v4, fe.v4, CANARY_STEPS[0]))?;
     let control =
         Control::start_with_ca(lab.host("control"), &registry, dir.path(), &["frontend", "backend"], &[])?;
     let servers = vec![
@@ -297,14 +325,22 @@ pub fn run(opts: &Options) -> Result<Summary> {
         })
     };
 
+    let step_len = match opts.duration {
+        Some(d) if !opts.keep => d / CANARY_STEPS.len() as u32,
+        _ => CANARY_STEP_UNBOUNDED,
+    };
+    let mut canary = Canary::new(started);
     let mut last_draw = Instant::now() - Duration::from_secs(1);
     loop {
         let expired = opts.duration.is_some_and(|d| !opts.keep && started.elapsed() >= d);
         if STOP.load(Ordering::SeqCst) || expired {
             break;
         }
+        if canary.step + 1 < CANARY_STEPS.len() && canary.since.elapsed() >= step_len {
+            canary.advance(&m, &rows(&m.frontend))?;
+        }
         if opts.live && last_draw.elapsed() >= Duration::from_secs(1) {
-            draw(&m, &rows(&m.frontend), started.elapsed());
+            draw(&m, &rows(&m.frontend), started.elapsed(), &canary, step_len);
             last_draw = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -314,7 +350,10 @@ pub fn run(opts: &Options) -> Result<Summary> {
     stop_workload.store(true, Ordering::SeqCst);
     let _ = driver.join();
     let elapsed = started.elapsed();
+    let final_rows = rows(&m.frontend);
+    canary.finish(&final_rows);
     let mut summary = Summary {
+        canary: canary.steps,
         requested_mode: opts.mode.clone(),
         frontend_mode: m.frontend.mode(),
         backend_mode: m.backend.mode(),
@@ -322,7 +361,7 @@ pub fn run(opts: &Options) -> Result<Summary> {
         ..Default::default()
     };
     if opts.live {
-        draw(&m, &rows(&m.frontend), elapsed);
+        draw(&m, &final_rows, elapsed, &canary_view(&summary.canary), step_len);
     }
     let result = teardown(m, &mut summary);
     if let Some(path) = &opts.summary_json {
@@ -338,6 +377,59 @@ pub fn run(opts: &Options) -> Result<Summary> {
         summary.rows.len()
     ));
     Ok(summary)
+}
+
+/// The canary shift as it goes: the step in force and the counts at its start.
+struct Canary {
+    step: usize,
+    since: Instant,
+    /// catalog-v1's and v2's requests when the step began.
+    base: (u64, u64),
+    steps: Vec<CanaryStep>,
+}
+
+impl Canary {
+    fn new(now: Instant) -> Self {
+        Canary { step: 0, since: now, base: (0, 0), steps: Vec::new() }
+    }
+
+    /// Closes the current step with what each version got, and writes the next
+    /// step's weights into the registry.
+    fn advance(&mut self, m: &Running, rows: &[Row]) -> Result<()> {
+        self.close(rows);
+        self.step += 1;
+        self.since = Instant::now();
+        let (fe, be) = (m.lab.host("frontend").v4, m.lab.host("backend").v4);
+        std::fs::write(&m.registry, registry_text(be, fe, CANARY_STEPS[self.step]))
+            .context("writing the registry for the next canary step")
+    }
+
+    fn finish(&mut self, rows: &[Row]) {
+        self.close(rows);
+    }
+
+    fn close(&mut self, rows: &[Row]) {
+        let now = catalog_counts(rows);
+        let (v1_weight, v2_weight) = CANARY_STEPS[self.step];
+        self.steps.push(CanaryStep {
+            v1_weight,
+            v2_weight,
+            v1_requests: now.0.saturating_sub(self.base.0),
+            v2_requests: now.1.saturating_sub(self.base.1),
+        });
+        self.base = now;
+    }
+}
+
+/// A finished shift, for the last redraw.
+fn canary_view(steps: &[CanaryStep]) -> Canary {
+    Canary { step: steps.len().saturating_sub(1), since: Instant::now(), base: (0, 0), steps: steps.to_vec() }
+}
+
+/// Requests catalog-v1 and catalog-v2 have answered so far.
+fn catalog_counts(rows: &[Row]) -> (u64, u64) {
+    let of = |w: &str| rows.iter().filter(|r| r.workload.as_deref() == Some(w)).map(|r| r.requests).sum();
+    (of("catalog-v1"), of("catalog-v2"))
 }
 
 /// Stops the agents (collecting their final records), runs `mesh-agent cleanup`,
@@ -541,7 +633,7 @@ fn reason(agent: &Agent) -> String {
         .unwrap_or_default()
 }
 
-fn draw(m: &Running, rows: &[Row], elapsed: Duration) {
+fn draw(m: &Running, rows: &[Row], elapsed: Duration, canary: &Canary, step_len: Duration) {
     let (fe, be) = (config_dump(m, "frontend", &m.frontend), config_dump(m, "backend", &m.backend));
     let secs = elapsed.as_secs_f64().max(1.0);
     let d = &fe["discovery"];
@@ -571,6 +663,22 @@ fn draw(m: &Running, rows: &[Row], elapsed: Duration) {
         d["staleness_seconds"],
         cert(&fe),
         cert(&be),
+    ));
+    let (w1, w2) = CANARY_STEPS[canary.step];
+    let next = if canary.step + 1 < CANARY_STEPS.len() {
+        let (n1, n2) = CANARY_STEPS[canary.step + 1];
+        format!("; {n1}/{n2} in {:.0}s", step_len.saturating_sub(canary.since.elapsed()).as_secs_f64())
+    } else {
+        "; shift complete".to_owned()
+    };
+    let done: Vec<String> = canary
+        .steps
+        .iter()
+        .map(|s| format!("{}/{}: v1 {} v2 {}", s.v1_weight, s.v2_weight, s.v1_requests, s.v2_requests))
+        .collect();
+    out.push_str(&format!(
+        "canary (route `canary` of shop/catalog): v1 {w1}% / v2 {w2}%{next}{}\n\n",
+        if done.is_empty() { String::new() } else { format!("   [{}]", done.join(", ")) }
     ));
     out.push_str(&format!(
         "{:<44} {:<24} {:>7} {:>7} {:>6} {:>8} {:>8} {:>10}\n",

@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod cni;
 pub mod control;
 pub mod demo;
+pub mod grpc;
 pub mod load;
 pub mod mesh;
 pub mod netns;

@@ -58,11 +58,20 @@ fn run_demo(mode: &str) {
         assert_eq!(r.destination_identity.as_deref(), Some(BACKEND_ID), "{json:#}");
         assert_eq!(r.source_identity.as_deref(), Some(FRONTEND_ID), "{json:#}");
     }
-    // Balancing: v1 and v2 shared catalog's requests.
-    let (v1, v2) =
-        (row(Some("shop/catalog"), Some("catalog-v1")), row(Some("shop/catalog"), Some("catalog-v2")));
-    let (lo, hi) = (v1.requests.min(v2.requests), v1.requests.max(v2.requests));
-    assert!(lo * 3 >= hi, "round robin between v1 and v2 is lopsided: {json:#}");
+    // The canary shift: 90/10, 50/50, 0/100 by registry edits while traffic flows.
+    // Edits reach the agent within a fraction of a step, so the first step is mostly
+    // v1 and the last all but the first requests v2.
+    let steps = &summary.canary;
+    assert_eq!(
+        steps.iter().map(|s| (s.v1_weight, s.v2_weight)).collect::<Vec<_>>(),
+        demo::CANARY_STEPS.to_vec(),
+        "{json:#}"
+    );
+    let share_v1 =
+        |s: &demo::CanaryStep| s.v1_requests as f64 / (s.v1_requests + s.v2_requests).max(1) as f64;
+    assert!(steps.iter().all(|s| s.v1_requests + s.v2_requests >= 10), "too few catalog requests: {json:#}");
+    assert!(share_v1(&steps[0]) >= 0.6, "90/10 step: {json:#}");
+    assert!(share_v1(&steps[2]) <= 0.2, "0/100 step: {json:#}");
     // The backend's agent admitted them as the frontend's identity.
     let http_requests: u64 = summary.rows.iter().filter(|r| r.kind == "http").map(|r| r.requests).sum();
     assert!(summary.inbound_mtls_requests >= http_requests / 2, "{json:#}");

@@ -10,7 +10,8 @@
 //! than the limit, and one endpoint fewer in the limit refuses it; every VIP:port
 //! and hostname:port of the snapshot finds its service; an endpoint behind an agent
 //! always has a parsed identity to check (never dialed without mutual TLS); each
-//! endpoint's address header and lookup agree with its address; and the snapshot
+//! endpoint's address header and lookup agree with its address; a service port's
+//! compiled routes are those of the snapshot that apply to it; and the snapshot
 //! re-encoded builds the same table.
 #![no_main]
 
@@ -70,6 +71,20 @@ fuzz_target!(|data: &[u8]| {
 
     for route in table.routes() {
         assert_ne!(route.port, 0);
+        // (A snapshot may name a service twice: one of them is this route's.)
+        let applying = |s: &api::Service| {
+            s.routes.iter().filter(|r| r.ports.is_empty() || r.ports.contains(&u32::from(route.port))).count()
+        };
+        assert!(
+            snapshot
+                .services
+                .iter()
+                .filter(|s| format!("{}/{}", s.namespace, s.name) == *route.service)
+                .any(|s| applying(s) == route.http_routes.len()),
+            "{}: routes compiled for port {}",
+            route.service,
+            route.port
+        );
         for e in &route.endpoints {
             assert_ne!(e.addr.port(), 0, "{}: endpoint {} has port 0", route.service, e.addr);
             if e.agent_address.is_some() {
@@ -110,6 +125,15 @@ const TOKENS: &[&str] = &[
     "WEB.shop",
     ".",
     "",
+    "/api/(",
+    "/api/v[0-9]+/.*",
+    "(?:[a-z]{100}){100}",
+    "shop/web",
+    "shop/",
+    "x-canary",
+    "bad header",
+    "GET",
+    "get",
 ];
 
 fuzz_mutator!(|data: &mut [u8], size: usize, max_size: usize, seed: u32| {
@@ -149,7 +173,29 @@ fn strings(snapshot: &mut api::Snapshot) -> Vec<&mut String> {
         out.extend(s.ports.iter_mut().map(|p| &mut p.name));
         for e in &mut s.endpoints {
             out.extend([&mut e.address, &mut e.identity, &mut e.node, &mut e.agent_address, &mut e.workload]);
+            out.extend(e.labels.values_mut());
+        }
+        for r in &mut s.routes {
+            out.push(&mut r.name);
+            for m in &mut r.matches {
+                out.push(&mut m.method);
+                out.extend(m.path.as_mut().and_then(|p| p.kind.as_mut()).map(kind_string));
+                for n in m.headers.iter_mut().chain(m.query_params.iter_mut()) {
+                    out.push(&mut n.name);
+                    out.extend(n.value.as_mut().and_then(|v| v.kind.as_mut()).map(kind_string));
+                }
+            }
+            for b in r.backends.iter_mut().chain(r.mirror.as_mut().and_then(|m| m.backend.as_mut())) {
+                out.push(&mut b.service);
+                out.extend(b.subset.values_mut());
+            }
         }
     }
     out
+}
+
+fn kind_string(kind: &mut api::string_match::Kind) -> &mut String {
+    match kind {
+        api::string_match::Kind::Exact(s) | api::string_match::Kind::Prefix(s) | api::string_match::Kind::Regex(s) => s,
+    }
 }

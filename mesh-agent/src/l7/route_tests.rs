@@ -186,6 +186,35 @@ async fn faults_abort_or_delay_their_share() {
 }
 
 #[tokio::test]
+async fn a_grpc_request_aborted_by_a_fault_gets_the_grpc_status() {
+    let v1 = Backend::start("v1").await;
+    let route = api::HttpRoute {
+        name: "unavailable".into(),
+        fault: Some(api::FaultInjection {
+            abort_http_status: 503,
+            abort_grpc_status: 14,
+            abort_percent: 100.0,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (agent, _ctx) = agent(&routed(&[(&v1, "v1")], &[], vec![route])).await;
+    let mut client = h1_client(agent).await;
+    client.ready().await.unwrap();
+    let req = Request::post("/shop.Orders/Place")
+        .header("host", "web.default")
+        .header("content-type", "application/grpc")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "gRPC errors travel in grpc-status, not the HTTP status");
+    assert_eq!(resp.headers()["grpc-status"], "14");
+    // Plain HTTP on the same route gets the HTTP status.
+    assert_eq!(send(&mut client, "GET", "/", &[]).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v1.hits(), 0);
+}
+
+#[tokio::test]
 async fn a_mirror_gets_a_shadow_copy_and_a_slow_mirror_does_not_slow_the_caller() {
     let (v1, shadow) = (Backend::start("v1").await, Backend::start("shadow").await);
     shadow.set(Behaviour::Slow(Duration::from_secs(5)));

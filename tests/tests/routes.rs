@@ -162,6 +162,7 @@ fn canary_split_and_blue_green_switch_under_load(mode: &str) {
     let lab = Lab::new(mode, CANARY);
     let got = lab.versions("/split/", 2000, &[]);
     let v2 = share(&got, "v2");
+    eprintln!("{mode}: 90/10 canary over 2,000 requests: v2 took {:.1} %", v2 * 100.0);
     assert!((0.07..=0.13).contains(&v2), "v2 got {v2} of 2,000 requests; the route gives it 10 %");
     assert_eq!(share(&got, "v1") + v2, 1.0);
 
@@ -192,6 +193,7 @@ fn canary_split_and_blue_green_switch_under_load(mode: &str) {
         .expect("h2load runs (install nghttp2-client)");
     eventually(SWITCH, "the load reaches v1", || (lab.v1.requests().len() > v1_before + 50).then_some(()));
     let before_v2 = lab.v2.requests().len();
+    let edited = std::time::Instant::now();
     lab.m.set_registry(&registry(
         "      - name: canary\n        backends:\n          - {subset: {version: v1}, weight: 0}\n          - {subset: {version: v2}, weight: 100}\n",
         "",
@@ -200,6 +202,7 @@ fn canary_split_and_blue_green_switch_under_load(mode: &str) {
         let got = lab.versions("/after/", 20, &[]);
         got.iter().all(|v| v == "v2").then_some(())
     });
+    eprintln!("{mode}: registry edit to every request on v2: {:?}", edited.elapsed());
     let out = load.wait_with_output().expect("h2load ends");
     let report = String::from_utf8_lossy(&out.stdout);
     let field = |line: &str, name: &str| -> u64 {
@@ -210,6 +213,10 @@ fn canary_split_and_blue_green_switch_under_load(mode: &str) {
             .unwrap_or_else(|| panic!("no {name} in {l:?}"))
     };
     let done = field("requests:", "done");
+    eprintln!(
+        "{mode}: h2load across the 0/100 switch: {done} requests done, {} failed",
+        field("requests:", "failed")
+    );
     assert!(done > 100, "h2load made too few requests to say anything:\n{report}");
     assert_eq!((field("requests:", "failed"), field("requests:", "errored")), (0, 0), "{report}");
     assert_eq!(field("status codes:", "2xx"), done, "every request of the load got a 200:\n{report}");
@@ -286,6 +293,7 @@ fn faults_abort_and_delay_their_share(mode: &str) {
     let ok = replies.iter().filter(|(_, code, _)| *code == 200).count();
     assert_eq!(aborted + ok, 400, "only 200 and the injected 503: {replies:?}");
     assert!((140..=260).contains(&aborted), "{aborted} of 400 aborted; the route aborts 50 %");
+    eprintln!("{mode}: abort 503 to 50 %: {aborted} of 400");
     eventually(Duration::from_secs(5), "nginx logged every request that was sent", || {
         (lab.v1.requests().len() + lab.v2.requests().len() == served_before + ok).then_some(())
     });
@@ -298,7 +306,9 @@ fn faults_abort_and_delay_their_share(mode: &str) {
         "{} of 40 delayed; the route delays 50 %: {replies:?}",
         slow.len()
     );
+    let slow_count = slow.len();
     let (s, f) = (median(slow), median(fast));
+    eprintln!("{mode}: delay 300 ms to 50 %: {slow_count} of 40 delayed, median {s:.3} s; others {f:.3} s");
     assert!((0.3..=0.33).contains(&s), "a delayed request took {s}s; the delay is 300 ms (±10 %)");
     assert!(f < 0.1, "an undelayed request took {f}s");
     let metrics = lab.metrics();
@@ -329,6 +339,9 @@ fn mirror_gets_copies_and_a_dead_or_hung_mirror_costs_nothing(mode: &str) {
     let down = timed("down");
     let hung = servers::recorder(lab.m.host("shadow"), 8080).expect("a server that never answers");
     let hanging = timed("hung");
+    eprintln!(
+        "{mode}: median request with the mirror healthy {healthy:.4} s, down {down:.4} s, hung {hanging:.4} s"
+    );
     for (what, secs) in [("down", down), ("hung", hanging)] {
         assert!(
             secs <= healthy * 2.0 + 0.02,

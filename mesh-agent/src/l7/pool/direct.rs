@@ -1,22 +1,24 @@
 //! Direct HTTP between agents: a meshed endpoint's requests ride as HTTP/2 streams
-//! on one mutual-TLS connection per (peer agent, source identity, destination
-//! identity), each naming its endpoint in [`crate::tunnel::TARGET_HEADER`] and the
-//! workload's HTTP version in [`crate::tunnel::PROTOCOL_HEADER`] (see
+//! on mutual-TLS connections per (peer agent, source identity, destination
+//! identity), a bounded number of streams on each ([`super::streams`]). Each
+//! request names its endpoint in [`crate::tunnel::TARGET_HEADER`] and the workload's
+//! HTTP version in [`crate::tunnel::PROTOCOL_HEADER`] (see
 //! [`crate::identity::ALPN_MESH_HTTP`]), so HTTP/1.1 clients are multiplexed too. A
 //! peer agent that does not offer direct HTTP (an older agent) is remembered for a
 //! while and served through CONNECT streams of the tunnel instead.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
 
-use super::{Body, Dial, Idle, SendError, UpstreamPool, Version};
+use super::streams::{Checkout, Conns, Patience, Stream, UpstreamBody};
+use super::{Body, Dial, SendError, UpstreamPool, Version};
 use crate::identity::{ALPN_H2, ALPN_MESH_HTTP, SpiffeId};
 
 /// How long a peer agent that answered without direct HTTP is served through
@@ -31,13 +33,26 @@ pub(crate) const DIRECT_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// (`tunnel::h2_settings`): fewer frames, and no 9-byte frame header spilling into a
 /// TLS record of its own after every full 16 KiB frame.
 pub(crate) const DIRECT_MAX_FRAME_SIZE: u32 = 256 * 1024;
-/// Requests one sending agent may have in flight at once on one direct connection;
-/// more wait for a free stream.
+/// Requests a receiving agent lets one direct connection carry at once (its
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`); more would wait inside h2 for a stream to
+/// end. A sending agent moves on to another connection well before, at
+/// [`super::streams::STREAMS_PER_CONNECTION`]; this bounds a sender that does not.
 pub(crate) const DIRECT_MAX_STREAMS: u32 = 1024;
+
+/// Direct connections open at once to one peer agent for one identity pair. At 100
+/// streams each, 1,600 requests are in flight before one waits: more than the single
+/// connection that used to carry them all ([`DIRECT_MAX_STREAMS`]), and few enough
+/// that one sender cannot pile connections on a peer. Past it a request waits,
+/// within its connect timeout, for a stream to end, and then fails as a connect
+/// failure (counted as `upstream_connections` in the limits).
+pub(crate) const MAX_DIRECT_PER_KEY: usize = 16;
+
+/// The direct connections of each peer agent (almost always one identity pair each).
+pub(super) type DirectMap = HashMap<SocketAddr, Vec<(MeshKey, Direct)>>;
 
 /// Who is talking to whom over a direct connection: the client certificate and the
 /// server identity checked belong to the whole connection.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct MeshKey {
     agent: SocketAddr,
     source: SpiffeId,
@@ -63,15 +78,78 @@ impl MeshRef<'_> {
     }
 }
 
-/// A peer agent's direct connection, or the note that it has none.
-pub(super) enum Direct {
-    Open(Idle<http2::SendRequest<Body>>),
-    /// The peer chose the CONNECT tunnel at this time.
-    Legacy(Instant),
+/// A peer agent's direct connections for one identity pair, or the note that it
+/// has none.
+#[derive(Default)]
+pub(super) struct Direct {
+    conns: Conns,
+    /// When the peer last chose the CONNECT tunnel over direct HTTP.
+    legacy: Option<Instant>,
+}
+
+/// The entry of `key`, made if there is none.
+fn entry<'m>(map: &'m mut DirectMap, key: MeshRef<'_>) -> &'m mut Direct {
+    let list = map.entry(key.agent).or_default();
+    let at = match list.iter().position(|(k, _)| key.is(k)) {
+        Some(at) => at,
+        None => {
+            list.push((key.owned(), Direct::default()));
+            list.len() - 1
+        }
+    };
+    &mut list[at].1
+}
+
+/// The entry of `key`, if there is one.
+fn existing<'m>(map: &'m mut DirectMap, key: MeshRef<'_>) -> Option<&'m mut Direct> {
+    map.get_mut(&key.agent)?.iter_mut().find(|(k, _)| key.is(k)).map(|(_, d)| d)
+}
+
+/// A dial slot of one key, reserved by [`Conns::checkout`]; given back if the dial
+/// fails or the request is dropped meanwhile.
+struct DirectReserved<'a> {
+    pool: &'a UpstreamPool,
+    key: MeshRef<'a>,
+    done: bool,
+}
+
+impl DirectReserved<'_> {
+    fn fill(mut self, sender: http2::SendRequest<Body>, idle: Duration) -> Stream {
+        self.done = true;
+        let mut direct = self.pool.direct.lock().unwrap_or_else(|e| e.into_inner());
+        entry(&mut direct, self.key).conns.filled(sender, idle)
+    }
+
+    /// The peer chose the tunnel: noted, and waiting requests go there too.
+    fn legacy(mut self) {
+        self.done = true;
+        let mut direct = self.pool.direct.lock().unwrap_or_else(|e| e.into_inner());
+        let found = entry(&mut direct, self.key);
+        found.legacy = Some(Instant::now());
+        found.conns.abandoned();
+    }
+}
+
+impl Drop for DirectReserved<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut direct = self.pool.direct.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(found) = existing(&mut direct, self.key) {
+                found.conns.abandoned();
+            }
+        }
+    }
+}
+
+/// A request on its way to a peer agent: as the client sent it until it first goes
+/// out on a direct connection (the tunnel needs it so), then in direct form.
+enum Outgoing {
+    Client(Request<Body>),
+    Direct(Request<Body>),
 }
 
 impl UpstreamPool {
-    /// Sends `req` to the meshed `endpoint` as a stream of the direct connection to
+    /// Sends `req` to the meshed `endpoint` as a stream of a direct connection to
     /// its agent, or, if that agent does not speak direct HTTP, through the tunnel.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn send_direct(
@@ -83,7 +161,7 @@ impl UpstreamPool {
         connect_timeout: Duration,
         idle: Duration,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let Some(ident) = self.identity.wait(connect_timeout).await else {
             return Err(SendError::Connect {
                 endpoint,
@@ -91,124 +169,114 @@ impl UpstreamPool {
             });
         };
         let key = MeshRef { agent, source: ident.workload.id(), expected };
-        let Some(mut sender) = self.direct_sender(key, endpoint, connect_timeout, idle).await? else {
-            // Boxed: rare, and would otherwise double this future's size.
-            let dial = Dial::Meshed { agent, identity: expected.clone() };
-            return Box::pin(self.send_version(endpoint, &dial, version, connect_timeout, idle, req)).await;
-        };
-        let req = to_direct(req, endpoint, version);
-        let resp = match sender.try_send_request(req).await {
-            Ok(resp) => resp,
-            Err(mut e) => match e.take_message() {
-                // The connection went away (GOAWAY, peer restart) before the stream
-                // opened: the request never left, so it goes out on a fresh one.
-                Some(unsent) => {
-                    debug!(agent = %agent, error = %e.error(), "direct connection gone; dialing again");
-                    self.forget_direct(key, &sender);
-                    match self.direct_sender(key, endpoint, connect_timeout, idle).await? {
-                        Some(mut fresh) => fresh.send_request(unsent).await?,
-                        None => {
-                            return Err(SendError::Connect {
-                                endpoint,
-                                message: format!("peer agent {agent} stopped offering direct HTTP"),
-                            });
+        let mut patience = Patience::new(connect_timeout);
+        let mut outgoing = Outgoing::Client(req);
+        // A connection that goes away (GOAWAY, peer restart) before the stream opens
+        // hands the request back: it never left, so it goes out on another.
+        let mut handed_back = 0;
+        loop {
+            let checkout = {
+                let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+                let found = entry(&mut direct, key);
+                let now = Instant::now();
+                match found.legacy {
+                    Some(since) if now.duration_since(since) < LEGACY_RECHECK => None,
+                    _ => {
+                        // Asked again after a while: the peer may have been upgraded.
+                        found.legacy = None;
+                        Some(found.conns.checkout(now, idle, self.streams_per_connection, MAX_DIRECT_PER_KEY))
+                    }
+                }
+            };
+            let Stream { mut sender, lease } = match checkout {
+                None => {
+                    let Outgoing::Client(req) = outgoing else {
+                        let message = format!("peer agent {agent} stopped offering direct HTTP");
+                        return Err(SendError::Connect { endpoint, message });
+                    };
+                    // Boxed: rare, and would otherwise double this future's size.
+                    let dial = Dial::Meshed { agent, identity: expected.clone() };
+                    return Box::pin(self.send_version(endpoint, &dial, version, connect_timeout, idle, req))
+                        .await;
+                }
+                Some(Checkout::Ready(stream)) => stream,
+                Some(Checkout::Dial) => {
+                    let reserved = DirectReserved { pool: self, key, done: false };
+                    let dialed =
+                        Box::pin(tokio::time::timeout(connect_timeout, self.dial_direct(key, endpoint)))
+                            .await;
+                    match dialed {
+                        Ok(Ok(Some(sender))) => reserved.fill(sender, idle),
+                        Ok(Ok(None)) => {
+                            reserved.legacy();
+                            continue;
+                        }
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => {
+                            let message =
+                                format!("direct connection to {agent}: timed out after {connect_timeout:?}");
+                            return Err(SendError::Connect { endpoint, message });
                         }
                     }
                 }
-                None => return Err(SendError::Request(e.into_error())),
-            },
-        };
-        from_direct(resp, endpoint, version)
-    }
-
-    /// The direct connection of `key`, dialing one if none is open; `None` when the
-    /// peer agent answered without direct HTTP (recently).
-    async fn direct_sender(
-        &self,
-        key: MeshRef<'_>,
-        endpoint: SocketAddr,
-        connect_timeout: Duration,
-        idle: Duration,
-    ) -> Result<Option<http2::SendRequest<Body>>, SendError> {
-        if let Some(found) = self.pooled_direct(key, idle) {
-            return Ok(found);
-        }
-        let owned = key.owned();
-        let lock = {
-            let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
-            dialing.entry(owned.clone()).or_default().clone()
-        };
-        let _dialing = lock.lock().await;
-        if let Some(found) = self.pooled_direct(key, idle) {
-            return Ok(found);
-        }
-        let dialed =
-            Box::pin(tokio::time::timeout(connect_timeout, self.dial_direct(&owned, endpoint))).await;
-        let found = match dialed {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                let message =
-                    format!("direct connection to {}: timed out after {connect_timeout:?}", key.agent);
-                return Err(SendError::Connect { endpoint, message });
-            }
-        };
-        let entry = match &found {
-            Some(sender) => {
-                Direct::Open(Idle { sender: sender.clone(), since: Instant::now(), idle_timeout: idle })
-            }
-            None => Direct::Legacy(Instant::now()),
-        };
-        let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
-        let list = direct.entry(key.agent).or_default();
-        list.retain(|(k, _)| !key.is(k));
-        list.push((owned, entry));
-        Ok(found)
-    }
-
-    /// What the pool holds for `key`: `Some(Some(sender))` an open connection,
-    /// `Some(None)` a peer known to want the tunnel, `None` nothing usable.
-    fn pooled_direct(&self, key: MeshRef<'_>, idle: Duration) -> Option<Option<http2::SendRequest<Body>>> {
-        let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
-        let list = direct.get_mut(&key.agent)?;
-        let at = list.iter().position(|(k, _)| key.is(k))?;
-        let now = Instant::now();
-        match &mut list[at].1 {
-            Direct::Open(i) if !i.sender.is_closed() && i.sender.is_ready() => {
-                i.since = now;
-                i.idle_timeout = idle;
-                Some(Some(i.sender.clone()))
-            }
-            Direct::Legacy(since) if now.duration_since(*since) < LEGACY_RECHECK => Some(None),
-            _ => {
-                list.swap_remove(at);
-                None
+                Some(Checkout::Full { room, at_bound }) => {
+                    if at_bound && patience.first_at_bound() {
+                        crate::observe::limits::hit(
+                            crate::observe::limits::Limit::UpstreamConnections,
+                            format_args!(
+                                "{MAX_DIRECT_PER_KEY} direct connections to peer agent {agent} have no free stream; a request waits"
+                            ),
+                        );
+                    }
+                    if !patience.wait(room).await {
+                        let message = format!(
+                            "no stream on the direct connections to peer agent {agent} came free within {connect_timeout:?}"
+                        );
+                        return Err(SendError::Connect { endpoint, message });
+                    }
+                    continue;
+                }
+            };
+            let req = match outgoing {
+                Outgoing::Client(req) => to_direct(req, endpoint, version),
+                Outgoing::Direct(req) => req,
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    return from_direct(
+                        resp.map(|body| UpstreamBody::leased(body, lease)),
+                        endpoint,
+                        version,
+                    );
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if handed_back < 3 => {
+                        debug!(agent = %agent, error = %e.error(), "direct connection gone; trying another");
+                        handed_back += 1;
+                        outgoing = Outgoing::Direct(unsent);
+                        let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(found) = existing(&mut direct, key) {
+                            found.conns.forget(&lease);
+                        }
+                    }
+                    _ => return Err(SendError::Request(e.into_error())),
+                },
             }
         }
-    }
-
-    /// Drops `key`'s connection if it is still `sender`'s.
-    fn forget_direct(&self, key: MeshRef<'_>, sender: &http2::SendRequest<Body>) {
-        let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(list) = direct.get_mut(&key.agent) else { return };
-        list.retain(|(k, d)| {
-            !(key.is(k)
-                && matches!(d, Direct::Open(i) if i.sender.is_closed() || !i.sender.is_ready() || sender.is_closed()))
-        });
     }
 
     /// Dials `key`'s agent offering direct HTTP and the tunnel; `None` if it chose
     /// the tunnel.
     async fn dial_direct(
         &self,
-        key: &MeshKey,
+        key: MeshRef<'_>,
         endpoint: SocketAddr,
     ) -> Result<Option<http2::SendRequest<Body>>, SendError> {
         let agent = key.agent;
         let fail = |message: String| SendError::Connect { endpoint, message };
         let tls = self
             .tunnels
-            .connect_tls(agent, &key.source, &key.expected, &[ALPN_MESH_HTTP, ALPN_H2])
+            .connect_tls(agent, key.source, key.expected, &[ALPN_MESH_HTTP, ALPN_H2])
             .await
             .map_err(|e| fail(format!("direct connection to {agent} ({}): {e}", key.expected)))?;
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_MESH_HTTP) {
@@ -236,32 +304,24 @@ impl UpstreamPool {
         Ok(Some(sender))
     }
 
-    /// Drops direct connections closed or idle too long, peers' tunnel-only notes
-    /// due for a recheck, and dial locks no longer needed (part of
-    /// [`UpstreamPool::sweep`]).
+    /// Drops direct connections closed or idle too long, and peers' tunnel-only
+    /// notes due for a recheck (part of [`UpstreamPool::sweep`]).
     pub(super) fn sweep_direct(&self, now: Instant) {
         let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
         direct.retain(|_, list| {
-            list.retain(|(_, d)| match d {
-                Direct::Open(i) => !i.sender.is_closed() && i.fresh(now),
-                Direct::Legacy(since) => now.duration_since(*since) < LEGACY_RECHECK,
+            list.retain_mut(|(_, d)| {
+                d.legacy = d.legacy.filter(|since| now.duration_since(*since) < LEGACY_RECHECK);
+                let open = d.conns.sweep(now);
+                open || d.legacy.is_some()
             });
             !list.is_empty()
         });
-        let mut dialing = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
-        // A lock nobody holds or waits on, for a key with no connection: done with.
-        let pooled = |key: &MeshKey| direct.get(&key.agent).is_some_and(|l| l.iter().any(|(k, _)| k == key));
-        dialing.retain(|key, lock| pooled(key) || Arc::strong_count(lock) > 1);
     }
 
     /// Open direct HTTP connections to peer agents.
     pub fn direct_count(&self) -> usize {
         let direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
-        direct
-            .values()
-            .flatten()
-            .filter(|(_, d)| matches!(d, Direct::Open(i) if !i.sender.is_closed()))
-            .count()
+        direct.values().flatten().map(|(_, d)| d.conns.open_count()).sum()
     }
 }
 
@@ -298,10 +358,10 @@ fn to_direct(req: Request<Body>, endpoint: SocketAddr, version: Version) -> Requ
 /// here, policy, the workload unreachable) with [`crate::tunnel::REASON_HEADER`]:
 /// that is a failure to connect, safe to try on another endpoint.
 fn from_direct(
-    mut resp: Response<Incoming>,
+    mut resp: Response<UpstreamBody>,
     endpoint: SocketAddr,
     version: Version,
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<Response<UpstreamBody>, SendError> {
     if let Some(reason) = resp.headers().get(crate::tunnel::REASON_HEADER) {
         let reason = String::from_utf8_lossy(reason.as_bytes());
         let message = format!("peer agent refused: {} {reason}", resp.status().as_u16());

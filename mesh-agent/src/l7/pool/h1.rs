@@ -9,12 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use super::{Body, Dial, Idle, SendError, UpstreamIo, UpstreamPool, Version};
+use super::{Body, Dial, SendError, UpstreamBody, UpstreamIo, UpstreamPool, Version};
 
 /// HTTP/1 connections open to one endpoint at once, busy or idle. A request that
 /// finds them all busy waits (within its connect timeout) for one to come free or to
@@ -25,6 +24,20 @@ pub(crate) const MAX_H1_PER_ENDPOINT: usize = 256;
 
 /// Longest pause between looks for a freed HTTP/1 connection while at the bound.
 pub(super) const H1_WAIT_STEP_MAX: Duration = Duration::from_millis(50);
+
+/// A pooled connection's sender, and since when it has gone unused.
+pub(super) struct Idle {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
+    /// Closed after this long unused (the service's `timeouts.idle`, else the pool's).
+    idle_timeout: Duration,
+}
+
+impl Idle {
+    fn fresh(&self, now: Instant) -> bool {
+        now.duration_since(self.since) < self.idle_timeout
+    }
+}
 
 /// An HTTP/1 client connection over `io`; its task holds `permit` until it ends.
 async fn h1_over(
@@ -53,7 +66,7 @@ impl UpstreamPool {
         connect_timeout: Duration,
         idle: Duration,
         mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let deadline = tokio::time::Instant::now() + connect_timeout;
         let mut step = Duration::from_millis(1);
         let mut counted = false;
@@ -64,7 +77,7 @@ impl UpstreamPool {
                 match sender.try_send_request(req).await {
                     Ok(resp) => {
                         self.checkin_h1(endpoint, sender, idle);
-                        return Ok(resp);
+                        return Ok(resp.map(UpstreamBody::plain));
                     }
                     Err(mut e) => match e.take_message() {
                         Some(unsent) => {
@@ -111,7 +124,7 @@ impl UpstreamPool {
             let mut sender = Box::pin(self.new_h1(endpoint, dial, connect_timeout, permit)).await?;
             let resp = sender.send_request(req).await?;
             self.checkin_h1(endpoint, sender, idle);
-            return Ok(resp);
+            return Ok(resp.map(UpstreamBody::plain));
         }
     }
 

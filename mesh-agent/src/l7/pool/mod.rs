@@ -2,29 +2,26 @@
 //! when idle.
 //!
 //! HTTP/1.1 connections carry one request at a time, so an endpoint has a list of
-//! them; a sender goes back into the list as soon as its response headers arrive and
-//! is taken again once hyper says it is ready (the previous response fully read).
-//! HTTP/2 connections multiplex, so an endpoint has one, shared by every request.
+//! them ([`h1`]). HTTP/2 connections multiplex, so requests share them, up to a
+//! number of streams each, and another is dialed when every one is full
+//! ([`self::h2`], [`streams`]): short of the bound on connections, a long poll or a
+//! streaming gRPC call never makes another request wait for it to end.
 //!
 //! An endpoint outside the mesh gets plain TCP connections. A meshed endpoint
 //! ([`Dial::Meshed`]) is reached through its node's agent over mutual TLS: requests
-//! ride as HTTP/2 streams directly on one connection per (peer agent, source
+//! ride as HTTP/2 streams directly on connections per (peer agent, source
 //! identity, destination identity), each naming its endpoint in
 //! [`crate::tunnel::TARGET_HEADER`] and the workload's HTTP version in
 //! [`crate::tunnel::PROTOCOL_HEADER`] (see [`crate::identity::ALPN_MESH_HTTP`]), so
-//! HTTP/1.1 clients are multiplexed too. Protocol upgrades (WebSocket), and peers
-//! that do not offer direct HTTP (older agents), get HTTP inside a CONNECT stream of
-//! the tunnel instead, in the client's own version.
-//!
-//! - [`h1`]: pooled HTTP/1.1 connections, and adopting one the tunnel server opened;
-//! - [`h2`]: multiplexed HTTP/2 connections to endpoints;
-//! - [`direct`]: HTTP/2 connections straight to peer agents;
-//! - [`io`]: the byte stream under a connection (TCP or a tunnel stream).
+//! HTTP/1.1 clients are multiplexed too ([`direct`]). Protocol upgrades (WebSocket),
+//! and peers that do not offer direct HTTP (older agents), get HTTP inside a CONNECT
+//! stream of the tunnel instead, in the client's own version ([`io`]).
 
 mod direct;
 mod h1;
 mod h2;
 mod io;
+mod streams;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,8 +31,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
 
 use crate::identity::SpiffeId;
 use crate::socket::SocketFactory;
@@ -51,8 +46,9 @@ pub(crate) use direct::{
 pub(crate) use h1::MAX_H1_PER_ENDPOINT;
 pub use io::UpstreamIo;
 
-use self::h2::H2Conns;
-use direct::{Direct, MeshKey};
+use direct::DirectMap;
+use streams::Conns;
+pub use streams::UpstreamBody;
 
 /// Errors of bodies the proxy forwards.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -87,36 +83,22 @@ pub enum SendError {
     Request(#[from] hyper::Error),
 }
 
-/// A pooled connection's sender, and since when it has gone unused.
-struct Idle<S> {
-    sender: S,
-    since: Instant,
-    /// Closed after this long unused (the service's `timeouts.idle`, else the pool's).
-    idle_timeout: Duration,
-}
-
-impl<S> Idle<S> {
-    fn fresh(&self, now: Instant) -> bool {
-        now.duration_since(self.since) < self.idle_timeout
-    }
-}
-
 /// Upstream connections of one agent, shared by all client connections.
 pub struct UpstreamPool {
     sockets: SocketFactory,
     tunnels: TunnelPool,
     identity: IdentitySlot,
     idle_timeout: Duration,
-    h1: Mutex<HashMap<SocketAddr, Vec<Idle<http1::SendRequest<Body>>>>>,
+    h1: Mutex<HashMap<SocketAddr, Vec<h1::Idle>>>,
     /// Per endpoint, one permit per open HTTP/1 connection ([`h1::MAX_H1_PER_ENDPOINT`]);
     /// each connection's task holds its permit until the connection ends.
     h1_open: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Semaphore>>>,
     /// Per endpoint, at most [`self::h2::MAX_H2_PER_ENDPOINT`] multiplexed connections.
-    h2: Mutex<HashMap<SocketAddr, H2Conns>>,
-    /// Per peer agent (almost always one identity pair each).
-    direct: Mutex<HashMap<SocketAddr, Vec<(MeshKey, Direct)>>>,
-    /// Held while dialing a key, so that concurrent requests wait for one dial.
-    dialing: Mutex<HashMap<MeshKey, Arc<tokio::sync::Mutex<()>>>>,
+    h2: Mutex<HashMap<SocketAddr, Conns>>,
+    /// Per peer agent and identity pair, at most [`direct::MAX_DIRECT_PER_KEY`].
+    direct: Mutex<DirectMap>,
+    /// Requests one HTTP/2 or direct connection carries at once.
+    streams_per_connection: usize,
 }
 
 impl std::fmt::Debug for UpstreamPool {
@@ -141,8 +123,16 @@ impl UpstreamPool {
             h1_open: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
             direct: Mutex::new(HashMap::new()),
-            dialing: Mutex::new(HashMap::new()),
+            streams_per_connection: streams::STREAMS_PER_CONNECTION,
         }
+    }
+
+    /// The same pool with at most `n` requests at once on one HTTP/2 or direct
+    /// connection (default [`streams::STREAMS_PER_CONNECTION`]) before it dials
+    /// another; for tests, which show the spreading with a few requests.
+    pub fn with_streams_per_connection(mut self, n: usize) -> Self {
+        self.streams_per_connection = n.max(1);
+        self
     }
 
     /// Sends `req` to `endpoint`, on a pooled connection when one is free.
@@ -153,7 +143,7 @@ impl UpstreamPool {
         version: Version,
         connect_timeout: Duration,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         self.send_with_idle(endpoint, dial, version, connect_timeout, None, req).await
     }
 
@@ -167,7 +157,7 @@ impl UpstreamPool {
         connect_timeout: Duration,
         idle: Option<Duration>,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let idle = idle.unwrap_or(self.idle_timeout);
         if let Dial::Meshed { agent, identity } = dial
             && !super::headers::is_upgrade(req.headers())
@@ -185,7 +175,7 @@ impl UpstreamPool {
         connect_timeout: Duration,
         idle: Duration,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         match version {
             Version::Http1 => self.send_h1(endpoint, dial, connect_timeout, idle, req).await,
             Version::Http2 => self.send_h2(endpoint, dial, connect_timeout, idle, req).await,

@@ -14,7 +14,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::pool::{Body, Dial, SendError, UpstreamPool, Version};
+use super::pool::{Body, Dial, SendError, UpstreamBody, UpstreamPool, Version};
+use super::pool_tests::{STREAMS, Target, hold_or_answer, spreads_over_connections};
 use crate::discovery::{RouteStore, table::RouteTable};
 use crate::identity::test_ca::{TestCa, TestSigner};
 use crate::identity::{CertManager, RenewalConfig, SpiffeId, TlsConfigs, TokioClock};
@@ -63,6 +64,9 @@ enum Peer {
     Refusing,
     /// An agent from before direct HTTP: offers only `h2` (CONNECT streams).
     Legacy,
+    /// Serves direct HTTP allowing [`STREAMS`] streams per connection, holding
+    /// `/hold` open forever; the sending pool moves on at [`STREAMS`] too.
+    Holding,
 }
 
 async fn peers(kind: Peer) -> Peers {
@@ -114,6 +118,16 @@ async fn peers(kind: Peer) -> Peers {
     let mut server = TunnelServer::new(server_tls, authorize, connect);
     match &kind {
         Peer::Legacy => {}
+        Peer::Holding => {
+            server = server.with_http(Arc::new(|_peer, _addr, tls, _shutdown| {
+                Box::pin(async move {
+                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .max_concurrent_streams(STREAMS as u32)
+                        .serve_connection(TokioIo::new(tls), hyper::service::service_fn(hold_or_answer))
+                        .await;
+                })
+            }));
+        }
         Peer::Real(routes) => {
             // The receiving agent's own identity: the `By=` of x-forwarded-client-cert.
             let manager =
@@ -158,7 +172,11 @@ async fn peers(kind: Peer) -> Peers {
     assert!(slot.set(AgentIdentity { manager: Arc::new(manager), workload }).is_ok());
     let sockets = SocketFactory::new(0);
     let tunnels = crate::mtls::pool(slot.clone(), sockets.clone(), PATIENCE);
-    let pool = Arc::new(UpstreamPool::new(sockets, tunnels, slot, Duration::from_secs(30)));
+    let mut pool = UpstreamPool::new(sockets, tunnels, slot, Duration::from_secs(30));
+    if let Peer::Holding = kind {
+        pool = pool.with_streams_per_connection(STREAMS);
+    }
+    let pool = Arc::new(pool);
     Peers { payments, agent, accepted, seen, pool, _shutdown: shutdown.drop_guard() }
 }
 
@@ -172,8 +190,20 @@ impl Peers {
         endpoint: SocketAddr,
         version: Version,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<UpstreamBody>, SendError> {
         send(&self.pool, &self.dial(), endpoint, version, req).await
+    }
+}
+
+impl Target for Peers {
+    async fn get(&self, path: &'static str) -> Response<UpstreamBody> {
+        let endpoint = SocketAddr::from(([10, 0, 0, 1], 8080));
+        let resp = self.send(endpoint, Version::Http2, get(path, Some("payments.shop"))).await;
+        resp.expect("a long-lived request must not wait for another to end")
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 }
 
@@ -183,7 +213,7 @@ async fn send(
     endpoint: SocketAddr,
     version: Version,
     req: Request<Body>,
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<Response<UpstreamBody>, SendError> {
     within("a response", pool.send(endpoint, dial, version, PATIENCE, req)).await
 }
 
@@ -195,7 +225,7 @@ fn get(uri: &str, host: Option<&str>) -> Request<Body> {
     req.body(Empty::new().map_err(|never| match never {}).boxed_unsync()).unwrap()
 }
 
-async fn text(resp: Response<Incoming>) -> String {
+async fn text(resp: Response<UpstreamBody>) -> String {
     let body = within("a body", resp.into_body().collect()).await.unwrap().to_bytes();
     String::from_utf8(body.to_vec()).unwrap()
 }
@@ -234,6 +264,13 @@ async fn http1_requests_to_many_endpoints_ride_one_direct_connection_naming_thei
         assert_eq!(s.uri, "http://payments.shop/cart?id=7");
         assert_eq!(s.host.as_deref(), Some("payments.shop"));
     }
+}
+
+#[tokio::test]
+async fn a_full_direct_connection_makes_the_pool_dial_another_instead_of_queueing_the_request() {
+    let peers = Arc::new(peers(Peer::Holding).await);
+    spreads_over_connections(peers.clone()).await;
+    assert_eq!(peers.pool.direct_count(), 3);
 }
 
 #[tokio::test]

@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 
 use super::body::{BodyEnd, Observed, grpc_status};
 use super::headers::{is_upgrade, strip_hop_by_hop};
-use super::pool::{Body, Dial, SendError, Version};
+use super::pool::{Body, Dial, SendError, UpstreamBody, Version};
 use crate::balance::service::{ServiceState, target_of};
 use crate::balance::{HashKeySource, PickGuard, hash};
 use crate::discovery::table::{Route, addr_header};
@@ -416,7 +416,7 @@ impl Outbound {
         connect_timeout: Duration,
         request_bytes: &Arc<AtomicU64>,
         record: &mut Option<Box<AccessRecord>>,
-    ) -> Result<(Response<Incoming>, PickGuard, Outcome), Failed> {
+    ) -> Result<(Response<UpstreamBody>, PickGuard, Outcome), Failed> {
         let mut retry = target.retry.start(&state.budget);
         loop {
             let picked = match self.pinned {

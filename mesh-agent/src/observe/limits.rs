@@ -41,7 +41,8 @@ pub enum Limit {
     AdminConnections,
     /// Request bodies held for retries, all requests together.
     RetryBuffer,
-    /// HTTP/1 connections open to one upstream endpoint, busy or idle.
+    /// Connections to one upstream endpoint (or, direct, to one peer agent) at their
+    /// bound: every HTTP/1 one busy, every HTTP/2 one out of free streams.
     UpstreamConnections,
 }
 

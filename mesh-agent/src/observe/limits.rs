@@ -43,9 +43,13 @@ pub enum Limit {
     RetryBuffer,
     /// HTTP/1 connections open to one upstream endpoint, busy or idle.
     UpstreamConnections,
+    /// DNS queries forwarded to the node's resolver at once, in the whole agent.
+    DnsForwards,
+    /// DNS queries forwarded per second for one source address.
+    DnsForwardRate,
 }
 
-const ALL: [Limit; 8] = [
+const ALL: [Limit; 10] = [
     Limit::ConnectionsPerSource,
     Limit::ConnectionsTotal,
     Limit::TunnelHandshakes,
@@ -54,6 +58,8 @@ const ALL: [Limit; 8] = [
     Limit::AdminConnections,
     Limit::RetryBuffer,
     Limit::UpstreamConnections,
+    Limit::DnsForwards,
+    Limit::DnsForwardRate,
 ];
 
 impl Limit {
@@ -67,6 +73,8 @@ impl Limit {
             Limit::AdminConnections => "admin_connections",
             Limit::RetryBuffer => "retry_buffer",
             Limit::UpstreamConnections => "upstream_connections",
+            Limit::DnsForwards => "dns_forwards",
+            Limit::DnsForwardRate => "dns_forward_rate",
         }
     }
 

@@ -421,7 +421,14 @@ fn try_recvmsg6(ctx: &SockAddrContext) {
     let Some(dst) = DNS_ORIG_BY_COOKIE.get_ptr(&cookie) else { return };
     // SAFETY: pointer to a live map value returned by the lookup.
     let dst = unsafe { *dst };
-    sa.user_ip6 = dst.addr;
+    // One word at a time: the verifier refuses a copy loop into the context.
+    // SAFETY: each write is of an aligned u32 inside the context's `user_ip6`.
+    unsafe {
+        core::ptr::write_volatile(&mut sa.user_ip6[0], dst.addr[0]);
+        core::ptr::write_volatile(&mut sa.user_ip6[1], dst.addr[1]);
+        core::ptr::write_volatile(&mut sa.user_ip6[2], dst.addr[2]);
+        core::ptr::write_volatile(&mut sa.user_ip6[3], dst.addr[3]);
+    }
     sa.user_port = u32::from(dst.port.to_be());
 }
 

@@ -153,6 +153,7 @@ impl DnsListeners {
         let udp = self.udp.iter().filter_map(|s| s.local_addr().ok());
         let tcp = self.tcp.iter().filter_map(|s| s.local_addr().ok());
         let mut all: Vec<SocketAddr> = udp.chain(tcp).collect();
+        all.sort();
         all.dedup();
         all
     }

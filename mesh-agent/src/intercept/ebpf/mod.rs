@@ -532,7 +532,6 @@ fn configure(bpf: &mut Ebpf, s: &Settings, agent_cgroup_id: u64) -> Result<(), E
         flags,
         agent_cgroup_id,
         previous_agent_cgroup_id,
-        ..Default::default()
     };
     config.set(0, value, 0).map_err(map_err(MAP_CONFIG))?;
     debug!(?value, "eBPF configuration written");

@@ -2,7 +2,8 @@
 //! the discovery stream to agents, and the CA.
 //!
 //! Data flow: each [`registry::Source`] publishes its complete view ->
-//! [`snapshot::SnapshotBuilder`] merges them into one versioned snapshot ->
+//! [`snapshot::SnapshotBuilder`] merges them into one versioned snapshot (giving
+//! services with hostnames and no VIP one from [`dns_vips`]) ->
 //! [`discovery::DiscoveryService`] streams it to every authenticated agent (over
 //! [`tls`], with a certificate from the [`ca`]) and records their ACKs/NACKs ->
 //! [`admin`] shows it all.
@@ -11,6 +12,7 @@ pub mod admin;
 pub mod agent_book;
 pub mod ca;
 pub mod discovery;
+pub mod dns_vips;
 pub mod health;
 pub mod identity;
 pub mod json;

@@ -121,6 +121,13 @@ struct Args {
     #[arg(long, env = "MESH_MTLS_DEFAULT", value_enum, default_value_t = MtlsDefault::Permissive)]
     mtls_default: MtlsDefault,
 
+    /// IPv4 range from which services that have hostnames but no VIP get one (DNS
+    /// auto-allocation): agents answer DNS for those hostnames with it and route it
+    /// like any VIP. Derived from the hostname, so stable across restarts; `off`
+    /// allocates none.
+    #[arg(long, env = "MESH_DNS_VIP_RANGE", default_value = control::dns_vips::DEFAULT_RANGE)]
+    dns_vip_range: String,
+
     /// Directory of the CA's root (or intermediate) certificate and key; created with
     /// a new root on first start, reused afterwards (same trust root across restarts).
     #[arg(long, env = "MESH_CA_DIR", default_value = "/var/lib/mesh/ca")]
@@ -401,6 +408,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             retention: args.agent_retention,
         },
         transport,
+        dns_vip_range: match args.dns_vip_range.trim() {
+            "off" => None,
+            range => Some(
+                range.parse().map_err(|e| anyhow::anyhow!("--dns-vip-range (MESH_DNS_VIP_RANGE): {e}"))?,
+            ),
+        },
     };
     let ca = open_ca(&args).await?;
     let shutdown = CancellationToken::new();

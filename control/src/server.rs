@@ -45,6 +45,8 @@ pub struct Settings {
     /// Bounds on agents' discovery streams and the book of agents.
     pub book: crate::agent_book::BookLimits,
     pub transport: Transport,
+    /// Where services with hostnames and no VIP get one (`--dns-vip-range`).
+    pub dns_vip_range: Option<crate::dns_vips::VipRange>,
 }
 
 /// Largest header list an agent's gRPC request may carry (h2's default is 16 MiB).
@@ -106,6 +108,7 @@ pub async fn start(
         targets_tx,
         failing_rx,
     );
+    let builder = builder.with_dns_vips(settings.dns_vip_range);
     tasks.spawn(builder.run(settings.settle, shutdown.clone()));
 
     let agents = AgentBook::new(settings.book);

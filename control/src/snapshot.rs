@@ -56,9 +56,17 @@ pub struct SnapshotBuilder {
     tx: watch::Sender<Arc<Versioned>>,
     targets: watch::Sender<Targets>,
     failing: watch::Receiver<Failing>,
+    /// Where services with hostnames and no VIP get one (`None`: they get none).
+    dns_vips: Option<crate::dns_vips::VipRange>,
 }
 
 impl SnapshotBuilder {
+    /// Allocates VIPs from `range` to services that have hostnames but no VIP.
+    pub fn with_dns_vips(mut self, range: Option<crate::dns_vips::VipRange>) -> Self {
+        self.dns_vips = range;
+        self
+    }
+
     /// Returns the builder and the receiver streams subscribe to; `health` gets the
     /// endpoints to check and reports the failing ones.
     pub fn new(
@@ -76,7 +84,7 @@ impl SnapshotBuilder {
             ready: false,
         });
         let (tx, rx) = watch::channel(initial);
-        (Self { sources, trust_domain, default_mtls, tx, targets, failing }, rx)
+        (Self { sources, trust_domain, default_mtls, tx, targets, failing, dns_vips: None }, rx)
     }
 
     /// Merges the current views (first source wins on a namespace/name clash of a
@@ -136,8 +144,16 @@ impl SnapshotBuilder {
                 }
             }
         }
+        let mut services: Vec<api::Service> = merged.into_values().collect();
+        if let Some(range) = &self.dns_vips {
+            errors.extend(
+                crate::dns_vips::allocate(&mut services, range)
+                    .into_iter()
+                    .map(|p| ("dns-vip-range".into(), p)),
+            );
+        }
         let snapshot = api::Snapshot {
-            services: merged.into_values().collect(),
+            services,
             trust_domain: self.trust_domain.clone(),
             default_mtls: self.default_mtls as i32,
         };

@@ -406,6 +406,10 @@ impl AgentState {
                 .map_err(|e| fail("tunnel listener", &e))?,
             false => Vec::new(),
         };
+        let dns = match &node.dns {
+            Some(dns) => Some(dns.bind(&sockets, node.ipv6).map_err(|e| fail("DNS listener", &e))?),
+            None => None,
+        };
         let mut listening = Vec::new();
         for l in outbound.iter().chain(&inbound).chain(&tunnel) {
             listening.push(l.local_addr().map_err(|e| fail("listener", &e))?);
@@ -426,6 +430,9 @@ impl AgentState {
         }
         node.spawn_listeners(outbound, Direction::Outbound, &ctx, &stop);
         node.spawn_listeners(inbound, Direction::Inbound, &ctx, &stop);
+        if let (Some(service), Some(dns)) = (&node.dns, dns) {
+            service.spawn(dns, &stop);
+        }
         let tunnels = node.spawn_tunnel(tunnel, &ctx, &stop);
         info!(workload = %workload.key, pod = %format!("{}/{}", workload.namespace, workload.name),
             netns = %path.display(), addresses = ?workload.addresses,
@@ -607,6 +614,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Vec::new()
     };
 
+    // The node's DNS listener, for the workloads of its own namespace (pods get one
+    // in theirs), before interception sends their queries to it.
+    let routes = Arc::new(RouteStore::new(args.control_plane.is_some()));
+    let dns = match args
+        .dns_settings(&std::fs::read_to_string(crate::dns::resolv::RESOLV_CONF).unwrap_or_default())
+    {
+        Some(dns_settings) => {
+            if dns_settings.upstreams.is_empty() {
+                warn!(
+                    "DNS: no upstream resolver (no --dns-upstream, no nameserver in /etc/resolv.conf): names outside the registry get SERVFAIL"
+                );
+            }
+            info!(port = dns_settings.port, upstreams = ?dns_settings.upstreams,
+                max_forwards = dns_settings.max_forwards, forward_rate = dns_settings.forward_rate,
+                "DNS for registry hostnames on");
+            let dns = crate::dns::Dns::new(dns_settings, routes.clone(), sockets.clone());
+            let listeners = dns
+                .bind(&sockets, settings.ipv6)
+                .map_err(|e| anyhow::anyhow!("DNS listener (--dns-port {}): {e}", dns.settings().port))?;
+            Some((dns, listeners))
+        }
+        None => None,
+    };
+
     // Without --intercept-all, only enrolled cgroups of the node's namespace are
     // intercepted (none at all for a node agent that serves pods only).
     let per_cgroup = !args.intercept_all;
@@ -624,7 +655,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mode = interceptor.mode();
     info!(%mode, reason = %mode_reason, "interception mode selected");
 
-    let routes = Arc::new(RouteStore::new(args.control_plane.is_some()));
     let (access_log, access_log_writer) = match args.access_log.as_str() {
         "off" => (None, None),
         other => {
@@ -699,6 +729,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stop_accepting: CancellationToken::new(),
         tracker: TaskTracker::new(),
         identities: identities.clone(),
+        dns: dns.as_ref().map(|(dns, _)| dns.clone()),
         limits: connection_limits,
         handshakes: crate::mtls::Handshakes {
             limits: {
@@ -729,6 +760,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         interceptor
             .capture_node(&own, &node_addresses(), &inbound)
             .map_err(|e| anyhow::anyhow!("inbound capture: {e}"))?;
+    }
+
+    let mut listening_dns = Vec::new();
+    if let Some((service, listeners)) = dns {
+        listening_dns = listeners.local_addrs();
+        service.spawn(listeners, &node.shutdown.child_token());
     }
 
     // Contexts, identities and cgroups of the static workloads.
@@ -780,6 +817,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     for l in inbound.iter().chain(&tunnel) {
         listening.push(l.local_addr()?.to_string());
     }
+    listening.extend(listening_dns.iter().map(|a| format!("{a} (dns)")));
     node.spawn_listeners(inbound, Direction::Inbound, &default_ctx, &node_stop);
     let mut node_tunnels = match &tunnel_ctx {
         Some(ctx) if !tunnel.is_empty() => {

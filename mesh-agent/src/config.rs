@@ -78,6 +78,12 @@ pub struct InterceptArgs {
     /// Do not intercept IPv6 (no [::1] listener, no ip6tables rules).
     #[arg(long, env = "MESH_NO_IPV6")]
     pub no_ipv6: bool,
+
+    /// Port of the agent's DNS listener (UDP and TCP on 127.0.0.1 and [::1] of each
+    /// workload's namespace), where workloads' DNS queries (to port 53, any address)
+    /// are sent; 0 turns the agent's DNS and its interception off.
+    #[arg(long, env = "MESH_DNS_PORT", default_value_t = crate::dns::DEFAULT_DNS_PORT)]
+    pub dns_port: u16,
 }
 
 /// Who the agent runs as, for iptables rules that someone else installs (a pod's
@@ -146,6 +152,11 @@ pub struct PodRulesArgs {
     /// Do not intercept IPv6 (no ip6tables rules).
     #[arg(long, env = "MESH_NO_IPV6")]
     pub no_ipv6: bool,
+
+    /// The agent's DNS listener in the pod: the pod's DNS (UDP and TCP to port 53)
+    /// is redirected to it; 0 leaves the pod's DNS alone.
+    #[arg(long, env = "MESH_DNS_PORT", default_value_t = crate::dns::DEFAULT_DNS_PORT)]
+    pub dns_port: u16,
 }
 
 impl PodRulesArgs {
@@ -176,6 +187,7 @@ impl PodRulesArgs {
                 gid: self.owner.agent_gid,
             },
             ipv6: !self.no_ipv6,
+            dns_port: (self.dns_port != 0).then_some(self.dns_port),
         };
         match rules.config() {
             Ok(_) => Ok(rules),
@@ -205,6 +217,7 @@ fn pod_flag(field: &str) -> (&'static str, &'static str) {
         "exclude_ports" => ("--exclude-ports", "MESH_EXCLUDE_PORTS"),
         "mark" => ("--mark", "MESH_MARK"),
         "agent_cgroups" => ("--agent-cgroup", "MESH_AGENT_CGROUP"),
+        "dns_port" => ("--dns-port", "MESH_DNS_PORT"),
         _ => ("pod rules", "-"),
     }
 }
@@ -273,6 +286,27 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub intercept: InterceptArgs,
+
+    /// The node's resolver(s) that DNS queries for names outside the registry are
+    /// forwarded to, `IP` or `IP:PORT`, comma-separated, tried in order (default: the
+    /// `nameserver` lines of the agent's /etc/resolv.conf).
+    #[arg(long, env = "MESH_DNS_UPSTREAM", value_delimiter = ',', value_parser = parse_upstream)]
+    pub dns_upstream: Vec<SocketAddr>,
+
+    /// DNS queries being forwarded to the node's resolver at once, in the whole agent;
+    /// more are dropped (counted in mesh_dns_dropped_total{reason="forwards"}).
+    #[arg(long, env = "MESH_DNS_MAX_FORWARDS", default_value_t = 256)]
+    pub dns_max_forwards: usize,
+
+    /// DNS queries one source address may have forwarded per second (bursts of twice
+    /// as many); more are dropped. Registry names are answered whatever the rate.
+    #[arg(long, env = "MESH_DNS_FORWARD_RATE", default_value_t = 500)]
+    pub dns_forward_rate: u32,
+
+    /// How long the node's resolver may take to answer a forwarded query before the
+    /// next one is tried (the workload gets SERVFAIL when none answered).
+    #[arg(long, env = "MESH_DNS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub dns_timeout: Duration,
 
     /// Destination ports that skip protocol detection (server-first protocols).
     #[arg(long, env = "MESH_OPAQUE_PORTS", value_delimiter = ',', default_value = DEFAULT_OPAQUE_PORTS)]
@@ -504,6 +538,14 @@ fn parse_u32(s: &str) -> Result<u32, String> {
     parsed.map_err(|_| format!("{s:?} is not a number (decimal or 0x-prefixed hex)"))
 }
 
+/// A DNS upstream: `IP:PORT`, `[IPv6]:PORT` or an address alone (port 53).
+fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{s:?} is neither IP nor IP:PORT"))
+}
+
 /// A duration, or `off` (read as 0: disabled).
 fn parse_duration_or_off(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -547,6 +589,13 @@ impl InterceptArgs {
         }
         if self.mark == 0 {
             return Err(err("--mark", "MESH_MARK", "must not be 0 (0 is every unmarked socket)"));
+        }
+        if self.dns_port != 0 && [self.outbound_port, self.inbound_port].contains(&self.dns_port) {
+            return Err(err(
+                "--dns-port",
+                "MESH_DNS_PORT",
+                format!("{} is one of the agent's TCP listener ports", self.dns_port),
+            ));
         }
         for (flag, env, ports) in [
             ("--inbound-ports", "MESH_INBOUND_PORTS", &self.inbound_ports),
@@ -601,6 +650,7 @@ impl InterceptArgs {
             bpffs_dir: placement.bpffs_dir,
             cgroup_root: placement.cgroup_root,
             tunnel_port: placement.tunnel_port,
+            dns_port: (self.dns_port != 0).then_some(self.dns_port),
         })
     }
 }
@@ -643,6 +693,27 @@ pub struct ProxySettings {
 }
 
 impl RunArgs {
+    /// The agent's DNS, `None` with `--dns-port 0`. Without `--dns-upstream`, the
+    /// upstreams are read from `resolv_conf` (the agent's own /etc/resolv.conf).
+    pub fn dns_settings(&self, resolv_conf: &str) -> Option<crate::dns::DnsSettings> {
+        if self.intercept.dns_port == 0 {
+            return None;
+        }
+        let upstreams = if self.dns_upstream.is_empty() {
+            crate::dns::resolv::nameservers(resolv_conf)
+        } else {
+            self.dns_upstream.clone()
+        };
+        Some(crate::dns::DnsSettings {
+            port: self.intercept.dns_port,
+            upstreams,
+            max_forwards: self.dns_max_forwards,
+            forward_rate: self.dns_forward_rate,
+            timeout: self.dns_timeout,
+            ..Default::default()
+        })
+    }
+
     /// TLS unless plaintext is explicitly allowed, an anchor for TLS, a credential.
     fn validate_control_plane(&self, cp: &str) -> Result<(), ConfigError> {
         if cp.starts_with("https://") {
@@ -787,6 +858,15 @@ impl RunArgs {
         if self.discovery_keepalive < Duration::from_secs(1) {
             return Err(err("--discovery-keepalive", "MESH_DISCOVERY_KEEPALIVE", "must be at least 1s"));
         }
+        if self.dns_max_forwards == 0 {
+            return Err(err("--dns-max-forwards", "MESH_DNS_MAX_FORWARDS", "must be at least 1"));
+        }
+        if self.dns_forward_rate == 0 {
+            return Err(err("--dns-forward-rate", "MESH_DNS_FORWARD_RATE", "must be at least 1"));
+        }
+        if self.dns_timeout.is_zero() {
+            return Err(err("--dns-timeout", "MESH_DNS_TIMEOUT", "must be more than 0"));
+        }
         if self.iptables_external && self.mode != Mode::Iptables {
             return Err(err(
                 "--iptables-external",
@@ -916,6 +996,30 @@ mod tests {
         assert!(e.to_string().contains("https://"), "{e}");
         let e = parse(&["--control-plane-ca", "/ca.pem"]).unwrap_err();
         assert_eq!(e.flag, "--control-plane-ca");
+    }
+
+    #[test]
+    fn dns_flags() {
+        let cli = |args: &[&str]| {
+            let mut argv = vec!["mesh-agent"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).expect("flags parse").run
+        };
+        let resolv = "nameserver 10.0.0.53\nnameserver 10.0.0.54\n";
+        let d = cli(&[]).dns_settings(resolv).unwrap();
+        assert_eq!(d.port, 15053);
+        assert_eq!(d.upstreams, ["10.0.0.53:53".parse().unwrap(), "10.0.0.54:53".parse().unwrap()]);
+        let d = cli(&["--dns-upstream", "10.77.0.4,[fd00::1]:5353"]).dns_settings(resolv).unwrap();
+        assert_eq!(d.upstreams, ["10.77.0.4:53".parse().unwrap(), "[fd00::1]:5353".parse().unwrap()]);
+        assert!(cli(&["--dns-port", "0"]).dns_settings(resolv).is_none());
+        assert_eq!(parse(&["--dns-port", "0"]).unwrap().0.dns_port, None);
+        assert_eq!(parse(&[]).unwrap().0.dns_port, Some(15053));
+        let e = parse(&["--dns-port", "15001"]).unwrap_err();
+        assert_eq!(e.flag, "--dns-port");
+        let e = parse(&["--dns-max-forwards", "0"]).unwrap_err();
+        assert_eq!(e.flag, "--dns-max-forwards");
+        let e = Cli::try_parse_from(["x", "--dns-upstream", "resolver"]).err().unwrap().to_string();
+        assert!(e.contains("--dns-upstream"), "{e}");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! (eBPF or iptables), [`listener`] accepts them and recovers the original
 //! destination through [`orig_dst`], [`sniff`] classifies the protocol without
 //! losing a byte, and [`forward`] carries the bytes on through sockets made by
-//! [`socket`]. [`agent`] wires it together; [`admin`] exposes it.
+//! [`socket`]. [`dns`] answers workloads' DNS for registry hostnames. [`agent`]
+//! wires it together; [`admin`] exposes it.
 
 pub mod admin;
 pub mod agent;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod control_channel;
 pub mod copy;
 pub mod discovery;
+pub mod dns;
 pub mod forward;
 pub mod identity;
 pub mod inbound;

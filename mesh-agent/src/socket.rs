@@ -52,6 +52,22 @@ impl SocketFactory {
         }
     }
 
+    /// A non-blocking UDP socket for `domain` carrying the agent's mark, in this
+    /// factory's namespace: the DNS listeners (in a workload's namespace) and the
+    /// DNS forwarder's upstream sockets (in the agent's).
+    pub fn udp(&self, domain: Domain) -> io::Result<Socket> {
+        let make = || Socket::new(domain, Type::DGRAM, Some(Protocol::UDP));
+        let socket = match &self.netns {
+            Some(ns) => ns.run(make)?,
+            None => make(),
+        }?;
+        if self.mark != 0 {
+            socket.set_mark(self.mark)?;
+        }
+        socket.set_nonblocking(true)?;
+        Ok(socket)
+    }
+
     /// Connects to `addr` from a socket carrying the agent's mark, within `timeout`.
     pub async fn connect(&self, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
         let socket = self.socket(Domain::for_address(addr))?;

@@ -29,6 +29,11 @@ pub const HOST_CGROUP_ENTRIES: u32 = 1_024;
 pub const INBOUND_ADDR_ENTRIES: u32 = 8_192;
 /// Slots of the inbound listener sockets the capture program hands connections to.
 pub const INBOUND_SOCK_ENTRIES: u32 = 8_192;
+/// Entries in [`MAP_DNS_ORIG_BY_COOKIE`]: workload DNS sockets whose queries were sent
+/// to the agent, with the resolver they asked. LRU, so closed sockets age out.
+pub const DNS_ORIG_BY_COOKIE_ENTRIES: u32 = 65_536;
+/// The DNS port: queries to it (UDP and TCP, any address) go to the agent's DNS.
+pub const DNS_PORT: u16 = 53;
 /// Deepest cgroup level the connect programs look at for an enrolled ancestor.
 pub const MAX_CGROUP_LEVEL: i32 = 16;
 
@@ -46,6 +51,7 @@ pub const MAP_HOST_CGROUPS: &str = "MESH_HOST_CGROUPS";
 pub const MAP_INBOUND_ADDRS: &str = "MESH_INBOUND_ADDRS";
 pub const MAP_INBOUND_PORTS: &str = "MESH_INBOUND_PORTS";
 pub const MAP_INBOUND_SOCKS: &str = "MESH_INBOUND_SOCKS";
+pub const MAP_DNS_ORIG_BY_COOKIE: &str = "MESH_DNS_ORIG_BY_COOKIE";
 
 /// Program names, as the agent looks them up in the loaded object.
 pub const PROG_CONNECT4: &str = "mesh_connect4";
@@ -53,6 +59,10 @@ pub const PROG_CONNECT6: &str = "mesh_connect6";
 pub const PROG_SOCKOPS: &str = "mesh_sockops";
 pub const PROG_GETSOCKOPT: &str = "mesh_getsockopt";
 pub const PROG_SK_LOOKUP: &str = "mesh_sk_lookup";
+pub const PROG_SENDMSG4: &str = "mesh_sendmsg4";
+pub const PROG_SENDMSG6: &str = "mesh_sendmsg6";
+pub const PROG_RECVMSG4: &str = "mesh_recvmsg4";
+pub const PROG_RECVMSG6: &str = "mesh_recvmsg6";
 
 /// Version of the maps' layout. Pinned maps live in a directory named after it, so
 /// an agent whose layout differs never adopts maps it would misread.
@@ -102,7 +112,10 @@ pub struct InterceptConfig {
     /// The outbound listener port on `127.0.0.1` and `[::1]` of workloads that have no
     /// port of their own (pods; the default host workload).
     pub outbound_port: u16,
-    pub _pad0: u16,
+    /// The agent's DNS listener on `127.0.0.1` and `[::1]` of every workload's
+    /// namespace, where workloads' queries to port 53 go; 0: DNS is left alone. (Was
+    /// padding before DNS: maps an older agent configured read as "off".)
+    pub dns_port: u16,
     /// `FLAG_*` bits.
     pub flags: u32,
     /// cgroup v2 id of the agent's own cgroup: connects made by its tasks are never

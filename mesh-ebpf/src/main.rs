@@ -15,6 +15,13 @@
 //!   deepest enrolled ancestor wins, each with its own listener port). The agent's own
 //!   connects are recognised by its cgroup, which a workload cannot give itself (a
 //!   socket mark it can).
+//! - DNS: a workload's queries (UDP or TCP to port 53, whatever the address, loopback
+//!   resolvers included) go to the agent's DNS listener on loopback in the workload's
+//!   namespace (`InterceptConfig::dns_port`): `mesh_connect4|6` rewrite TCP and
+//!   connected UDP sockets, `mesh_sendmsg4|6` (`cgroup/sendmsg4|6`) each datagram of
+//!   unconnected ones, recording the resolver the workload asked under the socket
+//!   cookie; `mesh_recvmsg4|6` (`cgroup/recvmsg4|6`) put that resolver back as the
+//!   source of the answer, since resolver libraries drop answers from anyone else.
 //! - `mesh_sockops` (`sockops`): once a redirected connection is established, move the
 //!   original destination to a map keyed by the connection's 4-tuple and network
 //!   namespace; drop the entry of a connect that closes without establishing.
@@ -49,7 +56,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    AF_INET, AF_INET6, CIDR_RULES_ENTRIES, CidrKey, FLAG_CIDRS_INCLUDE_ONLY, FLAG_DEBUG_LOG,
+    AF_INET, AF_INET6, CIDR_RULES_ENTRIES, CidrKey, DNS_ORIG_BY_COOKIE_ENTRIES, DNS_PORT,
+    FLAG_CIDRS_INCLUDE_ONLY, FLAG_DEBUG_LOG,
     FLAG_PORTS_INCLUDE_ONLY, HOST_CGROUP_ENTRIES, HostCgroup, INBOUND_ADDR_ENTRIES, INBOUND_ALL_PORTS,
     INBOUND_PORT_CAPTURE, INBOUND_PORT_SKIP, INBOUND_SOCK_ENTRIES, InboundTarget, InterceptConfig,
     MAX_CGROUP_LEVEL, ORIG_DST_BY_COOKIE_ENTRIES, ORIG_DST_BY_TUPLE_ENTRIES, OrigDst, POD_NETNS_ENTRIES,
@@ -58,7 +66,9 @@ use mesh_common::{
 };
 
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 const LOOPBACK_V4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 const LOOPBACK_V6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 /// `sizeof(struct sockaddr_in)` / `sizeof(struct sockaddr_in6)`.
@@ -89,6 +99,11 @@ static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> =
 #[map(name = "MESH_ORIG_DST_BY_TUPLE")]
 static ORIG_DST_BY_TUPLE: LruHashMap<SockTuple, OrigDst> =
     LruHashMap::pinned(ORIG_DST_BY_TUPLE_ENTRIES, 0);
+
+/// The resolver a workload's DNS socket was sending to, by socket cookie, for the
+/// recvmsg programs to put back as the answer's source. LRU: sockets come and go.
+#[map(name = "MESH_DNS_ORIG_BY_COOKIE")]
+static DNS_ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(DNS_ORIG_BY_COOKIE_ENTRIES, 0);
 
 #[map(name = "MESH_STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_LEN, 0);
@@ -202,7 +217,8 @@ fn try_connect4(ctx: &SockAddrContext) -> bool {
     let Some(cfg) = config() else { return true };
     // SAFETY: the context pointer is valid for the program's duration.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
+    let udp = sa.type_ == SOCK_DGRAM && sa.protocol == IPPROTO_UDP;
+    if !udp && (sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP) {
         return true;
     }
     let listener = workload_port(ctx, cfg);
@@ -211,6 +227,18 @@ fn try_connect4(ctx: &SockAddrContext) -> bool {
     }
     let addr = v4_mapped(sa.user_ip4);
     let port = u16::from_be(sa.user_port as u16);
+    if port == DNS_PORT && cfg.dns_port != 0 {
+        // UDP: the answer's source is put back by recvmsg4; TCP needs nothing back.
+        if udp && !remember_dns(ctx, addr, AF_INET) {
+            return false;
+        }
+        sa.user_ip4 = LOOPBACK_V4;
+        sa.user_port = u32::from(cfg.dns_port.to_be());
+        return true;
+    }
+    if udp {
+        return true;
+    }
     if !wants_intercept(cfg, &addr, port) {
         count(Stat::Skipped);
         return true;
@@ -234,7 +262,8 @@ fn try_connect6(ctx: &SockAddrContext) -> bool {
     let Some(cfg) = config() else { return true };
     // SAFETY: the context pointer is valid for the program's duration.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
+    let udp = sa.type_ == SOCK_DGRAM && sa.protocol == IPPROTO_UDP;
+    if !udp && (sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP) {
         return true;
     }
     let listener = workload_port(ctx, cfg);
@@ -243,6 +272,17 @@ fn try_connect6(ctx: &SockAddrContext) -> bool {
     }
     let addr = words(&sa.user_ip6);
     let port = u16::from_be(sa.user_port as u16);
+    if port == DNS_PORT && cfg.dns_port != 0 {
+        if udp && !remember_dns(ctx, addr, AF_INET6) {
+            return false;
+        }
+        sa.user_ip6 = if is_v4_mapped(&addr) { v4_mapped(LOOPBACK_V4) } else { LOOPBACK_V6 };
+        sa.user_port = u32::from(cfg.dns_port.to_be());
+        return true;
+    }
+    if udp {
+        return true;
+    }
     if !wants_intercept(cfg, &addr, port) {
         count(Stat::Skipped);
         return true;
@@ -254,6 +294,142 @@ fn try_connect6(ctx: &SockAddrContext) -> bool {
     sa.user_ip6 = if is_v4_mapped(&addr) { v4_mapped(LOOPBACK_V4) } else { LOOPBACK_V6 };
     sa.user_port = u32::from(listener.to_be());
     true
+}
+
+/// Records the resolver a workload's DNS socket sends to, for the answer's source.
+/// False (and the send or connect fails rather than going around the agent) when it
+/// cannot be stored.
+#[inline(always)]
+fn remember_dns(ctx: &SockAddrContext, addr: [u32; 4], family: u16) -> bool {
+    // SAFETY: helper valid for sock_addr programs; the context pointer is valid.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let dst = OrigDst { addr, port: DNS_PORT, family };
+    if DNS_ORIG_BY_COOKIE.insert(&cookie, &dst, 0).is_err() {
+        count(Stat::RecordFailed);
+        return false;
+    }
+    true
+}
+
+/// `sendmsg()` proceeds (1) or fails with EPERM (0).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    i32::from(try_sendmsg4(&ctx))
+}
+
+/// A datagram of an unconnected UDP socket to port 53 goes to the agent's DNS.
+#[inline(always)]
+fn try_sendmsg4(ctx: &SockAddrContext) -> bool {
+    let Some(cfg) = config() else { return true };
+    if cfg.dns_port == 0 {
+        return true;
+    }
+    // SAFETY: the context pointer is valid for the program's duration.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if u16::from_be(sa.user_port as u16) != DNS_PORT || workload_port(ctx, cfg) == 0 {
+        return true;
+    }
+    if !remember_dns(ctx, v4_mapped(sa.user_ip4), AF_INET) {
+        return false;
+    }
+    sa.user_ip4 = LOOPBACK_V4;
+    sa.user_port = u32::from(cfg.dns_port.to_be());
+    true
+}
+
+/// `sendmsg()` proceeds (1) or fails with EPERM (0).
+#[cgroup_sock_addr(sendmsg6)]
+pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    i32::from(try_sendmsg6(&ctx))
+}
+
+#[inline(always)]
+fn try_sendmsg6(ctx: &SockAddrContext) -> bool {
+    let Some(cfg) = config() else { return true };
+    if cfg.dns_port == 0 {
+        return true;
+    }
+    // SAFETY: the context pointer is valid for the program's duration.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if u16::from_be(sa.user_port as u16) != DNS_PORT || workload_port(ctx, cfg) == 0 {
+        return true;
+    }
+    let addr = words(&sa.user_ip6);
+    if !remember_dns(ctx, addr, AF_INET6) {
+        return false;
+    }
+    sa.user_ip6 = if is_v4_mapped(&addr) { v4_mapped(LOOPBACK_V4) } else { LOOPBACK_V6 };
+    sa.user_port = u32::from(cfg.dns_port.to_be());
+    true
+}
+
+/// Always 1: recvmsg programs may only rewrite the source.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
+    try_recvmsg4(&ctx);
+    1
+}
+
+/// An answer from the agent's DNS listener to a socket whose query was redirected
+/// shows the resolver the workload asked as its source.
+#[inline(always)]
+fn try_recvmsg4(ctx: &SockAddrContext) {
+    let Some(cfg) = config() else { return };
+    if cfg.dns_port == 0 {
+        return;
+    }
+    // SAFETY: the context pointer is valid for the program's duration.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if u16::from_be(sa.user_port as u16) != cfg.dns_port || sa.user_ip4 != LOOPBACK_V4 {
+        return;
+    }
+    // SAFETY: helper valid for sock_addr programs; the context pointer is valid.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(dst) = DNS_ORIG_BY_COOKIE.get_ptr(&cookie) else { return };
+    // SAFETY: pointer to a live map value returned by the lookup.
+    let dst = unsafe { *dst };
+    if is_v4_mapped(&dst.addr) {
+        sa.user_ip4 = dst.addr[3];
+        sa.user_port = u32::from(dst.port.to_be());
+    }
+}
+
+/// Always 1: recvmsg programs may only rewrite the source.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
+    try_recvmsg6(&ctx);
+    1
+}
+
+#[inline(always)]
+fn try_recvmsg6(ctx: &SockAddrContext) {
+    let Some(cfg) = config() else { return };
+    if cfg.dns_port == 0 {
+        return;
+    }
+    // SAFETY: the context pointer is valid for the program's duration.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if u16::from_be(sa.user_port as u16) != cfg.dns_port {
+        return;
+    }
+    let from = words(&sa.user_ip6);
+    if from != LOOPBACK_V6 && from != v4_mapped(LOOPBACK_V4) {
+        return;
+    }
+    // SAFETY: helper valid for sock_addr programs; the context pointer is valid.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(dst) = DNS_ORIG_BY_COOKIE.get_ptr(&cookie) else { return };
+    // SAFETY: pointer to a live map value returned by the lookup.
+    let dst = unsafe { *dst };
+    // One word at a time: the verifier refuses a copy loop into the context.
+    // SAFETY: each write is of an aligned u32 inside the context's `user_ip6`.
+    unsafe {
+        core::ptr::write_volatile(&mut sa.user_ip6[0], dst.addr[0]);
+        core::ptr::write_volatile(&mut sa.user_ip6[1], dst.addr[1]);
+        core::ptr::write_volatile(&mut sa.user_ip6[2], dst.addr[2]);
+        core::ptr::write_volatile(&mut sa.user_ip6[3], dst.addr[3]);
+    }
+    sa.user_port = u32::from(dst.port.to_be());
 }
 
 /// Copies a four-word address out of a context or socket structure one word at a

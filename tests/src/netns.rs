@@ -269,6 +269,9 @@ impl Lab {
             // cluster routes its service range, so a workload's connect() to a VIP
             // gets past the routing decision in iptables mode (eBPF rewrites earlier).
             ns.exec_ip(&["route", "add", "10.96.0.0/16", "dev", "eth0"])?;
+            // So are the VIPs the control plane allocates for hostnames without one
+            // (--dns-vip-range's default).
+            ns.exec_ip(&["route", "add", "240.240.0.0/16", "dev", "eth0"])?;
             ns.exec_ip(&["-6", "route", "add", "fd96::/64", "dev", "eth0"])?;
             hosts.push(Host { name: (*name).to_owned(), ns, v4, v6 });
         }

@@ -242,7 +242,11 @@ fn meshctl_reads_a_running_mesh(mode: &str) {
     }
     let json = m.json(&["explain", "10.77.0.1", "api.shop.svc.cluster.local:80"]);
     assert_eq!(json["service"], "shop/api", "{json:#}");
-    assert_eq!(json["matched_by"], "hostname api.shop.svc.cluster.local");
+    // A workload reaches the name through the VIP its agent's DNS answers.
+    assert_eq!(
+        json["matched_by"],
+        "hostname api.shop.svc.cluster.local, which the agent's DNS answers with VIP 10.96.0.40:80"
+    );
     assert_eq!(json["outcome"], "balanced");
     assert_eq!(json["candidates"], serde_json::json!(["10.77.0.2:8080"]));
     assert_eq!(json["source_identity"], FRONTEND);

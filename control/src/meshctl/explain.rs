@@ -160,16 +160,29 @@ fn find_service<'a>(
         let by = match dst {
             Destination::Addr(a) => {
                 let ip = canonical(a.ip());
-                s.vips
-                    .iter()
-                    .any(|v| v.parse::<IpAddr>().is_ok_and(|v| canonical(v) == ip))
-                    .then(|| format!("VIP {}", join_host_port(&ip.to_string(), u32::from(port))))?
+                let is = |v: &String| v.parse::<IpAddr>().is_ok_and(|v| canonical(v) == ip);
+                let addr = join_host_port(&ip.to_string(), u32::from(port));
+                if s.vips.iter().any(is) {
+                    format!("VIP {addr}")
+                } else if s.allocated_vips.iter().any(is) {
+                    format!("VIP {addr} (allocated for its hostnames)")
+                } else {
+                    return None;
+                }
             }
-            Destination::Host(h, _) => s
-                .hostnames
-                .iter()
-                .any(|n| n.trim_end_matches('.').eq_ignore_ascii_case(h))
-                .then(|| format!("hostname {h}"))?,
+            // A workload resolves the name through its agent's DNS, which answers the
+            // service's VIPs, and connects to one: the connection is routed by VIP.
+            Destination::Host(h, _) => {
+                s.hostnames.iter().any(|n| n.trim_end_matches('.').eq_ignore_ascii_case(h)).then(
+                    || match s.vips.first().or(s.allocated_vips.first()) {
+                        Some(vip) => format!(
+                            "hostname {h}, which the agent's DNS answers with VIP {}",
+                            join_host_port(vip, u32::from(port))
+                        ),
+                        None => format!("hostname {h}"),
+                    },
+                )?
+            }
         };
         Some((s, by, s.ports.iter().find(|p| p.port == u32::from(port))))
     })
@@ -378,14 +391,24 @@ pub fn explain(
                 }
             },
             Destination::Host(h, _) => format!(
-                "no service has the hostname {h}: the application's DNS answer decides the address, and a \
-                 connection to a non-service address is forwarded unchanged"
+                "no service has the hostname {h}: the agent's DNS forwards the query to the node's resolver, \
+                 and a connection to the address it answers is forwarded unchanged (unless that address is a \
+                 service's)"
             ),
         };
         return x;
     };
     x.service = Some(service.key());
     x.matched_by = Some(by);
+    if matches!(dst, Destination::Host(..)) && service.vips.is_empty() && service.allocated_vips.is_empty() {
+        x.outcome = Outcome::Refused;
+        x.summary = format!(
+            "{} has the hostname but no VIP (none in the registry, and --dns-vip-range is off or full): the \
+             agent's DNS answers the name with no address, so a workload cannot connect by it",
+            service.key()
+        );
+        return x;
+    }
     x.balancer = Some(balancer_name(&service.load_balancer));
     let Some(port) = port else {
         let ports: Vec<String> = service.ports.iter().map(|p| p.port.to_string()).collect();
@@ -588,8 +611,52 @@ mod tests {
     #[test]
     fn unknown_source_cannot_be_authorized_against_allow_rules() {
         let x = run("10.9.9.9", "reviews.default.svc.cluster.local:9080");
-        assert_eq!(x.matched_by.as_deref(), Some("hostname reviews.default.svc.cluster.local"));
+        assert_eq!(
+            x.matched_by.as_deref(),
+            Some(
+                "hostname reviews.default.svc.cluster.local, which the agent's DNS answers with VIP 10.96.0.10:9080"
+            )
+        );
         assert_eq!(x.authorization.unwrap().decision, "unknown");
+    }
+
+    /// A hostname is explained as the data path serves it: the agent's DNS answers a
+    /// VIP (the registry's, else the allocated one) and the connection is routed by it.
+    #[test]
+    fn hostnames_explain_the_vip_the_agents_dns_answers() {
+        let a = fixtures::agent_dump();
+        let mut c = fixtures::control_dump();
+        let reviews = &mut c.snapshot.as_mut().unwrap().services[0];
+        reviews.vips.clear();
+        reviews.allocated_vips = vec!["240.240.7.9".into()];
+        let by_name = explain(
+            ip("10.1.0.9"),
+            &Destination::parse("reviews.default.svc.cluster.local:9080").unwrap(),
+            "a",
+            Ok(&a),
+            Ok(&c),
+        );
+        assert_eq!(by_name.outcome, Outcome::Balanced);
+        assert!(by_name.matched_by.as_deref().unwrap().ends_with("answers with VIP 240.240.7.9:9080"));
+        let by_vip =
+            explain(ip("10.1.0.9"), &Destination::parse("240.240.7.9:9080").unwrap(), "a", Ok(&a), Ok(&c));
+        assert_eq!(by_vip.outcome, Outcome::Balanced);
+        assert_eq!(by_vip.matched_by.as_deref(), Some("VIP 240.240.7.9:9080 (allocated for its hostnames)"));
+        assert_eq!(by_vip.candidates, by_name.candidates);
+
+        let reviews = &mut c.snapshot.as_mut().unwrap().services[0];
+        reviews.allocated_vips.clear();
+        let x = explain(
+            ip("10.1.0.9"),
+            &Destination::parse("reviews.default.svc.cluster.local:9080").unwrap(),
+            "a",
+            Ok(&a),
+            Ok(&c),
+        );
+        assert_eq!(x.outcome, Outcome::Refused);
+        assert!(x.summary.contains("no VIP"), "{}", x.summary);
+        let unknown = run("10.1.0.9", "elsewhere.example.com:443");
+        assert!(unknown.summary.contains("forwards the query to the node's resolver"), "{}", unknown.summary);
     }
 
     #[test]

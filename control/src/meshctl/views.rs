@@ -48,6 +48,8 @@ pub struct ServiceView {
     pub name: String,
     pub namespace: String,
     pub vips: Vec<String>,
+    /// VIPs the control plane allocated for the hostnames (the service has no VIP).
+    pub allocated_vips: Vec<String>,
     pub hostnames: Vec<String>,
     pub ports: Vec<PortView>,
     pub load_balancer: String,

@@ -438,6 +438,7 @@ pub fn parse(file: &str, text: &str, trust_domain: &str) -> Result<Registry, Fil
             name: s.name,
             namespace: s.namespace,
             vips,
+            allocated_vips: Vec::new(),
             hostnames: s.hostnames,
             ports,
             policy,

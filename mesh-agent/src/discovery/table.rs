@@ -131,6 +131,9 @@ pub struct RouteTable {
     /// a node or behind an agent (an agent dials from its workload's address) and
     /// the agents' own.
     peer_ips: std::collections::HashSet<IpAddr>,
+    /// Registry hostname (lower case, no root dot) -> its service's VIPs (allocated
+    /// ones included): what the agent's DNS answers (`crate::dns`).
+    by_name: HashMap<String, Vec<IpAddr>>,
 }
 
 fn protocol_name(p: api::Protocol) -> &'static str {
@@ -181,8 +184,9 @@ impl RouteTable {
                 field,
                 message,
             };
-            let mut vips = Vec::with_capacity(s.vips.len());
-            for (i, v) in s.vips.iter().enumerate() {
+            let mut vips = Vec::with_capacity(s.vips.len() + s.allocated_vips.len());
+            // Allocated VIPs (DNS auto-allocation) route exactly like registry ones.
+            for (i, v) in s.vips.iter().chain(&s.allocated_vips).enumerate() {
                 let ip: IpAddr = v
                     .parse()
                     .map_err(|_| invalid(format!("vips[{i}]"), format!("{v:?} is not an IP address")))?;
@@ -194,6 +198,10 @@ impl RouteTable {
                     return Err(invalid(format!("vips[{i}]"), format!("{ip} cannot be a service address")));
                 }
                 vips.push(ip);
+            }
+            for h in &s.hostnames {
+                let names = table.by_name.entry(h.trim_end_matches('.').to_ascii_lowercase()).or_default();
+                names.extend(vips.iter().filter(|ip| !names.contains(ip)).copied().collect::<Vec<_>>());
             }
             let mtls = MtlsMode::from_api(
                 s.policy.as_ref().map_or(api::MtlsMode::Unspecified, |p| p.mtls()),
@@ -367,6 +375,12 @@ impl RouteTable {
         }
     }
 
+    /// The addresses the agent's DNS answers for a registry hostname (`name` in
+    /// lower case, without the root's dot); `None` for a name no service has.
+    pub fn name_addresses(&self, name: &str) -> Option<&[IpAddr]> {
+        self.by_name.get(name).map(Vec::as_slice)
+    }
+
     /// Every service port, for the admin dump.
     pub fn routes(&self) -> &[Arc<Route>] {
         &self.routes
@@ -392,6 +406,7 @@ mod tests {
             services: vec![api::Service {
                 health_check: None,
                 routes: Vec::new(),
+                allocated_vips: Vec::new(),
                 name: "echo".into(),
                 namespace: "default".into(),
                 vips: vec!["10.96.0.10".into(), "fd96::10".into()],

@@ -97,6 +97,9 @@ pub struct Settings {
     pub cgroup_root: String,
     /// The mTLS tunnel port peers' agents dial: never captured inbound.
     pub tunnel_port: u16,
+    /// The agent's DNS listener port in each workload's namespace, where workloads'
+    /// DNS queries are sent; `None`: DNS is not intercepted.
+    pub dns_port: Option<u16>,
 }
 
 impl Settings {
@@ -151,6 +154,7 @@ impl Settings {
                 .filter_map(|(c, p)| p.map(|p| (c.relative().to_owned(), p)))
                 .collect(),
             ipv6: self.ipv6,
+            dns_port: self.dns_port,
         }
     }
 }
@@ -235,6 +239,7 @@ impl IptablesInterceptor {
         rules.exclude_ports = s.exclude_ports.clone();
         rules.exclude_cidrs = s.exclude_cidrs.clone();
         rules.ipv6 = s.ipv6;
+        rules.dns_port = s.dns_port;
         rules
     }
 

@@ -44,9 +44,13 @@ pub enum Limit {
     /// Connections to one upstream endpoint (or, direct, to one peer agent) at their
     /// bound: every HTTP/1 one busy, every HTTP/2 one out of free streams.
     UpstreamConnections,
+    /// DNS queries forwarded to the node's resolver at once, in the whole agent.
+    DnsForwards,
+    /// DNS queries forwarded per second for one source address.
+    DnsForwardRate,
 }
 
-const ALL: [Limit; 8] = [
+const ALL: [Limit; 10] = [
     Limit::ConnectionsPerSource,
     Limit::ConnectionsTotal,
     Limit::TunnelHandshakes,
@@ -55,6 +59,8 @@ const ALL: [Limit; 8] = [
     Limit::AdminConnections,
     Limit::RetryBuffer,
     Limit::UpstreamConnections,
+    Limit::DnsForwards,
+    Limit::DnsForwardRate,
 ];
 
 impl Limit {
@@ -68,6 +74,8 @@ impl Limit {
             Limit::AdminConnections => "admin_connections",
             Limit::RetryBuffer => "retry_buffer",
             Limit::UpstreamConnections => "upstream_connections",
+            Limit::DnsForwards => "dns_forwards",
+            Limit::DnsForwardRate => "dns_forward_rate",
         }
     }
 

@@ -145,6 +145,7 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
 /// Registers help text and units for every metric with the current recorder.
 pub fn describe() {
     super::limits::describe();
+    crate::dns::describe();
     describe_counter!(REQUESTS_TOTAL, Unit::Count, "HTTP and gRPC requests handled by the agent.");
     describe_histogram!(
         REQUEST_DURATION_SECONDS,

@@ -66,6 +66,8 @@ pub struct Node {
     pub limits: Arc<crate::limits::ConnectionLimits>,
     /// Bounds on the tunnel listeners' TLS handshakes, shared by every workload's.
     pub handshakes: crate::mtls::Handshakes,
+    /// The DNS every workload's namespace gets a listener of (`None`: `--dns-port 0`).
+    pub dns: Option<Arc<crate::dns::Dns>>,
 }
 
 impl Node {

@@ -136,6 +136,7 @@ fn map_service(
         name,
         namespace,
         vips,
+        allocated_vips: Vec::new(),
         hostnames,
         ports,
         policy,

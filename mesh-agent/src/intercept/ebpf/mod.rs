@@ -33,8 +33,8 @@ use mesh_common::{
     INBOUND_PORT_CAPTURE, INBOUND_PORT_SKIP, INBOUND_SOCK_ENTRIES, InboundTarget, InterceptConfig,
     MAP_CIDR_EXCLUDE, MAP_CIDR_INCLUDE, MAP_CONFIG, MAP_HOST_CGROUPS, MAP_INBOUND_ADDRS, MAP_INBOUND_PORTS,
     MAP_INBOUND_SOCKS, MAP_POD_NETNS, MAP_PORT_RULES, MAP_STATS, PROG_CONNECT4, PROG_CONNECT6,
-    PROG_GETSOCKOPT, PROG_SK_LOOKUP, PROG_SOCKOPS, PodNetns, RULE_INTERCEPT, RULE_SKIP, STATS_LEN, Stat,
-    v4_mapped,
+    PROG_GETSOCKOPT, PROG_RECVMSG4, PROG_RECVMSG6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_SK_LOOKUP,
+    PROG_SOCKOPS, PodNetns, RULE_INTERCEPT, RULE_SKIP, STATS_LEN, Stat, v4_mapped,
 };
 use serde::Serialize;
 use tracing::{debug, info};
@@ -49,6 +49,11 @@ use crate::{
 /// The kernel side, built by `cargo xtask build-ebpf` and checked in CI against its
 /// sources (`cargo xtask build-ebpf --check`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!("../../../ebpf/mesh-ebpf.o");
+
+/// The `cgroup/sock_addr` programs attached at the cgroup root: TCP connects, and
+/// workloads' DNS (connected and unconnected UDP, and the answers' source).
+const SOCK_ADDR_PROGRAMS: [&str; 6] =
+    [PROG_CONNECT4, PROG_CONNECT6, PROG_SENDMSG4, PROG_SENDMSG6, PROG_RECVMSG4, PROG_RECVMSG6];
 
 /// Attachments are bpf_links, which the kernel always stacks with other programs on the
 /// same cgroup (Cilium, systemd, another agent); `Single` is how aya asks for a link
@@ -221,8 +226,9 @@ impl EbpfInterceptor {
         let cgroup_root = CgroupPath::resolve(&mount, &settings.cgroup_root)?;
         configure(&mut bpf, settings, cgroup_id(&agent_cgroup)?)?;
 
-        prog::<CgroupSockAddr>(&mut bpf, PROG_CONNECT4)?.load().map_err(prog_err(PROG_CONNECT4))?;
-        prog::<CgroupSockAddr>(&mut bpf, PROG_CONNECT6)?.load().map_err(prog_err(PROG_CONNECT6))?;
+        for name in SOCK_ADDR_PROGRAMS {
+            prog::<CgroupSockAddr>(&mut bpf, name)?.load().map_err(prog_err(name))?;
+        }
         prog::<SockOps>(&mut bpf, PROG_SOCKOPS)?.load().map_err(prog_err(PROG_SOCKOPS))?;
         prog::<CgroupSockopt>(&mut bpf, PROG_GETSOCKOPT)?.load().map_err(prog_err(PROG_GETSOCKOPT))?;
         prog::<SkLookup>(&mut bpf, PROG_SK_LOOKUP)?.load().map_err(prog_err(PROG_SK_LOOKUP))?;
@@ -236,7 +242,7 @@ impl EbpfInterceptor {
             .map_err(prog_err(PROG_GETSOCKOPT))?;
 
         let root = open_cgroup(&cgroup_root)?;
-        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        for name in SOCK_ADDR_PROGRAMS {
             let program = prog::<CgroupSockAddr>(&mut bpf, name)?;
             let id = program.attach(&root, ATTACH_MODE).map_err(prog_err(name))?;
             let link = FdLink::try_from(program.take_link(id).map_err(prog_err(name))?)
@@ -249,7 +255,7 @@ impl EbpfInterceptor {
             .map_err(|e| EbpfError::Link { name: PROG_SOCKOPS, error: e.to_string() })?;
         pins.replace_link(PROG_SOCKOPS, link)?;
         info!(cgroup_root = %cgroup_root, agent_cgroup = %agent_cgroup, pins = %settings.bpffs_dir.display(),
-            "eBPF programs attached and pinned (connect4, connect6, sockops at the cgroup root; getsockopt on the agent's cgroup)");
+            "eBPF programs attached and pinned (connect4|6, sendmsg4|6, recvmsg4|6, sockops at the cgroup root; getsockopt on the agent's cgroup)");
         Ok(Self {
             bpf,
             pins,
@@ -522,10 +528,10 @@ fn configure(bpf: &mut Ebpf, s: &Settings, agent_cgroup_id: u64) -> Result<(), E
     };
     let value = InterceptConfig {
         outbound_port: s.outbound_port,
+        dns_port: s.dns_port.unwrap_or(0),
         flags,
         agent_cgroup_id,
         previous_agent_cgroup_id,
-        ..Default::default()
     };
     config.set(0, value, 0).map_err(map_err(MAP_CONFIG))?;
     debug!(?value, "eBPF configuration written");

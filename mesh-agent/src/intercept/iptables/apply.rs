@@ -40,6 +40,9 @@ impl Tables {
         let cfg = &cfg;
         let text = render_restore(cfg, self.family, jumps);
         self.restore(&text)?;
+        if jumps.output {
+            self.replace_old_output_jumps()?;
+        }
         let rules: Vec<&str> = text.lines().filter(|l| l.starts_with("-A ")).collect();
         info!(
             family = %self.family,
@@ -50,6 +53,22 @@ impl Tables {
             rules = ?rules,
             "installed iptables interception rules"
         );
+        Ok(())
+    }
+
+    /// Removes the jumps to our outbound chain in another form than this version's:
+    /// older agents jumped for TCP only, and with DNS intercepted over UDP too that
+    /// jump would send TCP through the chain twice and leave UDP out.
+    fn replace_old_output_jumps(&self) -> Result<(), IptablesError> {
+        let canonical = format!("-A {}", jump_spec("OUTPUT", OUTPUT_CHAIN).join(" "));
+        for line in self.jumps_to("OUTPUT", OUTPUT_CHAIN)? {
+            if line == canonical || line.contains('"') || line.contains('\'') {
+                continue;
+            }
+            let tokens: Vec<&str> = line.split_whitespace().collect();
+            self.iptables_ok(&with_op("-D", &tokens[1..]))?;
+            info!(family = %self.family, rule = %line, "replaced an older jump to our outbound chain");
+        }
         Ok(())
     }
 
@@ -218,7 +237,7 @@ mod tests {
                 let msg = err.to_string();
                 assert!(msg.contains("CAP_NET_ADMIN"), "{msg}");
                 assert!(msg.contains(r#"capabilities.add: ["NET_ADMIN"]"#), "{msg}");
-                assert!(msg.contains(" -C OUTPUT -p tcp -j MESH_OUTPUT"), "{msg}");
+                assert!(msg.contains(" -C OUTPUT -j MESH_OUTPUT"), "{msg}");
             }
         }
 

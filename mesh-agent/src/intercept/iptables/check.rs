@@ -91,7 +91,7 @@ impl Tables {
         for (hook, chain) in [("OUTPUT", OUTPUT_CHAIN), ("PREROUTING", INBOUND_CHAIN)] {
             let jumps = self.jumps_to(hook, chain)?;
             present |= !jumps.is_empty();
-            let canonical = format!("-A {hook} -p tcp -j {chain}");
+            let canonical = format!("-A {}", super::rules::jump_spec(hook, chain).join(" "));
             match (jumps.as_slice(), cfg.is_some()) {
                 ([], false) => {}
                 ([], true) => differ(format!("no jump from {hook} to {chain}")),

@@ -49,6 +49,10 @@ pub struct IptablesConfig {
     pub cgroup_ports: std::collections::BTreeMap<String, u16>,
     /// Also program the IPv6 table with `ip6tables`.
     pub ipv6: bool,
+    /// The agent's DNS listener: the same sockets' DNS queries (UDP and TCP to port
+    /// 53, to any address, loopback resolvers included) are redirected to it.
+    /// `None`: DNS is left alone.
+    pub dns_port: Option<u16>,
 }
 
 /// Which connections arriving from the network the inbound chain redirects.
@@ -87,6 +91,7 @@ impl IptablesConfig {
             cgroups: Vec::new(),
             cgroup_ports: Default::default(),
             ipv6: true,
+            dns_port: None,
         }
     }
 
@@ -108,6 +113,9 @@ impl IptablesConfig {
                 return Err(invalid("inbound_exclude_ports", ports, "port 0 is not a destination port"));
             }
             _ => {}
+        }
+        if self.dns_port == Some(0) {
+            return Err(invalid("dns_port", 0, "port 0 cannot be listened on"));
         }
         if self.include_ports.contains(&0) {
             return Err(invalid("include_ports", &self.include_ports, "port 0 is not a destination port"));

@@ -23,5 +23,6 @@ pub(crate) fn sample() -> IptablesConfig {
         cgroups: vec![],
         cgroup_ports: Default::default(),
         ipv6: true,
+        dns_port: None,
     }
 }

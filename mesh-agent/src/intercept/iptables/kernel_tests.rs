@@ -60,7 +60,12 @@ fn assert_installed(family: Family, before: &[String], cfg: &IptablesConfig) {
         let hook_rules: Vec<&String> = now.iter().filter(|l| l.starts_with(&format!("-A {hook} "))).collect();
         let jumps = hook_rules.iter().filter(|l| l.ends_with(&format!("-j {chain}"))).count();
         assert_eq!(jumps, 1, "{family}: jumps from {hook}: {hook_rules:#?}");
-        assert_eq!(hook_rules[0], &format!("-A {hook} -p tcp -j {chain}"), "{family}: jump not first");
+        let jump = if hook == "OUTPUT" {
+            format!("-A {hook} -j {chain}")
+        } else {
+            format!("-A {hook} -p tcp -j {chain}")
+        };
+        assert_eq!(hook_rules[0], &jump, "{family}: jump not first");
     }
     let others: Vec<&String> = now.iter().filter(|l| !l.contains("MESH_")).collect();
     let others_before: Vec<&String> = before.iter().filter(|l| !l.contains("MESH_")).collect();
@@ -109,6 +114,8 @@ fn install_replace_uninstall_restores_the_table_exactly() {
             cgroups: vec![],
             cgroup_ports: Default::default(),
             ipv6: true,
+            // DNS rules as the kernel lists them back.
+            dns_port: Some(15053),
         };
         install(&b).unwrap();
         for (family, before) in families.iter().zip(&before) {
@@ -172,9 +179,8 @@ fn uninstall_removes_duplicate_and_legacy_jumps_and_partial_installs() {
         }
         // A re-install does not add another jump on top of those.
         install(&sample()).unwrap();
-        let jumps =
-            save(Family::V4).iter().filter(|l| l.starts_with("-A OUTPUT -p tcp -j MESH_OUTPUT")).count();
-        assert_eq!(jumps, 3);
+        let jumps = save(Family::V4).iter().filter(|l| *l == "-A OUTPUT -j MESH_OUTPUT").count();
+        assert_eq!(jumps, 2);
         uninstall(true).unwrap();
         assert_eq!(save(Family::V4), before[0]);
         assert_eq!(save(Family::V6), before[1]);

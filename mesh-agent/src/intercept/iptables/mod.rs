@@ -11,7 +11,7 @@
 //! built-in `OUTPUT` and `PREROUTING` chains:
 //!
 //! ```text
-//! -I OUTPUT -p tcp -j MESH_OUTPUT
+//! -I OUTPUT -j MESH_OUTPUT                                 every protocol: DNS is UDP too
 //! -I PREROUTING -p tcp -j MESH_INBOUND
 //! -A MESH_OUTPUT -m mark --mark 0x4d45 -m cgroup --path "/agent" -j RETURN
 //!                                                          agent's own sockets: the mark
@@ -19,6 +19,10 @@
 //! -A MESH_OUTPUT -m mark --mark 0x4d45 -m owner --gid-owner 1337 -j RETURN
 //!                                                          or with its uid/gid
 //! -A MESH_OUTPUT -m owner --uid-owner 1337 -j RETURN       optional
+//! -A MESH_OUTPUT -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053
+//! -A MESH_OUTPUT -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053
+//!                                                          DNS, to any address, to the
+//!                                                          agent's DNS (per cgroup if any)
 //! -A MESH_OUTPUT -d 127.0.0.0/8 -j RETURN                  (IPv6: ::1/128)
 //! -A MESH_OUTPUT -o lo -j RETURN
 //! -A MESH_OUTPUT -p tcp -m tcp --dport 22 -j RETURN        per excluded port

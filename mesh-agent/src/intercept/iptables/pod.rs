@@ -54,6 +54,9 @@ pub struct PodRules {
     pub agent: AgentSockets,
     /// Also program the IPv6 table.
     pub ipv6: bool,
+    /// The agent's DNS listener in the pod (UDP and TCP on loopback): the pod's DNS
+    /// queries are redirected to it. `None`: the pod's DNS is left alone.
+    pub dns_port: Option<u16>,
 }
 
 impl PodRules {
@@ -69,6 +72,7 @@ impl PodRules {
             exclude_cidrs: Vec::new(),
             agent,
             ipv6: true,
+            dns_port: None,
         }
     }
 
@@ -120,6 +124,7 @@ impl PodRules {
             cgroups: Vec::new(),
             cgroup_ports: Default::default(),
             ipv6: self.ipv6,
+            dns_port: self.dns_port,
         };
         cfg.validate()?;
         Ok(cfg)

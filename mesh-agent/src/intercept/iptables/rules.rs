@@ -53,9 +53,11 @@ pub(crate) fn rules_of<'a>(text: &'a str, chain: &str) -> Vec<&'a str> {
     text.lines().filter(|l| l.starts_with(&prefix)).collect()
 }
 
-/// The rule, after the chain name, that jumps from a built-in chain to ours.
-pub(super) fn jump_spec<'a>(hook: &'a str, chain: &'a str) -> [&'a str; 5] {
-    [hook, "-p", "tcp", "-j", chain]
+/// The rule, after the chain name, that jumps from a built-in chain to ours:
+/// outbound every protocol (the chain redirects DNS over UDP as well as TCP; its
+/// other redirects match TCP themselves), inbound TCP only.
+pub(super) fn jump_spec<'a>(hook: &'a str, chain: &'a str) -> Vec<&'a str> {
+    if hook == "OUTPUT" { vec![hook, "-j", chain] } else { vec![hook, "-p", "tcp", "-j", chain] }
 }
 
 /// [`OUTPUT_CHAIN`]'s rules, without the `-A CHAIN` prefix: every exclusion
@@ -64,6 +66,29 @@ fn output_rules(cfg: &IptablesConfig, family: Family) -> Vec<String> {
     let mut rules = agent_rules(&cfg.agent);
     if let Some(uid) = cfg.exclude_uid {
         rules.push(format!("-m owner --uid-owner {uid} -j RETURN"));
+    }
+    // `-m cgroup --path` also matches descendants, and the first rule wins: deeper
+    // cgroups first, so a workload nested in another keeps its own listener.
+    let cgroups: Vec<Option<&str>> = if cfg.cgroups.is_empty() {
+        vec![None]
+    } else {
+        let mut c: Vec<&str> = cfg.cgroups.iter().map(String::as_str).collect();
+        c.sort_by_key(|p| (std::cmp::Reverse(p.matches('/').count()), *p));
+        c.into_iter().map(Some).collect()
+    };
+    // DNS before the loopback exclusions: a resolver on loopback (127.0.0.53) is
+    // where many hosts send it.
+    if let Some(dns) = cfg.dns_port {
+        for cgroup in &cgroups {
+            for proto in ["udp", "tcp"] {
+                let mut rule = format!("-p {proto} -m {proto} --dport 53 ");
+                if let Some(path) = cgroup {
+                    rule.push_str(&format!("-m cgroup --path \"{path}\" "));
+                }
+                rule.push_str(&format!("-j REDIRECT --to-ports {dns}"));
+                rules.push(rule);
+            }
+        }
     }
     rules.push(format!("-d {} -j RETURN", family.loopback()));
     rules.push("-o lo -j RETURN".to_owned());
@@ -80,15 +105,6 @@ fn output_rules(cfg: &IptablesConfig, family: Family) -> Vec<String> {
         vec![None]
     } else {
         cfg.include_cidrs.iter().filter(|c| Family::of(&c.addr()) == family).map(Some).collect()
-    };
-    // `-m cgroup --path` also matches descendants, and the first rule wins: deeper
-    // cgroups first, so a workload nested in another keeps its own listener.
-    let cgroups: Vec<Option<&str>> = if cfg.cgroups.is_empty() {
-        vec![None]
-    } else {
-        let mut c: Vec<&str> = cfg.cgroups.iter().map(String::as_str).collect();
-        c.sort_by_key(|p| (std::cmp::Reverse(p.matches('/').count()), *p));
-        c.into_iter().map(Some).collect()
     };
     let port_sets: Vec<Option<String>> = if cfg.include_ports.is_empty() {
         vec![None]
@@ -187,7 +203,7 @@ mod tests {
 -A MESH_OUTPUT -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 15001
 -A MESH_INBOUND -p tcp -m tcp --dport 8080 -j REDIRECT --to-ports 15006
 -A MESH_INBOUND -p tcp -m tcp --dport 9090 -j REDIRECT --to-ports 15006
--I OUTPUT -p tcp -j MESH_OUTPUT
+-I OUTPUT -j MESH_OUTPUT
 -I PREROUTING -p tcp -j MESH_INBOUND
 COMMIT
 ";
@@ -250,7 +266,7 @@ COMMIT
         // The inbound chain and both jumps exist even with nothing inbound.
         assert!(text.contains(":MESH_INBOUND - [0:0]\n"));
         assert!(rules_of(&text, INBOUND_CHAIN).is_empty());
-        assert!(text.contains("\n-I OUTPUT -p tcp -j MESH_OUTPUT\n"));
+        assert!(text.contains("\n-I OUTPUT -j MESH_OUTPUT\n"));
         assert!(text.contains("\n-I PREROUTING -p tcp -j MESH_INBOUND\n"));
         assert!(text.starts_with("*nat\n") && text.ends_with("\nCOMMIT\n"));
     }
@@ -296,6 +312,38 @@ COMMIT
         // The exclusions are still there, harmless.
         assert!(v6.contains("-A MESH_OUTPUT -d ::1/128 -j RETURN"));
         assert!(render(&cfg, Family::V4).contains("-d 10.0.0.0/8 -p tcp -j REDIRECT"));
+    }
+
+    #[test]
+    fn dns_goes_to_the_dns_listener_per_cgroup_before_the_loopback_exclusions() {
+        let mut cfg = IptablesConfig::new(0x539);
+        cfg.dns_port = Some(15053);
+        let text = render(&cfg, Family::V4);
+        assert_eq!(
+            rules_of(&text, OUTPUT_CHAIN),
+            [
+                "-A MESH_OUTPUT -m mark --mark 0x539 -j RETURN",
+                "-A MESH_OUTPUT -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053",
+                "-A MESH_OUTPUT -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053",
+                "-A MESH_OUTPUT -d 127.0.0.0/8 -j RETURN",
+                "-A MESH_OUTPUT -o lo -j RETURN",
+                "-A MESH_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+            ]
+        );
+        // The jump takes every protocol, so UDP reaches the chain.
+        assert!(text.contains("\n-I OUTPUT -j MESH_OUTPUT\n"), "{text}");
+        assert!(text.contains("\n-I PREROUTING -p tcp -j MESH_INBOUND\n"), "{text}");
+        cfg.cgroups = vec!["/mesh/wl1".into()];
+        let text = render(&cfg, Family::V6);
+        let dns: Vec<_> =
+            rules_of(&text, OUTPUT_CHAIN).into_iter().filter(|r| r.contains("--dport 53")).collect();
+        assert_eq!(
+            dns,
+            [
+                r#"-A MESH_OUTPUT -p udp -m udp --dport 53 -m cgroup --path "/mesh/wl1" -j REDIRECT --to-ports 15053"#,
+                r#"-A MESH_OUTPUT -p tcp -m tcp --dport 53 -m cgroup --path "/mesh/wl1" -j REDIRECT --to-ports 15053"#,
+            ]
+        );
     }
 
     #[test]
@@ -446,6 +494,7 @@ COMMIT
                     cgroups,
                     cgroup_ports: Default::default(),
                     ipv6,
+                    dns_port: None,
                 },
             )
     }

@@ -43,6 +43,9 @@ const ELSEWHERE: &str = "192.0.2.77";
 /// A name whose UDP answer is truncated; over TCP it is this.
 const BIG: &str = "big.example.test";
 const BIG_ADDR: &str = "192.0.2.99";
+/// Longer than the workload's resolver takes to ask a second time (`timeout:2`),
+/// shorter than a third.
+const RETRIED_ONCE: Duration = Duration::from_millis(3500);
 
 fn registry() -> String {
     let endpoint =
@@ -86,11 +89,19 @@ impl std::ops::Deref for Dns {
 
 impl Dns {
     fn start(mode: &str) -> Self {
-        let lab = MeshLab::builder(mode, registry())
+        Self::start_with(mode, &[])
+    }
+
+    /// The lab with `client_args` added to the client agent's command line.
+    fn start_with(mode: &str, client_args: &[&str]) -> Self {
+        let mut builder = MeshLab::builder(mode, registry())
             .hosts(&["outsider"])
             .client_arg("--dns-upstream")
-            .client_arg("10.77.0.4")
-            .start();
+            .client_arg("10.77.0.4");
+        for arg in client_args {
+            builder = builder.client_arg(*arg);
+        }
+        let lab = builder.start();
         let nginx = Nginx::start(
             lab.host("server"),
             lab.dir.path(),
@@ -195,18 +206,24 @@ fn other_names_go_to_the_nodes_resolver_over_udp_and_tcp(mode: &str) {
 }
 
 fn a_query_flood_does_not_stall_the_agent(mode: &str) {
-    let m = Dns::start(mode);
+    // How many of the flood's packets reach the agent depends on how fast it drains
+    // its socket (a few hundred of 3,000 on a busy machine, in iptables mode): a
+    // source budget of 100/s (bursts of 200) is surely spent whatever the count.
+    let m = Dns::start_with(mode, &["--dns-forward-rate", "100"]);
     // Forwarded names as fast as one socket sends them, in the background.
     let flood = m.workload_command("python3").args(["-c", FLOOD, "3000"]).spawn().unwrap();
+    // The workload's resolver waits 2 s before asking again: a name answered within
+    // one retry was answered while the flood was on. A query that arrives while the
+    // socket is full is lost in the kernel, and one behind the flood's backlog may
+    // find the source's budget spent; the retry then finds it answered.
     let (addr, took) = m.resolve(CATALOG);
     assert_eq!(addr, VIP);
-    assert!(took < Duration::from_secs(2), "a registry name took {took:?} during the flood");
+    assert!(took < RETRIED_ONCE, "a registry name took {took:?} during the flood");
     let out = flood.wait_with_output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    // Right after it, a forwarded name answers at once too.
     let (addr, took) = m.resolve("after.example.test");
     assert_eq!(addr, ELSEWHERE);
-    assert!(took < Duration::from_secs(2), "a forwarded name took {took:?} after the flood");
+    assert!(took < RETRIED_ONCE, "a forwarded name took {took:?} after the flood");
     let metrics = m.client_metrics();
     // What did not fit (the forwarding slots, or the source's rate) was dropped and
     // counted; what did not reach the agent was dropped by the socket's bounded buffer.

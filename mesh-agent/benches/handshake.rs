@@ -5,6 +5,11 @@
 //! checks, and one byte from the server (so the server has verified the client
 //! before the clock stops). Criterion measures the mean; a plain loop afterwards
 //! prints the latency distribution and the rate.
+//!
+//! Then the server side alone, as a receiving agent sees a burst of new peers: the
+//! server runs on a thread of its own, clients on this one with 8 handshakes under
+//! way at a time, and the server thread's CPU time (user and system, so accepting
+//! and the socket work are counted) gives its handshakes per CPU-second.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -94,9 +99,95 @@ fn bench(c: &mut Criterion) {
     );
 }
 
+/// The calling thread's CPU time, user and system.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Server-side handshakes per CPU-second: `n` handshakes, 8 at a time, against a
+/// server on its own thread, whose CPU time is read on that thread.
+fn server_side(n: usize) {
+    let ca = Ca::new();
+    let cart = SpiffeId::new("cluster.local", "shop", "cart").unwrap();
+    let payments = SpiffeId::new("cluster.local", "shop", "payments").unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_identity = ca.identity(&payments);
+    let root = ca.root.clone();
+    let server = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let tls = TlsConfigs::new(
+                TrustBundle::new("cluster.local", vec![root]).unwrap(),
+                Arc::new(TokioClock::new()),
+            );
+            let acceptor = TlsAcceptor::from(tls.server_config(server_identity).unwrap());
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            let started = thread_cpu();
+            let accept = async {
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else { continue };
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        if let Ok(mut tls) = acceptor.accept(tcp).await {
+                            let _ = tls.write_all(b"k").await;
+                            let _ = tls.shutdown().await;
+                        }
+                    });
+                }
+            };
+            tokio::select! {
+                () = accept => unreachable!(),
+                _ = stop_rx => {}
+            }
+            thread_cpu() - started
+        })
+    });
+    let addr = addr_rx.recv().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let tls = runtime.block_on(async {
+        TlsConfigs::new(
+            TrustBundle::new("cluster.local", vec![ca.root.clone()]).unwrap(),
+            Arc::new(TokioClock::new()),
+        )
+    });
+    let client = tls.client_config(ca.identity(&cart), payments).unwrap();
+    let start = Instant::now();
+    runtime.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..n {
+            if i >= 8 {
+                set.join_next().await.unwrap().unwrap();
+            }
+            set.spawn(handshake(addr, client.clone()));
+        }
+        while let Some(done) = set.join_next().await {
+            done.unwrap();
+        }
+    });
+    let wall = start.elapsed();
+    stop_tx.send(()).unwrap();
+    let cpu = server.join().unwrap();
+    println!(
+        "mtls handshake, server side on its own thread: n={n} server CPU {:.0} us each, {:.0} handshakes per CPU-second; wall rate {:.0}/s",
+        cpu.as_secs_f64() * 1e6 / n as f64,
+        n as f64 / cpu.as_secs_f64(),
+        n as f64 / wall.as_secs_f64()
+    );
+}
+
+fn bench_server_side(_: &mut Criterion) {
+    server_side(4000);
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).measurement_time(Duration::from_secs(5));
-    targets = bench
+    targets = bench, bench_server_side
 }
 criterion_main!(benches);

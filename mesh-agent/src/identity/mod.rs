@@ -25,6 +25,7 @@ pub mod signer;
 mod spiffe;
 mod tls;
 mod trust;
+mod verified;
 mod verify;
 
 pub use anchor::{AnchorError, TrustAnchor};

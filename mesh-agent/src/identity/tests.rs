@@ -96,6 +96,10 @@ async fn mutual_tls_shows_each_side_the_others_identity() {
     let conn = c.get_ref().1;
     assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
     assert_eq!(conn.alpn_protocol(), Some(ALPN_H2));
+    assert_eq!(
+        conn.negotiated_cipher_suite().map(|suite| suite.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
     round_trip(&mut c, &mut s).await;
 }
 
@@ -218,6 +222,83 @@ async fn a_trust_bundle_update_admits_a_new_ca_without_new_configs() {
     let (mut c, mut s) = (c.unwrap(), s.unwrap());
     assert_eq!(peer_identity_of_stream(&s).unwrap(), cart);
     round_trip(&mut c, &mut s).await;
+}
+
+#[tokio::test]
+async fn a_remembered_chain_is_still_refused_once_expired() {
+    let ca = TestCa::new("cluster.local");
+    let (cart, payments) = (ca.id("cart"), ca.id("payments"));
+    let bundle = ca.bundle();
+    let (cart_id, payments_id) = (ca.fresh(&cart), ca.fresh(&payments));
+    let now = tls(bundle.clone());
+    for _ in 0..2 {
+        let client = now.client_config(cart_id.clone(), payments.clone()).unwrap();
+        let server = now.server_config(payments_id.clone()).unwrap();
+        let (c, s) = handshake(client, server).await;
+        assert!(c.is_ok() && s.is_ok());
+    }
+    let snapshot = bundle.snapshot();
+    assert_eq!((snapshot.client_verified.len(), snapshot.server_verified.len()), (1, 1));
+
+    // Two hours on, the same chains (remembered by both sides) have expired; their
+    // peers hold certificates valid then.
+    let hour = Duration::from_secs(3600);
+    let at = SystemTime::now() + 2 * hour;
+    let later = TlsConfigs::new(bundle, Arc::new(TokioClock::starting_at(at)));
+    let valid_then = |id| ca.identity(id, at - hour, at + hour);
+    let client = later.client_config(cart_id.clone(), payments.clone()).unwrap();
+    let server = later.server_config(valid_then(&payments)).unwrap();
+    let err = refused_by_server(handshake(client, server).await).await;
+    assert!(matches!(certificate_error(&err), rustls::CertificateError::ExpiredContext { .. }), "{err}");
+    let client = later.client_config(valid_then(&cart), payments.clone()).unwrap();
+    let server = later.server_config(payments_id).unwrap();
+    let err = refused_by_client(handshake(client, server).await);
+    assert!(matches!(certificate_error(&err), rustls::CertificateError::ExpiredContext { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_remembered_chain_is_refused_once_its_root_is_removed() {
+    let old = TestCa::new("cluster.local");
+    let new = TestCa::new("cluster.local");
+    let bundle = old.bundle();
+    let tls = tls(bundle.clone());
+    let (cart, payments) = (old.id("cart"), old.id("payments"));
+    let client = tls.client_config(old.fresh(&cart), payments.clone()).unwrap();
+    let server = tls.server_config(old.fresh(&payments)).unwrap();
+    let (c, s) = handshake(client.clone(), server.clone()).await;
+    assert!(c.is_ok() && s.is_ok());
+
+    // The rotation is over: only the new root is trusted, and the old CA's chains,
+    // verified a moment ago, are not.
+    bundle.replace(vec![new.root()]).unwrap();
+    let err = refused_by_client(handshake(client, server).await);
+    assert!(not_chained(&certificate_error(&err)), "{err}");
+    let client = tls.client_config(old.fresh(&cart), payments.clone()).unwrap();
+    let server = tls.server_config(new.fresh(&payments)).unwrap();
+    let err = refused_by_server(handshake(client, server).await).await;
+    assert!(not_chained(&certificate_error(&err)), "{err}");
+}
+
+#[tokio::test]
+async fn a_forged_certificate_for_a_remembered_identity_is_verified_in_full() {
+    let ca = TestCa::new("cluster.local");
+    let (cart, payments) = (ca.id("cart"), ca.id("payments"));
+    let tls = tls(ca.bundle());
+    let client = tls.client_config(ca.fresh(&cart), payments.clone()).unwrap();
+    let server = tls.server_config(ca.fresh(&payments)).unwrap();
+    let (c, s) = handshake(client, server.clone()).await;
+    assert!(c.is_ok() && s.is_ok());
+
+    // A CA with the trusted CA's name issues the same identities: other bytes, so
+    // the chain is walked and leads nowhere.
+    let rogue = TestCa::new("cluster.local");
+    let client = tls.client_config(rogue.fresh(&cart), payments.clone()).unwrap();
+    let err = refused_by_server(handshake(client, server).await).await;
+    assert!(not_chained(&certificate_error(&err)), "{err}");
+    let client = tls.client_config(ca.fresh(&cart), payments.clone()).unwrap();
+    let server = tls.server_config(rogue.fresh(&payments)).unwrap();
+    let err = refused_by_client(handshake(client, server).await);
+    assert!(not_chained(&certificate_error(&err)), "{err}");
 }
 
 #[test]

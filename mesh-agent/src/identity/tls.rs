@@ -32,6 +32,28 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// client falls back to the tunnel.
 pub const ALPN_MESH_HTTP: &[u8] = b"mesh-http/1";
 
+/// The ring provider with AES-128-GCM first among the TLS 1.3 suites.
+///
+/// rustls puts AES-256-GCM first, whose key schedule runs on SHA-384 (SHA-512's
+/// compression, without the SHA-NI instructions SHA-256 gets) and whose cipher takes
+/// 14 rounds per block to AES-128's 10. Between agents the 128-bit suite matches
+/// the P-256 keys' strength, and it is what BoringSSL and therefore Envoy prefer.
+/// Both suites stay offered, so an agent with rustls' order still agrees with this
+/// one; a client's order decides what the pair uses.
+fn provider() -> CryptoProvider {
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    CryptoProvider {
+        cipher_suites: vec![
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    }
+}
+
 /// Builds mTLS configurations over one trust bundle and clock.
 #[derive(Debug, Clone)]
 pub struct TlsConfigs {
@@ -43,7 +65,7 @@ pub struct TlsConfigs {
 impl TlsConfigs {
     /// Configurations verifying against `bundle` at `clock`'s time.
     pub fn new(bundle: Arc<TrustBundle>, clock: Arc<dyn Clock>) -> TlsConfigs {
-        TlsConfigs { bundle, clock, provider: Arc::new(rustls::crypto::ring::default_provider()) }
+        TlsConfigs { bundle, clock, provider: Arc::new(provider()) }
     }
 
     /// The trust bundle the verifiers read.

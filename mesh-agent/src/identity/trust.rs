@@ -15,6 +15,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 
 use super::error::IdentityError;
+use super::verified::VerifiedChains;
 
 /// Roots of one snapshot of the bundle, with the chain verifier built over them.
 #[derive(Debug)]
@@ -23,6 +24,10 @@ pub(crate) struct TrustSnapshot {
     /// Chain + client-EKU checks for incoming connections.
     pub client_chain: Arc<dyn ClientCertVerifier>,
     pub ders: Vec<CertificateDer<'static>>,
+    /// Client chains (of incoming connections) verified against these roots.
+    pub client_verified: VerifiedChains,
+    /// Server chains (of outgoing connections) verified against these roots.
+    pub server_verified: VerifiedChains,
 }
 
 /// The current roots of the local trust domain.
@@ -94,7 +99,13 @@ pub(crate) fn snapshot(roots: Vec<CertificateDer<'static>>) -> Result<TrustSnaps
     let client_chain = WebPkiClientVerifier::builder_with_provider(roots_store.clone(), provider)
         .build()
         .map_err(|e| IdentityError::Tls(rustls::Error::General(e.to_string())))?;
-    Ok(TrustSnapshot { roots: roots_store, client_chain, ders: roots })
+    Ok(TrustSnapshot {
+        roots: roots_store,
+        client_chain,
+        ders: roots,
+        client_verified: VerifiedChains::default(),
+        server_verified: VerifiedChains::default(),
+    })
 }
 
 /// Every certificate in `pems`, in order.

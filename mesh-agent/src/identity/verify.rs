@@ -1,7 +1,8 @@
 //! Certificate verifiers that check SPIFFE identities instead of DNS names.
 //!
 //! Both check the chain against the current [`TrustBundle`] (validity at the
-//! handshake's time, the usage, the path to a root). The client side then
+//! handshake's time, the usage, the path to a root; a chain that has led to a root
+//! of the current roots before is not walked again, see [`super::verified`]). The client side then
 //! requires the server to be exactly the identity the connection was meant
 //! for; the server side requires the client to be in the local trust domain and
 //! leaves the who-may-call decision to authorization policy.
@@ -19,6 +20,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherEr
 use super::error::IdentityError;
 use super::spiffe::spiffe_id_from_cert;
 use super::trust::TrustBundle;
+use super::verified::VerifiedChains;
 
 /// The ring provider's signature algorithms, looked up once.
 pub(crate) fn algorithms() -> WebPkiSupportedAlgorithms {
@@ -54,15 +56,19 @@ impl ServerCertVerifier for ServerIdentityVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
         let snapshot = self.bundle.snapshot();
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &snapshot.roots,
-            intermediates,
-            now,
-            algorithms().all,
-        )?;
+        let key = VerifiedChains::key(end_entity, intermediates);
+        if !snapshot.server_verified.contains(&key, now) {
+            let parsed = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &parsed,
+                &snapshot.roots,
+                intermediates,
+                now,
+                algorithms().all,
+            )?;
+            snapshot.server_verified.insert(key, end_entity, intermediates);
+        }
         let found = spiffe_id_from_cert(end_entity).map_err(reject)?;
         if found != self.expected {
             return Err(reject(IdentityError::UnexpectedPeer {
@@ -120,7 +126,12 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.bundle.snapshot().client_chain.verify_client_cert(end_entity, intermediates, now)?;
+        let snapshot = self.bundle.snapshot();
+        let key = VerifiedChains::key(end_entity, intermediates);
+        if !snapshot.client_verified.contains(&key, now) {
+            snapshot.client_chain.verify_client_cert(end_entity, intermediates, now)?;
+            snapshot.client_verified.insert(key, end_entity, intermediates);
+        }
         let found = spiffe_id_from_cert(end_entity).map_err(reject)?;
         if found.trust_domain() != self.bundle.trust_domain() {
             return Err(reject(IdentityError::ForeignTrustDomain {

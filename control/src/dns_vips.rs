@@ -97,7 +97,7 @@ fn key(s: &api::Service) -> Option<String> {
     s.hostnames.iter().map(|h| h.trim_end_matches('.').to_ascii_lowercase()).filter(|h| !h.is_empty()).min()
 }
 
-/// Gives every service with hostnames and no VIP an address of `range` in
+/// Gives every service with hostnames and no VIP, unless headless, an address of `range` in
 /// `allocated_vips` (replacing what it had). Returns a problem per service left
 /// without one because the range is full.
 pub fn allocate(services: &mut [api::Service], range: &VipRange) -> Vec<String> {
@@ -115,7 +115,7 @@ pub fn allocate(services: &mut [api::Service], range: &VipRange) -> Vec<String> 
         .enumerate()
         .filter_map(|(i, s)| {
             s.allocated_vips.clear();
-            if !s.vips.is_empty() {
+            if !s.vips.is_empty() || s.headless {
                 return None;
             }
             key(s).map(|k| (k, i))
@@ -188,10 +188,12 @@ mod tests {
             service("catalog", &["10.96.0.20"], &["catalog.shop.svc.cluster.local"]),
             service("legacy", &[], &["legacy.example.com", "Alpha.Example.com."]),
             service("nameless", &[], &[]),
+            api::Service { headless: true, ..service("db", &[], &["db.shop.svc.cluster.local"]) },
         ];
         assert!(allocate(&mut services, &range).is_empty());
         assert!(services[0].allocated_vips.is_empty());
         assert!(services[2].allocated_vips.is_empty());
+        assert!(services[3].allocated_vips.is_empty(), "a headless service keeps resolving to its endpoints");
         let ip: Ipv4Addr = services[1].allocated_vips[0].parse().unwrap();
         assert!(range.contains(ip));
         // Keyed by the lowest hostname: the same whatever the order or case.

@@ -53,6 +53,7 @@ fn service(s: &api::Service) -> Value {
         "namespace": s.namespace,
         "vips": s.vips,
         "allocated_vips": s.allocated_vips,
+        "headless": s.headless,
         "hostnames": s.hostnames,
         "ports": s.ports.iter().map(|p| json!({"name": p.name, "port": p.port, "target_port": p.target_port, "protocol": p.protocol().as_str_name()})).collect::<Vec<_>>(),
         "load_balancer": algorithm.as_str_name(),

@@ -401,12 +401,27 @@ pub fn explain(
     x.service = Some(service.key());
     x.matched_by = Some(by);
     if matches!(dst, Destination::Host(..)) && service.vips.is_empty() && service.allocated_vips.is_empty() {
-        x.outcome = Outcome::Refused;
-        x.summary = format!(
-            "{} has the hostname but no VIP (none in the registry, and --dns-vip-range is off or full): the \
-             agent's DNS answers the name with no address, so a workload cannot connect by it",
-            service.key()
-        );
+        (x.outcome, x.summary) = if service.headless {
+            (
+                Outcome::Unknown,
+                format!(
+                    "{} is headless: the agent's DNS leaves the name to the node's resolver, which answers with \
+                     the endpoints' own addresses; a connection to one of them goes to that endpoint (explain \
+                     ADDRESS:PORT for one)",
+                    service.key()
+                ),
+            )
+        } else {
+            (
+                Outcome::Refused,
+                format!(
+                    "{} has the hostname but no VIP (none in the registry, and --dns-vip-range is off or full): \
+                     the agent's DNS leaves the name to the node's resolver, which has no address of the \
+                     service's for it",
+                    service.key()
+                ),
+            )
+        };
         return x;
     }
     x.balancer = Some(balancer_name(&service.load_balancer));
@@ -655,6 +670,20 @@ mod tests {
         );
         assert_eq!(x.outcome, Outcome::Refused);
         assert!(x.summary.contains("no VIP"), "{}", x.summary);
+        c.snapshot.as_mut().unwrap().services[0].headless = true;
+        let x = explain(
+            ip("10.1.0.9"),
+            &Destination::parse("reviews.default.svc.cluster.local:9080").unwrap(),
+            "a",
+            Ok(&a),
+            Ok(&c),
+        );
+        assert_eq!(x.outcome, Outcome::Unknown);
+        assert!(
+            x.summary.contains("headless") && x.summary.contains("endpoints' own addresses"),
+            "{}",
+            x.summary
+        );
         let unknown = run("10.1.0.9", "elsewhere.example.com:443");
         assert!(unknown.summary.contains("forwards the query to the node's resolver"), "{}", unknown.summary);
     }

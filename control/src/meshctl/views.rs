@@ -50,6 +50,8 @@ pub struct ServiceView {
     pub vips: Vec<String>,
     /// VIPs the control plane allocated for the hostnames (the service has no VIP).
     pub allocated_vips: Vec<String>,
+    /// No VIP on purpose (clusterIP None): the node's resolver answers its names.
+    pub headless: bool,
     pub hostnames: Vec<String>,
     pub ports: Vec<PortView>,
     pub load_balancer: String,

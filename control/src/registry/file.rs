@@ -439,6 +439,9 @@ pub fn parse(file: &str, text: &str, trust_domain: &str) -> Result<Registry, Fil
             namespace: s.namespace,
             vips,
             allocated_vips: Vec::new(),
+            // A file entry with hostnames and no VIP wants one allocated: its names
+            // have no other resolver to answer them.
+            headless: false,
             hostnames: s.hostnames,
             ports,
             policy,

@@ -199,7 +199,10 @@ impl RouteTable {
                 }
                 vips.push(ip);
             }
-            for h in &s.hostnames {
+            // A name with no address (a headless service, or a range too full to
+            // allocate from) is left to the node's resolver rather than answered
+            // with nothing.
+            for h in s.hostnames.iter().filter(|_| !vips.is_empty()) {
                 let names = table.by_name.entry(h.trim_end_matches('.').to_ascii_lowercase()).or_default();
                 names.extend(vips.iter().filter(|ip| !names.contains(ip)).copied().collect::<Vec<_>>());
             }
@@ -407,6 +410,7 @@ mod tests {
                 health_check: None,
                 routes: Vec::new(),
                 allocated_vips: Vec::new(),
+                headless: false,
                 name: "echo".into(),
                 namespace: "default".into(),
                 vips: vec!["10.96.0.10".into(), "fd96::10".into()],

@@ -226,6 +226,8 @@ mod tests {
         table(vec![
             service("catalog", &["10.96.0.20", "fd96::20"], &[], &["catalog.shop.svc.cluster.local"]),
             service("legacy", &[], &["240.240.1.2"], &["Legacy.Example.COM."]),
+            // Headless: no address of the mesh's, the node's resolver lists the pods.
+            service("db", &[], &[], &["db.shop.svc.cluster.local"]),
         ])
     }
 
@@ -298,6 +300,7 @@ mod tests {
             query("example.org.", RecordType::A),
             query("shop.svc.cluster.local.", RecordType::A),
             query("catalog.shop.svc.cluster.local.other.", RecordType::A),
+            query("db.shop.svc.cluster.local.", RecordType::A),
         ] {
             assert_eq!(decide(&q.to_vec().unwrap(), &t, Transport::Udp), Decision::Forward);
         }

@@ -86,6 +86,9 @@ fn map_service(
     .filter(|ip| ip.parse::<IpAddr>().is_ok())
     .collect();
 
+    // No VIP on purpose: cluster DNS answers its names with the endpoints' addresses.
+    let headless = spec.and_then(|s| s.cluster_ip.as_deref()) == Some("None");
+
     let hostnames = vec![
         format!("{name}.{namespace}.svc.{}", config.cluster_domain),
         format!("{name}.{namespace}.svc"),
@@ -137,6 +140,7 @@ fn map_service(
         namespace,
         vips,
         allocated_vips: Vec::new(),
+        headless,
         hostnames,
         ports,
         policy,
@@ -514,6 +518,7 @@ mod tests {
         assert_eq!(m.services[0].vips, ["10.96.0.7", "fd00::7"]);
         assert_eq!(m.services[0].hostnames, ["cart.shop.svc.cluster.local", "cart.shop.svc", "cart.shop"]);
         assert!(m.services[1].vips.is_empty(), "headless has no VIP");
+        assert!(m.services[1].headless && !m.services[0].headless);
     }
 
     #[test]

@@ -31,17 +31,44 @@ pub async fn udp(
     sockets: &SocketFactory,
     timeout: Duration,
 ) -> Result<Vec<u8>, DnsError> {
+    first_answer(upstreams, timeout, |upstream| udp_once(query, upstream, sockets)).await
+}
+
+/// Sends `query` over TCP (length-prefixed, RFC 1035 4.2.2) to each upstream in
+/// turn until one answers it within `timeout`.
+pub async fn tcp(
+    query: &[u8],
+    upstreams: &[SocketAddr],
+    sockets: &SocketFactory,
+    timeout: Duration,
+) -> Result<Vec<u8>, DnsError> {
+    first_answer(upstreams, timeout, |upstream| tcp_once(query, upstream, sockets, timeout)).await
+}
+
+/// Asks each upstream in turn, each within `timeout`, until one gives an answer;
+/// otherwise the last upstream's failure.
+async fn first_answer<F, Fut>(
+    upstreams: &[SocketAddr],
+    timeout: Duration,
+    mut ask: F,
+) -> Result<Vec<u8>, DnsError>
+where
+    F: FnMut(SocketAddr) -> Fut,
+    Fut: Future<Output = io::Result<Vec<u8>>>,
+{
     let mut last = DnsError::NoUpstream;
     for &upstream in upstreams {
-        match tokio::time::timeout(timeout, udp_once(query, upstream, sockets)).await {
+        match tokio::time::timeout(timeout, ask(upstream)).await {
             Ok(Ok(reply)) => return Ok(reply),
-            Ok(Err(e)) => last = DnsError::Upstream { upstream, source: e },
+            Ok(Err(source)) => last = DnsError::Upstream { upstream, source },
             Err(_) => last = DnsError::Timeout { upstream, timeout },
         }
     }
     Err(last)
 }
 
+/// One UDP exchange; datagrams that do not answer `query` (another ID or question,
+/// perhaps spoofed) are ignored until one does.
 async fn udp_once(query: &[u8], upstream: SocketAddr, sockets: &SocketFactory) -> io::Result<Vec<u8>> {
     let socket = sockets.udp(Domain::for_address(upstream))?;
     let socket = UdpSocket::from_std(socket.into())?;
@@ -57,31 +84,8 @@ async fn udp_once(query: &[u8], upstream: SocketAddr, sockets: &SocketFactory) -
     }
 }
 
-/// Sends `query` over TCP (length-prefixed, RFC 1035 4.2.2) to each upstream in
-/// turn until one answers it within `timeout`.
-pub async fn tcp(
-    query: &[u8],
-    upstreams: &[SocketAddr],
-    sockets: &SocketFactory,
-    timeout: Duration,
-) -> Result<Vec<u8>, DnsError> {
-    let mut last = DnsError::NoUpstream;
-    for &upstream in upstreams {
-        match tokio::time::timeout(timeout, tcp_once(query, upstream, sockets, timeout)).await {
-            Ok(Ok(reply)) if answer::answers(query, &reply) => return Ok(reply),
-            Ok(Ok(_)) => {
-                last = DnsError::Upstream {
-                    upstream,
-                    source: io::Error::new(io::ErrorKind::InvalidData, "answer does not match the query"),
-                }
-            }
-            Ok(Err(e)) => last = DnsError::Upstream { upstream, source: e },
-            Err(_) => last = DnsError::Timeout { upstream, timeout },
-        }
-    }
-    Err(last)
-}
-
+/// One TCP exchange on a connection of its own; a reply that does not answer
+/// `query` is an error (the connection carried nothing else).
 async fn tcp_once(
     query: &[u8],
     upstream: SocketAddr,
@@ -90,7 +94,11 @@ async fn tcp_once(
 ) -> io::Result<Vec<u8>> {
     let mut stream = sockets.connect(upstream, timeout).await?;
     write_frame(&mut stream, query).await?;
-    read_frame(&mut stream).await?.ok_or_else(|| io::ErrorKind::UnexpectedEof.into())
+    let reply = read_frame(&mut stream).await?.ok_or(io::ErrorKind::UnexpectedEof)?;
+    if !answer::answers(query, &reply) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "answer does not match the query"));
+    }
+    Ok(reply)
 }
 
 /// Writes one length-prefixed message.
@@ -189,5 +197,21 @@ mod tests {
         let q = query(9);
         let reply = tcp(&q, &[addr], &SocketFactory::new(0), Duration::from_secs(5)).await.unwrap();
         assert_eq!(reply, response_to(&q, false));
+    }
+
+    #[tokio::test]
+    async fn tcp_refuses_a_reply_to_another_query() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            read_frame(&mut s).await.unwrap().unwrap();
+            write_frame(&mut s, &response_to(&query(8), false)).await.unwrap();
+        });
+        let err = tcp(&query(9), &[addr], &SocketFactory::new(0), Duration::from_secs(5)).await;
+        assert!(
+            matches!(&err, Err(DnsError::Upstream { source, .. }) if source.kind() == io::ErrorKind::InvalidData),
+            "{err:?}"
+        );
     }
 }

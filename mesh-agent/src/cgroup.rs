@@ -23,7 +23,9 @@ pub enum CgroupError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("cgroup {0} is not under the cgroup2 mount {1}")]
     OutsideMount(PathBuf, PathBuf),
-    #[error("cgroup {0} does not exist (create it, or pass --create-cgroup)")]
+    #[error(
+        "cgroup {0} does not exist (create it first, or enroll it at run time with `meshctl agent enroll PATH --create`)"
+    )]
     Missing(PathBuf),
     #[error("cannot read the agent's own cgroup from /proc/self/cgroup")]
     OwnCgroupUnknown,

@@ -178,7 +178,12 @@ fn main() -> anyhow::Result<()> {
                 b.worker_threads(usize::from(args.worker_threads));
                 b
             };
-            let rt = builder.thread_name("mesh-agent").enable_all().build()?;
+            let rt = builder
+                .thread_name("mesh-agent")
+                .on_thread_park(mesh_agent::memory::on_park)
+                .enable_all()
+                .build()?;
+            rt.spawn(mesh_agent::memory::wake_periodically());
             let result = rt.block_on(agent::run(*args));
             // Do not wait for connection tasks past the drain deadline.
             rt.shutdown_background();

@@ -18,6 +18,18 @@
 //!
 //! [`keep_small`] switches off huge pages for the process; [`return_freed`] is
 //! called after such a burst.
+//!
+//! The same holds for the runtime's threads after a load: a worker that served a
+//! burst of connections and then waits for the next event holds the pages it freed
+//! until it allocates again. [`on_park`] hands them back when a thread goes idle,
+//! at most every [`COLLECT_EVERY`], and [`wake_periodically`] makes sure an idle
+//! runtime's thread parks again after that long.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+/// How often, at most, an idle runtime thread hands back what it freed.
+pub const COLLECT_EVERY: Duration = Duration::from_secs(5);
 
 /// Switches off transparent huge pages for this process: for its allocator and
 /// everything else, and whether the kernel's setting is `always` or `madvise`.
@@ -47,6 +59,39 @@ pub fn return_freed() {
     // SAFETY: mi_collect has no preconditions. `force` also purges the pages of
     // every arena that are waiting out the purge delay.
     unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
+/// For a runtime's `on_thread_park`: the thread is about to wait for work. If it
+/// has not collected within [`COLLECT_EVERY`], its freed pages go back to the
+/// allocator's arenas and those whose purge delay has passed back to the kernel.
+/// Under load a worker parks often and this costs one clock read per park; the
+/// collection itself (a walk of the thread's pages) runs at most every 5 s.
+pub fn on_park() {
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    LAST.with(|last| {
+        let now = Instant::now();
+        if last.get().is_none_or(|at| now.duration_since(at) >= COLLECT_EVERY) {
+            last.set(Some(now));
+            // SAFETY: mi_collect has no preconditions; without `force` it does only
+            // the thread's own pages and the purges that are due.
+            unsafe { libmimalloc_sys::mi_collect(false) };
+        }
+    });
+}
+
+/// Wakes the runtime it runs on every [`COLLECT_EVERY`], so a thread that went idle
+/// right after a burst (having collected shortly before it) parks once more when a
+/// collection is due, and [`on_park`] then runs it. Spawn it once per runtime; with
+/// several workers, the one that runs it collects on each tick and the others when
+/// they next park.
+pub async fn wake_periodically() {
+    let mut tick = tokio::time::interval(COLLECT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
 
 #[cfg(test)]

@@ -137,8 +137,14 @@ struct MemoryRow {
     /// (connections held, resident while held).
     held_kib: Vec<(usize, u64)>,
     after_release_kib: u64,
+    /// Resident [`SETTLE`] after the release: what an idle proxy keeps.
+    settled_kib: u64,
     peak_kib: u64,
 }
+
+/// How long after the release the settled figure is read: longer than the agent's
+/// allocator takes to hand freed pages back (`memory::COLLECT_EVERY`, 5 s).
+const SETTLE: Duration = Duration::from_secs(10);
 
 /// The mesh's half of the lab.
 struct Mesh {
@@ -262,6 +268,12 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     for (row, (_, pid)) in memory.iter_mut().zip(pids(&ztunnel)) {
         row.after_release_kib = rss(pid);
         row.peak_kib = Memory::of(pid).map_or(0, |m| m.peak_kib);
+    }
+    // Nothing to await: what an idle process keeps is read once the time it may
+    // take to give memory back has passed.
+    std::thread::sleep(SETTLE);
+    for (row, (_, pid)) in memory.iter_mut().zip(pids(&ztunnel)) {
+        row.settled_kib = rss(pid);
     }
 
     let rows: Vec<Row> = workloads
@@ -669,15 +681,15 @@ fn render(rows: &[Row], memory: &[MemoryRow], opts: &Options) -> String {
     for n in &held {
         let _ = write!(s, " holding {n} connections |");
     }
-    let _ = writeln!(s, " after releasing them | peak |");
-    let _ = writeln!(s, "|---|---|---|{}---|---|", "---|".repeat(held.len()));
+    let _ = writeln!(s, " after releasing them | {} s later | peak |", SETTLE.as_secs());
+    let _ = writeln!(s, "|---|---|---|{}---|---|---|", "---|".repeat(held.len()));
     let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
     for m in memory {
         let _ = write!(s, "| {} | {} | {} |", m.process, mib(m.idle_kib), mib(m.after_load_kib));
         for (_, k) in &m.held_kib {
             let _ = write!(s, " {} |", mib(*k));
         }
-        let _ = writeln!(s, " {} | {} |", mib(m.after_release_kib), mib(m.peak_kib));
+        let _ = writeln!(s, " {} | {} | {} |", mib(m.after_release_kib), mib(m.settled_kib), mib(m.peak_kib));
     }
     let _ = writeln!(
         s,

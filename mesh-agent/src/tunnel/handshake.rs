@@ -119,6 +119,8 @@ impl HandshakeRuntime {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("mesh-handshake")
+            // A flood's burst of handshake state is handed back once it is over.
+            .on_thread_park(crate::memory::on_park)
             .on_thread_start(move || {
                 if nice != 0
                     && let Err(e) = lower_this_thread(nice)
@@ -128,6 +130,7 @@ impl HandshakeRuntime {
             })
             .enable_all()
             .build()?;
+        runtime.spawn(crate::memory::wake_periodically());
         Ok(HandshakeRuntime { runtime: Some(runtime) })
     }
 

@@ -575,6 +575,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         downstream_idle_timeout,
         request_header_timeout,
         tcp_idle_timeout,
+        splice,
     } = proxy_settings;
     let downstream = crate::l7::DownstreamTimeouts {
         idle: downstream_idle_timeout,
@@ -590,7 +591,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let admin_socket = admin::AdminSocket::bind(&args.admin_socket)?;
-    let connection_limits = connection_limits(&args);
+    let (connection_limits, splice) = connection_limits(&args, splice);
 
     // Listeners first: once interception is on, redirected connections need somewhere
     // to land. Connections queued on a draining agent's listeners move to this one's.
@@ -724,6 +725,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         downstream,
         tcp_idle_timeout,
+        splice,
         upstream_idle_timeout: args.upstream_idle_timeout,
         shutdown: shutdown.clone(),
         stop_accepting: CancellationToken::new(),
@@ -996,29 +998,56 @@ async fn wait_for_shutdown(admin_drain: &CancellationToken) {
 }
 
 /// The listeners' connection limits, with the file-descriptor limit raised to its
-/// hard limit first and `--max-connections` fitted under it.
-fn connection_limits(args: &RunArgs) -> Arc<crate::limits::ConnectionLimits> {
-    let total = match crate::limits::raise_nofile() {
+/// hard limit first and `--max-connections` fitted under it; and, with `splice`, the
+/// pipes of the plaintext relays' bulk directions, fitted to the descriptors the
+/// connections leave (see [`crate::limits::fit_to_nofile`] and
+/// [`crate::limits::pipe_budget`]).
+fn connection_limits(
+    args: &RunArgs,
+    splice: bool,
+) -> (Arc<crate::limits::ConnectionLimits>, crate::forward::splice::Pipes) {
+    let (total, nofile) = match crate::limits::raise_nofile() {
         Ok(nofile) => {
-            let fitted = crate::limits::fit_to_nofile(args.max_connections, nofile);
+            let fitted = crate::limits::fit_to_nofile(args.max_connections, nofile, splice);
             if fitted < args.max_connections {
                 warn!(
                     max_connections = args.max_connections,
                     nofile,
                     lowered_to = fitted,
-                    "--max-connections lowered to what RLIMIT_NOFILE can hold (two descriptors per connection)"
+                    splice,
+                    "--max-connections lowered to what RLIMIT_NOFILE can hold (two descriptors per connection; with splice, an eighth kept for pipes)"
                 );
             } else {
                 info!(nofile, max_connections = fitted, "file-descriptor limit raised to its hard limit");
             }
-            fitted
+            (fitted, Some(nofile))
         }
         Err(e) => {
             warn!(error = %e, "cannot raise RLIMIT_NOFILE; --max-connections kept as given");
-            args.max_connections
+            (args.max_connections, None)
         }
     };
-    crate::limits::ConnectionLimits::new(args.max_connections_per_source, total)
+    let pipes = if splice {
+        let max = match nofile {
+            Some(nofile) => crate::limits::pipe_budget(total, nofile),
+            None => crate::forward::splice::FALLBACK_BUDGET,
+        };
+        let pipes = crate::forward::splice::Pipes::new(max);
+        if max == 0 {
+            warn!(
+                nofile,
+                max_connections = total,
+                "no descriptor left for splice(2) pipes: plaintext relays copy"
+            );
+        } else {
+            info!(pipes = max, "plaintext relays splice bulk directions (--splice on)");
+        }
+        pipes
+    } else {
+        info!("plaintext relays copy every byte (--splice off)");
+        crate::forward::splice::Pipes::off()
+    };
+    (crate::limits::ConnectionLimits::new(args.max_connections_per_source, total), pipes)
 }
 
 /// The control channel from the flags: the trust anchor (`--control-plane-ca`, or

@@ -369,6 +369,12 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration_or_off)]
     pub tcp_idle_timeout: Duration,
 
+    /// Plaintext relays move a bulk direction with splice(2), socket to pipe to
+    /// socket, without copying it through the agent; `off` copies every byte through
+    /// a userspace buffer (for A/B measurements, or a kernel whose splice misbehaves).
+    #[arg(long, env = "MESH_SPLICE", value_enum, default_value_t = Switch::On)]
+    pub splice: Switch,
+
     /// On SIGTERM/SIGINT, how long open connections may take to finish.
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -444,7 +450,8 @@ pub struct RunArgs {
 
     /// Connections the agent's listeners (outbound, inbound, tunnel) hold open
     /// together; more are reset at once. Lowered at start if the file-descriptor
-    /// limit cannot hold this many proxied connections (two descriptors each).
+    /// limit cannot hold this many proxied connections (two descriptors each; with
+    /// `--splice on`, an eighth of the limit is then kept for pipes).
     #[arg(long, env = "MESH_MAX_CONNECTIONS", default_value_t = crate::limits::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
 
@@ -690,6 +697,8 @@ pub struct ProxySettings {
     pub request_header_timeout: Duration,
     /// Time without a byte that closes an opaque relay; `None`: never.
     pub tcp_idle_timeout: Option<Duration>,
+    /// Whether plaintext relays may splice bulk directions (`--splice`).
+    pub splice: bool,
 }
 
 impl RunArgs {
@@ -885,6 +894,7 @@ impl RunArgs {
                     .then_some(self.downstream_idle_timeout),
                 request_header_timeout: self.request_header_timeout,
                 tcp_idle_timeout: (!self.tcp_idle_timeout.is_zero()).then_some(self.tcp_idle_timeout),
+                splice: self.splice == Switch::On,
             },
         ))
     }
@@ -918,6 +928,15 @@ mod tests {
         assert_eq!(p.detect_timeout, Duration::from_secs(3));
         assert_eq!(p.downstream_idle_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(p.tcp_idle_timeout, Some(Duration::from_secs(3600)));
+        assert!(p.splice, "splice is on by default");
+    }
+
+    #[test]
+    fn splice_can_be_turned_off() {
+        assert!(!parse(&["--splice", "off"]).unwrap().1.splice);
+        assert!(parse(&["--splice", "on"]).unwrap().1.splice);
+        let e = Cli::try_parse_from(["x", "--splice", "maybe"]).err().unwrap().to_string();
+        assert!(e.contains("--splice"), "{e}");
     }
 
     #[test]

@@ -266,11 +266,36 @@ pub fn raise_nofile() -> std::io::Result<u64> {
     Ok(hard)
 }
 
+/// Share of the descriptors kept for splice pipes when `RLIMIT_NOFILE`, not
+/// `--max-connections`, bounds the connections: one eighth.
+pub const PIPE_SHARE: u64 = 8;
+
 /// `wanted` connections, or fewer if `nofile` descriptors cannot hold them (two per
 /// proxied connection, plus [`RESERVED_FDS`]).
-pub fn fit_to_nofile(wanted: usize, nofile: u64) -> usize {
-    let room = nofile.saturating_sub(RESERVED_FDS) / 2;
-    wanted.min(usize::try_from(room).unwrap_or(usize::MAX)).max(1)
+///
+/// With `splice`, a bulk direction of a plaintext relay also holds a pipe (two more
+/// descriptors). Counting four for every direction would cut the connections of an
+/// agent whose connections rarely splice to a third; counting none would leave pipes
+/// nothing when the limit binds (a hard limit of 20,000 fits 9,488 connections and
+/// no pipe). So when the limit binds, the connections fit in seven eighths of the
+/// room and the pipes get what is left ([`pipe_budget`]).
+pub fn fit_to_nofile(wanted: usize, nofile: u64, splice: bool) -> usize {
+    let mut room = nofile.saturating_sub(RESERVED_FDS);
+    if splice && room / 2 < u64::try_from(wanted).unwrap_or(u64::MAX) {
+        room -= room / PIPE_SHARE;
+    }
+    wanted.min(usize::try_from(room / 2).unwrap_or(usize::MAX)).max(1)
+}
+
+/// Pipes the plaintext relays may hold at once (`--splice`, see
+/// [`crate::forward::splice`]): the descriptors `connections` and [`RESERVED_FDS`]
+/// leave of `nofile`, two per pipe, and never more than one per direction of every
+/// connection. Past them, a relay copies.
+pub fn pipe_budget(connections: usize, nofile: u64) -> usize {
+    let connections = u64::try_from(connections).unwrap_or(u64::MAX);
+    let spare = nofile.saturating_sub(RESERVED_FDS).saturating_sub(connections.saturating_mul(2));
+    let pipes = (spare / 2).min(connections.saturating_mul(2));
+    usize::try_from(pipes).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]
@@ -365,8 +390,24 @@ mod tests {
 
     #[test]
     fn connections_fit_the_descriptor_limit() {
-        assert_eq!(fit_to_nofile(16_384, 1_048_576), 16_384);
-        assert_eq!(fit_to_nofile(16_384, 4_096), 1_536);
-        assert_eq!(fit_to_nofile(16_384, 100), 1);
+        for splice in [false, true] {
+            assert_eq!(fit_to_nofile(16_384, 1_048_576, splice), 16_384);
+            assert_eq!(fit_to_nofile(16_384, 100, splice), 1);
+        }
+        assert_eq!(fit_to_nofile(16_384, 4_096, false), 1_536);
+        // Splicing keeps an eighth of the room for pipes when the limit binds.
+        assert_eq!(fit_to_nofile(16_384, 4_096, true), 1_344);
+    }
+
+    #[test]
+    fn pipes_get_the_descriptors_the_connections_leave() {
+        // Plenty: one pipe per direction of every connection.
+        assert_eq!(pipe_budget(16_384, 1_048_576), 32_768);
+        // Some room: half of what is left, two descriptors per pipe.
+        assert_eq!(pipe_budget(16_384, 1024 + 32_768 + 2_000), 1_000);
+        // Connections lowered to the limit: the eighth kept for pipes.
+        assert_eq!(pipe_budget(fit_to_nofile(16_384, 20_000, true), 20_000), 1_186);
+        assert_eq!(pipe_budget(fit_to_nofile(16_384, 20_000, false), 20_000), 0);
+        assert_eq!(pipe_budget(1, 100), 0);
     }
 }

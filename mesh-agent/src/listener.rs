@@ -92,6 +92,9 @@ pub struct ProxyContext {
     /// Opaque and TLS relays that move no byte either way this long are closed
     /// (`--tcp-idle-timeout`); `None`: never.
     pub tcp_idle_timeout: Option<Duration>,
+    /// Pipes for the plaintext relay's bulk directions (`--splice`), one budget for
+    /// the whole agent.
+    pub splice: crate::forward::splice::Pipes,
     /// Cancelled when the agent shuts down: served HTTP connections then close
     /// gracefully instead of waiting out the drain.
     pub shutdown: CancellationToken,
@@ -322,6 +325,7 @@ mod tests {
             locality: None,
             downstream: Default::default(),
             tcp_idle_timeout: Some(crate::forward::idle::DEFAULT),
+            splice: Default::default(),
             shutdown: CancellationToken::new(),
         }
     }

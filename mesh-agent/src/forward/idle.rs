@@ -32,7 +32,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 pub struct Activity(AtomicBool);
 
 impl Activity {
-    fn mark(&self) {
+    pub(super) fn mark(&self) {
         self.0.store(true, Ordering::Relaxed);
     }
 

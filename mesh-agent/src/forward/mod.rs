@@ -9,7 +9,8 @@
 //! 3. [`detect`]: the protocol, sniffed without consuming a byte;
 //! 4. then one of: HTTP to the L7 proxy ([`crate::l7::outbound`]), a meshed endpoint
 //!    through the mTLS tunnel ([`crate::mtls::forward`]), or a plaintext relay
-//!    ([`relay`]), which ends both ways (or after the [`idle`] timeout).
+//!    ([`relay`]), which ends both ways (or after the [`idle`] timeout) and moves
+//!    bulk directions to `splice(2)` ([`splice`]).
 //!
 //! Connections taken by inbound capture (the inbound listener) are for a workload of
 //! this node instead: after step 1 they go to [`crate::inbound::plain`].
@@ -22,6 +23,7 @@ pub mod detect;
 pub mod idle;
 pub mod relay;
 pub mod route;
+pub mod splice;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -217,6 +219,7 @@ mod tests {
             locality: None,
             downstream: Default::default(),
             tcp_idle_timeout: Some(IDLE),
+            splice: splice::Pipes::new(2),
             shutdown: Default::default(),
         });
         let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -2,7 +2,8 @@
 //! mesh, or the original destination itself), replay what sniffing read, and relay
 //! both directions until both sides are done, one fails, or no byte moved for the
 //! [`super::idle`] timeout. Then the connection is logged, counted and its endpoint
-//! given a verdict.
+//! given a verdict. A direction that shows bulk moves on to `splice(2)`
+//! ([`super::splice`]), the others keep a small userspace buffer.
 
 use std::{
     io,
@@ -11,8 +12,11 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
 };
 use tracing::info;
 
@@ -21,6 +25,7 @@ use super::{
     detect::{self, Ready, Sniffed},
     idle,
     route::{self, Target},
+    splice::{self, Pipes},
 };
 use crate::{
     listener::ProxyContext,
@@ -29,7 +34,8 @@ use crate::{
     sniff::Protocol,
 };
 
-/// Relay buffer per direction: starts at the minimum and grows for bulk transfers.
+/// Relay buffer per direction: starts at the minimum and grows for bulk transfers;
+/// a read that fills the largest moves the direction to splice.
 const RELAY_BUF_MIN: usize = 4 * 1024;
 const RELAY_BUF_MAX: usize = 64 * 1024;
 
@@ -71,15 +77,9 @@ pub async fn plain(
     ctx.stats.detected(&protocol);
     observe::metrics::record_sniff(&protocol);
 
-    let outcome = relay(&mut client, &mut upstream, &sniffed.bytes, conn.start, ctx.tcp_idle_timeout).await;
-    if let Some((side, _)) = &outcome.error {
-        // Propagate an abort as an abort: the peer that did not fail gets a RST rather
-        // than a clean FIN that would look like a complete response.
-        match side {
-            Side::Client => reset(&upstream),
-            Side::Upstream => reset(&client),
-        }
-    }
+    let outcome =
+        relay(&mut client, &mut upstream, &sniffed.bytes, conn.start, ctx.tcp_idle_timeout, &ctx.splice)
+            .await;
     if let Some(guard) = guard {
         guard.report(match &outcome.error {
             Some((Side::Upstream, _)) => Verdict::Failure(FailureKind::Reset),
@@ -156,35 +156,46 @@ impl Outcome {
 /// Relays bytes both ways. Each direction ends at EOF by shutting down the write side
 /// of the other socket (half-close is preserved); the relay ends when both directions
 /// have, at the first error, or when no byte moved either way for `idle_timeout`
-/// (then both sides are closed, see [`idle::close`]).
+/// (then both sides are closed, see [`idle::close`]). After an error, the side that
+/// did not fail is set to be reset when it is dropped. Bulk directions splice with
+/// pipes from `pipes`.
 async fn relay(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     sniffed: &[u8],
     start: Instant,
     idle_timeout: Option<Duration>,
+    pipes: &Pipes,
 ) -> Outcome {
     let mut up = 0u64;
     let mut down = 0u64;
     let activity = idle::Activity::default();
     let copied = {
-        // Every byte relayed goes through the client's halves.
-        let (cr, cw) = client.split();
-        let (mut cr, mut cw) = (idle::Marked::new(cr, &activity), idle::Marked::new(cw, &activity));
+        let (mut cr, mut cw) = client.split();
         let (mut ur, mut uw) = upstream.split();
+        let activity = &activity;
         let c2u = async {
             if !sniffed.is_empty() {
                 uw.write_all(sniffed).await.map_err(|e| (Side::Upstream, e))?;
                 up += sniffed.len() as u64;
+                activity.mark();
             }
-            copy_half(&mut cr, &mut uw, &mut up, (Side::Client, Side::Upstream)).await
+            copy_half(&mut cr, &mut uw, &mut up, (Side::Client, Side::Upstream), activity, pipes).await
         };
-        let u2c = copy_half(&mut ur, &mut cw, &mut down, (Side::Upstream, Side::Client));
-        idle::watch(async { tokio::try_join!(c2u, u2c) }, &activity, idle_timeout).await
+        let u2c = copy_half(&mut ur, &mut cw, &mut down, (Side::Upstream, Side::Client), activity, pipes);
+        idle::watch(async { tokio::try_join!(c2u, u2c) }, activity, idle_timeout).await
     };
     let (error, idle_timeout) = match copied {
         Some(Ok(((), ()))) => (None, false),
-        Some(Err((side, e))) => (Some((side, e.to_string())), false),
+        Some(Err((side, e))) => {
+            // Propagate an abort as an abort: the peer that did not fail gets a RST
+            // rather than a clean FIN that would look like a complete response.
+            match side {
+                Side::Client => reset(upstream),
+                Side::Upstream => reset(client),
+            }
+            (Some((side, e.to_string())), false)
+        }
         None => {
             idle::close(client, upstream).await;
             (None, true)
@@ -200,28 +211,59 @@ async fn relay(
 }
 
 /// Copies `from` to `to` until EOF, then shuts `to` down for writing. Errors are
-/// attributed to the side they came from.
+/// attributed to the side they came from; every move marks `activity`.
 ///
 /// The buffer starts small and doubles while reads fill it (a bulk transfer), up to
 /// [`RELAY_BUF_MAX`]; request/response traffic keeps a few KiB per direction, so
-/// thousands of idle keep-alive connections stay cheap.
+/// thousands of idle keep-alive connections stay cheap. A read that fills the
+/// largest buffer moves the direction to [`splice::copy`] if `pipes` gives it a pipe
+/// (asked once: without one, it keeps copying).
 async fn copy_half(
-    from: &mut (impl AsyncRead + Unpin),
-    to: &mut (impl AsyncWrite + Unpin),
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
     counter: &mut u64,
     (from_side, to_side): (Side, Side),
+    activity: &idle::Activity,
+    pipes: &Pipes,
 ) -> Result<(), (Side, io::Error)> {
     let mut buf = vec![0u8; RELAY_BUF_MIN];
-    loop {
+    let mut may_splice = true;
+    let spliced = loop {
         let n = from.read(&mut buf).await.map_err(|e| (from_side, e))?;
         if n == 0 {
-            break;
+            break None;
         }
-        to.write_all(&buf[..n]).await.map_err(|e| (to_side, e))?;
-        *counter += n as u64;
-        if n == buf.len() && buf.len() < RELAY_BUF_MAX {
+        activity.mark();
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            // Each partial write counts and marks: a slow reader is not idle.
+            let written = to.write(rest).await.map_err(|e| (to_side, e))?;
+            if written == 0 {
+                return Err((to_side, io::ErrorKind::WriteZero.into()));
+            }
+            *counter += written as u64;
+            activity.mark();
+            rest = &rest[written..];
+        }
+        if n < buf.len() {
+            continue;
+        }
+        if buf.len() < RELAY_BUF_MAX {
             buf.resize(buf.len() * 2, 0);
+        } else if may_splice {
+            may_splice = false;
+            if let Some(pipe) = pipes.take() {
+                break Some(pipe);
+            }
         }
+    };
+    // A spliced direction's bytes stay in the kernel: the buffer goes now.
+    drop(buf);
+    if let Some(pipe) = spliced {
+        splice::copy(from.as_ref(), to.as_ref(), pipe, counter, activity).await.map_err(|e| match e {
+            splice::Error::Read(e) => (from_side, e),
+            splice::Error::Write(e) => (to_side, e),
+        })?;
     }
     match to.shutdown().await {
         Ok(()) => Ok(()),
@@ -286,3 +328,6 @@ fn log_close(ctx: &ProxyContext, info: &ConnInfo<'_>, protocol: Option<&Protocol
         ctx.log_access(r);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -184,6 +184,7 @@ async fn agent_with(
         locality,
         downstream,
         tcp_idle_timeout: Some(crate::forward::idle::DEFAULT),
+        splice: Default::default(),
         shutdown: Default::default(),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -53,6 +53,8 @@ pub struct Node {
     pub locality: Option<crate::balance::Locality>,
     pub downstream: crate::l7::DownstreamTimeouts,
     pub tcp_idle_timeout: Option<Duration>,
+    /// Pipes for the plaintext relay's bulk directions, shared by every workload.
+    pub splice: crate::forward::splice::Pipes,
     pub upstream_idle_timeout: Duration,
     /// Cancelled when the agent shuts down.
     pub shutdown: CancellationToken,
@@ -112,6 +114,7 @@ impl Node {
             locality: self.locality.clone(),
             downstream: self.downstream,
             tcp_idle_timeout: self.tcp_idle_timeout,
+            splice: self.splice.clone(),
             shutdown: self.shutdown.clone(),
         })
     }

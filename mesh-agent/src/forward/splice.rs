@@ -62,6 +62,24 @@ const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 /// unknown): a few hundred bulk directions; past them, connections copy.
 pub const FALLBACK_BUDGET: usize = 256;
 
+/// Directions of plaintext relays that asked for a pipe, by `outcome`: `spliced`
+/// (they splice), `budget_spent` or `refused` (the kernel gave no pipe; both keep
+/// copying). An operator whose relays stay on copies sees why here.
+pub const SPLICE_DIRECTIONS_TOTAL: &str = "mesh_splice_directions_total";
+
+/// Registers the help text (with the other metrics' descriptions).
+pub fn describe() {
+    metrics::describe_counter!(
+        SPLICE_DIRECTIONS_TOTAL,
+        metrics::Unit::Count,
+        "Bulk directions of plaintext relays that asked for a splice(2) pipe, by outcome (spliced, budget_spent, refused)."
+    );
+}
+
+fn directions(outcome: &'static str) {
+    metrics::counter!(SPLICE_DIRECTIONS_TOTAL, "outcome" => outcome).increment(1);
+}
+
 /// The pipes spliced directions may hold, shared by all relays (cloning shares the
 /// budget). [`Pipes::off`] (`--splice off`) never hands one out.
 #[derive(Clone, Debug, Default)]
@@ -131,17 +149,23 @@ impl Pipes {
     /// kernel refused one): the caller keeps copying.
     pub(super) fn take(&self) -> Option<Pipe> {
         let budget = self.budget.as_ref()?;
-        budget
+        if budget
             .in_use
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < budget.max).then_some(n + 1))
-            .ok()?;
+            .is_err()
+        {
+            directions("budget_spent");
+            return None;
+        }
         match (budget.open)(budget.size) {
             Ok((read, write, size)) => {
                 budget.taken.fetch_add(1, Ordering::Relaxed);
+                directions("spliced");
                 Some(Pipe { read, write, size, budget: budget.clone() })
             }
             Err(e) => {
                 budget.in_use.fetch_sub(1, Ordering::AcqRel);
+                directions("refused");
                 debug!(error = %e, "no pipe for splice(2); the relay keeps copying");
                 None
             }
@@ -269,6 +293,23 @@ mod tests {
             assert!(pipes.take().is_none());
         }
         assert_eq!(pipes.in_use(), 0, "a refused pipe gives its place back");
+    }
+
+    #[test]
+    fn each_request_for_a_pipe_is_counted_by_outcome() {
+        let (recorder, handle) = crate::observe::metrics::build().expect("recorder");
+        metrics::with_local_recorder(&recorder, || {
+            describe();
+            let pipes = Pipes::new(1);
+            let _held = pipes.take().expect("a pipe");
+            assert!(pipes.take().is_none());
+            assert!(Pipes::with_open(1, refused).take().is_none());
+        });
+        let text = handle.render();
+        for outcome in ["spliced", "budget_spent", "refused"] {
+            let line = format!("{SPLICE_DIRECTIONS_TOTAL}{{outcome=\"{outcome}\"}} 1");
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
     }
 
     #[test]

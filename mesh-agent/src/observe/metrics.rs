@@ -146,6 +146,7 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
 pub fn describe() {
     super::limits::describe();
     crate::dns::describe();
+    crate::forward::splice::describe();
     describe_counter!(REQUESTS_TOTAL, Unit::Count, "HTTP and gRPC requests handled by the agent.");
     describe_histogram!(
         REQUEST_DURATION_SECONDS,

@@ -190,8 +190,13 @@ fn main() -> Result<()> {
     }
 }
 
+/// The workspace this run is for: `cargo run` (the `cargo xtask` alias) names the
+/// manifest directory at run time; the compile-time one is a fallback, and may be a
+/// checkout that no longer exists when a target directory is shared between them.
 fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
         .expect("xtask lives one level below the workspace root")
         .to_path_buf()

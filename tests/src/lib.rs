@@ -32,7 +32,7 @@ pub use control::Control;
 pub use mesh::MeshLab;
 pub use netns::{Host, Lab};
 pub use privilege::require_root;
-pub use wait::eventually;
+pub use wait::{eventually, wait_until};
 
 /// Declares each named test twice, in modules `ebpf` and `iptables`: every e2e
 /// behaviour must hold in both interception modes. Each test calls the function of

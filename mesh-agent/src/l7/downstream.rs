@@ -670,4 +670,48 @@ mod tests {
         let r = server.await.unwrap();
         assert!(r.is_ok(), "{r:?}");
     }
+
+    /// Opens `resets` streams and resets each before the server can take it up, then
+    /// asks once more; returns that last request's status, or the error that ended
+    /// the connection.
+    async fn after_pending_resets(
+        served: crate::l7::Served,
+        resets: usize,
+    ) -> Result<http::StatusCode, h2::Error> {
+        let (client, server) = tokio::io::duplex(1024 * 1024);
+        let timeouts = DownstreamTimeouts { idle: Some(IDLE), header: HEADER, ..Default::default() };
+        let service = hyper::service::service_fn(|_req: Request<Incoming>| answer(Duration::ZERO));
+        tokio::spawn(async move {
+            crate::l7::serve_http(
+                server,
+                Version::Http2,
+                service,
+                &timeouts,
+                &CancellationToken::new(),
+                served,
+            )
+            .await
+        });
+        let (mut send, connection) = h2::client::handshake(client).await?;
+        tokio::spawn(connection);
+        let get = || Request::get("http://peer.test/").body(()).unwrap();
+        for _ in 0..resets {
+            send = send.ready().await?;
+            let (_response, mut stream) = send.send_request(get(), false)?;
+            stream.send_reset(h2::Reason::CANCEL);
+        }
+        let (response, _) = send.ready().await?.send_request(get(), true)?;
+        Ok(response.await?.status())
+    }
+
+    #[tokio::test]
+    async fn a_peer_agent_resetting_streams_of_workloads_that_gave_up_keeps_its_connection() {
+        let resets = 200;
+        assert_eq!(after_pending_resets(crate::l7::Served::PeerAgent, resets).await.unwrap(), 200);
+        // A workload's own connection keeps h2's rapid-reset guard: the same resets
+        // close it (GOAWAY ENHANCE_YOUR_CALM, which the client may see only as the
+        // connection going away).
+        let closed = after_pending_resets(crate::l7::Served::Client, resets).await;
+        assert!(closed.is_err(), "{closed:?}");
+    }
 }

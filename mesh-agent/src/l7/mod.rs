@@ -108,7 +108,8 @@ where
                     .initial_stream_window_size(pool::DIRECT_STREAM_WINDOW)
                     .initial_connection_window_size(pool::DIRECT_CONNECTION_WINDOW)
                     .max_frame_size(pool::DIRECT_MAX_FRAME_SIZE)
-                    .max_concurrent_streams(pool::DIRECT_MAX_STREAMS);
+                    .max_concurrent_streams(pool::DIRECT_MAX_STREAMS)
+                    .max_pending_accept_reset_streams(pool::PEER_PENDING_RESETS);
             }
             let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
             let mut conn = std::pin::pin!(conn);

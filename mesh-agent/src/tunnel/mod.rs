@@ -153,6 +153,9 @@ mod h2_settings {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            // As on direct connections (`l7::pool::PEER_PENDING_RESETS`): a peer
+            // agent resets the streams of workloads that gave up on them.
+            .max_pending_accept_reset_streams(MAX_CONCURRENT_STREAMS as usize)
             .max_header_list_size(MAX_HEADER_LIST_SIZE);
         builder
     }

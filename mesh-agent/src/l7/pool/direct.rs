@@ -39,6 +39,17 @@ pub(crate) const DIRECT_MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// [`super::streams::STREAMS_PER_CONNECTION`]; this bounds a sender that does not.
 pub(crate) const DIRECT_MAX_STREAMS: u32 = 1024;
 
+/// Streams a peer agent may reset before the receiving agent has taken them up,
+/// before the connection is closed (`ENHANCE_YOUR_CALM`). h2's default, 20, guards
+/// a server from one client's rapid resets; a peer agent's connection carries
+/// many workloads' requests, and a workload that abandons its requests (truncated
+/// bodies, cancelled calls) makes its agent reset each stream. With 20, a
+/// receiving agent that was slow to take streams up closed the connection, failing
+/// every other workload's requests on it (seen in the truncated-bodies flood of
+/// `tests/floods.rs` on a busy machine). Workloads' own rapid resets are bounded by
+/// the sending agent, on their connections to it; this stays bounded too.
+pub(crate) const PEER_PENDING_RESETS: usize = DIRECT_MAX_STREAMS as usize;
+
 /// Direct connections open at once to one peer agent for one identity pair. At 100
 /// streams each, 1,600 requests are in flight before one waits: more than the single
 /// connection that used to carry them all ([`DIRECT_MAX_STREAMS`]), and few enough

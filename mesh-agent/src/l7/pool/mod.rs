@@ -41,6 +41,7 @@ use crate::workload_identity::IdentitySlot;
 pub(crate) use self::h2::MAX_H2_PER_ENDPOINT;
 pub(crate) use direct::{
     DIRECT_CONNECTION_WINDOW, DIRECT_MAX_FRAME_SIZE, DIRECT_MAX_STREAMS, DIRECT_STREAM_WINDOW,
+    PEER_PENDING_RESETS,
 };
 #[cfg(test)]
 pub(crate) use h1::MAX_H1_PER_ENDPOINT;

@@ -443,10 +443,7 @@ impl AgentState {
             .with_lease(lease))
     }
 
-    /// Closes every workload's listeners, leaving interception in place (pinned eBPF
-    /// programs and iptables rules keep redirecting to the listeners now gone, so
-    /// workloads' connections are refused, never sent around the mesh, until an agent
-    /// returns or `mesh-agent cleanup` runs).
+    /// Closes every workload's listeners. Interception stays: see [`Self::stop_intercepting`].
     fn stop_serving(&self) -> Vec<tokio::task::JoinHandle<()>> {
         self.ready.store(false, Ordering::Release);
         let mut tunnels = Vec::new();
@@ -454,6 +451,17 @@ impl AgentState {
             served.stop();
             tunnels.extend(served.take_tunnels());
         }
+        tunnels
+    }
+
+    /// Lets go of this agent's part of interception once its connections are drained,
+    /// leaving the rest in place (pinned eBPF programs and iptables rules keep
+    /// redirecting to the listeners now gone, so workloads' connections are refused,
+    /// never sent around the mesh, until an agent returns or `mesh-agent cleanup`
+    /// runs). Not before the drain: in eBPF mode a connection accepted just before the
+    /// listeners closed still asks for its original destination through the
+    /// getsockopt program this drops, and without it would be reset during an upgrade.
+    fn stop_intercepting(&self) {
         let interceptor = self.interceptor.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(i) = interceptor
             && let Err(e) = i.shutdown()
@@ -463,7 +471,6 @@ impl AgentState {
         for cgroup in std::mem::take(&mut *self.created.lock().unwrap_or_else(|p| p.into_inner())) {
             remove_cgroup(&cgroup);
         }
-        tunnels
     }
 }
 
@@ -880,6 +887,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Ok(a) => a,
         Err(e) => {
             state.stop_serving();
+            state.stop_intercepting();
             return Err(anyhow::anyhow!("admin endpoint on {} (--admin-addr): {e}", args.admin_addr));
         }
     };
@@ -967,6 +975,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         for t in &tunnels {
             t.abort();
         }
+    }
+    {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || state.stop_intercepting()).await?;
     }
     drop(records);
     // The socket task ends with the shutdown token and removes the socket file.

@@ -252,6 +252,10 @@ pub async fn serve(
     let what = format!("{} listener", direction.as_str());
     loop {
         let accepted = tokio::select! {
+            // Shutdown first: once draining, connections still queued here move to
+            // another agent's listener of the same port when this one closes
+            // (`tcp_migrate_req`), rather than being taken up by the leaving agent.
+            biased;
             () = shutdown.cancelled() => break,
             r = listener.accept() => r,
         };

@@ -137,6 +137,9 @@ fn admin_requests_from_a_workload_change_nothing(mode: &str) {
 /// then the old one stopped: a workload calling all the while sees every connection
 /// answered, through the old agent, both, then the new one. Both intercept the whole
 /// namespace, as in a pod's, so the draining agent's own connections are at stake too.
+/// Workload processes calling at once during [`an_upgrade_under_load_loses_no_connection`].
+const UPGRADE_CALLERS: usize = 4;
+
 fn an_upgrade_under_load_loses_no_connection(mode: &str) {
     use std::sync::{
         Arc,
@@ -148,25 +151,29 @@ fn an_upgrade_under_load_loses_no_connection(mode: &str) {
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let load = {
-        let (stop, ok, failed, errors) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
-        let mut curl = lab.host("client").command("curl", Some(workload.absolute())).unwrap();
-        curl.args(["-sS", "--max-time", "5", &format!("http://{dst}/load")]);
-        std::thread::spawn(move || {
-            for _ in 0..5000 {
-                if stop.load(Ordering::SeqCst) {
-                    break;
+    // Several callers at once, so connections keep arriving while the old agent
+    // closes its listeners (the moment an upgrade is most likely to drop one).
+    let load: Vec<_> = (0..UPGRADE_CALLERS)
+        .map(|_| {
+            let (stop, ok, failed, errors) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
+            let mut curl = lab.host("client").command("curl", Some(workload.absolute())).unwrap();
+            curl.args(["-sS", "--max-time", "5", &format!("http://{dst}/load")]);
+            std::thread::spawn(move || {
+                for _ in 0..2000 {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let out = curl.output().expect("curl runs");
+                    if String::from_utf8_lossy(&out.stdout).trim() == "server=s1 HTTP/1.1 GET /load" {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        errors.lock().unwrap().push(String::from_utf8_lossy(&out.stderr).into_owned());
+                    }
                 }
-                let out = curl.output().expect("curl runs");
-                if String::from_utf8_lossy(&out.stdout).trim() == "server=s1 HTTP/1.1 GET /load" {
-                    ok.fetch_add(1, Ordering::SeqCst);
-                } else {
-                    failed.fetch_add(1, Ordering::SeqCst);
-                    errors.lock().unwrap().push(String::from_utf8_lossy(&out.stderr).into_owned());
-                }
-            }
+            })
         })
-    };
+        .collect();
     let progress = |what: &str| {
         let before = ok.load(Ordering::SeqCst);
         eventually(Duration::from_secs(20), what, || {
@@ -182,15 +189,18 @@ fn an_upgrade_under_load_loses_no_connection(mode: &str) {
     assert!(status.success(), "the old agent exited with {status}");
     progress("calls through the new agent alone");
     stop.store(true, Ordering::SeqCst);
-    load.join().unwrap();
+    for caller in load {
+        caller.join().unwrap();
+    }
 
     // A failed call has no record either: say so first, with what curl saw.
     assert_eq!(
         failed.load(Ordering::SeqCst),
         0,
-        "calls failed during the upgrade ({} answered): {:?}\nnew agent:\n{}",
+        "calls failed during the upgrade ({} answered): {:?}\nold agent:\n{}\nnew agent:\n{}",
         ok.load(Ordering::SeqCst),
         errors.lock().unwrap(),
+        old_log.iter().map(Value::to_string).collect::<Vec<_>>().join("\n"),
         new.log_text()
     );
 

@@ -181,11 +181,11 @@ struct Args {
     agent_service_account: (String, String),
 
     /// Lifetime of workload certificates unless an agent asks for less.
-    #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_CA_CERT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
 
     /// Longest workload certificate lifetime issued.
-    #[arg(long, env = "MESH_CERT_MAX_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MESH_CA_CERT_MAX_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
     cert_max_ttl: Duration,
 
     /// Interval of HTTP/2 keepalive pings on agent streams (and their timeout).
@@ -214,16 +214,27 @@ struct Args {
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
 
-    /// Log as JSON lines.
-    #[arg(long, env = "MESH_LOG_JSON")]
+    /// Log output: `text` or `json` (one object per line), as the agent's flag.
+    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Former spelling of `--log-format json`, still accepted.
+    #[arg(long, hide = true)]
     log_json: bool,
+}
+
+/// Output format of the control plane's logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = cli.args;
     let filter = EnvFilter::try_new(&args.log).with_context(|| format!("--log {:?}", args.log))?;
-    if args.log_json {
+    if args.log_json || args.log_format == LogFormat::Json {
         fmt().json().flatten_event(true).with_env_filter(filter).with_current_span(false).init();
     } else {
         fmt().with_env_filter(filter).init();

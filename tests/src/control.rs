@@ -80,7 +80,7 @@ impl Control {
                 "--admin-addr",
                 &format!("127.0.0.1:{ADMIN_PORT}"),
             ])
-            .args(["--log-json", "--log", "info,control=debug"])
+            .args(["--log-format", "json", "--log", "info,control=debug"])
             .args(args);
         let mut process = LoggedChild::spawn("mesh-control", cmd)?;
         process.wait_ready("control plane serving", Duration::from_secs(30))?;

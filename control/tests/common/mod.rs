@@ -57,7 +57,16 @@ pub fn start_control(registry: &str, extra: &[&str]) -> ControlPlane {
         .arg(&tokens)
         .arg("--ca-dir")
         .arg(&ca)
-        .args(["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--log-json", "--settle", "10ms"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--settle",
+            "10ms",
+        ])
         .args(extra)
         .env_remove("MESH_KUBERNETES")
         .stdout(Stdio::piped())

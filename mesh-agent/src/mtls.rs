@@ -244,6 +244,7 @@ pub fn serve_inbound(
             Ok(())
         } else {
             warn!(peer = %peer, target = %target, services = %decision.services(), "denied by authorization policy");
+            crate::observe::metrics::authorization_denied(&MeshName::known(&decision.service), "connection");
             Err(format!("{peer} is not allowed to reach {}", decision.service))
         }
     });

@@ -31,7 +31,7 @@ pub use cgroup::Cgroup;
 pub use control::Control;
 pub use mesh::MeshLab;
 pub use netns::{Host, Lab};
-pub use privilege::require_root;
+pub use privilege::{require_root, require_tool};
 pub use wait::{eventually, wait_until};
 
 /// Declares each named test twice, in modules `ebpf` and `iptables`: every e2e

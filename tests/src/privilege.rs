@@ -15,3 +15,19 @@ pub fn require_root(test: &str) -> bool {
     eprintln!("SKIPPED (not root): {msg}");
     false
 }
+
+/// The path of `program` on `PATH`, or `None` (with the skip reported) when it is
+/// missing outside CI; under `CI=true` a missing tool fails the test, as a missing
+/// privilege does. `package` names the Debian package that provides it.
+pub fn require_tool(program: &str, package: &str, test: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(program)).find(|p| p.is_file()));
+    if found.is_none() {
+        let msg = format!("{test} needs `{program}` (Debian package {package}; `.ci/run` installs it)");
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("{msg} (CI=true: the test must run)");
+        }
+        eprintln!("SKIPPED: {msg}");
+    }
+    found
+}

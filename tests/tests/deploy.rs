@@ -59,9 +59,18 @@ fn is_kustomization(p: &Path) -> bool {
     p.file_name().is_some_and(|n| n == "kustomization.yaml" || n == "kustomization.yml")
 }
 
+/// Prometheus's own files (alerting rules and their unit tests), not Kubernetes
+/// manifests: checked by [`alert_rules_pass_promtool_and_each_alert_has_a_firing_test`].
+fn prometheus_dir() -> PathBuf {
+    deploy_dir().join("prometheus")
+}
+
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.unwrap().path();
+        if path == prometheus_dir() {
+            continue;
+        }
         if path.is_dir() {
             walk(&path, out);
         } else if is_yaml(&path) {
@@ -938,4 +947,49 @@ fn the_cni_installer_chains_the_plugin_to_the_agents_socket() {
             );
         }
     }
+}
+
+/// The alerting rules load (`promtool check rules`), their unit tests pass (`promtool
+/// test rules`), and every alert has a test case where it fires, so none ships that
+/// was never seen to fire.
+#[test]
+fn alert_rules_pass_promtool_and_each_alert_has_a_firing_test() {
+    let Some(promtool) = mesh_tests::require_tool(
+        "promtool",
+        "prometheus",
+        "alert_rules_pass_promtool_and_each_alert_has_a_firing_test",
+    ) else {
+        return;
+    };
+    let dir = prometheus_dir();
+    for args in [["check", "rules", "mesh-alerts.rules.yml"], ["test", "rules", "mesh-alerts.test.yml"]] {
+        let out = Command::new(&promtool).args(args).current_dir(&dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rules = &parse_all(&dir.join("mesh-alerts.rules.yml"))[0];
+    let alerts: BTreeSet<String> = rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .filter_map(|r| r["alert"].as_str().map(str::to_owned))
+        .collect();
+    assert!(alerts.len() >= 6, "{alerts:?}");
+    let tests = &parse_all(&dir.join("mesh-alerts.test.yml"))[0];
+    let fired: BTreeSet<String> = tests["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().into_iter().flatten())
+        .filter(|c| c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty()))
+        .filter_map(|c| c["alertname"].as_str().map(str::to_owned))
+        .collect();
+    let untested: Vec<_> = alerts.difference(&fired).collect();
+    assert!(untested.is_empty(), "alerts no promtool test sees firing: {untested:?}");
 }

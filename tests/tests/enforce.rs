@@ -259,9 +259,16 @@ fn a_meshed_endpoint_called_by_ip_goes_over_mtls(mode: &str) {
     assert!(contains(&wire, &15008u16.to_be_bytes()), "no traffic to the tunnel port ({} bytes)", wire.len());
     assert!(!contains(&wire, marker.as_bytes()), "the request crossed the wire in plaintext");
     assert!(!contains(&wire, b"public uri="), "the response crossed the wire in plaintext");
-    // The endpoint's policy holds there too.
+    // The endpoint's policy holds there too, and the denial is counted for alerts.
     let r = m.curl(&[&format!("http://{ENDPOINT}/secret")]);
     assert_eq!((r.status, r.by_agent), (403, true), "{r:?}");
+    let metrics = m.server_metrics();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("mesh_authorization_denied_total{")
+            && l.contains("service=\"shop/web\"")
+            && l.contains("layer=\"request\"")),
+        "the denial is not counted:\n{metrics}"
+    );
     // Raw TCP to the endpoint's IP is tunnelled as well; the receiving agent finds the
     // HTTP in it and applies the same rules.
     let out = m.workload_command("bash")

@@ -26,6 +26,8 @@ use serde_json::Value;
 
 const API_VIP: &str = "10.96.0.40";
 const ECHO_VIP: &str = "10.96.0.41";
+/// A service whose server answers every request 503 (started by the alert test only).
+const FLAKY_VIP: &str = "10.96.0.42";
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -43,6 +45,12 @@ fn registry() -> String {
     namespace: shop
     vips: [{ECHO_VIP}]
     ports: [{{port: 7000, protocol: tcp}}]
+    endpoints:
+      - {{address: 10.77.0.3, node: server, service_account: api, agent_address: \"10.77.0.3:15008\"}}
+  - name: flaky
+    namespace: shop
+    vips: [{FLAKY_VIP}]
+    ports: [{{port: 80, target_port: 8081, protocol: http}}]
     endpoints:
       - {{address: 10.77.0.3, node: server, service_account: api, agent_address: \"10.77.0.3:15008\"}}
   - name: frontend
@@ -137,9 +145,15 @@ impl Mesh {
             .unwrap()
     }
 
-    /// `n` GET requests over one kept-alive connection; returns their status codes.
+    /// `n` GET requests to the api service over one kept-alive connection; returns
+    /// their status codes.
     fn requests(&self, n: usize, path: &str, extra: &[&str]) -> Vec<String> {
-        let url = format!("http://{API_VIP}{path}");
+        self.requests_to(API_VIP, n, path, extra)
+    }
+
+    /// `n` GET requests to the service at `vip` over one kept-alive connection.
+    fn requests_to(&self, vip: &str, n: usize, path: &str, extra: &[&str]) -> Vec<String> {
+        let url = format!("http://{vip}{path}");
         let mut args = vec!["-sS", "--max-time", "10", "-w", "%{http_code}\\n"];
         args.extend_from_slice(extra);
         for _ in 0..n {
@@ -175,24 +189,9 @@ fn read_access_log(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// The `prometheus` binary, or `None` when it is missing outside CI (`cargo xtask
-/// setup` installs it; CI must have it).
-fn prometheus_binary(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("prometheus")).find(|p| p.is_file()));
-    if found.is_none() {
-        let msg =
-            format!("{test} needs the `prometheus` binary (Debian package prometheus; `cargo xtask setup`)");
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("{msg} (CI=true: the test must run)");
-        }
-        eprintln!("SKIPPED: {msg}");
-    }
-    found
-}
-
-/// A Prometheus server in `host`'s namespace scraping `target` every second, with
-/// its storage in a temporary directory; killed on drop.
+/// A Prometheus server in `host`'s namespace scraping `target` every second (job
+/// `mesh-agent`), evaluating `rules` if given, with its storage in a temporary
+/// directory; killed on drop.
 struct Prometheus {
     _process: LoggedChild,
     addr: std::net::SocketAddr,
@@ -200,13 +199,19 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(binary: &Path, host: &mesh_tests::Host, target: std::net::SocketAddr) -> Self {
+    fn start(
+        binary: &Path,
+        host: &mesh_tests::Host,
+        target: std::net::SocketAddr,
+        rules: Option<&Path>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prometheus.yml");
+        let rule_files = rules.map(|r| format!("rule_files: ['{}']\n", r.display())).unwrap_or_default();
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n{rule_files}\
                  scrape_configs:\n  - job_name: mesh-agent\n    static_configs:\n      - targets: ['{target}']\n"
             ),
         )
@@ -261,12 +266,14 @@ fn encode(s: &str) -> String {
 }
 
 fn prometheus_counts_requests_and_connections(mode: &str) {
-    let Some(prometheus) = prometheus_binary("prometheus_counts_requests_and_connections") else {
+    let Some(prometheus) =
+        mesh_tests::require_tool("prometheus", "prometheus", "prometheus_counts_requests_and_connections")
+    else {
         return;
     };
     let mesh = Mesh::new(mode);
     let client = mesh.lab.host("client");
-    let prom = Prometheus::start(&prometheus, client, mesh.client_agent.admin);
+    let prom = Prometheus::start(&prometheus, client, mesh.client_agent.admin, None);
     // The scrape works before any traffic: the agent's own series are there.
     prom.await_value(client, "up{job=\"mesh-agent\"}", 1.0);
 
@@ -612,7 +619,79 @@ fn spans_are_exported_over_otlp_and_linked_into_the_callers_trace(mode: &str) {
     assert!(mesh.collector.trace(unsampled).is_empty(), "an unsampled trace was exported");
 }
 
+/// The shipped alerting rules (`deploy/prometheus/mesh-alerts.rules.yml`), in a copy
+/// whose `for:` durations are cut to zero (they are minutes, for production), and
+/// otherwise as shipped.
+fn alert_rules_firing_at_once(dir: &Path) -> PathBuf {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/mesh-alerts.rules.yml");
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    let mut rules: Value = serde_yaml_ng::from_str(&text).unwrap();
+    for group in rules["groups"].as_array_mut().unwrap() {
+        for rule in group["rules"].as_array_mut().unwrap() {
+            if let Some(rule) = rule.as_object_mut() {
+                rule.insert("for".into(), Value::from("0s"));
+            }
+        }
+    }
+    let path = dir.join("mesh-alerts.rules.yml");
+    std::fs::write(&path, serde_yaml_ng::to_string(&rules).unwrap()).unwrap();
+    path
+}
+
+/// A real Prometheus scraping the calling agent with the shipped alerting rules:
+/// a service answering every request 503 raises `MeshServiceErrorRateHigh`, and a
+/// healthy one with as much traffic does not.
+fn the_error_rate_alert_fires_for_a_failing_service_only(mode: &str) {
+    let Some(prometheus) = mesh_tests::require_tool(
+        "prometheus",
+        "prometheus",
+        "the_error_rate_alert_fires_for_a_failing_service_only",
+    ) else {
+        return;
+    };
+    let mesh = Mesh::new(mode);
+    let _flaky = servers::http_echo_headers(mesh.lab.host("server"), 8081, "flaky", 503).unwrap();
+    let client = mesh.lab.host("client");
+    let rules = alert_rules_firing_at_once(mesh.dir.path());
+    let prom = Prometheus::start(&prometheus, client, mesh.client_agent.admin, Some(&rules));
+    prom.await_value(client, "up{job=\"mesh-agent\"}", 1.0);
+
+    // Rounds of calls, each waited for in a scrape, so the counters have several
+    // samples to take a rate over (a series' first sample gives none).
+    const ROUND: usize = 25;
+    let total = |service: &str| {
+        format!("sum(mesh_requests_total{{direction=\"outbound\",destination_service=\"shop/{service}\"}})")
+    };
+    for round in 1..=4 {
+        let failed = mesh.requests_to(FLAKY_VIP, ROUND, "/alerting", &[]);
+        assert!(failed.iter().all(|c| c == "503"), "the failing service answered {failed:?}");
+        let served = mesh.requests(ROUND, "/alerting", &[]);
+        assert!(served.iter().all(|c| c == "200"), "the healthy service answered {served:?}");
+        prom.await_value(client, &total("flaky"), (round * ROUND) as f64);
+        prom.await_value(client, &total("api"), (round * ROUND) as f64);
+    }
+
+    let alert = |service: &str| {
+        format!(
+            "ALERTS{{alertname=\"MeshServiceErrorRateHigh\",alertstate=\"firing\",destination_service=\"shop/{service}\"}}"
+        )
+    };
+    prom.await_value(client, &alert("flaky"), 1.0);
+    // Evaluated on the same samples: the healthy service, as busy, raises nothing.
+    assert_eq!(
+        prom.query(client, &format!("count({})", alert("api"))),
+        None,
+        "an alert for the healthy service"
+    );
+    assert_eq!(
+        prom.query(client, "count(ALERTS{alertstate=\"firing\"})"),
+        Some(1.0),
+        "only the failing service's alert fires"
+    );
+}
+
 mesh_tests::both_modes!(
+    the_error_rate_alert_fires_for_a_failing_service_only,
     prometheus_counts_requests_and_connections,
     access_log_records_requests_and_connections,
     ready_waits_for_certificate_and_snapshot,

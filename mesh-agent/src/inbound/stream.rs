@@ -87,6 +87,10 @@ pub async fn serve(
             if !decision.tcp_allowed {
                 warn!(peer = %info.peer_id, target = %info.target, services = %decision.services(),
                     "denied by authorization policy: its rules allow only HTTP requests");
+                crate::observe::metrics::authorization_denied(
+                    &crate::observe::labels::MeshName::known(&decision.service),
+                    "connection",
+                );
                 tunnel.reset();
                 return (0, 0, Some("only HTTP requests are allowed by policy".into()));
             }

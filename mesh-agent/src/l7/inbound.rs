@@ -293,6 +293,7 @@ impl Inbound {
             warn!(target: "mesh_agent::conn", peer_identity = %self.principal, service = %self.service,
                 services = %services, method = %req.method(), path = %normalised,
                 "request denied by authorization policy");
+            crate::observe::metrics::authorization_denied(&self.service, "request");
             if let Some(r) = record.as_mut() {
                 r.error = Some("denied by authorization policy".into());
             }

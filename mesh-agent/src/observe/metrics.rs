@@ -74,6 +74,11 @@ pub const CERTIFICATE_EXPIRY_SECONDS: &str = "mesh_certificate_expiry_seconds";
 /// `not_a_workload` (the destination is no workload port of this node), `undecided`
 /// (stalled in what could be an HTTP request line).
 pub const INBOUND_REFUSED_TOTAL: &str = "mesh_inbound_refused_total";
+/// Denials by authorization policy at the destination, by `service` and `layer`:
+/// `connection` (a tunnel or stream refused for the caller's identity, or raw TCP
+/// where the rules allow only HTTP) or `request` (an HTTP request refused on its
+/// method or path). What the alert on denials spiking watches.
+pub const AUTHORIZATION_DENIED_TOTAL: &str = "mesh_authorization_denied_total";
 /// Protocol detection results.
 pub const SNIFF_RESULTS_TOTAL: &str = "mesh_sniff_results_total";
 /// Connections whose client sent nothing within the detection timeout (server-first).
@@ -189,6 +194,11 @@ pub fn describe() {
     );
     describe_counter!(SNIFF_RESULTS_TOTAL, Unit::Count, "Protocol detection results.");
     describe_counter!(INBOUND_REFUSED_TOTAL, Unit::Count, "Plaintext inbound connections refused.");
+    describe_counter!(
+        AUTHORIZATION_DENIED_TOTAL,
+        Unit::Count,
+        "Connections and requests denied by authorization policy at the destination."
+    );
     describe_counter!(SNIFF_TIMEOUTS_TOTAL, Unit::Count, "Protocol detections ended by the timeout.");
     describe_counter!(
         ACCESS_LOG_DROPPED_TOTAL,
@@ -481,6 +491,13 @@ pub fn outlier_ejection(service: &MeshName, endpoint: SocketAddr) {
 /// [`INBOUND_REFUSED_TOTAL`]).
 pub fn inbound_refused(service: &MeshName, reason: &'static str) {
     counter(INBOUND_REFUSED_TOTAL, vec![name_label("service", service), Label::new("reason", reason)])
+        .increment(1);
+}
+
+/// Counts a denial by authorization policy of a connection or request to `service`
+/// (`layer`: `connection` or `request`, see [`AUTHORIZATION_DENIED_TOTAL`]).
+pub fn authorization_denied(service: &MeshName, layer: &'static str) {
+    counter(AUTHORIZATION_DENIED_TOTAL, vec![name_label("service", service), Label::new("layer", layer)])
         .increment(1);
 }
 

@@ -891,6 +891,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(anyhow::anyhow!("admin endpoint on {} (--admin-addr): {e}", args.admin_addr));
         }
     };
+    let scrape_addr = match args.metrics_addr {
+        None => None,
+        Some(addr) => match admin::spawn_scrape(addr, state.clone()).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                state.shutdown.cancel();
+                state.stop_serving();
+                state.stop_intercepting();
+                return Err(anyhow::anyhow!("scrape endpoint on {addr} (--metrics-addr): {e}"));
+            }
+        },
+    };
     let admin_socket_path = admin_socket.path().display().to_string();
     let admin_socket = admin::spawn_socket(admin_socket, state.clone());
 
@@ -938,6 +950,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     state.ready.store(true, Ordering::Release);
     let enrolled: Vec<String> = state.config_dump().enrolled;
     info!(%mode, listeners = ?listening, admin = %admin_addr, admin_socket = %admin_socket_path, enrolled = ?enrolled,
+        metrics = ?scrape_addr,
         "agent ready");
 
     wait_for_shutdown(&state.shutdown).await;

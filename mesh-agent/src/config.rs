@@ -384,6 +384,12 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
 
+    /// Also serve GET /metrics, /ready and /live (and nothing else) on this address,
+    /// for a cluster's Prometheus: the node's IP, or 0.0.0.0:15020 with host
+    /// networking. Off unless set.
+    #[arg(long, env = "MESH_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// Unix socket of the admin requests that change the agent (enroll, unenroll,
     /// quitquitquit, POST /logging), reachable only by the agent's user: its
     /// directory is created with mode 0700 (an existing one must already be private to

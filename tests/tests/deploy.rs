@@ -993,3 +993,56 @@ fn alert_rules_pass_promtool_and_each_alert_has_a_firing_test() {
     let untested: Vec<_> = alerts.difference(&fired).collect();
     assert!(untested.is_empty(), "alerts no promtool test sees firing: {untested:?}");
 }
+
+/// Each scrape target is consistent three ways: the example PodMonitors select the
+/// mesh's pods by their labels and name a port their container declares, with the
+/// job names the alerting rules expect; the pods' `prometheus.io/*` annotations
+/// point at the same port; and that port is the one the binary serves `/metrics` on
+/// (the agent's `--metrics-addr`, the control plane's `--admin-addr`), not the
+/// agent's loopback admin endpoint.
+#[test]
+fn scrape_annotations_and_pod_monitors_point_at_the_metrics_ports() {
+    let monitors = parse_all(&prometheus_dir().join("podmonitor.yaml"));
+    let mut jobs = BTreeSet::new();
+    for (workload, container_name, flag) in [
+        ("DaemonSet/mesh-agent", "mesh-agent", "metrics-addr"),
+        ("Deployment/mesh-control", "mesh-control", "admin-addr"),
+    ] {
+        let d = doc(workload);
+        let c = container(d, container_name);
+        let addr = flags(&args_of(c)).get(flag).cloned().unwrap_or_else(|| panic!("{workload}: no --{flag}"));
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        assert_eq!(host, "0.0.0.0", "{workload}: --{flag} must be reachable from Prometheus, not loopback");
+        let port: u64 = port.parse().unwrap();
+
+        let annotations = &d.value["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true", "{workload}");
+        assert_eq!(annotations["prometheus.io/port"].as_str(), Some(port.to_string().as_str()), "{workload}");
+        assert_eq!(annotations["prometheus.io/path"], "/metrics", "{workload}");
+
+        let labels = &d.value["spec"]["template"]["metadata"]["labels"];
+        let monitor = monitors
+            .iter()
+            .find(|m| {
+                m["kind"] == "PodMonitor"
+                    && m["spec"]["selector"]["matchLabels"]
+                        .as_object()
+                        .is_some_and(|sel| sel.iter().all(|(k, v)| &labels[k] == v))
+            })
+            .unwrap_or_else(|| panic!("no PodMonitor selects {workload}'s pods"));
+        let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+        assert_eq!(endpoint["path"], "/metrics", "{workload}");
+        let port_name = endpoint["port"].as_str().unwrap();
+        let declared = c["ports"].as_array().into_iter().flatten().find(|p| p["name"] == port_name);
+        let declared = declared.unwrap_or_else(|| panic!("{workload}: no container port named {port_name}"));
+        assert_eq!(declared["containerPort"].as_u64(), Some(port), "{workload}: port {port_name}");
+        let job_label = monitor["spec"]["jobLabel"].as_str().unwrap();
+        jobs.insert(labels[job_label].as_str().unwrap().to_owned());
+    }
+    // The alerting rules select these jobs.
+    let rules = std::fs::read_to_string(prometheus_dir().join("mesh-alerts.rules.yml")).unwrap();
+    for job in &jobs {
+        assert!(rules.contains(&format!("job=\"{job}\"")), "the alerting rules never name job {job}");
+    }
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+}

@@ -26,6 +26,8 @@ use serde_json::Value;
 
 const API_VIP: &str = "10.96.0.40";
 const ECHO_VIP: &str = "10.96.0.41";
+/// Each agent's scrape port (`--metrics-addr`), on its host's address.
+const SCRAPE_PORT: u16 = 15020;
 /// A service whose server answers every request 503 (started by the alert test only).
 const FLAKY_VIP: &str = "10.96.0.42";
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -113,7 +115,9 @@ impl Mesh {
                 .arg("--drain-timeout")
                 .arg("10s")
                 .arg("--otlp-endpoint")
-                .arg("http://10.77.0.1:4317");
+                .arg("http://10.77.0.1:4317")
+                .arg("--metrics-addr")
+                .arg(format!("0.0.0.0:{SCRAPE_PORT}"));
             let a = Agent::start(lab.host(host), opts).expect("agent starts");
             a.wait_enrolled();
             a
@@ -272,22 +276,30 @@ fn prometheus_counts_requests_and_connections(mode: &str) {
         return;
     };
     let mesh = Mesh::new(mode);
-    let client = mesh.lab.host("client");
-    let prom = Prometheus::start(&prometheus, client, mesh.client_agent.admin, None);
+    // Prometheus runs on another host, as a cluster's does, and scrapes the client
+    // agent's scrape port on the node's address; that port shows no configuration.
+    let control = mesh.lab.host("control");
+    let scrape = std::net::SocketAddr::from((mesh.lab.host("client").v4, SCRAPE_PORT));
+    let prom = Prometheus::start(&prometheus, control, scrape, None);
     // The scrape works before any traffic: the agent's own series are there.
-    prom.await_value(client, "up{job=\"mesh-agent\"}", 1.0);
+    prom.await_value(control, "up{job=\"mesh-agent\"}", 1.0);
+    for path in ["/config_dump", "/stats", "/workloads", "/logging"] {
+        let (status, _) = control.http("GET", scrape, path).unwrap();
+        assert_eq!(status, 404, "GET {path} on the scrape port");
+    }
+    assert_eq!(control.http("GET", scrape, "/ready").unwrap().0, 200, "GET /ready on the scrape port");
 
     const N: usize = 37;
     let codes = mesh.requests(N, "/counted", &[]);
     assert_eq!(codes.len(), N);
     assert!(codes.iter().all(|c| c == "200"), "{codes:?}");
     prom.await_value(
-        client,
+        control,
         "sum(mesh_requests_total{direction=\"outbound\",destination_service=\"shop/api\"})",
         N as f64,
     );
     prom.await_value(
-        client,
+        control,
         "sum(mesh_request_duration_seconds_count{direction=\"outbound\",destination_service=\"shop/api\",response_code=\"200\"})",
         N as f64,
     );
@@ -295,22 +307,22 @@ fn prometheus_counts_requests_and_connections(mode: &str) {
     // A raw TCP flow: one connection, 5 bytes each way.
     assert_eq!(mesh.tcp_hello(), "68656c6c6f");
     prom.await_value(
-        client,
+        control,
         "sum(mesh_tcp_connections_opened_total{direction=\"outbound\",destination_service=\"shop/echo\"})",
         1.0,
     );
     prom.await_value(
-        client,
+        control,
         "sum(mesh_tcp_connections_closed_total{direction=\"outbound\",destination_service=\"shop/echo\"})",
         1.0,
     );
     prom.await_value(
-        client,
+        control,
         "sum(mesh_tcp_sent_bytes_total{direction=\"outbound\",destination_service=\"shop/echo\"})",
         5.0,
     );
     prom.await_value(
-        client,
+        control,
         "sum(mesh_tcp_received_bytes_total{direction=\"outbound\",destination_service=\"shop/echo\"})",
         5.0,
     );

@@ -6,7 +6,10 @@
 //!   there changes the agent;
 //! - the unix socket (`--admin-socket`, root only): the same reads, plus enrolment
 //!   for whatever starts workloads (a CNI plugin, the demo, tests, `meshctl agent`),
-//!   the log filter and a drain trigger.
+//!   the log filter and a drain trigger;
+//! - the scrape port (`--metrics-addr`, off unless set; the DaemonSet puts it on the
+//!   node's IP): `/metrics`, `/ready` and `/live` only, for a cluster's Prometheus.
+//!   It is reachable from other nodes, so it shows no configuration either.
 //!
 //! | method | path | TCP | socket | |
 //! |---|---|---|---|---|
@@ -66,6 +69,19 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Binds the read-only TCP endpoint and serves it until the agent shuts down.
 pub async fn spawn_tcp(addr: SocketAddr, state: Arc<AgentState>) -> std::io::Result<SocketAddr> {
+    spawn_tcp_routes(addr, state, routes::read_only())
+}
+
+/// Binds the scrape port (`--metrics-addr`) and serves it until the agent shuts down.
+pub async fn spawn_scrape(addr: SocketAddr, state: Arc<AgentState>) -> std::io::Result<SocketAddr> {
+    spawn_tcp_routes(addr, state, routes::scrape())
+}
+
+fn spawn_tcp_routes(
+    addr: SocketAddr,
+    state: Arc<AgentState>,
+    router: Router<AgentState>,
+) -> std::io::Result<SocketAddr> {
     // SO_REUSEPORT: a new agent binds the port beside a draining one during an upgrade.
     let socket =
         if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
@@ -75,7 +91,7 @@ pub async fn spawn_tcp(addr: SocketAddr, state: Arc<AgentState>) -> std::io::Res
     let listener = socket.listen(128)?;
     let local = listener.local_addr()?;
     let shutdown = state.shutdown.clone();
-    let router = Arc::new(routes::read_only());
+    let router = Arc::new(router);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {

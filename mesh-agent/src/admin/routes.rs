@@ -34,6 +34,16 @@ pub fn read_only() -> Router<AgentState> {
         .note(ON_THE_SOCKET)
 }
 
+/// What the scrape port serves: metrics and health, nothing that shows configuration
+/// (it listens on the node's IP, so other nodes reach it).
+pub fn scrape() -> Router<AgentState> {
+    Router::new()
+        .route(Method::GET, "/live", |_, _| async { text(StatusCode::OK, "live\n") })
+        .route(Method::GET, "/ready", |s, _| async move { ready(&s) })
+        .route(Method::GET, "/metrics", |s, _| async move { metrics(&s) })
+        .note("; this port (--metrics-addr) serves only /metrics, /ready and /live; the rest is on --admin-addr")
+}
+
 /// What the unix socket serves: every read, and the requests that change state.
 pub fn privileged() -> Router<AgentState> {
     read_only()
@@ -164,5 +174,13 @@ mod tests {
         for path in ["/live", "/ready", "/stats", "/metrics", "/config_dump", "/logging"] {
             assert!(tcp.serves(&Method::GET, path) && socket.serves(&Method::GET, path), "GET {path}");
         }
+    }
+
+    #[test]
+    fn the_scrape_port_serves_metrics_and_health_only() {
+        let scrape = scrape();
+        let mut served: Vec<_> = scrape.routes().map(|(m, p)| format!("{m} {p}")).collect();
+        served.sort();
+        assert_eq!(served, ["GET /live", "GET /metrics", "GET /ready"]);
     }
 }

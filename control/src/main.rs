@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use control::{
     ca::{
         Ca, CaConfig, CaMode, CaStore, DEFAULT_ROOT_VALIDITY, FileStore, FirstOf, NodeAuthenticator,
-        SecretStore, TokenFileAuthenticator, TokenReviewAuthenticator, TokenReviewConfig,
-        publish::ConfigMapPublisher, rotation,
+        SealedStore, Sealer, SealingKey, SecretStore, TokenFileAuthenticator, TokenReviewAuthenticator,
+        TokenReviewConfig, publish::ConfigMapPublisher, rotation,
     },
     registry::{
         Source,
@@ -66,6 +66,63 @@ struct RotateArgs {
     /// Lifetime of the new root.
     #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
     root_validity: Duration,
+
+    #[command(flatten)]
+    sealing: SealingArgs,
+}
+
+/// The CA key's encryption at rest (`ca::sealed`), for serving and `rotate-root`.
+#[derive(clap::Args, Debug, Clone)]
+struct SealingArgs {
+    /// Encrypt the CA's private key at rest (in --ca-dir or --ca-secret) with the
+    /// AES-256-GCM key in this file: 32 random bytes in base64 (`openssl rand -base64
+    /// 32`), kept apart from the CA. The environment variable MESH_CA_KEY_ENCRYPTION_KEY
+    /// may hold the key itself instead. A key stored in clear is encrypted on start.
+    #[arg(long, env = "MESH_CA_KEY_ENCRYPTION_KEY_FILE")]
+    ca_key_encryption_key_file: Option<PathBuf>,
+
+    /// A key-encryption key the CA key may still be sealed under (a file as above;
+    /// repeatable): to rotate, give the new key as the current one and the old one
+    /// here; the CA key is re-encrypted under the new one on start.
+    #[arg(
+        long = "ca-key-previous-encryption-key-file",
+        env = "MESH_CA_KEY_PREVIOUS_ENCRYPTION_KEY_FILES",
+        value_delimiter = ','
+    )]
+    ca_key_previous_encryption_key_files: Vec<PathBuf>,
+}
+
+/// Environment variable holding the current key-encryption key itself (base64).
+const KEY_ENCRYPTION_KEY_ENV: &str = "MESH_CA_KEY_ENCRYPTION_KEY";
+
+impl SealingArgs {
+    fn sealer(&self) -> anyhow::Result<Sealer> {
+        let from_file = |flag: &str, path: &PathBuf| -> anyhow::Result<SealingKey> {
+            let text = std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))?;
+            Ok(SealingKey::from_base64(&text, &format!("{flag} {}", path.display()))?)
+        };
+        let from_env = std::env::var(KEY_ENCRYPTION_KEY_ENV).ok().filter(|v| !v.trim().is_empty());
+        let current = match (&self.ca_key_encryption_key_file, from_env) {
+            (Some(_), Some(_)) => {
+                bail!("--ca-key-encryption-key-file and {KEY_ENCRYPTION_KEY_ENV} both give the key: keep one")
+            }
+            (Some(path), None) => Some(from_file("--ca-key-encryption-key-file", path)?),
+            (None, Some(text)) => Some(SealingKey::from_base64(&text, KEY_ENCRYPTION_KEY_ENV)?),
+            (None, None) => None,
+        };
+        let previous = self
+            .ca_key_previous_encryption_key_files
+            .iter()
+            .map(|p| from_file("--ca-key-previous-encryption-key-file", p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Sealer::new(current, previous))
+    }
+
+    /// `store`, wrapped to encrypt the key when a key-encryption key is configured,
+    /// and in any case to refuse a sealed key it cannot open with a clear error.
+    fn wrap(&self, store: Box<dyn CaStore>) -> anyhow::Result<Box<dyn CaStore>> {
+        Ok(Box::new(SealedStore::new(store, self.sealer()?)))
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -153,6 +210,9 @@ struct Args {
     /// --control-plane-ca. Needs get/update on it and create on configmaps.
     #[arg(long, env = "MESH_CA_CONFIGMAP", value_parser = parse_secret_ref)]
     ca_configmap: Option<(String, String)>,
+
+    #[command(flatten)]
+    sealing: SealingArgs,
 
     /// File of agent bootstrap tokens, one `TOKEN NODE` per line (re-read on change).
     /// Agents present theirs as `authorization: Bearer TOKEN` on every call (discovery
@@ -291,6 +351,7 @@ async fn rotate_root(args: RotateArgs) -> anyhow::Result<()> {
         }
         None => (Box::new(FileStore::new(&args.ca_dir)), format!("--ca-dir {}", args.ca_dir.display())),
     };
+    let store = args.sealing.wrap(store)?;
     let validity = if args.root_validity.is_zero() { DEFAULT_ROOT_VALIDITY } else { args.root_validity };
     rotation::rotate(store.as_ref(), &args.trust_domain, validity)
         .await
@@ -352,6 +413,7 @@ async fn open_ca(args: &Args) -> anyhow::Result<CaSettings> {
         }
         _ => (Box::new(FileStore::new(&args.ca_dir)), format!("--ca-dir {}", args.ca_dir.display())),
     };
+    let store = args.sealing.wrap(store)?;
     let ca = Ca::open(config, store.as_ref()).await.with_context(|| format!("opening the CA in {flag}"))?;
     tracing::info!(store = %store.describe(), trust_domain = %args.trust_domain,
         roots = ca.trust_bundle_pem().len(), cross_signed = ca.cross_signed_pem().len(), "CA ready");

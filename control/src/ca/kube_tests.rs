@@ -342,3 +342,21 @@ async fn the_certificates_service_reports_a_refusal_as_unauthenticated_with_its_
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
     assert!(status.message().contains("names no node"), "{}", status.message());
 }
+
+#[tokio::test]
+async fn with_a_key_encryption_key_the_secret_holds_the_ca_key_sealed() {
+    let api = FakeApi::start().await;
+    // 32 zero bytes in base64.
+    let kek = || SealingKey::from_base64(&format!("{}=", "A".repeat(43)), "test").unwrap();
+    let sealed = |s: Sealer| SealedStore::new(Box::new(SecretStore::new(api.client(), NS, NAME)), s);
+    let first = Ca::open(CaConfig::default(), &sealed(Sealer::new(Some(kek()), vec![]))).await.unwrap();
+    let key = stored(&api, KEY_FILE).expect("ca-key.pem stored");
+    assert!(key.contains("MESH SEALED CA KEY") && !key.contains("PRIVATE KEY"), "{key}");
+    // The same root on restart with the key; without it, a clear refusal.
+    let again = Ca::open(CaConfig::default(), &sealed(Sealer::new(Some(kek()), vec![]))).await.unwrap();
+    assert_eq!(again.trust_bundle_pem(), first.trust_bundle_pem());
+    let Err(err) = Ca::open(CaConfig::default(), &sealed(Sealer::default())).await else {
+        panic!("the CA opened without its key-encryption key");
+    };
+    assert!(err.to_string().contains("encrypted"), "{err}");
+}

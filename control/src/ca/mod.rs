@@ -18,6 +18,7 @@ mod csr;
 mod error;
 pub mod publish;
 pub mod rotation;
+mod sealed;
 mod secret_store;
 mod service;
 pub mod serving;
@@ -35,6 +36,7 @@ pub use authority::{
 pub use csr::MAX_CSR_PEM_LEN;
 pub use error::{CaError, SignError};
 pub use mesh_api::spiffe::SpiffeId;
+pub use sealed::{SealError, SealedStore, Sealer, SealingKey};
 pub use secret_store::SecretStore;
 pub use service::{CertificatesService, SignCounts};
 pub use store::{

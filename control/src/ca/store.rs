@@ -121,6 +121,15 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The CA key is encrypted at rest and could not be opened (no key, a wrong key,
+    /// or altered); see `ca::sealed`.
+    #[error("{store}: {reason}")]
+    Sealed {
+        /// Where the material lives.
+        store: String,
+        /// Why it did not open.
+        reason: String,
+    },
     /// The blocking file task could not complete.
     #[error("store task failed: {0}")]
     Task(String),

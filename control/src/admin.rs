@@ -83,7 +83,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/agents" => {
             let agents: Vec<_> = state.agents.list().iter().map(crate::json::agent).collect();
-            let body = json!({ "current_version": current.version, "agents": agents });
+            let body = json!({ "current_version": current.version, "control_version": env!("CARGO_PKG_VERSION"), "agents": agents });
             respond(StatusCode::OK, "application/json", body.to_string())
         }
         "/config_dump" => {

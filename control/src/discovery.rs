@@ -24,6 +24,10 @@ use crate::{
     snapshot::Versioned,
 };
 
+/// Longest agent version kept from a subscription: an agent's word, shown to
+/// operators, so bounded.
+const MAX_VERSION_LEN: usize = 64;
+
 /// The tonic service.
 #[derive(Clone)]
 pub struct DiscoveryService {
@@ -89,6 +93,7 @@ impl Discovery for DiscoveryService {
                 a.connected_at = now_secs();
                 a.agent_address = advertised_address(&first.agent_address, peer);
                 a.mode = first.mode.clone();
+                a.agent_version = first.agent_version.chars().take(MAX_VERSION_LEN).collect();
                 a.workloads = first.workloads.clone();
             })
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;

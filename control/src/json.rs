@@ -10,6 +10,7 @@ pub fn agent(a: &api::AgentStatus) -> Value {
         "node": a.node,
         "agent_address": a.agent_address,
         "mode": a.mode,
+        "version": a.agent_version,
         "connected": a.connected,
         "sent_version": a.sent_version,
         "acked_version": a.acked_version,

@@ -71,6 +71,8 @@ async fn subscribe_agent(
         node: "node-a".into(),
         agent_address: "127.0.0.1:15008".into(),
         mode: "ebpf".into(),
+        // Ahead of the control plane: `meshctl version` must warn.
+        agent_version: "0.9.0".into(),
         ..Default::default()
     };
     tx.send(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Subscribe(subscribe)) })
@@ -236,6 +238,22 @@ async fn meshctl_reports_a_running_control_plane_and_agent() {
     let dump = json_of(&meshctl(&with(&["config-dump", "control", "-o", "json"])).await);
     assert_eq!(dump["control"]["version"], version);
     assert!(dump.get("agents").is_none());
+
+    // Releases: the control plane's own, node-a's as it subscribed (newer: a warning),
+    // and the agent asked directly, whose dump names none (an older agent: a warning).
+    let versions = json_of(&meshctl(&with(&["version", "-o", "json"])).await);
+    let ours = env!("CARGO_PKG_VERSION");
+    assert_eq!((versions["client"].as_str(), versions["control_plane"].as_str()), (Some(ours), Some(ours)));
+    assert_eq!(versions["agents"][0]["agent"], "node-a", "{versions:#}");
+    assert_eq!(versions["agents"][0]["version"], "0.9.0", "{versions:#}");
+    assert_eq!(versions["agents"][1]["agent"], agent.as_str(), "{versions:#}");
+    let warnings: Vec<&str> =
+        versions["warnings"].as_array().unwrap().iter().filter_map(|w| w.as_str()).collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("node-a") && warnings[0].contains("upgrade the control plane first"));
+    assert!(warnings[1].contains(agent.as_str()) && warnings[1].contains("did not report"));
+    let human = stdout(&meshctl(&with(&["version"])).await);
+    assert!(human.starts_with("COMPONENT") && human.contains("warning: agent node-a runs 0.9.0"), "{human}");
 }
 
 #[tokio::test]

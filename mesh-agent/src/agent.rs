@@ -87,6 +87,8 @@ pub enum EnrollError {
 /// What `/config_dump` shows.
 #[derive(Serialize)]
 pub struct ConfigDump {
+    /// The agent's release (`meshctl version`).
+    pub version: &'static str,
     pub mode: ActiveMode,
     pub mode_reason: String,
     pub ready: bool,
@@ -299,6 +301,7 @@ impl AgentState {
         opaque_ports.sort_unstable();
         let s = &self.settings;
         ConfigDump {
+            version: env!("CARGO_PKG_VERSION"),
             mode: self.mode,
             mode_reason: self.mode_reason.clone(),
             ready: self.is_ready(),

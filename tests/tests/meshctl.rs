@@ -168,6 +168,15 @@ fn meshctl_reads_a_running_mesh(mode: &str) {
         assert!(line.contains("connected") && line.contains(&version.to_string()), "{line}");
     }
 
+    // version: one release everywhere, as the real binaries report it; no skew.
+    let versions = m.json(&with(&["version"]));
+    let release = versions["client"].as_str().expect("meshctl's version");
+    assert_eq!(versions["control_plane"], release, "{versions:#}");
+    let agents = versions["agents"].as_array().unwrap();
+    assert_eq!(agents.len(), 4, "two from the control plane, two asked: {versions:#}");
+    assert!(agents.iter().all(|a| a["version"] == release), "{versions:#}");
+    assert_eq!(versions["warnings"], serde_json::json!([]), "{versions:#}");
+
     // services: the registry as the control plane serves it.
     let text = m.text(&["services"]);
     let api = text.lines().find(|l| l.starts_with("shop/api ")).unwrap_or_else(|| panic!("{text}"));

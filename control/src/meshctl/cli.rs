@@ -88,6 +88,10 @@ pub enum Command {
     /// Per agent, the workloads it serves: network namespace, identity, certificate
     /// expiry, interception mode, addresses, and whether the CNI or a flag added them.
     Workloads,
+    /// Releases of meshctl, the control plane and every agent it has seen (and those
+    /// named with --agent), with a warning for each unsupported skew: agents at most
+    /// one minor version behind the control plane and never ahead of it.
+    Version,
     /// Pre-flight on this machine: kernel, BTF, cgroup v2, capabilities, iptables
     /// backend; whether eBPF mode will work and why not, and what `auto` will pick.
     Check,
@@ -294,6 +298,11 @@ pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
             all_failed(agents.iter().map(|a| a.error.as_deref()))?;
             let complete = agents.iter().all(|a| a.error.is_none());
             Ok(Rendered { text: emit(out, &agents, |a| workloads::render(a)), complete })
+        }
+        Command::Version => {
+            let report = super::version::gather(&targets).await;
+            let complete = report.control_error.is_none() && report.agents.iter().all(|a| a.error.is_none());
+            Ok(Rendered { complete, text: emit(out, &report, super::version::render) })
         }
         Command::Check => Ok(preflight(out)),
         Command::Agent { agent_socket, command } => agent(cli, agent_socket, command).await,

@@ -48,6 +48,11 @@ impl Targets {
         Ok((dump.current_version, dump.agents))
     }
 
+    /// The control plane's `/agents` whole (its own release included).
+    pub async fn agents_dump(&self) -> Result<AgentsDump, MeshctlError> {
+        self.control_admin.get_json(Target::ControlAdmin, "/agents", self.timeout).await
+    }
+
     /// The control plane's `/config_dump`.
     pub async fn control_dump(&self) -> Result<ControlDump, MeshctlError> {
         self.control_admin.get_json(Target::ControlAdmin, "/config_dump", self.timeout).await

@@ -20,6 +20,7 @@ pub mod routes;
 pub mod services;
 pub mod status;
 pub mod table;
+pub mod version;
 pub mod views;
 pub mod workloads;
 

@@ -158,6 +158,8 @@ pub struct AuthorizationRule {
 #[serde(default)]
 pub struct AgentsDump {
     pub current_version: u64,
+    /// The control plane's release (absent from older ones).
+    pub control_version: String,
     pub agents: Vec<AgentRecord>,
 }
 
@@ -166,6 +168,8 @@ pub struct AgentsDump {
 #[serde(default)]
 pub struct AgentRecord {
     pub node: String,
+    /// The release the agent reported (empty for older agents).
+    pub version: String,
     pub agent_address: String,
     pub mode: String,
     pub connected: bool,
@@ -200,6 +204,7 @@ impl From<&mesh_api::AgentStatus> for AgentRecord {
     fn from(a: &mesh_api::AgentStatus) -> Self {
         Self {
             node: a.node.clone(),
+            version: a.agent_version.clone(),
             agent_address: a.agent_address.clone(),
             mode: a.mode.clone(),
             connected: a.connected,
@@ -218,6 +223,8 @@ impl From<&mesh_api::AgentStatus> for AgentRecord {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct AgentDump {
+    /// The agent's release (empty for older agents).
+    pub version: String,
     pub mode: String,
     pub mode_reason: String,
     pub ready: bool,

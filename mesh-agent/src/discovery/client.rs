@@ -132,6 +132,7 @@ async fn session(
         workloads: Vec::new(),
         have_version: store.table().version,
         mode: settings.mode.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let _ =
         tx.try_send(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Subscribe(subscribe)) });

@@ -12,6 +12,7 @@ use control::{
     },
     registry::{
         Source,
+        consul::{ConsulConfig, ConsulSource},
         file::FileSource,
         kubernetes::{KubernetesConfig, KubernetesSource},
     },
@@ -130,6 +131,31 @@ struct Args {
     /// YAML registry file (the embedded default source); watched for changes.
     #[arg(long, env = "MESH_REGISTRY")]
     registry: Option<PathBuf>,
+
+    /// Also read services from this Consul agent's catalog (`http://HOST:8500` or
+    /// `https://HOST:8501`), followed with blocking queries.
+    #[arg(long, env = "MESH_CONSUL")]
+    consul: Option<String>,
+
+    /// CA certificates (PEM) verifying an https --consul agent.
+    #[arg(long, env = "MESH_CONSUL_CA", requires = "consul")]
+    consul_ca: Option<PathBuf>,
+
+    /// File holding the Consul ACL token (sent as X-Consul-Token; re-read on every call).
+    #[arg(long, env = "MESH_CONSUL_TOKEN_FILE", requires = "consul")]
+    consul_token_file: Option<PathBuf>,
+
+    /// Consul datacenter to read (default: the agent's own).
+    #[arg(long, env = "MESH_CONSUL_DATACENTER", requires = "consul")]
+    consul_datacenter: Option<String>,
+
+    /// Mesh namespace of Consul's services (`web` becomes NAMESPACE/web).
+    #[arg(long, env = "MESH_CONSUL_NAMESPACE", default_value = "consul")]
+    consul_namespace: String,
+
+    /// Longest a blocking query to Consul waits for a change.
+    #[arg(long, env = "MESH_CONSUL_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    consul_wait: Duration,
 
     /// Also discover services from Kubernetes (in-cluster service account, or the
     /// local kubeconfig): Services, EndpointSlices and Pods.
@@ -444,9 +470,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let source = KubernetesSource::from_environment(config).await.context("--kubernetes")?;
         sources.push(Box::new(source));
     }
+    if let Some(url) = &args.consul {
+        let config = ConsulConfig {
+            url: url.clone(),
+            ca: args.consul_ca.clone(),
+            token_file: args.consul_token_file.clone(),
+            datacenter: args.consul_datacenter.clone(),
+            namespace: args.consul_namespace.clone(),
+            trust_domain: args.trust_domain.clone(),
+            wait: args.consul_wait,
+            ..Default::default()
+        };
+        sources.push(Box::new(ConsulSource::new(config)?));
+    }
     if sources.is_empty() {
         bail!(
-            "no registry source: pass --registry FILE (MESH_REGISTRY) and/or --kubernetes (MESH_KUBERNETES)"
+            "no registry source: pass --registry FILE (MESH_REGISTRY), --kubernetes (MESH_KUBERNETES) and/or \
+             --consul URL (MESH_CONSUL)"
         );
     }
     let transport = if args.insecure_plaintext {

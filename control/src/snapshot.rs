@@ -326,4 +326,58 @@ mod tests {
         stop.cancel();
         task.await.unwrap();
     }
+
+    /// The merge rule for services: sources are read in the order they are given
+    /// (--registry, --kubernetes, --consul), and a service the file already names is
+    /// kept from the file; the later source's copy is dropped and reported. Services
+    /// of different names (a Consul `web` is `consul/web`) all stay.
+    #[tokio::test]
+    async fn a_service_named_by_two_sources_is_taken_from_the_first_and_the_clash_reported() {
+        let svc = |ns: &str, name: &str, address: &str| api::Service {
+            name: name.into(),
+            namespace: ns.into(),
+            endpoints: vec![api::Endpoint { address: address.into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let (_file_tx, file_rx) = watch::channel(SourceView {
+            services: Arc::new(vec![svc("consul", "web", "10.0.0.1")]),
+            ready: true,
+            ..Default::default()
+        });
+        let (_consul_tx, consul_rx) = watch::channel(SourceView {
+            services: Arc::new(vec![svc("consul", "web", "10.0.0.9"), svc("consul", "db", "10.0.0.3")]),
+            ready: true,
+            ..Default::default()
+        });
+        let (targets, _targets_rx) = watch::channel(Targets::new());
+        let (_failing_tx, failing) = watch::channel(Failing::default());
+        let sources = vec![("file".to_owned(), file_rx), ("consul".to_owned(), consul_rx)];
+        let (builder, mut rx) = SnapshotBuilder::new(
+            sources,
+            ("cluster.local".into(), api::MtlsMode::Permissive),
+            targets,
+            failing,
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(builder.run(Duration::from_millis(1), stop.clone()));
+        let first = rx.wait_for(|v| v.version > 0).await.unwrap().clone();
+        let by_name: BTreeMap<String, String> = first
+            .snapshot
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.endpoints[0].address.clone()))
+            .collect();
+        assert_eq!(by_name.get("web").map(String::as_str), Some("10.0.0.1"), "the file's copy wins");
+        assert_eq!(by_name.get("db").map(String::as_str), Some("10.0.0.3"));
+        assert!(
+            first
+                .source_errors
+                .iter()
+                .any(|(s, e)| s == "consul" && e.contains("service consul/web also defined")),
+            "{:?}",
+            first.source_errors
+        );
+        stop.cancel();
+        task.await.unwrap();
+    }
 }

@@ -7,6 +7,7 @@
 //! A source that hits a bad update keeps its last good view published and
 //! reports the error, so agents never lose routes because of a typo.
 
+pub mod consul;
 pub mod kubernetes;
 
 use std::sync::Arc;

@@ -157,6 +157,27 @@ async fn instances_and_names_that_cannot_be_used_are_reported_not_fatal() {
     assert!(error.contains("\"bad name\" left out"), "{error}");
 }
 
+#[tokio::test]
+async fn an_https_agent_is_verified_against_the_given_ca_only() {
+    let (ca_pem, server) = super::fake::tls_material();
+    let consul = FakeConsul::start_tls(server).await;
+    consul.set_service("web", web("passing"));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("consul-ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let mut r = start(ConsulConfig { url: consul.https_url(), ca: Some(ca), ..config(&consul) });
+    view_where(&mut r, "web over https", |v| v.ready && service(v, "web").is_some()).await;
+
+    // Another CA: the handshake fails and nothing is read.
+    let (other_pem, _) = super::fake::tls_material();
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(&other, other_pem).unwrap();
+    let mut r = start(ConsulConfig { url: consul.https_url(), ca: Some(other), ..config(&consul) });
+    let v = view_where(&mut r, "the TLS failure reported", |v| v.last_error.is_some()).await;
+    assert!(v.last_error.as_deref().unwrap().contains("TLS"), "{:?}", v.last_error);
+    assert!(v.services.is_empty());
+}
+
 #[test]
 fn positions_follow_consuls_index_rules() {
     let mut p = Position::default();

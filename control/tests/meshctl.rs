@@ -293,3 +293,24 @@ async fn unreachable_components_fail_with_what_to_do() {
         "{out:?}"
     );
 }
+
+#[tokio::test]
+async fn install_prints_a_profiles_manifests_and_refuses_unknown_settings() {
+    let out = meshctl(&["install", "--profile", "production", "--set", "image.tag=9.9.9"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = stdout(&out);
+    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect();
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in ["Namespace", "Deployment", "DaemonSet", "PodDisruptionBudget", "ClusterRole"] {
+        assert!(kinds.contains(&kind), "{kind} missing: {kinds:?}");
+    }
+    assert!(text.contains("image: mesh-agent:9.9.9") && text.contains("image: mesh-control:9.9.9"), "{text}");
+
+    let bad = meshctl(&["install", "--set", "controlPlane.replicas=zero"]).await;
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("controlPlane.replicas") && err.contains("a number from 1"), "{err}");
+}

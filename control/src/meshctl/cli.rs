@@ -88,6 +88,18 @@ pub enum Command {
     /// Per agent, the workloads it serves: network namespace, identity, certificate
     /// expiry, interception mode, addresses, and whether the CNI or a flag added them.
     Workloads,
+    /// Print the Kubernetes manifests of this release for a profile, for `kubectl
+    /// apply -f -`: `minimal` is deploy/ as it is; `production` adds a second
+    /// control-plane replica spread over nodes, a PodDisruptionBudget, priority and
+    /// larger resource requests.
+    Install {
+        #[arg(long, value_enum, default_value_t = super::install::Profile::Minimal)]
+        profile: super::install::Profile,
+        /// KEY=VALUE, repeatable: image.registry, image.tag, controlPlane.replicas,
+        /// agent.mode, trustDomain, clusterDomain, mtlsDefault.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// Releases of meshctl, the control plane and every agent it has seen (and those
     /// named with --agent), with a warning for each unsupported skew: agents at most
     /// one minor version behind the control plane and never ahead of it.
@@ -139,7 +151,10 @@ fn emit<T: Serialize>(output: Output, value: &T, human: impl FnOnce(&T) -> Strin
 pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
     match &cli.command {
         Command::Check => return Ok(preflight(cli.output)),
-        // Neither needs the control plane's or agents' URLs.
+        Command::Install { profile, sets } => {
+            return Ok(Rendered { text: super::install::render(*profile, sets)?, complete: true });
+        }
+        // None of these needs the control plane's or agents' URLs.
         Command::Agent { agent_socket, command } => return agent(cli, agent_socket, command).await,
         _ => {}
     }
@@ -305,6 +320,9 @@ pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
             Ok(Rendered { complete, text: emit(out, &report, super::version::render) })
         }
         Command::Check => Ok(preflight(out)),
+        Command::Install { profile, sets } => {
+            Ok(Rendered { text: super::install::render(*profile, sets)?, complete: true })
+        }
         Command::Agent { agent_socket, command } => agent(cli, agent_socket, command).await,
     }
 }

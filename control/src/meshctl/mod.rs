@@ -16,6 +16,7 @@ pub mod client;
 pub mod error;
 pub mod explain;
 pub mod http;
+pub mod install;
 pub mod routes;
 pub mod services;
 pub mod status;

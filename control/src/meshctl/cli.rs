@@ -106,7 +106,14 @@ pub enum Command {
     Version,
     /// Pre-flight on this machine: kernel, BTF, cgroup v2, capabilities, iptables
     /// backend; whether eBPF mode will work and why not, and what `auto` will pick.
-    Check,
+    /// With --pre, the cluster of the kubeconfig instead, before `meshctl install`.
+    Check {
+        /// Inspect the cluster (kubeconfig, or in-cluster credentials): Kubernetes
+        /// version, each node's kernel, permission to create what install creates, the
+        /// Gateway API's HTTPRoute, and the mesh-system namespace's pod security.
+        #[arg(long)]
+        pre: bool,
+    },
     /// Change this node's agent (enrol a cgroup, set the log level, drain) through its
     /// root-only admin socket; the agent's TCP admin port only reads.
     Agent {
@@ -150,7 +157,8 @@ fn emit<T: Serialize>(output: Output, value: &T, human: impl FnOnce(&T) -> Strin
 /// Runs a command; `now` (Unix seconds) dates "ago" and "expires in" figures.
 pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
     match &cli.command {
-        Command::Check => return Ok(preflight(cli.output)),
+        Command::Check { pre: false } => return Ok(preflight(cli.output)),
+        Command::Check { pre: true } => return cluster_precheck(cli.output).await,
         Command::Install { profile, sets } => {
             return Ok(Rendered { text: super::install::render(*profile, sets)?, complete: true });
         }
@@ -319,7 +327,8 @@ pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
             let complete = report.control_error.is_none() && report.agents.iter().all(|a| a.error.is_none());
             Ok(Rendered { complete, text: emit(out, &report, super::version::render) })
         }
-        Command::Check => Ok(preflight(out)),
+        Command::Check { pre: false } => Ok(preflight(out)),
+        Command::Check { pre: true } => cluster_precheck(out).await,
         Command::Install { profile, sets } => {
             Ok(Rendered { text: super::install::render(*profile, sets)?, complete: true })
         }
@@ -339,6 +348,14 @@ async fn agent(
 
 /// `check`: local facts only, no control plane or agent is contacted. Incomplete
 /// (non-zero exit) when neither interception mode can work here.
+async fn cluster_precheck(out: Output) -> Result<Rendered, MeshctlError> {
+    let client = kube::Client::try_default().await.map_err(|e| {
+        MeshctlError::Usage(format!("check --pre needs a kubeconfig (KUBECONFIG or ~/.kube/config): {e}"))
+    })?;
+    let report = super::precheck::inspect(client).await;
+    Ok(Rendered { complete: report.passes(), text: emit(out, &report, super::precheck::render) })
+}
+
 fn preflight(out: Output) -> Rendered {
     let report = super::check::check(&super::check::Inputs::gather());
     let complete = report.auto_picks != "none";

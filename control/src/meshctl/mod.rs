@@ -17,6 +17,7 @@ pub mod error;
 pub mod explain;
 pub mod http;
 pub mod install;
+pub mod precheck;
 pub mod routes;
 pub mod services;
 pub mod status;

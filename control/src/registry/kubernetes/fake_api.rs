@@ -12,6 +12,10 @@
 //! conflicts, and a lost create race on demand), ConfigMaps (the same calls, for
 //! the published roots) and TokenReviews (answered from statuses the test
 //! registers per token).
+//!
+//! For `meshctl check --pre` it answers what a cluster says about itself: `/version`,
+//! Nodes, a Namespace, CustomResourceDefinitions by name and
+//! SelfSubjectAccessReviews (allowed unless the test denies that verb and resource).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -111,6 +115,22 @@ struct State {
     token_statuses: HashMap<String, Value>,
     /// The specs of the TokenReviews received.
     reviews: Vec<Value>,
+    cluster: Cluster,
+}
+
+/// What the cluster says about itself (see [`FakeApi::set_cluster`]).
+#[derive(Debug, Clone, Default)]
+pub struct Cluster {
+    /// `/version`'s `gitVersion` (`major`/`minor` derived from it).
+    pub version: String,
+    /// Nodes as the API returns them.
+    pub nodes: Vec<Value>,
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Value>,
+    /// Names of the installed CustomResourceDefinitions.
+    pub crds: Vec<String>,
+    /// `(group, resource, verb)` a SelfSubjectAccessReview is denied.
+    pub denied: Vec<(String, String, String)>,
 }
 
 /// A running fake API server (clones share it); dropped with the test's runtime.
@@ -144,6 +164,7 @@ impl FakeApi {
             refuse_secrets: None,
             token_statuses: HashMap::new(),
             reviews: Vec::new(),
+            cluster: Cluster { version: "v1.31.2".into(), ..Default::default() },
         }));
         let shared = state.clone();
         tokio::spawn(async move {
@@ -227,6 +248,80 @@ impl FakeApi {
     pub fn watches(&self, kind: Kind) -> usize {
         self.lock().watches.get(&kind).copied().unwrap_or(0)
     }
+}
+
+/// What the cluster says about itself, for `meshctl check --pre`.
+impl FakeApi {
+    pub fn set_cluster(&self, cluster: Cluster) {
+        self.lock().cluster = cluster;
+    }
+}
+
+/// A node as the API lists it.
+pub fn node(name: &str, kernel: &str, os: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+        "status": {"nodeInfo": {"kernelVersion": kernel, "operatingSystem": os, "osImage": "Debian GNU/Linux 13",
+            "architecture": "amd64", "containerRuntimeVersion": "containerd://2.0.0", "kubeletVersion": "v1.31.2",
+            "bootID": "", "machineID": "", "systemUUID": "", "kubeProxyVersion": ""}}})
+}
+
+async fn handle_cluster(
+    state: &Arc<Mutex<State>>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Request<Incoming>> {
+    let path = req.uri().path().to_owned();
+    let cluster = state.lock().unwrap_or_else(|e| e.into_inner()).cluster.clone();
+    let not_found =
+        |what: &str| full(StatusCode::NOT_FOUND, status(404, "NotFound", &format!("{what} not found")));
+    if path == "/version" {
+        let v = cluster.version.trim_start_matches('v');
+        let mut parts = v.split('.');
+        let (major, minor) = (parts.next().unwrap_or("1"), parts.next().unwrap_or("0"));
+        return Ok(full(
+            StatusCode::OK,
+            json!({"major": major, "minor": minor, "gitVersion": cluster.version,
+            "gitCommit": "", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.23",
+            "compiler": "gc", "platform": "linux/amd64"}),
+        ));
+    }
+    if path == "/api/v1/nodes" {
+        return Ok(full(
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "1"}, "items": cluster.nodes}),
+        ));
+    }
+    if let Some(name) = path.strip_prefix("/api/v1/namespaces/").filter(|n| !n.contains('/')) {
+        return Ok(match cluster.namespaces.get(name) {
+            Some(ns) => full(StatusCode::OK, ns.clone()),
+            None => not_found(&format!("namespaces \"{name}\"")),
+        });
+    }
+    if let Some(name) = path.strip_prefix("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/") {
+        return Ok(if cluster.crds.iter().any(|c| c == name) {
+            full(
+                StatusCode::OK,
+                json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": name}, "spec": {"group": "gateway.networking.k8s.io", "names": {"plural": "httproutes", "kind": "HTTPRoute"},
+                "scope": "Namespaced", "versions": []}}),
+            )
+        } else {
+            not_found(&format!("customresourcedefinitions.apiextensions.k8s.io \"{name}\""))
+        });
+    }
+    if path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" && req.method() == hyper::Method::POST
+    {
+        let mut review = body_json(req).await;
+        let attrs = &review["spec"]["resourceAttributes"];
+        let key = (
+            attrs["group"].as_str().unwrap_or_default().to_owned(),
+            attrs["resource"].as_str().unwrap_or_default().to_owned(),
+            attrs["verb"].as_str().unwrap_or_default().to_owned(),
+        );
+        let allowed = !cluster.denied.contains(&key);
+        review["status"] = json!({"allowed": allowed});
+        return Ok(full(StatusCode::CREATED, review));
+    }
+    Err(req)
 }
 
 /// Secrets and TokenReviews, for the CA's tests.
@@ -462,6 +557,10 @@ async fn handle_token_review(state: Arc<Mutex<State>>, req: Request<Incoming>) -
 }
 
 async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let req = match handle_cluster(&state, req).await {
+        Ok(answered) => return Ok(answered),
+        Err(req) => req,
+    };
     if let Some((resource, namespace, name)) = object_path(req.uri().path()) {
         return Ok(handle_object(state, req, resource, namespace, name).await);
     }

@@ -619,7 +619,9 @@ fn mtls_mode(v: Option<&str>) -> Result<api::MtlsMode, (String, String)> {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
+/// A DNS label as Kubernetes names namespaces and service accounts: what every
+/// registry source checks names against.
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')

@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 use mesh_api as api;
 use serde::Deserialize;
 
+use crate::registry::file::is_dns_label;
+
 /// Meta key naming the service port's protocol.
 pub const META_PROTOCOL: &str = "mesh-protocol";
 /// Meta key of a meshed instance's agent (`host:port` of its tunnel listener).
@@ -201,14 +203,6 @@ fn check_reason(c: &Check) -> String {
     } else {
         format!("consul check {:?}: {}: {output}", c.name, c.status)
     }
-}
-
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 #[cfg(test)]

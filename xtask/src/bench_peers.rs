@@ -144,7 +144,7 @@ struct MemoryRow {
 
 /// How long after the release the settled figure is read: longer than the agent's
 /// allocator takes to hand freed pages back (`memory::COLLECT_EVERY`, 5 s).
-const SETTLE: Duration = Duration::from_secs(10);
+pub(crate) const SETTLE: Duration = Duration::from_secs(10);
 
 /// The mesh's half of the lab.
 struct Mesh {
@@ -339,7 +339,7 @@ fn held_counts(wanted: &[usize]) -> Result<Vec<usize>> {
         .collect())
 }
 
-fn rss(pid: u32) -> u64 {
+pub(crate) fn rss(pid: u32) -> u64 {
     Memory::of(pid).map_or(0, |m| m.rss_kib)
 }
 

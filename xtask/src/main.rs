@@ -1,6 +1,7 @@
 //! Developer tasks for the mesh workspace: `cargo xtask <task>`.
 
 mod bench;
+mod bench_connrate;
 mod bench_handshakes;
 mod bench_l7;
 mod bench_observe;
@@ -154,6 +155,21 @@ enum Bench {
         #[arg(long, value_delimiter = ',')]
         workloads: Vec<String>,
     },
+    /// New connections per second (`wrk -H 'Connection: close'`) through an eBPF-mode
+    /// pair and an iptables-mode pair in one lab, both ports (L4 and L7) beside the
+    /// direct path, with the SYN retransmits and listen drops of each run and each
+    /// agent's RSS idle and after the load, one run.
+    Connrate {
+        /// Rounds over every path (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Duration of each wrk run.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// wrk's concurrent connections, each closed after its request.
+        #[arg(long, default_value_t = 16)]
+        connections: u32,
+    },
     /// Pods on one node through the real CNI chain, each with its own identity: time
     /// from CNI ADD to the pod being served, and the agent's memory, both modes.
     Pods {
@@ -185,6 +201,9 @@ fn main() -> Result<()> {
         }
         Task::Bench { which: Bench::Peers { rounds, duration, ztunnel, held, workloads } } => {
             bench_peers::run(&root, &bench_peers::Options { rounds, duration, ztunnel, held, workloads })
+        }
+        Task::Bench { which: Bench::Connrate { rounds, duration, connections } } => {
+            bench_connrate::run(&root, &bench_connrate::Options { rounds, duration, connections })
         }
         Task::Bench { which: Bench::Pods { pods } } => bench_pods::run(&root, &bench_pods::Options { pods }),
     }

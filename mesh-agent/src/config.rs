@@ -593,17 +593,22 @@ impl InterceptArgs {
         if self.inbound_port == 0 {
             return Err(err("--inbound-port", "MESH_INBOUND_PORT", "must not be 0"));
         }
-        if self.inbound_port == self.outbound_port {
+        // The outbound listener takes a range: iptables mode's REDIRECT picks from it.
+        let outbound = crate::intercept::iptables::outbound_ports(self.outbound_port);
+        let outbound_range = format!("{}-{}", outbound.start(), outbound.end());
+        if outbound.contains(&self.inbound_port) {
             return Err(err(
                 "--inbound-port",
                 "MESH_INBOUND_PORT",
-                format!("must differ from --outbound-port ({})", self.outbound_port),
+                format!(
+                    "must be outside the outbound listener's ports ({outbound_range}, from --outbound-port)"
+                ),
             ));
         }
         if self.mark == 0 {
             return Err(err("--mark", "MESH_MARK", "must not be 0 (0 is every unmarked socket)"));
         }
-        if self.dns_port != 0 && [self.outbound_port, self.inbound_port].contains(&self.dns_port) {
+        if self.dns_port != 0 && (outbound.contains(&self.dns_port) || self.inbound_port == self.dns_port) {
             return Err(err(
                 "--dns-port",
                 "MESH_DNS_PORT",
@@ -626,8 +631,7 @@ impl InterceptArgs {
                 format!("port {p} is also in --exclude-ports"),
             ));
         }
-        if let Some(p) =
-            self.inbound_ports.iter().find(|p| [self.outbound_port, self.inbound_port].contains(p))
+        if let Some(p) = self.inbound_ports.iter().find(|p| outbound.contains(p) || self.inbound_port == **p)
         {
             return Err(err(
                 "--inbound-ports",

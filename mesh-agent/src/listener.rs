@@ -27,8 +27,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, warn};
 
 use crate::{
-    discovery::RouteStore, forward, intercept::ActiveMode, limits::ConnectionLimits, orig_dst::OrigDstLookup,
-    sniff::Protocol, socket::SocketFactory,
+    discovery::RouteStore, forward, intercept::ActiveMode, intercept::iptables::outbound_ports,
+    limits::ConnectionLimits, orig_dst::OrigDstLookup, sniff::Protocol, socket::SocketFactory,
 };
 
 /// Which listener a connection came through.
@@ -202,13 +202,22 @@ impl Stats {
 }
 
 /// Binds the outbound listeners (loopback, both families; IPv6 only if `ipv6`) in the
-/// namespace of `sockets`. Port 0 takes a free port for IPv4 and the same for IPv6.
+/// namespace of `sockets`: on `port` and the ports after it that iptables mode's
+/// `REDIRECT` may choose ([`outbound_ports`]), so a connection NAT moves to the next
+/// port of the range is accepted like the others. Port 0 takes one free port for
+/// IPv4 and the same for IPv6 (a `--workload`'s own listener, redirected to alone).
 pub fn bind_outbound(sockets: &SocketFactory, port: u16, ipv6: bool) -> io::Result<Vec<TcpListener>> {
     let v4 = bind(sockets, SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
-    let port = v4.local_addr()?.port();
+    let first = v4.local_addr()?.port();
+    let ports = if port == 0 { first..=first } else { outbound_ports(port) };
     let mut listeners = vec![v4];
-    if ipv6 {
-        listeners.push(bind(sockets, SocketAddr::from((Ipv6Addr::LOCALHOST, port)))?);
+    for p in ports {
+        if p != first {
+            listeners.push(bind(sockets, SocketAddr::from((Ipv4Addr::LOCALHOST, p)))?);
+        }
+        if ipv6 {
+            listeners.push(bind(sockets, SocketAddr::from((Ipv6Addr::LOCALHOST, p)))?);
+        }
     }
     Ok(listeners)
 }

@@ -9,7 +9,9 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{Agent, AgentOptions, Cgroup, Lab, Pins, agent::message, bins, eventually, servers};
+use mesh_tests::{
+    Agent, AgentOptions, Cgroup, Lab, MeshLab, Pins, agent::message, bins, eventually, servers,
+};
 use serde_json::Value;
 
 const HTTP: u16 = 8080;
@@ -101,6 +103,7 @@ mesh_tests::both_modes!(
     workload_setting_the_agents_mark_is_still_intercepted,
     admin_requests_from_a_workload_change_nothing,
     an_upgrade_under_load_loses_no_connection,
+    new_connections_to_another_port_wait_for_no_dropped_syn,
 );
 
 /// A workload shares the node's network namespace, so it reaches the admin port:
@@ -320,6 +323,70 @@ fn ipv6_destination_is_intercepted(mode: &str) {
     let body = stdout(&s.workload("curl", &as_strs(&curl(&[&format!("http://{dst}/v6")]))));
     assert_eq!(body.trim(), "server=s1 HTTP/1.1 GET /v6");
     assert_eq!(s.agent.wait_conn(dst)["protocol"], "http1");
+}
+
+/// A workload that has just opened thousands of connections to one port of a
+/// service opens new ones to another port of it: none of their SYNs is dropped and
+/// resent (each would have waited a second).
+///
+/// iptables mode used to drop them: `REDIRECT` maps every connection onto the reply
+/// tuple `listener <- workload:port`, the workload's kernel picks a source port
+/// knowing only the original destination, and a port whose connection to the first
+/// port still had a conntrack entry (TIME_WAIT: 120 s) clashed and waited for its
+/// retransmit. The outbound listener now spans several ports, and NAT takes a free
+/// one of them. (Through the mesh, as a user calls a service: the client agent's
+/// own connections go to the server agent's tunnel port, never to the ports the
+/// workload calls.)
+fn new_connections_to_another_port_wait_for_no_dropped_syn(mode: &str) {
+    const VIP: &str = "10.96.0.91";
+    if mesh_tests::require_tool("wrk", "wrk", "new_connections_to_another_port_wait_for_no_dropped_syn")
+        .is_none()
+    {
+        return;
+    }
+    let registry = format!(
+        "services:
+  - name: web
+    namespace: shop
+    vips: [{VIP}]
+    ports:
+      - {{name: http, port: 80, target_port: {HTTP}, protocol: http}}
+      - {{name: tcp, port: 81, target_port: {HTTP}, protocol: tcp}}
+    endpoints:
+      - {{address: 10.77.0.3, node: server, service_account: api, agent_address: \"10.77.0.3:15008\"}}
+  - name: frontend
+    namespace: shop
+    ports: [{{port: 80}}]
+    endpoints:
+      - {{address: 10.77.0.2, node: client, service_account: frontend}}
+"
+    );
+    let m = MeshLab::builder(mode, registry).start();
+    let _web = servers::http(m.host("server"), HTTP, "web").unwrap();
+    let client = m.host("client");
+    // Few ephemeral ports, so that the first burst leaves a conntrack entry on most.
+    let range = ["-w", "net.ipv4.ip_local_port_range=41000 41999"];
+    stdout(&run(client.command("sysctl", None).unwrap().args(range)));
+    let syn_retransmits = || {
+        let out = stdout(&run(client.command("nstat", None).unwrap().args(["-az", "TcpExtTCPSynRetrans"])));
+        out.lines()
+            .find_map(|l| l.strip_prefix("TcpExtTCPSynRetrans"))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("nstat printed no TcpExtTCPSynRetrans: {out}"))
+    };
+    // A new connection per request, 16 at a time, for two seconds.
+    let burst = |port: u16| -> String {
+        let url = format!("http://{VIP}:{port}/");
+        stdout(&run(m.workload_command("wrk").args(["-t1", "-c16", "-d2s", "-H", "Connection: close", &url])))
+    };
+    let first = burst(80);
+    let before = syn_retransmits();
+    let second = burst(81);
+    let retransmitted = syn_retransmits() - before;
+    assert_eq!(
+        retransmitted, 0,
+        "{retransmitted} SYNs to the second port were dropped and resent\nfirst port:\n{first}\nsecond port:\n{second}"
+    );
 }
 
 fn non_enrolled_process_is_not_intercepted(mode: &str) {

@@ -296,7 +296,7 @@ fn cgroup_mode_redirects_only_the_listed_cgroup() {
         install(&cfg).unwrap();
         let live = save(Family::V4);
         let want = format!(
-            "-A MESH_OUTPUT -d 10.99.0.0/24 -p tcp -m cgroup --path \"{name}\" -j REDIRECT --to-ports 15201"
+            "-A MESH_OUTPUT -d 10.99.0.0/24 -p tcp -m cgroup --path \"{name}\" -j REDIRECT --to-ports 15201-15204"
         );
         assert!(live.contains(&want), "{live:#?}");
         TcpListener::bind("127.0.0.1:15201").unwrap()

@@ -27,7 +27,7 @@
 //! -A MESH_OUTPUT -o lo -j RETURN
 //! -A MESH_OUTPUT -p tcp -m tcp --dport 22 -j RETURN        per excluded port
 //! -A MESH_OUTPUT -d 10.1.0.0/16 -j RETURN                  per excluded CIDR
-//! -A MESH_OUTPUT -d 10.0.0.0/8 -p tcp -m cgroup --path "/mesh/wl1" -j REDIRECT --to-ports 15001
+//! -A MESH_OUTPUT -d 10.0.0.0/8 -p tcp -m cgroup --path "/mesh/wl1" -j REDIRECT --to-ports 15001-15004
 //!      (one redirect per cgroup x included CIDR x group of 15 included ports,
 //!       each match only when configured)
 //! -A MESH_INBOUND -p tcp -m tcp --dport 8080 -j REDIRECT --to-ports 15006
@@ -102,6 +102,27 @@ pub const INBOUND_CHAIN: &str = "MESH_INBOUND";
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 /// The agent's inbound listener port unless configured otherwise.
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+
+/// How many consecutive ports, from the outbound port up, the agent listens on
+/// (`127.0.0.1` and `::1`) and the outbound `REDIRECT` may choose from.
+///
+/// Why more than one: `REDIRECT` maps every intercepted connection onto the reply
+/// tuple `listener <- workload:port`. The workload's kernel picks its source port
+/// knowing only the original destination, so a new connection to one service can
+/// draw a port whose connection to another service still has a conntrack entry
+/// (TIME_WAIT lasts 120 s). With one listener port both map onto the same reply
+/// tuple, NAT cannot make it unique, and the SYN is dropped until its retransmit a
+/// second later (measured: a workload alternating between two ports fell from 28k
+/// to 1-6k new connections/s, with hundreds of SYN retransmits). With a range,
+/// NAT takes the next free port of it instead. eBPF mode rewrites the destination
+/// before the source port is chosen and has no such clash; it uses the first port.
+pub const OUTBOUND_PORT_SPAN: u16 = 4;
+
+/// The outbound listener ports for `port`: `port` and the ones after it, as many
+/// as [`OUTBOUND_PORT_SPAN`] (fewer where they would pass 65535).
+pub fn outbound_ports(port: u16) -> std::ops::RangeInclusive<u16> {
+    port..=port.saturating_add(OUTBOUND_PORT_SPAN - 1)
+}
 
 /// Installs (or replaces) the interception rules in the caller's network
 /// namespace; see [`install_in`].

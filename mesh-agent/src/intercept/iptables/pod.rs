@@ -101,11 +101,15 @@ impl PodRules {
             }
         }
         let listeners = [self.outbound_port, self.inbound_port, self.tunnel_port];
-        if listeners[0] == listeners[1] || listeners[1] == listeners[2] || listeners[0] == listeners[2] {
+        let outbound = super::outbound_ports(self.outbound_port);
+        if outbound.contains(&self.inbound_port)
+            || outbound.contains(&self.tunnel_port)
+            || self.inbound_port == self.tunnel_port
+        {
             return Err(invalid(
                 "outbound_port/inbound_port/tunnel_port",
                 listeners,
-                "the agent's three listeners need three ports",
+                "the agent's listeners need their own ports, and the outbound one takes a range from its port up",
             ));
         }
         if self.agent_ports.contains(&0) {
@@ -203,7 +207,7 @@ mod tests {
                 "-A MESH_OUTPUT -p tcp -m tcp --dport 22 -j RETURN",
                 "-A MESH_OUTPUT -d 169.254.0.0/16 -j RETURN",
                 // The whole namespace, every destination.
-                "-A MESH_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+                "-A MESH_OUTPUT -p tcp -j REDIRECT --to-ports 15001-15004",
             ]
         );
         assert_eq!(
@@ -229,7 +233,7 @@ mod tests {
         let moved = PodRules { outbound_port: 16001, inbound_port: 16006, tunnel_port: 16008, ..rules() };
         assert_eq!(moved.inbound_exceptions()[..3], [16008, 16006, 16001]);
         let text = render(&moved.config().unwrap(), Family::V4);
-        assert!(text.contains("-A MESH_OUTPUT -p tcp -j REDIRECT --to-ports 16001\n"), "{text}");
+        assert!(text.contains("-A MESH_OUTPUT -p tcp -j REDIRECT --to-ports 16001-16004\n"), "{text}");
         assert!(text.contains("-A MESH_INBOUND -p tcp -j REDIRECT --to-ports 16006\n"), "{text}");
         for default in ["15001", "15006", "15008"] {
             assert!(!text.contains(default), "{text}");

@@ -131,13 +131,27 @@ fn output_rules(cfg: &IptablesConfig, family: Family) -> Vec<String> {
                 if let Some(ports) = ports {
                     rule.push_str(&format!("-m multiport --dports {ports} "));
                 }
-                let port = cgroup.and_then(|c| cfg.cgroup_ports.get(c)).copied().unwrap_or(cfg.outbound_port);
-                rule.push_str(&format!("-j REDIRECT --to-ports {port}"));
+                // A `--workload`'s own listener is one port; the shared one a range.
+                let to = match cgroup.and_then(|c| cfg.cgroup_ports.get(c)) {
+                    Some(port) => port.to_string(),
+                    None => outbound_to_ports(cfg.outbound_port),
+                };
+                rule.push_str(&format!("-j REDIRECT --to-ports {to}"));
                 rules.push(rule);
             }
         }
     }
     rules
+}
+
+/// `--to-ports` for the shared outbound listener: its port range, as `iptables -S`
+/// prints it back.
+pub(super) fn outbound_to_ports(port: u16) -> String {
+    let ports = super::outbound_ports(port);
+    match ports.start() == ports.end() {
+        true => port.to_string(),
+        false => format!("{}-{}", ports.start(), ports.end()),
+    }
 }
 
 /// The `RETURN`s for the agent's own sockets: the mark with each agent cgroup,
@@ -200,7 +214,7 @@ mod tests {
 -A MESH_OUTPUT -p tcp -m tcp --dport 22 -j RETURN
 -A MESH_OUTPUT -p tcp -m tcp --dport 15020 -j RETURN
 -A MESH_OUTPUT -d 10.1.0.0/16 -j RETURN
--A MESH_OUTPUT -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 15001
+-A MESH_OUTPUT -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 15001-15004
 -A MESH_INBOUND -p tcp -m tcp --dport 8080 -j REDIRECT --to-ports 15006
 -A MESH_INBOUND -p tcp -m tcp --dport 9090 -j REDIRECT --to-ports 15006
 -I OUTPUT -j MESH_OUTPUT
@@ -223,7 +237,7 @@ COMMIT
                 "-A MESH_OUTPUT -p tcp -m tcp --dport 22 -j RETURN",
                 "-A MESH_OUTPUT -p tcp -m tcp --dport 15020 -j RETURN",
                 "-A MESH_OUTPUT -d fd00::1/128 -j RETURN",
-                "-A MESH_OUTPUT -d fd00::/64 -p tcp -j REDIRECT --to-ports 15001",
+                "-A MESH_OUTPUT -d fd00::/64 -p tcp -j REDIRECT --to-ports 15001-15004",
             ]
         );
         assert!(!text.contains("10."), "IPv4 prefix in the IPv6 table:\n{text}");
@@ -242,7 +256,7 @@ COMMIT
             let rules = rules_of(&text, OUTPUT_CHAIN);
             let first_redirect = rules.iter().position(|r| r.contains("REDIRECT")).unwrap();
             assert!(rules[..first_redirect].iter().all(|r| r.ends_with("-j RETURN")));
-            assert!(rules[first_redirect..].iter().all(|r| r.contains("-j REDIRECT --to-ports 15001")));
+            assert!(rules[first_redirect..].iter().all(|r| r.contains("-j REDIRECT --to-ports 15001-15004")));
             // The agent's own traffic is matched before anything else.
             assert_eq!(rules[0], "-A MESH_OUTPUT -m mark --mark 0x539 -j RETURN");
         }
@@ -259,7 +273,7 @@ COMMIT
                 "-A MESH_OUTPUT -m mark --mark 0x7 -j RETURN",
                 "-A MESH_OUTPUT -d 127.0.0.0/8 -j RETURN",
                 "-A MESH_OUTPUT -o lo -j RETURN",
-                "-A MESH_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+                "-A MESH_OUTPUT -p tcp -j REDIRECT --to-ports 15001-15004",
             ]
         );
         assert!(!text.contains("--uid-owner"));
@@ -282,10 +296,10 @@ COMMIT
         assert_eq!(
             redirects,
             [
-                r#"-A MESH_OUTPUT -d 10.0.0.0/8 -p tcp -m cgroup --path "/mesh/wl1" -j REDIRECT --to-ports 15001"#,
-                r#"-A MESH_OUTPUT -d 192.168.0.0/16 -p tcp -m cgroup --path "/mesh/wl1" -j REDIRECT --to-ports 15001"#,
-                r#"-A MESH_OUTPUT -d 10.0.0.0/8 -p tcp -m cgroup --path "/mesh/wl2" -j REDIRECT --to-ports 15001"#,
-                r#"-A MESH_OUTPUT -d 192.168.0.0/16 -p tcp -m cgroup --path "/mesh/wl2" -j REDIRECT --to-ports 15001"#,
+                r#"-A MESH_OUTPUT -d 10.0.0.0/8 -p tcp -m cgroup --path "/mesh/wl1" -j REDIRECT --to-ports 15001-15004"#,
+                r#"-A MESH_OUTPUT -d 192.168.0.0/16 -p tcp -m cgroup --path "/mesh/wl1" -j REDIRECT --to-ports 15001-15004"#,
+                r#"-A MESH_OUTPUT -d 10.0.0.0/8 -p tcp -m cgroup --path "/mesh/wl2" -j REDIRECT --to-ports 15001-15004"#,
+                r#"-A MESH_OUTPUT -d 192.168.0.0/16 -p tcp -m cgroup --path "/mesh/wl2" -j REDIRECT --to-ports 15001-15004"#,
             ]
         );
 
@@ -297,8 +311,8 @@ COMMIT
         assert_eq!(
             redirects,
             [
-                r#"-A MESH_OUTPUT -p tcp -m cgroup --path "/mesh/wl1" -j REDIRECT --to-ports 15001"#,
-                r#"-A MESH_OUTPUT -p tcp -m cgroup --path "/mesh/wl2" -j REDIRECT --to-ports 15001"#,
+                r#"-A MESH_OUTPUT -p tcp -m cgroup --path "/mesh/wl1" -j REDIRECT --to-ports 15001-15004"#,
+                r#"-A MESH_OUTPUT -p tcp -m cgroup --path "/mesh/wl2" -j REDIRECT --to-ports 15001-15004"#,
             ]
         );
     }
@@ -327,7 +341,7 @@ COMMIT
                 "-A MESH_OUTPUT -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053",
                 "-A MESH_OUTPUT -d 127.0.0.0/8 -j RETURN",
                 "-A MESH_OUTPUT -o lo -j RETURN",
-                "-A MESH_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+                "-A MESH_OUTPUT -p tcp -j REDIRECT --to-ports 15001-15004",
             ]
         );
         // The jump takes every protocol, so UDP reaches the chain.
@@ -375,8 +389,8 @@ COMMIT
             redirects,
             [
                 "-A MESH_OUTPUT -d 10.0.0.0/8 -p tcp -m multiport --dports \
-                 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15 -j REDIRECT --to-ports 15001",
-                "-A MESH_OUTPUT -d 10.0.0.0/8 -p tcp -m multiport --dports 16 -j REDIRECT --to-ports 15001",
+                 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15 -j REDIRECT --to-ports 15001-15004",
+                "-A MESH_OUTPUT -d 10.0.0.0/8 -p tcp -m multiport --dports 16 -j REDIRECT --to-ports 15001-15004",
             ]
         );
     }
@@ -512,7 +526,7 @@ COMMIT
                 let rules = rules_of(&text, OUTPUT_CHAIN);
                 let first_redirect = rules.iter().position(|r| r.contains("REDIRECT")).unwrap_or(rules.len());
                 prop_assert!(rules[..first_redirect].iter().all(|r| r.ends_with("-j RETURN")));
-                let redirect = format!("-j REDIRECT --to-ports {}", cfg.outbound_port);
+                let redirect = format!("-j REDIRECT --to-ports {}", outbound_to_ports(cfg.outbound_port));
                 prop_assert!(rules[first_redirect..].iter().all(|r| r.ends_with(&redirect)));
                 let agent_rules = cfg.agent.cgroups.len()
                     + usize::from(cfg.agent.uid.is_some() || cfg.agent.gid.is_some());

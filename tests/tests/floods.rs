@@ -10,7 +10,7 @@
 //!   plane;
 //! - slowloris: connections that never send a byte, that send one byte and stop
 //!   (both hold the protocol sniffer), and HTTP/1 heads dripped a byte at a time;
-//! - garbage on the outbound (15001), inbound (15006), tunnel (15008), control plane
+//! - garbage on the outbound (15001, and 15004 at the end of its range), inbound (15006), tunnel (15008), control plane
 //!   (15010) and admin (15000) ports.
 //!
 //! After each, a workload's requests through both agents are still answered, every
@@ -384,6 +384,8 @@ fn garbage_on_every_port_is_closed_and_changes_nothing(mode: &str) {
     };
     let attacks = json!({
         "outbound_15001": garbage("client", "127.0.0.1:15001"),
+        // The rest of the outbound listener's range (iptables mode redirects to any).
+        "outbound_15004": garbage("client", "127.0.0.1:15004"),
         "inbound_15006": garbage("outsider", SERVER_INBOUND),
         "tunnel_15008": garbage("outsider", SERVER_TUNNEL),
         "control_15010": garbage("outsider", CONTROL_GRPC),

@@ -2,7 +2,7 @@
 //! the tonic clients and servers.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/mesh/v1/discovery.proto", "proto/mesh/v1/ca.proto"];
+    let files = ["proto/mesh/v1/discovery.proto", "proto/mesh/v1/ca.proto", "proto/mesh/v1/federation.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

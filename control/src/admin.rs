@@ -7,6 +7,7 @@
 //! | `/metrics` | Prometheus text: agents, versions, pushes, ACK/NACK, certificates |
 //! | `/agents` | per-agent sent/applied/refused versions (JSON) |
 //! | `/config_dump` | the current snapshot, each node's workloads and source errors (JSON) |
+//! | `/federation` | this cluster's name and gateways, and each federated peer's link (JSON) |
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -25,6 +26,8 @@ use crate::{discovery::AgentBook, snapshot::Versioned};
 pub struct AdminState {
     pub snapshots: watch::Receiver<Arc<Versioned>>,
     pub agents: AgentBook,
+    /// Federated peers' links (`None` without `--federation`).
+    pub federation: Option<Arc<crate::federation::Board>>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
@@ -105,8 +108,24 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             });
             respond(StatusCode::OK, "application/json", body.to_string())
         }
-        _ => {
-            respond(StatusCode::NOT_FOUND, "text/plain", "not found: try /live /ready /agents /config_dump\n")
-        }
+        "/federation" => respond(
+            StatusCode::OK,
+            "application/json",
+            federation_json(state.federation.as_deref()).to_string(),
+        ),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /live /ready /agents /config_dump /federation\n",
+        ),
+    }
+}
+
+/// `/federation`: the board as it stands; without `--federation`, no cluster and no
+/// peers.
+pub fn federation_json(board: Option<&crate::federation::Board>) -> serde_json::Value {
+    match board {
+        Some(board) => serde_json::to_value(board.snapshot()).unwrap_or_default(),
+        None => json!({"cluster": null, "trust_domain": null, "gateways": [], "peers": []}),
     }
 }

@@ -40,6 +40,13 @@ pub fn snapshot(s: &api::Snapshot) -> Value {
     json!({
         "trust_domain": s.trust_domain,
         "services": s.services.iter().map(service).collect::<Vec<_>>(),
+        // Federated clusters as agents receive them (roots counted, not shown).
+        "federated": s.federated.iter().map(|d| json!({
+            "cluster": d.cluster,
+            "trust_domain": d.trust_domain,
+            "roots": d.roots_pem.len(),
+            "gateways": d.gateways,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -55,6 +62,9 @@ fn service(s: &api::Service) -> Value {
         "vips": s.vips,
         "allocated_vips": s.allocated_vips,
         "headless": s.headless,
+        "exported": s.exported,
+        // The federated cluster it was imported from; empty: this cluster's own.
+        "cluster": s.cluster,
         "hostnames": s.hostnames,
         "ports": s.ports.iter().map(|p| json!({"name": p.name, "port": p.port, "target_port": p.target_port, "protocol": p.protocol().as_str_name()})).collect::<Vec<_>>(),
         "load_balancer": algorithm.as_str_name(),

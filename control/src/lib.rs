@@ -6,13 +6,15 @@
 //! services with hostnames and no VIP one from [`dns_vips`]) ->
 //! [`discovery::DiscoveryService`] streams it to every authenticated agent (over
 //! [`tls`], with a certificate from the [`ca`]) and records their ACKs/NACKs ->
-//! [`admin`] shows it all.
+//! [`admin`] shows it all. With [`federation`], peer clusters' exported services
+//! arrive as one more source each, and ours are served to them.
 
 pub mod admin;
 pub mod agent_book;
 pub mod ca;
 pub mod discovery;
 pub mod dns_vips;
+pub mod federation;
 pub mod health;
 pub mod identity;
 pub mod json;

@@ -10,6 +10,7 @@ use control::{
         SealedStore, Sealer, SealingKey, SecretStore, TokenFileAuthenticator, TokenReviewAuthenticator,
         TokenReviewConfig, publish::ConfigMapPublisher, rotation,
     },
+    federation::{Federation, FederationConfig},
     registry::{
         Source,
         consul::{ConsulConfig, ConsulSource},
@@ -296,6 +297,15 @@ struct Args {
     #[arg(long, env = "MESH_CONTROL_SETTLE", default_value = "50ms", value_parser = humantime::parse_duration)]
     settle: Duration,
 
+    /// Federate with other clusters, as this YAML file says: this cluster's name
+    /// (`cluster`) and east-west gateways (`gateways`), how often peers are asked
+    /// (`refresh`, default 5s), and each peer (`peers`: name, trust_domain, https
+    /// url, bundle_file with its initial roots, token_file with the link's shared
+    /// token). Services marked `export` are offered to the peers; theirs are
+    /// imported as NAME.PEER. Read once at start; needs TLS on --listen.
+    #[arg(long, env = "MESH_FEDERATION")]
+    federation: Option<PathBuf>,
+
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
@@ -483,6 +493,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         };
         sources.push(Box::new(ConsulSource::new(config)?));
     }
+    let federation = match &args.federation {
+        Some(path) => {
+            let config = FederationConfig::load(path, &args.trust_domain).context("--federation")?;
+            if args.insecure_plaintext {
+                bail!("--federation needs TLS on --listen: drop --insecure-plaintext");
+            }
+            tracing::info!(file = %path.display(), cluster = %config.cluster, gateways = ?config.gateways,
+                peers = ?config.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+                refresh = ?config.refresh, "federation file valid");
+            Some(Federation::new(config))
+        }
+        None => None,
+    };
     if sources.is_empty() {
         bail!(
             "no registry source: pass --registry FILE (MESH_REGISTRY), --kubernetes (MESH_KUBERNETES) and/or \
@@ -521,6 +544,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             retention: args.agent_retention,
         },
         transport,
+        federation,
         dns_vip_range: match args.dns_vip_range.trim() {
             "off" => None,
             range => Some(

@@ -34,6 +34,10 @@ pub const SERVING_CERT_RENEWALS_TOTAL: &str = "mesh_control_serving_certificate_
 /// away because too many were already in progress.
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "mesh_control_tls_handshake_failures_total";
 
+/// Federation calls refused, by `reason` (`missing`, `unknown_cluster`,
+/// `wrong_token`, `token_file`).
+pub const FEDERATION_REFUSED_TOTAL: &str = "mesh_control_federation_refused_total";
+
 /// Times a resource limit refused or closed something, by `limit` (a fixed set).
 pub const LIMIT_HITS_TOTAL: &str = "mesh_control_limit_hits_total";
 
@@ -81,6 +85,11 @@ pub fn describe() {
     describe_gauge!(REGISTRY_SERVICES, Unit::Count, "Services in each registry source's view.");
     describe_counter!(LIMIT_HITS_TOTAL, Unit::Count, "Times a resource limit refused or closed something.");
     describe_counter!(DISCOVERY_REFUSED_TOTAL, Unit::Count, "Discovery calls refused (credential, node).");
+    describe_counter!(
+        FEDERATION_REFUSED_TOTAL,
+        Unit::Count,
+        "Federation Exports calls refused (token, cluster)."
+    );
     describe_counter!(SERVING_CERT_RENEWALS_TOTAL, Unit::Count, "Renewals of the gRPC serving certificate.");
     describe_counter!(
         TLS_HANDSHAKE_FAILURES_TOTAL,
@@ -148,6 +157,11 @@ pub fn set_registry_services(source: &str, services: usize) {
 /// Counts a refused discovery call.
 pub fn discovery_refused() {
     counter!(DISCOVERY_REFUSED_TOTAL).increment(1);
+}
+
+/// Counts a refused federation call; `reason` is one of a fixed set.
+pub fn federation_refused(reason: &'static str) {
+    counter!(FEDERATION_REFUSED_TOTAL, "reason" => reason).increment(1);
 }
 
 /// Counts a renewal of the serving certificate, successful or not.

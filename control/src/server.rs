@@ -47,6 +47,10 @@ pub struct Settings {
     pub transport: Transport,
     /// Where services with hostnames and no VIP get one (`--dns-vip-range`).
     pub dns_vip_range: Option<crate::dns_vips::VipRange>,
+    /// Federated clusters (`--federation`): one import source per peer, and the
+    /// `Federation` service on the gRPC listener (TLS only: it carries the links'
+    /// tokens).
+    pub federation: Option<crate::federation::Federation>,
 }
 
 /// Largest header list an agent's gRPC request may carry (h2's default is 16 MiB).
@@ -83,6 +87,8 @@ pub enum StartError {
     Admin { addr: SocketAddr, source: std::io::Error },
     #[error("TLS on the gRPC listener: {0}")]
     Tls(#[from] TlsError),
+    #[error("--federation needs TLS on the gRPC listener: the links' tokens must not travel in clear")]
+    FederationInPlaintext,
 }
 
 /// Starts sources, the snapshot builder and both listeners.
@@ -92,8 +98,15 @@ pub async fn start(
     ca: CaSettings,
     shutdown: CancellationToken,
 ) -> Result<Running, StartError> {
+    if settings.federation.is_some() && matches!(settings.transport, Transport::InsecurePlaintext) {
+        return Err(StartError::FederationInPlaintext);
+    }
     let mut tasks = tokio::task::JoinSet::new();
     let mut receivers = Vec::new();
+    let mut sources = sources;
+    if let Some(federation) = &settings.federation {
+        sources.extend(federation.sources());
+    }
     for source in sources {
         let (tx, rx) = watch::channel(SourceView::default());
         receivers.push((source.name().to_string(), rx));
@@ -124,6 +137,14 @@ pub async fn start(
     ));
     let authorizer = Arc::new(crate::identity::RegistryAuthorizer::new(snapshots.clone()));
     let certificates = crate::ca::CertificatesService::new(ca.ca.clone(), ca.authenticator, authorizer);
+    let exports = settings.federation.as_ref().map(|f| {
+        crate::federation::exports::ExportsService::new(
+            f.config.clone(),
+            ca.ca.trust_bundle_pem().to_vec(),
+            snapshots.clone(),
+        )
+        .into_server()
+    });
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(settings.keepalive))
         .http2_keepalive_timeout(Some(settings.keepalive))
@@ -131,7 +152,8 @@ pub async fn start(
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .tcp_nodelay(true)
         .add_service(service)
-        .add_service(certificates.clone().into_server());
+        .add_service(certificates.clone().into_server())
+        .add_optional_service(exports);
     let stop = shutdown.clone();
     let serving = match &settings.transport {
         Transport::Tls { names, ttl, limits } => {
@@ -164,6 +186,7 @@ pub async fn start(
         AdminState {
             snapshots: snapshots.clone(),
             agents: agents.clone(),
+            federation: settings.federation.as_ref().map(|f| f.board.clone()),
             metrics: match crate::metrics::install() {
                 Ok(h) => Some(h),
                 Err(e) => {

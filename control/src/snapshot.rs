@@ -92,6 +92,8 @@ impl SnapshotBuilder {
     fn merge(&self) -> (api::Snapshot, Placements, Vec<(String, String)>, bool, Targets) {
         let mut merged: BTreeMap<(String, String), api::Service> = BTreeMap::new();
         let mut workloads: BTreeMap<(String, String), api::Workload> = BTreeMap::new();
+        // By trust domain, so agents receive them sorted and a clash is seen.
+        let mut federated: BTreeMap<String, api::FederatedDomain> = BTreeMap::new();
         let mut errors = Vec::new();
         let mut ready = true;
         for (name, rx) in &self.sources {
@@ -110,6 +112,16 @@ impl SnapshotBuilder {
                     continue;
                 }
                 merged.insert(key, s.clone());
+            }
+            for d in view.federated.iter() {
+                if federated.contains_key(&d.trust_domain) || d.trust_domain == self.trust_domain {
+                    errors.push((
+                        name.clone(),
+                        format!("federated trust domain {} also defined elsewhere", d.trust_domain),
+                    ));
+                    continue;
+                }
+                federated.insert(d.trust_domain.clone(), d.clone());
             }
             for w in view.workloads.iter() {
                 let key = (w.namespace.clone(), w.name.clone());
@@ -156,6 +168,7 @@ impl SnapshotBuilder {
             services,
             trust_domain: self.trust_domain.clone(),
             default_mtls: self.default_mtls as i32,
+            federated: federated.into_values().collect(),
         };
         (snapshot, placements, errors, ready, targets)
     }
@@ -279,6 +292,7 @@ mod tests {
             workloads: Arc::new(workloads),
             ready: true,
             last_error: None,
+            ..Default::default()
         }
     }
 
@@ -323,6 +337,52 @@ mod tests {
         assert_eq!(second.response_for("node-a").workloads.len(), 2);
         assert!(second.response_for("node-b").workloads.is_empty(), "b-1 is gone");
         assert_eq!(second.response.snapshot.as_ptr(), first.response.snapshot.as_ptr(), "not re-encoded");
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    /// Every source's federated domains reach the snapshot, sorted by trust domain;
+    /// a second claim on a trust domain (or one on our own) is dropped and reported.
+    #[tokio::test]
+    async fn federated_domains_of_all_sources_are_merged_sorted() {
+        let domain = |cluster: &str, td: &str| api::FederatedDomain {
+            cluster: cluster.into(),
+            trust_domain: td.into(),
+            roots_pem: vec!["root".into()],
+            gateways: vec![],
+        };
+        let source = |domains: Vec<api::FederatedDomain>| {
+            watch::channel(SourceView { ready: true, federated: Arc::new(domains), ..Default::default() })
+        };
+        let (_west_tx, west) = source(vec![domain("west", "west.local")]);
+        let (_north_tx, north) = source(vec![domain("north", "b-north.local"), domain("x", "west.local")]);
+        let (_own_tx, own) = source(vec![domain("self", "cluster.local")]);
+        let (targets, _targets_rx) = watch::channel(Targets::new());
+        let (_failing_tx, failing) = watch::channel(Failing::default());
+        let sources = vec![
+            ("federation/west".to_owned(), west),
+            ("federation/north".to_owned(), north),
+            ("federation/self".to_owned(), own),
+        ];
+        let (builder, mut rx) = SnapshotBuilder::new(
+            sources,
+            ("cluster.local".into(), api::MtlsMode::Permissive),
+            targets,
+            failing,
+        );
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(builder.run(Duration::from_millis(1), stop.clone()));
+        let first = rx.wait_for(|v| v.version > 0).await.unwrap().clone();
+        let got: Vec<(&str, &str)> =
+            first.snapshot.federated.iter().map(|d| (d.trust_domain.as_str(), d.cluster.as_str())).collect();
+        assert_eq!(got, [("b-north.local", "north"), ("west.local", "west")]);
+        for (source, td) in [("federation/north", "west.local"), ("federation/self", "cluster.local")] {
+            assert!(
+                first.source_errors.iter().any(|(s, e)| s == source && e.contains(td)),
+                "{:?}",
+                first.source_errors
+            );
+        }
         stop.cancel();
         task.await.unwrap();
     }

@@ -709,7 +709,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 ttl: args.cert_ttl,
                 ..Default::default()
             };
-            Some(Identities::start(signer, renewal, shutdown.clone()))
+            Some(Identities::start(signer, renewal, routes.clone(), shutdown.clone()))
         }
         None => None,
     };

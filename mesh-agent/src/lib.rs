@@ -19,6 +19,7 @@ pub mod copy;
 pub mod discovery;
 pub mod dns;
 pub mod forward;
+pub mod gateway;
 pub mod identity;
 pub mod inbound;
 pub mod intercept;

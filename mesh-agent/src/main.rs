@@ -25,6 +25,9 @@ struct Cli {
 enum Command {
     /// Intercept enrolled workloads and proxy their connections.
     Run(Box<agent_args::Run>),
+    /// Serve as the cluster's east-west gateway: pass federated clusters' mutual-TLS
+    /// connections through to the agent their server name asks for, unopened.
+    Gateway(Box<mesh_agent::gateway::GatewayArgs>),
     /// Install or remove the iptables rules alone (for a pod's init container:
     /// needs CAP_NET_ADMIN only).
     Iptables {
@@ -189,6 +192,18 @@ fn main() -> anyhow::Result<()> {
             rt.shutdown_background();
             if let Err(e) = result {
                 // One line, in the configured log format, naming what went wrong.
+                tracing::error!("{e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Gateway(args) => {
+            init_logging(args.log_format, &args.log)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .thread_name("mesh-gateway")
+                .enable_all()
+                .build()?;
+            if let Err(e) = rt.block_on(mesh_agent::gateway::run(*args)) {
                 tracing::error!("{e:#}");
                 std::process::exit(1);
             }

@@ -41,6 +41,48 @@ pub fn pool(slot: IdentitySlot, sockets: SocketFactory, connect_timeout: Duratio
     TunnelPool::new(Arc::new(tls), sockets, connect_timeout)
 }
 
+/// Where a federated trust domain's agents are reached: its cluster's gateways in
+/// the current snapshot.
+pub fn gateways(routes: Arc<RouteStore>) -> crate::tunnel::Gateways {
+    Arc::new(move |trust_domain: &str| {
+        let table = routes.table();
+        table
+            .federated
+            .iter()
+            .filter(|f| f.trust_domain == trust_domain)
+            .flat_map(|f| f.gateways.clone())
+            .collect()
+    })
+}
+
+/// Keeps `bundle`'s federated trust domains equal to the snapshot's, until
+/// `shutdown`: a cluster joining or leaving the federation, or rotating its root,
+/// reaches the next handshake.
+pub async fn follow_federation(
+    routes: Arc<RouteStore>,
+    bundle: Arc<crate::identity::TrustBundle>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut versions = routes.subscribe();
+    versions.mark_changed();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = versions.changed() => if changed.is_err() { return },
+        }
+        let table = routes.table();
+        let domains: Vec<(&str, &[String])> =
+            table.federated.iter().map(|f| (f.trust_domain.as_str(), f.roots_pem.as_slice())).collect();
+        for problem in bundle.set_federated(domains) {
+            warn!(version = table.version, %problem, "federated trust domain not trusted");
+        }
+        let trusted = bundle.federated_domains();
+        if !trusted.is_empty() {
+            tracing::debug!(version = table.version, ?trusted, "federated trust domains");
+        }
+    }
+}
+
 /// Whether an endpoint is reached through its node's agent (meshed), and how.
 /// The identity was parsed when the route table was built (a malformed one refused
 /// the snapshot), so a meshed endpoint always has one to check.

@@ -128,10 +128,16 @@ pub struct Identities {
 impl Identities {
     /// Starts fetching the trust bundle (retrying while the control plane is away);
     /// identities are issued once it is in.
-    pub fn start(signer: GrpcSigner, renewal: RenewalConfig, shutdown: CancellationToken) -> Arc<Self> {
+    /// The bundle's federated trust domains follow `routes`' snapshots.
+    pub fn start(
+        signer: GrpcSigner,
+        renewal: RenewalConfig,
+        routes: Arc<crate::discovery::RouteStore>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let (manager_tx, manager) = watch::channel(None);
         let (domain_tx, trust_domain) = watch::channel(None);
-        tokio::spawn(bootstrap(signer, renewal, manager_tx, domain_tx, shutdown.clone()));
+        tokio::spawn(bootstrap(signer, renewal, manager_tx, domain_tx, routes, shutdown.clone()));
         Arc::new(Self { manager, trust_domain, holders: Mutex::new(HashMap::new()), shutdown })
     }
 
@@ -233,6 +239,7 @@ async fn bootstrap(
     renewal: RenewalConfig,
     manager_tx: watch::Sender<Option<Arc<CertManager>>>,
     domain_tx: watch::Sender<Option<String>>,
+    routes: Arc<crate::discovery::RouteStore>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
@@ -262,6 +269,7 @@ async fn bootstrap(
         }
     };
     let bundle = manager.trust_bundle().clone();
+    tokio::spawn(crate::mtls::follow_federation(routes, bundle.clone(), shutdown.clone()));
     let _ = domain_tx.send(Some(trust_domain.clone()));
     let _ = manager_tx.send(Some(manager));
     refresh_trust_bundle(&signer, &bundle, &trust_domain, roots, shutdown).await;

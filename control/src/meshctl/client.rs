@@ -10,7 +10,7 @@ use hyper::StatusCode;
 use super::{
     error::{MeshctlError, Target},
     http::BaseUrl,
-    views::{AgentDump, AgentRecord, AgentStats, AgentsDump, ControlDump},
+    views::{AgentDump, AgentRecord, AgentStats, AgentsDump, ControlDump, FederationView},
 };
 
 /// The agent queried when none is named: the one on this node, at its default admin address.
@@ -56,6 +56,16 @@ impl Targets {
     /// The control plane's `/config_dump`.
     pub async fn control_dump(&self) -> Result<ControlDump, MeshctlError> {
         self.control_admin.get_json(Target::ControlAdmin, "/config_dump", self.timeout).await
+    }
+
+    /// The control plane's `/federation`; `None` from a control plane that predates
+    /// it (404).
+    pub async fn control_federation(&self) -> Result<Option<FederationView>, MeshctlError> {
+        match self.control_admin.get_json(Target::ControlAdmin, "/federation", self.timeout).await {
+            Ok(view) => Ok(Some(view)),
+            Err(MeshctlError::Status { status, .. }) if status.starts_with("404") => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The control plane's `/config_dump` as sent.

@@ -1,6 +1,6 @@
 //! Admin JSON as the current control plane and agent serve it, for rendering tests.
 
-use super::views::{AgentDump, ControlDump};
+use super::views::{AgentDump, ControlDump, FederationView};
 
 /// Shaped like `control::admin` `/config_dump` (with `control::json::snapshot`).
 pub const CONTROL_DUMP: &str = r#"{
@@ -114,4 +114,25 @@ pub fn control_dump() -> ControlDump {
 
 pub fn agent_dump() -> AgentDump {
     serde_json::from_str(AGENT_DUMP).expect("agent fixture")
+}
+
+/// Shaped like `control::admin` `/federation` (`control::federation::FederationStatus`):
+/// one link working, one refused, one not yet called.
+pub const FEDERATION: &str = r#"{
+  "cluster": "east", "trust_domain": "east.local", "gateways": ["10.77.0.5:15443"],
+  "peers": [
+    {"name": "west", "trust_domain": "west.local", "url": "https://10.77.0.1:15010", "state": "ok",
+     "last_success_unix": 996, "last_error": null, "imported_services": 3, "roots": 2,
+     "gateways": ["10.77.0.9:15443"]},
+    {"name": "north", "trust_domain": "north.local", "url": "https://10.78.0.1:15010", "state": "error",
+     "last_success_unix": null,
+     "last_error": "federation/north https://10.78.0.1:15010: https://10.78.0.1:15010 answered Unauthenticated: not a federated cluster, or not its token",
+     "imported_services": 0, "roots": 1, "gateways": []},
+    {"name": "south", "trust_domain": "south.local", "url": "https://10.79.0.1:15010", "state": "pending",
+     "last_success_unix": null, "last_error": null, "imported_services": 0, "roots": 0, "gateways": []}
+  ]
+}"#;
+
+pub fn federation() -> FederationView {
+    serde_json::from_str(FEDERATION).expect("federation fixture")
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::{
     client::Targets,
     table::{Table, or_dash, short_duration, yes_no},
-    views::{AgentRecord, DiscoveryView, SourceError},
+    views::{AgentRecord, DiscoveryView, FederationView, SourceError},
 };
 
 /// Everything `status` found.
@@ -31,6 +31,12 @@ pub struct ControlStatus {
     pub services: Option<usize>,
     pub source_errors: Vec<SourceError>,
     pub agents: Vec<AgentRow>,
+    /// Federated clusters (`/federation`); `None` when not configured or not reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federation: Option<FederationView>,
+    /// Why the admin `/federation` call failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federation_error: Option<String>,
 }
 
 /// An agent as the control plane sees it, with a one-word verdict.
@@ -96,7 +102,8 @@ pub async fn gather(targets: &Targets) -> StatusReport {
         }
         health
     }));
-    let (listed, dump, agents) = tokio::join!(targets.control_agents(), targets.control_dump(), agents);
+    let (listed, dump, federation, agents) =
+        tokio::join!(targets.control_agents(), targets.control_dump(), targets.control_federation(), agents);
     let mut control = ControlStatus { admin: targets.control_admin.url.clone(), ..Default::default() };
     match dump {
         Ok(d) => {
@@ -106,6 +113,12 @@ pub async fn gather(targets: &Targets) -> StatusReport {
             control.source_errors = d.source_errors;
         }
         Err(e) => control.admin_error = Some(e.to_string()),
+    }
+    match federation {
+        Ok(f) => control.federation = f.filter(|f| f.cluster.is_some()),
+        // The same endpoint as /config_dump: reported once.
+        Err(e) if control.admin_error.as_deref() == Some(&e.to_string()) => {}
+        Err(e) => control.federation_error = Some(e.to_string()),
     }
     match listed {
         Ok((current, records)) => {
@@ -143,6 +156,12 @@ pub fn render(report: &StatusReport, now: i64) -> String {
     }
     for e in c.admin_error.iter().chain(c.agents_error.iter().filter(|e| !e.starts_with('('))) {
         let _ = writeln!(out, "  ! {e}");
+    }
+    if let Some(e) = &c.federation_error {
+        let _ = writeln!(out, "  ! federation: {e}");
+    }
+    if let Some(f) = &c.federation {
+        render_federation(&mut out, f, now);
     }
     if c.agents_error.is_none() {
         out.push('\n');
@@ -213,6 +232,47 @@ pub fn render(report: &StatusReport, now: i64) -> String {
         out.push('\n');
     }
     out
+}
+
+/// This cluster's name and gateways, then one row per federated cluster.
+fn render_federation(out: &mut String, f: &FederationView, now: i64) {
+    let gateways = if f.gateways.is_empty() { "none".to_owned() } else { f.gateways.join(", ") };
+    let _ = writeln!(
+        out,
+        "  federation   cluster {} (trust domain {}), gateways {gateways}",
+        f.cluster.as_deref().unwrap_or("-"),
+        f.trust_domain.as_deref().unwrap_or("-"),
+    );
+    out.push('\n');
+    if f.peers.is_empty() {
+        out.push_str("No federated cluster configured.\n");
+        return;
+    }
+    let mut t = Table::new([
+        "FEDERATED CLUSTER",
+        "TRUST DOMAIN",
+        "STATE",
+        "IMPORTED",
+        "ROOTS",
+        "LAST SUCCESS",
+        "LAST ERROR",
+    ]);
+    for p in &f.peers {
+        let success = match p.last_success_unix {
+            Some(at) => format!("{} ago", short_duration(now.saturating_sub(at).max(0) as u64)),
+            None => "never".into(),
+        };
+        t.row(vec![
+            p.name.clone(),
+            p.trust_domain.clone(),
+            or_dash(&p.state),
+            p.imported_services.to_string(),
+            p.roots.to_string(),
+            success,
+            or_dash(p.last_error.as_deref().unwrap_or_default()),
+        ]);
+    }
+    out.push_str(&t.render());
 }
 
 fn version(v: u64) -> String {
@@ -308,6 +368,59 @@ http://node-b:15000  ?
   ! cannot reach the agent at http://node-b:15000: connection refused
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn federated_clusters_are_listed_under_the_control_plane() {
+        let mut r = report();
+        r.control_plane.federation = Some(crate::meshctl::fixtures::federation());
+        let text = render(&r, 1000);
+        let expected = "\
+CONTROL PLANE  http://cp:15011
+  ready        yes
+  version      7
+  services     2
+  federation   cluster east (trust domain east.local), gateways 10.77.0.5:15443
+
+FEDERATED CLUSTER  TRUST DOMAIN  STATE    IMPORTED  ROOTS  LAST SUCCESS  LAST ERROR
+west               west.local    ok       3         2      4s ago        -
+north              north.local   error    0         1      never         federation/north https://10.78.0.1:15010: https://10.78.0.1:15010 answered Unauthenticated: not a federated cluster, or not its token
+south              south.local   pending  0         0      never         -
+
+NODE  ";
+        assert!(text.starts_with(expected), "{text}");
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["control_plane"]["federation"]["peers"][1]["state"], "error");
+
+        // Configured without peers; and not configured (nothing shown).
+        r.control_plane.federation =
+            Some(FederationView { peers: vec![], ..crate::meshctl::fixtures::federation() });
+        assert!(render(&r, 1000).contains("gateways 10.77.0.5:15443\n\nNo federated cluster configured.\n"));
+        r.control_plane.federation = None;
+        assert!(!render(&r, 1000).contains("federation"));
+        assert!(serde_json::to_value(&r).unwrap()["control_plane"].get("federation").is_none());
+    }
+
+    #[test]
+    fn the_admin_federation_json_reads_as_meshctl_s_view() {
+        let dir = std::path::Path::new("/nonexistent");
+        let text = format!(
+            "cluster: east\ngateways: [\"10.77.0.5:15443\"]\npeers:\n  - {{name: west, trust_domain: west.local, \
+             url: \"https://10.77.0.1:15010\", bundle_file: {0}/b, token_file: {0}/t}}\n",
+            dir.display()
+        );
+        let config = crate::federation::config::parse("fed.yaml", &text, "east.local").unwrap();
+        let board = crate::federation::Board::new(&config);
+        board.update("west", |p| p.imported_services = 4);
+        let json = crate::admin::federation_json(Some(&board)).to_string();
+        let view: FederationView = serde_json::from_str(&json).unwrap();
+        assert_eq!(view.cluster.as_deref(), Some("east"));
+        assert_eq!(view.trust_domain.as_deref(), Some("east.local"));
+        assert_eq!(view.peers[0].state, "pending");
+        assert_eq!(view.peers[0].imported_services, 4);
+        assert_eq!(view.peers[0].last_success_unix, None);
+        let off: FederationView = serde_json::from_value(crate::admin::federation_json(None)).unwrap();
+        assert!(off.cluster.is_none() && off.peers.is_empty());
     }
 
     #[test]

@@ -25,6 +25,32 @@ impl ControlDump {
     }
 }
 
+/// The control plane's `/federation`: `cluster` is `None` without `--federation`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FederationView {
+    pub cluster: Option<String>,
+    pub trust_domain: Option<String>,
+    pub gateways: Vec<String>,
+    pub peers: Vec<FederatedPeerView>,
+}
+
+/// One federated cluster's link.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FederatedPeerView {
+    pub name: String,
+    pub trust_domain: String,
+    pub url: String,
+    /// `ok`, `error` or `pending`.
+    pub state: String,
+    pub last_success_unix: Option<i64>,
+    pub last_error: Option<String>,
+    pub imported_services: usize,
+    pub roots: usize,
+    pub gateways: Vec<String>,
+}
+
 /// A registry source that failed (its last good state is still served).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]

@@ -157,6 +157,7 @@ impl Shared {
             workloads: Arc::new(Vec::new()),
             ready,
             last_error: problems.into_iter().next().map(|p| format!("consul {}: {p}", self.client.url)),
+            ..Default::default()
         }
     }
 }

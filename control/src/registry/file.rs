@@ -77,6 +77,10 @@ pub struct ServiceEntry {
     /// HTTP routes, in order (see [`routes`]).
     #[serde(default)]
     pub routes: Vec<routes::RouteEntry>,
+    /// Offered to federated clusters (`mesh-control --federation`): their control
+    /// planes receive it with its meshed endpoints, without policy or routes.
+    #[serde(default)]
+    pub export: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -446,6 +450,9 @@ pub fn parse(file: &str, text: &str, trust_domain: &str) -> Result<Registry, Fil
             ports,
             policy,
             endpoints,
+            exported: s.export,
+            // The file names this cluster's own services only.
+            cluster: String::new(),
         });
     }
     let workloads = workloads::parse(&raw.workloads).map_err(|(entry, field, message)| {
@@ -699,6 +706,7 @@ impl Source for FileSource {
                             workloads: Arc::new(registry.workloads),
                             ready: true,
                             last_error: None,
+                            ..Default::default()
                         });
                     }
                     Err(e) => {
@@ -742,6 +750,17 @@ services:
       - {address: 10.77.0.3, service_account: echo, agent_address: "10.77.0.3:15008", zone: a}
       - {address: 10.77.0.4, health: unhealthy, weight: 2}
 "#;
+
+    #[test]
+    fn export_marks_a_service_for_federated_clusters() {
+        let text = "services:\n  - {name: a, ports: [{port: 80}], export: true}\n  - {name: b, ports: [{port: 80}]}\n";
+        let s = parse("r.yaml", text, "td").unwrap().services;
+        assert!(s[0].exported && !s[1].exported);
+        assert!(s.iter().all(|s| s.cluster.is_empty()), "the file's services are this cluster's");
+        let e = parse("r.yaml", "services:\n  - {name: a, ports: [{port: 80}], export: yes}\n", "td")
+            .unwrap_err();
+        assert!(e.to_string().contains("export"), "{e}");
+    }
 
     #[test]
     fn parses_services_endpoints_and_policy() {

@@ -319,6 +319,7 @@ fn publish(
         workloads: Arc::new(workloads),
         ready,
         last_error: (!errors.is_empty()).then(|| errors.join("; ")),
+        ..Default::default()
     };
     tx.send_if_modified(|current| {
         if *current == view {

@@ -28,6 +28,9 @@ pub struct SourceView {
     pub ready: bool,
     /// The last error the source hit (kept until a good update replaces it).
     pub last_error: Option<String>,
+    /// Federated clusters' trust domains this source vouches for (a federation peer
+    /// source publishes its peer's roots and gateways; every other source none).
+    pub federated: Arc<Vec<mesh_api::FederatedDomain>>,
 }
 
 pub mod file;

@@ -15,6 +15,12 @@
 //! any authenticated caller; a rule without `principals` matches every caller,
 //! unauthenticated included. A service without rules allows everything.
 //!
+//! **Federated callers** (a SPIFFE ID of another trust domain, proven against that
+//! domain's roots) are admitted only where a rule names them: by their exact ID, or
+//! by `spiffe://<their trust domain>/*`. Neither `*`, nor a rule without
+//! `principals`, nor a service without rules lets another cluster in: federating
+//! with a cluster opens nothing until a policy says so.
+//!
 //! Paths are matched after [`path::normalize`], prefixes by whole segments
 //! ([`path::prefix_matches`]).
 
@@ -102,20 +108,21 @@ impl HttpRule {
         }
     }
 
-    /// Whether the rule names `caller` (see the module documentation).
-    pub fn names(&self, caller: Principal<'_>) -> bool {
-        if self.principals.is_empty() {
-            return true;
-        }
+    /// Whether the rule names `caller`, where `local` is this mesh's trust domain
+    /// (see the module documentation).
+    pub fn names(&self, caller: Principal<'_>, local: &str) -> bool {
         match caller {
-            Principal::Authenticated(id) => self.principals.iter().any(|p| p == "*" || p == id),
-            Principal::Unauthenticated => false,
+            Principal::Authenticated(id) => match foreign_domain(id, local) {
+                None => self.principals.is_empty() || self.principals.iter().any(|p| p == "*" || p == id),
+                Some(domain) => self.principals.iter().any(|p| p == id || names_domain(p, domain)),
+            },
+            Principal::Unauthenticated => self.principals.is_empty(),
         }
     }
 
     /// Whether the rule allows `caller` to send `method` to the normalised `path`.
-    pub fn allows(&self, caller: Principal<'_>, method: &str, path: &str) -> bool {
-        self.names(caller)
+    pub fn allows(&self, caller: Principal<'_>, local: &str, method: &str, path: &str) -> bool {
+        self.names(caller, local)
             && (self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
             && (self.path_prefixes.is_empty()
                 || self.path_prefixes.iter().any(|p| path::prefix_matches(p, path)))
@@ -123,9 +130,33 @@ impl HttpRule {
 
     /// Whether the rule admits a connection whatever is sent on it: it names the
     /// caller and restricts neither methods nor paths.
-    fn allows_tcp(&self, caller: Principal<'_>) -> bool {
-        self.methods.is_empty() && self.path_prefixes.is_empty() && self.names(caller)
+    fn allows_tcp(&self, caller: Principal<'_>, local: &str) -> bool {
+        self.methods.is_empty() && self.path_prefixes.is_empty() && self.names(caller, local)
     }
+}
+
+/// The trust domain of `id` when it is not `local` (a federated caller), else `None`.
+/// An ID that does not parse as `spiffe://<domain>/...` counts as foreign with no
+/// domain any rule can name, so only its exact ID could admit it.
+fn foreign_domain<'a>(id: &'a str, local: &str) -> Option<&'a str> {
+    let rest = id.strip_prefix("spiffe://").unwrap_or("");
+    match rest.split_once('/') {
+        Some((domain, _)) if domain == local => None,
+        Some((domain, _)) => Some(domain),
+        None => Some(""),
+    }
+}
+
+/// Whether the rule principal `p` is `spiffe://<domain>/*`, naming every workload of
+/// the federated trust `domain`.
+fn names_domain(p: &str, domain: &str) -> bool {
+    !domain.is_empty()
+        && p.strip_prefix("spiffe://").and_then(|r| r.strip_suffix("/*")).is_some_and(|d| d == domain)
+}
+
+/// Whether `caller` belongs to another trust domain than `local`.
+fn is_foreign(caller: Principal<'_>, local: &str) -> bool {
+    matches!(caller, Principal::Authenticated(id) if foreign_domain(id, local).is_some())
 }
 
 /// One selecting service's rules (empty: the service allows everything).
@@ -136,16 +167,21 @@ pub struct ServiceRules {
 }
 
 impl ServiceRules {
-    fn allows(&self, caller: Principal<'_>, method: &str, path: &str) -> bool {
-        self.rules.is_empty() || self.rules.iter().any(|r| r.allows(caller, method, path))
+    /// No rules allow every caller of this trust domain, and no federated one.
+    fn open_to(&self, caller: Principal<'_>, local: &str) -> bool {
+        self.rules.is_empty() && !is_foreign(caller, local)
     }
 
-    fn allows_tcp(&self, caller: Principal<'_>) -> bool {
-        self.rules.is_empty() || self.rules.iter().any(|r| r.allows_tcp(caller))
+    fn allows(&self, caller: Principal<'_>, local: &str, method: &str, path: &str) -> bool {
+        self.open_to(caller, local) || self.rules.iter().any(|r| r.allows(caller, local, method, path))
     }
 
-    fn may_allow_http(&self, caller: Principal<'_>) -> bool {
-        self.rules.is_empty() || self.rules.iter().any(|r| r.names(caller))
+    fn allows_tcp(&self, caller: Principal<'_>, local: &str) -> bool {
+        self.open_to(caller, local) || self.rules.iter().any(|r| r.allows_tcp(caller, local))
+    }
+
+    fn may_allow_http(&self, caller: Principal<'_>, local: &str) -> bool {
+        self.open_to(caller, local) || self.rules.iter().any(|r| r.names(caller, local))
     }
 }
 
@@ -156,6 +192,8 @@ pub struct Decision {
     pub service: Arc<str>,
     /// Every selecting service's rules, by service name; all must allow.
     pub policies: Vec<ServiceRules>,
+    /// This mesh's trust domain: callers of any other are federated.
+    pub local_domain: Arc<str>,
     /// The strictest mode of the selecting services.
     pub mtls: MtlsMode,
     /// Raw TCP is allowed: every service has a rule without methods or paths that
@@ -169,7 +207,7 @@ pub struct Decision {
 impl Decision {
     /// Whether every selecting service allows the request; `path` is normalised.
     pub fn allows(&self, caller: Principal<'_>, method: &str, path: &str) -> bool {
-        self.policies.iter().all(|p| p.allows(caller, method, path))
+        self.policies.iter().all(|p| p.allows(caller, &self.local_domain, method, path))
     }
 
     /// Whether the caller may reach the workload at all (as TCP, or with some request).
@@ -211,9 +249,10 @@ pub fn decide(
     let mtls = selecting.values().map(|(_, m)| *m).max().unwrap_or_default();
     let policies: Vec<ServiceRules> =
         selecting.into_iter().map(|(service, (rules, _))| ServiceRules { service, rules }).collect();
-    let tcp_allowed = policies.iter().all(|p| p.allows_tcp(caller));
-    let http_possible = policies.iter().all(|p| p.may_allow_http(caller));
-    Ok(Decision { service, policies, mtls, tcp_allowed, http_possible })
+    let local = table.trust_domain.as_str();
+    let tcp_allowed = policies.iter().all(|p| p.allows_tcp(caller, local));
+    let http_possible = policies.iter().all(|p| p.may_allow_http(caller, local));
+    Ok(Decision { service, policies, local_domain: local.into(), mtls, tcp_allowed, http_possible })
 }
 
 #[cfg(test)]

@@ -158,3 +158,49 @@ fn the_strictest_mtls_mode_of_the_selecting_services_applies() {
     routes.apply(RouteTable::build(1, &snapshot, 100).unwrap());
     assert_eq!(decide(&routes, "server", p, target()).unwrap().mtls, MtlsMode::Strict);
 }
+
+/// A caller of a federated trust domain gets in only where a rule names it, by ID or
+/// by `spiffe://<its domain>/*`: an open service, `*` and rules without principals
+/// admit this mesh's callers, not another cluster's.
+#[test]
+fn federated_callers_are_admitted_only_by_rules_naming_them() {
+    const REMOTE: &str = "spiffe://east.example/ns/shop/sa/frontend";
+    let remote = Principal::Authenticated(REMOTE);
+    let local = Principal::Authenticated(FRONTEND);
+    for (rules, admitted) in [
+        (vec![], false),
+        (vec![rule(&[], &[], &[])], false),
+        (vec![rule(&["*"], &[], &[])], false),
+        (vec![rule(&[FRONTEND], &[], &[])], false),
+        (vec![rule(&["spiffe://east.example/ns/shop/sa/other"], &[], &[])], false),
+        (vec![rule(&["spiffe://west.example/*"], &[], &[])], false),
+        // A domain wildcard is only `spiffe://<domain>/*`, not a prefix of the ID.
+        (vec![rule(&["spiffe://east.example/ns/*"], &[], &[])], false),
+        (vec![rule(&["spiffe://east/*"], &[], &[])], false),
+        (vec![rule(&[REMOTE], &[], &[])], true),
+        (vec![rule(&["spiffe://east.example/*"], &[], &[])], true),
+        (vec![rule(&["*"], &[], &[]), rule(&[REMOTE], &[], &[])], true),
+    ] {
+        let routes = store(vec![service("api", "10.77.0.3", rules.clone())]);
+        let d = decide(&routes, "server", remote, target()).unwrap();
+        assert_eq!(d.admits(), admitted, "{rules:?}");
+        assert_eq!(d.allows(remote, "GET", "/"), admitted, "{rules:?}");
+        // This mesh's callers are unaffected by the federation rules.
+        let d = decide(&routes, "server", local, target()).unwrap();
+        let names_local = rules.is_empty()
+            || rules
+                .iter()
+                .any(|r| r.principals.is_empty() || r.principals.iter().any(|p| p == "*" || p == FRONTEND));
+        assert_eq!(d.admits(), names_local, "{rules:?}");
+    }
+    // A remote ID naming the local trust domain's wildcard is not a federated
+    // caller's key to anything either.
+    let routes = store(vec![service("api", "10.77.0.3", vec![rule(&["spiffe://td/*"], &[], &[])])]);
+    assert!(!decide(&routes, "server", remote, target()).unwrap().admits());
+    // With two services on the port, each must name the federated caller.
+    let routes = store(vec![
+        service("api", "10.77.0.3", vec![rule(&[REMOTE], &[], &[])]),
+        service("api-shadow", "10.77.0.3", vec![]),
+    ]);
+    assert!(!decide(&routes, "server", remote, target()).unwrap().admits());
+}

@@ -83,10 +83,11 @@ impl RouteStore {
     pub fn apply(&self, table: RouteTable) {
         let version = table.version;
         self.table.store(Arc::new(table));
-        self.applied.send_replace(version);
         let now = self.now_ms().max(1);
         self.applied_at_ms.store(now, Ordering::Release);
         self.contact_ms.store(now, Ordering::Release);
+        // Last: a waiter woken by the version must find the rest already recorded.
+        self.applied.send_replace(version);
     }
 
     /// Records the stream's state. Staleness counts from the moment a live stream

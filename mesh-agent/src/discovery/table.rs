@@ -134,6 +134,22 @@ pub struct RouteTable {
     /// Registry hostname (lower case, no root dot) -> its service's VIPs (allocated
     /// ones included): what the agent's DNS answers (`crate::dns`).
     by_name: HashMap<String, Vec<IpAddr>>,
+    /// The federated clusters (`Snapshot.federated`), in the snapshot's order.
+    pub federated: Vec<FederatedCluster>,
+    /// Agents serving an exported service's endpoints: where an east-west gateway
+    /// may forward federated clusters' connections (`crate::gateway`).
+    exported_agents: std::collections::HashSet<SocketAddr>,
+}
+
+/// A federated cluster: whose roots to trust for its trust domain, and through
+/// which gateways its agents are reached.
+#[derive(Debug, Clone, Serialize)]
+pub struct FederatedCluster {
+    pub cluster: String,
+    pub trust_domain: String,
+    #[serde(skip)]
+    pub roots_pem: Vec<String>,
+    pub gateways: Vec<SocketAddr>,
 }
 
 fn protocol_name(p: api::Protocol) -> &'static str {
@@ -177,7 +193,26 @@ impl RouteTable {
             endpoint_count: count,
             ..Default::default()
         };
+        for (fi, f) in snapshot.federated.iter().enumerate() {
+            let mut gateways = Vec::with_capacity(f.gateways.len());
+            for (gi, g) in f.gateways.iter().enumerate() {
+                gateways.push(g.parse::<SocketAddr>().map_err(|_| TableError::Invalid {
+                    service: format!("federated cluster {}", f.cluster),
+                    field: format!("federated[{fi}].gateways[{gi}]"),
+                    message: format!("{g:?} is not an address:port"),
+                })?);
+            }
+            table.federated.push(FederatedCluster {
+                cluster: f.cluster.clone(),
+                trust_domain: f.trust_domain.clone(),
+                roots_pem: f.roots_pem.clone(),
+                gateways,
+            });
+        }
         for s in &snapshot.services {
+            // A service imported from a federated cluster: its endpoints are that
+            // cluster's workloads, never a workload port or a peer of this one.
+            let imported = !s.cluster.is_empty();
             let name: Arc<str> = format!("{}/{}", s.namespace, s.name).into();
             let invalid = |field: String, message: String| TableError::Invalid {
                 service: name.to_string(),
@@ -266,11 +301,14 @@ impl RouteTable {
                     };
                     let addr = SocketAddr::new(ip, target);
                     // Workloads on the cluster's nodes: their agents dial from them.
-                    if agent_address.is_some() || !e.node.is_empty() {
+                    if !imported && (agent_address.is_some() || !e.node.is_empty()) {
                         table.peer_ips.insert(ip.to_canonical());
                     }
-                    if let Some(agent) = agent_address {
+                    if let Some(agent) = agent_address.filter(|_| !imported) {
                         table.peer_ips.insert(agent.ip().to_canonical());
+                        if s.exported {
+                            table.exported_agents.insert(agent);
+                        }
                     }
                     let locality = e.locality.clone().unwrap_or_default();
                     endpoints.push(EndpointTarget {
@@ -306,7 +344,7 @@ impl RouteTable {
                     by_endpoint,
                 });
                 table.by_service.insert((name.clone(), svc_port), route.clone());
-                for (&addr, &i) in &route.by_endpoint {
+                for (&addr, &i) in route.by_endpoint.iter().filter(|_| !imported) {
                     table.by_endpoint.entry(addr).or_default().push((route.clone(), i));
                 }
                 for ip in &vips {
@@ -338,6 +376,16 @@ impl RouteTable {
     /// slots for these.
     pub fn is_mesh_peer(&self, ip: IpAddr) -> bool {
         self.peer_ips.contains(&ip.to_canonical())
+    }
+
+    /// Whether `agent` serves an endpoint of an exported service of this cluster.
+    pub fn exports_agent(&self, agent: SocketAddr) -> bool {
+        self.exported_agents.contains(&agent)
+    }
+
+    /// How many agents serve exported services.
+    pub fn exported_agent_count(&self) -> usize {
+        self.exported_agents.len()
     }
 
     /// The port `port` of service `service` (`namespace/name`).
@@ -411,6 +459,8 @@ mod tests {
                 routes: Vec::new(),
                 allocated_vips: Vec::new(),
                 headless: false,
+                exported: false,
+                cluster: String::new(),
                 name: "echo".into(),
                 namespace: "default".into(),
                 vips: vec!["10.96.0.10".into(), "fd96::10".into()],
@@ -423,6 +473,7 @@ mod tests {
                     ep("10.77.0.5", api::Health::Unhealthy),
                 ],
             }],
+            federated: Vec::new(),
         }
     }
 
@@ -547,5 +598,51 @@ mod tests {
         let t = RouteTable::build(1, &s, 100).unwrap();
         assert!(t.by_host("echo.default", 80).is_some());
         assert!(t.by_host("Echo.default.", 80).is_some());
+    }
+
+    /// A service imported from a federated cluster routes like any other, but its
+    /// endpoints are that cluster's: never a workload port or a tunnel peer here, even
+    /// when an address is the same as a local endpoint's. Exported services' agents
+    /// are what a gateway may forward to.
+    #[test]
+    fn imported_services_route_but_select_nothing_here() {
+        let meshed = |addr: &str, agent: &str| api::Endpoint {
+            address: addr.into(),
+            weight: 1,
+            node: "n1".into(),
+            agent_address: agent.into(),
+            identity: "spiffe://east.example/ns/shop/sa/web".into(),
+            ..Default::default()
+        };
+        let mut s = snapshot();
+        s.services[0].exported = true;
+        s.services[0].endpoints = vec![meshed("10.77.0.3", "10.77.0.3:15008")];
+        s.services.push(api::Service {
+            name: "web.east".into(),
+            namespace: "shop".into(),
+            cluster: "east".into(),
+            allocated_vips: vec!["240.240.0.9".into()],
+            ports: vec![api::ServicePort { port: 80, target_port: 8080, ..Default::default() }],
+            endpoints: vec![meshed("10.77.0.9", "10.77.0.9:15008")],
+            ..Default::default()
+        });
+        s.federated = vec![api::FederatedDomain {
+            cluster: "east".into(),
+            trust_domain: "east.example".into(),
+            roots_pem: vec![],
+            gateways: vec!["10.77.0.5:15443".into()],
+        }];
+        let t = RouteTable::build(1, &s, 100).unwrap();
+        let imported = t.by_addr("240.240.0.9:80".parse().unwrap()).expect("the imported VIP routes");
+        assert_eq!(imported.endpoints[0].agent_address, Some("10.77.0.9:15008".parse().unwrap()));
+        assert_eq!(t.selecting("10.77.0.9:8080".parse().unwrap()).count(), 0);
+        assert!(!t.is_mesh_peer("10.77.0.9".parse().unwrap()));
+        assert!(t.exports_agent("10.77.0.3:15008".parse().unwrap()));
+        assert!(!t.exports_agent("10.77.0.9:15008".parse().unwrap()));
+        assert_eq!(t.federated[0].gateways, vec!["10.77.0.5:15443".parse::<SocketAddr>().unwrap()]);
+
+        s.federated[0].gateways = vec!["gateway.east:15443".into()];
+        let err = RouteTable::build(2, &s, 100).unwrap_err().to_string();
+        assert!(err.contains("federated[0].gateways[0]"), "{err}");
     }
 }

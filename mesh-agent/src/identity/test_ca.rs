@@ -43,6 +43,10 @@ impl TestCa {
         self.root.clone()
     }
 
+    pub fn root_pem(&self) -> String {
+        self.root_pem.clone()
+    }
+
     /// A bundle of the trust domain `cluster.local` holding this CA's root.
     pub fn bundle(&self) -> Arc<TrustBundle> {
         TrustBundle::new("cluster.local", vec![self.root()]).unwrap()

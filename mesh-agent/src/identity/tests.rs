@@ -435,3 +435,64 @@ async fn the_ca_trust_bundle_in_a_sign_answer_replaces_the_local_one() {
     manager.identity(&signer.ca.id("cart")).unwrap().ready().await;
     assert_eq!(stale.roots(), vec![signer.ca.root()]);
 }
+
+/// Federation: a federated trust domain's workloads are accepted on their own
+/// domain's roots, and only there; a domain that leaves the federation is refused
+/// again at the next handshake.
+#[tokio::test]
+async fn federated_trust_domains_are_checked_against_their_own_roots_only() {
+    let local = TestCa::new("cluster.local");
+    let east = TestCa::new("east.example");
+    let bundle = local.bundle();
+    assert!(bundle.set_federated([("east.example", &[east.root_pem()][..])]).is_empty());
+    assert_eq!(bundle.federated_domains(), vec!["east.example".to_owned()]);
+    let tls = tls(bundle.clone());
+    let (cart, payments) = (local.id("cart"), local.id("payments"));
+    let remote_cart = east.id("cart");
+
+    // East's workload calls ours: accepted, and seen as east's identity.
+    let client = tls.client_config(east.fresh(&remote_cart), payments.clone()).unwrap();
+    let server = tls.server_config(local.fresh(&payments)).unwrap();
+    let (c, s) = handshake(client, server).await;
+    let (_c, s) = (c.unwrap(), s.unwrap());
+    assert_eq!(peer_identity(s.get_ref().1).unwrap(), remote_cart);
+
+    // Ours calls east's: the server is checked against east's roots.
+    let remote_payments = east.id("payments");
+    let client = tls.client_config(local.fresh(&cart), remote_payments.clone()).unwrap();
+    let server = tls.server_config(east.fresh(&remote_payments)).unwrap();
+    let (c, s) = handshake(client, server).await;
+    assert!(c.is_ok() && s.is_ok());
+
+    // East's CA cannot vouch for our trust domain, nor ours for east's.
+    let forged_local = east.fresh(&cart);
+    let client = tls.client_config(forged_local, payments.clone()).unwrap();
+    let server = tls.server_config(local.fresh(&payments)).unwrap();
+    let err = refused_by_server(handshake(client, server).await).await;
+    assert!(not_chained(&certificate_error(&err)), "{err}");
+    let forged_remote = local.fresh(&remote_cart);
+    let client = tls.client_config(forged_remote, payments.clone()).unwrap();
+    let server = tls.server_config(local.fresh(&payments)).unwrap();
+    let err = refused_by_server(handshake(client, server).await).await;
+    assert!(not_chained(&certificate_error(&err)), "{err}");
+    let client = tls.client_config(local.fresh(&cart), remote_payments.clone()).unwrap();
+    let server = tls.server_config(local.fresh(&remote_payments)).unwrap();
+    let err = refused_by_client(handshake(client, server).await);
+    assert!(not_chained(&certificate_error(&err)), "{err}");
+
+    // Bad input is reported and changes nothing for the other domains.
+    let problems = bundle.set_federated([
+        ("east.example", &[east.root_pem()][..]),
+        ("cluster.local", &[east.root_pem()][..]),
+        ("west.example", &["not a certificate".to_owned()][..]),
+    ]);
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert_eq!(bundle.federated_domains(), vec!["east.example".to_owned()]);
+
+    // East leaves the federation: its workloads are refused again.
+    assert!(bundle.set_federated([]).is_empty());
+    let client = tls.client_config(east.fresh(&remote_cart), payments.clone()).unwrap();
+    let server = tls.server_config(local.fresh(&payments)).unwrap();
+    let err = refused_by_server(handshake(client, server).await).await;
+    assert!(matches!(identity_error_of(&err), Some(IdentityError::ForeignTrustDomain { .. })), "{err}");
+}

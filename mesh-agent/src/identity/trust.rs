@@ -3,7 +3,13 @@
 //! Shared by every verifier the agent builds and swapped as a whole, so a root
 //! rotation reaches the next handshake without rebuilding TLS configurations
 //! or restarting.
+//!
+//! Besides the local trust domain's roots it holds the roots of each federated
+//! trust domain (`Snapshot.federated`). A peer's chain is checked only against the
+//! roots of the trust domain its SPIFFE ID names: a federated cluster's CA can
+//! vouch for its own workloads, never for this cluster's or a third one's.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -35,6 +41,8 @@ pub(crate) struct TrustSnapshot {
 pub struct TrustBundle {
     trust_domain: String,
     current: ArcSwap<TrustSnapshot>,
+    /// Federated trust domains -> their roots; empty without federation.
+    federated: ArcSwap<HashMap<String, Arc<TrustSnapshot>>>,
 }
 
 impl TrustBundle {
@@ -48,6 +56,7 @@ impl TrustBundle {
         Ok(Arc::new(TrustBundle {
             trust_domain: trust_domain.to_owned(),
             current: ArcSwap::from_pointee(snapshot),
+            federated: ArcSwap::default(),
         }))
     }
 
@@ -84,6 +93,64 @@ impl TrustBundle {
 
     pub(crate) fn install(&self, snapshot: Arc<TrustSnapshot>) {
         self.current.store(snapshot);
+    }
+
+    /// The roots a peer claiming `trust_domain` must chain to: the local ones, a
+    /// federated domain's, or none (a domain this mesh does not federate with).
+    pub(crate) fn snapshot_for(&self, trust_domain: &str) -> Option<Arc<TrustSnapshot>> {
+        if trust_domain == self.trust_domain {
+            return Some(self.snapshot());
+        }
+        self.federated.load().get(trust_domain).cloned()
+    }
+
+    /// Replaces the federated trust domains with `domains` (trust domain, PEM roots).
+    /// A domain whose roots do not parse, or that names the local trust domain, is
+    /// left out and reported; a domain whose roots did not change keeps its snapshot
+    /// (and the chains already verified against it). Returns the problems.
+    pub fn set_federated<'a>(
+        &self,
+        domains: impl IntoIterator<Item = (&'a str, &'a [String])>,
+    ) -> Vec<String> {
+        let old = self.federated.load();
+        let mut next = HashMap::new();
+        let mut problems = Vec::new();
+        for (domain, pems) in domains {
+            if domain == self.trust_domain {
+                problems.push(format!("federated trust domain {domain:?} is the local one; ignored"));
+                continue;
+            }
+            if let Err(e) = validate_trust_domain(domain) {
+                problems.push(format!("federated trust domain {domain:?}: {e}"));
+                continue;
+            }
+            let roots = match parse_pem_certs(pems) {
+                Ok(roots) => roots,
+                Err(e) => {
+                    problems.push(format!("federated trust domain {domain}: {e}"));
+                    continue;
+                }
+            };
+            if let Some(same) = old.get(domain).filter(|s| s.ders == roots) {
+                next.insert(domain.to_owned(), same.clone());
+                continue;
+            }
+            match snapshot(roots) {
+                Ok(s) => {
+                    next.insert(domain.to_owned(), Arc::new(s));
+                }
+                Err(e) => problems.push(format!("federated trust domain {domain}: {e}")),
+            }
+        }
+        self.federated.store(Arc::new(next));
+        problems
+    }
+
+    /// The federated trust domains currently trusted, sorted.
+    pub fn federated_domains(&self) -> Vec<String> {
+        let mut domains: Vec<String> = self.federated.load().keys().cloned().collect();
+        domains.sort();
+        domains
     }
 }
 

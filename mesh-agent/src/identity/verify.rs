@@ -4,8 +4,10 @@
 //! handshake's time, the usage, the path to a root; a chain that has led to a root
 //! of the current roots before is not walked again, see [`super::verified`]). The client side then
 //! requires the server to be exactly the identity the connection was meant
-//! for; the server side requires the client to be in the local trust domain and
-//! leaves the who-may-call decision to authorization policy.
+//! for; the server side requires the client to be in the local trust domain or a
+//! federated one (checked against that domain's roots only) and leaves the
+//! who-may-call decision to authorization policy, which admits another trust
+//! domain's callers only by name.
 
 use std::sync::{Arc, LazyLock};
 
@@ -56,7 +58,14 @@ impl ServerCertVerifier for ServerIdentityVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let snapshot = self.bundle.snapshot();
+        // The roots of the trust domain the connection is meant for: a federated
+        // cluster's server is checked against that cluster's roots alone.
+        let snapshot = self.bundle.snapshot_for(self.expected.trust_domain()).ok_or_else(|| {
+            reject(IdentityError::ForeignTrustDomain {
+                found: self.expected.to_string(),
+                trust_domain: self.bundle.trust_domain().to_owned(),
+            })
+        })?;
         let key = VerifiedChains::key(end_entity, intermediates);
         if !snapshot.server_verified.contains(&key, now) {
             let parsed = ParsedCertificate::try_from(end_entity)?;
@@ -102,8 +111,9 @@ impl ServerCertVerifier for ServerIdentityVerifier {
     }
 }
 
-/// Verifies the client of an incoming connection: a certificate is required, chained
-/// to the bundle, with a SPIFFE ID of the local trust domain.
+/// Verifies the client of an incoming connection: a certificate is required, with a
+/// SPIFFE ID of the local trust domain or a federated one, chained to the roots of
+/// that trust domain.
 #[derive(Debug)]
 pub(crate) struct ClientIdentityVerifier {
     pub bundle: Arc<TrustBundle>,
@@ -126,18 +136,19 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let snapshot = self.bundle.snapshot();
+        // The ID is read before the chain is checked only to pick the roots; nothing
+        // is believed until the chain to that domain's roots verifies.
+        let claimed = spiffe_id_from_cert(end_entity).map_err(reject)?;
+        let snapshot = self.bundle.snapshot_for(claimed.trust_domain()).ok_or_else(|| {
+            reject(IdentityError::ForeignTrustDomain {
+                found: claimed.to_string(),
+                trust_domain: self.bundle.trust_domain().to_owned(),
+            })
+        })?;
         let key = VerifiedChains::key(end_entity, intermediates);
         if !snapshot.client_verified.contains(&key, now) {
             snapshot.client_chain.verify_client_cert(end_entity, intermediates, now)?;
             snapshot.client_verified.insert(key, end_entity, intermediates);
-        }
-        let found = spiffe_id_from_cert(end_entity).map_err(reject)?;
-        if found.trust_domain() != self.bundle.trust_domain() {
-            return Err(reject(IdentityError::ForeignTrustDomain {
-                found: found.to_string(),
-                trust_domain: self.bundle.trust_domain().to_owned(),
-            }));
         }
         Ok(ClientCertVerified::assertion())
     }

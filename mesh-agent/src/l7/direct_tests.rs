@@ -387,6 +387,7 @@ fn routes_with_policy(at: SocketAddr, policy: Option<mesh_api::Policy>) -> Arc<R
             policy,
             ..Default::default()
         }],
+        trust_domain: "cluster.local".into(),
         ..Default::default()
     };
     let routes = Arc::new(RouteStore::new(true));

@@ -143,8 +143,13 @@ impl Slot {
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// A federated trust domain's east-west gateways, in the order to try them (the
+/// agent reads them from the current snapshot); empty when it has none.
+pub type Gateways = Arc<dyn Fn(&str) -> Vec<SocketAddr> + Send + Sync>;
+
 struct Shared {
     tls: Arc<dyn ClientTls>,
+    gateways: Option<Gateways>,
     sockets: SocketFactory,
     connect_timeout: Duration,
     keepalive: (Duration, Duration),
@@ -176,6 +181,7 @@ impl TunnelPool {
         TunnelPool {
             shared: Arc::new(Shared {
                 tls,
+                gateways: None,
                 sockets,
                 connect_timeout,
                 keepalive: (KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT),
@@ -202,6 +208,16 @@ impl TunnelPool {
     pub fn with_streams_per_connection(mut self, n: usize) -> TunnelPool {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
             shared.streams_per_connection = n.max(1);
+        }
+        self
+    }
+
+    /// The same pool dialing a destination of another trust domain through that
+    /// domain's gateways, as `gateways` lists them. Call before the pool is cloned
+    /// or used.
+    pub fn with_gateways(mut self, gateways: Gateways) -> TunnelPool {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.gateways = Some(gateways);
         }
         self
     }
@@ -299,12 +315,27 @@ impl TunnelPool {
             custom.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
             config = Arc::new(custom);
         }
-        let tcp = shared
-            .sockets
-            .connect(peer, shared.connect_timeout)
-            .await
-            .map_err(|source| TunnelError::Connect { peer, source })?;
-        let name = ServerName::IpAddress(peer.ip().into());
+        let (tcp, name) = if expected.trust_domain() == source.trust_domain() {
+            let tcp = shared
+                .sockets
+                .connect(peer, shared.connect_timeout)
+                .await
+                .map_err(|source| TunnelError::Connect { peer, source })?;
+            (tcp, ServerName::IpAddress(peer.ip().into()))
+        } else {
+            // Another cluster's agent: through its gateway, naming the agent in SNI
+            // (the gateway forwards the TLS bytes unopened).
+            let tcp = self.dial_gateway(peer, expected.trust_domain()).await?;
+            let sni = crate::gateway::sni::encode(peer, expected.trust_domain());
+            let name = ServerName::try_from(sni).map_err(|e| TunnelError::Tls {
+                peer,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
+            })?;
+            let mut custom = (*config).clone();
+            custom.enable_sni = true;
+            config = Arc::new(custom);
+            (tcp, name)
+        };
         match tokio::time::timeout(shared.connect_timeout, TlsConnector::from(config).connect(name, tcp))
             .await
         {
@@ -318,6 +349,23 @@ impl TunnelPool {
                 Err(TunnelError::Tls { peer, source })
             }
         }
+    }
+
+    /// A TCP connection to the first gateway of `trust_domain` that answers.
+    async fn dial_gateway(&self, peer: SocketAddr, trust_domain: &str) -> Result<TcpStream, TunnelError> {
+        let shared = &self.shared;
+        let gateways = shared.gateways.as_ref().map(|g| g(trust_domain)).unwrap_or_default();
+        let mut last = None;
+        for gateway in gateways {
+            match shared.sockets.connect(gateway, shared.connect_timeout).await {
+                Ok(tcp) => return Ok(tcp),
+                Err(source) => {
+                    debug!(%gateway, %peer, error = %source, "east-west gateway unreachable; trying the next");
+                    last = Some(TunnelError::Connect { peer: gateway, source });
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| TunnelError::NoGateway { peer, trust_domain: trust_domain.to_owned() }))
     }
 
     async fn dial(&self, key: &PoolKey, slot: &Arc<Slot>) -> Result<Connection, TunnelError> {

@@ -30,7 +30,7 @@ use std::net::SocketAddr;
 
 use crate::identity::{IdentityError, SpiffeId, identity_error_of};
 
-pub use client::{ClientTls, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, TunnelPool};
+pub use client::{ClientTls, Gateways, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, TunnelPool};
 pub use handshake::{HandshakeRuntime, TunnelIo};
 pub use io::TunnelStream;
 pub use server::{
@@ -95,6 +95,15 @@ pub enum TunnelError {
     /// The CONNECT request could not be built.
     #[error("bad CONNECT request: {0}")]
     Request(String),
+    /// The destination is in a federated trust domain whose cluster has no gateway in
+    /// the snapshot, so its agents cannot be reached.
+    #[error("no east-west gateway for trust domain {trust_domain:?}: {peer} cannot be reached")]
+    NoGateway {
+        /// The destination agent's address.
+        peer: SocketAddr,
+        /// The destination's trust domain.
+        trust_domain: String,
+    },
     /// The peer agent answered the CONNECT with a status other than 200.
     #[error("peer agent refused the tunnel: {status} {reason}")]
     Refused {

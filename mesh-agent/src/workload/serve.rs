@@ -81,7 +81,8 @@ impl Node {
         slot: IdentitySlot,
         own_addrs: Vec<SocketAddr>,
     ) -> Arc<ProxyContext> {
-        let tunnels = crate::mtls::pool(slot.clone(), sockets.clone(), self.connect_timeout);
+        let tunnels = crate::mtls::pool(slot.clone(), sockets.clone(), self.connect_timeout)
+            .with_gateways(crate::mtls::gateways(self.routes.clone()));
         let upstreams = Arc::new(UpstreamPool::new(
             sockets.clone(),
             tunnels.clone(),

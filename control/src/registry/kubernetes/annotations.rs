@@ -47,6 +47,10 @@ pub const ALLOWED_PRINCIPALS: &str = "mesh.dev/allowed-principals";
 /// neither is reported and taken as strict: a mistyped "strict" must not open the
 /// service.
 pub const MTLS: &str = "mesh.dev/mtls";
+/// Service: "true" offers the service to federated clusters (`mesh-control
+/// --federation`); absent or "false": it stays in this cluster. Read apart from the
+/// policy annotations, so an exported service without them keeps the defaults.
+pub const EXPORT: &str = "mesh.dev/export";
 /// Pod: "false" keeps the pod outside the mesh (plain traffic, no agent hop).
 pub const INJECT: &str = "mesh.dev/inject";
 /// Pod: relative weight of the pod's endpoints (0 = never selected).
@@ -142,7 +146,7 @@ pub fn service_policy(
     for key in annotations.keys().filter(|k| k.starts_with(PREFIX)) {
         if SERVICE_ANNOTATIONS.contains(&key.as_str()) {
             seen_any = true;
-        } else if key != INJECT && key != WEIGHT {
+        } else if key != INJECT && key != WEIGHT && key != EXPORT {
             problems.other(object, format_args!("unknown annotation {key}; ignored"));
         }
     }
@@ -363,6 +367,22 @@ pub fn pod_settings(
     settings
 }
 
+/// Whether a Service's `mesh.dev/export` offers it to federated clusters; a bad
+/// value is reported and taken as "false" (exporting is never the mistake's result).
+pub fn exported(object: &str, annotations: &BTreeMap<String, String>, problems: &mut Problems) -> bool {
+    if !oversized(object, annotations, &[EXPORT], problems).is_empty() {
+        return false;
+    }
+    let Some(v) = annotations.get(EXPORT) else { return false };
+    match parse_bool(v.trim()) {
+        Some(b) => b,
+        None => {
+            problems.annotation(object, EXPORT, v, "not true or false");
+            false
+        }
+    }
+}
+
 fn duration_ms(
     get: &impl Fn(&str) -> Option<(String, String)>,
     key: &str,
@@ -566,6 +586,18 @@ mod tests {
         let p = service_policy("service default/web", &a, &mut problems).expect("policy");
         assert_eq!(p.load_balancer.and_then(|lb| lb.hash_key), None);
         assert_eq!(problems.into_vec().len(), 1);
+    }
+
+    #[test]
+    fn export_is_read_apart_from_the_policy_and_a_bad_value_exports_nothing() {
+        let mut problems = Problems::default();
+        let set = annotations(&[(EXPORT, "true")]);
+        assert!(exported("service a/b", &set, &mut problems));
+        assert_eq!(service_policy("service a/b", &set, &mut problems), None, "no policy annotation");
+        assert!(!exported("service a/b", &annotations(&[]), &mut problems));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(!exported("service a/b", &annotations(&[(EXPORT, "yes")]), &mut problems));
+        assert!(problems.into_vec()[0].contains("mesh.dev/export=\"yes\": not true or false"));
     }
 
     #[test]

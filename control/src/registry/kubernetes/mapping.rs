@@ -104,6 +104,7 @@ fn map_service(
 
     let annotations = svc.metadata.annotations.clone().unwrap_or_default();
     let policy = annotations::service_policy(&object, &annotations, problems);
+    let exported = annotations::exported(&object, &annotations, problems);
 
     let mut endpoints: BTreeMap<String, api::Endpoint> = BTreeMap::new();
     for slice in slices {
@@ -147,6 +148,8 @@ fn map_service(
         endpoints: endpoints.into_values().collect(),
         // HTTPRoutes naming the Service are added by the source (see `http_routes`).
         routes: Vec::new(),
+        exported,
+        cluster: String::new(),
     })
 }
 

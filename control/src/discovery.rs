@@ -85,11 +85,15 @@ impl Discovery for DiscoveryService {
             )));
         }
         tracing::info!(node = %node, peer = ?peer, have_version = first.have_version, mode = %first.mode, "agent subscribed");
+        // An east-west gateway may run on a node that also has an agent, under the
+        // same node credential (a pod-bound token names the node): it has its own
+        // entry, so neither stream supersedes the other.
+        let entry = book_entry(&node, &first.mode);
         // Bounded per node and in all (see `agent_book`); dropping the slot records
         // the disconnect however the stream ends.
         let slot = self
             .agents
-            .open_stream(&node, |a| {
+            .open_stream(&entry, |a| {
                 a.connected_at = now_secs();
                 a.agent_address = advertised_address(&first.agent_address, peer);
                 a.mode = first.mode.clone();
@@ -105,6 +109,7 @@ impl Discovery for DiscoveryService {
         let mut snapshots = self.snapshots.clone();
         let agents = self.agents.clone();
         tokio::spawn(async move {
+            let node = node.as_str();
             let mut sent = 0u64;
             snapshots.mark_changed();
             loop {
@@ -124,22 +129,22 @@ impl Discovery for DiscoveryService {
                             continue;
                         }
                         sent = current.version;
-                        agents.update(&node, |a| a.sent_version = sent);
+                        agents.update(&entry, |a| a.sent_version = sent);
                         crate::metrics::snapshot_sent();
                         // The snapshot is a shared buffer (this clone is a reference count);
                         // only this node's workloads are added to it.
-                        if tx.send(Ok(current.response_for(&node))).await.is_err() { return }
+                        if tx.send(Ok(current.response_for(node))).await.is_err() { return }
                     }
                     msg = inbound.next() => match msg {
                         Some(Ok(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Ack(a)) })) => {
                             tracing::debug!(node = %node, version = a.version, "ACK");
-                            agents.update(&node, |s| s.acked_version = a.version);
+                            agents.update(&entry, |s| s.acked_version = a.version);
                             crate::metrics::snapshot_response(true);
                         }
                         Some(Ok(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::Nack(n)) })) => {
                             tracing::warn!(node = %node, version = n.version, reason = %n.reason, "agent refused a snapshot (NACK)");
                             crate::metrics::snapshot_response(false);
-                            agents.update(&node, |s| {
+                            agents.update(&entry, |s| {
                                 s.nacked_version = n.version;
                                 s.nack_reason = n.reason.clone();
                             });
@@ -170,6 +175,12 @@ impl Discovery for DiscoveryService {
     }
 }
 
+/// The agent book's entry for a subscription: the node, or `NODE/gateway` for an
+/// east-west gateway (`mesh-agent gateway` subscribes with mode `gateway`).
+fn book_entry(node: &str, mode: &str) -> String {
+    if mode == "gateway" { format!("{node}/gateway") } else { node.to_owned() }
+}
+
 /// The tunnel address an agent advertises: `:PORT` is completed with the address
 /// its stream comes from; anything else is taken as given.
 fn advertised_address(advertised: &str, peer: Option<std::net::SocketAddr>) -> String {
@@ -182,6 +193,12 @@ fn advertised_address(advertised: &str, peer: Option<std::net::SocketAddr>) -> S
 #[cfg(test)]
 mod advertised_tests {
     use super::advertised_address;
+
+    #[test]
+    fn a_gateway_has_its_own_entry_beside_its_nodes_agent() {
+        assert_eq!(super::book_entry("node-1", "ebpf"), "node-1");
+        assert_eq!(super::book_entry("node-1", "gateway"), "node-1/gateway");
+    }
 
     #[test]
     fn a_bare_port_is_completed_with_the_streams_address() {

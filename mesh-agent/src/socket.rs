@@ -69,9 +69,13 @@ impl SocketFactory {
     }
 
     /// Connects to `addr` from a socket carrying the agent's mark, within `timeout`.
+    /// Mark 0 is no mark, and is not set: setting any mark needs CAP_NET_ADMIN, which
+    /// a process that intercepts nothing (the east-west gateway) does not have.
     pub async fn connect(&self, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
         let socket = self.socket(Domain::for_address(addr))?;
-        socket.set_mark(self.mark)?;
+        if self.mark != 0 {
+            socket.set_mark(self.mark)?;
+        }
         socket.set_nonblocking(true)?;
         socket.set_tcp_nodelay(true)?;
         let socket = TcpSocket::from_std_stream(socket.into());

@@ -17,6 +17,7 @@
 //!
 //! What is asserted, as an attacker would try it:
 //! - the call works and nginx sees both identities in the forwarded client cert;
+//! - `meshctl status` on west shows the link to east;
 //! - the gateway passed the connection through (it holds no certificate);
 //! - east's policy admits west's workload only by name: `*` does not;
 //! - a stranger at the gateway reaches nothing: a server name for a host that is
@@ -245,6 +246,27 @@ fn a_workload_calls_a_service_another_cluster_exports_through_its_gateway(mode: 
     let passed = c.gateway.wait_log("the gateway's pass-through record", |v| message(v) == "passing through");
     assert_eq!(passed["agent"], "10.77.0.3:15008", "{passed}");
     assert!(passed["peer"].as_str().is_some_and(|p| p.starts_with("10.77.0.2:")), "{passed}");
+
+    // West's operator sees the link: east, its trust domain, one imported service.
+    let out = c
+        .lab
+        .host("control")
+        .command(bins::meshctl(), None)
+        .unwrap()
+        .env_remove("MESHCTL_CONTROL_ADMIN")
+        .env_remove("MESHCTL_AGENTS")
+        .args(["status", "--control-admin", &format!("http://{}", c.west.admin)])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.lines().any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.starts_with(&["east", "east.example", "ok", "1"])
+        }),
+        "meshctl status does not show the federated cluster east:\n{status}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A stranger at the gateway: a server name for a host that serves no exported
     // service is refused by the gateway itself...

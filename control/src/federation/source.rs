@@ -146,7 +146,7 @@ impl Link {
     }
 
     /// The source's view of the peer.
-    pub fn view(&self, peer: &PeerConfig, source: &str) -> SourceView {
+    pub fn view(&self, peer: &PeerConfig) -> SourceView {
         let roots = self.roots();
         let federated = if roots.is_empty() {
             Vec::new()
@@ -163,8 +163,9 @@ impl Link {
             services: Arc::new(self.imported.as_ref().map(|i| i.services.clone()).unwrap_or_default()),
             workloads: Arc::default(),
             ready: true,
-            last_error: (!problems.is_empty())
-                .then(|| format!("{source} {}: {}", peer.url, problems.join("; "))),
+            // Each problem names the URL or file it is about; the snapshot builder
+            // adds the source's name.
+            last_error: (!problems.is_empty()).then(|| problems.join("; ")),
             federated: Arc::new(federated),
         }
     }
@@ -228,7 +229,7 @@ impl Source for PeerSource {
 
 impl PeerSource {
     fn publish(&self, tx: &watch::Sender<SourceView>, link: &Link) {
-        let view = link.view(&self.peer, &self.name);
+        let view = link.view(&self.peer);
         self.board.update(&self.peer.name, |s| {
             s.state = link.state();
             s.last_success_unix = link.last_success_unix;

@@ -126,7 +126,7 @@ pub const FEDERATION: &str = r#"{
      "gateways": ["10.77.0.9:15443"]},
     {"name": "north", "trust_domain": "north.local", "url": "https://10.78.0.1:15010", "state": "error",
      "last_success_unix": null,
-     "last_error": "federation/north https://10.78.0.1:15010: https://10.78.0.1:15010 answered Unauthenticated: not a federated cluster, or not its token",
+     "last_error": "https://10.78.0.1:15010 answered Unauthenticated: not a federated cluster, or not its token",
      "imported_services": 0, "roots": 1, "gateways": []},
     {"name": "south", "trust_domain": "south.local", "url": "https://10.79.0.1:15010", "state": "pending",
      "last_success_unix": null, "last_error": null, "imported_services": 0, "roots": 0, "gateways": []}

@@ -384,7 +384,7 @@ CONTROL PLANE  http://cp:15011
 
 FEDERATED CLUSTER  TRUST DOMAIN  STATE    IMPORTED  ROOTS  LAST SUCCESS  LAST ERROR
 west               west.local    ok       3         2      4s ago        -
-north              north.local   error    0         1      never         federation/north https://10.78.0.1:15010: https://10.78.0.1:15010 answered Unauthenticated: not a federated cluster, or not its token
+north              north.local   error    0         1      never         https://10.78.0.1:15010 answered Unauthenticated: not a federated cluster, or not its token
 south              south.local   pending  0         0      never         -
 
 NODE  ";

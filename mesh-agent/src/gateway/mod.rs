@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{DEFAULT_MARK, LogFormat};
+use crate::config::LogFormat;
 use crate::control_channel::{ControlPlane, ControlPlaneSettings};
 use crate::discovery::{
     self,
@@ -97,7 +97,8 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         Some(path) => TrustAnchor::from_file(path).context("--control-plane-ca")?,
         None => TrustAnchor::first_use(),
     };
-    let sockets = SocketFactory::new(DEFAULT_MARK);
+    // No mark: the gateway intercepts nothing, and runs without CAP_NET_ADMIN.
+    let sockets = SocketFactory::new(0);
     let settings = ControlPlaneSettings {
         url: args.control_plane.clone(),
         token_file: args.bootstrap_token_file.clone(),
@@ -107,8 +108,6 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     };
     let control = ControlPlane::new(settings, anchor, sockets.clone())
         .map_err(|e| anyhow::anyhow!("--control-plane: {e}"))?;
-    let listener =
-        TcpListener::bind(args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
     let routes = Arc::new(RouteStore::new(true));
     let shutdown = CancellationToken::new();
     let client = ClientSettings {
@@ -124,6 +123,10 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         () = signalled() => return Ok(()),
         ready = versions.wait_for(|version| *version != 0) => { ready.context("discovery stopped")?; }
     }
+    // Listening only now: a readiness probe that connects sees a gateway that knows
+    // where to forward.
+    let listener =
+        TcpListener::bind(args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
     let table = routes.table();
     info!(listen = %args.listen, %node, trust_domain = %table.trust_domain,
         exported_agents = table.exported_agent_count(), "gateway ready");
@@ -191,6 +194,12 @@ impl Passer {
         let mut hello = BytesMut::new();
         let (agent, mut upstream) = match self.open(&mut client, &mut hello).await {
             Ok(opened) => opened,
+            // A connection that sent nothing (a TCP readiness probe) is not worth a
+            // warning.
+            Err(why) if hello.is_empty() => {
+                tracing::debug!(%peer, reason = %why, "closed a connection that sent nothing");
+                return;
+            }
             Err(why) => {
                 warn!(%peer, reason = %why, "refused a connection");
                 return;

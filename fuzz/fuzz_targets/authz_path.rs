@@ -14,6 +14,9 @@
 //! to case, a rule naming only principals admits exactly those; for a path and a
 //! prefix that need no normalisation (plain segments) a prefix rule allows exactly
 //! the paths under it, segment by segment (`/api` never covers `/api-internal`).
+//! A peer outside the local trust domain (`cluster.local`) is a federated caller:
+//! no rules, a rule without principals and `*` admit it never; only its exact ID or
+//! `spiffe://<its domain>/*` does.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -29,12 +32,26 @@ fn rule(line: &str) -> HttpRule {
     HttpRule { principals: next(), methods: next(), path_prefixes: next() }
 }
 
+/// The trust domain the agent under test serves.
+const LOCAL: &str = "cluster.local";
+
+/// Whether `peer` is a caller of the local trust domain (else a federated one).
+fn is_local(peer: &str) -> bool {
+    peer.strip_prefix("spiffe://").and_then(|r| r.split_once('/')).is_some_and(|(d, _)| d == LOCAL)
+}
+
+/// Whether a principal entry names the federated `peer`: its ID or its domain's `/*`.
+fn names_federated(p: &str, peer: &str) -> bool {
+    let domain = peer.strip_prefix("spiffe://").and_then(|r| r.split_once('/')).map(|(d, _)| d);
+    p == peer || domain.is_some_and(|d| !d.is_empty() && p == format!("spiffe://{d}/*"))
+}
+
 /// The agent's decision for one request to one service's rules: the path as hyper
 /// gives it to the proxy, normalised first (refused when it does not normalise).
 fn verdict(rules: &[HttpRule], peer: &str, method: &str, uri: &http::Uri) -> bool {
     let Ok(normalised) = path::normalize(uri.path()) else { return false };
     let caller = Principal::Authenticated(peer);
-    rules.is_empty() || rules.iter().any(|r| r.allows(caller, method, &normalised))
+    (rules.is_empty() && is_local(peer)) || rules.iter().any(|r| r.allows(caller, LOCAL, method, &normalised))
 }
 
 /// As the agent builds a rule from the snapshot: prefixes normalised.
@@ -78,8 +95,13 @@ fuzz_target!(|data: &[u8]| {
         "{normalised:?} keeps a dot segment"
     );
 
-    assert!(verdict(&[], peer, method, &uri), "no rules must allow everything");
-    assert!(verdict(&[HttpRule::default()], peer, method, &uri), "an empty rule must allow everything");
+    let local = is_local(peer);
+    assert_eq!(verdict(&[], peer, method, &uri), local, "no rules allow every local caller, no federated one");
+    assert_eq!(
+        verdict(&[HttpRule::default()], peer, method, &uri),
+        local,
+        "an empty rule allows every local caller, no federated one"
+    );
 
     let mut more = rules.clone();
     more.push(extra.clone());
@@ -94,7 +116,10 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(verdict(&rules, peer, &lower, &uri), verdict_now, "method case changed the verdict");
 
     let principals = HttpRule { principals: extra.principals.clone(), ..Default::default() };
-    let named = extra.principals.is_empty() || extra.principals.iter().any(|p| p == "*" || p == peer);
+    let named = match local {
+        true => extra.principals.is_empty() || extra.principals.iter().any(|p| p == "*" || p == peer),
+        false => extra.principals.iter().any(|p| names_federated(p, peer)),
+    };
     assert_eq!(verdict(&[principals], peer, method, &uri), named, "principals {:?}", extra.principals);
 
     let path = uri.path();
@@ -105,7 +130,7 @@ fuzz_target!(|data: &[u8]| {
                 true => path.starts_with(prefix.as_str()),
                 false => path == prefix.as_str() || path.starts_with(&format!("{prefix}/")),
             };
-            assert_eq!(verdict(&[rule], peer, method, &uri), under, "{prefix:?} and {path:?}");
+            assert_eq!(verdict(&[rule], peer, method, &uri), under && local, "{prefix:?} and {path:?}");
         }
     }
 });

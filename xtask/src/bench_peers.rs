@@ -248,6 +248,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         row.after_load_kib = rss(pid);
     }
 
+    let held = within_agent_caps(&mesh, held);
     println!("[4/4] memory: holding {held:?} connections open through each pair (L4)");
     let servers: Vec<&str> = if ztunnel.is_some() { vec!["server", "zt-server"] } else { vec!["server"] };
     let baseline =
@@ -531,6 +532,33 @@ fn wrk_transfer_mib(out: &str) -> Option<f64> {
         "GB" => n * 1024.0,
         _ => return None,
     })
+}
+
+/// The held counts, each lowered under the agents' connection caps: an agent fits
+/// `--max-connections` to its descriptors itself (`mesh_agent::limits::fit_to_nofile`:
+/// with splice on, an eighth of them kept for pipes) and logs the cap it chose, and
+/// resets a connection past it. A run that asked for more than that measured the cap,
+/// not memory (a run holding 8,976 failed at connection 8,303 this way).
+fn within_agent_caps(mesh: &Mesh, held: Vec<usize>) -> Vec<usize> {
+    // Room for the agent's own connections (tunnel, control plane) under the cap.
+    const MARGIN: usize = 64;
+    let lowered = |a: &Agent| {
+        a.find(|v| mesh_tests::agent::message(v).starts_with("--max-connections lowered"))
+            .and_then(|v| v["lowered_to"].as_u64())
+            .and_then(|n| usize::try_from(n).ok())
+    };
+    let Some(cap) = [&mesh.client, &mesh.server].into_iter().filter_map(lowered).min() else { return held };
+    let fits = cap.saturating_sub(MARGIN);
+    held.into_iter()
+        .map(|n| {
+            if n > fits {
+                println!(
+                    "      the agents' connection cap is {cap} (RLIMIT_NOFILE): holding {fits} instead of {n}"
+                );
+            }
+            n.min(fits)
+        })
+        .collect()
 }
 
 /// A `mesh-probe hold` holding connections open until released.

@@ -165,7 +165,7 @@ pub async fn authenticate_request<T>(
 }
 
 /// The token of `authorization: Bearer <token>` (scheme case-insensitive).
-fn bearer_token<T>(request: &Request<T>) -> Result<&str, Status> {
+pub(crate) fn bearer_token<T>(request: &Request<T>) -> Result<&str, Status> {
     let missing = || {
         Status::unauthenticated(
             "missing \"authorization: Bearer <token>\" metadata: the node's credential is required",
@@ -180,7 +180,8 @@ fn bearer_token<T>(request: &Request<T>) -> Result<&str, Status> {
     Ok(token.trim())
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Whether two secrets are equal, in time that depends on their length only.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -29,6 +29,7 @@ pub use auth::{
     AuthError, AuthFuture, FirstOf, IdentityAuthorizer, NodeAuthenticator, StaticAuthorizer,
     TokenFileAuthenticator, authenticate_request,
 };
+pub(crate) use auth::{bearer_token, constant_time_eq};
 pub use authority::{
     BACKDATE, Ca, CaConfig, CaMode, DEFAULT_INTERMEDIATE_VALIDITY, DEFAULT_MAX_TTL, DEFAULT_ROOT_VALIDITY,
     DEFAULT_TTL, IssuedCertificate,

@@ -58,7 +58,7 @@ impl ExportsService {
             tracing::warn!(peer = ?request.remote_addr(), cluster, reason, "refused a federation call");
             status
         };
-        let Some(token) = bearer(request) else {
+        let Ok(token) = crate::ca::bearer_token(request) else {
             return Err(refuse(
                 "missing",
                 Status::unauthenticated(
@@ -78,7 +78,7 @@ impl ExportsService {
                 return Err(refuse("token_file", Status::unavailable("the link's token cannot be read now")));
             }
         };
-        if !constant_time_eq(expected.as_bytes(), token.as_bytes()) {
+        if !crate::ca::constant_time_eq(expected.as_bytes(), token.as_bytes()) {
             return Err(refuse("wrong_token", wrong()));
         }
         Ok(())
@@ -145,14 +145,6 @@ pub fn exported(snapshot: &api::Snapshot) -> Vec<api::Service> {
         .collect()
 }
 
-/// The token of `authorization: Bearer <token>` (scheme case-insensitive).
-fn bearer<T>(request: &Request<T>) -> Option<&str> {
-    let value = request.metadata().get("authorization")?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
 /// A link's token from its file, trimmed; an empty file is an error (an empty
 /// token would let anyone in).
 pub fn read_token(path: &Path) -> Result<String, String> {
@@ -169,11 +161,4 @@ pub fn read_token(path: &Path) -> Result<String, String> {
         return Err("empty".into());
     }
     Ok(token.to_owned())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

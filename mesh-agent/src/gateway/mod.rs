@@ -51,9 +51,10 @@ pub struct GatewayArgs {
     #[arg(long, env = "MESH_CONTROL_PLANE")]
     pub control_plane: String,
 
-    /// The control plane's CA root (PEM), as for `mesh-agent run`.
+    /// The control plane's CA root (PEM), as for `mesh-agent run`. Required: the
+    /// gateway forwards where the snapshot says, so it takes no snapshot on trust.
     #[arg(long, env = "MESH_CONTROL_PLANE_CA")]
-    pub control_plane_ca: Option<std::path::PathBuf>,
+    pub control_plane_ca: std::path::PathBuf,
 
     /// This gateway node's credential for the control plane, as for `mesh-agent run`.
     #[arg(long, env = "MESH_BOOTSTRAP_TOKEN_FILE")]
@@ -93,10 +94,10 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let node = args.node.clone().unwrap_or_else(|| {
         nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "gateway".into())
     });
-    let anchor = match &args.control_plane_ca {
-        Some(path) => TrustAnchor::from_file(path).context("--control-plane-ca")?,
-        None => TrustAnchor::first_use(),
-    };
+    if !args.control_plane.starts_with("https://") {
+        anyhow::bail!("--control-plane (MESH_CONTROL_PLANE) {:?} must be https://", args.control_plane);
+    }
+    let anchor = TrustAnchor::from_file(&args.control_plane_ca).context("--control-plane-ca")?;
     // No mark: the gateway intercepts nothing, and runs without CAP_NET_ADMIN.
     let sockets = SocketFactory::new(0);
     let settings = ControlPlaneSettings {
@@ -119,8 +120,10 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     };
     tokio::spawn(discovery::client::run(client, control, routes.clone(), shutdown.clone()));
     let mut versions = routes.subscribe();
+    let signalled = crate::agent::wait_for_shutdown(&shutdown);
+    let mut signalled = std::pin::pin!(signalled);
     tokio::select! {
-        () = signalled() => return Ok(()),
+        () = &mut signalled => return Ok(()),
         ready = versions.wait_for(|version| *version != 0) => { ready.context("discovery stopped")?; }
     }
     // Listening only now: a readiness probe that connects sees a gateway that knows
@@ -133,22 +136,11 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let passer =
         Passer { routes, sockets, hello_timeout: args.hello_timeout, connect_timeout: args.connect_timeout };
     tokio::select! {
-        () = signalled() => {}
+        () = &mut signalled => {}
         () = serve(listener, Arc::new(passer), args.max_connections, shutdown.clone()) => {}
     }
     shutdown.cancel();
     Ok(())
-}
-
-async fn signalled() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => tokio::select! {
-            _ = term.recv() => info!("SIGTERM received"),
-            _ = int.recv() => info!("SIGINT received"),
-        },
-        _ => std::future::pending().await,
-    }
 }
 
 /// What one passed-through connection needs.

@@ -62,7 +62,7 @@ pub async fn fetch(
             .map_err(|e| connect(e.to_string()))?
             .connect_with_connector(connector)
             .await
-            .map_err(|e| connect(chain(&e)))?;
+            .map_err(|e| connect(crate::registry::kubernetes::error_chain(&e)))?;
         let mut client = FederationClient::new(channel).max_decoding_message_size(super::MAX_RESPONSE_BYTES);
         let mut request = tonic::Request::new(api::ExportsRequest { cluster: own_cluster.to_owned() });
         let value = format!("Bearer {token}").parse().map_err(|_| FetchError::Token {
@@ -113,7 +113,7 @@ async fn dial(
     let name = ServerName::try_from(peer.host.clone()).map_err(|e| tls(format!("{}: {e}", peer.host)))?;
     match tokio::time::timeout(timeout, tokio_rustls::TlsConnector::from(config).connect(name, tcp)).await {
         Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) => Err(tls(chain(&e))),
+        Ok(Err(e)) => Err(tls(crate::registry::kubernetes::error_chain(&e))),
         Err(_) => Err(tls("handshake timed out".into())),
     }
 }
@@ -136,19 +136,4 @@ fn client_config(roots: &[String]) -> Result<Arc<rustls::ClientConfig>, String> 
         .with_no_client_auth();
     config.alpn_protocols = vec![crate::tls::ALPN_H2.to_vec()];
     Ok(Arc::new(config))
-}
-
-/// An error and its sources, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !out.contains(&s_text) {
-            out.push_str(": ");
-            out.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    out
 }

@@ -422,8 +422,9 @@ fn is_gone(e: &watcher::Error) -> bool {
     }
 }
 
-/// The error and its causes on one line, for `last_error`.
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// The error and its causes on one line, for `last_error` (the federation client's
+/// errors too).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

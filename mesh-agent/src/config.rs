@@ -375,6 +375,16 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_SPLICE", value_enum, default_value_t = Switch::On)]
     pub splice: Switch,
 
+    /// Experimental, eBPF mode: a workload's connection to the agent on loopback skips
+    /// the TCP stack, each send queued straight on the other socket (sockmap and
+    /// sk_msg). Off by default, because on kernel 6.18 a workload that blocks in
+    /// recv() on one thread while another writes and half-closes can wait for ever
+    /// for bytes already delivered; one that writes faster than the agent reads gets
+    /// ENOMEM instead of waiting; one that reads with splice(2) would not see the
+    /// bytes at all; and plaintext relays stop splicing while it is on.
+    #[arg(long, env = "MESH_SOCKMAP", value_enum, default_value_t = Switch::Off)]
+    pub sockmap: Switch,
+
     /// On SIGTERM/SIGINT, how long open connections may take to finish.
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -668,6 +678,7 @@ impl InterceptArgs {
             cgroup_root: placement.cgroup_root,
             tunnel_port: placement.tunnel_port,
             dns_port: (self.dns_port != 0).then_some(self.dns_port),
+            sockmap: false,
         })
     }
 }
@@ -784,12 +795,20 @@ impl RunArgs {
             cgroup_root: self.cgroup_root.clone(),
             tunnel_port: self.tunnel_port,
         };
-        let settings = self.intercept.settings_with(
+        let mut settings = self.intercept.settings_with(
             self.agent_cgroup.clone(),
             self.ebpf_log,
             self.iptables_external,
             placement,
         )?;
+        if self.sockmap == Switch::On && self.mode == Mode::Iptables {
+            return Err(err(
+                "--sockmap",
+                "MESH_SOCKMAP",
+                "needs eBPF interception (--mode ebpf or auto); iptables mode has no sockhash to put sockets in",
+            ));
+        }
+        settings.sockmap = self.sockmap == Switch::On;
         if self.detect_timeout.is_zero() {
             return Err(err("--detect-timeout", "MESH_DETECT_TIMEOUT", "must be more than 0"));
         }
@@ -904,7 +923,8 @@ impl RunArgs {
                     .then_some(self.downstream_idle_timeout),
                 request_header_timeout: self.request_header_timeout,
                 tcp_idle_timeout: (!self.tcp_idle_timeout.is_zero()).then_some(self.tcp_idle_timeout),
-                splice: self.splice == Switch::On,
+                // Spliced reads never see bytes sk_msg redirected (a kernel limitation).
+                splice: self.splice == Switch::On && self.sockmap == Switch::Off,
             },
         ))
     }
@@ -939,6 +959,18 @@ mod tests {
         assert_eq!(p.downstream_idle_timeout, Some(Duration::from_secs(3600)));
         assert_eq!(p.tcp_idle_timeout, Some(Duration::from_secs(3600)));
         assert!(p.splice, "splice is on by default");
+    }
+
+    #[test]
+    fn sockmap_is_off_by_default_needs_ebpf_and_turns_splice_off() {
+        let (s, p) = parse(&[]).unwrap();
+        assert!(!s.sockmap);
+        assert!(p.splice);
+        let (s, p) = parse(&["--sockmap", "on"]).unwrap();
+        assert!(s.sockmap);
+        assert!(!p.splice, "spliced reads would miss redirected bytes");
+        let e = parse(&["--sockmap", "on", "--mode", "iptables"]).unwrap_err().to_string();
+        assert!(e.contains("--sockmap") && e.contains("eBPF"), "{e}");
     }
 
     #[test]

@@ -37,6 +37,14 @@ pub const DNS_PORT: u16 = 53;
 /// Deepest cgroup level the connect programs look at for an enrolled ancestor.
 pub const MAX_CGROUP_LEVEL: i32 = 16;
 
+/// Sockets in [`MAP_LOCAL_SOCKS`]: both ends of every accelerated loopback leg
+/// between a workload and the agent. When it is full a new leg simply goes through
+/// TCP (the insert fails and nothing is redirected).
+pub const LOCAL_SOCKS_ENTRIES: u32 = 65_536;
+/// Entries in [`MAP_LOCAL_FALLBACK`]: sockets of accelerated legs that once sent
+/// through TCP and must keep doing so. LRU: closed sockets age out.
+pub const LOCAL_FALLBACK_ENTRIES: u32 = 65_536;
+
 /// Map names, as the agent looks them up in the loaded object (and as they are
 /// pinned under the agent's bpffs directory).
 pub const MAP_CONFIG: &str = "MESH_CONFIG";
@@ -52,6 +60,10 @@ pub const MAP_INBOUND_ADDRS: &str = "MESH_INBOUND_ADDRS";
 pub const MAP_INBOUND_PORTS: &str = "MESH_INBOUND_PORTS";
 pub const MAP_INBOUND_SOCKS: &str = "MESH_INBOUND_SOCKS";
 pub const MAP_DNS_ORIG_BY_COOKIE: &str = "MESH_DNS_ORIG_BY_COOKIE";
+pub const MAP_ACCEL_CONFIG: &str = "MESH_ACCEL_CONFIG";
+pub const MAP_ACCEL_STATS: &str = "MESH_ACCEL_STATS";
+pub const MAP_LOCAL_SOCKS: &str = "MESH_LOCAL_SOCKS";
+pub const MAP_LOCAL_FALLBACK: &str = "MESH_LOCAL_FALLBACK";
 
 /// Program names, as the agent looks them up in the loaded object.
 pub const PROG_CONNECT4: &str = "mesh_connect4";
@@ -63,6 +75,7 @@ pub const PROG_SENDMSG4: &str = "mesh_sendmsg4";
 pub const PROG_SENDMSG6: &str = "mesh_sendmsg6";
 pub const PROG_RECVMSG4: &str = "mesh_recvmsg4";
 pub const PROG_RECVMSG6: &str = "mesh_recvmsg6";
+pub const PROG_SK_MSG: &str = "mesh_sk_msg";
 
 /// Version of the maps' layout. Pinned maps live in a directory named after it, so
 /// an agent whose layout differs never adopts maps it would misread.
@@ -162,6 +175,34 @@ pub struct InboundTarget {
     pub flags: u32,
     pub _pad: u32,
 }
+
+/// Same-node acceleration (`--sockmap on`), a single entry in [`MAP_ACCEL_CONFIG`].
+/// A map of its own rather than fields of [`InterceptConfig`], so maps pinned by an
+/// agent without it keep their layout; all zero (the default) accelerates nothing.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccelConfig {
+    /// Non-zero: `sockops` puts the loopback legs between workloads and the agent in
+    /// [`MAP_LOCAL_SOCKS`], where `sk_msg` hands each send to the peer socket.
+    pub enabled: u32,
+    pub _pad: u32,
+}
+
+/// Indexes of the per-CPU counters in [`MAP_ACCEL_STATS`].
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum AccelStat {
+    /// A socket of a loopback leg put in [`MAP_LOCAL_SOCKS`] (two per leg).
+    Added = 0,
+    /// A send handed straight to the peer socket.
+    Redirected = 1,
+    /// A send that went through TCP because the peer socket was not (or no longer)
+    /// in the map; that socket sends through TCP from then on.
+    FellBack = 2,
+}
+
+/// Number of [`AccelStat`] counters.
+pub const ACCEL_STATS_LEN: u32 = 3;
 
 /// Where a redirected connection was originally going.
 #[repr(C)]
@@ -265,6 +306,7 @@ mod pod {
     unsafe impl aya::Pod for super::HostCgroup {}
     unsafe impl aya::Pod for super::PodNetns {}
     unsafe impl aya::Pod for super::InboundTarget {}
+    unsafe impl aya::Pod for super::AccelConfig {}
 }
 
 #[cfg(test)]
@@ -279,6 +321,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<InboundTarget>(), 16);
         assert_eq!(core::mem::size_of::<OrigDst>(), 20);
         assert_eq!(core::mem::size_of::<SockTuple>(), 48);
+        assert_eq!(core::mem::size_of::<AccelConfig>(), 8);
     }
 
     #[test]

@@ -34,6 +34,14 @@
 //!   listener in that namespace, keeping its destination (no NAT). Connections arriving
 //!   over loopback (the agent reaching its workload) are left alone.
 //!
+//! - `mesh_sk_msg` (`sk_msg`, on [`LOCAL_SOCKS`], only with `--sockmap on`): the
+//!   loopback leg between a workload and the agent on its node (the workload's
+//!   redirected connect to the agent's outbound listener) skips the TCP stack:
+//!   `mesh_sockops` puts both ends in the sockhash as they establish, and each send
+//!   on one end is queued straight on the other end's receive side. A send that
+//!   finds no peer goes through TCP, and that socket keeps sending through TCP from
+//!   then on, so bytes are never read out of order.
+//!
 //! Interception fails closed: a connect whose destination cannot be recorded is
 //! refused, and an inbound connection whose listener is gone (agent down) is dropped,
 //! never delivered around the agent.
@@ -43,26 +51,27 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_F_INGRESS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        sk_action,
     },
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
         bpf_get_socket_cookie, bpf_sock_ops_cb_flags_set,
     },
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap, lpm_trie::Key},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sk_msg, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap, lpm_trie::Key},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    AF_INET, AF_INET6, CIDR_RULES_ENTRIES, CidrKey, DNS_ORIG_BY_COOKIE_ENTRIES, DNS_PORT,
-    FLAG_CIDRS_INCLUDE_ONLY, FLAG_DEBUG_LOG,
-    FLAG_PORTS_INCLUDE_ONLY, HOST_CGROUP_ENTRIES, HostCgroup, INBOUND_ADDR_ENTRIES, INBOUND_ALL_PORTS,
-    INBOUND_PORT_CAPTURE, INBOUND_PORT_SKIP, INBOUND_SOCK_ENTRIES, InboundTarget, InterceptConfig,
-    MAX_CGROUP_LEVEL, ORIG_DST_BY_COOKIE_ENTRIES, ORIG_DST_BY_TUPLE_ENTRIES, OrigDst, POD_NETNS_ENTRIES,
-    PORT_RULES_ENTRIES, PodNetns, RULE_INTERCEPT, RULE_SKIP, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6, STATS_LEN,
-    SockTuple, Stat, is_loopback, is_v4_mapped, v4_mapped,
+    ACCEL_STATS_LEN, AF_INET, AF_INET6, AccelConfig, AccelStat, CIDR_RULES_ENTRIES, CidrKey,
+    DNS_ORIG_BY_COOKIE_ENTRIES, DNS_PORT, FLAG_CIDRS_INCLUDE_ONLY, FLAG_DEBUG_LOG, FLAG_PORTS_INCLUDE_ONLY,
+    HOST_CGROUP_ENTRIES, HostCgroup, INBOUND_ADDR_ENTRIES, INBOUND_ALL_PORTS, INBOUND_PORT_CAPTURE,
+    INBOUND_PORT_SKIP, INBOUND_SOCK_ENTRIES, InboundTarget, InterceptConfig, LOCAL_FALLBACK_ENTRIES,
+    LOCAL_SOCKS_ENTRIES, MAX_CGROUP_LEVEL, ORIG_DST_BY_COOKIE_ENTRIES, ORIG_DST_BY_TUPLE_ENTRIES, OrigDst,
+    POD_NETNS_ENTRIES, PORT_RULES_ENTRIES, PodNetns, RULE_INTERCEPT, RULE_SKIP, SO_ORIGINAL_DST, SOL_IP,
+    SOL_IPV6, STATS_LEN, SockTuple, Stat, is_loopback, is_v4_mapped, v4_mapped,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -93,12 +102,10 @@ static CIDR_EXCLUDE: LpmTrie<CidrKey, u32> = LpmTrie::pinned(CIDR_RULES_ENTRIES,
 static PORT_RULES: HashMap<u16, u32> = HashMap::pinned(PORT_RULES_ENTRIES, 0);
 
 #[map(name = "MESH_ORIG_DST_BY_COOKIE")]
-static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::pinned(ORIG_DST_BY_COOKIE_ENTRIES, 0);
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_DST_BY_COOKIE_ENTRIES, 0);
 
 #[map(name = "MESH_ORIG_DST_BY_TUPLE")]
-static ORIG_DST_BY_TUPLE: LruHashMap<SockTuple, OrigDst> =
-    LruHashMap::pinned(ORIG_DST_BY_TUPLE_ENTRIES, 0);
+static ORIG_DST_BY_TUPLE: LruHashMap<SockTuple, OrigDst> = LruHashMap::pinned(ORIG_DST_BY_TUPLE_ENTRIES, 0);
 
 /// The resolver a workload's DNS socket was sending to, by socket cookie, for the
 /// recvmsg programs to put back as the answer's source. LRU: sockets come and go.
@@ -122,6 +129,38 @@ static INBOUND_PORTS: HashMap<u16, u32> = HashMap::pinned(PORT_RULES_ENTRIES, 0)
 
 #[map(name = "MESH_INBOUND_SOCKS")]
 static INBOUND_SOCKS: SockMap = SockMap::pinned(INBOUND_SOCK_ENTRIES, 0);
+
+#[map(name = "MESH_ACCEL_CONFIG")]
+static ACCEL_CONFIG: Array<AccelConfig> = Array::pinned(1, 0);
+
+#[map(name = "MESH_ACCEL_STATS")]
+static ACCEL_STATS: PerCpuArray<u64> = PerCpuArray::pinned(ACCEL_STATS_LEN, 0);
+
+/// Both ends of each accelerated loopback leg, keyed by the socket's own view of its
+/// connection (local end as `src`). Pinned so a restarted agent's programs redirect
+/// between the sockets its predecessor's put there.
+#[map(name = "MESH_LOCAL_SOCKS")]
+static LOCAL_SOCKS: SockHash<SockTuple> = SockHash::pinned(LOCAL_SOCKS_ENTRIES, 0);
+
+/// Active ends put in [`LOCAL_SOCKS`] whose passive end has not established yet: the
+/// passive end joins only if its peer is here, so only legs whose both ends belong
+/// to the mesh are accelerated. LRU: an end whose peer never shows ages out.
+#[map(name = "MESH_LOCAL_PENDING")]
+static LOCAL_PENDING: LruHashMap<SockTuple, u8> = LruHashMap::with_max_entries(LOCAL_FALLBACK_ENTRIES, 0);
+
+/// Sockets of accelerated legs that sent through TCP once (their peer was not in the
+/// map yet, or any more). They never redirect again: redirected bytes would be read
+/// before the ones still queued in TCP.
+#[map(name = "MESH_LOCAL_FALLBACK")]
+static LOCAL_FALLBACK: LruHashMap<SockTuple, u8> = LruHashMap::pinned(LOCAL_FALLBACK_ENTRIES, 0);
+
+#[inline(always)]
+fn count_accel(stat: AccelStat) {
+    if let Some(slot) = ACCEL_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot of a map value; programs do not migrate CPUs mid-run.
+        unsafe { *slot += 1 };
+    }
+}
 
 #[inline(always)]
 fn count(stat: Stat) {
@@ -478,8 +517,13 @@ fn try_sockops(ctx: &SockOpsContext) {
     let op = ctx.op();
     if op != BPF_SOCK_OPS_TCP_CONNECT_CB
         && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
         && op != BPF_SOCK_OPS_STATE_CB
     {
+        return;
+    }
+    if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        accelerate_passive(ctx);
         return;
     }
     // SAFETY: helper valid for sockops programs; the context pointer is valid.
@@ -496,13 +540,14 @@ fn try_sockops(ctx: &SockOpsContext) {
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             let Some(dst) = ORIG_DST_BY_COOKIE.get_ptr(cookie) else { return };
+            let key = sockops_tuple(ctx);
             // SAFETY: pointer to a live map value returned by the lookup.
             let dst = unsafe { *dst };
-            let key = sockops_tuple(ctx);
             if ORIG_DST_BY_TUPLE.insert(&key, &dst, 0).is_ok() {
                 count(Stat::Established);
             }
             let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+            accelerate_active(ctx, &key);
         }
         _ => {
             // BPF_SOCK_OPS_STATE_CB: args[1] is the new state. A cookie entry still
@@ -514,6 +559,122 @@ fn try_sockops(ctx: &SockOpsContext) {
                 count(Stat::ConnectFailed);
             }
         }
+    }
+}
+
+/// The acceleration settings, when `--sockmap on` turned them on.
+#[inline(always)]
+fn accel() -> Option<&'static AccelConfig> {
+    let cfg = ACCEL_CONFIG.get(0)?;
+    if cfg.enabled == 0 { None } else { Some(cfg) }
+}
+
+/// Puts the connecting end of a workload's leg to the agent in [`LOCAL_SOCKS`]: a
+/// connect the programs redirected to the agent's loopback listener. Only these are
+/// known for certain to be the mesh's own legs; any other local connection is the
+/// workload's business and left to TCP.
+#[inline(always)]
+fn accelerate_active(ctx: &SockOpsContext, key: &SockTuple) {
+    if accel().is_none() || !local_leg(key) {
+        return;
+    }
+    if add_local(ctx, key) {
+        let _ = LOCAL_PENDING.insert(key, &1, 0);
+    }
+}
+
+/// Puts the accepting end of a local leg in [`LOCAL_SOCKS`] when its connecting end
+/// is there (the connecting end establishes first).
+#[inline(always)]
+fn accelerate_passive(ctx: &SockOpsContext) {
+    if accel().is_none() {
+        return;
+    }
+    let key = sockops_tuple(ctx);
+    if !local_leg(&key) {
+        return;
+    }
+    let peer = reversed(&key);
+    if LOCAL_PENDING.get_ptr(&peer).is_none() {
+        return;
+    }
+    let _ = LOCAL_PENDING.remove(&peer);
+    add_local(ctx, &key);
+}
+
+/// A connection between two loopback addresses: both ends are sockets of one
+/// network namespace, which the kernel serves without a device queue. Keys carry
+/// the namespace's cookie, so two namespaces' equal tuples never meet.
+#[inline(always)]
+fn local_leg(key: &SockTuple) -> bool {
+    is_loopback(&key.src_addr) && is_loopback(&key.dst_addr)
+}
+
+/// Puts a socket in [`LOCAL_SOCKS`]; false when the map refused it (full).
+#[inline(always)]
+fn add_local(ctx: &SockOpsContext, key: &SockTuple) -> bool {
+    // A socket that reuses a closed one's tuple starts with a clean slate.
+    let _ = LOCAL_FALLBACK.remove(key);
+    // SAFETY: the context pointer is valid for the program's duration.
+    let ops = unsafe { &mut *ctx.ops };
+    if LOCAL_SOCKS.update(*key, ops, u64::from(BPF_NOEXIST)).is_ok() {
+        count_accel(AccelStat::Added);
+        true
+    } else {
+        false
+    }
+}
+
+/// The other end's view of a connection.
+#[inline(always)]
+fn reversed(key: &SockTuple) -> SockTuple {
+    SockTuple {
+        netns_cookie: key.netns_cookie,
+        src_addr: key.dst_addr,
+        dst_addr: key.src_addr,
+        src_port: key.dst_port,
+        dst_port: key.src_port,
+        _pad: 0,
+    }
+}
+
+#[sk_msg]
+pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
+    try_sk_msg(&ctx);
+    // Always pass: a redirect set above sends the message to the peer, no redirect
+    // sends it through TCP. Nothing is ever dropped here.
+    sk_action::SK_PASS
+}
+
+/// Hands a send on one end of an accelerated leg to the other end's receive queue,
+/// unless this socket already sent through TCP (see [`LOCAL_FALLBACK`]).
+#[inline(always)]
+fn try_sk_msg(ctx: &SkMsgContext) {
+    // SAFETY: the context pointer is valid for the program's duration.
+    let md = unsafe { &*ctx.msg };
+    let (local, remote) = if md.family == u32::from(AF_INET) {
+        (v4_mapped(md.local_ip4), v4_mapped(md.remote_ip4))
+    } else {
+        (words(&md.local_ip6), words(&md.remote_ip6))
+    };
+    let own = SockTuple {
+        // SAFETY: helper valid for sk_msg programs; the context pointer is valid.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        src_addr: local,
+        dst_addr: remote,
+        src_port: md.local_port as u16,
+        dst_port: u16::from_be((md.remote_port >> 16) as u16),
+        _pad: 0,
+    };
+    if LOCAL_FALLBACK.get_ptr(&own).is_some() {
+        return;
+    }
+    let mut peer = reversed(&own);
+    if LOCAL_SOCKS.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(sk_action::SK_PASS) {
+        count_accel(AccelStat::Redirected);
+    } else {
+        let _ = LOCAL_FALLBACK.insert(&own, &1, 0);
+        count_accel(AccelStat::FellBack);
     }
 }
 

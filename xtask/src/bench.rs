@@ -29,6 +29,8 @@ pub struct Options {
     pub duration: Duration,
     pub connects: usize,
     pub connections: usize,
+    /// The eBPF-mode agent runs with `--sockmap on`.
+    pub sockmap: bool,
 }
 
 #[derive(Serialize, Clone, Debug, Default)]
@@ -85,10 +87,11 @@ pub fn intercept(root: &Path, opts: &Options) -> Result<()> {
         let agent = match mode {
             "direct" => None,
             // The shipped default: info, one record per connection.
-            m => Some(Agent::start(
-                lab.host(m),
-                AgentOptions { log: Some("info".into()), ..AgentOptions::new(m).cgroup(&wl) },
-            )?),
+            m => {
+                let base = AgentOptions::new(m).cgroup(&wl);
+                let base = if opts.sockmap && m == "ebpf" { base.arg("--sockmap").arg("on") } else { base };
+                Some(Agent::start(lab.host(m), AgentOptions { log: Some("info".into()), ..base })?)
+            }
         };
         clients.push((mode, wl, agent));
     }
@@ -125,9 +128,11 @@ pub fn intercept(root: &Path, opts: &Options) -> Result<()> {
     println!("\n{report}");
     let dir = root.join("bench-results");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("intercept.md"), &report)?;
-    std::fs::write(dir.join("intercept.json"), serde_json::to_string_pretty(&results)?)?;
-    println!("wrote bench-results/intercept.md and bench-results/intercept.json");
+    // An A/B run with `--sockmap` keeps its own files beside the plain run's.
+    let name = if opts.sockmap { "intercept-sockmap" } else { "intercept" };
+    std::fs::write(dir.join(format!("{name}.md")), &report)?;
+    std::fs::write(dir.join(format!("{name}.json")), serde_json::to_string_pretty(&results)?)?;
+    println!("wrote bench-results/{name}.md and bench-results/{name}.json");
     Ok(())
 }
 
@@ -254,11 +259,12 @@ fn render(results: &[ModeResult], opts: &Options) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "# Interception benchmark\n\n`cargo xtask bench intercept` ({} rounds, medians; per round {} sequential connects, \
+        "# Interception benchmark\n\n`cargo xtask bench intercept{}` ({} rounds, medians; per round {} sequential connects, \
          wrk {} connections x {}s, iperf3 {}s), one run, each mode on its own client host against the same server. \
          Ratios are to the direct path (lower is better for latency, higher for throughput). `connect()` returns when \
          the local agent accepts, so through the agent it is not the time to reach the server: \
          connect+first byte is what the workload waits for.\n",
+        if opts.sockmap { " --sockmap" } else { "" },
         opts.rounds,
         opts.connects,
         opts.connections,

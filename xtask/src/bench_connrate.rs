@@ -35,6 +35,8 @@ pub struct Options {
     pub duration: Duration,
     /// wrk's concurrent connections (each closed after its one request).
     pub connections: u32,
+    /// The eBPF pair's agents run with `--sockmap on`.
+    pub sockmap: bool,
 }
 
 impl Options {
@@ -174,7 +176,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     let load_at_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     println!("[2/3] starting the lab: control plane, an eBPF pair, an iptables pair, nginx");
-    let lab = ConnLab::start()?;
+    let lab = ConnLab::start(opts.sockmap)?;
     let agents = lab.agents();
     // Idle: enrolled, one request through each path, then as long as the agents take
     // to hand back what that cost.
@@ -228,23 +230,26 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     println!("\n{report}");
     let out = root.join("bench-results");
     std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("connrate.md"), &report)?;
+    // An A/B run with `--sockmap` keeps its own files beside the plain run's.
+    let name = if opts.sockmap { "connrate-sockmap" } else { "connrate" };
+    std::fs::write(out.join(format!("{name}.md")), &report)?;
     std::fs::write(
-        out.join("connrate.json"),
+        out.join(format!("{name}.json")),
         serde_json::to_string_pretty(&serde_json::json!({
             "rounds": opts.rounds,
             "duration_s": opts.secs(),
             "connections": opts.connections,
+            "sockmap": opts.sockmap,
             "paths": results,
             "memory": memory,
         }))?,
     )?;
-    println!("wrote bench-results/connrate.md and bench-results/connrate.json");
+    println!("wrote bench-results/{name}.md and bench-results/{name}.json");
     Ok(())
 }
 
 impl ConnLab {
-    fn start() -> Result<Self> {
+    fn start(sockmap: bool) -> Result<Self> {
         let lab = Lab::new(&["control", "direct", "ebpf-client", "ebpf-server", "ipt-client", "ipt-server"])?;
         let dir = tempfile::tempdir()?;
         let mut nginx = Vec::new();
@@ -263,8 +268,10 @@ impl ConnLab {
         for spec in PAIRS {
             let workload = Cgroup::new(&format!("connrate-{}", spec.mode))?;
             let server_cg = Cgroup::new(&format!("connrate-{}-srv", spec.mode))?;
-            let client = start_agent(&lab, &control, spec.mode, spec.client, &workload, "shop/frontend")?;
-            let server = start_agent(&lab, &control, spec.mode, spec.server, &server_cg, "shop/api")?;
+            let accel = sockmap && spec.mode == "ebpf";
+            let client =
+                start_agent(&lab, &control, spec.mode, spec.client, &workload, "shop/frontend", accel)?;
+            let server = start_agent(&lab, &control, spec.mode, spec.server, &server_cg, "shop/api", accel)?;
             pairs.push(Pair { spec, client, server, workload, _server_cg: server_cg });
         }
         Ok(Self { pairs, _control: control, _nginx: nginx, _dir: dir, lab })
@@ -331,8 +338,17 @@ impl ConnLab {
     }
 }
 
-fn start_agent(lab: &Lab, control: &Control, mode: &str, host: &str, cg: &Cgroup, id: &str) -> Result<Agent> {
+fn start_agent(
+    lab: &Lab,
+    control: &Control,
+    mode: &str,
+    host: &str,
+    cg: &Cgroup,
+    id: &str,
+    sockmap: bool,
+) -> Result<Agent> {
     let opts = control.agent_options(mode, host, id).cgroup(cg).arg("--access-log").arg("off");
+    let opts = if sockmap { opts.arg("--sockmap").arg("on") } else { opts };
     let agent = Agent::start(lab.host(host), AgentOptions { log: Some("info".into()), ..opts })?;
     agent.wait_enrolled();
     let got = agent.mode();
@@ -431,13 +447,14 @@ fn render(results: &[PathResult], memory: &[MemoryRow], opts: &Options, load: &s
     let _ = writeln!(s, "# New connections per second: eBPF pair beside iptables pair\n");
     let _ = writeln!(
         s,
-        "`cargo xtask bench connrate --rounds {r} --duration {d}s --connections {c}`: one run, {r} round(s), \
+        "`cargo xtask bench connrate --rounds {r} --duration {d}s --connections {c}{sm}`: one run, {r} round(s), \
          medians reported. Both pairs, the direct path, the control plane and the load generator share one \
          machine's 2 cores; within a round the paths run one after another (direct, eBPF L4, iptables L4, \
          eBPF L7, iptables L7), so drift hits them alike. Load: `wrk -t1 -c{c} -d{d}s -H 'Connection: close'` \
          from the client's workload cgroup against the pair's service VIP (direct: nginx on `ebpf-server`), so \
          requests per second are new connections per second. Load average at start: {load}.\n",
         r = opts.rounds,
+        sm = if opts.sockmap { " --sockmap" } else { "" },
         d = opts.secs(),
         c = opts.connections,
     );

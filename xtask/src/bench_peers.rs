@@ -42,6 +42,8 @@ pub struct Options {
     pub held: Vec<usize>,
     /// Only these workloads (their keys); empty: all, and the results are written.
     pub workloads: Vec<String>,
+    /// The mesh's agents run with `--sockmap on` (an A/B against a run without).
+    pub sockmap: bool,
 }
 
 const VIP: &str = "10.96.0.60";
@@ -195,7 +197,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     for host in ["server", "zt-server"] {
         _nginx.push(nginx(lab.host(host), &dir.path().join(host))?);
     }
-    let mesh = start_mesh(&lab, dir.path())?;
+    let mesh = start_mesh(&lab, dir.path(), opts.sockmap)?;
     let ztunnel = opts.ztunnel.as_deref().map(|bin| start_ztunnel(&lab, dir.path(), bin)).transpose()?;
     let routes: Vec<Route> = [Route::Direct, Route::MeshL4, Route::MeshL7]
         .into_iter()
@@ -302,12 +304,16 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     }
     let out = root.join("bench-results");
     std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("peers.md"), &report)?;
+    // An A/B run with `--sockmap` keeps its own files beside the plain run's.
+    let name = if opts.sockmap { "peers-sockmap" } else { "peers" };
+    std::fs::write(out.join(format!("{name}.md")), &report)?;
     std::fs::write(
-        out.join("peers.json"),
-        serde_json::to_string_pretty(&serde_json::json!({"rows": rows, "memory": memory}))?,
+        out.join(format!("{name}.json")),
+        serde_json::to_string_pretty(
+            &serde_json::json!({"rows": rows, "memory": memory, "sockmap": opts.sockmap}),
+        )?,
     )?;
-    println!("wrote bench-results/peers.md and bench-results/peers.json");
+    println!("wrote bench-results/{name}.md and bench-results/{name}.json");
     Ok(())
 }
 
@@ -388,7 +394,7 @@ fn registry(server: &Host, client: &Host) -> String {
     )
 }
 
-fn start_mesh(lab: &Lab, dir: &Path) -> Result<Mesh> {
+fn start_mesh(lab: &Lab, dir: &Path, sockmap: bool) -> Result<Mesh> {
     let reg = dir.join("registry.yaml");
     std::fs::write(&reg, registry(lab.host("server"), lab.host("client")))?;
     let control = Control::start_with_ca(lab.host("control"), &reg, dir, &["client", "server"], &[])?;
@@ -402,7 +408,9 @@ fn start_mesh(lab: &Lab, dir: &Path) -> Result<Mesh> {
             .arg("off")
             // The memory step holds up to 10,000 connections from one workload.
             .arg("--max-connections-per-source")
-            .arg("16384");
+            .arg("16384")
+            .arg("--sockmap")
+            .arg(if sockmap { "on" } else { "off" });
         let a = Agent::start(lab.host(host), AgentOptions { log: Some("info".into()), ..opts })?;
         a.wait_enrolled();
         Ok(a)
@@ -639,12 +647,13 @@ fn render(rows: &[Row], memory: &[MemoryRow], opts: &Options) -> String {
     let _ = writeln!(s, "# The mesh beside ztunnel\n");
     let _ = writeln!(
         s,
-        "`cargo xtask bench peers --rounds {} --duration {}s`: one run on this 2-core machine, every process \
+        "`cargo xtask bench peers --rounds {} --duration {}s{}`: one run on this 2-core machine, every process \
          sharing both cores. Medians of {} rounds; within a round the paths run one after another, so drift \
          hits them alike. Load: `wrk -t1`. Both agents in eBPF mode with one data-path worker; ztunnel {} \
          with one worker (`ZTUNNEL_WORKER_THREADS=1`).\n",
         opts.rounds,
         opts.duration.as_secs(),
+        if opts.sockmap { " --sockmap" } else { "" },
         opts.rounds,
         if opts.ztunnel.is_some() { "in dedicated mode, fake CA," } else { "not run (ZTUNNEL_BIN unset)," },
     );

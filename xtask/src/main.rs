@@ -80,6 +80,10 @@ enum Bench {
         /// Concurrent keep-alive connections for wrk.
         #[arg(long, default_value_t = 16)]
         connections: usize,
+        /// Start the eBPF-mode agent with `--sockmap on` (the workload's loopback leg
+        /// through sk_msg); results go to bench-results/intercept-sockmap.md.
+        #[arg(long)]
+        sockmap: bool,
     },
     /// HTTP/1.1 and HTTP/2 through client agent -> mTLS -> server agent vs direct, at
     /// 1k and 10k requests/s and at the maximum rate, one run.
@@ -154,6 +158,10 @@ enum Bench {
         /// given. A partial run leaves bench-results/peers.md alone.
         #[arg(long, value_delimiter = ',')]
         workloads: Vec<String>,
+        /// Start the mesh's agents with `--sockmap on` (a workload's loopback leg to
+        /// its agent through sk_msg); results go to bench-results/peers-sockmap.md.
+        #[arg(long)]
+        sockmap: bool,
     },
     /// New connections per second (`wrk -H 'Connection: close'`) through an eBPF-mode
     /// pair and an iptables-mode pair in one lab, both ports (L4 and L7) beside the
@@ -169,6 +177,10 @@ enum Bench {
         /// wrk's concurrent connections, each closed after its request.
         #[arg(long, default_value_t = 16)]
         connections: u32,
+        /// Start the eBPF pair's agents with `--sockmap on` (same-node legs through
+        /// sk_msg), for an A/B against a run without it.
+        #[arg(long)]
+        sockmap: bool,
     },
     /// Pods on one node through the real CNI chain, each with its own identity: time
     /// from CNI ADD to the pod being served, and the agent's memory, both modes.
@@ -187,8 +199,8 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => setup::test(&root, &args),
         Task::BuildEbpf { check } => ebpf::run(&root, &ebpf::Options { check }),
-        Task::Bench { which: Bench::Intercept { rounds, duration, connects, connections } } => {
-            bench::intercept(&root, &bench::Options { rounds, duration, connects, connections })
+        Task::Bench { which: Bench::Intercept { rounds, duration, connects, connections, sockmap } } => {
+            bench::intercept(&root, &bench::Options { rounds, duration, connects, connections, sockmap })
         }
         Task::Bench { which: Bench::L7 { duration, connections, rounds, protocols, loads } } => {
             bench_l7::run(&root, &bench_l7::Options { duration, connections, rounds, protocols, loads })
@@ -199,11 +211,14 @@ fn main() -> Result<()> {
         Task::Bench { which: Bench::Handshakes { duration, rounds, flood } } => {
             bench_handshakes::run(&root, &bench_handshakes::Options { duration, rounds, flood })
         }
-        Task::Bench { which: Bench::Peers { rounds, duration, ztunnel, held, workloads } } => {
-            bench_peers::run(&root, &bench_peers::Options { rounds, duration, ztunnel, held, workloads })
+        Task::Bench { which: Bench::Peers { rounds, duration, ztunnel, held, workloads, sockmap } } => {
+            bench_peers::run(
+                &root,
+                &bench_peers::Options { rounds, duration, ztunnel, held, workloads, sockmap },
+            )
         }
-        Task::Bench { which: Bench::Connrate { rounds, duration, connections } } => {
-            bench_connrate::run(&root, &bench_connrate::Options { rounds, duration, connections })
+        Task::Bench { which: Bench::Connrate { rounds, duration, connections, sockmap } } => {
+            bench_connrate::run(&root, &bench_connrate::Options { rounds, duration, connections, sockmap })
         }
         Task::Bench { which: Bench::Pods { pods } } => bench_pods::run(&root, &bench_pods::Options { pods }),
     }

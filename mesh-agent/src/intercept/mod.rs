@@ -100,6 +100,8 @@ pub struct Settings {
     /// The agent's DNS listener port in each workload's namespace, where workloads'
     /// DNS queries are sent; `None`: DNS is not intercepted.
     pub dns_port: Option<u16>,
+    /// eBPF mode: loopback legs between workloads and the agent skip TCP (`--sockmap`).
+    pub sockmap: bool,
 }
 
 impl Settings {
@@ -310,6 +312,9 @@ impl Interceptor {
                     },
                 };
                 warn!(reason = %ebpf_failure, "eBPF interception unavailable, falling back to iptables");
+                if settings.sockmap {
+                    warn!("--sockmap on needs eBPF interception: same-node legs go through TCP");
+                }
                 if let Err(missing) = preflight::iptables(settings.ipv6) {
                     return Err(InterceptError::NoMode { ebpf: ebpf_failure, iptables: missing.to_string() });
                 }

@@ -8,6 +8,7 @@
 //! stops or dies, so redirected connections are refused while no agent listens (fail
 //! closed) and a new agent adopts them. `mesh-agent cleanup` removes them.
 
+pub mod accel;
 pub mod pins;
 
 use std::{
@@ -71,6 +72,8 @@ pub enum EbpfError {
     Program { name: &'static str, error: ProgramError },
     #[error("eBPF map {name}: {source}")]
     Map { name: &'static str, source: MapError },
+    #[error("eBPF map {name}: duplicating its descriptor: {source}")]
+    MapFd { name: &'static str, source: std::io::Error },
     #[error("the eBPF object has no {0} (object out of date? run `cargo xtask build-ebpf`)")]
     Missing(&'static str),
     #[error("opening cgroup {path}: {source}")]
@@ -161,6 +164,8 @@ pub struct EbpfStats {
     pub connect_failed: u64,
     pub inbound_captured: u64,
     pub inbound_dropped: u64,
+    /// Same-node acceleration (`--sockmap on`; all zero while off).
+    pub sockmap: accel::AccelStats,
 }
 
 fn prog<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
@@ -225,6 +230,7 @@ impl EbpfInterceptor {
         let agent_cgroup = CgroupPath::resolve(&mount, &settings.agent_cgroup_or_own()?)?;
         let cgroup_root = CgroupPath::resolve(&mount, &settings.cgroup_root)?;
         configure(&mut bpf, settings, cgroup_id(&agent_cgroup)?)?;
+        accel::configure(&mut bpf, settings.sockmap)?;
 
         for name in SOCK_ADDR_PROGRAMS {
             prog::<CgroupSockAddr>(&mut bpf, name)?.load().map_err(prog_err(name))?;
@@ -256,6 +262,11 @@ impl EbpfInterceptor {
         pins.replace_link(PROG_SOCKOPS, link)?;
         info!(cgroup_root = %cgroup_root, agent_cgroup = %agent_cgroup, pins = %settings.bpffs_dir.display(),
             "eBPF programs attached and pinned (connect4|6, sendmsg4|6, recvmsg4|6, sockops at the cgroup root; getsockopt on the agent's cgroup)");
+        if settings.sockmap {
+            tracing::warn!(
+                "experimental same-node acceleration on (--sockmap on): workloads' loopback connections to the agent skip TCP (sk_msg); a workload blocked in recv() while it half-closes can miss bytes on this path"
+            );
+        }
         Ok(Self {
             bpf,
             pins,
@@ -447,6 +458,7 @@ impl EbpfInterceptor {
             connect_failed: at(Stat::ConnectFailed),
             inbound_captured: at(Stat::InboundCaptured),
             inbound_dropped: at(Stat::InboundDropped),
+            sockmap: accel::stats(&self.bpf)?,
         })
     }
 }

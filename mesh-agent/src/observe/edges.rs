@@ -190,7 +190,7 @@ impl Edges {
             });
         }
         let overflow = self.overflow.take().map_or(0, |c| c.requests.max(1));
-        edges.sort_by(|a, b| b.requests.cmp(&a.requests));
+        edges.sort_by_key(|e| std::cmp::Reverse(e.requests));
         let cut = edges.len().saturating_sub(shape::MAX_EDGES_PER_REPORT);
         edges.truncate(shape::MAX_EDGES_PER_REPORT);
         let dropped_edges = u32::try_from(cut).unwrap_or(u32::MAX).saturating_add(u32::from(overflow > 0));

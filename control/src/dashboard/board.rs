@@ -56,6 +56,8 @@ pub struct Sum {
     pub bytes: u64,
     /// Requests per second over the windows summed.
     pub rps: f64,
+    /// Denials per second, likewise.
+    pub denials_per_s: f64,
     pub latency: [u64; shape::LATENCY_BUCKET_COUNT],
     /// Whether every report of the edge said mutual TLS.
     pub mtls: bool,
@@ -74,6 +76,7 @@ impl Sum {
         self.denials = self.denials.saturating_add(e.denials);
         self.bytes = self.bytes.saturating_add(e.bytes);
         self.rps += e.requests as f64 / covered_secs;
+        self.denials_per_s += e.denials as f64 / covered_secs;
         self.http |= e.protocol == "http";
         shape::merge_buckets(&mut self.latency, &e.latency_buckets);
     }
@@ -87,6 +90,7 @@ impl Sum {
         self.denials = self.denials.saturating_add(o.denials);
         self.bytes = self.bytes.saturating_add(o.bytes);
         self.rps += o.rps;
+        self.denials_per_s += o.denials_per_s;
         self.http |= o.http;
         shape::merge_buckets(&mut self.latency, &o.latency);
     }
@@ -150,7 +154,9 @@ impl Board {
     }
 
     /// Every edge's traffic over the windows that ended in the last `span_ms`.
-    /// Rates divide each agent's counts by the time its windows covered, then add
+    /// Rates divide each agent's counts by the time since its first window in the
+    /// span began (agents skip idle windows, which count as time all the same; a
+    /// new agent's rates are not diluted by the time before it reported), then add
     /// across agents.
     pub fn edges(&self, now_ms: u64, span_ms: u64) -> BTreeMap<EdgeId, Sum> {
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
@@ -159,7 +165,10 @@ impl Board {
         let mut out: BTreeMap<EdgeId, Sum> = BTreeMap::new();
         for a in agents.values() {
             let recent: Vec<&Window> = a.windows.iter().filter(|w| w.at_ms > from).collect();
-            let covered_ms: u64 = recent.iter().map(|w| w.window_ms).sum();
+            let Some(start) = recent.iter().map(|w| w.at_ms.saturating_sub(w.window_ms)).min() else {
+                continue;
+            };
+            let covered_ms = now_ms.saturating_sub(start.max(from));
             let covered_secs = (covered_ms as f64 / 1000.0).max(0.001);
             for w in recent {
                 for e in &w.edges {

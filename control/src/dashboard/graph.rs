@@ -34,6 +34,7 @@ fn edge_json(source: &str, target: &str, s: &Sum) -> Value {
         "requests": s.requests,
         "errors": s.errors,
         "denials": s.denials,
+        "denials_per_s": round(s.denials_per_s, 2),
         "bytes": s.bytes,
         "rps": round(s.rps, 2),
         "error_percent": round(s.error_percent(), 1),
@@ -75,6 +76,7 @@ pub fn graph(board: &Board, snapshot: &api::Snapshot, now_ms: u64) -> Value {
             Some(w) => {
                 if let Some(e) = edges.get_mut(&(w.clone(), service.clone())) {
                     e.denials = e.denials.saturating_add(s.denials);
+                    e.denials_per_s += s.denials_per_s;
                 }
             }
             None => {

@@ -57,6 +57,11 @@ fn two_agents_reports_merge_into_one_edge_with_summed_rates_and_buckets() {
     let s = &sums[&(false, "shop/frontend".to_owned(), "shop/api".to_owned())];
     assert_eq!(s.requests, 200);
     assert!((s.rps - 40.0).abs() < 1e-9, "10/s from one agent and 30/s from the other: {}", s.rps);
+    // Idle windows are not sent, but they are time: one agent silent for 5 s
+    // halves its rate over the last 10 s.
+    let later = board.edges(T0 + 9000, 10_000);
+    let s = &later[&(false, "shop/frontend".to_owned(), "shop/api".to_owned())];
+    assert!((s.rps - 20.0).abs() < 1e-9, "{}", s.rps);
     // A quarter of the requests took ~2 ms, the rest ~200 ms: the merged buckets
     // put p50 among the slow ones and p99 too, which no average of the agents' own
     // percentiles could say.

@@ -19,6 +19,12 @@ const MAX_WINDOWS_PER_AGENT: usize = 600;
 const MAX_AGENTS: usize = 10_000;
 /// How long an agent's data outlives its stream.
 pub const GRACE_MS: u64 = 60 * 1000;
+/// Edge entries kept per agent over all its windows (200 edges every second for
+/// the whole history); the oldest windows go first. With names bounded too, an
+/// agent's history stays within a few tens of MiB whatever it sends.
+const MAX_EDGE_ENTRIES_PER_AGENT: usize = 60_000;
+/// The longest name kept (a DNS name's length, as the agents' label values).
+const MAX_NAME: usize = 253;
 
 /// One report as received.
 #[derive(Debug, Clone)]
@@ -118,21 +124,29 @@ impl Board {
         }
         let a = agents.entry(node.to_owned()).or_default();
         a.ended_at_ms = None;
-        let mut edges = report.edges;
-        edges.truncate(shape::MAX_EDGES_PER_REPORT);
-        let mut ejections = report.ejections;
-        ejections.truncate(shape::MAX_NODE_ENTRIES_PER_REPORT);
-        a.breakers = report.breakers;
-        a.breakers.truncate(shape::MAX_NODE_ENTRIES_PER_REPORT);
-        a.workloads = report.workloads;
-        a.workloads.truncate(shape::MAX_NODE_ENTRIES_PER_REPORT);
+        let mut edges: Vec<api::EdgeSummary> = report
+            .edges
+            .into_iter()
+            .filter(|e| e.source.len() <= MAX_NAME && e.destination_service.len() <= MAX_NAME)
+            .take(shape::MAX_EDGES_PER_REPORT)
+            .collect();
+        for e in &mut edges {
+            e.protocol.truncate(8);
+            fold_buckets(&mut e.latency_buckets);
+        }
+        let short = |names: &[&String]| names.iter().all(|n| n.len() <= MAX_NAME);
+        let ejections = bounded(report.ejections, |e| short(&[&e.service, &e.endpoint]));
+        a.breakers = bounded(report.breakers, |b| short(&[&b.service, &b.endpoint, &b.state]));
+        a.workloads = bounded(report.workloads, |w| short(&[&w.workload, &w.identity]));
         a.dropped_edges = a.dropped_edges.saturating_add(u64::from(report.dropped_edges));
         // A window is at least 1 ms and never longer than the history (a bogus
         // length must not make rates look tiny or huge).
         let window_ms = u64::from(report.window_ms).clamp(1, HISTORY_MS);
         a.windows.push_back(Window { at_ms: now_ms, window_ms, edges, ejections });
-        while a.windows.len() > MAX_WINDOWS_PER_AGENT {
-            a.windows.pop_front();
+        let mut entries: usize = a.windows.iter().map(|w| w.edges.len()).sum();
+        while a.windows.len() > MAX_WINDOWS_PER_AGENT || entries > MAX_EDGE_ENTRIES_PER_AGENT {
+            let Some(old) = a.windows.pop_front() else { break };
+            entries -= old.edges.len();
         }
         prune(&mut agents, now_ms);
     }
@@ -245,6 +259,22 @@ impl Board {
     pub fn dropped_edges(&self) -> u64 {
         let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         agents.values().map(|a| a.dropped_edges).sum()
+    }
+}
+
+/// The entries that pass `keep`, at most [`shape::MAX_NODE_ENTRIES_PER_REPORT`].
+fn bounded<T>(entries: Vec<T>, keep: impl Fn(&T) -> bool) -> Vec<T> {
+    entries.into_iter().filter(|e| keep(e)).take(shape::MAX_NODE_ENTRIES_PER_REPORT).collect()
+}
+
+/// Keeps at most [`shape::LATENCY_BUCKET_COUNT`] counts, folding any more (from an
+/// agent with finer buckets) into the last, open-ended one.
+fn fold_buckets(buckets: &mut Vec<u64>) {
+    if buckets.len() > shape::LATENCY_BUCKET_COUNT {
+        let extra: u64 = buckets.drain(shape::LATENCY_BUCKET_COUNT..).fold(0, u64::saturating_add);
+        if let Some(last) = buckets.last_mut() {
+            *last = last.saturating_add(extra);
+        }
     }
 }
 

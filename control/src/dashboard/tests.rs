@@ -168,6 +168,17 @@ fn a_report_is_bounded_whatever_an_agent_sends() {
     board.record("a", api::EdgeReport { window_ms: u32::MAX, ..report(edges, &[]) }, T0);
     let sums = board.edges(T0, 10_000);
     assert_eq!(sums.len(), shape::MAX_EDGES_PER_REPORT);
+    // Names longer than any the mesh gives are not kept; extra buckets fold into
+    // the last.
+    let mut long = edge(&"x".repeat(300), "shop/api", false, 1, 1.0);
+    long.latency_buckets = vec![1; shape::LATENCY_BUCKET_COUNT + 5];
+    let mut fine = edge("shop/new", "shop/api", false, 1, 1.0);
+    fine.latency_buckets = vec![1; shape::LATENCY_BUCKET_COUNT + 5];
+    board.record("b", report(vec![long, fine], &[]), T0);
+    let sums = board.edges(T0, 10_000);
+    assert!(!sums.keys().any(|(_, s, _)| s.len() > 253));
+    let fine = &sums[&(false, "shop/new".to_owned(), "shop/api".to_owned())];
+    assert_eq!(fine.latency[shape::LATENCY_BUCKET_COUNT - 1], 6);
     // The window's length is clamped to the history: no rate from a bogus length.
     let any = sums.values().next().unwrap();
     assert!(any.rps > 0.0 && any.rps <= 1.0);

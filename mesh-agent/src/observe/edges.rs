@@ -22,7 +22,11 @@ use std::{
 
 use mesh_api::{self as api, edges as shape};
 
-use super::labels::MeshName;
+use super::{
+    labels::MeshName,
+    metrics::{RequestLabels, RequestOutcome},
+};
+use crate::listener::Direction;
 
 /// Edges tracked at once; a mesh's configuration bounds them (workloads of this
 /// node times services, plus callers' identities inbound).
@@ -226,6 +230,48 @@ fn summary(key: &EdgeKey, c: Counts) -> api::EdgeSummary {
         bytes: c.bytes,
         latency_buckets: c.latency,
     }
+}
+
+// The metrics' request records, seen as the dashboard's edges.
+
+impl RequestLabels {
+    /// The dashboard's edge these requests belong to.
+    pub(super) fn edge(&self) -> EdgeKey {
+        let inbound = matches!(self.direction, Direction::Inbound);
+        EdgeKey {
+            inbound,
+            source: if inbound { self.source_identity.clone() } else { self.source_workload.clone() },
+            service: self.destination_service.clone(),
+            protocol: "http",
+            mtls: self.mtls,
+        }
+    }
+}
+
+impl RequestOutcome {
+    /// Whether the dashboard counts it as an error: no response, a 5xx, or a gRPC
+    /// status other than OK.
+    pub(super) fn is_error(&self) -> bool {
+        self.status.is_none_or(|s| s >= 500) || self.grpc_status.is_some_and(|g| g != 0)
+    }
+
+    pub(super) fn record_edge(&self, edge: &EdgeCell) {
+        edge.request(self.duration, self.is_error(), self.request_bytes.saturating_add(self.response_bytes));
+    }
+}
+
+/// Counts a denial by authorization policy at the destination on the edge from
+/// `caller` (a principal) to `service`; `layer` as for the metric.
+pub(super) fn denied(service: &MeshName, caller: &str, layer: &str) {
+    global()
+        .edge(EdgeKey {
+            inbound: true,
+            source: MeshName::known(caller),
+            service: service.clone(),
+            protocol: if layer == "request" { "http" } else { "tcp" },
+            mtls: caller != crate::authz::UNAUTHENTICATED,
+        })
+        .denied();
 }
 
 #[cfg(test)]

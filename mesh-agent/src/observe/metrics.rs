@@ -277,32 +277,6 @@ pub struct RequestLabels {
     pub mtls: bool,
 }
 
-impl RequestLabels {
-    /// The dashboard's edge these requests belong to.
-    fn edge(&self) -> EdgeKey {
-        let inbound = matches!(self.direction, Direction::Inbound);
-        EdgeKey {
-            inbound,
-            source: if inbound { self.source_identity.clone() } else { self.source_workload.clone() },
-            service: self.destination_service.clone(),
-            protocol: "http",
-            mtls: self.mtls,
-        }
-    }
-}
-
-impl RequestOutcome {
-    /// Whether the dashboard counts it as an error: no response, a 5xx, or a gRPC
-    /// status other than OK.
-    fn is_error(&self) -> bool {
-        self.status.is_none_or(|s| s >= 500) || self.grpc_status.is_some_and(|g| g != 0)
-    }
-
-    fn record_edge(&self, edge: &EdgeCell) {
-        edge.request(self.duration, self.is_error(), self.request_bytes.saturating_add(self.response_bytes));
-    }
-}
-
 /// What happened to one request.
 #[derive(Clone, Copy, Debug)]
 pub struct RequestOutcome {
@@ -568,16 +542,7 @@ pub fn inbound_refused(service: &MeshName, reason: &'static str) {
 pub fn authorization_denied(service: &MeshName, caller: &str, layer: &'static str) {
     counter(AUTHORIZATION_DENIED_TOTAL, vec![name_label("service", service), Label::new("layer", layer)])
         .increment(1);
-    let mtls = caller != crate::authz::UNAUTHENTICATED;
-    edges::global()
-        .edge(EdgeKey {
-            inbound: true,
-            source: MeshName::known(caller),
-            service: service.clone(),
-            protocol: if layer == "request" { "http" } else { "tcp" },
-            mtls,
-        })
-        .denied();
+    edges::denied(service, caller, layer);
 }
 
 /// Counts a retried request to `service`.

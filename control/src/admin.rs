@@ -8,6 +8,7 @@
 //! | `/agents` | per-agent sent/applied/refused versions (JSON) |
 //! | `/config_dump` | the current snapshot, each node's workloads and source errors (JSON) |
 //! | `/federation` | this cluster's name and gateways, and each federated peer's link (JSON) |
+//! | `/dashboard`, `/dashboard/graph.json`, `/dashboard/service.json?name=` | the live service graph (see [`crate::dashboard`]) |
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -26,6 +27,8 @@ use crate::{discovery::AgentBook, snapshot::Versioned};
 pub struct AdminState {
     pub snapshots: watch::Receiver<Arc<Versioned>>,
     pub agents: AgentBook,
+    /// The agents' edge reports, for the dashboard.
+    pub board: crate::dashboard::Board,
     /// Federated peers' links (`None` without `--federation`).
     pub federation: Option<Arc<crate::federation::Board>>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
@@ -108,6 +111,25 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             });
             respond(StatusCode::OK, "application/json", body.to_string())
         }
+        "/dashboard" => respond(StatusCode::OK, "text/html; charset=utf-8", crate::dashboard::PAGE),
+        "/dashboard/graph.json" => {
+            let graph =
+                crate::dashboard::graph::graph(&state.board, &current.snapshot, crate::dashboard::now_ms());
+            respond(StatusCode::OK, "application/json", graph.to_string())
+        }
+        "/dashboard/service.json" => {
+            let name = req
+                .uri()
+                .query()
+                .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "name"))
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            let now = crate::dashboard::now_ms();
+            match crate::dashboard::graph::service(&state.board, &current.snapshot, &name, now) {
+                Some(body) => respond(StatusCode::OK, "application/json", body.to_string()),
+                None => respond(StatusCode::NOT_FOUND, "text/plain", format!("no service {name:?}\n")),
+            }
+        }
         "/federation" => respond(
             StatusCode::OK,
             "application/json",
@@ -116,7 +138,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /live /ready /agents /config_dump /federation\n",
+            "not found: try /live /ready /agents /config_dump /federation /dashboard\n",
         ),
     }
 }

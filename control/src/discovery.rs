@@ -6,7 +6,8 @@
 //! carries the shared routing snapshot and the workloads placed on the agent's
 //! own node, never another node's. The control plane records, per agent, what it
 //! sent, what was applied and what was refused (and why), and serves that on its
-//! admin endpoint; `Agents` answers a node about itself only.
+//! admin endpoint; `Agents` answers a node about itself only. Agents' edge
+//! reports on the same stream go to the dashboard's [`Board`].
 
 use std::{pin::Pin, sync::Arc};
 
@@ -21,6 +22,7 @@ pub use crate::agent_book::AgentBook;
 use crate::agent_book::now_secs;
 use crate::{
     ca::{NodeAuthenticator, authenticate_request},
+    dashboard::{Board, StreamGuard},
     snapshot::Versioned,
 };
 
@@ -35,6 +37,8 @@ pub struct DiscoveryService {
     agents: AgentBook,
     /// Who is calling: every call must carry a node credential.
     authenticator: Arc<dyn NodeAuthenticator>,
+    /// Where agents' edge reports go.
+    board: Board,
 }
 
 impl DiscoveryService {
@@ -42,8 +46,9 @@ impl DiscoveryService {
         snapshots: watch::Receiver<Arc<Versioned>>,
         agents: AgentBook,
         authenticator: Arc<dyn NodeAuthenticator>,
+        board: Board,
     ) -> Self {
-        Self { snapshots, agents, authenticator }
+        Self { snapshots, agents, authenticator, board }
     }
 
     /// The calling node, or the refusal (counted and logged with the peer's address).
@@ -108,7 +113,10 @@ impl Discovery for DiscoveryService {
         let (tx, rx) = mpsc::channel::<Result<api::DiscoveryResponse, Status>>(1);
         let mut snapshots = self.snapshots.clone();
         let agents = self.agents.clone();
+        let board = self.board.clone();
         tokio::spawn(async move {
+            // However the stream ends, its reports go after the grace period.
+            let _reports = StreamGuard { board: board.clone(), node: entry.clone() };
             let node = node.as_str();
             let mut sent = 0u64;
             snapshots.mark_changed();
@@ -148,6 +156,9 @@ impl Discovery for DiscoveryService {
                                 s.nacked_version = n.version;
                                 s.nack_reason = n.reason.clone();
                             });
+                        }
+                        Some(Ok(api::DiscoveryRequest { kind: Some(api::discovery_request::Kind::EdgeReport(r)) })) => {
+                            board.record(&entry, r, crate::dashboard::now_ms());
                         }
                         Some(Ok(_)) => tracing::debug!(node = %node, "ignoring unexpected message on a subscribed stream"),
                         Some(Err(e)) => {

@@ -50,7 +50,7 @@ pub fn snapshot(s: &api::Snapshot) -> Value {
     })
 }
 
-fn service(s: &api::Service) -> Value {
+pub fn service(s: &api::Service) -> Value {
     let algorithm = s
         .policy
         .as_ref()

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod agent_book;
 pub mod ca;
+pub mod dashboard;
 pub mod discovery;
 pub mod dns_vips;
 pub mod federation;

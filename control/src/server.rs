@@ -125,6 +125,7 @@ pub async fn start(
     tasks.spawn(builder.run(settings.settle, shutdown.clone()));
 
     let agents = AgentBook::new(settings.book);
+    let board = crate::dashboard::Board::new();
     let listener = TcpListener::bind(settings.grpc_addr)
         .await
         .map_err(|source| StartError::Grpc { addr: settings.grpc_addr, source })?;
@@ -134,6 +135,7 @@ pub async fn start(
         snapshots.clone(),
         agents.clone(),
         ca.authenticator.clone(),
+        board.clone(),
     ));
     let authorizer = Arc::new(crate::identity::RegistryAuthorizer::new(snapshots.clone()));
     let certificates = crate::ca::CertificatesService::new(ca.ca.clone(), ca.authenticator, authorizer);
@@ -186,6 +188,7 @@ pub async fn start(
         AdminState {
             snapshots: snapshots.clone(),
             agents: agents.clone(),
+            board,
             federation: settings.federation.as_ref().map(|f| f.board.clone()),
             metrics: match crate::metrics::install() {
                 Ok(h) => Some(h),

@@ -23,6 +23,7 @@ fn request_labels() -> RequestLabels {
         source_workload: MeshName::known("default/frontend"),
         source_identity: MeshName::known("spiffe://mesh.local/ns/default/sa/frontend"),
         destination_service: MeshName::known("reviews.default.svc.cluster.local"),
+        mtls: true,
     }
 }
 
@@ -85,8 +86,12 @@ fn observe(c: &mut Criterion) {
     });
     c.bench_function("connection_metrics_open_close", |b| {
         b.iter(|| {
-            let conn =
-                ConnectionMetrics::open(Direction::Outbound, &l.source_workload, &l.destination_service);
+            let conn = ConnectionMetrics::open(
+                Direction::Outbound,
+                &l.source_workload,
+                &l.destination_service,
+                true,
+            );
             conn.add_sent(100);
             conn.add_received(2000);
             conn.close(Duration::from_millis(3));

@@ -265,6 +265,36 @@ impl AgentState {
         }
     }
 
+    /// The window's edge report for the control plane's dashboard: traffic per edge,
+    /// breakers, ejections, and each workload's identity and certificate expiry
+    /// (which also lets the control plane tie a caller's identity to a workload).
+    /// `None` when the window saw nothing and no breaker is open; the workloads then
+    /// go out with the next report.
+    pub fn edge_report(&self, window: std::time::Duration) -> Option<mesh_api::EdgeReport> {
+        let w = crate::observe::edges::global().take();
+        if w.edges.is_empty() && w.breakers.is_empty() && w.ejections.is_empty() && w.dropped_edges == 0 {
+            return None;
+        }
+        let workloads = self
+            .workloads()
+            .into_iter()
+            .take(mesh_api::edges::MAX_NODE_ENTRIES_PER_REPORT)
+            .map(|w| mesh_api::WorkloadCertificate {
+                workload: format!("{}/{}", w.namespace, w.name),
+                identity: w.identity.unwrap_or_default(),
+                not_after: w.certificate_not_after.unwrap_or(0),
+            })
+            .collect();
+        Some(mesh_api::EdgeReport {
+            window_ms: u32::try_from(window.as_millis()).unwrap_or(u32::MAX),
+            edges: w.edges,
+            dropped_edges: w.dropped_edges,
+            breakers: w.breakers,
+            ejections: w.ejections,
+            workloads,
+        })
+    }
+
     /// Every workload's current certificate, one entry per identity.
     pub fn certificates(&self) -> Vec<crate::workload_identity::CertificateDump> {
         let served = self.workloads.lock().unwrap_or_else(|p| p.into_inner());
@@ -922,6 +952,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             mode: mode.as_str().to_string(),
             max_endpoints: args.max_endpoints,
             backoff: Backoff::new(std::time::Duration::from_millis(100), args.discovery_backoff_max),
+            edge_reports: (!args.edge_report_interval.is_zero()).then(|| {
+                let state = state.clone();
+                discovery::client::EdgeReports {
+                    interval: args.edge_report_interval,
+                    build: Arc::new(move |window| state.edge_report(window)),
+                }
+            }),
         };
         tokio::spawn(discovery::client::run(
             settings,

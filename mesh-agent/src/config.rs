@@ -514,6 +514,11 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_DISCOVERY_BACKOFF_MAX", default_value = "3s", value_parser = humantime::parse_duration)]
     pub discovery_backoff_max: Duration,
 
+    /// How often the agent sends the control plane its traffic per edge and its
+    /// breakers, ejections and certificates, for the dashboard; 0 sends none.
+    #[arg(long, env = "MESH_EDGE_REPORT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub edge_report_interval: Duration,
+
     /// HTTP/2 keepalive interval (and timeout) on the control-plane stream: how fast a
     /// dead control plane is noticed.
     #[arg(long, env = "MESH_DISCOVERY_KEEPALIVE", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -865,6 +870,13 @@ impl RunArgs {
         }
         if !(self.cert_renew_fraction > 0.0 && self.cert_renew_fraction <= 1.0) {
             return Err(err("--cert-renew-fraction", "MESH_CERT_RENEW_FRACTION", "must be in (0, 1]"));
+        }
+        if !self.edge_report_interval.is_zero() && self.edge_report_interval < Duration::from_millis(100) {
+            return Err(err(
+                "--edge-report-interval",
+                "MESH_EDGE_REPORT_INTERVAL",
+                "must be 0 (off) or at least 100ms",
+            ));
         }
         if self.discovery_backoff_max < Duration::from_millis(100) {
             return Err(err(

@@ -286,7 +286,11 @@ pub fn serve_inbound(
             Ok(())
         } else {
             warn!(peer = %peer, target = %target, services = %decision.services(), "denied by authorization policy");
-            crate::observe::metrics::authorization_denied(&MeshName::known(&decision.service), "connection");
+            crate::observe::metrics::authorization_denied(
+                &MeshName::known(&decision.service),
+                &principal,
+                "connection",
+            );
             Err(format!("{peer} is not allowed to reach {}", decision.service))
         }
     });

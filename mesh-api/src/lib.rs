@@ -13,6 +13,7 @@ pub mod v1 {
 
 pub use v1::*;
 
+pub mod edges;
 pub mod limits;
 pub mod routes;
 pub mod spiffe;

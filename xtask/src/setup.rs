@@ -26,6 +26,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     // The L7 benchmark's reference: the same two proxy hops with HAProxy.
     ("haproxy", "haproxy"),
+    // The dashboard e2e test loads the control plane's page in headless Chromium.
+    ("chromium", "chromium"),
     // The CNI e2e test chains mesh-cni after the real bridge and host-local plugins
     // (not on PATH: a path is checked as a file).
     ("/usr/lib/cni/bridge", "containernetworking-plugins"),

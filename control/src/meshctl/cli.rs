@@ -85,6 +85,13 @@ pub enum Command {
     },
     /// Workload certificates the agents hold, and when they expire.
     Certs,
+    /// The URL of the live service graph on the control plane's admin endpoint
+    /// (requests/s, errors, latency, mTLS and denials per edge), once it answers.
+    Dashboard {
+        /// Also open it in the desktop's browser (xdg-open).
+        #[arg(long)]
+        open: bool,
+    },
     /// Per agent, the workloads it serves: network namespace, identity, certificate
     /// expiry, interception mode, addresses, and whether the CNI or a flag added them.
     Workloads,
@@ -321,6 +328,10 @@ pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
             all_failed(agents.iter().map(|a| a.error.as_deref()))?;
             let complete = agents.iter().all(|a| a.error.is_none());
             Ok(Rendered { text: emit(out, &agents, |a| workloads::render(a)), complete })
+        }
+        Command::Dashboard { open } => {
+            let d = super::dashboard::gather(&targets.control_admin, targets.timeout, *open).await?;
+            Ok(Rendered { text: emit(out, &d, super::dashboard::render), complete: true })
         }
         Command::Version => {
             let report = super::version::gather(&targets).await;

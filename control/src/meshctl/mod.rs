@@ -2,7 +2,8 @@
 //!
 //! Reads the control plane's gRPC `Discovery.Agents` call and the admin endpoints of
 //! the control plane (`/config_dump`) and of the agents (`/stats`, `/ready`,
-//! `/config_dump`, `/workloads`); it changes nothing there. `meshctl agent ...` is the
+//! `/config_dump`, `/workloads`); it changes nothing there. `meshctl dashboard`
+//! prints the URL of the control plane's live service graph. `meshctl agent ...` is the
 //! exception: it sends the requests that change a node's agent (enrol, log level,
 //! drain) over the agent's root-only admin socket ([`agent_socket`]). Each command gathers a serialisable
 //! report ([`status::StatusReport`], [`explain::Explanation`], ...) and renders it
@@ -13,6 +14,7 @@ pub mod certs;
 pub mod check;
 pub mod cli;
 pub mod client;
+pub mod dashboard;
 pub mod error;
 pub mod explain;
 pub mod http;

@@ -2,7 +2,8 @@
 //! credential), snapshots applied atomically and acknowledged, this node's
 //! workload placements kept beside them, reconnects with capped, jittered
 //! exponential backoff, and HTTP/2 keepalive so a dead control plane is noticed
-//! even when no update is due.
+//! even when no update is due. On the same stream it sends the node's edge
+//! reports (traffic per edge, for the control plane's dashboard) every window.
 
 use std::{sync::Arc, time::Duration};
 
@@ -25,6 +26,22 @@ pub struct ClientSettings {
     pub mode: String,
     pub max_endpoints: usize,
     pub backoff: Backoff,
+    /// `None`: no edge reports (`--edge-report-interval 0`, or the gateway).
+    pub edge_reports: Option<EdgeReports>,
+}
+
+/// Makes the node's edge report for the window that just ended (`None` when
+/// there is nothing to say); called every `interval` while connected.
+#[derive(Clone)]
+pub struct EdgeReports {
+    pub interval: Duration,
+    pub build: Arc<dyn Fn(Duration) -> Option<api::EdgeReport> + Send + Sync>,
+}
+
+impl std::fmt::Debug for EdgeReports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeReports").field("interval", &self.interval).finish_non_exhaustive()
+    }
 }
 
 /// Capped exponential backoff with equal jitter: the n-th retry waits between half
@@ -147,7 +164,30 @@ async fn session(
         },
         _ => SessionError::Stream(status),
     };
-    while let Some(msg) = responses.message().await.map_err(too_large)? {
+    // Without reports the tick never fires (a day apart, and skipped below).
+    let period = settings.edge_reports.as_ref().map_or(Duration::from_secs(86_400), |r| r.interval);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut window_start = tokio::time::Instant::now();
+    loop {
+        let msg = tokio::select! {
+            m = responses.message() => m.map_err(too_large)?,
+            _ = tick.tick() => {
+                let Some(reports) = &settings.edge_reports else { continue };
+                let window = window_start.elapsed();
+                window_start = tokio::time::Instant::now();
+                if let Some(report) = (reports.build)(window) {
+                    // Never wait behind ACKs: a report that finds the queue full is
+                    // dropped (the next window has fresher numbers).
+                    let kind = api::discovery_request::Kind::EdgeReport(report);
+                    if tx.try_send(api::DiscoveryRequest { kind: Some(kind) }).is_err() {
+                        tracing::debug!("edge report dropped: the stream is behind");
+                    }
+                }
+                continue;
+            }
+        };
+        let Some(msg) = msg else { break };
         backoff.reset();
         let version = msg.version;
         let reply = match RouteTable::decode(version, msg.snapshot, settings.max_endpoints) {
@@ -271,6 +311,7 @@ mod tests {
             mode: "ebpf".into(),
             max_endpoints,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
+            edge_reports: None,
         }
     }
 

@@ -148,6 +148,7 @@ async fn tunnel(
         conn.direction,
         &ctx.source_workload(conn.direction),
         &MeshName::known(meshed.service),
+        true,
     );
     let (service, endpoint, agent) = (meshed.service, meshed.endpoint, meshed.agent);
     match crate::mtls::forward(ctx, conn, client, meshed, sniffed).await {

@@ -53,6 +53,7 @@ pub async fn plain(
         conn.direction,
         &ctx.source_workload(conn.direction),
         &MeshName::from_option(service.as_deref()),
+        false,
     );
     let info = |endpoint: Option<SocketAddr>| ConnInfo { conn, service: service.as_deref(), endpoint };
 

@@ -117,6 +117,8 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         mode: "gateway".into(),
         max_endpoints: 100_000,
         backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)),
+        // A gateway passes TLS through: it has no edges of its own to report.
+        edge_reports: None,
     };
     tokio::spawn(discovery::client::run(client, control, routes.clone(), shutdown.clone()));
     let mut versions = routes.subscribe();

@@ -89,6 +89,7 @@ pub async fn serve(
                     "denied by authorization policy: its rules allow only HTTP requests");
                 crate::observe::metrics::authorization_denied(
                     &crate::observe::labels::MeshName::known(&decision.service),
+                    &peer,
                     "connection",
                 );
                 tunnel.reset();

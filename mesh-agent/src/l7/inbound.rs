@@ -166,6 +166,7 @@ impl Inbound {
             source_workload: MeshName::unknown(),
             source_identity: MeshName::known(&principal),
             destination_service: service.clone(),
+            mtls: caller.identity.is_some(),
         });
         let identity_headers = caller.identity.as_ref().and_then(|_| {
             // This agent presented its workload identity to get here; should it be
@@ -293,7 +294,7 @@ impl Inbound {
             warn!(target: "mesh_agent::conn", peer_identity = %self.principal, service = %self.service,
                 services = %services, method = %req.method(), path = %normalised,
                 "request denied by authorization policy");
-            crate::observe::metrics::authorization_denied(&self.service, "request");
+            crate::observe::metrics::authorization_denied(&self.service, &self.principal, "request");
             if let Some(r) = record.as_mut() {
                 r.error = Some("denied by authorization policy".into());
             }

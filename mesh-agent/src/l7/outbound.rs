@@ -104,11 +104,19 @@ impl Outbound {
             .map(|i| MeshName::known(&i.workload.id().to_string()))
             .unwrap_or_else(MeshName::unknown);
         let service = MeshName::known(service);
+        // Requests go to the endpoint's agent over mutual TLS when it is meshed; the
+        // dashboard shows the edge as mTLS when the service's endpoints are.
+        let mtls = ctx
+            .routes
+            .table()
+            .by_addr(orig_dst)
+            .is_some_and(|route| route.endpoints.iter().any(|e| crate::mtls::meshed(e).is_some()));
         let metrics = RequestMetrics::new(RequestLabels {
             direction: Direction::Outbound,
             source_workload: ctx.workload.clone(),
             source_identity,
             destination_service: service.clone(),
+            mtls,
         });
         let client_addr = HeaderValue::from_str(&peer.ip().to_canonical().to_string()).ok();
         Outbound { ctx, peer, orig_dst, version, metrics, service, client_addr, pinned: None }

@@ -10,7 +10,11 @@
 //! Recording functions work through whichever recorder is current, so tests use
 //! [`build`] and `metrics::with_local_recorder` instead of installing globally.
 
-use std::{net::SocketAddr, sync::Mutex, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use metrics::{
     Counter, Gauge, Histogram, Key, Label, Level, Metadata, Unit, describe_counter, describe_gauge,
@@ -22,7 +26,10 @@ use metrics_exporter_prometheus::{
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::labels::MeshName;
+use super::{
+    edges::{self, EdgeCell, EdgeKey},
+    labels::MeshName,
+};
 use crate::{
     intercept::ActiveMode,
     listener::Direction,
@@ -265,6 +272,9 @@ pub struct RequestLabels {
     pub source_workload: MeshName,
     pub source_identity: MeshName,
     pub destination_service: MeshName,
+    /// Over mutual TLS (the dashboard's edge shows it): inbound, the caller
+    /// presented an identity; outbound, the service's endpoints are meshed.
+    pub mtls: bool,
 }
 
 /// What happened to one request.
@@ -287,6 +297,7 @@ pub struct RequestOutcome {
 /// carries many requests prefer [`RequestMetrics`], which remembers them.
 pub fn record_request(labels: &RequestLabels, outcome: &RequestOutcome) {
     RequestSeries::register(labels, outcome).record(outcome);
+    outcome.record_edge(&edges::global().edge(labels.edge()));
 }
 
 /// The series one request result is recorded in.
@@ -351,11 +362,14 @@ const MAX_CACHED_SERIES: usize = 8;
 pub struct RequestMetrics {
     labels: RequestLabels,
     cache: Mutex<Vec<RequestSeries>>,
+    /// The dashboard's edge, looked up once.
+    edge: Arc<EdgeCell>,
 }
 
 impl RequestMetrics {
     pub fn new(labels: RequestLabels) -> Self {
-        Self { labels, cache: Mutex::new(Vec::new()) }
+        let edge = edges::global().edge(labels.edge());
+        Self { labels, cache: Mutex::new(Vec::new()), edge }
     }
 
     pub fn labels(&self) -> &RequestLabels {
@@ -366,6 +380,7 @@ impl RequestMetrics {
     pub fn record(&self, outcome: &RequestOutcome) {
         let status = super::labels::response_code(outcome.status);
         let grpc_status = super::labels::grpc_status(outcome.grpc_status);
+        outcome.record_edge(&self.edge);
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(series) = cache.iter().find(|s| s.matches(outcome.method, status, grpc_status)) {
             series.record(outcome);
@@ -393,12 +408,19 @@ pub struct ConnectionMetrics {
     received: Counter,
     duration: Histogram,
     active: Gauge,
+    edge: Arc<EdgeCell>,
     done: bool,
 }
 
 impl ConnectionMetrics {
-    /// Counts a newly opened connection and returns the handles for the rest of its life.
-    pub fn open(direction: Direction, source_workload: &MeshName, destination_service: &MeshName) -> Self {
+    /// Counts a newly opened connection and returns the handles for the rest of its
+    /// life; `mtls`: it travels to the destination's agent over mutual TLS.
+    pub fn open(
+        direction: Direction,
+        source_workload: &MeshName,
+        destination_service: &MeshName,
+        mtls: bool,
+    ) -> Self {
         let set = vec![
             label("direction", direction.as_str()),
             name_label("source_workload", source_workload),
@@ -407,6 +429,14 @@ impl ConnectionMetrics {
         counter(TCP_CONNECTIONS_OPENED_TOTAL, set.clone()).increment(1);
         let active = gauge(ACTIVE_CONNECTIONS, vec![label("direction", direction.as_str())]);
         active.increment(1.0);
+        let edge = edges::global().edge(EdgeKey {
+            inbound: matches!(direction, Direction::Inbound),
+            source: source_workload.clone(),
+            service: destination_service.clone(),
+            protocol: "tcp",
+            mtls,
+        });
+        edge.connection();
         Self {
             closed: counter(TCP_CONNECTIONS_CLOSED_TOTAL, set.clone()),
             failed: counter(TCP_CONNECTIONS_FAILED_TOTAL, set.clone()),
@@ -414,6 +444,7 @@ impl ConnectionMetrics {
             received: counter(TCP_RECEIVED_BYTES_TOTAL, set.clone()),
             duration: histogram(TCP_CONNECTION_DURATION_SECONDS, set),
             active,
+            edge,
             done: false,
         }
     }
@@ -422,11 +453,13 @@ impl ConnectionMetrics {
     /// long-lived connections, so rates move before the connection ends).
     pub fn add_sent(&self, bytes: u64) {
         self.sent.increment(bytes);
+        self.edge.bytes(bytes);
     }
 
     /// Adds bytes relayed destination -> client.
     pub fn add_received(&self, bytes: u64) {
         self.received.increment(bytes);
+        self.edge.bytes(bytes);
     }
 
     /// The connection ended after reaching its destination.
@@ -437,6 +470,7 @@ impl ConnectionMetrics {
     /// The connection ended without reaching its destination.
     pub fn fail(mut self, duration: Duration) {
         self.failed.increment(1);
+        self.edge.failed();
         self.finish(duration);
     }
 
@@ -478,6 +512,12 @@ pub enum BreakerState {
 pub fn set_circuit_breaker_state(service: &MeshName, endpoint: &MeshName, state: BreakerState) {
     let set = vec![name_label("service", service), name_label("endpoint", endpoint)];
     gauge(CIRCUIT_BREAKER_STATE, set).set(f64::from(state as u8));
+    let shown = match state {
+        BreakerState::Closed => None,
+        BreakerState::Open => Some("open"),
+        BreakerState::HalfOpen => Some("half-open"),
+    };
+    edges::global().breaker(service.as_str(), endpoint.as_str(), shown);
 }
 
 /// Counts an ejection of `endpoint` (of `service`) by outlier detection. Endpoints
@@ -485,6 +525,7 @@ pub fn set_circuit_breaker_state(service: &MeshName, endpoint: &MeshName, state:
 pub fn outlier_ejection(service: &MeshName, endpoint: SocketAddr) {
     let labels = vec![name_label("service", service), Label::new("endpoint", endpoint.to_string())];
     counter(OUTLIER_EJECTIONS_TOTAL, labels).increment(1);
+    edges::global().ejection(service.as_str(), &endpoint.to_string());
 }
 
 /// Counts a plaintext inbound connection to `service` refused for `reason` (see
@@ -495,10 +536,13 @@ pub fn inbound_refused(service: &MeshName, reason: &'static str) {
 }
 
 /// Counts a denial by authorization policy of a connection or request to `service`
-/// (`layer`: `connection` or `request`, see [`AUTHORIZATION_DENIED_TOTAL`]).
-pub fn authorization_denied(service: &MeshName, layer: &'static str) {
+/// (`layer`: `connection` or `request`, see [`AUTHORIZATION_DENIED_TOTAL`]) from
+/// `caller` (a principal: a SPIFFE ID or `unauthenticated`), whose edge on the
+/// dashboard shows it.
+pub fn authorization_denied(service: &MeshName, caller: &str, layer: &'static str) {
     counter(AUTHORIZATION_DENIED_TOTAL, vec![name_label("service", service), Label::new("layer", layer)])
         .increment(1);
+    edges::denied(service, caller, layer);
 }
 
 /// Counts a retried request to `service`.
@@ -594,6 +638,7 @@ mod tests {
             source_workload: MeshName::known("default/frontend"),
             source_identity: MeshName::known("spiffe://mesh.local/ns/default/sa/frontend"),
             destination_service: MeshName::known("reviews.default.svc.cluster.local"),
+            mtls: true,
         }
     }
 
@@ -669,13 +714,13 @@ mod tests {
         metrics::with_local_recorder(&recorder, || {
             let src = MeshName::known("default/frontend");
             let dst = MeshName::known("db.default.svc.cluster.local");
-            let ok = ConnectionMetrics::open(Direction::Outbound, &src, &dst);
+            let ok = ConnectionMetrics::open(Direction::Outbound, &src, &dst, true);
             ok.add_sent(100);
             ok.add_received(50);
             ok.add_sent(1);
-            let failed = ConnectionMetrics::open(Direction::Outbound, &src, &dst);
-            let dropped = ConnectionMetrics::open(Direction::Outbound, &src, &MeshName::unknown());
-            let still_open = ConnectionMetrics::open(Direction::Inbound, &src, &dst);
+            let failed = ConnectionMetrics::open(Direction::Outbound, &src, &dst, true);
+            let dropped = ConnectionMetrics::open(Direction::Outbound, &src, &MeshName::unknown(), false);
+            let still_open = ConnectionMetrics::open(Direction::Inbound, &src, &dst, true);
             ok.close(Duration::from_secs(2));
             failed.fail(Duration::from_millis(5));
             drop(dropped);

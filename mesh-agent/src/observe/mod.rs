@@ -1,4 +1,5 @@
 //! Observability building blocks: Prometheus [`metrics`] with bounded [`labels`],
+//! per-edge traffic summaries for the control plane's dashboard ([`edges`]),
 //! a non-blocking structured [`access_log`], W3C [`trace`] context propagation and
 //! OTLP [`spans`] export, and the [`limits`] the agent enforces (each hit counted
 //! and logged, throttled).
@@ -8,6 +9,7 @@
 //! renders the metrics.
 
 pub mod access_log;
+pub mod edges;
 pub mod labels;
 pub mod limits;
 pub mod metrics;

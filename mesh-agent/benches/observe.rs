@@ -55,7 +55,7 @@ fn record(l: &RequestLabels, source: SocketAddr) -> AccessRecord {
 }
 
 fn observe(c: &mut Criterion) {
-    let handle = metrics::install().expect("install recorder");
+    let handle = metrics::install(None).expect("install recorder");
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
     let (log, writer) = runtime.block_on(async { AccessLog::with_writer(tokio::io::sink(), 8192) });
@@ -86,7 +86,7 @@ fn observe(c: &mut Criterion) {
     });
     c.bench_function("connection_metrics_open_close", |b| {
         b.iter(|| {
-            let conn = ConnectionMetrics::open(
+            let mut conn = ConnectionMetrics::open(
                 Direction::Outbound,
                 &l.source_workload,
                 &l.destination_service,

@@ -256,7 +256,11 @@ impl AgentState {
 
     /// Gauges computed at scrape time (staleness grows without events).
     pub fn refresh_gauges(&self) {
-        use crate::observe::{labels::MeshName, metrics};
+        use crate::observe::{expiry, labels::MeshName, metrics};
+        // Everything that still exists is set (or touched) now, so that with
+        // `--metrics-idle-timeout` only the series of what is gone expire.
+        expiry::touch_gauges(Some(self.mode));
+        self.node.services.publish_metrics();
         let routes = &self.proxy.routes;
         metrics::set_discovery_staleness(routes.staleness());
         metrics::set_discovery_applied_version(routes.table().version);
@@ -885,7 +889,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         cni: std::sync::OnceLock::new(),
         metrics: match args.metrics {
             crate::config::Switch::Off => None,
-            crate::config::Switch::On => match crate::observe::metrics::install() {
+            crate::config::Switch::On => match crate::observe::metrics::install(
+                (!args.metrics_idle_timeout.is_zero()).then_some(args.metrics_idle_timeout),
+            ) {
                 Ok(h) => {
                     crate::observe::metrics::set_interception_mode(mode);
                     Some(h)
@@ -968,6 +974,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ));
     }
 
+    if let Some(handle) = state.metrics.clone()
+        && !args.metrics_idle_timeout.is_zero()
+    {
+        crate::observe::expiry::spawn(handle, args.metrics_idle_timeout, state.shutdown.clone());
+    }
     {
         // Upstream pools' idle connections, and breaker states as gauges.
         let (state, shutdown) = (state.clone(), state.shutdown.clone());

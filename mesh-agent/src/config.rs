@@ -350,6 +350,12 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_METRICS", value_enum, default_value_t = Switch::On)]
     pub metrics: Switch,
 
+    /// A metric series not updated for this long leaves `/metrics`, so the series of
+    /// endpoints, workloads and identities that are gone do not pile up; gauges of
+    /// what still exists never expire. `off` or 0 keeps every series.
+    #[arg(long, env = "MESH_METRICS_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration_or_off)]
+    pub metrics_idle_timeout: Duration,
+
     /// Idle time after which a pooled upstream HTTP connection is closed.
     #[arg(long, env = "MESH_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
     pub upstream_idle_timeout: Duration,
@@ -916,6 +922,13 @@ impl RunArgs {
         }
         if self.dns_timeout.is_zero() {
             return Err(err("--dns-timeout", "MESH_DNS_TIMEOUT", "must be more than 0"));
+        }
+        if !self.metrics_idle_timeout.is_zero() && self.metrics_idle_timeout < Duration::from_secs(1) {
+            return Err(err(
+                "--metrics-idle-timeout",
+                "MESH_METRICS_IDLE_TIMEOUT",
+                "must be at least 1s (or `off`)",
+            ));
         }
         if self.iptables_external && self.mode != Mode::Iptables {
             return Err(err(

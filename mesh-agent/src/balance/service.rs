@@ -497,7 +497,7 @@ mod tests {
                 guard.report(outcome);
             }
         };
-        let (recorder, handle) = crate::observe::metrics::build().expect("recorder");
+        let (recorder, handle) = crate::observe::metrics::build(None).expect("recorder");
         let ejections = || {
             let text = handle.render();
             let line = format!("mesh_outlier_ejections_total{{service=\"default/web\",endpoint=\"{bad}\"}} ");

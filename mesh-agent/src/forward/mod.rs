@@ -144,7 +144,7 @@ async fn tunnel(
     guard: PickGuard,
     sniffed: Sniffed,
 ) -> bool {
-    let metrics = ConnectionMetrics::open(
+    let mut metrics = ConnectionMetrics::open(
         conn.direction,
         &ctx.source_workload(conn.direction),
         &MeshName::known(meshed.service),

@@ -49,7 +49,7 @@ pub async fn plain(
     mut sniffed: Sniffed,
 ) -> bool {
     let service = target.service_name();
-    let metrics = ConnectionMetrics::open(
+    let mut metrics = ConnectionMetrics::open(
         conn.direction,
         &ctx.source_workload(conn.direction),
         &MeshName::from_option(service.as_deref()),

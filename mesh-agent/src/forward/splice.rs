@@ -297,7 +297,7 @@ mod tests {
 
     #[test]
     fn each_request_for_a_pipe_is_counted_by_outcome() {
-        let (recorder, handle) = crate::observe::metrics::build().expect("recorder");
+        let (recorder, handle) = crate::observe::metrics::build(None).expect("recorder");
         metrics::with_local_recorder(&recorder, || {
             describe();
             let pipes = Pipes::new(1);

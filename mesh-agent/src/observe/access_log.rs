@@ -533,7 +533,7 @@ mod tests {
         // A one-byte pipe nobody drains: the writer blocks in the middle of a line.
         let (out, mut reader) = tokio::io::duplex(1);
         let (log, writer) = AccessLog::with_writer(out, 2);
-        let (recorder, handle) = metrics::build().expect("recorder");
+        let (recorder, handle) = metrics::build(None).expect("recorder");
         assert!(log.log(http_record(0)));
         // Once a byte arrives the writer has taken record 0 and is stuck writing it.
         let mut first = [0u8; 1];

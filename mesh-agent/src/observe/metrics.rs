@@ -23,6 +23,7 @@ use metrics::{
 use metrics_exporter_prometheus::{
     BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
+use metrics_util::MetricKindMask;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -130,8 +131,15 @@ pub fn builder() -> Result<PrometheusBuilder, MetricsError> {
 
 /// A recorder and its handle, not installed anywhere: for tests
 /// (`metrics::with_local_recorder`) and for embedding in another recorder.
-pub fn build() -> Result<(PrometheusRecorder, PrometheusHandle), MetricsError> {
-    let recorder = builder()?.build_recorder();
+/// `idle_timeout`: series not updated for that long are dropped (see
+/// [`super::expiry`]); `None` keeps every series.
+pub fn build(idle_timeout: Option<Duration>) -> Result<(PrometheusRecorder, PrometheusHandle), MetricsError> {
+    let builder = builder()?;
+    let builder = match idle_timeout {
+        Some(t) => builder.idle_timeout(MetricKindMask::ALL, Some(t)),
+        None => builder,
+    };
+    let recorder = builder.build_recorder();
     let handle = recorder.handle();
     Ok((recorder, handle))
 }
@@ -140,14 +148,15 @@ static INSTALLED: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
 
 /// Installs the agent's recorder as the process-wide one and describes every metric.
 ///
-/// Idempotent: later calls return the handle of the first, so tests and embedders
-/// can call it freely. Fails only if some other recorder was installed first.
-pub fn install() -> Result<PrometheusHandle, MetricsError> {
+/// Idempotent: later calls return the handle of the first (with the first's
+/// `idle_timeout`), so tests and embedders can call it freely. Fails only if some
+/// other recorder was installed first.
+pub fn install(idle_timeout: Option<Duration>) -> Result<PrometheusHandle, MetricsError> {
     let mut installed = INSTALLED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(handle) = installed.as_ref() {
         return Ok(handle.clone());
     }
-    let (recorder, handle) = build()?;
+    let (recorder, handle) = build(idle_timeout)?;
     metrics::set_global_recorder(recorder).map_err(|_| MetricsError::OtherRecorderInstalled)?;
     describe();
     *installed = Some(handle.clone());
@@ -303,6 +312,8 @@ pub fn record_request(labels: &RequestLabels, outcome: &RequestOutcome) {
 /// The series one request result is recorded in.
 #[derive(Debug)]
 struct RequestSeries {
+    /// The [`super::expiry::epoch`] it was registered in.
+    epoch: u64,
     method: &'static str,
     status: &'static str,
     grpc_status: &'static str,
@@ -326,6 +337,7 @@ impl RequestSeries {
             label("grpc_status", grpc_status),
         ];
         Self {
+            epoch: super::expiry::epoch(),
             method: outcome.method,
             status,
             grpc_status,
@@ -356,8 +368,9 @@ const MAX_CACHED_SERIES: usize = 8;
 /// connection (or route) carrying many requests pays the recorder's lookup once
 /// per distinct (method, status, grpc status) instead of once per request.
 ///
-/// Cached series stay bound to the recorder current when they were first used, and
-/// stay valid because the agent's recorder never expires idle series.
+/// Cached series stay bound to the recorder current when they were first used; a
+/// series cached in an earlier [`super::expiry::epoch`] is registered again before
+/// use, since an idle series may have been dropped meanwhile.
 #[derive(Debug)]
 pub struct RequestMetrics {
     labels: RequestLabels,
@@ -382,7 +395,10 @@ impl RequestMetrics {
         let grpc_status = super::labels::grpc_status(outcome.grpc_status);
         outcome.record_edge(&self.edge);
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(series) = cache.iter().find(|s| s.matches(outcome.method, status, grpc_status)) {
+        if let Some(series) = cache.iter_mut().find(|s| s.matches(outcome.method, status, grpc_status)) {
+            if series.epoch != super::expiry::epoch() {
+                *series = RequestSeries::register(&self.labels, outcome);
+            }
             series.record(outcome);
             return;
         }
@@ -402,6 +418,10 @@ impl RequestMetrics {
 /// return or a panic in a handler cannot leak a phantom connection.
 #[derive(Debug)]
 pub struct ConnectionMetrics {
+    /// Its labels and the [`super::expiry::epoch`] its handles were registered in:
+    /// a connection that outlives the epoch registers them again before counting.
+    labels: Vec<Label>,
+    epoch: u64,
     closed: Counter,
     failed: Counter,
     sent: Counter,
@@ -438,26 +458,45 @@ impl ConnectionMetrics {
         });
         edge.connection();
         Self {
+            epoch: super::expiry::epoch(),
             closed: counter(TCP_CONNECTIONS_CLOSED_TOTAL, set.clone()),
             failed: counter(TCP_CONNECTIONS_FAILED_TOTAL, set.clone()),
             sent: counter(TCP_SENT_BYTES_TOTAL, set.clone()),
             received: counter(TCP_RECEIVED_BYTES_TOTAL, set.clone()),
-            duration: histogram(TCP_CONNECTION_DURATION_SECONDS, set),
+            duration: histogram(TCP_CONNECTION_DURATION_SECONDS, set.clone()),
+            labels: set,
             active,
             edge,
             done: false,
         }
     }
 
+    /// Registers the handles again if they are from an earlier epoch (their series
+    /// may have expired while the connection was idle).
+    fn refresh(&mut self) {
+        if self.epoch == super::expiry::epoch() {
+            return;
+        }
+        self.epoch = super::expiry::epoch();
+        let set = &self.labels;
+        self.closed = counter(TCP_CONNECTIONS_CLOSED_TOTAL, set.clone());
+        self.failed = counter(TCP_CONNECTIONS_FAILED_TOTAL, set.clone());
+        self.sent = counter(TCP_SENT_BYTES_TOTAL, set.clone());
+        self.received = counter(TCP_RECEIVED_BYTES_TOTAL, set.clone());
+        self.duration = histogram(TCP_CONNECTION_DURATION_SECONDS, set.clone());
+    }
+
     /// Adds bytes relayed client -> destination (callable during the relay for
     /// long-lived connections, so rates move before the connection ends).
-    pub fn add_sent(&self, bytes: u64) {
+    pub fn add_sent(&mut self, bytes: u64) {
+        self.refresh();
         self.sent.increment(bytes);
         self.edge.bytes(bytes);
     }
 
     /// Adds bytes relayed destination -> client.
-    pub fn add_received(&self, bytes: u64) {
+    pub fn add_received(&mut self, bytes: u64) {
+        self.refresh();
         self.received.increment(bytes);
         self.edge.bytes(bytes);
     }
@@ -469,12 +508,14 @@ impl ConnectionMetrics {
 
     /// The connection ended without reaching its destination.
     pub fn fail(mut self, duration: Duration) {
+        self.refresh();
         self.failed.increment(1);
         self.edge.failed();
         self.finish(duration);
     }
 
     fn finish(&mut self, duration: Duration) {
+        self.refresh();
         if !self.done {
             self.done = true;
             self.closed.increment(1);
@@ -487,6 +528,7 @@ impl ConnectionMetrics {
 impl Drop for ConnectionMetrics {
     fn drop(&mut self) {
         if !self.done {
+            self.refresh();
             self.done = true;
             self.closed.increment(1);
             self.active.decrement(1.0);
@@ -644,7 +686,7 @@ mod tests {
 
     #[test]
     fn recorded_requests_render_as_prometheus_series_with_buckets() {
-        let (recorder, handle) = build().expect("recorder");
+        let (recorder, handle) = build(None).expect("recorder");
         metrics::with_local_recorder(&recorder, || {
             describe();
             let l = request_labels();
@@ -686,7 +728,7 @@ mod tests {
 
     #[test]
     fn cached_request_metrics_record_the_same_series() {
-        let (recorder, handle) = build().expect("recorder");
+        let (recorder, handle) = build(None).expect("recorder");
         metrics::with_local_recorder(&recorder, || {
             let cached = RequestMetrics::new(request_labels());
             // More distinct results than the cache holds: all must still be counted.
@@ -710,11 +752,11 @@ mod tests {
 
     #[test]
     fn connection_lifecycle_counts_and_balances_the_active_gauge() {
-        let (recorder, handle) = build().expect("recorder");
+        let (recorder, handle) = build(None).expect("recorder");
         metrics::with_local_recorder(&recorder, || {
             let src = MeshName::known("default/frontend");
             let dst = MeshName::known("db.default.svc.cluster.local");
-            let ok = ConnectionMetrics::open(Direction::Outbound, &src, &dst, true);
+            let mut ok = ConnectionMetrics::open(Direction::Outbound, &src, &dst, true);
             ok.add_sent(100);
             ok.add_received(50);
             ok.add_sent(1);
@@ -750,7 +792,7 @@ mod tests {
 
     #[test]
     fn control_plane_and_sniff_metrics_render() {
-        let (recorder, handle) = build().expect("recorder");
+        let (recorder, handle) = build(None).expect("recorder");
         metrics::with_local_recorder(&recorder, || {
             set_interception_mode(ActiveMode::Ebpf);
             let svc = MeshName::known("reviews");
@@ -785,8 +827,8 @@ mod tests {
 
     #[test]
     fn install_is_idempotent() {
-        let first = install().expect("install");
-        let second = install().expect("second install returns the same recorder");
+        let first = install(None).expect("install");
+        let second = install(None).expect("second install returns the same recorder");
         metrics::counter!(RETRIES_TOTAL, "service" => "idempotence-probe").increment(1);
         assert!(first.render().contains("idempotence-probe"));
         assert!(second.render().contains("idempotence-probe"));

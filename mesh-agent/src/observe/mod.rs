@@ -10,6 +10,7 @@
 
 pub mod access_log;
 pub mod edges;
+pub mod expiry;
 pub mod labels;
 pub mod limits;
 pub mod metrics;

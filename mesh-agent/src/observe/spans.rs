@@ -494,7 +494,7 @@ mod tests {
         // (up to the deadline) and the queue of 2 fills.
         let (tx, _rx) = mpsc::channel(2);
         let spans = Spans { tx, sample_ratio: 1.0 };
-        let (recorder, handle) = crate::observe::metrics::build().unwrap();
+        let (recorder, handle) = crate::observe::metrics::build(None).unwrap();
         ::metrics::with_local_recorder(&recorder, || {
             for _ in 0..5 {
                 spans.export(record(Direction::Outbound));

@@ -5,6 +5,11 @@
 
 mod common;
 
+/// The fake Kubernetes API server of the crate's unit tests, shared as source.
+#[allow(dead_code)]
+#[path = "../src/registry/kubernetes/fake_api.rs"]
+mod fake_api;
+
 use std::{
     net::SocketAddr,
     process::Output,
@@ -313,4 +318,87 @@ async fn install_prints_a_profiles_manifests_and_refuses_unknown_settings() {
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("controlPlane.replicas") && err.contains("a number from 1"), "{err}");
+}
+
+/// Runs meshctl with `kubeconfig` as its only way to a cluster (no in-cluster
+/// credentials, a HOME without ~/.kube).
+async fn meshctl_with_kubeconfig(
+    args: &[&str],
+    kubeconfig: &std::path::Path,
+    home: &std::path::Path,
+) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshctl"));
+    for var in ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"] {
+        cmd.env_remove(var);
+    }
+    cmd.env("KUBECONFIG", kubeconfig).env("HOME", home);
+    cmd.args(args).output().await.expect("run meshctl")
+}
+
+#[tokio::test]
+async fn install_apply_goes_through_the_kubeconfig_to_the_api_server() {
+    let api = fake_api::FakeApi::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: tester, user: {{}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: tester}}}}]\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let install = [
+        "install",
+        "--profile",
+        "production",
+        "--set",
+        "controlPlane.replicas=3",
+        "--set",
+        "image.tag=9.9.9",
+    ];
+    let run = |extra: &'static [&'static str]| {
+        let args: Vec<&str> = install.iter().chain(extra).copied().collect();
+        let (kubeconfig, home) = (kubeconfig.clone(), dir.path().to_owned());
+        async move { meshctl_with_kubeconfig(&args, &kubeconfig, &home).await }
+    };
+
+    let dry = run(&["--apply", "--dry-run"]).await;
+    assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
+    assert!(stdout(&dry).contains("(server dry run: nothing was changed)"), "{}", stdout(&dry));
+    assert!(api.applied_objects().is_empty());
+
+    let out = run(&["--apply"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = stdout(&out);
+    assert!(text.starts_with("namespace/mesh-system applied\n"), "{text}");
+    assert!(
+        text.ends_with(&format!("objects applied to {} as field manager meshctl\n", api.url())),
+        "{text}"
+    );
+    let control = api.applied("deployments.apps", "mesh-system", "mesh-control").expect("deployment applied");
+    assert_eq!(control["spec"]["replicas"], 3);
+    assert_eq!(control["spec"]["template"]["spec"]["containers"][0]["image"], "mesh-control:9.9.9");
+    assert_eq!(api.applied_objects().len(), text.lines().count() - 1);
+
+    api.forbid("clusterroles.rbac.authorization.k8s.io", "mesh-control");
+    let refused = run(&["--apply"]).await;
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("patch clusterroles.rbac.authorization.k8s.io/mesh-control: 403 Forbidden"),
+        "{err}"
+    );
+
+    let nowhere =
+        meshctl_with_kubeconfig(&["install", "--apply"], &dir.path().join("absent"), dir.path()).await;
+    assert!(!nowhere.status.success());
+    let err = String::from_utf8_lossy(&nowhere.stderr);
+    assert!(
+        err.contains("install --apply needs a cluster") && err.contains("point KUBECONFIG at one"),
+        "{err}"
+    );
 }

@@ -95,10 +95,10 @@ pub enum Command {
     /// Per agent, the workloads it serves: network namespace, identity, certificate
     /// expiry, interception mode, addresses, and whether the CNI or a flag added them.
     Workloads,
-    /// Print the Kubernetes manifests of this release for a profile, for `kubectl
-    /// apply -f -`: `minimal` is deploy/ as it is; `production` adds a second
-    /// control-plane replica spread over nodes, a PodDisruptionBudget, priority and
-    /// larger resource requests.
+    /// The Kubernetes manifests of this release for a profile, printed for `kubectl
+    /// apply -f -`, or applied with --apply: `minimal` is deploy/ as it is;
+    /// `production` adds a second control-plane replica spread over nodes, a
+    /// PodDisruptionBudget, priority and larger resource requests.
     Install {
         #[arg(long, value_enum, default_value_t = super::install::Profile::Minimal)]
         profile: super::install::Profile,
@@ -106,6 +106,17 @@ pub enum Command {
         /// agent.mode, trustDomain, clusterDomain, mtlsDefault.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// Apply the objects to the cluster of the kubeconfig (KUBECONFIG,
+        /// ~/.kube/config, or in-cluster credentials) by server-side apply, field
+        /// manager `meshctl`, taking over conflicting fields; the namespace first,
+        /// stopping at the first object refused. Needs cluster-admin or equivalent:
+        /// it creates the mesh-system namespace and cluster-scoped RBAC.
+        #[arg(long)]
+        apply: bool,
+        /// With --apply: a server-side dry run (validation and admission, nothing
+        /// persisted), printing what would be applied.
+        #[arg(long, requires = "apply")]
+        dry_run: bool,
     },
     /// Releases of meshctl, the control plane and every agent it has seen (and those
     /// named with --agent), with a warning for each unsupported skew: agents at most
@@ -166,8 +177,8 @@ pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
     match &cli.command {
         Command::Check { pre: false } => return Ok(preflight(cli.output)),
         Command::Check { pre: true } => return cluster_precheck(cli.output).await,
-        Command::Install { profile, sets } => {
-            return Ok(Rendered { text: super::install::render(*profile, sets)?, complete: true });
+        Command::Install { profile, sets, apply, dry_run } => {
+            return install(*profile, sets, *apply, *dry_run).await;
         }
         // None of these needs the control plane's or agents' URLs.
         Command::Agent { agent_socket, command } => return agent(cli, agent_socket, command).await,
@@ -340,9 +351,7 @@ pub async fn run(cli: &Cli, now: u64) -> Result<Rendered, MeshctlError> {
         }
         Command::Check { pre: false } => Ok(preflight(out)),
         Command::Check { pre: true } => cluster_precheck(out).await,
-        Command::Install { profile, sets } => {
-            Ok(Rendered { text: super::install::render(*profile, sets)?, complete: true })
-        }
+        Command::Install { profile, sets, apply, dry_run } => install(*profile, sets, *apply, *dry_run).await,
         Command::Agent { agent_socket, command } => agent(cli, agent_socket, command).await,
     }
 }
@@ -357,13 +366,26 @@ async fn agent(
     Ok(Rendered { text: emit(cli.output, &answer, agent_socket::render), complete: true })
 }
 
+/// `install`: the manifests printed, or with `apply` sent to the kubeconfig's cluster.
+async fn install(
+    profile: super::install::Profile,
+    sets: &[String],
+    apply: bool,
+    dry_run: bool,
+) -> Result<Rendered, MeshctlError> {
+    if !apply {
+        return Ok(Rendered { text: super::install::render(profile, sets)?, complete: true });
+    }
+    let objects = super::install::objects(profile, sets)?;
+    let cluster = super::kubeconfig::Cluster::infer("install --apply").await?;
+    Ok(Rendered { text: super::apply::apply(&cluster, &objects, dry_run).await?, complete: true })
+}
+
 /// `check`: local facts only, no control plane or agent is contacted. Incomplete
 /// (non-zero exit) when neither interception mode can work here.
 async fn cluster_precheck(out: Output) -> Result<Rendered, MeshctlError> {
-    let client = kube::Client::try_default().await.map_err(|e| {
-        MeshctlError::Usage(format!("check --pre needs a kubeconfig (KUBECONFIG or ~/.kube/config): {e}"))
-    })?;
-    let report = super::precheck::inspect(client).await;
+    let cluster = super::kubeconfig::Cluster::infer("check --pre").await?;
+    let report = super::precheck::inspect(cluster.client).await;
     Ok(Rendered { complete: report.passes(), text: emit(out, &report, super::precheck::render) })
 }
 
@@ -476,6 +498,14 @@ mod tests {
         let Command::Agent { agent_socket, command } = cli.command else { panic!("not agent") };
         assert_eq!(agent_socket, std::path::PathBuf::from(agent_socket::DEFAULT_SOCKET));
         assert_eq!(command, AgentCommand::LogLevel { filter: None });
+    }
+
+    #[test]
+    fn install_dry_run_needs_apply() {
+        let e = Cli::try_parse_from(["meshctl", "install", "--dry-run"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let cli = Cli::try_parse_from(["meshctl", "install", "--apply", "--dry-run"]).unwrap();
+        assert!(matches!(cli.command, Command::Install { apply: true, dry_run: true, .. }));
     }
 
     #[test]

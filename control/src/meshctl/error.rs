@@ -62,6 +62,9 @@ pub enum MeshctlError {
     /// A URL flag that is not `http://host:port`.
     #[error("{flag} {value:?} is not a URL like http://127.0.0.1:15000: {reason}")]
     BadUrl { flag: &'static str, value: String, reason: String },
+    /// `install --apply` stopped at an object the API server refused or never saw.
+    #[error("patch {object}: {reason} ({applied} of {total} objects were applied before it)")]
+    Apply { object: String, reason: String, applied: usize, total: usize },
     /// A command argument that cannot be used.
     #[error("{0}")]
     Usage(String),

@@ -5,11 +5,14 @@
 //! `/config_dump`, `/workloads`); it changes nothing there. `meshctl dashboard`
 //! prints the URL of the control plane's live service graph. `meshctl agent ...` is the
 //! exception: it sends the requests that change a node's agent (enrol, log level,
-//! drain) over the agent's root-only admin socket ([`agent_socket`]). Each command gathers a serialisable
+//! drain) over the agent's root-only admin socket ([`agent_socket`]); `meshctl install
+//! --apply` is the other: it applies the install manifests to the kubeconfig's
+//! cluster ([`apply`]). Each command gathers a serialisable
 //! report ([`status::StatusReport`], [`explain::Explanation`], ...) and renders it
 //! as aligned text or JSON, so rendering is tested from fixture JSON without a mesh.
 
 pub mod agent_socket;
+pub mod apply;
 pub mod certs;
 pub mod check;
 pub mod cli;
@@ -19,6 +22,7 @@ pub mod error;
 pub mod explain;
 pub mod http;
 pub mod install;
+pub mod kubeconfig;
 pub mod precheck;
 pub mod routes;
 pub mod services;

@@ -26,7 +26,7 @@ pub const HTTPROUTE_CRD: &str = "httproutes.gateway.networking.k8s.io";
 const NAMESPACE: &str = "mesh-system";
 
 /// What `meshctl install` creates: `(group, resource, namespaced)`.
-const CREATES: &[(&str, &str, bool)] = &[
+pub const CREATES: &[(&str, &str, bool)] = &[
     ("", "namespaces", false),
     ("", "serviceaccounts", true),
     ("", "services", true),

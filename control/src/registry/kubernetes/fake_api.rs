@@ -16,6 +16,9 @@
 //! For `meshctl check --pre` it answers what a cluster says about itself: `/version`,
 //! Nodes, a Namespace, CustomResourceDefinitions by name and
 //! SelfSubjectAccessReviews (allowed unless the test denies that verb and resource).
+//!
+//! For `meshctl install --apply` it does server-side apply on the object paths of
+//! the kinds install renders (see [`apply`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -33,6 +36,10 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+// An explicit path, so that the integration tests can include this file too.
+#[path = "fake_api/apply.rs"]
+mod apply;
 
 /// The kinds the source watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -116,6 +123,8 @@ struct State {
     /// The specs of the TokenReviews received.
     reviews: Vec<Value>,
     cluster: Cluster,
+    /// Objects applied server-side.
+    apply: apply::Store,
 }
 
 /// What the cluster says about itself (see [`FakeApi::set_cluster`]).
@@ -165,6 +174,7 @@ impl FakeApi {
             token_statuses: HashMap::new(),
             reviews: Vec::new(),
             cluster: Cluster { version: "v1.31.2".into(), ..Default::default() },
+            apply: apply::Store::default(),
         }));
         let shared = state.clone();
         tokio::spawn(async move {
@@ -180,6 +190,11 @@ impl FakeApi {
             }
         });
         FakeApi { state, addr }
+    }
+
+    /// The server's URL (`http://127.0.0.1:PORT`), for a kubeconfig.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     /// A kube client talking to this server.
@@ -557,6 +572,10 @@ async fn handle_token_review(state: Arc<Mutex<State>>, req: Request<Incoming>) -
 }
 
 async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let req = match apply::handle(&state, req).await {
+        Ok(answered) => return Ok(answered),
+        Err(req) => req,
+    };
     let req = match handle_cluster(&state, req).await {
         Ok(answered) => return Ok(answered),
         Err(req) => req,

@@ -562,11 +562,10 @@ fn try_sockops(ctx: &SockOpsContext) {
     }
 }
 
-/// The acceleration settings, when `--sockmap on` turned them on.
+/// Whether `--sockmap on` turned the acceleration on.
 #[inline(always)]
-fn accel() -> Option<&'static AccelConfig> {
-    let cfg = ACCEL_CONFIG.get(0)?;
-    if cfg.enabled == 0 { None } else { Some(cfg) }
+fn accel_on() -> bool {
+    ACCEL_CONFIG.get(0).is_some_and(|cfg| cfg.enabled != 0)
 }
 
 /// Puts the connecting end of a workload's leg to the agent in [`LOCAL_SOCKS`]: a
@@ -575,7 +574,7 @@ fn accel() -> Option<&'static AccelConfig> {
 /// workload's business and left to TCP.
 #[inline(always)]
 fn accelerate_active(ctx: &SockOpsContext, key: &SockTuple) {
-    if accel().is_none() || !local_leg(key) {
+    if !accel_on() || !local_leg(key) {
         return;
     }
     if add_local(ctx, key) {
@@ -587,7 +586,7 @@ fn accelerate_active(ctx: &SockOpsContext, key: &SockTuple) {
 /// is there (the connecting end establishes first).
 #[inline(always)]
 fn accelerate_passive(ctx: &SockOpsContext) {
-    if accel().is_none() {
+    if !accel_on() {
         return;
     }
     let key = sockops_tuple(ctx);
@@ -678,7 +677,9 @@ fn try_sk_msg(ctx: &SkMsgContext) {
     }
 }
 
-/// The workload-side 4-tuple of a redirected connection, from the workload socket.
+/// A socket's own view of its connection (its local end as `src`): from a
+/// redirected workload socket, the key the agent's getsockopt looks up; from any
+/// socket, its key in [`LOCAL_SOCKS`].
 #[inline(always)]
 fn sockops_tuple(ctx: &SockOpsContext) -> SockTuple {
     let (src_addr, dst_addr) = if ctx.family() == u32::from(AF_INET) {

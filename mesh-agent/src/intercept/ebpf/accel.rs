@@ -25,7 +25,7 @@
 
 use aya::{
     Ebpf,
-    maps::{Array, PerCpuArray, SockHash},
+    maps::{Array, SockHash},
     programs::SkMsg,
 };
 use mesh_common::{
@@ -69,13 +69,7 @@ pub(super) fn configure(bpf: &mut Ebpf, enabled: bool) -> Result<(), EbpfError> 
 
 /// The acceleration's counters (all zero while it is off).
 pub(super) fn stats(bpf: &Ebpf) -> Result<AccelStats, EbpfError> {
-    let map = bpf.map(MAP_ACCEL_STATS).ok_or(EbpfError::Missing(MAP_ACCEL_STATS))?;
-    let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(MAP_ACCEL_STATS))?;
-    let mut sums = [0u64; ACCEL_STATS_LEN as usize];
-    for (i, sum) in sums.iter_mut().enumerate() {
-        let values = arr.get(&(i as u32), 0).map_err(map_err(MAP_ACCEL_STATS))?;
-        *sum = values.iter().sum();
-    }
+    let sums = super::per_cpu_sums(bpf, MAP_ACCEL_STATS, ACCEL_STATS_LEN)?;
     let at = |s: AccelStat| sums[s as usize];
     Ok(AccelStats {
         sockets_added: at(AccelStat::Added),

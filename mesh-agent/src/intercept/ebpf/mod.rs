@@ -441,13 +441,7 @@ impl EbpfInterceptor {
 
     /// Per-program counters, summed over CPUs.
     pub fn stats(&self) -> Result<EbpfStats, EbpfError> {
-        let map = self.bpf.map(MAP_STATS).ok_or(EbpfError::Missing(MAP_STATS))?;
-        let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(MAP_STATS))?;
-        let mut sums = [0u64; STATS_LEN as usize];
-        for (i, sum) in sums.iter_mut().enumerate() {
-            let values = arr.get(&(i as u32), 0).map_err(map_err(MAP_STATS))?;
-            *sum = values.iter().sum();
-        }
+        let sums = per_cpu_sums(&self.bpf, MAP_STATS, STATS_LEN)?;
         let at = |s: Stat| sums[s as usize];
         Ok(EbpfStats {
             redirected: at(Stat::Redirected),
@@ -461,6 +455,13 @@ impl EbpfInterceptor {
             sockmap: accel::stats(&self.bpf)?,
         })
     }
+}
+
+/// Each of a per-CPU counter array's `len` slots, summed over CPUs.
+fn per_cpu_sums(bpf: &Ebpf, name: &'static str, len: u32) -> Result<Vec<u64>, EbpfError> {
+    let map = bpf.map(name).ok_or(EbpfError::Missing(name))?;
+    let arr: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    (0..len).map(|i| arr.get(&i, 0).map(|values| values.iter().sum()).map_err(map_err(name))).collect()
 }
 
 fn sk_lookup_pin(cookie: u64) -> String {

@@ -1,6 +1,6 @@
 //! A child process of the suite (agent, control plane) whose stdout and stderr are
-//! captured line by line, JSON lines parsed, and which is stopped with a signal and
-//! a bounded wait.
+//! captured line by line, JSON lines parsed when a caller first looks for them, and
+//! which is stopped with a signal and a bounded wait.
 
 use std::{
     io::{BufRead, BufReader},
@@ -24,9 +24,32 @@ pub fn message(v: &Value) -> &str {
 pub struct LoggedChild {
     name: &'static str,
     child: Option<Child>,
-    lines: Arc<Mutex<Vec<Value>>>,
-    raw: Arc<Mutex<Vec<String>>>,
+    log: Arc<Mutex<Log>>,
     readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// A child's output: every line as printed, and the JSON ones parsed.
+///
+/// Lines are parsed when a caller first searches, not as they arrive: an agent logs
+/// one line per connection it closes, and parsing thousands a second into `Value`s
+/// as they came cost the benchmarks' harness a tenth of the machine's CPU, beside
+/// the agents it was measuring (`perf` of `bench peers` under `Connection: close`).
+#[derive(Default)]
+struct Log {
+    raw: Vec<String>,
+    /// `parsed[i]` is line `i` if it is JSON; only the first `parsed.len()` lines have
+    /// been looked at.
+    parsed: Vec<Option<Value>>,
+}
+
+impl Log {
+    /// The JSON lines, parsing those not seen yet.
+    fn json(&mut self) -> impl Iterator<Item = &Value> {
+        for line in &self.raw[self.parsed.len()..] {
+            self.parsed.push(line.starts_with('{').then(|| serde_json::from_str(line).ok()).flatten());
+        }
+        self.parsed.iter().flatten()
+    }
 }
 
 impl LoggedChild {
@@ -35,8 +58,7 @@ impl LoggedChild {
     pub fn spawn(name: &'static str, mut cmd: Command) -> Result<Self> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("spawning {name}"))?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let raw = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::new(Mutex::new(Log::default()));
         let mut readers = Vec::new();
         for stream in [
             child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
@@ -45,21 +67,18 @@ impl LoggedChild {
         .into_iter()
         .flatten()
         {
-            let (lines, raw) = (lines.clone(), raw.clone());
+            let log = log.clone();
             readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
                     if std::env::var_os("MESH_TEST_VERBOSE").is_some() {
                         eprintln!("{name}| {line}");
                     }
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        lines.lock().unwrap().push(v);
-                    }
-                    raw.lock().unwrap().push(line);
+                    log.lock().unwrap().raw.push(line);
                 }
             }));
         }
-        Ok(Self { name, child: Some(child), lines, raw, readers })
+        Ok(Self { name, child: Some(child), log, readers })
     }
 
     /// Waits until a log line has `message == ready` (or fails with the log when the
@@ -86,17 +105,17 @@ impl LoggedChild {
 
     /// Everything printed so far.
     pub fn log_text(&self) -> String {
-        self.raw.lock().unwrap().join("\n")
+        self.log.lock().unwrap().raw.join("\n")
     }
 
     /// The first JSON line matching `pred`.
     pub fn find(&self, pred: impl Fn(&Value) -> bool) -> Option<Value> {
-        self.lines.lock().unwrap().iter().find(|v| pred(v)).cloned()
+        self.log.lock().unwrap().json().find(|v| pred(v)).cloned()
     }
 
     /// All JSON lines matching `pred`.
     pub fn find_all(&self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-        self.lines.lock().unwrap().iter().filter(|v| pred(v)).cloned().collect()
+        self.log.lock().unwrap().json().filter(|v| pred(v)).cloned().collect()
     }
 
     /// Waits (15 s at most) for a JSON line; the panic shows the log.
@@ -159,5 +178,22 @@ impl Memory {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         };
         Some(Self { rss_kib: field("VmRSS:")?, peak_kib: field("VmHWM:")? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_are_found_whenever_they_arrive_and_other_lines_are_skipped() {
+        let mut log = Log::default();
+        log.raw.push(r#"{"message":"first"}"#.into());
+        log.raw.push("plain text from a panic".into());
+        assert_eq!(log.json().map(message).collect::<Vec<_>>(), ["first"]);
+        log.raw.push(r#"{"message":"second"}"#.into());
+        log.raw.push("{ not json".into());
+        assert_eq!(log.json().map(message).collect::<Vec<_>>(), ["first", "second"]);
+        assert_eq!(log.parsed.len(), 4, "every line looked at once");
     }
 }
